@@ -1,0 +1,341 @@
+"""The SQL catalog: engine setup, migrations, leases and durable progress.
+
+SQLite (the default) is opened the way ``notes/sql.md`` measured to work with
+several writer processes: autocommit at the driver, WAL, ``busy_timeout``, and
+``BEGIN IMMEDIATE`` for every write transaction (a deferred BEGIN that reads
+then writes fails with "database is locked" under contention). PostgreSQL is
+used through ``postgresql+psycopg://`` with row locks (``FOR UPDATE``).
+
+Every write made on behalf of a session owner names its fencing token and is
+refused with ``OwnershipError`` if the lease row holds another token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, delete, event, inspect, select, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session as OrmSession
+
+from ..errors import CatalogError, ConfigurationError, OwnershipError, SchemaVersionError, SessionNotFound
+from ._migrations import MIGRATIONS, SCHEMA_VERSION
+from ._models import EpochRow, LeaseRow, RegionRow, SchemaVersionRow, SegmentRow, SessionRow
+
+__all__ = ["Catalog", "SessionInfo", "SegmentInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    name: str
+    token: int
+    kind: str
+    base_offset: int
+    end_offset: int
+    bytes: int
+    sealed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session as the catalog sees it; ``status`` is derived, never stored."""
+
+    id: str
+    status: str  #: "running", "crashed" (lease expired without close), "closed", "idle" or "new"
+    backend: str
+    created_at: float
+    closed_at: float | None
+    last_epoch: int  #: last epoch the flusher recorded as durable
+    log_bytes: int
+    owner: str | None
+    token: int
+    expires_at: float | None
+    labels: dict[str, Any]
+
+    @property
+    def resumable(self) -> bool:
+        return self.last_epoch > 0
+
+
+def _status(row: SessionRow, lease: LeaseRow | None, now: float) -> str:
+    if row.closed_at is not None:
+        return "closed"
+    if lease is None:
+        return "new"
+    if not lease.released and lease.expires_at > now:
+        return "running"
+    if not lease.released:
+        return "crashed"
+    return "idle"  # released without a close: the owner let go, nothing is lost
+
+
+class Catalog:
+    """One catalog database; thread-safe (a connection pool underneath)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            parsed = make_url(url)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy raises several kinds
+            raise ConfigurationError(f"catalog URL: expected an SQLAlchemy URL, found {url!r}", orig=e) from e
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = self._sqlite_engine(url, immediate=True)
+            self._read_engine = self._sqlite_engine(url, immediate=False)
+        elif self.dialect == "postgresql":
+            self.engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=5, max_overflow=5)
+            self._read_engine = self.engine
+        else:
+            raise ConfigurationError(f"catalog URL: expected a sqlite:// or postgresql+psycopg:// URL, found {url!r}")
+        self._migrate()
+
+    @staticmethod
+    def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    # -- transactions -------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[OrmSession]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        try:
+            with OrmSession(self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except (OperationalError, DBAPIError) as e:
+            raise CatalogError(f"catalog write failed on {self._redacted()}: {e.orig or e}", orig=e) from e
+
+    @contextmanager
+    def read(self) -> Iterator[OrmSession]:
+        try:
+            with OrmSession(self._read_engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except (OperationalError, DBAPIError) as e:
+            raise CatalogError(f"catalog read failed on {self._redacted()}: {e.orig or e}", orig=e) from e
+
+    def _redacted(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def _lock_lease(self, s: OrmSession, session_id: str) -> LeaseRow | None:
+        q = select(LeaseRow).where(LeaseRow.session_id == session_id)
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        return s.scalars(q).first()
+
+    # -- schema -------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.write() as s:
+            conn = s.connection()
+            if self.dialect == "postgresql":
+                # Serialize concurrent first-time migrations across processes.
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(260623521)")
+            if not inspect(conn).has_table(SchemaVersionRow.__tablename__):
+                SchemaVersionRow.__table__.create(conn)
+            row = s.get(SchemaVersionRow, 1)
+            current = row.version if row else 0
+            if current > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"catalog {self._redacted()} has schema version {current}; this Concordia understands "
+                    f"versions up to {SCHEMA_VERSION}. Upgrade Concordia (pip install -U concordia-agents).")
+            for version in range(current, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+            if row is None:
+                s.add(SchemaVersionRow(id=1, version=SCHEMA_VERSION, updated_at=time.time()))
+            elif current != SCHEMA_VERSION:
+                row.version, row.updated_at = SCHEMA_VERSION, time.time()
+
+    @property
+    def schema_version(self) -> int:
+        with self.read() as s:
+            row = s.get(SchemaVersionRow, 1)
+            return row.version if row else 0
+
+    # -- sessions and leases -----------------------------------------------------
+
+    def acquire(self, session_id: str, *, owner: str, ttl: float, backend: str, create: bool) -> tuple[int, bool]:
+        """Take the session's lease; returns ``(token, created)``.
+
+        Creates the session if ``create``; raises ``SessionNotFound`` otherwise.
+        Raises ``OwnershipError`` while another owner's lease is live."""
+        now = time.time()
+        try:
+            with self.write() as s:
+                row = s.get(SessionRow, session_id)
+                created = row is None
+                if created:
+                    if not create:
+                        raise SessionNotFound(session_id)
+                    s.add(SessionRow(id=session_id, created_at=now, backend=backend, last_epoch=0,
+                                     durable_offset=0, log_bytes=0, labels={}))
+                    s.flush()
+                else:
+                    row.closed_at = None
+                    row.backend = backend
+                lease = self._lock_lease(s, session_id)
+                if lease is None:
+                    s.add(LeaseRow(session_id=session_id, owner=owner, token=1, acquired_at=now,
+                                   heartbeat_at=now, expires_at=now + ttl, released=False))
+                    return 1, created
+                if not lease.released and lease.expires_at > now:
+                    raise OwnershipError(
+                        f"session {session_id!r}: expected no live owner, found {lease.owner} holding fencing "
+                        f"token {lease.token} for another {lease.expires_at - now:.1f} s")
+                lease.owner, lease.token = owner, lease.token + 1
+                lease.acquired_at = lease.heartbeat_at = now
+                lease.expires_at, lease.released = now + ttl, False
+                return lease.token, created
+        except IntegrityError as e:  # another process created it between our read and insert
+            raise OwnershipError(f"session {session_id!r}: another process created it concurrently", orig=e) from e
+
+    def heartbeat(self, session_id: str, token: int, ttl: float) -> bool:
+        """Extend the lease; False if ``token`` is no longer the owner's."""
+        now = time.time()
+        with self.write() as s:
+            res = s.execute(
+                update(LeaseRow)
+                .where(LeaseRow.session_id == session_id, LeaseRow.token == token, LeaseRow.released.is_(False))
+                .values(heartbeat_at=now, expires_at=now + ttl))
+            return res.rowcount == 1
+
+    def release(self, session_id: str, token: int, *, closed: bool) -> None:
+        """Give the lease up. ``closed`` marks a clean close of the session."""
+        with self.write() as s:
+            lease = self._lock_lease(s, session_id)
+            if lease is None or lease.token != token:
+                return  # a newer owner holds it: nothing of ours to release
+            lease.released = True
+            lease.expires_at = time.time()
+            if closed:
+                row = s.get(SessionRow, session_id)
+                if row is not None:
+                    row.closed_at = time.time()
+
+    def check_token(self, s: OrmSession, session_id: str, token: int) -> None:
+        lease = self._lock_lease(s, session_id)
+        if lease is None or lease.token != token:
+            found = "no lease" if lease is None else f"token {lease.token} held by {lease.owner}"
+            raise OwnershipError(
+                f"session {session_id!r}: this process holds fencing token {token}, the catalog has {found}; "
+                "a newer owner took over")
+
+    def get(self, session_id: str) -> SessionInfo:
+        with self.read() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None:
+                raise SessionNotFound(session_id)
+            return self._info(row, s.get(LeaseRow, session_id), time.time())
+
+    def list(self) -> list[SessionInfo]:
+        now = time.time()
+        with self.read() as s:
+            leases = {l.session_id: l for l in s.scalars(select(LeaseRow))}
+            return [self._info(r, leases.get(r.id), now)
+                    for r in s.scalars(select(SessionRow).order_by(SessionRow.created_at))]
+
+    @staticmethod
+    def _info(row: SessionRow, lease: LeaseRow | None, now: float) -> SessionInfo:
+        return SessionInfo(
+            id=row.id, status=_status(row, lease, now), backend=row.backend, created_at=row.created_at,
+            closed_at=row.closed_at, last_epoch=row.last_epoch, log_bytes=row.log_bytes,
+            owner=lease.owner if lease else None, token=lease.token if lease else 0,
+            expires_at=lease.expires_at if lease else None, labels=dict(row.labels or {}))
+
+    def delete(self, session_id: str, *, owner_token: int | None = None) -> None:
+        """Remove a session's rows. Refused while another owner's lease is live."""
+        now = time.time()
+        with self.write() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None:
+                raise SessionNotFound(session_id)
+            lease = self._lock_lease(s, session_id)
+            if lease is not None and not lease.released and lease.expires_at > now and lease.token != owner_token:
+                raise OwnershipError(
+                    f"session {session_id!r}: expected no live owner to delete it, found {lease.owner} "
+                    f"(token {lease.token}, {lease.expires_at - now:.1f} s left)")
+            for model in (SegmentRow, EpochRow, RegionRow, LeaseRow):
+                s.execute(delete(model).where(model.session_id == session_id))  # type: ignore[attr-defined]
+            s.delete(row)
+
+    # -- regions and durable progress (owner writes, fenced) ----------------------
+
+    def record_region(self, session_id: str, token: int, spec: Any, epoch: int) -> None:
+        with self.write() as s:
+            self.check_token(s, session_id, token)
+            s.merge(RegionRow(
+                session_id=session_id, name=spec.name, region_id=spec.region_id, kind=spec.kind,
+                dtype=spec.dtype, shape=list(spec.shape), library=spec.library, device=spec.device,
+                page_size=spec.page_size, seq_axis=spec.seq_axis, registered_epoch=epoch))
+
+    def regions(self, session_id: str) -> list[RegionRow]:
+        with self.read() as s:
+            return list(s.scalars(select(RegionRow).where(RegionRow.session_id == session_id)
+                                  .order_by(RegionRow.region_id)))
+
+    def record_progress(
+        self, session_id: str, token: int, *, epoch: int, offset: int, log_bytes: int,
+        segments: list[SegmentInfo], removed: list[str] = (),  # type: ignore[assignment]
+    ) -> None:
+        """The flusher's batch: newest durable epoch, segment files, their sizes."""
+        now = time.time()
+        with self.write() as s:
+            self.check_token(s, session_id, token)
+            row = s.get(SessionRow, session_id)
+            if row is None:
+                raise SessionNotFound(session_id)
+            if epoch > row.last_epoch:
+                row.last_epoch = epoch
+                s.merge(EpochRow(session_id=session_id, epoch=epoch, log_offset=offset, durable_at=now))
+            row.durable_offset = max(row.durable_offset, offset)
+            row.log_bytes = log_bytes
+            for seg in segments:
+                s.merge(SegmentRow(session_id=session_id, name=seg.name, token=seg.token, kind=seg.kind,
+                                   base_offset=seg.base_offset, end_offset=seg.end_offset, bytes=seg.bytes,
+                                   sealed=seg.sealed, created_at=now))
+            for name in removed:
+                s.execute(delete(SegmentRow).where(SegmentRow.session_id == session_id, SegmentRow.name == name))
+
+    def prune_epochs(self, session_id: str, below: int) -> None:
+        with self.write() as s:
+            s.execute(delete(EpochRow).where(EpochRow.session_id == session_id, EpochRow.epoch < below))
+
+    def segments(self, session_id: str) -> list[SegmentInfo]:
+        with self.read() as s:
+            rows = s.scalars(select(SegmentRow).where(SegmentRow.session_id == session_id)
+                             .order_by(SegmentRow.base_offset))
+            return [SegmentInfo(r.name, r.token, r.kind, r.base_offset, r.end_offset, r.bytes, r.sealed) for r in rows]
+
+    def set_labels(self, session_id: str, token: int, labels: dict[str, Any]) -> None:
+        with self.write() as s:
+            self.check_token(s, session_id, token)
+            row = s.get(SessionRow, session_id)
+            if row is not None:
+                row.labels = {**(row.labels or {}), **labels}
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self._read_engine is not self.engine:
+            self._read_engine.dispose()

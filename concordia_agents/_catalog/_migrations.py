@@ -1,0 +1,82 @@
+"""Versioned catalog migrations, in code, append-only.
+
+``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``. Never edit
+a shipped migration: each one builds its tables from its own frozen snapshot
+(not from the ORM models, which follow the newest version), so a fresh catalog
+and an upgraded one end up identical. A catalog whose version is newer than
+``SCHEMA_VERSION`` is refused (``SchemaVersionError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+
+def _v1(conn: Connection) -> None:
+    """Sessions, leases, regions, durable-epoch milestones, segments."""
+    md = MetaData()
+    js = JSONB().with_variant(JSON(), "sqlite")
+    sid = lambda: Column(  # noqa: E731 - a column factory for the snapshot
+        "session_id", String(512), ForeignKey("concordia_sessions.id", ondelete="CASCADE"), primary_key=True)
+    Table("concordia_sessions", md,
+          Column("id", String(512), primary_key=True),
+          Column("created_at", Float, nullable=False),
+          Column("closed_at", Float, nullable=True),
+          Column("backend", String(32), nullable=False),
+          Column("last_epoch", BigInteger, nullable=False, default=0),
+          Column("durable_offset", BigInteger, nullable=False, default=0),
+          Column("log_bytes", BigInteger, nullable=False, default=0),
+          Column("labels", js, nullable=False))
+    Table("concordia_leases", md, sid(),
+          Column("owner", String(256), nullable=False),
+          Column("token", BigInteger, nullable=False),
+          Column("acquired_at", Float, nullable=False),
+          Column("heartbeat_at", Float, nullable=False),
+          Column("expires_at", Float, nullable=False),
+          Column("released", Boolean, nullable=False))
+    Table("concordia_regions", md, sid(),
+          Column("name", String(256), primary_key=True),
+          Column("region_id", Integer, nullable=False),
+          Column("kind", String(16), nullable=False),
+          Column("dtype", String(32), nullable=False),
+          Column("shape", js, nullable=False),
+          Column("library", String(16), nullable=False),
+          Column("device", String(32), nullable=False),
+          Column("page_size", Integer, nullable=False),
+          Column("seq_axis", Integer, nullable=False),
+          Column("registered_epoch", BigInteger, nullable=False))
+    Table("concordia_epochs", md, sid(),
+          Column("epoch", BigInteger, primary_key=True),
+          Column("log_offset", BigInteger, nullable=False),
+          Column("durable_at", Float, nullable=False))
+    Table("concordia_segments", md, sid(),
+          Column("name", String(128), primary_key=True),
+          Column("token", BigInteger, nullable=False),
+          Column("kind", String(8), nullable=False),
+          Column("base_offset", BigInteger, nullable=False),
+          Column("end_offset", BigInteger, nullable=False),
+          Column("bytes", BigInteger, nullable=False),
+          Column("sealed", Boolean, nullable=False),
+          Column("created_at", Float, nullable=False))
+    md.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,276 @@
+"""Replay: find the last intact committed epoch of a session's log, and where
+every record to restore it lives.
+
+Algorithm (``scan``):
+
+1. Take the newest base image, if any; its records are the state at its epoch
+   and it *covers* the log up to offset ``start``.
+2. Group delta segments by owner token into chains. The first segment of chain
+   ``t`` starts at ``t``'s handoff offset; chain ``t`` is read up to the next
+   chain's handoff (bytes an old owner wrote after a takeover are ignored:
+   that is the log half of fencing). Within a chain, segments must be
+   contiguous.
+3. Read records in log order, skipping those below ``start``. Data records
+   wait in ``pending``; a COMMIT record of epoch ``e`` takes exactly its
+   ``aux`` records starting at its ``offset`` (anything before is an aborted
+   attempt) and must be epoch ``last + 1``.
+
+Damage: a record cut short at the physical end of the newest chain is a torn
+tail (a crash mid-append) and ends the scan quietly: its epoch has no commit.
+Anything else that fails framing or a checksum raises ``CorruptLogError`` with
+the file and byte offset. Never wrong data, never a silent jump over damage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gpu_runtime.records import (
+    HEADER_SIZE,
+    FramingError,
+    RecordFlags,
+    RecordHeader,
+    RecordType,
+    checksum,
+    decode_header,
+)
+from gpu_runtime.regions import RegionSpec
+
+from ._segments import (
+    SEGMENT_HEADER_SIZE,
+    SegmentFile,
+    list_segments,
+    read_segment_header,
+)
+from .errors import CorruptLogError
+
+__all__ = ["LogIndex", "RecordLoc", "read_payload", "scan"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLoc:
+    path: Path
+    file_offset: int  #: of the record header
+    logical: int  #: log offset (-1 inside base images)
+    header: RecordHeader
+    spec: RegionSpec | None = None  #: parsed payload of a REGION record
+
+
+@dataclass(slots=True)
+class LogIndex:
+    """What replay found. ``records[region_id]`` lists data records to apply in order."""
+
+    epoch: int = 0
+    end: int = 0  #: log offset past the last COMMIT (where a new owner's chain starts)
+    body: dict[str, Any] = field(default_factory=dict)
+    specs: dict[int, RegionSpec] = field(default_factory=dict)
+    records: dict[int, list[RecordLoc]] = field(default_factory=dict)
+    base: Path | None = None
+    base_epoch: int = 0
+    delta_bytes: int = 0  #: bytes of delta records after the base (compaction trigger)
+    chain_token: int = 0  #: token of the newest chain
+    chain_end: int = 0  #: log offset past the newest chain's last whole record
+    tail_segment: Path | None = None  #: newest chain's last segment
+    tail_valid_size: int = 0  #: its bytes up to the last whole record
+
+    @property
+    def meta(self) -> Any:
+        return self.body.get("meta")
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        return dict(self.body.get("lengths", {}))
+
+
+def read_payload(loc: RecordLoc) -> memoryview:
+    """Read and verify one record's payload."""
+    with open(loc.path, "rb") as f:
+        f.seek(loc.file_offset + HEADER_SIZE)
+        data = f.read(loc.header.length)
+    if len(data) != loc.header.length or checksum(data) != loc.header.payload_crc:
+        raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails its "
+                              "checksum", path=str(loc.path), offset=loc.file_offset)
+    return memoryview(data)
+
+
+class _Reader:
+    """Sequential record reader over one file, verifying every checksum."""
+
+    def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
+        self.path, self.f, self.size = path, f, size
+
+    def next(self, pos: int) -> tuple[RecordHeader, bytes] | None:
+        """The record at ``pos`` with its payload, None at the clean end of the file.
+        Raises FramingError (torn or not) on damage."""
+        if pos == self.size:
+            return None
+        self.f.seek(pos)
+        raw = self.f.read(HEADER_SIZE)
+        header = decode_header(raw)
+        if pos + header.size > self.size:
+            raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
+        payload = self.f.read(header.length)
+        if checksum(payload) != header.payload_crc:
+            raise FramingError("payload checksum mismatch", torn=False)
+        return header, payload
+
+
+def _spec(payload: bytes, path: Path, pos: int) -> RegionSpec:
+    try:
+        return RegionSpec.from_json(payload)
+    except Exception as e:  # noqa: BLE001 - any decode failure is corruption here
+        raise CorruptLogError(f"REGION record holds no valid descriptor ({e})", path=str(path), offset=pos) from e
+
+
+def _body(payload: bytes, path: Path, pos: int) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+        assert isinstance(body, dict)
+        return body
+    except Exception as e:  # noqa: BLE001
+        raise CorruptLogError(f"COMMIT record holds no valid body ({e})", path=str(path), offset=pos) from e
+
+
+def _read_base(f: SegmentFile, tag: int, index: LogIndex) -> None:
+    hdr = read_segment_header(f.path, session_tag=tag)
+    size = f.size
+    pending: list[RecordLoc] = []
+    specs: dict[int, RegionSpec] = {}
+    with open(f.path, "rb") as fh:
+        reader = _Reader(f.path, fh, size)
+        pos = SEGMENT_HEADER_SIZE
+        while True:
+            try:
+                rec = reader.next(pos)
+            except FramingError as e:
+                raise CorruptLogError(f"base image record: {e.reason}", path=str(f.path), offset=pos) from None
+            if rec is None:
+                raise CorruptLogError("base image ends without its BASE commit record", path=str(f.path), offset=pos)
+            header, payload = rec
+            if header.session_tag != tag:
+                raise CorruptLogError("record of another session in a base image", path=str(f.path), offset=pos)
+            if header.type is RecordType.COMMIT:
+                if not header.flags & RecordFlags.BASE or header.aux != len(pending) + len(specs):
+                    raise CorruptLogError("base image commit does not match its records", path=str(f.path), offset=pos)
+                index.epoch = index.base_epoch = header.epoch
+                index.body = _body(payload, f.path, pos)
+                break
+            if header.type is RecordType.REGION:
+                specs[header.region] = _spec(payload, f.path, pos)
+            else:
+                pending.append(RecordLoc(f.path, pos, -1, header))
+            pos += header.size
+    if hdr.epoch != index.epoch:
+        raise CorruptLogError(f"base image header names epoch {hdr.epoch}, its commit epoch {index.epoch}",
+                              path=str(f.path), offset=48)
+    index.specs = specs
+    index.records = {}
+    for loc in pending:
+        index.records.setdefault(loc.header.region, []).append(loc)
+    index.base = f.path
+    index.end = f.base
+
+
+def scan(directory: Path, *, session_tag: int) -> LogIndex:
+    """Scan a session directory; see the module docstring."""
+    index = LogIndex()
+    bases, deltas = list_segments(directory)
+    if bases:
+        _read_base(bases[-1], session_tag, index)
+    start = index.end
+    chains: dict[int, list[SegmentFile]] = {}
+    for seg in deltas:
+        chains.setdefault(seg.token, []).append(seg)
+    tokens = sorted(chains)
+    handoff = {t: chains[t][0].base for t in tokens}
+    pending: list[RecordLoc] = []
+    for ci, token in enumerate(tokens):
+        pending = []  # an old chain's uncommitted records end at the next handoff
+        limit = handoff[tokens[ci + 1]] if ci + 1 < len(tokens) else None
+        newest = limit is None
+        expected: int | None = None
+        segs = chains[token]
+        for si, seg in enumerate(segs):
+            last_file = newest and si == len(segs) - 1
+            size = seg.size
+            if size < SEGMENT_HEADER_SIZE and last_file:
+                break  # created but its header never made it: torn
+            hdr = read_segment_header(seg.path, session_tag=session_tag)
+            if hdr.base != seg.base or hdr.token != seg.token:
+                raise CorruptLogError(f"segment header says token {hdr.token} base {hdr.base}, its name "
+                                      f"token {seg.token} base {seg.base}", path=str(seg.path), offset=24)
+            if expected is not None and seg.base != expected:
+                raise CorruptLogError(
+                    f"expected the next segment of chain {token} to start at log offset {expected}, found {seg.base}: "
+                    "a segment is missing or was cut short", path=str(seg.path), offset=0)
+            seg_end = seg.base + size - SEGMENT_HEADER_SIZE
+            if limit is not None and seg.base >= limit:
+                break
+            if seg_end <= start:  # wholly covered by the base image
+                expected = seg_end
+                continue
+            pos = SEGMENT_HEADER_SIZE
+            with open(seg.path, "rb") as fh:
+                reader = _Reader(seg.path, fh, size)
+                while True:
+                    logical = seg.base + pos - SEGMENT_HEADER_SIZE
+                    if limit is not None and logical >= limit:
+                        break
+                    try:
+                        rec = reader.next(pos)
+                    except FramingError as e:
+                        if e.torn and last_file:
+                            break  # torn tail of the newest chain: that epoch never committed
+                        raise CorruptLogError(f"record at log offset {logical}: {e.reason}",
+                                              path=str(seg.path), offset=pos) from None
+                    if rec is None:
+                        break
+                    header, payload = rec
+                    if header.session_tag != session_tag:
+                        raise CorruptLogError("record of another session", path=str(seg.path), offset=pos)
+                    if logical >= start:
+                        loc = RecordLoc(seg.path, pos, logical, header)
+                        if header.type is RecordType.COMMIT:
+                            _commit(index, pending, loc, payload)
+                            pending = []
+                        else:
+                            if header.type is RecordType.REGION:
+                                # parsed now, applied only if its epoch commits
+                                loc = RecordLoc(seg.path, pos, logical, header, _spec(payload, seg.path, pos))
+                            pending.append(loc)
+                            index.delta_bytes += header.size
+                    pos += header.size
+            expected = seg.base + pos - SEGMENT_HEADER_SIZE
+            if newest:
+                index.chain_token = token
+                index.chain_end = expected
+                index.tail_segment = seg.path
+                index.tail_valid_size = pos
+    index.chain_end = max(index.chain_end, index.end)
+    return index
+
+
+def _commit(index: LogIndex, pending: list[RecordLoc], loc: RecordLoc, payload: bytes) -> None:
+    h = loc.header
+    recs = [r for r in pending if r.logical >= h.offset]
+    first = recs[0].logical if recs else loc.logical
+    if len(recs) != h.aux or first != h.offset:
+        raise CorruptLogError(
+            f"COMMIT of epoch {h.epoch} names {h.aux} records from log offset {h.offset}, found {len(recs)} "
+            f"from {first}", path=str(loc.path), offset=loc.file_offset)
+    if h.epoch != index.epoch + 1:
+        raise CorruptLogError(f"expected the commit of epoch {index.epoch + 1}, found epoch {h.epoch}",
+                              path=str(loc.path), offset=loc.file_offset)
+    body = _body(payload, loc.path, loc.file_offset)
+    for r in recs:
+        if r.header.type is RecordType.REGION:
+            assert r.spec is not None
+            index.specs[r.header.region] = r.spec
+        else:
+            index.records.setdefault(r.header.region, []).append(r)
+    index.epoch = h.epoch
+    index.body = body
+    index.end = loc.logical + h.size

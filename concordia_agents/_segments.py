@@ -1,0 +1,214 @@
+"""Durable segment files: the on-disk tier of a session's append log.
+
+A session directory holds two kinds of files:
+
+* ``seg-<token>-<base>.log`` — a *delta segment*: a header, then records
+  exactly as they were framed in the host ring, back to back. ``base`` is the
+  log (logical) offset of its first record; the records' own offsets follow
+  from their position. ``token`` is the fencing token of the owner that wrote
+  it: the segments of one owner form a *chain*, and the first segment of each
+  chain marks its *handoff offset* (where that owner took over).
+* ``base-<covers>.img`` — a *base image* written by compaction: REGION records
+  and full region contents, then a COMMIT record flagged BASE, equal to the
+  state after the epoch that ends at log offset ``covers``.
+
+Header, format version 1 (64 bytes, little-endian)::
+
+    0  8s magic b"CNCRSEG\\0"      32 u64 base (log offset of the first record;
+    8  u32 version                         for a base image, the offset it covers)
+    12 u32 header_size (64)         40 u64 created_ns
+    16 u64 session_tag              48 u64 epoch (base image: its epoch; else 0)
+    24 u64 token                    56 u32 kind (0 delta, 1 base)
+                                    60 u32 CRC-32 of bytes [0, 60)
+
+Both kinds are written and then made durable by ``fsync`` of the file and of
+the directory; base images go through a temporary name and ``os.replace``, so a
+base exists under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpu_runtime.records import checksum
+
+from .errors import CorruptLogError, LogFullError
+
+__all__ = [
+    "SEGMENT_HEADER_SIZE",
+    "SegmentFile",
+    "SegmentHeader",
+    "SegmentWriter",
+    "fsync_dir",
+    "list_segments",
+    "read_segment_header",
+]
+
+SEGMENT_MAGIC = b"CNCRSEG\0"
+SEGMENT_VERSION = 1
+_HDR = struct.Struct("<8sIIQQQQQII")
+SEGMENT_HEADER_SIZE = _HDR.size
+assert SEGMENT_HEADER_SIZE == 64
+KIND_DELTA, KIND_BASE = 0, 1
+_DELTA_RE = re.compile(r"^seg-(\d{10})-([0-9a-f]{16})\.log$")
+_BASE_RE = re.compile(r"^base-([0-9a-f]{16})\.img$")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    session_tag: int
+    token: int
+    base: int
+    created_ns: int
+    epoch: int
+    kind: int
+
+    def encode(self) -> bytes:
+        raw = _HDR.pack(SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_SIZE, self.session_tag, self.token,
+                        self.base, self.created_ns, self.epoch, self.kind, 0)
+        return raw[:60] + struct.pack("<I", checksum(raw[:60]))
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentFile:
+    """A segment or base file found in a session directory (from its name)."""
+
+    path: Path
+    kind: int
+    token: int
+    base: int
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def delta_name(token: int, base: int) -> str:
+    return f"seg-{token:010d}-{base:016x}.log"
+
+
+def base_name(covers: int) -> str:
+    return f"base-{covers:016x}.img"
+
+
+def list_segments(directory: Path) -> tuple[list[SegmentFile], list[SegmentFile]]:
+    """``(bases, deltas)`` found by name, bases by offset, deltas by (token, base)."""
+    bases, deltas = [], []
+    if not directory.is_dir():
+        return [], []
+    for p in directory.iterdir():
+        if m := _DELTA_RE.match(p.name):
+            deltas.append(SegmentFile(p, KIND_DELTA, int(m.group(1)), int(m.group(2), 16)))
+        elif m := _BASE_RE.match(p.name):
+            bases.append(SegmentFile(p, KIND_BASE, 0, int(m.group(1), 16)))
+    bases.sort(key=lambda f: f.base)
+    deltas.sort(key=lambda f: (f.token, f.base))
+    return bases, deltas
+
+
+def read_segment_header(path: Path, *, session_tag: int) -> SegmentHeader:
+    """Read and verify a file's header (CorruptLogError on any mismatch)."""
+    with open(path, "rb") as f:
+        raw = f.read(SEGMENT_HEADER_SIZE)
+    if len(raw) < SEGMENT_HEADER_SIZE:
+        raise CorruptLogError(f"expected a {SEGMENT_HEADER_SIZE}-byte segment header, found {len(raw)} bytes",
+                              path=str(path), offset=0)
+    magic, version, hsize, tag, token, base, created, epoch, kind, crc = _HDR.unpack(raw)
+    if magic != SEGMENT_MAGIC:
+        raise CorruptLogError(f"expected segment magic {SEGMENT_MAGIC!r}, found {magic!r}", path=str(path), offset=0)
+    if checksum(raw[:60]) != crc:
+        raise CorruptLogError("segment header checksum mismatch", path=str(path), offset=0)
+    if version != SEGMENT_VERSION or hsize != SEGMENT_HEADER_SIZE:
+        raise CorruptLogError(f"expected segment format version {SEGMENT_VERSION}, found {version}",
+                              path=str(path), offset=8)
+    if tag != session_tag:
+        raise CorruptLogError(f"expected session tag {session_tag:016x}, found {tag:016x}: a file of another session",
+                              path=str(path), offset=16)
+    return SegmentHeader(tag, token, base, created, epoch, kind)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(e: OSError, path: Path) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return LogFullError(f"cannot append to {path}: {os.strerror(e.errno)}; committed epochs stay in the "
+                            "host ring until space is freed", orig=e)
+    return e
+
+
+class SegmentWriter:
+    """Appends to one segment file. Not thread-safe (the flusher owns it)."""
+
+    def __init__(self, path: Path, fd: int, header: SegmentHeader, size: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.header = header
+        self.size = size  #: bytes in the file, header included
+
+    @classmethod
+    def create(cls, directory: Path, header: SegmentHeader, *, final_name: str | None = None) -> SegmentWriter:
+        """A new file with its header written and made durable (file and directory)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        name = final_name or (delta_name(header.token, header.base) if header.kind == KIND_DELTA
+                              else base_name(header.base))
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise _disk_error(e, path) from e
+        w = cls(path, fd, header, 0)
+        try:
+            w.append(header.encode())
+            w.sync()
+            fsync_dir(directory)
+        except BaseException:
+            w.close()
+            path.unlink(missing_ok=True)
+            raise
+        return w
+
+    @property
+    def end(self) -> int:
+        """Log offset just past the last byte (delta segments)."""
+        return self.header.base + self.size - SEGMENT_HEADER_SIZE
+
+    def append(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``; on a disk error the file is cut back to its
+        previous size, so a segment never ends in a partial append we made."""
+        view = memoryview(data)
+        before = self.size
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, before)
+            finally:
+                self.size = before
+            raise _disk_error(e, self.path) from e
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def new_header(*, session_tag: int, token: int, base: int, kind: int = KIND_DELTA, epoch: int = 0) -> SegmentHeader:
+    return SegmentHeader(session_tag, token, base, time.time_ns(), epoch, kind)

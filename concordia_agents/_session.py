@@ -1,0 +1,272 @@
+"""Sessions: state regions bound to a log, committed in epochs, owned by one process.
+
+Call protocol (the user, or an integration, calls each step):
+
+1. ``rt.session(id)`` / ``rt.resume(id)`` — take the lease (fencing token
+   bumped), recover the log (drain the ring a dead owner left, scan), start a
+   new chain. ``session.epoch`` is the last committed epoch (0: none).
+2. ``session.register(name, array, kind=...)`` — bind an array as a region. If
+   the log holds a region of that name, its state is restored into the array
+   (``restore=True``), after checking dtype and shape.
+3. ``session.commit(meta, rows=...)`` — the backend writes each region's delta
+   records and then the COMMIT record into the host ring; returns the epoch
+   once it is there (it survives a crash of this process from then on).
+   No SQL on this path: ownership is checked against the ring's owner word.
+4. ``session.flush()`` — wait until the newest epoch is fsynced to a segment.
+5. ``session.close()`` — flush, release the lease, mark the session closed.
+
+A Session is not meant to be shared between threads for commits; a lock keeps
+concurrent calls from interleaving anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask
+from gpu_runtime.records import RecordType
+from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
+
+from ._log import SessionLog
+from ._logging import get_logger
+from ._replay import LogIndex, read_payload
+from .errors import CorruptLogError, MetaError, RegionError, SessionClosedError
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["Region", "Session"]
+
+
+class Region:
+    """A registered region. ``array`` is the caller's array (restored in place);
+    ``length`` is the committed row count of a kv region."""
+
+    def __init__(self, handle: BackendRegion, length: int = 0) -> None:
+        self._handle = handle
+        self.length = length
+        self._marked: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def spec(self) -> RegionSpec:
+        return self._handle.spec
+
+    @property
+    def kind(self) -> RegionKind:
+        return self.spec.kind
+
+    @property
+    def array(self) -> Any:
+        return self._handle.array
+
+    def mark_rows(self, t0: int, t1: int) -> None:
+        """Declare rows ``[t0, t1)`` of a kv region dirty for the next commit."""
+        if self.kind != "kv":
+            raise RegionError(f"region {self.name!r}: mark_rows() is for kv regions, this one is {self.kind!r}")
+        if not 0 <= t0 <= t1 <= self.spec.rows:
+            raise RegionError(f"region {self.name!r}: expected rows within [0, {self.spec.rows}], found [{t0}, {t1})")
+        self._marked = (t0, t1) if self._marked is None else (min(self._marked[0], t0), max(self._marked[1], t1))
+
+    def __repr__(self) -> str:
+        extra = f" length={self.length}" if self.kind == "kv" else ""
+        return f"<Region {self.name!r} {self.kind} {self.spec.dtype}{list(self.spec.shape)}{extra}>"
+
+
+class Session:
+    def __init__(self, runtime: Runtime, session_id: str, token: int, log: SessionLog, index: LogIndex) -> None:
+        self.runtime = runtime
+        self.id = session_id
+        self.token = token
+        self._log = log
+        self._index = index
+        self.epoch = index.epoch  #: last committed epoch
+        self.meta: Any = index.meta  #: meta of that epoch
+        self.regions: dict[str, Region] = {}
+        self._recorded: dict[str, RegionSpec] = {s.name: s for s in index.specs.values()}
+        self._lengths: dict[str, int] = index.lengths
+        self._next_region_id = max(index.specs, default=0) + 1
+        self._lock = threading.Lock()
+        self._closed = False
+        self.log = get_logger(session=session_id, token=token)
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def recorded(self) -> dict[str, RegionSpec]:
+        """Regions the log holds state for, registered here or not."""
+        return dict(self._recorded)
+
+    @property
+    def durable_epoch(self) -> int:
+        return self._log.state.durable_epoch
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.backend.name
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError(f"session {self.id!r} is closed; open it again with rt.session() or rt.resume()")
+
+    # -- 2. register ------------------------------------------------------------
+
+    def register(
+        self, name: str, array: Any, kind: RegionKind = "pages", *,
+        page_size: int = 4096, seq_axis: int = 0, restore: bool = True,
+    ) -> Region:
+        """Register ``array`` as region ``name``; restore its logged state into it."""
+        self._check_open()
+        if name in self.regions:
+            raise RegionError(f"region {name!r} is already registered in session {self.id!r}")
+        info = describe(array)
+        if not info.contiguous:
+            raise RegionError(f"region {name!r}: expected a C-contiguous array, found a strided view")
+        if info.on_device and Capability.DEVICE_MEMORY not in self.runtime.backend.capabilities:
+            raise RegionError(
+                f"region {name!r}: the {self.backend!r} backend serves host memory, found an array on {info.device}; "
+                "open the runtime with backend='cupy' (or 'auto' on a GPU machine)")
+        recorded = self._recorded.get(name)
+        region_id = recorded.region_id if recorded else self._next_region_id
+        spec = RegionSpec(name=name, region_id=region_id, kind=kind, dtype=info.dtype, shape=info.shape,
+                          library=info.library, device=info.device, page_size=page_size, seq_axis=seq_axis)
+        if recorded is not None and restore:
+            problem = recorded.compatible_with(info)
+            if problem is None and (recorded.kind, recorded.page_size, recorded.seq_axis) != (kind, page_size, seq_axis):
+                problem = (f"expected kind={recorded.kind!r} page_size={recorded.page_size} seq_axis={recorded.seq_axis}, "
+                           f"found kind={kind!r} page_size={page_size} seq_axis={seq_axis}")
+            if problem:
+                raise RegionError(f"region {name!r} of session {self.id!r} cannot be restored into this array: {problem}")
+        handle = self.runtime.backend.attach(spec, array)
+        region = Region(handle)
+        if recorded is not None and restore:
+            self._restore_into(region)
+            # Re-describe only if the array now lives elsewhere (library/device).
+            handle.described = recorded == spec
+        if recorded is None or spec != recorded:
+            self.runtime.catalog.record_region(self.id, self.token, spec, self.epoch + 1)
+        self._next_region_id = max(self._next_region_id, region_id + 1)
+        self.regions[name] = region
+        self._recorded[name] = spec
+        self.log.debug("region registered", region=name, kind=kind, nbytes=spec.nbytes, restored=recorded is not None)
+        return region
+
+    def _restore_into(self, region: Region) -> None:
+        spec = region.spec
+        backend = self.runtime.backend
+        for loc in self._index.records.get(spec.region_id, []):
+            h = loc.header
+            if h.type is RecordType.PAGES:
+                ok = h.offset + h.length <= spec.nbytes
+            elif h.type is RecordType.ROWS:
+                ok = h.offset + h.aux <= spec.rows and h.length == spec.outer * h.aux * spec.row_bytes
+            else:
+                ok = False
+            if not ok:
+                raise CorruptLogError(f"{h.type.name} record of epoch {h.epoch} does not fit region {spec.name!r} "
+                                      f"({spec.dtype}{list(spec.shape)})", path=str(loc.path), offset=loc.file_offset)
+            backend.apply(region._handle, h, read_payload(loc))
+        backend.after_restore(region._handle)
+        region.length = int(self._lengths.get(spec.name, 0))
+
+    def restore(self, name: str, into: Any = None, *, device: str | None = None) -> Region:
+        """Register a logged region, allocating its array unless ``into`` is given."""
+        spec = self._recorded.get(name)
+        if spec is None:
+            raise RegionError(f"session {self.id!r} holds no region {name!r}; it has {sorted(self._recorded)}")
+        if into is None:
+            dev = device or spec.device
+            if dev != "cpu" and Capability.DEVICE_MEMORY not in self.runtime.backend.capabilities:
+                raise RegionError(
+                    f"region {name!r} was recorded on {spec.device}, and the {self.backend!r} backend serves host "
+                    "memory only; pass device='cpu' to restore it into host memory")
+            into = allocate(spec, device=dev)
+        return self.register(name, into, spec.kind, page_size=spec.page_size, seq_axis=spec.seq_axis)
+
+    # -- 3. commit ----------------------------------------------------------------
+
+    def commit(self, meta: Any = None, *, rows: Mapping[str, tuple[int, int] | int] | None = None) -> int:
+        """Commit an epoch; returns its number once it is in the host log ring.
+
+        ``rows`` gives each kv region's dirty rows: ``(t0, t1)``, or an int
+        ``n`` meaning rows ``[length, n)``. Rows marked with
+        ``Region.mark_rows`` are added. A kv region's length becomes the end
+        of its dirty range."""
+        self._check_open()
+        with self._lock:
+            self._log.check_owner()
+            ranges: dict[str, tuple[int, int]] = {}
+            for name, r in (rows or {}).items():
+                region = self.regions.get(name)
+                if region is None or region.kind != "kv":
+                    raise RegionError(f"rows given for {name!r}, which is not a registered kv region of session "
+                                      f"{self.id!r} (kv regions: {sorted(n for n, g in self.regions.items() if g.kind == 'kv')})")
+                rng = (region.length, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+                if not 0 <= rng[0] <= rng[1] <= region.spec.rows:
+                    raise RegionError(f"region {name!r}: expected rows within [0, {region.spec.rows}], found {rng}")
+                ranges[name] = rng
+            tasks = []
+            lengths = dict(self._lengths)
+            for name, region in self.regions.items():
+                rng = ranges.get(name)
+                if region._marked is not None:
+                    m = region._marked
+                    rng = m if rng is None else (min(rng[0], m[0]), max(rng[1], m[1]))
+                tasks.append(CheckpointTask(region._handle, rng))
+                if region.kind == "kv":
+                    lengths[name] = rng[1] if rng is not None else region.length
+            try:
+                body = json.dumps({"lengths": lengths, "meta": meta}, sort_keys=True, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as e:
+                raise MetaError(f"commit meta must be JSON-serializable, found {type(meta).__name__}: {e}") from e
+            epoch = self.epoch + 1
+            self.runtime.backend.commit_epoch(self._log.writer, epoch, tasks, body)
+            self.epoch, self.meta, self._lengths = epoch, meta, lengths
+            for name, region in self.regions.items():
+                region._marked = None
+                if region.kind == "kv":
+                    region.length = lengths[name]
+        self.runtime._kick()
+        return epoch
+
+    # -- 4. flush / 5. close ----------------------------------------------------
+
+    def flush(self, timeout: float = 60.0) -> int:
+        """Wait until the newest committed epoch is fsynced; returns it."""
+        self._check_open()
+        return self._log.wait_durable(self.epoch, timeout)
+
+    def close(self) -> None:
+        """Flush, release the lease and mark the session closed."""
+        if self._closed:
+            return
+        self._closed = True
+        self.runtime._forget(self)
+        try:
+            self._log.close(clean=True)
+        finally:
+            self.runtime._release(self, closed=True)
+        self.log.info("session closed", epoch=self.epoch)
+
+    def _abandon(self) -> None:
+        """Stop using the session without closing it (its lease is kept until it
+        expires: the state is as after a crash). For tests and shutdown paths."""
+        self._closed = True
+        self.runtime._forget(self)
+        self._log.close(clean=False)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"epoch {self.epoch}"
+        return f"<Session {self.id!r} {state} token={self.token} regions={sorted(self.regions)}>"

@@ -1,0 +1,125 @@
+"""Typed configuration. Environment variables are read here and nowhere else.
+
+| variable                      | default                           | meaning |
+|-------------------------------|-----------------------------------|---------|
+| CONCORDIA_HOME                | ~/.concordia                      | segments, catalog, rings (if no /dev/shm) |
+| CONCORDIA_CATALOG_URL         | sqlite:///<home>/catalog.db       | SQLAlchemy URL of the catalog |
+| CONCORDIA_BACKEND             | auto                              | auto, host or cupy |
+| CONCORDIA_FSYNC               | every_commit                      | every_commit, interval or none |
+| CONCORDIA_FSYNC_INTERVAL_MS   | 50                                | fsync period under ``interval`` |
+| CONCORDIA_RING_DIR            | /dev/shm (else <home>/rings)      | where host log rings live |
+| CONCORDIA_RING_BYTES          | 67108864 (64 MiB)                 | data bytes of each session's ring |
+| CONCORDIA_SEGMENT_BYTES       | 67108864 (64 MiB)                 | segment size before rolling over |
+| CONCORDIA_MAX_RECORD_BYTES    | 1048576 (1 MiB)                   | payload bytes per record (chunking) |
+| CONCORDIA_COMPACT_BYTES       | 268435456 (256 MiB)               | delta bytes since the last base that trigger compaction; 0 = never |
+| CONCORDIA_LEASE_TTL           | 30                                | seconds a lease lives without a heartbeat |
+| CONCORDIA_LOG_FORMAT          | console                           | console or json |
+| CONCORDIA_LOG_LEVEL           | warning                           | structlog level |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigurationError
+
+__all__ = ["FsyncPolicy", "RuntimeConfig"]
+
+FsyncPolicy = Literal["every_commit", "interval", "none"]
+_FSYNC = ("every_commit", "interval", "none")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}: expected an integer, found {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}: expected a number, found {raw!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Everything a Runtime needs; build it with :meth:`from_env`."""
+
+    home: Path
+    catalog_url: str
+    backend: str = "auto"
+    fsync: FsyncPolicy = "every_commit"
+    fsync_interval: float = 0.05
+    ring_dir: Path | None = None
+    ring_bytes: int = 64 << 20
+    segment_bytes: int = 64 << 20
+    max_record_bytes: int = 1 << 20
+    compact_bytes: int = 256 << 20
+    lease_ttl: float = 30.0
+    #: how long commit() waits for ring space before LogFullError
+    space_timeout: float = 60.0
+    #: flusher poll period when nobody kicks it
+    flush_poll: float = 0.01
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "warning"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fsync not in _FSYNC:
+            raise ConfigurationError(f"fsync: expected one of {_FSYNC}, found {self.fsync!r}")
+        if self.ring_bytes < 1 << 20 or self.ring_bytes % 4096:
+            raise ConfigurationError(f"ring_bytes: expected a multiple of 4096 of at least 1 MiB, found {self.ring_bytes}")
+        if not 4096 <= self.max_record_bytes <= self.ring_bytes // 4:
+            raise ConfigurationError(
+                f"max_record_bytes: expected 4096 .. ring_bytes/4 ({self.ring_bytes // 4}), found {self.max_record_bytes}")
+        if self.segment_bytes < self.max_record_bytes:
+            raise ConfigurationError(
+                f"segment_bytes: expected at least max_record_bytes ({self.max_record_bytes}), found {self.segment_bytes}")
+        if self.lease_ttl <= 0:
+            raise ConfigurationError(f"lease_ttl: expected a positive number of seconds, found {self.lease_ttl}")
+        if self.log_format not in ("console", "json"):
+            raise ConfigurationError(f"log_format: expected 'console' or 'json', found {self.log_format!r}")
+
+    @classmethod
+    def from_env(
+        cls, *, home: str | os.PathLike[str] | None = None, catalog_url: str | None = None, **overrides: Any
+    ) -> RuntimeConfig:
+        """Defaults, then environment variables, then explicit arguments."""
+        home_path = Path(home or os.environ.get("CONCORDIA_HOME") or Path.home() / ".concordia").expanduser()
+        url = catalog_url or os.environ.get("CONCORDIA_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
+        ring_dir = os.environ.get("CONCORDIA_RING_DIR")
+        values: dict[str, Any] = dict(
+            home=home_path,
+            catalog_url=url,
+            backend=os.environ.get("CONCORDIA_BACKEND") or "auto",
+            fsync=os.environ.get("CONCORDIA_FSYNC") or "every_commit",
+            fsync_interval=_env_float("CONCORDIA_FSYNC_INTERVAL_MS", 50.0) / 1000.0,
+            ring_dir=Path(ring_dir) if ring_dir else None,
+            ring_bytes=_env_int("CONCORDIA_RING_BYTES", 64 << 20),
+            segment_bytes=_env_int("CONCORDIA_SEGMENT_BYTES", 64 << 20),
+            max_record_bytes=_env_int("CONCORDIA_MAX_RECORD_BYTES", 1 << 20),
+            compact_bytes=_env_int("CONCORDIA_COMPACT_BYTES", 256 << 20),
+            lease_ttl=_env_float("CONCORDIA_LEASE_TTL", 30.0),
+            log_format=os.environ.get("CONCORDIA_LOG_FORMAT") or "console",
+            log_level=os.environ.get("CONCORDIA_LOG_LEVEL") or "warning",
+        )
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigurationError(f"unknown configuration keys {sorted(unknown)}; expected some of {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> RuntimeConfig:
+        return replace(self, **changes)

@@ -1,0 +1,60 @@
+"""Concordia's exceptions: the substrate's tree plus the session-level errors.
+
+``ConcordiaError`` is the one root; children are named by meaning. Messages say
+what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+from gpu_runtime.errors import (
+    BackendUnavailableError,
+    ConcordiaError,
+    ConfigurationError,
+    CorruptLogError,
+    LogFullError,
+    RegionError,
+)
+
+__all__ = [
+    "BackendUnavailableError",
+    "CatalogError",
+    "ConcordiaError",
+    "ConfigurationError",
+    "CorruptLogError",
+    "LogFullError",
+    "MetaError",
+    "OwnershipError",
+    "RegionError",
+    "SchemaVersionError",
+    "SessionClosedError",
+    "SessionNotFound",
+]
+
+
+class SessionNotFound(ConcordiaError, LookupError):
+    """No session with this ID exists in the catalog."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"expected a session with ID {session_id!r} in the catalog, found none")
+        self.session_id = session_id
+
+
+class OwnershipError(ConcordiaError):
+    """Another live process owns the session, or this process lost its lease
+    (a newer owner holds a larger fencing token)."""
+
+
+class SessionClosedError(ConcordiaError):
+    """The session object was closed; open or resume it again to use it."""
+
+
+class CatalogError(ConcordiaError):
+    """The SQL catalog failed or holds something Concordia cannot use."""
+
+
+class SchemaVersionError(CatalogError):
+    """The catalog's schema version is newer than this code understands."""
+
+
+class MetaError(ConcordiaError, TypeError):
+    """Epoch metadata that cannot be stored (it must be JSON-serializable)."""

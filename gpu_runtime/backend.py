@@ -1,0 +1,134 @@
+"""The backend contract: what the middleware asks of the device substrate.
+
+Call protocol (the middleware's Session is the only caller):
+
+1. ``backend = open_backend(name)`` — once per Runtime.
+2. ``handle = backend.attach(spec, array)`` — when a region is registered;
+   validates that this backend can serve the array (host vs device memory).
+3. ``backend.commit_epoch(writer, epoch, tasks, body)`` — at each commit: for
+   every task, write the region's REGION record (first epoch only) and its delta
+   records (dirty pages by page hash; the given KV row range), then the COMMIT
+   record. Returns once the COMMIT record is in the host log ring.
+4. ``backend.apply(handle, header, payload)`` — during recovery, for each data
+   record of the epochs being restored, in log order; then
+   ``backend.after_restore(handle)`` so that the next commit writes only what
+   changes after the restored state.
+5. ``backend.close()``.
+
+A test that passes on one backend must pass on every backend that has the
+capabilities it declares; capability flags, never backend names, decide what a
+test or a caller may do.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import BackendUnavailableError, ConfigurationError
+from .logwriter import LogWriter
+from .records import RecordHeader
+from .regions import RegionSpec
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendRegion",
+    "Capability",
+    "CheckpointTask",
+    "open_backend",
+]
+
+
+class Capability(enum.Enum):
+    HOST_MEMORY = "host_memory"  #: registers arrays in host memory
+    DEVICE_MEMORY = "device_memory"  #: registers arrays in GPU memory
+    PERSISTENT_EXECUTOR = "persistent_executor"  #: checkpoints run in a resident kernel
+
+
+class BackendRegion:
+    """A backend's handle on one registered region (subclasses add state such
+    as page hashes)."""
+
+    def __init__(self, spec: RegionSpec, array: Any) -> None:
+        self.spec = spec
+        self.array = array
+        self.described = False  #: REGION record already in the log
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.name!r} {self.spec.kind} {self.spec.dtype}{list(self.spec.shape)}>"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointTask:
+    """One region's part of an epoch. ``rows`` is the dirty ``[t0, t1)`` range
+    of a kv region (``None``: nothing appended); ignored for pages regions."""
+
+    region: BackendRegion
+    rows: tuple[int, int] | None = None
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]]
+
+    @abc.abstractmethod
+    def attach(self, spec: RegionSpec, array: Any) -> BackendRegion: ...
+
+    @abc.abstractmethod
+    def commit_epoch(
+        self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes
+    ) -> int:
+        """Write the epoch's records and its COMMIT; return the log offset past it."""
+
+    @abc.abstractmethod
+    def apply(self, region: BackendRegion, header: RecordHeader, payload: memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def after_restore(self, region: BackendRegion) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``concordia doctor`` and benchmark JSON."""
+        return {"backend": self.name, "capabilities": sorted(c.value for c in self.capabilities)}
+
+
+#: name -> "module:Class"; modules are imported only when chosen.
+BACKENDS = {
+    "host": "gpu_runtime.host:HostBackend",
+    "cupy": "gpu_runtime.cupy_backend:CupyBackend",
+}
+
+
+def _load(name: str) -> type[Backend]:
+    mod, _, cls = BACKENDS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}", orig=e) from e
+
+
+def open_backend(name: str = "auto", **options: Any) -> Backend:
+    """Open a backend by name. ``"auto"`` picks ``cupy`` where a usable GPU and
+    the CuPy backend exist, else ``host``; the choice is logged by the caller."""
+    if name == "auto":
+        try:
+            cls = _load("cupy")
+            if cls.available():  # type: ignore[attr-defined]
+                return cls(**options)
+        except BackendUnavailableError:
+            pass
+        return _load("host")(**options)
+    if name not in BACKENDS:
+        raise ConfigurationError(f"expected backend 'auto', {', '.join(map(repr, BACKENDS))}; found {name!r}")
+    cls = _load(name)
+    available = getattr(cls, "available", None)
+    if available is not None and not available():
+        raise BackendUnavailableError(f"backend {name!r} was asked for but cannot run here (no usable GPU)")
+    return cls(**options)

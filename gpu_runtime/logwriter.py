@@ -1,0 +1,100 @@
+"""Host-side record writer: frames records into a session's :class:`LogRing`.
+
+Protocol for one epoch (the caller is a backend's ``commit_epoch``):
+
+1. ``start = writer.position`` — log offset of the epoch's first data record.
+2. ``writer.append(...)`` for each data record (REGION, PAGES, ROWS); each is
+   published (``written``) as soon as its bytes are stored, so the flusher may
+   copy an epoch that is larger than the ring before it commits.
+3. ``writer.commit(epoch, body, epoch_start=start, nrecords=n)`` stores the
+   COMMIT record last and publishes ``committed``. Only then is the epoch
+   durable in the host tier; replay ignores any records without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .logring import LogRing
+from .records import (
+    HEADER_SIZE,
+    RecordFlags,
+    RecordType,
+    checksum,
+    encode_header,
+    record_size,
+)
+
+__all__ = ["LogWriter"]
+
+
+class LogWriter:
+    """Appends records for one session. One writer per ring (the session owner)."""
+
+    def __init__(
+        self,
+        ring: LogRing,
+        *,
+        session_tag: int,
+        max_record_bytes: int,
+        space_timeout: float,
+        kick: Callable[[], None] | None = None,
+        fenced: Callable[[], None] | None = None,
+    ) -> None:
+        self.ring = ring
+        self.session_tag = session_tag
+        self.max_record_bytes = max_record_bytes
+        self._timeout = space_timeout
+        self._kick = kick
+        self._fenced = fenced
+
+    @property
+    def position(self) -> int:
+        """Logical offset where the next record goes."""
+        return self.ring.written
+
+    def append(
+        self,
+        type: RecordType,
+        payload: bytes | memoryview | np.ndarray,
+        *,
+        epoch: int,
+        region: int = 0,
+        flags: int = 0,
+        offset: int = 0,
+        aux: int = 0,
+    ) -> int:
+        """Store one record and publish it; returns its logical offset."""
+        body = payload if isinstance(payload, np.ndarray) else np.frombuffer(payload, dtype=np.uint8)
+        body = body.reshape(-1).view(np.uint8)
+        n = body.size
+        size = record_size(n)
+        self.ring.wait_for_space(size, timeout=self._timeout, kick=self._kick, fenced=self._fenced)
+        if self._fenced is not None:
+            self._fenced()
+        header = encode_header(
+            type, session_tag=self.session_tag, epoch=epoch, region=region, flags=flags,
+            offset=offset, length=n, aux=aux, payload_crc=checksum(body),
+        )
+        at = self.ring.written
+        self.ring.write_at(at, header)
+        self.ring.write_at(at + HEADER_SIZE, body)
+        pad = size - HEADER_SIZE - n
+        if pad:
+            self.ring.write_at(at + HEADER_SIZE + n, bytes(pad))
+        self.ring.publish_written(at + size)
+        return at
+
+    def commit(self, epoch: int, body: bytes, *, epoch_start: int, nrecords: int, flags: int = 0) -> int:
+        """Store the COMMIT record of ``epoch`` and publish it; returns the log
+        offset just past it. Ownership is checked once more right before the
+        commit point, so a fenced writer never publishes a commit."""
+        at = self.append(
+            RecordType.COMMIT, body, epoch=epoch, flags=int(RecordFlags(flags)),
+            offset=epoch_start, aux=nrecords,
+        )
+        end = at + record_size(len(body))
+        self.ring.publish_commit(end, epoch)
+        return end

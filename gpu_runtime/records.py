@@ -1,0 +1,192 @@
+"""Log record framing: the one byte format that every writer (host backend, GPU
+handlers) produces and every reader (flusher, replay, compaction) consumes.
+
+Layout, format version 1 (all integers little-endian)::
+
+    offset size field
+    0      4    magic        b"CNCR"
+    4      2    version      RECORD_VERSION
+    6      2    type         RecordType
+    8      8    session_tag  first 8 bytes of blake2b(session id)
+    16     8    epoch        epoch the record belongs to (>= 1)
+    24     4    region       region id within the session (0 for COMMIT)
+    28     4    flags        RecordFlags
+    32     8    offset       PAGES: byte offset in the region
+                             ROWS: first row along the sequence axis
+                             COMMIT: log offset of the epoch's first data record
+    40     8    length       payload length in bytes (excluding padding)
+    48     8    aux          ROWS: row count; COMMIT: number of data records
+    56     4    payload_crc  CRC-32 (zlib polynomial) of the payload
+    60     4    header_crc   CRC-32 of bytes [0, 60)
+    64     …    payload, then zero padding to a multiple of RECORD_ALIGN
+
+Invariants:
+
+* A record occupies ``record_size(length)`` bytes; every record starts at a
+  multiple of ``RECORD_ALIGN`` in the log's logical offset space (8-byte
+  alignment lets device code store words, and device atomics act on the ring).
+* An epoch is committed only by its COMMIT record, written after all of its
+  data records. Its data records are exactly the ``aux`` records lying in
+  ``[offset, commit record's own offset)``: anything else before it is an
+  aborted attempt and is ignored by replay.
+* The header checksum is verified before any length field is trusted, so a
+  flipped bit can never make a reader run past the end of a file.
+
+Bump ``RECORD_VERSION`` whenever this layout changes.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+
+__all__ = [
+    "HEADER_SIZE",
+    "RECORD_ALIGN",
+    "RECORD_MAGIC",
+    "RECORD_VERSION",
+    "FramingError",
+    "RecordFlags",
+    "RecordHeader",
+    "RecordType",
+    "checksum",
+    "decode_header",
+    "encode_header",
+    "encode_record",
+    "record_size",
+    "session_tag",
+]
+
+RECORD_MAGIC = b"CNCR"
+RECORD_VERSION = 1
+RECORD_ALIGN = 8
+_HEADER = struct.Struct("<4sHHQQIIQQQII")
+HEADER_SIZE = _HEADER.size
+assert HEADER_SIZE == 64
+
+
+class RecordType(enum.IntEnum):
+    """What a record's payload holds."""
+
+    REGION = 1  #: JSON region descriptor (name, kind, dtype, shape, …)
+    PAGES = 2  #: raw bytes of a run of pages at byte ``offset``
+    ROWS = 3  #: ``aux`` rows from row ``offset``, gathered as [outer, rows, inner]
+    COMMIT = 4  #: JSON commit body (user meta, KV lengths); commits the epoch
+
+
+class RecordFlags(enum.IntFlag):
+    NONE = 0
+    BASE = 1  #: COMMIT of a compacted base image (replay may start here)
+
+
+class FramingError(Exception):
+    """Internal: bytes are not a valid record. ``torn`` means they end too early
+    (a write cut short), as opposed to bytes that are present but wrong."""
+
+    def __init__(self, reason: str, *, torn: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.torn = torn
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    type: RecordType
+    session_tag: int
+    epoch: int
+    region: int
+    flags: RecordFlags
+    offset: int
+    length: int
+    aux: int
+    payload_crc: int
+
+    @property
+    def size(self) -> int:
+        """Bytes the whole record occupies in the log, padding included."""
+        return record_size(self.length)
+
+
+def record_size(payload_length: int) -> int:
+    """Size of a record with a payload of ``payload_length`` bytes, padded."""
+    return HEADER_SIZE + (-(-payload_length // RECORD_ALIGN) * RECORD_ALIGN)
+
+
+def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """CRC-32 with the zlib polynomial; ``value`` continues a running checksum."""
+    return zlib.crc32(data, value) & 0xFFFFFFFF
+
+
+def session_tag(session_id: str) -> int:
+    """A stable 64-bit tag of a session ID, stored in every record and file header."""
+    return int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=8).digest(), "little")
+
+
+def encode_header(
+    type: RecordType,
+    *,
+    session_tag: int,
+    epoch: int,
+    region: int = 0,
+    flags: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    aux: int = 0,
+    payload_crc: int = 0,
+) -> bytes:
+    """Pack a header; ``header_crc`` is computed here."""
+    head = _HEADER.pack(
+        RECORD_MAGIC, RECORD_VERSION, int(type), session_tag, epoch, region, int(flags),
+        offset, length, aux, payload_crc, 0,
+    )
+    return head[:60] + struct.pack("<I", checksum(head[:60]))
+
+
+def encode_record(
+    type: RecordType,
+    payload: bytes | bytearray | memoryview,
+    *,
+    session_tag: int,
+    epoch: int,
+    region: int = 0,
+    flags: int = 0,
+    offset: int = 0,
+    aux: int = 0,
+) -> bytes:
+    """A whole record (header, payload, padding) as one bytes object."""
+    payload = memoryview(payload).cast("B")  # len() of an ndarray would be its first dimension
+    n = len(payload)
+    header = encode_header(
+        type, session_tag=session_tag, epoch=epoch, region=region, flags=flags,
+        offset=offset, length=n, aux=aux, payload_crc=checksum(payload),
+    )
+    pad = record_size(n) - HEADER_SIZE - n
+    return b"".join((header, bytes(payload), b"\0" * pad))
+
+
+def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
+    """Decode and verify a header from the first ``HEADER_SIZE`` bytes of ``buf``.
+
+    Raises :class:`FramingError` (``torn=True`` if ``buf`` is too short or holds
+    only zeros, which is what a file extended but never written reads as).
+    """
+    if len(buf) < HEADER_SIZE:
+        raise FramingError(f"expected a {HEADER_SIZE}-byte header, found {len(buf)} bytes", torn=True)
+    raw = bytes(buf[:HEADER_SIZE])
+    (magic, version, rtype, tag, epoch, region, flags, offset, length, aux, pcrc, hcrc) = _HEADER.unpack(raw)
+    if magic != RECORD_MAGIC:
+        if raw == bytes(HEADER_SIZE):
+            raise FramingError("expected a record header, found zero bytes", torn=True)
+        raise FramingError(f"expected magic {RECORD_MAGIC!r}, found {magic!r}", torn=False)
+    if checksum(raw[:60]) != hcrc:
+        raise FramingError("header checksum mismatch", torn=False)
+    if version != RECORD_VERSION:
+        raise FramingError(f"expected record format version {RECORD_VERSION}, found {version}", torn=False)
+    try:
+        rtype = RecordType(rtype)
+    except ValueError:
+        raise FramingError(f"unknown record type {rtype}", torn=False) from None
+    return RecordHeader(rtype, tag, epoch, region, RecordFlags(flags), offset, length, aux, pcrc)

@@ -1,0 +1,130 @@
+"""Shared fixtures.
+
+* ``catalog_url`` runs a test against every catalog available: SQLite always,
+  PostgreSQL when ``CONCORDIA_TEST_POSTGRES_URL`` is set (each test gets its own
+  schema, dropped afterwards). CI sets it, so Postgres tests run for real there.
+* ``backend`` runs a test against every backend usable here; a test that needs
+  more than the shared protocol asks for a capability, never a backend name.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpu_runtime.backend import Capability, open_backend
+from gpu_runtime.errors import BackendUnavailableError
+
+PG_URL = os.environ.get("CONCORDIA_TEST_POSTGRES_URL")
+
+
+def _backends() -> list[str]:
+    names = ["host"]
+    try:
+        open_backend("cupy").close()
+        names.append("cupy")
+    except BackendUnavailableError:
+        pass
+    return names
+
+
+BACKENDS = _backends()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "cupy" in BACKENDS:
+        return
+    skip = pytest.mark.skip(reason="no usable CUDA GPU with CuPy on this machine (GPU tests run on the H100)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _pg_schema_url(base: str, schema: str) -> str:
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL catalog URL in a fresh schema (skips without a server)."""
+    if not PG_URL:
+        pytest.skip("CONCORDIA_TEST_POSTGRES_URL is not set: no PostgreSQL to test against")
+    from sqlalchemy import create_engine, text
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    eng = create_engine(PG_URL)
+    with eng.begin() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield _pg_schema_url(PG_URL, schema)
+    finally:
+        with eng.begin() as c:
+            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A Concordia home; rings it leaves in /dev/shm are removed afterwards."""
+    h = tmp_path / "home"
+    h.mkdir()
+    yield h
+    tag = hashlib.blake2b(str(h.resolve()).encode(), digest_size=4).hexdigest()
+    for p in glob.glob(f"/dev/shm/concordia-{tag}-*"):
+        os.unlink(p)
+
+
+@pytest.fixture
+def make_runtime(home: Path, catalog_url: str, backend: str):  # type: ignore[no-untyped-def]
+    """Open runtimes on one home and catalog (closed at teardown)."""
+    from concordia_agents import Runtime
+
+    opened: list[Runtime] = []
+
+    def make(**options):  # type: ignore[no-untyped-def]
+        options.setdefault("backend", backend)
+        rt = Runtime.open(home=home, catalog_url=catalog_url, **options)
+        opened.append(rt)
+        return rt
+
+    yield make
+    for rt in opened:
+        rt.close()
+
+
+def expire_lease(catalog_url: str, session_id: str) -> None:
+    """Make a session's lease look expired, as if its owner died ttl ago."""
+    from sqlalchemy import update
+
+    from concordia_agents._catalog import Catalog
+    from concordia_agents._catalog._models import LeaseRow
+
+    cat = Catalog(catalog_url)
+    with cat.write() as s:
+        s.execute(update(LeaseRow).where(LeaseRow.session_id == session_id).values(expires_at=0.0))
+    cat.dispose()
+
+
+def needs(capability: Capability, backend_name: str) -> None:
+    cls = open_backend(backend_name)
+    if capability not in cls.capabilities:
+        pytest.skip(f"backend {backend_name!r} lacks capability {capability.value}")

@@ -1,0 +1,341 @@
+"""The session API on every backend and catalog: register, commit, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from concordia_agents import (
+    ConcordiaError,
+    ConfigurationError,
+    MetaError,
+    OwnershipError,
+    RegionError,
+    Runtime,
+    SessionClosedError,
+    SessionNotFound,
+)
+from concordia_agents._segments import list_segments
+from gpu_runtime.errors import BackendUnavailableError
+
+from .conftest import expire_lease
+
+
+def _crash(session) -> None:
+    """Drop a session as a dead process would: no flush, no close, lease kept."""
+    session._abandon()
+
+
+def test_commit_and_resume_restore_every_region(make_runtime, catalog_url):
+    """Pages and kv regions, NumPy and torch (bf16), come back bit-exact with meta and lengths."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    rng = np.random.default_rng(0)
+    pages = rng.integers(0, 256, size=300_000, dtype=np.uint8)
+    kv = torch.zeros(2, 4, 64, 8, dtype=torch.bfloat16)
+    table = torch.arange(1000, dtype=torch.float32)
+    s.register("pages", pages, page_size=4096)
+    s.register("kv", kv, kind="kv", seq_axis=2)
+    s.register("table", table)
+    kv[:, :, :5] = torch.randn(2, 4, 5, 8).to(torch.bfloat16)
+    assert s.commit({"step": 1}, rows={"kv": (0, 5)}) == 1
+    pages[123_456] ^= 0xFF
+    table[7] = -1
+    kv[:, :, 5:6] = 3.0
+    assert s.commit({"step": 2}, rows={"kv": 6}) == 2
+    _crash(s)
+    expire_lease(catalog_url, "s1")
+
+    r = rt.resume("s1")
+    assert (r.epoch, r.meta) == (2, {"step": 2})
+    assert np.array_equal(r.regions["pages"].array, pages)
+    assert torch.equal(r.regions["table"].array, table)
+    got = r.regions["kv"]
+    assert got.length == 6 and got.array.dtype == torch.bfloat16
+    assert torch.equal(got.array[:, :, :6], kv[:, :, :6])
+
+
+def test_resume_into_given_arrays(make_runtime):
+    """resume(arrays=...) restores into the caller's arrays in place."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    a = np.arange(10_000, dtype=np.int64)
+    s.register("a", a)
+    s.commit()
+    s.close()
+    target = np.zeros_like(a)
+    r = rt.resume("s1", arrays={"a": target})
+    assert r.regions["a"].array is target and np.array_equal(target, a)
+
+
+def test_only_dirty_pages_are_logged(make_runtime, home):
+    """After the first epoch, an epoch logs only the pages that changed."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    a = np.zeros(64 * 4096, np.uint8)
+    s.register("a", a)
+    s.commit()
+    s.flush()
+    before = sum(f.size for f in list_segments(rt.session_dir("s1"))[1])
+    a[5 * 4096 + 10] = 1
+    a[40 * 4096] = 2
+    s.commit()
+    s.flush()
+    after = sum(f.size for f in list_segments(rt.session_dir("s1"))[1])
+    assert 2 * 4096 <= after - before < 3 * 4096  # two pages plus framing
+
+
+def test_epoch_larger_than_the_ring_flows_through(make_runtime):
+    """An epoch several times the ring's size commits (the flusher drains it meanwhile)."""
+    rt = make_runtime(ring_bytes=1 << 20, max_record_bytes=64 << 10)
+    s = rt.session("s1")
+    a = np.random.default_rng(1).integers(0, 256, size=5 << 20, dtype=np.uint8)
+    s.register("a", a)
+    assert s.commit() == 1
+    s.close()
+    assert np.array_equal(rt.resume("s1").regions["a"].array, a)
+
+
+def test_register_into_incompatible_array_is_refused(make_runtime):
+    """Restoring into an array of another dtype or shape raises RegionError naming both."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    s.register("a", np.zeros(100, np.float32))
+    s.commit()
+    s.close()
+    s = rt.session("s1")
+    with pytest.raises(RegionError, match="expected dtype float32, found float64"):
+        s.register("a", np.zeros(100, np.float64))
+    with pytest.raises(RegionError, match=r"expected shape \(100,\), found \(99,\)"):
+        s.register("a", np.zeros(99, np.float32))
+
+
+def test_bad_rows_and_kinds_are_refused(make_runtime):
+    """Rows for a non-kv region or past the capacity raise RegionError; nothing is committed."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    s.register("p", np.zeros(10, np.uint8))
+    s.register("kv", np.zeros((8, 4), np.float32), kind="kv")
+    with pytest.raises(RegionError, match="not a registered kv region"):
+        s.commit(rows={"p": (0, 1)})
+    with pytest.raises(RegionError, match="within"):
+        s.commit(rows={"kv": (0, 9)})
+    assert s.epoch == 0
+    with pytest.raises(RegionError, match="C-contiguous"):
+        s.register("t", np.zeros((4, 4))[:, ::2])
+
+
+def test_meta_must_be_json(make_runtime):
+    """Meta that is not JSON-serializable raises MetaError and commits nothing."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    with pytest.raises(MetaError, match="JSON-serializable"):
+        s.commit(meta={"x": object()})
+    assert s.epoch == 0
+
+
+def test_unknown_session_and_backend(make_runtime):
+    """resume() of an unknown ID raises SessionNotFound; an unknown backend ConfigurationError."""
+    rt = make_runtime()
+    with pytest.raises(SessionNotFound, match="nope"):
+        rt.resume("nope")
+    with pytest.raises(SessionNotFound):
+        rt.delete("nope")
+    with pytest.raises(ConfigurationError, match="found 'tpu'"):
+        make_runtime(backend="tpu")
+
+
+def test_cupy_backend_without_gpu_says_so():
+    """Asking for the CuPy backend where it cannot run raises, never falls back silently."""
+    from .conftest import BACKENDS
+
+    if "cupy" in BACKENDS:
+        pytest.skip("a GPU is present: the CuPy backend is available")
+    from gpu_runtime.backend import open_backend
+
+    with pytest.raises(BackendUnavailableError):
+        open_backend("cupy")
+    assert open_backend("auto").name == "host"
+
+
+def test_second_owner_is_refused(make_runtime):
+    """While a session is open, opening it again (same or other runtime) raises OwnershipError."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    with pytest.raises(OwnershipError, match="already open"):
+        rt.session("s1")
+    other = make_runtime()
+    with pytest.raises(OwnershipError, match="no live owner"):
+        other.session("s1")
+    s.close()
+    assert other.session("s1").token == 2
+
+
+def test_takeover_fences_the_stale_owner(make_runtime, catalog_url):
+    """After a takeover, the old owner's next commit raises OwnershipError; the new history wins."""
+    rt1, rt2 = make_runtime(), make_runtime()
+    s1 = rt1.session("s1")
+    a = np.zeros(4096, np.uint8)
+    s1.register("a", a)
+    s1.commit({"by": 1})
+    s1.flush()
+    expire_lease(catalog_url, "s1")
+    s2 = rt2.resume("s1")
+    assert s2.token > s1.token
+    a[0] = 9
+    with pytest.raises(OwnershipError, match="fencing token"):
+        s1.commit({"by": "stale"})
+    s2.regions["a"].array[1] = 5
+    s2.commit({"by": 2})
+    s2.close()
+    r = make_runtime().resume("s1")
+    assert r.meta == {"by": 2} and r.regions["a"].array[0] == 0 and r.regions["a"].array[1] == 5
+
+
+def test_closed_session_refuses_use(make_runtime):
+    """A closed session raises SessionClosedError on commit."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    s.close()
+    with pytest.raises(SessionClosedError):
+        s.commit()
+
+
+def test_statuses(make_runtime, catalog_url):
+    """sessions() derives running, crashed (lease expired without close) and closed."""
+    rt = make_runtime()
+    a, b, c = rt.session("a"), rt.session("b"), rt.session("c")
+    for s in (a, b, c):
+        s.register("x", np.zeros(10, np.uint8))
+        s.commit()
+        s.flush()
+    c.close()
+    _crash(b)
+    expire_lease(catalog_url, "b")
+    got = {i.id: (i.status, i.last_epoch) for i in rt.sessions()}
+    assert got == {"a": ("running", 1), "b": ("crashed", 1), "c": ("closed", 1)}
+    assert all(i.log_bytes > 0 for i in rt.sessions())
+
+
+def test_delete_removes_files_and_rows(make_runtime):
+    """delete() removes the catalog rows, the segments and the ring; gc() finds nothing left."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    s.register("x", np.zeros(10, np.uint8))
+    s.commit()
+    d = rt.session_dir("s1")
+    assert d.exists()
+    rt.delete("s1")
+    assert not d.exists()
+    assert [i.id for i in rt.sessions()] == []
+    assert rt.gc() == []
+
+
+def test_gc_removes_orphaned_directories(make_runtime):
+    """gc() removes session directories the catalog no longer knows."""
+    rt = make_runtime()
+    orphan = rt.config.home / "sessions" / "ghost-0000000000000000"
+    orphan.mkdir(parents=True)
+    assert orphan in rt.gc() and not orphan.exists()
+
+
+@pytest.mark.parametrize("policy", ["every_commit", "interval", "none"])
+def test_every_fsync_policy_resumes(make_runtime, catalog_url, policy):
+    """Under each fsync policy, a process crash loses no committed epoch (the ring survives)."""
+    rt = make_runtime(fsync=policy)
+    s = rt.session("s1")
+    a = np.zeros(8192, np.uint8)
+    s.register("a", a)
+    for i in range(5):
+        a[i] = i + 1
+        s.commit({"i": i})
+    _crash(s)
+    expire_lease(catalog_url, "s1")
+    r = make_runtime(fsync=policy).resume("s1")
+    assert r.epoch == 5 and np.array_equal(r.regions["a"].array, a)
+
+
+def test_compaction_bounds_the_log_and_keeps_state(make_runtime, catalog_url):
+    """Past the threshold the log is folded into a base image; resume still restores exactly."""
+    rt = make_runtime(compact_bytes=256 << 10, segment_bytes=128 << 10, max_record_bytes=16 << 10)
+    s = rt.session("s1")
+    a = np.zeros(64 << 10, np.uint8)
+    kv = np.zeros((2, 200, 16), np.float32)
+    s.register("a", a)
+    s.register("kv", kv, kind="kv", seq_axis=1)
+    rng = np.random.default_rng(3)
+    for i in range(120):
+        a[rng.integers(0, a.size, 50)] = rng.integers(0, 256, 50)
+        kv[:, i] = i
+        s.commit({"i": i}, rows={"kv": i + 1})
+        if i % 10 == 0:
+            s.flush()
+    s.flush()
+    bases, deltas = list_segments(rt.session_dir("s1"))
+    assert len(bases) == 1
+    total = sum(f.size for f in bases + deltas)
+    assert total < 120 * (4096 * 8)  # far below the uncompacted delta volume
+    _crash(s)
+    expire_lease(catalog_url, "s1")
+    r = make_runtime().resume("s1")
+    assert r.epoch == 120 and r.meta == {"i": 119}
+    assert np.array_equal(r.regions["a"].array, a)
+    assert r.regions["kv"].length == 120 and np.array_equal(r.regions["kv"].array[:, :120], kv[:, :120])
+
+
+def test_repeated_takeovers_keep_one_history(make_runtime, catalog_url):
+    """Five crash/resume rounds in a row leave one linear history of epochs."""
+    a = np.zeros(4096 * 6, np.uint8)
+    rt = make_runtime()
+    s = rt.session("s1")
+    s.register("a", a)
+    expected = a.copy()
+    for round_ in range(5):
+        for j in range(3):
+            s.regions["a"].array[round_ * 4096 + j] = round_ * 10 + j
+            expected[round_ * 4096 + j] = round_ * 10 + j
+            s.commit({"round": round_, "j": j})
+        s.regions["a"].array[-1] = 255  # written but never committed: must not survive
+        _crash(s)
+        expire_lease(catalog_url, "s1")
+        s = make_runtime().resume("s1")
+        assert s.epoch == 3 * (round_ + 1) and s.token == round_ + 2
+        assert np.array_equal(s.regions["a"].array, expected)
+
+
+def test_register_after_resume_keeps_unregistered_regions(make_runtime, catalog_url):
+    """Regions logged but not re-registered keep their state across later epochs."""
+    rt = make_runtime()
+    s = rt.session("s1")
+    x, y = np.full(100, 7, np.uint8), np.full(100, 9, np.uint8)
+    s.register("x", x)
+    s.register("y", y)
+    s.commit()
+    s.close()
+    s = rt.session("s1")
+    s.register("x", np.zeros(100, np.uint8))
+    s.regions["x"].array[:] = 1
+    s.commit()
+    s.close()
+    r = rt.resume("s1")
+    assert (r.regions["x"].array == 1).all() and (r.regions["y"].array == 9).all()
+
+
+def test_session_id_validation(make_runtime):
+    """An empty or non-string session ID raises ConcordiaError."""
+    rt = make_runtime()
+    with pytest.raises(ConcordiaError, match="session ID"):
+        rt.session("")
+
+
+def test_runtime_defaults_come_from_environment(tmp_path, monkeypatch):
+    """CONCORDIA_HOME and CONCORDIA_BACKEND set the defaults; a bad number is a ConfigurationError."""
+    monkeypatch.setenv("CONCORDIA_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("CONCORDIA_BACKEND", "host")
+    with Runtime.open() as rt:
+        assert rt.config.home == tmp_path / "h" and rt.backend.name == "host"
+        assert rt.config.catalog_url == f"sqlite:///{tmp_path / 'h' / 'catalog.db'}"
+    monkeypatch.setenv("CONCORDIA_RING_BYTES", "lots")
+    with pytest.raises(ConfigurationError, match="CONCORDIA_RING_BYTES"):
+        Runtime.open()
