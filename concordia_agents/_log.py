@@ -34,7 +34,7 @@ from gpu_runtime.records import RecordFlags, RecordType, encode_record
 
 from ._catalog import Catalog, SegmentInfo
 from ._logging import get_logger
-from ._replay import LogIndex, read_payload, scan
+from ._replay import LogIndex, PayloadReader, scan
 from ._segments import (
     KIND_BASE,
     KIND_DELTA,
@@ -159,12 +159,14 @@ class SessionLog:
             consumed = self.ring.consumed
             moved = written > consumed
             while consumed < written:
-                n = min(_COPY_CHUNK, written - consumed)
-                data = self.ring.read(consumed, n)
+                # Copy whole records only, so that a segment never ends inside a
+                # record we vouched for (consumed) and never splits one in two.
+                end = _record_boundary(self.ring, consumed, written, min(_COPY_CHUNK, self.config.segment_bytes))
+                n = end - consumed
                 if self.segment.size > SEGMENT_HEADER_SIZE and self.segment.size + n > self.config.segment_bytes:
                     self._roll(consumed)
-                self.segment.append(data)  # LogFullError leaves the ring untouched
-                consumed += n
+                self.segment.append(self.ring.read(consumed, n))  # LogFullError leaves the ring untouched
+                consumed = end
                 self.delta_bytes += n
                 # Bytes in the page cache survive a process crash, so the ring
                 # may reuse them now; a host crash is what fsync is for.
@@ -295,6 +297,27 @@ class SessionLog:
             self.ring.close()
 
 
+def _record_boundary(ring: LogRing, start: int, limit: int, chunk: int) -> int:
+    """The end of the last whole record in ``[start, limit)`` that keeps the span
+    under ``chunk`` bytes (at least one record). ``limit`` is a record boundary."""
+    from gpu_runtime.records import HEADER_SIZE, FramingError, decode_header
+
+    pos = start
+    while pos < limit:
+        try:
+            size = decode_header(ring.read(pos, HEADER_SIZE)).size
+        except FramingError as e:
+            raise CorruptLogError(f"host ring holds a bad record header at log offset {pos}: {e.reason}",
+                                  path=str(ring.path), offset=pos) from None
+        if pos + size > limit or (pos > start and pos + size - start > chunk):
+            break
+        pos += size
+    if pos == start:
+        raise CorruptLogError(f"host ring record at log offset {start} runs past the published end {limit}",
+                              path=str(ring.path), offset=start)
+    return pos
+
+
 def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
     """Move what a previous owner left in the ring into its own chain."""
     if ring.written <= ring.consumed:
@@ -303,12 +326,14 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
     _, deltas = list_segments(directory)
     mine = [f for f in deltas if f.token == chain]
     start = ring.consumed
+    tail_end = -1
     if mine:
         tail = mine[-1]
         valid = _valid_size(tail.path, tag)
         tail_end = tail.base + valid - SEGMENT_HEADER_SIZE
         if valid != tail.size:
-            # A torn append by the dead flusher; the ring still holds those bytes.
+            # A torn append by the dead flusher. ``consumed`` never passes a
+            # whole record, so the ring still holds every byte cut off here.
             with open(tail.path, "r+b") as f:
                 f.truncate(valid)
                 os.fsync(f.fileno())
@@ -319,7 +344,10 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
             path=str(ring.path), offset=80)
     if start == ring.written:
         return
-    seg = SegmentWriter.create(directory, new_header(session_tag=tag, token=chain, base=start))
+    if mine and start == tail_end:
+        seg = SegmentWriter.reopen(mine[-1].path, session_tag=tag)  # continue the dead flusher's segment
+    else:
+        seg = SegmentWriter.create(directory, new_header(session_tag=tag, token=chain, base=start))
     try:
         pos = start
         while pos < ring.written:
@@ -360,12 +388,13 @@ def write_base_image(directory: Path, tag: int, token: int, index: LogIndex) -> 
     tmp_name = f".base-{index.end:016x}.tmp{os.getpid()}"
     header = new_header(session_tag=tag, token=token, base=index.end, kind=KIND_BASE, epoch=index.epoch)
     w = SegmentWriter.create(directory, header, final_name=tmp_name)
+    read = PayloadReader()
     try:
         n = 0
         for rid, spec in sorted(index.specs.items()):
             image = HostRegion(spec, np.zeros(spec.nbytes, dtype=np.uint8))
             for loc in index.records.get(rid, []):
-                host.apply(image, loc.header, read_payload(loc))
+                host.apply(image, loc.header, read(loc))
             w.append(encode_record(RecordType.REGION, spec.to_json(), session_tag=tag, epoch=index.epoch, region=rid))
             n += 1
             chunk = max(1, (1 << 20) // max(spec.page_size, 1))
@@ -388,6 +417,7 @@ def write_base_image(directory: Path, tag: int, token: int, index: LogIndex) -> 
                                epoch=index.epoch, flags=RecordFlags.BASE, aux=n))
         w.sync()
     finally:
+        read.close()
         w.close()
     final = directory / base_name(index.end)
     os.replace(directory / tmp_name, final)

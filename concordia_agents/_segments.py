@@ -179,6 +179,16 @@ class SegmentWriter:
             raise
         return w
 
+    @classmethod
+    def reopen(cls, path: Path, *, session_tag: int) -> SegmentWriter:
+        """Append to an existing segment (its tail must already be whole records)."""
+        header = read_segment_header(path, session_tag=session_tag)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            raise _disk_error(e, path) from e
+        return cls(path, fd, header, os.fstat(fd).st_size)
+
     @property
     def end(self) -> int:
         """Log offset just past the last byte (delta segments)."""

@@ -32,7 +32,7 @@ from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 
 from ._log import SessionLog
 from ._logging import get_logger
-from ._replay import LogIndex, read_payload
+from ._replay import LogIndex, PayloadReader
 from .errors import CorruptLogError, MetaError, RegionError, SessionClosedError
 
 if TYPE_CHECKING:
@@ -160,18 +160,20 @@ class Session:
     def _restore_into(self, region: Region) -> None:
         spec = region.spec
         backend = self.runtime.backend
-        for loc in self._index.records.get(spec.region_id, []):
-            h = loc.header
-            if h.type is RecordType.PAGES:
-                ok = h.offset + h.length <= spec.nbytes
-            elif h.type is RecordType.ROWS:
-                ok = h.offset + h.aux <= spec.rows and h.length == spec.outer * h.aux * spec.row_bytes
-            else:
-                ok = False
-            if not ok:
-                raise CorruptLogError(f"{h.type.name} record of epoch {h.epoch} does not fit region {spec.name!r} "
-                                      f"({spec.dtype}{list(spec.shape)})", path=str(loc.path), offset=loc.file_offset)
-            backend.apply(region._handle, h, read_payload(loc))
+        with PayloadReader() as read:
+            for loc in self._index.records.get(spec.region_id, []):
+                h = loc.header
+                if h.type is RecordType.PAGES:
+                    ok = h.offset + h.length <= spec.nbytes
+                elif h.type is RecordType.ROWS:
+                    ok = h.offset + h.aux <= spec.rows and h.length == spec.outer * h.aux * spec.row_bytes
+                else:
+                    ok = False
+                if not ok:
+                    raise CorruptLogError(f"{h.type.name} record of epoch {h.epoch} does not fit region {spec.name!r} "
+                                          f"({spec.dtype}{list(spec.shape)})", path=str(loc.path),
+                                          offset=loc.file_offset)
+                backend.apply(region._handle, h, read(loc))
         backend.after_restore(region._handle)
         region.length = int(self._lengths.get(spec.name, 0))
 

@@ -35,9 +35,9 @@ class HostRegion(BackendRegion):
         return self.bytes.reshape(s.outer, s.rows, s.row_bytes)
 
 
-def plan_chunks(total: int, unit: int, max_bytes: int) -> int:
+def plan_chunks(unit: int, max_bytes: int) -> int:
     """Units per record so that a record stays under ``max_bytes`` (at least one)."""
-    return max(1, max_bytes // max(unit, 1)) if total else 0
+    return max(1, max_bytes // max(unit, 1))
 
 
 class HostBackend(Backend):
@@ -86,7 +86,7 @@ class HostBackend(Backend):
             runs = [(0, spec.npages)] if spec.npages else []
         else:
             runs = dirty_runs(region.hashes, new)
-        per = plan_chunks(spec.npages, spec.page_size, writer.max_record_bytes)
+        per = plan_chunks(spec.page_size, writer.max_record_bytes)
         n = 0
         for p0, p1 in runs:
             for q in range(p0, p1, per):
@@ -101,7 +101,7 @@ class HostBackend(Backend):
         if not 0 <= t0 <= t1 <= spec.rows:
             raise RegionError(f"region {spec.name!r}: expected a row range within [0, {spec.rows}], found [{t0}, {t1})")
         view = region.rows_view()
-        per = plan_chunks(t1 - t0, spec.outer * spec.row_bytes, writer.max_record_bytes)
+        per = plan_chunks(spec.outer * spec.row_bytes, writer.max_record_bytes)
         n = 0
         for r in range(t0, t1, per):
             r1 = min(r + per, t1)

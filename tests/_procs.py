@@ -1,0 +1,116 @@
+"""Child processes for crash and ownership tests (run as ``python -m tests._procs``).
+
+Each subcommand prints one line per event to stdout, flushed, so the parent can
+act on it (kill, stop, continue) at real moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+BIG = 64 << 20
+KV_SHAPE = (2, 4, 4096, 16)  # [layers*2, heads, seq, dim], seq axis 2
+TABLE = 1000
+
+
+def fresh_state() -> dict[str, np.ndarray]:
+    big = np.zeros(BIG, np.uint8)
+    big[::4096] = 1  # something non-zero on every page
+    return {"big": big, "kv": np.zeros(KV_SHAPE, np.float32), "table": np.zeros(TABLE, np.float64)}
+
+
+def mutate(state: dict[str, np.ndarray], seed: int, epoch: int) -> None:
+    """The deterministic change that epoch ``epoch`` commits (a pure function of
+    seed, epoch and the state before it)."""
+    rng = np.random.default_rng([seed, epoch])
+    big = state["big"]
+    pos = rng.integers(0, BIG - 8, 32)
+    big[pos] = rng.integers(0, 256, 32, dtype=np.uint8)
+    big[pos + 1] = big[pos] ^ 0x5A
+    state["kv"][:, :, epoch - 1, :] = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    state["table"][epoch % TABLE] += epoch
+
+
+def crash_child(args: argparse.Namespace) -> None:
+    from concordia_agents import Runtime
+
+    rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend,
+                      lease_ttl=args.ttl, compact_bytes=96 << 20)
+    try:
+        s = rt.resume(args.session)
+        state = {name: s.regions[name].array for name in ("big", "kv", "table")}
+    except Exception as e:  # noqa: BLE001 - first run: the session does not exist yet
+        if type(e).__name__ != "SessionNotFound":
+            raise
+        s = rt.session(args.session)
+        state = fresh_state()
+        s.register("big", state["big"])
+        s.register("kv", state["kv"], kind="kv", seq_axis=2)
+        s.register("table", state["table"])
+    print(f"start {s.epoch}", flush=True)
+    epoch = s.epoch
+    while epoch < KV_SHAPE[2]:
+        epoch += 1
+        mutate(state, args.seed, epoch)
+        got = s.commit({"e": epoch}, rows={"kv": (epoch - 1, epoch)})
+        assert got == epoch
+        print(f"epoch {got}", flush=True)
+    print("done", flush=True)
+    time.sleep(3600)
+
+
+def owner(args: argparse.Namespace) -> None:
+    """Own a session, commit once, then wait for "commit" lines on stdin."""
+    from concordia_agents import OwnershipError, Runtime
+
+    rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend, lease_ttl=args.ttl)
+    s = rt.session(args.session)
+    a = np.zeros(4096, np.uint8)
+    s.register("a", a)
+    s.commit({"by": "owner"})
+    s.flush()
+    print(f"ready {s.token}", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "commit":
+            a[0] += 1
+            try:
+                print(f"committed {s.commit({'by': 'owner-late'})}", flush=True)
+            except OwnershipError as e:
+                print(f"fenced {e}", flush=True)
+
+
+def opener(args: argparse.Namespace) -> None:
+    """Try to open (resume) a session; print what happened."""
+    from concordia_agents import OwnershipError, Runtime
+
+    rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend, lease_ttl=args.ttl)
+    try:
+        s = rt.resume(args.session)
+    except OwnershipError as e:
+        print(f"refused {e}", flush=True)
+        return
+    s.regions["a"].array[1] = 42
+    print(f"opened {s.token} {s.epoch} {s.commit({'by': 'opener'})}", flush=True)
+    s.close()
+    rt.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("cmd", choices=["crash-child", "owner", "opener"])
+    p.add_argument("--home", required=True)
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--backend", default="host")
+    p.add_argument("--session", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttl", type=float, default=1.0)
+    args = p.parse_args()
+    {"crash-child": crash_child, "owner": owner, "opener": opener}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
