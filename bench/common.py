@@ -1,0 +1,68 @@
+"""Benchmark protocol shared by every script in bench/.
+
+Fixed protocol: warm-up runs (discarded), then ``repeats`` timed runs; report
+the median (and p10/p90); every result file names the device, the library
+versions and the date, and every comparison is against a baseline measured in
+the same run. Results are JSON under ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def versions(*dists: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for d in ("concordia-agents", "numpy", "torch", "sqlalchemy", *dists):
+        try:
+            out[d] = importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            out[d] = "not installed"
+    return out
+
+
+def cpu_device() -> str:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def measure(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, float]:
+    """Seconds per call: median, p10, p90, min over ``repeats`` timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[-1], "min_s": times[0],
+            "repeats": repeats, "warmup": warmup}
+
+
+def write(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    payload = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **payload}
+    path = RESULTS / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,87 @@
+"""The SQL catalog on SQLite and PostgreSQL: schema versions, leases, fencing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+from sqlalchemy import update
+
+from concordia_agents import SCHEMA_VERSION, CatalogError, ConfigurationError, OwnershipError, SchemaVersionError
+from concordia_agents._catalog import Catalog
+from concordia_agents._catalog._models import SchemaVersionRow
+
+
+def test_fresh_catalog_is_at_the_code_version(catalog_url):
+    """A new catalog is migrated to SCHEMA_VERSION; opening it again changes nothing."""
+    assert Catalog(catalog_url).schema_version == SCHEMA_VERSION
+    assert Catalog(catalog_url).schema_version == SCHEMA_VERSION
+
+
+def test_newer_catalog_is_refused(catalog_url):
+    """A catalog written by a newer Concordia raises SchemaVersionError naming both versions."""
+    cat = Catalog(catalog_url)
+    with cat.write() as s:
+        s.execute(update(SchemaVersionRow).values(version=SCHEMA_VERSION + 1))
+    with pytest.raises(SchemaVersionError, match=f"schema version {SCHEMA_VERSION + 1}.*up to {SCHEMA_VERSION}"):
+        Catalog(catalog_url)
+
+
+def test_bad_urls_are_configuration_errors(tmp_path):
+    """An unsupported or malformed catalog URL raises ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="sqlite:// or postgresql"):
+        Catalog("mysql://x@y/z")
+    with pytest.raises(ConfigurationError, match="SQLAlchemy URL"):
+        Catalog("not a url")
+
+
+def test_unreachable_postgres_is_a_catalog_error():
+    """A PostgreSQL server that does not answer raises CatalogError, not a driver exception."""
+    with pytest.raises(CatalogError, match="catalog write failed"):
+        Catalog("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_lease_tokens_grow_and_fence(catalog_url):
+    """Each acquisition bumps the token; heartbeats by an old token fail; writes are fenced."""
+    cat = Catalog(catalog_url)
+    t1, created = cat.acquire("s", owner="a", ttl=0.2, backend="host", create=True)
+    assert (t1, created) == (1, True)
+    with pytest.raises(OwnershipError, match="held by|holding"):
+        cat.acquire("s", owner="b", ttl=0.2, backend="host", create=True)
+    time.sleep(0.25)
+    t2, created = cat.acquire("s", owner="b", ttl=5, backend="host", create=True)
+    assert (t2, created) == (2, False)
+    assert not cat.heartbeat("s", t1, 5)
+    assert cat.heartbeat("s", t2, 5)
+    with pytest.raises(OwnershipError, match="token 1"):
+        cat.set_labels("s", t1, {"x": 1})
+    cat.set_labels("s", t2, {"x": 1})
+    assert cat.get("s").labels == {"x": 1}
+
+
+def _race(url: str, start: float, q) -> None:  # type: ignore[no-untyped-def]
+    cat = Catalog(url)
+    while time.time() < start:
+        time.sleep(0.001)
+    try:
+        token, _ = cat.acquire("contended", owner=f"p{mp.current_process().pid}", ttl=30, backend="host", create=True)
+        q.put(("won", token))
+    except OwnershipError:
+        q.put(("lost", 0))
+
+
+def test_concurrent_acquire_has_one_winner(catalog_url):
+    """Six processes racing to create and own one session: exactly one wins."""
+    Catalog(catalog_url)  # migrate once up front
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start = time.time() + 2.0
+    procs = [ctx.Process(target=_race, args=(catalog_url, start, q)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert sorted(r[0] for r in results) == ["lost"] * 5 + ["won"]
+    assert [r[1] for r in results if r[0] == "won"] == [1]
