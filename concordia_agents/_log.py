@@ -363,7 +363,7 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
 
 def _valid_size(path: Path, tag: int) -> int:
     """Bytes of a segment up to its last whole, checksummed record."""
-    from gpu_runtime.records import HEADER_SIZE, FramingError, checksum, decode_header
+    from gpu_runtime.records import HEADER_SIZE, FramingError, decode_header, payload_sum
 
     read_segment_header(path, session_tag=tag)
     size = path.stat().st_size
@@ -375,7 +375,7 @@ def _valid_size(path: Path, tag: int) -> int:
                 h = decode_header(f.read(HEADER_SIZE))
             except FramingError:
                 break
-            if pos + h.size > size or checksum(f.read(h.length)) != h.payload_crc:
+            if pos + h.size > size or payload_sum(f.read(h.length)) != h.payload_sum:
                 break
             pos += h.size
     return pos

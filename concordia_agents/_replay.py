@@ -34,8 +34,8 @@ from gpu_runtime.records import (
     RecordFlags,
     RecordHeader,
     RecordType,
-    checksum,
     decode_header,
+    payload_sum,
 )
 from gpu_runtime.regions import RegionSpec
 
@@ -118,7 +118,7 @@ def read_payload(loc: RecordLoc) -> memoryview:
 
 
 def _verified(loc: RecordLoc, data: bytes) -> memoryview:
-    if len(data) != loc.header.length or checksum(data) != loc.header.payload_crc:
+    if len(data) != loc.header.length or payload_sum(data) != loc.header.payload_sum:
         raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails its "
                               "checksum", path=str(loc.path), offset=loc.file_offset)
     return memoryview(data)
@@ -141,7 +141,7 @@ class _Reader:
         if pos + header.size > self.size:
             raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
         payload = self.f.read(header.length)
-        if checksum(payload) != header.payload_crc:
+        if payload_sum(payload) != header.payload_sum:
             raise FramingError("payload checksum mismatch", torn=False)
         return header, payload
 

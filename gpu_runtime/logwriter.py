@@ -22,8 +22,8 @@ from .records import (
     HEADER_SIZE,
     RecordFlags,
     RecordType,
-    checksum,
     encode_header,
+    payload_sum,
     record_size,
 )
 
@@ -76,7 +76,7 @@ class LogWriter:
             self._fenced()
         header = encode_header(
             type, session_tag=self.session_tag, epoch=epoch, region=region, flags=flags,
-            offset=offset, length=n, aux=aux, payload_crc=checksum(body),
+            offset=offset, length=n, aux=aux, payload_sum=payload_sum(body),
         )
         at = self.ring.written
         self.ring.write_at(at, header)

@@ -5,20 +5,22 @@ Layout, format version 1 (all integers little-endian)::
 
     offset size field
     0      4    magic        b"CNCR"
-    4      2    version      RECORD_VERSION
-    6      2    type         RecordType
+    4      1    version      RECORD_VERSION
+    5      1    type         RecordType
+    6      2    flags        RecordFlags
     8      8    session_tag  first 8 bytes of blake2b(session id)
     16     8    epoch        epoch the record belongs to (>= 1)
     24     4    region       region id within the session (0 for COMMIT)
-    28     4    flags        RecordFlags
+    28     4    header_crc   CRC-32 (zlib) of bytes [0, 28) and [32, 64)
     32     8    offset       PAGES: byte offset in the region
                              ROWS: first row along the sequence axis
                              COMMIT: log offset of the epoch's first data record
     40     8    length       payload length in bytes (excluding padding)
     48     8    aux          ROWS: row count; COMMIT: number of data records
-    56     4    payload_crc  CRC-32 (zlib polynomial) of the payload
-    60     4    header_crc   CRC-32 of bytes [0, 60)
+    56     8    payload_sum  checksum of the payload (gpu_runtime.checksum)
     64     …    payload, then zero padding to a multiple of RECORD_ALIGN
+
+The same layout is spelled out for device code in ``kernels/concordia.cuh``.
 
 Invariants:
 
@@ -43,6 +45,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from .checksum import payload_sum
+
 __all__ = [
     "HEADER_SIZE",
     "RECORD_ALIGN",
@@ -54,6 +58,7 @@ __all__ = [
     "RecordType",
     "checksum",
     "decode_header",
+    "payload_sum",
     "encode_header",
     "encode_record",
     "record_size",
@@ -63,7 +68,7 @@ __all__ = [
 RECORD_MAGIC = b"CNCR"
 RECORD_VERSION = 1
 RECORD_ALIGN = 8
-_HEADER = struct.Struct("<4sHHQQIIQQQII")
+_HEADER = struct.Struct("<4sBBHQQIIQQQQ")
 HEADER_SIZE = _HEADER.size
 assert HEADER_SIZE == 64
 
@@ -102,7 +107,7 @@ class RecordHeader:
     offset: int
     length: int
     aux: int
-    payload_crc: int
+    payload_sum: int
 
     @property
     def size(self) -> int:
@@ -116,7 +121,7 @@ def record_size(payload_length: int) -> int:
 
 
 def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    """CRC-32 with the zlib polynomial; ``value`` continues a running checksum."""
+    """CRC-32 with the zlib polynomial (headers); ``value`` continues a running checksum."""
     return zlib.crc32(data, value) & 0xFFFFFFFF
 
 
@@ -135,14 +140,18 @@ def encode_header(
     offset: int = 0,
     length: int = 0,
     aux: int = 0,
-    payload_crc: int = 0,
+    payload_sum: int = 0,
 ) -> bytes:
     """Pack a header; ``header_crc`` is computed here."""
     head = _HEADER.pack(
-        RECORD_MAGIC, RECORD_VERSION, int(type), session_tag, epoch, region, int(flags),
-        offset, length, aux, payload_crc, 0,
+        RECORD_MAGIC, RECORD_VERSION, int(type), int(flags), session_tag, epoch, region, 0,
+        offset, length, aux, payload_sum,
     )
-    return head[:60] + struct.pack("<I", checksum(head[:60]))
+    return head[:28] + struct.pack("<I", _header_crc(head)) + head[32:]
+
+
+def _header_crc(raw: bytes) -> int:
+    return checksum(raw[32:64], checksum(raw[:28]))
 
 
 def encode_record(
@@ -161,7 +170,7 @@ def encode_record(
     n = len(payload)
     header = encode_header(
         type, session_tag=session_tag, epoch=epoch, region=region, flags=flags,
-        offset=offset, length=n, aux=aux, payload_crc=checksum(payload),
+        offset=offset, length=n, aux=aux, payload_sum=payload_sum(payload),
     )
     pad = record_size(n) - HEADER_SIZE - n
     return b"".join((header, bytes(payload), b"\0" * pad))
@@ -176,12 +185,12 @@ def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
     if len(buf) < HEADER_SIZE:
         raise FramingError(f"expected a {HEADER_SIZE}-byte header, found {len(buf)} bytes", torn=True)
     raw = bytes(buf[:HEADER_SIZE])
-    (magic, version, rtype, tag, epoch, region, flags, offset, length, aux, pcrc, hcrc) = _HEADER.unpack(raw)
+    (magic, version, rtype, flags, tag, epoch, region, hcrc, offset, length, aux, psum) = _HEADER.unpack(raw)
     if magic != RECORD_MAGIC:
         if raw == bytes(HEADER_SIZE):
             raise FramingError("expected a record header, found zero bytes", torn=True)
         raise FramingError(f"expected magic {RECORD_MAGIC!r}, found {magic!r}", torn=False)
-    if checksum(raw[:60]) != hcrc:
+    if _header_crc(raw) != hcrc:
         raise FramingError("header checksum mismatch", torn=False)
     if version != RECORD_VERSION:
         raise FramingError(f"expected record format version {RECORD_VERSION}, found {version}", torn=False)
@@ -189,4 +198,4 @@ def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         rtype = RecordType(rtype)
     except ValueError:
         raise FramingError(f"unknown record type {rtype}", torn=False) from None
-    return RecordHeader(rtype, tag, epoch, region, RecordFlags(flags), offset, length, aux, pcrc)
+    return RecordHeader(rtype, tag, epoch, region, RecordFlags(flags), offset, length, aux, psum)

@@ -11,8 +11,8 @@ from gpu_runtime.records import (
     RECORD_ALIGN,
     FramingError,
     RecordType,
-    checksum,
     decode_header,
+    payload_sum,
     encode_record,
     record_size,
     session_tag,
@@ -31,7 +31,7 @@ def test_round_trip(rtype, payload, tag, epoch, region, offset, aux):
     assert (h.type, h.session_tag, h.epoch, h.region, h.offset, h.aux, h.length) == (
         rtype, tag, epoch, region, offset, aux, len(payload))
     assert rec[HEADER_SIZE:HEADER_SIZE + h.length] == payload
-    assert h.payload_crc == checksum(payload)
+    assert h.payload_sum == payload_sum(payload)
 
 
 @settings(max_examples=50)
