@@ -222,28 +222,27 @@ class LogRing:
         return self._data[pos:].tobytes() + self._data[: n - first].tobytes()
 
     def wait_for_space(
-        self, n: int, *, timeout: float, kick: Callable[[], None] | None = None, fenced: Callable[[], None] | None = None
+        self, end: int, *, timeout: float, kick: Callable[[], None] | None = None,
+        fenced: Callable[[], None] | None = None,
     ) -> None:
-        """Block until ``n`` bytes fit. ``kick`` wakes the flusher; ``fenced``
-        raises if the writer lost ownership meanwhile. Raises LogFullError after
-        ``timeout`` seconds: the caller's epoch is then not committed."""
-        if n > self.capacity:
-            raise LogFullError(
-                f"expected a record of at most the ring capacity ({self.capacity} bytes), found {n} bytes; "
-                "raise CONCORDIA_RING_BYTES or lower the record size")
-        if self.free_space() >= n:
+        """Block until bytes up to logical offset ``end`` fit (``end - consumed <=
+        capacity``). ``kick`` wakes the flusher; ``fenced`` raises if the writer
+        lost ownership meanwhile. Raises LogFullError after ``timeout`` seconds:
+        the caller's epoch is then not committed."""
+        if end - self.consumed <= self.capacity:
             return
         deadline = time.monotonic() + timeout
         delay = 50e-6
-        while self.free_space() < n:
+        while end - self.consumed > self.capacity:
             if kick is not None:
                 kick()
             if fenced is not None:
                 fenced()
             if time.monotonic() > deadline:
                 raise LogFullError(
-                    f"host log ring {self.path} stayed full for {timeout:.1f} s: needed {n} bytes, "
-                    f"{self.free_space()} free; is the flusher stuck or the disk full?")
+                    f"host log ring {self.path} stayed full for {timeout:.1f} s: needed bytes up to log offset "
+                    f"{end}, the flusher has consumed up to {self.consumed} of {self.capacity}; is the flusher "
+                    "stuck or the disk full?")
             time.sleep(delay)
             delay = min(delay * 2, 5e-3)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .errors import LogFullError
 from .logring import LogRing
 from .records import (
     HEADER_SIZE,
@@ -49,11 +50,26 @@ class LogWriter:
         self._timeout = space_timeout
         self._kick = kick
         self._fenced = fenced
+        self._next = ring.written  # reserved up to here (device writers fill reservations later)
 
     @property
     def position(self) -> int:
         """Logical offset where the next record goes."""
-        return self.ring.written
+        return self._next
+
+    def reserve(self, size: int) -> int:
+        """Reserve ``size`` bytes of log (waiting for ring space); returns their
+        offset. Whoever fills them publishes ``written`` past them, in order."""
+        if size > self.ring.capacity:
+            raise LogFullError(
+                f"expected a record of at most the ring capacity ({self.ring.capacity} bytes), found {size} "
+                "bytes; raise CONCORDIA_RING_BYTES or lower CONCORDIA_MAX_RECORD_BYTES")
+        end = self._next + size
+        self.ring.wait_for_space(end, timeout=self._timeout, kick=self._kick, fenced=self._fenced)
+        if self._fenced is not None:
+            self._fenced()
+        at, self._next = self._next, end
+        return at
 
     def append(
         self,
@@ -71,14 +87,11 @@ class LogWriter:
         body = body.reshape(-1).view(np.uint8)
         n = body.size
         size = record_size(n)
-        self.ring.wait_for_space(size, timeout=self._timeout, kick=self._kick, fenced=self._fenced)
-        if self._fenced is not None:
-            self._fenced()
+        at = self.reserve(size)
         header = encode_header(
             type, session_tag=self.session_tag, epoch=epoch, region=region, flags=flags,
             offset=offset, length=n, aux=aux, payload_sum=payload_sum(body),
         )
-        at = self.ring.written
         self.ring.write_at(at, header)
         self.ring.write_at(at + HEADER_SIZE, body)
         pad = size - HEADER_SIZE - n

@@ -22,10 +22,24 @@ from ._procs import fresh_state, mutate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_children: list[Child] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_children():  # type: ignore[no-untyped-def]
+    """No child may outlive its test (it would hold catalog locks into teardown)."""
+    yield
+    while _children:
+        c = _children.pop()
+        if c.proc.poll() is None:
+            c.kill()
+
+
 class Child:
     """A child process whose stdout lines arrive on a queue."""
 
     def __init__(self, *args: str, stdin: bool = False) -> None:
+        _children.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests._procs", *args], cwd=ROOT, stdout=subprocess.PIPE,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -117,11 +131,13 @@ def test_two_processes_one_owner(home, catalog_url, backend):
     token = int(owner.expect("ready").split()[1])
     second = Child(*_args("opener", home, catalog_url, backend, "shared", ttl=1.0))
     assert second.expect("refused").startswith("refused")
+    assert second.proc.wait(timeout=60) == 0
     owner.kill()
     time.sleep(1.2)
     third = Child(*_args("opener", home, catalog_url, backend, "shared", ttl=1.0))
     _, new_token, epoch, committed = third.expect("opened").split()
     assert int(new_token) > token and (int(epoch), int(committed)) == (1, 2)
+    assert third.proc.wait(timeout=60) == 0
 
 
 def test_stale_owner_commit_is_rejected(home, catalog_url, backend):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gpu_runtime.errors import CorruptLogError, LogFullError
 from gpu_runtime.logring import DATA_START, LogRing
+from gpu_runtime.logwriter import LogWriter
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,7 +23,7 @@ def test_wrap_around_round_trip(tmp_path_factory, chunks, base):
     try:
         pos = base
         for c in chunks:
-            ring.wait_for_space(len(c), timeout=0.1)
+            ring.wait_for_space(pos + len(c), timeout=0.1)
             ring.write_at(pos, c)
             ring.publish_written(pos + len(c))
             assert ring.read(pos, len(c)) == c
@@ -53,9 +54,10 @@ def test_full_ring_times_out_with_log_full(tmp_path: Path):
     ring = LogRing.create(tmp_path / "r.ring", capacity=4096, session_tag=1, owner_token=1, base=0)
     ring.publish_written(4000)
     with pytest.raises(LogFullError, match="stayed full"):
-        ring.wait_for_space(200, timeout=0.05)
+        ring.wait_for_space(4200, timeout=0.05)
+    writer = LogWriter(ring, session_tag=1, max_record_bytes=1024, space_timeout=0.05)
     with pytest.raises(LogFullError, match="ring capacity"):
-        ring.wait_for_space(5000, timeout=0.05)
+        writer.reserve(5000)
     ring.unlink()
 
 

@@ -1,0 +1,277 @@
+// The persistent executor: one cooperative grid that consumes a ring of tasks
+// in mapped pinned host memory, runs each task with every block, and parks
+// itself when idle or old (see gpu_runtime/executor.py for the host protocol).
+//
+// Handlers are specialized per registered region at compile time: the host
+// passes -DCNC_HANDLER_CASES="CNC_KV(0, 256) CNC_PAGES(1, 4096) ..." so that
+// each region's row size or page size is a constant in its own instantiation.
+// Adding a region recompiles this module with one more case (hot swap).
+#include "concordia.cuh"
+
+#ifndef CNC_HANDLER_CASES
+#define CNC_HANDLER_CASES
+#endif
+
+#ifndef CNC_BLOCK
+#define CNC_BLOCK 256
+#endif
+
+struct CncCtx {
+    const u32* crc_table;
+    u64 ticket;
+    CncControl* ctl;
+};
+
+__device__ void cnc_fail(CncCtx& c, u64 code) {
+    if (threadIdx.x == 0 && c.ctl->error == 0) {
+        c.ctl->error_ticket = c.ticket;
+        c.ctl->error = code;
+    }
+}
+
+__device__ __forceinline__ u64 cnc_gtid() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ u64 cnc_gthreads() { return (u64)gridDim.x * blockDim.x; }
+
+// ---- kv regions: gather rows into ROWS records / scatter them back ----------
+// CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 t0, a4 t1,
+//                  a5 rows per record, a6 log offset of the first record.
+template <u64 RB>
+__device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
+    static_assert(RB % 8 == 0, "kv rows must be a multiple of 8 bytes");
+    if (kind == CNC_T_CHECKPOINT) {
+        u8* data = (u8*)t.a[0];
+        const u64 cap = t.a[1], epoch = t.a[2], t0 = t.a[3], t1 = t.a[4], per = t.a[5], log0 = t.a[6];
+        const u64 nrec = (t1 - t0 + per - 1) / per;
+        const u64 full_size = CNC_REC_HEADER + r.outer * per * RB;
+        for (u64 rec = blockIdx.x; rec < nrec; rec += gridDim.x) {
+            const u64 r0 = t0 + rec * per;
+            const u64 n = min(per, t1 - r0);
+            const u64 span_words = n * RB / 8;
+            const u64 at = log0 + rec * full_size;
+            u64 acc = 0;
+            for (u64 o = 0; o < r.outer; ++o) {
+                const u64* src = (const u64*)(r.base + (o * r.rows + r0) * RB);
+                const u64 wbase = o * span_words;
+                for (u64 w = threadIdx.x; w < span_words; w += blockDim.x) {
+                    const u64 x = src[w];
+                    acc += x * cnc_weight(wbase + w);
+                    cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * (wbase + w), x);
+                }
+            }
+            const u64 sum = cnc_block_sum(acc);
+            if (threadIdx.x == 0) {
+                const u64 len = r.outer * n * RB;
+                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_ROWS, r.session_tag, epoch,
+                                 (u32)r.region_id, r0, len, n, cnc_splitmix64(sum ^ len));
+            }
+            __syncthreads();
+        }
+    } else if (kind == CNC_T_RECOVER) {
+        // a0 src, a1 type, a2 first row, a3 rows, a4 length
+        const u64* src = (const u64*)t.a[0];
+        const u64 r0 = t.a[2], n = t.a[3];
+        const u64 span_words = n * RB / 8;
+        const u64 total = r.outer * span_words;
+        for (u64 k = cnc_gtid(); k < total; k += cnc_gthreads()) {
+            const u64 o = k / span_words, w = k % span_words;
+            ((u64*)(r.base + (o * r.rows + r0) * RB))[w] = src[k];
+        }
+    } else {
+        cnc_fail(c, CNC_ERR_BAD_TASK);
+    }
+}
+
+// ---- pages regions: hash scan, dirty-run copy, restore ------------------------
+// SCAN: a0 = 1 to mark every page dirty. Writes r.hashes and the dirty bitmap
+// (u32 words in mapped host memory, bit p % 32 of word p / 32).
+// CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 runs (pinned:
+// [byte offset, bytes, log offset] triples), a4 number of runs.
+template <u64 PS>
+__device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
+    static_assert(PS % 16 == 0, "page size must be a multiple of 16 bytes");
+    if (kind == CNC_T_SCAN) {
+        const u64 lane = threadIdx.x & 31;
+        const u64 warp = cnc_gtid() >> 5, nwarps = cnc_gthreads() >> 5;
+        const u64 ngroups = (r.npages + 31) / 32;
+        const bool all = t.a[0] != 0;
+        u64* hashes = (u64*)r.hashes;
+        u32* bitmap = (u32*)r.dirty;
+        for (u64 g = warp; g < ngroups; g += nwarps) {
+            u32 bits = 0;
+            const u64 p_end = min(r.npages, (g + 1) * 32);
+            for (u64 p = g * 32; p < p_end; ++p) {
+                const ulonglong2* page = (const ulonglong2*)(r.base + p * PS);
+                u64 acc = 0;
+#pragma unroll 8
+                for (u64 v = lane; v < PS / 16; v += 32) {
+                    const ulonglong2 x = page[v];
+                    acc += x.x * cnc_weight(2 * v) + x.y * cnc_weight(2 * v + 1);
+                }
+                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (acc != hashes[p] || all) bits |= 1u << (p - g * 32);
+                if (lane == 0) hashes[p] = acc;
+            }
+            if (lane == 0) bitmap[g] = bits;
+        }
+    } else if (kind == CNC_T_CHECKPOINT) {
+        u8* data = (u8*)t.a[0];
+        const u64 cap = t.a[1], epoch = t.a[2];
+        const u64* runs = (const u64*)t.a[3];
+        const u64 nruns = t.a[4];
+        for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
+            const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
+            const u64* src = (const u64*)(r.base + off);
+            u64 acc = 0;
+            for (u64 w = threadIdx.x; w < len / 8; w += blockDim.x) {
+                const u64 x = src[w];
+                acc += x * cnc_weight(w);
+                cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * w, x);
+            }
+            const u64 sum = cnc_block_sum(acc);
+            if (threadIdx.x == 0) {
+                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, r.session_tag, epoch,
+                                 (u32)r.region_id, off, len, 0, cnc_splitmix64(sum ^ len));
+            }
+            __syncthreads();
+        }
+    } else if (kind == CNC_T_RECOVER) {
+        const u64* src = (const u64*)t.a[0];
+        u64* dst = (u64*)(r.base + t.a[2]);
+        for (u64 k = cnc_gtid(); k < t.a[4] / 8; k += cnc_gthreads()) dst[k] = src[k];
+    } else {
+        cnc_fail(c, CNC_ERR_BAD_TASK);
+    }
+}
+
+#define CNC_KV(ID, RB) case ID: cnc_kv<RB>(t.kind, t, regions[ID], c); break;
+#define CNC_PAGES(ID, PS) case ID: cnc_pages<PS>(t.kind, t, regions[ID], c); break;
+
+// ---- generic tasks --------------------------------------------------------------
+__device__ void cnc_compute(const CncTask& t, CncCtx& c) {
+    const u64 op = t.a[0], n = t.a[1];
+    if (op == 0) {  // fill u32: a2 ptr, a3 value
+        u32* p = (u32*)t.a[2];
+        for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) p[k] = (u32)t.a[3];
+    } else if (op == 1) {  // axpy f32: y = alpha * x + y; a2 alpha bits, a3 x, a4 y
+        const float alpha = __uint_as_float((u32)t.a[2]);
+        const float* x = (const float*)t.a[3];
+        float* y = (float*)t.a[4];
+        for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) y[k] = alpha * x[k] + y[k];
+    } else if (op == 2) {  // scale f32: a2 alpha bits, a3 ptr
+        const float alpha = __uint_as_float((u32)t.a[2]);
+        float* p = (float*)t.a[3];
+        for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) p[k] *= alpha;
+    } else {
+        cnc_fail(c, CNC_ERR_BAD_TASK);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(CNC_BLOCK)
+cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* regions, u64 generation) {
+    __shared__ u32 crc_table[256];
+    __shared__ CncTask t;
+    __shared__ u64 s_action;
+    cnc_crc_table(crc_table);
+    const u64 born = cnc_now();
+    u64 ticket = ctl->head;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        ctl->generation = generation;
+        ctl->state = CNC_RUNNING;
+        __threadfence_system();
+    }
+    CncCtx c{crc_table, ticket, ctl};
+    for (;;) {
+        // 1. block 0 waits for the next task, or decides to park.
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            volatile CncTask* slot = &ring[ticket % ctl->nslots];
+            u64 idle_since = cnc_now();
+            u64 action = 1;
+            for (;;) {
+                if (slot->seq == ticket + 1) { action = 0; break; }
+                const u64 now = cnc_now();
+                ctl->heartbeat = now;
+                if (ctl->stop || now - idle_since > ctl->idle_ns || now - born > ctl->max_life_ns) {
+                    // Announce the park, then look once more: a producer that
+                    // published before reading PARKING is seen here; one that
+                    // publishes after sees PARKING and relaunches.
+                    ctl->state = CNC_PARKING;
+                    __threadfence_system();
+                    action = slot->seq == ticket + 1 ? 0 : 1;
+                    if (action == 0) { ctl->state = CNC_RUNNING; __threadfence_system(); }
+                    break;
+                }
+                __nanosleep(200);
+            }
+            grid->action = action;
+        }
+        cnc_grid_sync(grid);
+        if (threadIdx.x == 0) {
+            s_action = *(volatile u64*)&grid->action;
+            if (s_action == 0) {
+                const volatile CncTask* slot = &ring[ticket % ctl->nslots];
+                t.kind = slot->kind;
+                t.handler = slot->handler;
+                for (int i = 0; i < 14; ++i) t.a[i] = slot->a[i];
+            }
+        }
+        __syncthreads();
+        if (s_action != 0) break;
+        c.ticket = ticket;
+
+        // 2. every block runs its share of the task.
+        switch (t.kind) {
+            case CNC_T_NOP:
+                if (cnc_gtid() == 0) atomicAdd((u64*)t.a[0] + t.a[1], 1ull);
+                break;
+            case CNC_T_FENCE_WAIT:
+                if (cnc_gtid() == 0) {
+                    const u64 t_start = cnc_now();
+                    while (*(volatile u64*)t.a[0] < t.a[1]) {
+                        if (cnc_now() - t_start > t.a[2]) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); break; }
+                        __nanosleep(100);
+                    }
+                }
+                break;
+            case CNC_T_APPEND_LOG:
+                // The host already stored the record bytes beyond `written`;
+                // publishing after all earlier tasks makes them visible in order.
+                if (cnc_gtid() == 0) {
+                    volatile u64* words = (volatile u64*)t.a[0];
+                    __threadfence_system();
+                    words[CNC_RING_WRITTEN] = t.a[1];
+                    if (t.a[2] != 0) {
+                        words[CNC_RING_COMMITTED_EPOCH] = t.a[2];
+                        words[CNC_RING_COMMITTED] = t.a[1];
+                    }
+                }
+                break;
+            case CNC_T_COMPUTE:
+                cnc_compute(t, c);
+                break;
+            case CNC_T_CHECKPOINT:
+            case CNC_T_RECOVER:
+            case CNC_T_SCAN:
+                switch (t.handler) {
+                    CNC_HANDLER_CASES
+                    default: cnc_fail(c, CNC_ERR_BAD_HANDLER);
+                }
+                break;
+            default:
+                cnc_fail(c, CNC_ERR_BAD_TASK);
+        }
+
+        // 3. all blocks done: make the effects visible, then retire the ticket.
+        __threadfence_system();
+        cnc_grid_sync(grid);
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            ctl->head = ticket + 1;
+            __threadfence_system();
+        }
+        ++ticket;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        ctl->parks = ctl->parks + 1;
+        ctl->state = CNC_PARKED;
+        __threadfence_system();
+    }
+}
