@@ -193,13 +193,19 @@ class Session:
 
     # -- 3. commit ----------------------------------------------------------------
 
-    def commit(self, meta: Any = None, *, rows: Mapping[str, tuple[int, int] | int] | None = None) -> int:
+    def commit(self, meta: Any = None, *, rows: Mapping[str, tuple[int, int] | int] | None = None,
+               wait: bool = True) -> int:
         """Commit an epoch; returns its number once it is in the host log ring.
 
         ``rows`` gives each kv region's dirty rows: ``(t0, t1)``, or an int
         ``n`` meaning rows ``[length, n)``. Rows marked with
         ``Region.mark_rows`` are added. A kv region's length becomes the end
-        of its dirty range."""
+        of its dirty range.
+
+        ``wait=False`` returns as soon as the epoch is handed to the backend:
+        on the GPU backend the executor copies it while the caller goes on
+        (decode never waits); ``wait_visible(epoch)`` or ``flush()`` wait for
+        it. The host backend always copies before returning."""
         self._check_open()
         with self._lock:
             self._log.check_owner()
@@ -229,6 +235,8 @@ class Session:
                 raise MetaError(f"commit meta must be JSON-serializable, found {type(meta).__name__}: {e}") from e
             epoch = self.epoch + 1
             self.runtime.backend.commit_epoch(self._log.writer, epoch, tasks, body)
+            if wait:
+                self.runtime.backend.wait_visible(self._log.writer, epoch)
             self.epoch, self.meta, self._lengths = epoch, meta, lengths
             for name, region in self.regions.items():
                 region._marked = None
@@ -239,9 +247,15 @@ class Session:
 
     # -- 4. flush / 5. close ----------------------------------------------------
 
+    def wait_visible(self, epoch: int | None = None, timeout: float = 30.0) -> None:
+        """Wait until ``epoch`` (default: the newest) is in the host ring."""
+        self._check_open()
+        self.runtime.backend.wait_visible(self._log.writer, self.epoch if epoch is None else epoch, timeout)
+
     def flush(self, timeout: float = 60.0) -> int:
         """Wait until the newest committed epoch is fsynced; returns it."""
         self._check_open()
+        self.runtime.backend.wait_visible(self._log.writer, self.epoch, timeout)
         return self._log.wait_durable(self.epoch, timeout)
 
     def close(self) -> None:

@@ -85,6 +85,10 @@ class Backend(abc.ABC):
     ) -> int:
         """Write the epoch's records and its COMMIT; return the log offset past it."""
 
+    def wait_visible(self, writer: LogWriter, epoch: int, timeout: float = 30.0) -> None:
+        """Block until ``epoch``'s COMMIT is published in the ring. Backends whose
+        ``commit_epoch`` returns before that (the GPU executor) override this."""
+
     @abc.abstractmethod
     def apply(self, region: BackendRegion, header: RecordHeader, payload: memoryview) -> None: ...
 

@@ -86,6 +86,8 @@ class LogRing:
         self.capacity = capacity
         self.session_tag = session_tag
         self._words = np.frombuffer(mm, dtype=np.uint64, count=DATA_START // 8)
+        #: called before the mapping goes away (a backend unregisters it from the GPU)
+        self.on_close: list[Callable[[], None]] = []
         self._data = np.frombuffer(mm, dtype=np.uint8, offset=DATA_START, count=capacity)
 
     # -- construction -------------------------------------------------------------
@@ -246,9 +248,17 @@ class LogRing:
             time.sleep(delay)
             delay = min(delay * 2, 5e-3)
 
+    @property
+    def address(self) -> int:
+        """Host address of the mapping (header first, data at ``DATA_START``)."""
+        return int(self._words.ctypes.data)
+
     def close(self) -> None:
         if self._mm is None:
             return
+        for fn in self.on_close:
+            fn()
+        self.on_close.clear()
         # Drop numpy views before closing the mapping (they pin its buffer).
         del self._words, self._data
         try:

@@ -63,6 +63,40 @@ def crash_child(args: argparse.Namespace) -> None:
     time.sleep(3600)
 
 
+def gpu_crash_child(args: argparse.Namespace) -> None:
+    """crash_child with CuPy regions: the executor copies while the loop goes on."""
+    import cupy
+
+    from concordia_agents import Runtime
+
+    rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend="cupy", lease_ttl=args.ttl)
+    try:
+        s = rt.resume(args.session)
+        dev = {name: s.regions[name].array for name in ("big", "kv", "table")}
+        state = {name: a.get() for name, a in dev.items()}
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ != "SessionNotFound":
+            raise
+        s = rt.session(args.session)
+        state = fresh_state()
+        dev = {name: cupy.asarray(a) for name, a in state.items()}
+        s.register("big", dev["big"])
+        s.register("kv", dev["kv"], kind="kv", seq_axis=2)
+        s.register("table", dev["table"])
+    print(f"start {s.epoch}", flush=True)
+    epoch = s.epoch
+    while epoch < KV_SHAPE[2]:
+        epoch += 1
+        mutate(state, args.seed, epoch)
+        for name in ("big", "table"):
+            dev[name].set(state[name])
+        dev["kv"][:, :, epoch - 1, :] = cupy.asarray(state["kv"][:, :, epoch - 1, :])
+        s.commit({"e": epoch}, rows={"kv": (epoch - 1, epoch)})  # returns once in the ring
+        print(f"epoch {epoch}", flush=True)
+    print("done", flush=True)
+    time.sleep(3600)
+
+
 def owner(args: argparse.Namespace) -> None:
     """Own a session, commit once, then wait for "commit" lines on stdin."""
     from concordia_agents import OwnershipError, Runtime
@@ -101,7 +135,7 @@ def opener(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=["crash-child", "owner", "opener"])
+    p.add_argument("cmd", choices=["crash-child", "gpu-crash-child", "owner", "opener"])
     p.add_argument("--home", required=True)
     p.add_argument("--catalog", required=True)
     p.add_argument("--backend", default="host")
@@ -109,7 +143,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttl", type=float, default=1.0)
     args = p.parse_args()
-    {"crash-child": crash_child, "owner": owner, "opener": opener}[args.cmd](args)
+    {"crash-child": crash_child, "gpu-crash-child": gpu_crash_child, "owner": owner,
+     "opener": opener}[args.cmd](args)
 
 
 if __name__ == "__main__":

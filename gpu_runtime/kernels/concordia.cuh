@@ -84,10 +84,9 @@ struct CncRegion {
     u64 outer, rows, row_bytes;   // kv: [outer, rows, row_bytes] view
     u64 page_size, npages;        // pages
     u64 hashes;        // device u64[npages]: hashes of the last committed state
-    u64 dirty;         // mapped host u8[npages]: scan output
-    u64 session_tag;
+    u64 dirty;         // mapped host u32[ceil(npages / 32)]: scan output bitmap
     u64 region_id;
-    u64 pad[5];
+    u64 pad[6];
 };
 
 // ---- Grid-wide barrier (all blocks co-resident: cooperative launch) ---------

@@ -2,10 +2,10 @@
 // in mapped pinned host memory, runs each task with every block, and parks
 // itself when idle or old (see gpu_runtime/executor.py for the host protocol).
 //
-// Handlers are specialized per registered region at compile time: the host
-// passes -DCNC_HANDLER_CASES="CNC_KV(0, 256) CNC_PAGES(1, 4096) ..." so that
-// each region's row size or page size is a constant in its own instantiation.
-// Adding a region recompiles this module with one more case (hot swap).
+// Handlers are specialized at compile time: the host passes
+// -DCNC_HANDLER_CASES="CNC_KV(0, 256ull) CNC_PAGES(1, 4096ull) ..." so that each
+// distinct row size or page size is a constant in its own instantiation.
+// A region with a new size recompiles this module with one more case (hot swap).
 #include "concordia.cuh"
 
 #ifndef CNC_HANDLER_CASES
@@ -34,7 +34,8 @@ __device__ __forceinline__ u64 cnc_gthreads() { return (u64)gridDim.x * blockDim
 
 // ---- kv regions: gather rows into ROWS records / scatter them back ----------
 // CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 t0, a4 t1,
-//                  a5 rows per record, a6 log offset of the first record.
+//                  a5 rows per record, a6 log offset of the first record,
+//                  a7 session tag.
 template <u64 RB>
 __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(RB % 8 == 0, "kv rows must be a multiple of 8 bytes");
@@ -61,7 +62,7 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0) {
                 const u64 len = r.outer * n * RB;
-                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_ROWS, r.session_tag, epoch,
+                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_ROWS, t.a[7], epoch,
                                  (u32)r.region_id, r0, len, n, cnc_splitmix64(sum ^ len));
             }
             __syncthreads();
@@ -85,7 +86,7 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
 // SCAN: a0 = 1 to mark every page dirty. Writes r.hashes and the dirty bitmap
 // (u32 words in mapped host memory, bit p % 32 of word p / 32).
 // CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 runs (pinned:
-// [byte offset, bytes, log offset] triples), a4 number of runs.
+// [byte offset, bytes, log offset] triples), a4 number of runs, a5 session tag.
 template <u64 PS>
 __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(PS % 16 == 0, "page size must be a multiple of 16 bytes");
@@ -129,7 +130,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             }
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0) {
-                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, r.session_tag, epoch,
+                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, t.a[5], epoch,
                                  (u32)r.region_id, off, len, 0, cnc_splitmix64(sum ^ len));
             }
             __syncthreads();
@@ -143,8 +144,10 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
     }
 }
 
-#define CNC_KV(ID, RB) case ID: cnc_kv<RB>(t.kind, t, regions[ID], c); break;
-#define CNC_PAGES(ID, PS) case ID: cnc_pages<PS>(t.kind, t, regions[ID], c); break;
+// Handler ID = specialization (one per distinct row or page size); the region
+// (operator-table entry) is the task's last argument, a[13].
+#define CNC_KV(ID, RB) case ID: cnc_kv<RB>(t.kind, t, regions[t.a[13]], c); break;
+#define CNC_PAGES(ID, PS) case ID: cnc_pages<PS>(t.kind, t, regions[t.a[13]], c); break;
 
 // ---- generic tasks --------------------------------------------------------------
 __device__ void cnc_compute(const CncTask& t, CncCtx& c) {

@@ -1,0 +1,74 @@
+"""Compile every kernel and handler specialization Concordia ships, without a GPU.
+
+    python -m gpu_runtime.compile_all [--arch sm_90]
+
+Specializations: the executor with no handlers, each kv row size of the
+common model shapes (head dim 64/128/256 in fp16/bf16/fp32; 8-byte minimum)
+and each supported page size, alone and all together in one module (the
+operator table after several hot swaps). Each is compiled to a cubin by
+NVRTC, and to PTX that nvJitLink assembles for the same architecture. Exits
+non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .compiler import compile_cubin, kernel_source
+from .executor import Handler, module_options
+
+__all__ = ["SPECIALIZATIONS", "compile_everything"]
+
+KV_ROW_BYTES = (8, 24, 64, 128, 256, 512, 1024)
+PAGE_SIZES = (4096, 16384, 65536)
+SPECIALIZATIONS: list[list[Handler]] = (
+    [[]]
+    + [[Handler("kv", rb)] for rb in KV_ROW_BYTES]
+    + [[Handler("pages", ps)] for ps in PAGE_SIZES]
+    + [[Handler("kv", rb) for rb in KV_ROW_BYTES] + [Handler("pages", ps) for ps in PAGE_SIZES]]
+)
+
+
+def nvjitlink_assemble(ptx: bytes, arch: str) -> bytes:
+    from cuda.bindings import nvjitlink
+
+    handle = nvjitlink.create(2, [f"-arch={arch}", "-O3"])
+    try:
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, ptx, len(ptx), "executor.ptx")
+        nvjitlink.complete(handle)
+        size = nvjitlink.get_linked_cubin_size(handle)
+        out = bytearray(size)
+        nvjitlink.get_linked_cubin(handle, out)
+        return bytes(out)
+    finally:
+        nvjitlink.destroy(handle)
+
+
+def compile_everything(arch: str = "sm_90", *, cache_dir=None) -> list[dict]:  # type: ignore[no-untyped-def]
+    src = kernel_source("executor.cu")
+    report = []
+    for handlers in SPECIALIZATIONS:
+        opts = module_options(handlers, 256)
+        t = time.perf_counter()
+        cubin = compile_cubin(src, options=opts, arch=arch, cache_dir=cache_dir).cubin
+        ptx = compile_cubin(src, options=opts, arch=arch, cache_dir=cache_dir, ptx=True).cubin
+        linked = nvjitlink_assemble(ptx, arch)
+        report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], "cubin_bytes": len(cubin),
+                       "ptx_bytes": len(ptx), "linked_bytes": len(linked), "seconds": time.perf_counter() - t})
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="sm_90")
+    args = p.parse_args()
+    for r in compile_everything(args.arch):
+        sys.stdout.write(f"ok {r['cubin_bytes']:7d} B cubin, {r['linked_bytes']:7d} B via PTX+nvJitLink, "
+                         f"{r['seconds']:.1f} s: {' '.join(r['handlers']) or '(no handlers)'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Host side of the persistent executor (``kernels/executor.cu``).
+
+Protocol, in order, with who does each step:
+
+1. ``Executor(...)`` allocates the task ring and the control block in mapped
+   pinned host memory, compiles the module (NVRTC, cached) and loads it.
+2. ``enqueue(kind, ...)`` (any thread): under a lock, wait for a free slot
+   (``ticket - head < nslots``), store the arguments, then ``seq = ticket + 1``
+   last. After the lock (a full fence on x86), if the executor is parked or
+   parking, launch a new generation on the executor's stream: stream order puts
+   it after the exiting one, so at most one generation runs at a time.
+3. The kernel runs tickets in order and stores ``head = ticket + 1`` after
+   each; it parks itself after ``idle_ms`` without work or ``max_life_ms`` of
+   life, so no host call (a device synchronize, a module load) can block on it
+   for longer than that.
+4. ``wait(ticket)`` polls ``head`` (and relaunches if needed); errors raised on
+   the device (a fence timeout, a bad task) surface as ``ExecutorError``.
+5. ``set_handlers(...)`` (hot swap): compile the new module while the old
+   generation runs, ask it to park at a task boundary (``stop``), load the new
+   module, and relaunch on the same ring: queued tasks run once, in order.
+
+Task slot layout (TASK_VERSION 1, 128 bytes): ``u64 seq, u32 kind, u32
+handler, u64 args[14]``; control block (CONTROL_VERSION 1, 128 bytes): see
+``kernels/concordia.cuh``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .compiler import compile_cubin, kernel_source
+from .errors import ConcordiaError
+
+__all__ = ["Executor", "ExecutorError", "TaskKind", "PinnedBuffer"]
+
+TASK_VERSION = 1
+CONTROL_VERSION = 1
+SLOT_WORDS = 16
+# control words
+HEAD, STOP, STATE, GENERATION, ERROR, ERROR_TICKET, PARKS, HEARTBEAT, IDLE_NS, MAX_LIFE_NS, NSLOTS = range(11)
+PARKED, RUNNING, PARKING, LAUNCHED = 0, 1, 2, 3
+REGION_WORDS = 16
+MAX_REGIONS = 1024
+_ERRORS = {1: "fence wait timed out", 2: "log ring full", 3: "unknown task kind", 4: "no handler for the task"}
+
+
+class TaskKind:
+    NOP = 0
+    FENCE_WAIT = 1
+    CHECKPOINT = 2
+    APPEND_LOG = 3
+    RECOVER = 4
+    SCAN = 5
+    COMPUTE = 6
+
+
+class ExecutorError(ConcordiaError):
+    """The persistent executor reported an error for a task, or did not finish it in time."""
+
+
+class PinnedBuffer:
+    """Mapped, page-locked host memory with a NumPy view; the device uses the
+    same address (unified addressing)."""
+
+    def __init__(self, nbytes: int) -> None:
+        import cupy
+
+        self.nbytes = max(nbytes, 8)
+        self.ptr = cupy.cuda.runtime.hostAlloc(self.nbytes, cupy.cuda.runtime.hostAllocMapped)
+        self.device_ptr = _device_pointer(self.ptr)
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr))
+        self._free = cupy.cuda.runtime.freeHost
+
+    def view(self, dtype: Any) -> np.ndarray:
+        return self.array.view(dtype)
+
+    def close(self) -> None:
+        if self.ptr:
+            del self.array
+            self._free(self.ptr)
+            self.ptr = 0
+
+
+def _device_pointer(host_ptr: int) -> int:
+    from cuda.bindings import runtime as cudart
+
+    err, dptr = cudart.cudaHostGetDevicePointer(host_ptr, 0)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise ExecutorError(f"cudaHostGetDevicePointer failed: {err}")
+    return int(dptr)
+
+
+def register_host_memory(ptr: int, nbytes: int) -> int:
+    """Page-lock and map existing host memory (e.g. a /dev/shm ring); returns the device address."""
+    import cupy
+
+    cupy.cuda.runtime.hostRegister(ptr, nbytes, 2)  # cudaHostRegisterMapped
+    return _device_pointer(ptr)
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """One compiled specialization: ``CNC_KV(id, row_bytes)`` or ``CNC_PAGES(id, page_size)``."""
+
+    kind: str  #: "kv" or "pages"
+    constant: int
+
+    def macro(self, hid: int) -> str:
+        return f"CNC_{self.kind.upper()}({hid}, {self.constant}ull)"
+
+
+def module_options(handlers: Sequence[Handler], block: int) -> tuple[str, ...]:
+    cases = " ".join(h.macro(i) for i, h in enumerate(handlers))
+    return (f"-DCNC_HANDLER_CASES={cases}", f"-DCNC_BLOCK={block}")
+
+
+class Executor:
+    def __init__(
+        self, *, nslots: int = 4096, blocks: int | None = None, block: int = 256, idle_ms: float = 10.0,
+        max_life_ms: float = 500.0, arch: str | None = None,
+    ) -> None:
+        import cupy
+
+        self._cupy = cupy
+        dev = cupy.cuda.Device()
+        self.sm_count = dev.attributes["MultiProcessorCount"]
+        self.arch = arch or f"sm_{dev.compute_capability}"
+        self.blocks = blocks or self.sm_count
+        self.block = block
+        self.nslots = nslots
+        self._slots_mem = PinnedBuffer(nslots * SLOT_WORDS * 8)
+        self.slots = self._slots_mem.view(np.uint64).reshape(nslots, SLOT_WORDS)
+        self.slots[:] = 0
+        self._ctl_mem = PinnedBuffer(128)
+        self.ctl = self._ctl_mem.view(np.uint64)
+        self.ctl[:] = 0
+        self.ctl[IDLE_NS] = int(idle_ms * 1e6)
+        self.ctl[MAX_LIFE_NS] = int(max_life_ms * 1e6)
+        self.ctl[NSLOTS] = nslots
+        self.grid = cupy.zeros(8, dtype=cupy.uint64)
+        self.regions = np.zeros((MAX_REGIONS, REGION_WORDS), np.uint64)
+        self._regions_dev = cupy.asarray(self.regions)
+        self._nregions = 0
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self._lock = threading.Lock()  # producers: ticket order = slot order
+        self._launch_lock = threading.RLock()  # launches and swaps
+        self._tail = 0
+        self.generation = 0
+        self.handlers: list[Handler] = []
+        self.swaps = 0
+        self._function = self._load(self._compile(self.handlers))
+
+    # -- modules ------------------------------------------------------------------
+
+    def _compile(self, handlers: Sequence[Handler]) -> bytes:
+        return compile_cubin(kernel_source("executor.cu"), options=module_options(handlers, self.block),
+                             arch=self.arch, name="executor.cu").cubin
+
+    def _load(self, cubin: bytes) -> Any:
+        module = self._cupy.cuda.function.Module()
+        module.load(cubin)
+        self._module = module  # keep it alive with its function
+        return module.get_function("cnc_executor")
+
+    def handler_id(self, handler: Handler) -> int:
+        """The operator-table index of a specialization, hot-swapping it in if new."""
+        with self._launch_lock:
+            if handler in self.handlers:
+                return self.handlers.index(handler)
+            self.set_handlers([*self.handlers, handler])
+            return len(self.handlers) - 1
+
+    def set_handlers(self, handlers: Sequence[Handler]) -> None:
+        """Hot swap: compile (old generation keeps running), park, load, relaunch."""
+        cubin = self._compile(handlers)  # NVRTC needs no device: no blocking here
+        with self._launch_lock:
+            self.park()
+            self._function = self._load(cubin)
+            self.handlers = list(handlers)
+            self._regions_dev.set(self.regions)
+            self.swaps += 1
+            self.ctl[STOP] = 0
+            if self._tail > int(self.ctl[HEAD]):
+                self._launch()
+
+    def set_region(self, index: int | None, words: np.ndarray) -> int:
+        """Write an operator-table region entry (parks the executor to upload it)."""
+        with self._launch_lock:
+            if index is None:
+                index = self._nregions
+                self._nregions += 1
+                if index >= MAX_REGIONS:
+                    raise ExecutorError(f"expected at most {MAX_REGIONS} regions per executor")
+            self.regions[index] = 0
+            self.regions[index, : words.size] = words
+            self.park()
+            self._regions_dev.set(self.regions)
+            self.ctl[STOP] = 0
+            if self._tail > int(self.ctl[HEAD]):
+                self._launch()
+            return index
+
+    # -- launching and parking ----------------------------------------------------
+
+    def _launch(self) -> None:
+        self.generation += 1
+        self.ctl[STATE] = LAUNCHED
+        cp = self._cupy
+        self._function(
+            (self.blocks,), (self.block,),
+            (cp.uint64(self._slots_mem.device_ptr), cp.uint64(self._ctl_mem.device_ptr), self.grid,
+             self._regions_dev, cp.uint64(self.generation)),
+            stream=self.stream, enable_cooperative_groups=True)
+
+    def ensure_running(self) -> None:
+        if int(self.ctl[STATE]) in (PARKED, PARKING):
+            with self._launch_lock:
+                if int(self.ctl[STATE]) in (PARKED, PARKING) and not int(self.ctl[STOP]):
+                    self._launch()
+
+    def park(self, timeout: float = 10.0) -> None:
+        """Ask the running generation to exit at a task boundary and wait for it."""
+        with self._launch_lock:
+            self.ctl[STOP] = 1
+            deadline = time.monotonic() + timeout
+            while not self.stream.done:
+                if time.monotonic() > deadline:
+                    raise ExecutorError(f"executor did not park within {timeout} s (head {int(self.ctl[HEAD])})")
+                time.sleep(20e-6)
+
+    @property
+    def state(self) -> int:
+        return int(self.ctl[STATE])
+
+    @property
+    def head(self) -> int:
+        return int(self.ctl[HEAD])
+
+    @property
+    def parks(self) -> int:
+        return int(self.ctl[PARKS])
+
+    # -- tasks --------------------------------------------------------------------
+
+    def enqueue(self, kind: int, args: Sequence[int] = (), *, handler: int = 0, timeout: float = 30.0) -> int:
+        """Publish one task; returns its ticket. Never launches per task in
+        steady state: only a parked executor is relaunched."""
+        if len(args) > 14:
+            raise ValueError("a task has at most 14 arguments")
+        with self._lock:
+            ticket = self._tail
+            if ticket - int(self.ctl[HEAD]) >= self.nslots:
+                self._wait_head(ticket - self.nslots + 1, timeout)
+            slot = self.slots[ticket % self.nslots]
+            slot[1] = kind | (handler << 32)
+            slot[2:2 + len(args)] = [int(a) & 0xFFFFFFFFFFFFFFFF for a in args]
+            slot[0] = ticket + 1  # publish last
+            self._tail = ticket + 1
+        self.ensure_running()
+        return ticket
+
+    def _wait_head(self, target: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        spins = 0
+        while int(self.ctl[HEAD]) < target:
+            spins += 1
+            if spins % 64 == 0:
+                self.ensure_running()
+                self._raise_error()
+                if time.monotonic() > deadline:
+                    raise ExecutorError(f"ticket {target - 1} not done after {timeout} s "
+                                        f"(head {self.head}, state {self.state}, generation {self.generation})")
+                time.sleep(5e-6 if spins < 4096 else 200e-6)
+
+    def wait(self, ticket: int, timeout: float = 30.0) -> None:
+        """Block until ``ticket`` has run; raise ExecutorError if it failed."""
+        self._wait_head(ticket + 1, timeout)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        code = int(self.ctl[ERROR])
+        if code:
+            ticket = int(self.ctl[ERROR_TICKET])
+            self.ctl[ERROR] = 0
+            raise ExecutorError(f"executor task {ticket} failed: {_ERRORS.get(code, code)}")
+
+    @property
+    def pending(self) -> int:
+        return self._tail - self.head
+
+    def close(self) -> None:
+        try:
+            self.park()
+        finally:
+            self._slots_mem.close()
+            self._ctl_mem.close()

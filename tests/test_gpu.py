@@ -1,0 +1,244 @@
+"""The CuPy backend on a real GPU: executor, hot swap, self-parking, identical
+logs on both backends, fences, and crash recovery. Skipped (with the reason)
+where no CUDA GPU with CuPy is present."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from concordia_agents import Runtime
+from concordia_agents._replay import scan
+from gpu_runtime.records import RecordType, session_tag
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def executor():  # type: ignore[no-untyped-def]
+    from gpu_runtime.executor import Executor
+
+    ex = Executor(nslots=4096, idle_ms=5, max_life_ms=300)
+    yield ex
+    ex.close()
+
+
+def test_executor_round_trip(executor):
+    """One NOP task runs once and its completion is seen by the host."""
+    import cupy
+
+    from gpu_runtime.executor import TaskKind
+
+    out = cupy.zeros(4, dtype=cupy.uint64)
+    t = executor.enqueue(TaskKind.NOP, [int(out.data.ptr), 2])
+    executor.wait(t, timeout=10)
+    assert out.get().tolist() == [0, 0, 1, 0]
+
+
+def test_hundred_thousand_tasks_wrap_around_exactly_once(executor):
+    """10^5 tasks through a 4096-slot ring (24 wraps): each runs exactly once."""
+    import cupy
+
+    from gpu_runtime.executor import TaskKind
+
+    n = 100_000
+    out = cupy.zeros(n, dtype=cupy.uint64)
+    ptr = int(out.data.ptr)
+    last = 0
+    for i in range(n):
+        last = executor.enqueue(TaskKind.NOP, [ptr, i])
+    executor.wait(last, timeout=120)
+    counts = out.get()
+    assert counts.min() == 1 and counts.max() == 1
+
+
+def test_hot_swap_under_load(executor):
+    """Tasks enqueued before, during and after two hot swaps all run once, and
+    the new handler serves a region afterwards."""
+    import cupy
+
+    from gpu_runtime.executor import Handler, TaskKind
+
+    n = 20_000
+    out = cupy.zeros(n, dtype=cupy.uint64)
+    ptr = int(out.data.ptr)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(n):
+            executor.enqueue(TaskKind.NOP, [ptr, i])
+        done.set()
+
+    swaps = executor.swaps
+    th = threading.Thread(target=produce)
+    th.start()
+    time.sleep(0.01)
+    executor.handler_id(Handler("pages", 8192))
+    executor.handler_id(Handler("kv", 24))
+    th.join()
+    executor.wait(executor._tail - 1, timeout=120)
+    assert executor.swaps == swaps + 2
+    assert out.get().min() == 1 and out.get().max() == 1
+
+
+def test_self_parking_unblocks_host_calls(tmp_path):
+    """With the runtime active and its executor idle, device-wide syncs, cache
+    release and loading a new CuPy kernel each return within 1 s."""
+    import cupy
+    import torch
+
+    torch.ones(1, device="cuda").sum().item()  # frameworks initialized first
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        s = rt.session("park")
+        x = cupy.zeros(1 << 20, dtype=cupy.uint8)
+        s.register("x", x)
+        s.commit()
+        time.sleep(0.05)  # idle: the executor parks itself
+        for name, fn in [
+            ("torch.cuda.synchronize", torch.cuda.synchronize),
+            ("torch.cuda.empty_cache", torch.cuda.empty_cache),
+            ("new CuPy kernel", lambda: cupy.ElementwiseKernel("T x", "T y", f"y = x + {os.getpid()}",
+                                                                 f"cnc_fresh_{time.time_ns()}")(x)),
+            ("cupy device synchronize", cupy.cuda.Device().synchronize),
+        ]:
+            t = time.perf_counter()
+            fn()
+            assert time.perf_counter() - t < 1.0, name
+        s.close()
+
+
+def _log_digest(directory: Path, sid: str) -> list[tuple]:
+    idx = scan(directory, session_tag=session_tag(sid))
+    out = []
+    for rid, locs in idx.records.items():
+        for loc in locs:
+            h = loc.header
+            out.append((h.epoch, h.type.name, rid, h.offset, h.length, h.aux, h.payload_sum))
+    return sorted(out)
+
+
+def test_host_and_gpu_backends_write_the_same_log(tmp_path):
+    """Identical inputs give identical data records (type, region, offset,
+    length, payload checksum) on the host and CuPy backends."""
+    import cupy
+
+    rng = np.random.default_rng(0)
+    pages = rng.integers(0, 256, 64 * 4096, dtype=np.uint8)
+    kv = rng.standard_normal((4, 2, 256, 32)).astype(np.float32)
+    digests = {}
+    for backend in ("host", "cupy"):
+        with Runtime.open(home=tmp_path / backend, backend=backend, max_record_bytes=16 << 10) as rt:
+            s = rt.session("same")
+            p = pages.copy() if backend == "host" else cupy.asarray(pages)
+            k = kv.copy() if backend == "host" else cupy.asarray(kv)
+            s.register("pages", p)
+            s.register("kv", k, kind="kv", seq_axis=2)
+            s.commit({"e": 1}, rows={"kv": 40})
+            for e in range(2, 6):
+                idx = np.random.default_rng(e).integers(0, p.size, 30)
+                p[idx] = (e * 7) % 256
+                s.commit({"e": e}, rows={"kv": 40 + 10 * e})
+            s.flush()
+            digests[backend] = _log_digest(rt.session_dir("same"), "same")
+            s.close()
+    assert digests["host"] == digests["cupy"]
+    assert len(digests["host"]) > 10
+
+
+def test_commit_fences_in_flight_torch_work(tmp_path):
+    """A commit issued while torch work is still queued logs the values that work
+    writes (the executor waits on a device fence; the host never synchronizes)."""
+    import torch
+
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        s = rt.session("fence")
+        kv = torch.zeros(2, 64, 1024, dtype=torch.float32, device="cuda")
+        s.register("kv", kv, kind="kv", seq_axis=1)
+        a = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):
+            a = a @ a / 64.0  # ~milliseconds of queued work
+        kv[:, :8] = a[:128, :1024].reshape(2, 64, 1024)[:, :8]
+        s.commit(rows={"kv": 8}, wait=False)
+        expected = kv[:, :8].cpu().numpy()
+        s.flush()
+        s._abandon()
+    from .conftest import expire_lease
+
+    expire_lease(f"sqlite:///{tmp_path / 'catalog.db'}", "fence")
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        r = rt.resume("fence")
+        assert np.array_equal(r.regions["kv"].array[:, :8].cpu().numpy(), expected)
+        r.close()
+
+
+def test_gpu_resume_is_bit_exact_for_torch_and_cupy(tmp_path):
+    """torch (bf16) and CuPy regions on the GPU come back bit-exact on the GPU."""
+    import cupy
+    import torch
+
+    from .conftest import expire_lease
+
+    kv = torch.randn(32, 8, 512, 64, device="cuda").to(torch.bfloat16)
+    table = cupy.random.default_rng(1).integers(0, 2**31, 1 << 20, dtype=cupy.int64)
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        s = rt.session("exact")
+        s.register("kv", kv, kind="kv", seq_axis=2)
+        s.register("table", table)
+        s.commit(rows={"kv": 100})
+        table[5] = -1
+        s.commit(rows={"kv": 130})
+        s._abandon()
+    expire_lease(f"sqlite:///{tmp_path / 'catalog.db'}", "exact")
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        r = rt.resume("exact")
+        got = r.regions["kv"]
+        assert got.array.is_cuda and got.length == 130
+        assert torch.equal(got.array[:, :, :130], kv[:, :, :130])
+        assert bool((r.regions["table"].array == table).all())
+        r.close()
+
+
+def test_sigkill_during_gpu_commit_stream_resumes_bit_exact(tmp_path):
+    """A child on the CuPy backend is SIGKILLed mid commit stream (executor busy
+    copying); resume on the GPU restores exactly an epoch >= the last reported."""
+    from tests._procs import mutate
+
+    home = tmp_path / "home"
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    for it in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "tests._procs", "gpu-crash-child", "--home", str(home),
+                                 "--catalog", url, "--backend", "cupy", "--session", "gpu-crash", "--seed", "3",
+                                 "--ttl", "0.5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        reported = 0
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 2.0 + it
+        for line in proc.stdout:
+            if line.startswith("epoch"):
+                reported = int(line.split()[1])
+            if time.monotonic() > deadline and reported > 0:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.6)
+        with Runtime.open(home=home, catalog_url=url, backend="cupy") as rt:
+            s = rt.resume("gpu-crash")
+            assert s.epoch >= reported
+            from tests._procs import fresh_state
+
+            model = fresh_state()
+            for e in range(1, s.epoch + 1):
+                mutate(model, 3, e)
+            assert np.array_equal(s.regions["big"].array.get(), model["big"])
+            assert np.array_equal(s.regions["table"].array.get(), model["table"])
+            n = s.regions["kv"].length
+            assert n == s.epoch and np.array_equal(s.regions["kv"].array[:, :, :n].get(), model["kv"][:, :, :n])
+            s.close()
