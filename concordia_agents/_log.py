@@ -165,7 +165,7 @@ class SessionLog:
                 n = end - consumed
                 if self.segment.size > SEGMENT_HEADER_SIZE and self.segment.size + n > self.config.segment_bytes:
                     self._roll(consumed)
-                self.segment.append(self.ring.read(consumed, n))  # LogFullError leaves the ring untouched
+                self.segment.append_all(self.ring.views(consumed, n))  # LogFullError leaves the ring untouched
                 consumed = end
                 self.delta_bytes += n
                 # Bytes in the page cache survive a process crash, so the ring

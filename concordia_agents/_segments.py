@@ -211,6 +211,17 @@ class SegmentWriter:
                 self.size = before
             raise _disk_error(e, self.path) from e
 
+    def append_all(self, parts: list[memoryview]) -> None:
+        """Append several buffers as one unit (cut back together on a disk error)."""
+        before = self.size
+        try:
+            for p in parts:
+                self.append(p)
+        except BaseException:
+            os.ftruncate(self._fd, before)
+            self.size = before
+            raise
+
     def sync(self) -> None:
         os.fsync(self._fd)
 

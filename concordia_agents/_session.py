@@ -242,7 +242,9 @@ class Session:
                 region._marked = None
                 if region.kind == "kv":
                     region.length = lengths[name]
-        self.runtime._kick()
+        # No kick: the flusher polls every flush_poll seconds and batches the
+        # fsyncs of all commits in between. Waking it here made it contend for
+        # the GIL with the caller's next step (measured on the decode path).
         return epoch
 
     # -- 4. flush / 5. close ----------------------------------------------------

@@ -48,8 +48,18 @@ def _weights_for(words: int) -> np.ndarray:
     return _weights[:words]
 
 
+_SMALL_WEIGHTS = [splitmix64(j) | 1 for j in range(32)]
+
+
 def payload_sum(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     """The checksum of ``data`` as defined above."""
+    if not isinstance(data, np.ndarray) and len(data) <= 256:
+        # Commit bodies and descriptors: plain integers beat NumPy's call overhead.
+        raw = bytes(data)
+        n = len(raw)
+        raw += bytes(-n % 8)
+        s = sum(int.from_bytes(raw[8 * j:8 * j + 8], "little") * _SMALL_WEIGHTS[j] for j in range(len(raw) // 8))
+        return splitmix64((s & _M) ^ n)
     buf = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
     n = buf.size
     whole = n // 8

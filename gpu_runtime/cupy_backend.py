@@ -24,7 +24,7 @@ way, so replay, compaction and the flusher cannot tell the backends apart.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,7 +40,11 @@ from .regions import RegionSpec, describe
 
 __all__ = ["CupyBackend", "CupyRegion"]
 
-_GROUP_BYTES = 16 << 20  # data bytes per CHECKPOINT task before `written` is published
+_GROUP_BYTES = 16 << 20  # data bytes per CHECKPOINT task
+_MAX_RECORDS_PER_TASK = 256  # CNC_MAX_RECORDS_PER_TASK in concordia.cuh
+_RUNS_ARENA = 4 << 20  # pinned bytes for dirty-run tables (24 bytes a run)
+_STAGING = 4 << 20
+_SMALL_RUN = 256 << 10  # runs up to this size are copied by one block each
 
 
 def _device_ptr(array: Any) -> int:
@@ -53,6 +57,9 @@ def _stream_of(array: Any) -> int:
     if type(array).__module__.split(".")[0] == "torch":
         import torch
 
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the cheap path (no Stream object)
+        if raw is not None:
+            return int(raw(array.device.index or 0))
         return int(torch.cuda.current_stream(array.device).cuda_stream)
     import cupy
 
@@ -95,9 +102,14 @@ class CupyBackend(Backend):
         self._fence_value = 0
         self._fence_timeout_ns = int(fence_timeout_s * 1e9)
         self._rings: dict[int, tuple[int, int]] = {}
-        self._inflight: list[tuple[int, PinnedBuffer]] = []
-        self._staging: list[tuple[int, PinnedBuffer]] = []
+        # Pinned memory is allocated here, once: cudaHostAlloc/cudaFreeHost
+        # synchronize the device, i.e. they would wait for the executor to park.
+        self._runs = PinnedBuffer(_RUNS_ARENA)
+        self._runs_pos = 0
+        self._runs_last_ticket = -1
+        self._staging: list[tuple[int, PinnedBuffer]] = [(-1, PinnedBuffer(_STAGING)) for _ in range(4)]
         self._lock = threading.Lock()
+        self._fence_args: list[int] | None = None
 
     # -- regions ------------------------------------------------------------------
 
@@ -113,9 +125,9 @@ class CupyBackend(Backend):
             handler = Handler("kv", spec.row_bytes)
             hashes, bitmap = None, None
         else:
-            if spec.page_size % 16 or spec.nbytes % spec.page_size:
-                raise RegionError(f"region {spec.name!r}: the GPU page scanner needs a page size that is a multiple "
-                                  f"of 16 and divides the region ({spec.nbytes} bytes), found {spec.page_size}")
+            if spec.page_size % 16 or spec.nbytes % 16:
+                raise RegionError(f"region {spec.name!r}: the GPU page scanner needs a page size and a region size "
+                                  f"that are multiples of 16 bytes, found {spec.page_size} and {spec.nbytes}")
             handler = Handler("pages", spec.page_size)
             hashes = self._cupy.zeros(spec.npages, dtype=self._cupy.uint64)
             bitmap = PinnedBuffer(4 * (-(-spec.npages // 32)))
@@ -149,7 +161,9 @@ class CupyBackend(Backend):
 
     # -- commit -------------------------------------------------------------------
 
-    def _fence_streams(self, tasks: Sequence[CheckpointTask]) -> None:
+    def _fence_streams(self, tasks: Sequence[CheckpointTask]) -> list[int]:
+        """Write a fence value on every caller stream; returns the prologue args
+        (fence word, value, timeout) for the first device task to wait on."""
         from cuda.bindings import driver
 
         streams = {_stream_of(t.region.array) for t in tasks}
@@ -158,22 +172,37 @@ class CupyBackend(Backend):
             (err,) = driver.cuStreamWriteValue64(s, int(self._fence.data.ptr), self._fence_value, 0)
             if err != driver.CUresult.CUDA_SUCCESS:
                 raise RegionError(f"cuStreamWriteValue64 on stream {s:#x} failed: {err}")
-        self.executor.enqueue(TaskKind.FENCE_WAIT,
-                              [int(self._fence.data.ptr), self._fence_value, self._fence_timeout_ns])
+        return [int(self._fence.data.ptr), self._fence_value, self._fence_timeout_ns]
 
-    def _publish(self, words: int, written: int, epoch: int = 0) -> int:
-        return self.executor.enqueue(TaskKind.APPEND_LOG, [words, written, epoch])
+    def _device_task(self, kind: int, region: CupyRegion, head: list[int], *, publish: tuple[int, int] = (0, 0)) -> int:
+        """Enqueue a SCAN or CHECKPOINT task: ``head`` fills a0..a7; the pending
+        fence (if any) becomes its prologue, ``publish`` (written, epoch) its epilogue."""
+        args = head + [0] * (8 - len(head)) + (self._fence_args or [0, 0, 0]) + list(publish) + [region.index]
+        self._fence_args = None
+        return self.executor.enqueue(kind, args, handler=region.handler)
 
     def commit_epoch(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes) -> int:
         ring = writer.ring
-        words, data = self._ring(ring)
-        self._reap()
+        self._ring(ring)
         start = writer.position
         n = 0
         scanned: list[CupyRegion] = []
+        # Data tasks wait in `pending` so that the last one can also publish the
+        # COMMIT; they are sent early when the epoch grows large for the ring.
+        pending: list[tuple[CupyRegion, list[int], int]] = []  # (region, a0..a7, end offset)
+        self._fence_args = self._fence_streams(tasks) if tasks else None
+        unpublished = 0
+
+        def send(publish_last: tuple[int, int]) -> None:
+            for i, (region, head, _end) in enumerate(pending):
+                last = i == len(pending) - 1
+                ticket = self._device_task(TaskKind.CHECKPOINT, region, head,
+                                           publish=publish_last if last else (0, 0))
+                if region.spec.kind == "pages":
+                    self._runs_last_ticket = ticket
+            pending.clear()
+
         try:
-            if tasks:
-                self._fence_streams(tasks)
             for task in tasks:
                 region = task.region
                 assert isinstance(region, CupyRegion)
@@ -182,102 +211,113 @@ class CupyBackend(Backend):
                                         epoch=epoch, region=region.spec.region_id)
                     at = writer.reserve(len(rec))
                     ring.write_at(at, rec)
-                    self._publish(words, at + len(rec))
                     n += 1
+                groups: Iterator[tuple[list[int], int, int, int]] = iter(())
                 if region.spec.kind == "pages":
                     scanned.append(region)
-                    n += self._pages(writer, words, data, epoch, region)
+                    groups = self._pages(writer, epoch, region)
                 elif task.rows is not None:
-                    n += self._rows(writer, words, data, epoch, region, task.rows)
+                    groups = self._rows(writer, epoch, region, task.rows)
+                for head, at, end, nrec in groups:
+                    pending.append((region, head, end))
+                    n += nrec
+                    unpublished += end - at
+                    if unpublished > ring.capacity // 4:
+                        send((end, 0))  # let the flusher drain a large epoch early
+                        unpublished = 0
             rec = encode_record(RecordType.COMMIT, body, session_tag=writer.session_tag, epoch=epoch,
                                 offset=start, aux=n)
             at = writer.reserve(len(rec))
             ring.write_at(at, rec)
-            self._publish(words, at + len(rec), epoch)
+            end = at + len(rec)
+            if pending:
+                send((end, epoch))
+            else:
+                self.executor.enqueue(TaskKind.APPEND_LOG, [self._ring(ring)[0], end, epoch])
         except BaseException:
+            self._fence_args = None
             for region in scanned:
                 region.force_full = True  # the device baseline moved without a commit
             raise
         for task in tasks:
             task.region.described = True
-        return at + len(rec)
+        return end
 
-    def _rows(self, writer: LogWriter, words: int, data: int, epoch: int, region: CupyRegion,
-              rows: tuple[int, int]) -> int:
+    def _rows(self, writer: LogWriter, epoch: int, region: CupyRegion,
+              rows: tuple[int, int]) -> Iterator[tuple[list[int], int, int, int]]:
+        """CHECKPOINT arguments for rows ``[t0, t1)``: (a0..a7, log offset, end, records) per group."""
         spec = region.spec
         t0, t1 = rows
         if not 0 <= t0 <= t1 <= spec.rows:
             raise RegionError(f"region {spec.name!r}: expected a row range within [0, {spec.rows}], found [{t0}, {t1})")
         if t0 == t1:
-            return 0
+            return
         unit = spec.outer * spec.row_bytes
         per = plan_chunks(unit, writer.max_record_bytes)
         group_rows = max(per, (min(_GROUP_BYTES, writer.ring.capacity // 4) // (per * unit)) * per)
-        n = 0
+        group_rows = min(group_rows, _MAX_RECORDS_PER_TASK * per)
+        _, data = self._ring(writer.ring)
         for g0 in range(t0, t1, group_rows):
             g1 = min(g0 + group_rows, t1)
             nrec = -(-(g1 - g0) // per)
             size = sum(record_size(unit * min(per, g1 - (g0 + i * per))) for i in range(nrec))
-            at = writer.reserve(size)
-            self.executor.enqueue(TaskKind.CHECKPOINT, [data, writer.ring.capacity, epoch, g0, g1, per, at,
-                                                        writer.session_tag, 0, 0, 0, 0, 0, region.index],
-                                  handler=region.handler)
-            self._publish(words, at + size)
-            n += nrec
-        return n
+            at = writer.reserve(size)  # after the caller sent earlier groups: no deadlock on a full ring
+            yield [data, writer.ring.capacity, epoch, g0, g1, per, at, writer.session_tag], at, at + size, nrec
 
-    def _pages(self, writer: LogWriter, words: int, data: int, epoch: int, region: CupyRegion) -> int:
+    def _pages(self, writer: LogWriter, epoch: int, region: CupyRegion) -> Iterator[tuple[list[int], int, int, int]]:
+        """SCAN on the device (waited for), then CHECKPOINT arguments for the dirty runs,
+        one group at a time (each reserved only when the caller asks for it)."""
         spec = region.spec
         ex = self.executor
-        ticket = ex.enqueue(TaskKind.SCAN, [int(region.force_full)] + [0] * 12 + [region.index],
-                            handler=region.handler)
-        ex.wait(ticket)
+        ex.wait(self._device_task(TaskKind.SCAN, region, [int(region.force_full)]))
         region.force_full = False
         assert region.bitmap is not None
         bits = np.unpackbits(region.bitmap.array[: 4 * (-(-spec.npages // 32))], bitorder="little")[: spec.npages]
         idx = np.flatnonzero(bits)
         if idx.size == 0:
-            return 0
+            return
         breaks = np.flatnonzero(np.diff(idx) != 1)
         starts = np.concatenate(([idx[0]], idx[breaks + 1]))
         ends = np.concatenate((idx[breaks], [idx[-1]])) + 1
         per = plan_chunks(spec.page_size, writer.max_record_bytes)
-        pieces = [(q * spec.page_size, (min(q + per, p1) - q) * spec.page_size)
+        # Same chunking as the host backend: runs cut every `per` pages from their
+        # start, the last page clipped to the region.
+        pieces = [(q * spec.page_size, min(min(q + per, p1) * spec.page_size, spec.nbytes) - q * spec.page_size)
                   for p0, p1 in zip(starts.tolist(), ends.tolist(), strict=True) for q in range(p0, p1, per)]
         budget = min(_GROUP_BYTES, writer.ring.capacity // 4)
-        n, i = 0, 0
+        _, data = self._ring(writer.ring)
+        i = 0
         while i < len(pieces):
             group, size = [], 0
-            while i < len(pieces) and (not group or size + record_size(pieces[i][1]) <= budget):
+            while i < len(pieces) and len(group) < _MAX_RECORDS_PER_TASK and (
+                    not group or size + record_size(pieces[i][1]) <= budget):
                 group.append(pieces[i])
                 size += record_size(pieces[i][1])
                 i += 1
             at = writer.reserve(size)
-            runs = PinnedBuffer(24 * len(group))
-            table = runs.view(np.uint64)[: 3 * len(group)].reshape(-1, 3)
+            offset, table = self._run_table(len(group))
             pos = at
             for k, (off, length) in enumerate(group):
                 table[k] = (off, length, pos)
                 pos += record_size(length)
-            ticket = ex.enqueue(TaskKind.CHECKPOINT, [data, writer.ring.capacity, epoch, runs.device_ptr, len(group),
-                                                      writer.session_tag] + [0] * 7 + [region.index],
-                                handler=region.handler)
-            with self._lock:
-                self._inflight.append((ticket, runs))
-            self._publish(words, at + size)
-            n += len(group)
-        return n
+            small = int(max(length for _, length in group) <= _SMALL_RUN)
+            yield ([data, writer.ring.capacity, epoch, self._runs.device_ptr + offset, len(group),
+                    writer.session_tag, small], at, at + size, len(group))
 
-    def _reap(self) -> None:
-        head = self.executor.head
-        with self._lock:
-            keep = []
-            for ticket, buf in self._inflight:
-                if ticket < head:
-                    buf.close()
-                else:
-                    keep.append((ticket, buf))
-            self._inflight = keep
+    def _run_table(self, count: int) -> tuple[int, np.ndarray]:
+        """Space for ``count`` run triples in the pinned arena. When the arena
+        wraps, wait until the task that last read it has run."""
+        need = 24 * count
+        if need > self._runs.nbytes // 2:
+            raise RegionError(f"a dirty-run table of {count} runs exceeds half the {self._runs.nbytes}-byte arena")
+        if self._runs_pos + need > self._runs.nbytes:
+            if self._runs_last_ticket >= 0:
+                self.executor.wait(self._runs_last_ticket)
+            self._runs_pos = 0
+        offset = self._runs_pos
+        self._runs_pos += need
+        table = self._runs.array[offset:offset + need].view(np.uint64).reshape(count, 3)
+        return offset, table
 
     # -- recovery -------------------------------------------------------------------
 
@@ -293,16 +333,16 @@ class CupyBackend(Backend):
             self._staging.append((ticket, buf))
 
     def _staging_buffer(self, n: int) -> PinnedBuffer:
-        """A pinned buffer of at least ``n`` bytes that no queued task still reads."""
+        """A pinned buffer of at least ``n`` bytes that no queued task still reads
+        (the pool rotates; a payload larger than a buffer gets its own)."""
         with self._lock:
-            pool = self._staging
-            if len(pool) >= 4:
-                ticket, buf = pool.pop(0)
-                self.executor.wait(ticket)
-                if buf.nbytes >= n:
-                    return buf
-                buf.close()
-        return PinnedBuffer(max(n, 4 << 20))
+            ticket, buf = self._staging.pop(0)
+        if ticket >= 0:
+            self.executor.wait(ticket)
+        if buf.nbytes < n:
+            self._staging.append((-1, buf))
+            buf = PinnedBuffer(n)  # rare: records are at most max_record_bytes
+        return buf
 
     def after_restore(self, region: BackendRegion) -> None:
         assert isinstance(region, CupyRegion)
@@ -334,6 +374,7 @@ class CupyBackend(Backend):
     def close(self) -> None:
         self.executor.close()
         with self._lock:
-            for _, buf in self._inflight + self._staging:
+            for _, buf in self._staging:
                 buf.close()
-            self._inflight, self._staging = [], []
+            self._staging = []
+            self._runs.close()

@@ -123,7 +123,7 @@ def module_options(handlers: Sequence[Handler], block: int) -> tuple[str, ...]:
 
 class Executor:
     def __init__(
-        self, *, nslots: int = 4096, blocks: int | None = None, block: int = 256, idle_ms: float = 10.0,
+        self, *, nslots: int = 4096, blocks: int | None = None, block: int = 512, idle_ms: float = 10.0,
         max_life_ms: float = 500.0, arch: str | None = None,
     ) -> None:
         import cupy
@@ -144,7 +144,7 @@ class Executor:
         self.ctl[IDLE_NS] = int(idle_ms * 1e6)
         self.ctl[MAX_LIFE_NS] = int(max_life_ms * 1e6)
         self.ctl[NSLOTS] = nslots
-        self.grid = cupy.zeros(8, dtype=cupy.uint64)
+        self.grid = cupy.zeros(512, dtype=cupy.uint64)  # CncGrid (barrier, task copy, checksum sums)
         self.regions = np.zeros((MAX_REGIONS, REGION_WORDS), np.uint64)
         self._regions_dev = cupy.asarray(self.regions)
         self._nregions = 0
@@ -267,17 +267,23 @@ class Executor:
         return ticket
 
     def _wait_head(self, target: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        # Spin for the first 2 ms (tasks take microseconds; a sleep costs ~60 us
+        # of timer slack), then back off to sleeps.
+        start = time.monotonic()
+        deadline = start + timeout
         spins = 0
-        while int(self.ctl[HEAD]) < target:
+        ctl = self.ctl
+        while int(ctl[HEAD]) < target:
             spins += 1
-            if spins % 64 == 0:
+            if spins % 256 == 0:
                 self.ensure_running()
                 self._raise_error()
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise ExecutorError(f"ticket {target - 1} not done after {timeout} s "
                                         f"(head {self.head}, state {self.state}, generation {self.generation})")
-                time.sleep(5e-6 if spins < 4096 else 200e-6)
+                if now - start > 2e-3:
+                    time.sleep(50e-6 if now - start < 0.1 else 500e-6)
 
     def wait(self, ticket: int, timeout: float = 30.0) -> None:
         """Block until ``ticket`` has run; raise ExecutorError if it failed."""

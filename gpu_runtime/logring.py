@@ -223,6 +223,15 @@ class LogRing:
             return self._data[pos:pos + n].tobytes()
         return self._data[pos:].tobytes() + self._data[: n - first].tobytes()
 
+    def views(self, logical: int, n: int) -> list[memoryview]:
+        """Zero-copy views of ``n`` bytes from a logical offset (two if they wrap)."""
+        pos = logical % self.capacity
+        first = min(n, self.capacity - pos)
+        out = [memoryview(self._data[pos:pos + first])]
+        if first < n:
+            out.append(memoryview(self._data[: n - first]))
+        return out
+
     def wait_for_space(
         self, end: int, *, timeout: float, kick: Callable[[], None] | None = None,
         fenced: Callable[[], None] | None = None,

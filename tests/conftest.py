@@ -48,6 +48,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    """Every backend usable here, for tests that register host arrays (NumPy, CPU
+    torch): those need the HOST_MEMORY capability, and backends without it are
+    skipped with that reason. Device-array tests live in test_gpu.py."""
+    needs(Capability.HOST_MEMORY, request.param)
     return request.param
 
 
@@ -125,6 +129,8 @@ def expire_lease(catalog_url: str, session_id: str) -> None:
 
 
 def needs(capability: Capability, backend_name: str) -> None:
-    cls = open_backend(backend_name)
-    if capability not in cls.capabilities:
-        pytest.skip(f"backend {backend_name!r} lacks capability {capability.value}")
+    """Skip unless the backend has ``capability`` (decided by capability, never by name)."""
+    from gpu_runtime.backend import _load
+
+    if capability not in _load(backend_name).capabilities:
+        pytest.skip(f"backend {backend_name!r} lacks capability {capability.value!r} that this test needs")

@@ -41,13 +41,17 @@ struct CncTask {
 enum CncTaskKind {
     CNC_T_NOP = 0,          // a0: u64* out (any address), a1: index: out[a1] += 1
     CNC_T_FENCE_WAIT = 1,   // a0: u64* word (device), a1: value, a2: timeout ns
-    CNC_T_CHECKPOINT = 2,   // handler: region; see the handlers' argument lists
+    CNC_T_CHECKPOINT = 2,   // handler: specialization; a13: region; a0..a7: see the
+                            // handlers. Fused prologue: a8 fence word, a9 value
+                            // (0: none), a10 timeout ns. Fused epilogue: a11 new
+                            // `written` (0: none), a12 commit epoch (0: data only).
     CNC_T_APPEND_LOG = 3,   // a0: ring header words, a1: new `written`, a2: commit
                             // epoch (0: publish data only). The host stored the
                             // bytes beyond `written` before enqueueing this.
     CNC_T_RECOVER = 4,      // handler: region; a0: src (pinned), a1: record type,
                             // a2: offset, a3: aux, a4: length
-    CNC_T_SCAN = 5,         // handler: pages region; a0: 1 = treat every page as dirty
+    CNC_T_SCAN = 5,         // handler; a13: pages region; a0: 1 = every page dirty;
+                            // fused fence prologue as CHECKPOINT (a8..a10)
     CNC_T_COMPUTE = 6,      // a0: op, a1..: operands (see cnc_compute)
 };
 
@@ -90,12 +94,13 @@ struct CncRegion {
 };
 
 // ---- Grid-wide barrier (all blocks co-resident: cooperative launch) ---------
+#define CNC_MAX_RECORDS_PER_TASK 256
 struct CncGrid {
     unsigned int arrived;
     volatile unsigned int generation;
     u64 action;            // 0 run, 1 park
-    u64 ticket;
-    u64 scratch[4];
+    u64 task[16];          // the current task, copied once from host memory by block 0
+    u64 acc[CNC_MAX_RECORDS_PER_TASK];  // per-record checksum partial sums (zero between tasks)
 };
 
 __device__ __forceinline__ u64 cnc_now() {

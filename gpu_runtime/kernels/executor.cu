@@ -20,6 +20,7 @@ struct CncCtx {
     const u32* crc_table;
     u64 ticket;
     CncControl* ctl;
+    CncGrid* grid;
 };
 
 __device__ void cnc_fail(CncCtx& c, u64 code) {
@@ -40,32 +41,42 @@ template <u64 RB>
 __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(RB % 8 == 0, "kv rows must be a multiple of 8 bytes");
     if (kind == CNC_T_CHECKPOINT) {
+        // Every thread of the grid takes words of every record, so one token's
+        // rows are spread over all SMs (PCIe-bound, not SM-bound); checksums
+        // are summed per record across blocks (the sum is associative), then
+        // block 0 writes the headers.
         u8* data = (u8*)t.a[0];
         const u64 cap = t.a[1], epoch = t.a[2], t0 = t.a[3], t1 = t.a[4], per = t.a[5], log0 = t.a[6];
         const u64 nrec = (t1 - t0 + per - 1) / per;
         const u64 full_size = CNC_REC_HEADER + r.outer * per * RB;
-        for (u64 rec = blockIdx.x; rec < nrec; rec += gridDim.x) {
+        for (u64 rec = 0; rec < nrec; ++rec) {
             const u64 r0 = t0 + rec * per;
             const u64 n = min(per, t1 - r0);
             const u64 span_words = n * RB / 8;
-            const u64 at = log0 + rec * full_size;
+            const u64 total = r.outer * span_words;
+            const u64 at = log0 + rec * full_size + CNC_REC_HEADER;
             u64 acc = 0;
-            for (u64 o = 0; o < r.outer; ++o) {
-                const u64* src = (const u64*)(r.base + (o * r.rows + r0) * RB);
-                const u64 wbase = o * span_words;
-                for (u64 w = threadIdx.x; w < span_words; w += blockDim.x) {
-                    const u64 x = src[w];
-                    acc += x * cnc_weight(wbase + w);
-                    cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * (wbase + w), x);
-                }
+            for (u64 k = cnc_gtid(); k < total; k += cnc_gthreads()) {
+                const u64 o = k / span_words, w = k - o * span_words;
+                const u64 x = ((const u64*)(r.base + (o * r.rows + r0) * RB))[w];
+                acc += x * cnc_weight(k);
+                cnc_ring_store(data, cap, at + 8 * k, x);
             }
             const u64 sum = cnc_block_sum(acc);
-            if (threadIdx.x == 0) {
+            if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[rec], sum);
+        }
+        __threadfence();
+        cnc_grid_sync(c.grid);
+        if (blockIdx.x == 0) {
+            for (u64 rec = threadIdx.x; rec < nrec; rec += blockDim.x) {
+                const u64 r0 = t0 + rec * per;
+                const u64 n = min(per, t1 - r0);
                 const u64 len = r.outer * n * RB;
-                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_ROWS, t.a[7], epoch,
+                const u64 sum = c.grid->acc[rec];
+                c.grid->acc[rec] = 0;
+                cnc_write_header(c.crc_table, data, cap, log0 + rec * full_size, CNC_REC_ROWS, t.a[7], epoch,
                                  (u32)r.region_id, r0, len, n, cnc_splitmix64(sum ^ len));
             }
-            __syncthreads();
         }
     } else if (kind == CNC_T_RECOVER) {
         // a0 src, a1 type, a2 first row, a3 rows, a4 length
@@ -86,11 +97,21 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
 // SCAN: a0 = 1 to mark every page dirty. Writes r.hashes and the dirty bitmap
 // (u32 words in mapped host memory, bit p % 32 of word p / 32).
 // CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 runs (pinned:
-// [byte offset, bytes, log offset] triples), a4 number of runs, a5 session tag.
+// [byte offset, bytes, log offset] triples), a4 number of runs, a5 session tag,
+// a6 = 1 when the runs are small (a block per run) else 0 (the grid per run).
 template <u64 PS>
 __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(PS % 16 == 0, "page size must be a multiple of 16 bytes");
     if (kind == CNC_T_SCAN) {
+        // Page-hash weights from a shared table: splitmix64 per word would make
+        // the scan compute-bound (64-bit multiplies are emulated).
+        constexpr u64 NW = PS / 8;
+        constexpr bool TABLE = NW <= 2048;
+        __shared__ u64 wtab[TABLE ? NW : 1];
+        if (TABLE) {
+            for (u64 j = threadIdx.x; j < NW; j += blockDim.x) wtab[j] = cnc_weight(j);
+            __syncthreads();
+        }
         const u64 lane = threadIdx.x & 31;
         const u64 warp = cnc_gtid() >> 5, nwarps = cnc_gthreads() >> 5;
         const u64 ngroups = (r.npages + 31) / 32;
@@ -102,11 +123,14 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             const u64 p_end = min(r.npages, (g + 1) * 32);
             for (u64 p = g * 32; p < p_end; ++p) {
                 const ulonglong2* page = (const ulonglong2*)(r.base + p * PS);
+                const u64 nvec = min(PS, r.nbytes - p * PS) / 16;  // the last page may be short
                 u64 acc = 0;
 #pragma unroll 8
-                for (u64 v = lane; v < PS / 16; v += 32) {
+                for (u64 v = lane; v < nvec; v += 32) {
                     const ulonglong2 x = page[v];
-                    acc += x.x * cnc_weight(2 * v) + x.y * cnc_weight(2 * v + 1);
+                    const u64 w0 = TABLE ? wtab[2 * v] : cnc_weight(2 * v);
+                    const u64 w1 = TABLE ? wtab[2 * v + 1] : cnc_weight(2 * v + 1);
+                    acc += x.x * w0 + x.y * w1;
                 }
                 for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                 if (acc != hashes[p] || all) bits |= 1u << (p - g * 32);
@@ -115,25 +139,58 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             if (lane == 0) bitmap[g] = bits;
         }
     } else if (kind == CNC_T_CHECKPOINT) {
+        // Each run (one record) is spread over the whole grid, like kv rows:
+        // PCIe stores from every SM, checksums summed per record.
         u8* data = (u8*)t.a[0];
         const u64 cap = t.a[1], epoch = t.a[2];
         const u64* runs = (const u64*)t.a[3];
         const u64 nruns = t.a[4];
-        for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
-            const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
+        if (t.a[6]) {
+            // Small runs (a6 = 1): one block per run, no grid-wide step per record.
+            for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
+                const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
+                const u64* src = (const u64*)(r.base + off);
+                u64 acc = 0;
+                for (u64 w = threadIdx.x; w < len / 8; w += blockDim.x) {
+                    const u64 x = src[w];
+                    acc += x * cnc_weight(w);
+                    cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * w, x);
+                }
+                const u64 sum = cnc_block_sum(acc);
+                if (threadIdx.x == 0) {
+                    cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, t.a[5], epoch,
+                                     (u32)r.region_id, off, len, 0, cnc_splitmix64(sum ^ len));
+                }
+                __syncthreads();
+            }
+            return;
+        }
+        __shared__ u64 run[3];
+        for (u64 i = 0; i < nruns; ++i) {
+            if (threadIdx.x < 3) run[threadIdx.x] = ((const volatile u64*)runs)[3 * i + threadIdx.x];
+            __syncthreads();  // one PCIe read per word per block, not per thread
+            const u64 off = run[0], len = run[1], at = run[2];
+            __syncthreads();
             const u64* src = (const u64*)(r.base + off);
             u64 acc = 0;
-            for (u64 w = threadIdx.x; w < len / 8; w += blockDim.x) {
+            for (u64 w = cnc_gtid(); w < len / 8; w += cnc_gthreads()) {
                 const u64 x = src[w];
                 acc += x * cnc_weight(w);
                 cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * w, x);
             }
             const u64 sum = cnc_block_sum(acc);
-            if (threadIdx.x == 0) {
+            if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[i], sum);
+        }
+        __threadfence();
+        cnc_grid_sync(c.grid);
+        if (blockIdx.x == 0) {
+            for (u64 i = threadIdx.x; i < nruns; i += blockDim.x) {
+                const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
+                const u64 sum = c.grid->acc[i];
+                c.grid->acc[i] = 0;
                 cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, t.a[5], epoch,
                                  (u32)r.region_id, off, len, 0, cnc_splitmix64(sum ^ len));
             }
-            __syncthreads();
         }
     } else if (kind == CNC_T_RECOVER) {
         const u64* src = (const u64*)t.a[0];
@@ -176,50 +233,73 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
     __shared__ u64 s_action;
     cnc_crc_table(crc_table);
     const u64 born = cnc_now();
+    // Read once: every read of host memory is a PCIe round trip.
+    const u64 nslots = ctl->nslots, idle_ns = ctl->idle_ns, max_life_ns = ctl->max_life_ns;
     u64 ticket = ctl->head;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         ctl->generation = generation;
         ctl->state = CNC_RUNNING;
         __threadfence_system();
     }
-    CncCtx c{crc_table, ticket, ctl};
+    CncCtx c{crc_table, ticket, ctl, grid};
     for (;;) {
-        // 1. block 0 waits for the next task, or decides to park.
+        // 1. block 0 waits for the next task (or decides to park) and copies it
+        //    into device memory for the other blocks.
+        __shared__ u64 s_found;
         if (blockIdx.x == 0 && threadIdx.x == 0) {
-            volatile CncTask* slot = &ring[ticket % ctl->nslots];
+            volatile CncTask* slot = &ring[ticket % nslots];
             u64 idle_since = cnc_now();
             u64 action = 1;
-            for (;;) {
+            for (u32 spin = 0;; ++spin) {
                 if (slot->seq == ticket + 1) { action = 0; break; }
-                const u64 now = cnc_now();
-                ctl->heartbeat = now;
-                if (ctl->stop || now - idle_since > ctl->idle_ns || now - born > ctl->max_life_ns) {
-                    // Announce the park, then look once more: a producer that
-                    // published before reading PARKING is seen here; one that
-                    // publishes after sees PARKING and relaunches.
-                    ctl->state = CNC_PARKING;
-                    __threadfence_system();
-                    action = slot->seq == ticket + 1 ? 0 : 1;
-                    if (action == 0) { ctl->state = CNC_RUNNING; __threadfence_system(); }
-                    break;
+                if ((spin & 15) == 15) {
+                    const u64 now = cnc_now();
+                    ctl->heartbeat = now;
+                    if (ctl->stop || now - idle_since > idle_ns || now - born > max_life_ns) {
+                        // Announce the park, then look once more: a producer that
+                        // published before reading PARKING is seen here; one that
+                        // publishes after sees PARKING and relaunches.
+                        ctl->state = CNC_PARKING;
+                        __threadfence_system();
+                        action = slot->seq == ticket + 1 ? 0 : 1;
+                        if (action == 0) { ctl->state = CNC_RUNNING; __threadfence_system(); }
+                        break;
+                    }
                 }
-                __nanosleep(200);
+                __nanosleep(64);
             }
+            s_found = action;
             grid->action = action;
         }
-        cnc_grid_sync(grid);
-        if (threadIdx.x == 0) {
-            s_action = *(volatile u64*)&grid->action;
-            if (s_action == 0) {
-                const volatile CncTask* slot = &ring[ticket % ctl->nslots];
-                t.kind = slot->kind;
-                t.handler = slot->handler;
-                for (int i = 0; i < 14; ++i) t.a[i] = slot->a[i];
+        if (blockIdx.x == 0) {
+            // One PCIe round trip for the whole slot: 16 lanes read a word each.
+            __syncthreads();
+            if (s_found == 0 && threadIdx.x < 16) {
+                __threadfence_system();
+                grid->task[threadIdx.x] = ((const volatile u64*)&ring[ticket % nslots])[threadIdx.x];
             }
+            __threadfence();
         }
+        cnc_grid_sync(grid);
+        if (threadIdx.x == 0) s_action = *(volatile u64*)&grid->action;
+        if (threadIdx.x < 16) ((u64*)&t)[threadIdx.x] = ((const volatile u64*)grid->task)[threadIdx.x];
         __syncthreads();
         if (s_action != 0) break;
         c.ticket = ticket;
+
+        // Fused prologue of data tasks (a8 = fence word, a9 = value, a10 = timeout):
+        // wait until the work queued before the commit on the caller's stream is done.
+        if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_SCAN) && t.a[9] != 0) {
+            if (blockIdx.x == 0 && threadIdx.x == 0) {
+                const u64 t_start = cnc_now();
+                while (*(volatile u64*)t.a[8] < t.a[9]) {
+                    if (cnc_now() - t_start > t.a[10]) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); break; }
+                    __nanosleep(64);
+                }
+                __threadfence();
+            }
+            cnc_grid_sync(grid);
+        }
 
         // 2. every block runs its share of the task.
         switch (t.kind) {
@@ -264,9 +344,21 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
         }
 
         // 3. all blocks done: make the effects visible, then retire the ticket.
-        __threadfence_system();
+        __syncthreads();
+        if (threadIdx.x == 0) __threadfence_system();
         cnc_grid_sync(grid);
         if (blockIdx.x == 0 && threadIdx.x == 0) {
+            // Fused epilogue of CHECKPOINT tasks (a11 = new `written`, a12 = commit
+            // epoch or 0): publish the log once every block's records are visible.
+            // The ring header sits right before its data area (a0).
+            if (t.kind == CNC_T_CHECKPOINT && t.a[11] != 0) {
+                volatile u64* words = (volatile u64*)(t.a[0] - 4096);
+                words[CNC_RING_WRITTEN] = t.a[11];
+                if (t.a[12] != 0) {
+                    words[CNC_RING_COMMITTED_EPOCH] = t.a[12];
+                    words[CNC_RING_COMMITTED] = t.a[11];
+                }
+            }
             ctl->head = ticket + 1;
             __threadfence_system();
         }
