@@ -113,7 +113,9 @@ def doctor_report(args: argparse.Namespace) -> dict[str, Any]:
                  "cupy-cuda13x", "cuda-bindings"):
         report[f"version:{dist}"] = _version(dist)
     try:
-        report["backend (auto)"] = open_backend(args.backend or cfg.backend).name
+        backend = open_backend(args.backend or cfg.backend)
+        report["backend (auto)"] = backend.name
+        backend.close()
     except ConcordiaError as e:
         report["backend (auto)"] = f"unavailable: {e}"
     try:

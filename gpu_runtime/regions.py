@@ -38,6 +38,10 @@ _ITEMSIZE = {
 }
 
 
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * _ITEMSIZE[dtype]
+
+
 @dataclass(frozen=True, slots=True)
 class ArrayInfo:
     """What Concordia needs to know about a user's array."""
@@ -48,13 +52,8 @@ class ArrayInfo:
     device: str  #: "cpu" or "cuda:N"
     contiguous: bool
 
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
+    itemsize = property(lambda self: _ITEMSIZE[self.dtype])
+    nbytes = property(lambda self: _nbytes(self.shape, self.dtype))
 
     @property
     def on_device(self) -> bool:
@@ -90,13 +89,8 @@ class RegionSpec:
                 raise RegionError(
                     f"region {self.name!r}: expected seq_axis in [0, {len(self.shape)}), found {self.seq_axis}")
 
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
+    itemsize = property(lambda self: _ITEMSIZE[self.dtype])
+    nbytes = property(lambda self: _nbytes(self.shape, self.dtype))
 
     @property
     def rows(self) -> int:

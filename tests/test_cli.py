@@ -73,3 +73,17 @@ def test_gc_reports(home: Path):
     (home / "sessions" / "ghost-0000000000000000").mkdir(parents=True)
     out = cli(home, "gc").stdout
     assert "ghost-0000000000000000" in out and "gc: 1 item(s) removed" in out
+
+
+def test_json_logs_carry_session_context(home: Path):
+    """CONCORDIA_LOG_FORMAT=json gives one JSON object per log line, bound to the session."""
+    code = ("from concordia_agents import Runtime\n"
+            "rt = Runtime.open(backend='host')\n"
+            "s = rt.session('logged'); s.close(); rt.close()\n")
+    env = {**os.environ, "CONCORDIA_HOME": str(home), "CONCORDIA_LOG_FORMAT": "json", "CONCORDIA_LOG_LEVEL": "info"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.strip()]
+    opened = [e for e in events if e.get("event") == "session opened"]
+    assert opened and opened[0]["session"] == "logged" and opened[0]["level"] == "info"
+    assert all("timestamp" in e for e in events)
