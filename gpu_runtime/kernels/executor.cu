@@ -37,6 +37,14 @@ __device__ __forceinline__ u64 cnc_gthreads() { return (u64)gridDim.x * blockDim
 // CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 t0, a4 t1,
 //                  a5 rows per record, a6 log offset of the first record,
 //                  a7 session tag.
+// Position of log offset `at` in the ring, and a store that wraps with a
+// compare instead of a 64-bit modulo per word.
+__device__ __forceinline__ void cnc_store_at(u8* data, u64 cap, u64 pos, u64 byte, u64 word) {
+    u64 i = pos + byte;
+    if (i >= cap) i -= cap;
+    *(volatile u64*)(data + i) = word;
+}
+
 template <u64 RB>
 __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(RB % 8 == 0, "kv rows must be a multiple of 8 bytes");
@@ -54,13 +62,13 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
             const u64 n = min(per, t1 - r0);
             const u64 span_words = n * RB / 8;
             const u64 total = r.outer * span_words;
-            const u64 at = log0 + rec * full_size + CNC_REC_HEADER;
+            const u64 pos = (log0 + rec * full_size + CNC_REC_HEADER) % cap;
             u64 acc = 0;
             for (u64 k = cnc_gtid(); k < total; k += cnc_gthreads()) {
                 const u64 o = k / span_words, w = k - o * span_words;
                 const u64 x = ((const u64*)(r.base + (o * r.rows + r0) * RB))[w];
                 acc += x * cnc_weight(k);
-                cnc_ring_store(data, cap, at + 8 * k, x);
+                cnc_store_at(data, cap, pos, 8 * k, x);
             }
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[rec], sum);
@@ -121,20 +129,32 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
         for (u64 g = warp; g < ngroups; g += nwarps) {
             u32 bits = 0;
             const u64 p_end = min(r.npages, (g + 1) * 32);
-            for (u64 p = g * 32; p < p_end; ++p) {
-                const ulonglong2* page = (const ulonglong2*)(r.base + p * PS);
-                const u64 nvec = min(PS, r.nbytes - p * PS) / 16;  // the last page may be short
-                u64 acc = 0;
-#pragma unroll 8
-                for (u64 v = lane; v < nvec; v += 32) {
-                    const ulonglong2 x = page[v];
+            // Two pages at a time: the second page's loads are in flight while
+            // the first one's sum is reduced across the warp.
+            for (u64 p = g * 32; p < p_end; p += 2) {
+                const bool two = p + 1 < p_end;
+                const ulonglong2* page0 = (const ulonglong2*)(r.base + p * PS);
+                const ulonglong2* page1 = (const ulonglong2*)(r.base + (p + 1) * PS);
+                const u64 n0 = min(PS, r.nbytes - p * PS) / 16;  // the last page may be short
+                const u64 n1 = two ? min(PS, r.nbytes - (p + 1) * PS) / 16 : 0;
+                u64 acc0 = 0, acc1 = 0;
+#pragma unroll 4
+                for (u64 v = lane; v < PS / 16; v += 32) {
                     const u64 w0 = TABLE ? wtab[2 * v] : cnc_weight(2 * v);
                     const u64 w1 = TABLE ? wtab[2 * v + 1] : cnc_weight(2 * v + 1);
-                    acc += x.x * w0 + x.y * w1;
+                    if (v < n0) { const ulonglong2 x = page0[v]; acc0 += x.x * w0 + x.y * w1; }
+                    if (v < n1) { const ulonglong2 y = page1[v]; acc1 += y.x * w0 + y.y * w1; }
                 }
-                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-                if (acc != hashes[p] || all) bits |= 1u << (p - g * 32);
-                if (lane == 0) hashes[p] = acc;
+                for (int o = 16; o > 0; o >>= 1) {
+                    acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
+                    acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
+                }
+                if (acc0 != hashes[p] || all) bits |= 1u << (p - g * 32);
+                if (two && (acc1 != hashes[p + 1] || all)) bits |= 1u << (p + 1 - g * 32);
+                if (lane == 0) {
+                    hashes[p] = acc0;
+                    if (two) hashes[p + 1] = acc1;
+                }
             }
             if (lane == 0) bitmap[g] = bits;
         }
@@ -150,11 +170,12 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
                 const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
                 const u64* src = (const u64*)(r.base + off);
+                const u64 pos = (at + CNC_REC_HEADER) % cap;
                 u64 acc = 0;
                 for (u64 w = threadIdx.x; w < len / 8; w += blockDim.x) {
                     const u64 x = src[w];
                     acc += x * cnc_weight(w);
-                    cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * w, x);
+                    cnc_store_at(data, cap, pos, 8 * w, x);
                 }
                 const u64 sum = cnc_block_sum(acc);
                 if (threadIdx.x == 0) {
@@ -172,11 +193,12 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             const u64 off = run[0], len = run[1], at = run[2];
             __syncthreads();
             const u64* src = (const u64*)(r.base + off);
+            const u64 pos = (at + CNC_REC_HEADER) % cap;
             u64 acc = 0;
             for (u64 w = cnc_gtid(); w < len / 8; w += cnc_gthreads()) {
                 const u64 x = src[w];
                 acc += x * cnc_weight(w);
-                cnc_ring_store(data, cap, at + CNC_REC_HEADER + 8 * w, x);
+                cnc_store_at(data, cap, pos, 8 * w, x);
             }
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[i], sum);
