@@ -125,6 +125,8 @@ class Catalog:
         try:
             with OrmSession(self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
+        except IntegrityError:
+            raise  # a constraint race the caller interprets (e.g. two creators of one session)
         except (OperationalError, DBAPIError) as e:
             raise CatalogError(f"catalog write failed on {self._redacted()}: {e.orig or e}", orig=e) from e
 

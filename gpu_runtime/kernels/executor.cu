@@ -24,7 +24,7 @@ struct CncCtx {
 };
 
 __device__ void cnc_fail(CncCtx& c, u64 code) {
-    if (threadIdx.x == 0 && c.ctl->error == 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0 && c.ctl->error == 0) {  // one reporter: all blocks see the same task
         c.ctl->error_ticket = c.ticket;
         c.ctl->error = code;
     }
@@ -43,6 +43,36 @@ __device__ __forceinline__ void cnc_store_at(u8* data, u64 cap, u64 pos, u64 byt
     u64 i = pos + byte;
     if (i >= cap) i -= cap;
     *(volatile u64*)(data + i) = word;
+}
+
+// Copy `n` words from device memory into the ring at ring position `pos`
+// (8-aligned) with 16-byte stores where the destination allows, returning this
+// thread's share of the payload checksum. Threads [tid, tid + stride, ...].
+__device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 n, u8* data, u64 cap, u64 pos,
+                                                u64 tid, u64 stride) {
+    u64 acc = 0;
+    const u64 head = (pos & 15) ? 1 : 0;  // one lone word brings the stores to 16-byte alignment
+    if (head && tid == 0 && n > 0) {
+        const u64 x = src[0];
+        acc += x * cnc_weight(0);
+        cnc_store_at(data, cap, pos, 0, x);
+    }
+    const u64 pairs = n > head ? (n - head) / 2 : 0;
+    for (u64 j = tid; j < pairs; j += stride) {
+        const u64 k = head + 2 * j;
+        const u64 x0 = src[k], x1 = src[k + 1];
+        acc += x0 * cnc_weight(k) + x1 * cnc_weight(k + 1);
+        u64 i = pos + 8 * k;
+        if (i >= cap) i -= cap;  // cap is a multiple of 4096: a pair never straddles the end
+        *(ulonglong2*)(data + i) = make_ulonglong2(x0, x1);  // ordered by the fence before publish
+    }
+    const u64 last = head + 2 * pairs;
+    if (last < n && tid == (stride > 1 ? 1 % stride : 0)) {
+        const u64 x = src[last];
+        acc += x * cnc_weight(last);
+        cnc_store_at(data, cap, pos, 8 * last, x);
+    }
+    return acc;
 }
 
 template <u64 RB>
@@ -170,13 +200,8 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
                 const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
                 const u64* src = (const u64*)(r.base + off);
-                const u64 pos = (at + CNC_REC_HEADER) % cap;
-                u64 acc = 0;
-                for (u64 w = threadIdx.x; w < len / 8; w += blockDim.x) {
-                    const u64 x = src[w];
-                    acc += x * cnc_weight(w);
-                    cnc_store_at(data, cap, pos, 8 * w, x);
-                }
+                const u64 acc = cnc_copy_payload(src, len / 8, data, cap, (at + CNC_REC_HEADER) % cap,
+                                                 threadIdx.x, blockDim.x);
                 const u64 sum = cnc_block_sum(acc);
                 if (threadIdx.x == 0) {
                     cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, t.a[5], epoch,
@@ -193,13 +218,8 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             const u64 off = run[0], len = run[1], at = run[2];
             __syncthreads();
             const u64* src = (const u64*)(r.base + off);
-            const u64 pos = (at + CNC_REC_HEADER) % cap;
-            u64 acc = 0;
-            for (u64 w = cnc_gtid(); w < len / 8; w += cnc_gthreads()) {
-                const u64 x = src[w];
-                acc += x * cnc_weight(w);
-                cnc_store_at(data, cap, pos, 8 * w, x);
-            }
+            const u64 acc = cnc_copy_payload(src, len / 8, data, cap, (at + CNC_REC_HEADER) % cap,
+                                             cnc_gtid(), cnc_gthreads());
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[i], sum);
         }
