@@ -8,7 +8,9 @@ Call protocol (the middleware's Session is the only caller):
 3. ``backend.commit_epoch(writer, epoch, tasks, body)`` — at each commit: for
    every task, write the region's REGION record (first epoch only) and its delta
    records (dirty pages by page hash; the given KV row range), then the COMMIT
-   record. Returns once the COMMIT record is in the host log ring.
+   record. The host backend returns once the COMMIT record is in the host log
+   ring; a backend that copies asynchronously (the GPU executor) returns once
+   the work is enqueued, and ``wait_visible(writer, epoch)`` waits for the ring.
 4. ``backend.apply(handle, header, payload)`` — during recovery, for each data
    record of the epochs being restored, in log order; then
    ``backend.after_restore(handle)`` so that the next commit writes only what
@@ -83,7 +85,7 @@ class Backend(abc.ABC):
     def commit_epoch(
         self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes
     ) -> int:
-        """Write the epoch's records and its COMMIT; return the log offset past it."""
+        """Write (or enqueue) the epoch's records and its COMMIT; return the log offset past it."""
 
     def wait_visible(self, writer: LogWriter, epoch: int, timeout: float = 30.0) -> None:
         """Block until ``epoch``'s COMMIT is published in the ring. Backends whose

@@ -31,7 +31,7 @@ import numpy as np
 
 from .backend import Backend, BackendRegion, Capability, CheckpointTask
 from .errors import RegionError
-from .executor import Executor, Handler, PinnedBuffer, TaskKind, register_host_memory
+from .executor import STOP, Executor, Handler, PinnedBuffer, TaskKind, register_host_memory
 from .host import plan_chunks
 from .logring import DATA_START, LogRing
 from .logwriter import LogWriter
@@ -152,7 +152,7 @@ class CupyBackend(Backend):
                 self.executor.park()
                 self._cupy.cuda.runtime.hostUnregister(addr)
                 self._rings.pop(key, None)
-                self.executor.ctl[1] = 0  # un-stop
+                self.executor.ctl[STOP] = 0
                 if self.executor.pending:
                     self.executor.ensure_running()
 
