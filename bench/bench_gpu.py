@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import versions, write  # noqa: E402
+from bench.common import measure, versions, write  # noqa: E402
 
 
 def _events_ms(fn, repeats: int, warmup: int = 2) -> float:  # type: ignore[no-untyped-def]
@@ -40,19 +40,6 @@ def _events_ms(fn, repeats: int, warmup: int = 2) -> float:  # type: ignore[no-u
         b.synchronize()
         times.append(cupy.cuda.get_elapsed_time(a, b))
     return statistics.median(times)
-
-
-def _wall(fn, repeats: int, warmup: int = 2) -> dict:  # type: ignore[no-untyped-def]
-    for _ in range(warmup):
-        fn()
-    t = []
-    for _ in range(repeats):
-        s = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - s)
-    t.sort()
-    return {"median_s": statistics.median(t), "p99_s": t[min(len(t) - 1, int(len(t) * 0.99))], "min_s": t[0],
-            "repeats": repeats}
 
 
 def ceilings(q: bool) -> dict:
@@ -94,7 +81,7 @@ def page_scan(backend, q: bool, d2d: float) -> dict:  # type: ignore[no-untyped-
         cupy.cuda.Device().synchronize()
         scan()
 
-    res = _wall(scan, 10)
+    res = measure(scan, warmup=2, repeats=10)
     dirty_then_scan()
     bits = np.unpackbits(r.bitmap.array[: 4 * (-(-npages // 32))], bitorder="little")[:npages]
     # shadow-compare baseline: a full copy of the region, compared page by page
@@ -146,7 +133,7 @@ def session_figures(home: Path, q: bool, pinned_d2h: float) -> dict:
                 a[idx] += 1
                 s.commit()
 
-            out[f"delta_commit_{k}_pages"] = _wall(step, 5 if q else 30, warmup=3)
+            out[f"delta_commit_{k}_pages"] = measure(step, warmup=3, repeats=5 if q else 30)
         s.close()
 
         # KV append, 8B shape: 128 KiB per token
