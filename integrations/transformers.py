@@ -1,0 +1,264 @@
+"""transformers: a durable KV cache and ``durable_generate``.
+
+Protocol of one call ``durable_generate(model, input_ids, session_id=...)``:
+
+1. Open (or create) the session; if it holds a previous run, check its
+   fingerprint (model config and dtype, prompt, attention mask, generation
+   arguments) and raise ``ResumeMismatchError`` naming what differs.
+2. Preallocate one KV storage tensor ``[2 * layers, batch, kv_heads, max_len,
+   head_dim]`` and a token buffer ``[batch, max_len]`` and register both as
+   ``kv`` regions; on resume they are restored in place (no re-prefill: the
+   cache holds ``len(tokens) - 1`` positions and ``generate`` feeds only the
+   last token).
+3. ``model.generate(..., past_key_values=cache)`` with a stopping-criteria hook
+   that, after each sampled token, commits an epoch every
+   ``checkpoint_every`` tokens: the new KV rows, the new tokens, the RNG states
+   (sampling resumes identically) and the token count. The invariant at that
+   point is ``cache length == len(tokens) - 1``.
+4. A final epoch marks the run done; calling again returns the stored result
+   without running the model.
+
+The cache works with ``model.generate`` directly too (``DurableCache.for_model``
+and ``cache.bind(session)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicLayer
+
+from concordia_agents import ConcordiaError, Runtime, Session
+
+__all__ = ["DurableCache", "DurableLayer", "ResumeMismatchError", "durable_generate"]
+
+
+class ResumeMismatchError(ConcordiaError):
+    """``durable_generate`` was called again for a session recorded with another
+    model, prompt or generation arguments."""
+
+
+class DurableLayer(DynamicLayer):
+    """One layer's K/V as views into the shared preallocated storage: written in
+    place, never reallocated (fixed addresses for the GPU executor)."""
+
+    def __init__(self, storage: torch.Tensor, index: int, cache: DurableCache) -> None:
+        super().__init__()
+        self._k = storage[2 * index]
+        self._v = storage[2 * index + 1]
+        self._cache = cache
+        self._i = index
+        self.device = storage.device
+        self.is_initialized = True
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = self._cache.lengths[self._index]
+        n = key_states.shape[-2]
+        if t0 + n > self._k.shape[-2]:
+            raise ConcordiaError(f"durable cache full: expected at most {self._k.shape[-2]} positions, "
+                                 f"found {t0 + n}; pass a larger max_cache_len")
+        self._k[:, :, t0:t0 + n].copy_(key_states)
+        self._v[:, :, t0:t0 + n].copy_(value_states)
+        self._cache.lengths[self._index] = t0 + n
+        self.keys, self.values = self._k[:, :, :t0 + n], self._v[:, :, :t0 + n]
+        return self.keys, self.values
+
+    @property
+    def _index(self) -> int:
+        return self._i
+
+    def get_seq_length(self) -> int:
+        return self._cache.lengths[self._index]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop() takes a negative count of tokens to remove")
+        i = self._index
+        self._cache.lengths[i] = max(0, self._cache.lengths[i] + tokens_to_remove)
+        n = self._cache.lengths[i]
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def reset(self) -> None:
+        self._cache.lengths[self._index] = 0
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ConcordiaError("a durable cache has a fixed batch size (beam search is not supported)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ConcordiaError("a durable cache has a fixed batch size (beam search is not supported)")
+
+
+class DurableCache(Cache):
+    """A transformers ``Cache`` whose K/V live in one preallocated tensor
+    ``storage[2 * layer + (0: K, 1: V)] = [batch, kv_heads, max_len, head_dim]``."""
+
+    def __init__(self, *, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, max_cache_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.storage = torch.zeros(2 * num_layers, batch_size, kv_heads, max_cache_len, head_dim,
+                                   dtype=dtype, device=device)
+        self.lengths = [0] * num_layers
+        layers = [DurableLayer(self.storage, i, self) for i in range(num_layers)]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableCache:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(num_layers=cfg.num_hidden_layers, batch_size=batch_size, kv_heads=kv_heads, head_dim=head_dim,
+                   max_cache_len=max_cache_len, dtype=model.dtype, device=model.device)
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    def set_length(self, n: int) -> None:
+        for i, layer in enumerate(self.layers):
+            self.lengths[i] = n
+            layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
+
+
+def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 kwargs: dict[str, Any]) -> dict[str, str]:
+    def h(data: bytes) -> str:
+        return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+    cfg = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else repr(model.config)
+    gen = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in sorted(kwargs.items())}
+    return {
+        "model": h(cfg.encode() + str(model.dtype).encode()),
+        "prompt": h(input_ids.detach().cpu().numpy().tobytes() + str(tuple(input_ids.shape)).encode()),
+        "attention_mask": h(attention_mask.detach().cpu().numpy().astype(np.int8).tobytes()),
+        "generation": h(json.dumps(gen, sort_keys=True).encode()),
+    }
+
+
+class _Checkpointer(StoppingCriteria):
+    """Commits an epoch at token boundaries; never stops generation itself."""
+
+    def __init__(self, session: Session, cache: DurableCache, tokens: torch.Tensor, meta: dict[str, Any],
+                 every: int, rng: torch.Tensor | None, cuda_rng: torch.Tensor | None) -> None:
+        self.session, self.cache, self.tokens, self.meta = session, cache, tokens, meta
+        self.every, self.rng, self.cuda_rng = every, rng, cuda_rng
+        self.committed = meta["n_tokens"]
+        self._kill_at = int(os.environ.get("CONCORDIA_TEST_KILL_AFTER_TOKENS", "0"))
+
+    def commit(self, input_ids: torch.Tensor, *, done: bool = False) -> None:
+        n = input_ids.shape[1]
+        self.tokens[:, self.committed:n].copy_(input_ids[:, self.committed:n])
+        if self.rng is not None:
+            self.rng.copy_(torch.get_rng_state())
+        if self.cuda_rng is not None:
+            self.cuda_rng.copy_(torch.cuda.get_rng_state(self.tokens.device))
+        self.meta.update(n_tokens=n, done=done)
+        self.session.commit(dict(self.meta), rows={"kv": self.cache.length, "tokens": n},
+                            wait=not self.tokens.is_cuda)
+        self.committed = n
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        n = input_ids.shape[1]
+        if self.cache.length != n - 1:
+            raise ConcordiaError(f"expected the cache to hold {n - 1} positions at a token boundary, found "
+                                 f"{self.cache.length}")
+        if n - self.committed >= self.every:
+            self.commit(input_ids)
+            if self._kill_at and n - self.meta["prompt_len"] >= self._kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # tests: a real crash right after a commit
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runtime: Runtime | None = None,
+                     attention_mask: torch.Tensor | None = None, checkpoint_every: int = 1,
+                     max_cache_len: int | None = None, **generate_kwargs: Any) -> Any:
+    """``model.generate`` that survives a crash: call it again with the same
+    ``session_id`` to continue from the last committed token (see module docs)."""
+    if checkpoint_every < 1:
+        raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
+    if generate_kwargs.get("num_beams", 1) != 1:
+        raise ConcordiaError("durable_generate supports greedy and sampled decoding, not beam search")
+    rt = runtime or Runtime.open()
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    max_new = int(generate_kwargs.get("max_new_tokens") or 20)
+    batch, prompt_len = input_ids.shape
+    max_len = max_cache_len or prompt_len + max_new + 1
+    fp = _fingerprint(model, input_ids, mask, generate_kwargs)
+    sampling = bool(generate_kwargs.get("do_sample", False))
+    session = rt.session(session_id)
+    if os.environ.get("CONCORDIA_TEST_KILL_BEFORE_FIRST_EPOCH"):
+        os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash before anything was committed
+    try:
+        meta = dict(session.meta or {})
+        if meta:
+            diff = [k for k in fp if meta.get("fingerprint", {}).get(k) != fp[k]]
+            if diff:
+                raise ResumeMismatchError(
+                    f"session {session_id!r} was recorded with a different {', '.join(diff)}; expected the same "
+                    "model, prompt and generation arguments to resume it (or use a new session ID)")
+        cache = DurableCache.for_model(model, batch_size=batch, max_cache_len=max_len)
+        tokens = torch.zeros(batch, max_len, dtype=input_ids.dtype, device=input_ids.device)
+        # RNG states live next to the KV (device memory on a GPU) so that every
+        # backend can register them; they are copied in at each commit.
+        rng = torch.zeros_like(torch.get_rng_state(), device=input_ids.device) if sampling else None
+        cuda_rng = (torch.zeros_like(torch.cuda.get_rng_state(input_ids.device), device=input_ids.device)
+                    if sampling and input_ids.is_cuda else None)
+        session.register("kv", cache.storage, kind="kv", seq_axis=3)
+        session.register("tokens", tokens, kind="kv", seq_axis=1)
+        if rng is not None:
+            session.register("rng", rng)
+        if cuda_rng is not None:
+            session.register("cuda_rng", cuda_rng)
+        n_tokens = int(meta.get("n_tokens", 0))
+        if meta.get("done"):
+            return tokens[:, :n_tokens].clone()
+        if n_tokens:  # resume
+            cache.set_length(session.regions["kv"].length)
+            seq = tokens[:, :n_tokens].clone()
+            if rng is not None:
+                torch.set_rng_state(rng.cpu())
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng.cpu(), input_ids.device)
+        else:
+            seq = input_ids
+            tokens[:, :prompt_len].copy_(input_ids)
+            meta = {"fingerprint": fp, "prompt_len": prompt_len, "n_tokens": prompt_len, "done": False}
+            session.commit(dict(meta), rows={"tokens": prompt_len})
+        full_mask = torch.cat([mask, torch.ones(batch, seq.shape[1] - prompt_len, dtype=mask.dtype,
+                                                device=mask.device)], dim=1)
+        hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng)
+        kwargs = dict(generate_kwargs)
+        kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
+        criteria = StoppingCriteriaList(list(kwargs.pop("stopping_criteria", []) or []) + [hook])
+        if kwargs["max_new_tokens"] > 0:
+            with warnings.catch_warnings():
+                # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                out = model.generate(seq, attention_mask=full_mask, past_key_values=cache,
+                                     stopping_criteria=criteria, **kwargs)
+        else:
+            out = seq
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        hook.commit(sequences, done=True)
+        session.flush()
+        if os.environ.get("CONCORDIA_TEST_KILL_AFTER_DONE"):
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash after the last token was made durable
+        return out
+    finally:
+        session.close()

@@ -1,0 +1,75 @@
+"""Child process for the transformers crash tests: one durable_generate call.
+
+Prints one JSON line: the returned sequences and the input lengths of every
+forward call the model made (to prove that a resume does not re-prefill)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def build(name: str):  # type: ignore[no-untyped-def]
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=None,
+                  pad_token_id=0)
+    torch.manual_seed(0)
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if name == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if name == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=8)).eval()
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                          bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    raise ValueError(name)
+
+
+def prompt(batch: int, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 256, (batch, 12), generator=g)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        for row, pad in enumerate([0, 3, 5][:batch]):
+            ids[row, :pad] = 0
+            mask[row, :pad] = 0
+    return ids, mask
+
+
+def gen_kwargs(sample: bool) -> dict:
+    return dict(max_new_tokens=30, do_sample=sample, top_k=0, temperature=1.0) if sample else dict(
+        max_new_tokens=30, do_sample=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--home", required=True)
+    p.add_argument("--session", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--left-pad", action="store_true")
+    p.add_argument("--sample", action="store_true")
+    args = p.parse_args()
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+
+    model = build(args.model)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(int((kw.get("input_ids") if kw.get(
+        "input_ids") is not None else a[0]).shape[1])), with_kwargs=True)
+    ids, mask = prompt(args.batch, args.left_pad)
+    torch.manual_seed(1234)
+    rt = Runtime.open(home=args.home, backend="host")
+    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, **gen_kwargs(args.sample))
+    print(json.dumps({"tokens": out.tolist(), "forward_inputs": calls}), flush=True)
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()
