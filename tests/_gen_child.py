@@ -11,6 +11,19 @@ import json
 import torch
 
 
+def build_1b(device: str):  # type: ignore[no-untyped-def]
+    """A Llama-3.2-1B-shaped model with random bf16 weights (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+                      bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16).eval()
+
+
 def build(name: str):  # type: ignore[no-untyped-def]
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
@@ -31,9 +44,9 @@ def build(name: str):  # type: ignore[no-untyped-def]
     raise ValueError(name)
 
 
-def prompt(batch: int, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt(batch: int, left_pad: bool, length: int = 12, vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, 256, (batch, 12), generator=g)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     if left_pad:
         for row, pad in enumerate([0, 3, 5][:batch]):
@@ -42,9 +55,9 @@ def prompt(batch: int, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def gen_kwargs(sample: bool) -> dict:
-    return dict(max_new_tokens=30, do_sample=sample, top_k=0, temperature=1.0) if sample else dict(
-        max_new_tokens=30, do_sample=False)
+def gen_kwargs(sample: bool, new_tokens: int = 30) -> dict:
+    return dict(max_new_tokens=new_tokens, do_sample=sample, top_k=0, temperature=1.0) if sample else dict(
+        max_new_tokens=new_tokens, do_sample=False)
 
 
 def main() -> None:
@@ -55,18 +68,26 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--left-pad", action="store_true")
     p.add_argument("--sample", action="store_true")
+    p.add_argument("--backend", default="host")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-len", type=int, default=12)
+    p.add_argument("--new-tokens", type=int, default=30)
     args = p.parse_args()
+    if args.device != "cpu":
+        torch.use_deterministic_algorithms(True)  # token identity on a GPU (notes: transformers item 7)
     from concordia_agents import Runtime
     from integrations.transformers import durable_generate
 
-    model = build(args.model)
+    model = build_1b(args.device) if args.model == "llama-1b" else build(args.model)
     calls: list[int] = []
     model.register_forward_pre_hook(lambda m, a, kw: calls.append(int((kw.get("input_ids") if kw.get(
         "input_ids") is not None else a[0]).shape[1])), with_kwargs=True)
-    ids, mask = prompt(args.batch, args.left_pad)
+    ids, mask = prompt(args.batch, args.left_pad, args.prompt_len, model.config.vocab_size)
+    ids, mask = ids.to(args.device), mask.to(args.device)
     torch.manual_seed(1234)
-    rt = Runtime.open(home=args.home, backend="host")
-    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, **gen_kwargs(args.sample))
+    rt = Runtime.open(home=args.home, backend=args.backend)
+    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask,
+                           **gen_kwargs(args.sample, args.new_tokens))
     print(json.dumps({"tokens": out.tolist(), "forward_inputs": calls}), flush=True)
     rt.close()
 

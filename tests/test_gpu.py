@@ -277,3 +277,19 @@ def test_bad_task_kind_is_reported_not_hung(executor):
     out = cupy.zeros(1, dtype=cupy.uint64)
     executor.wait(executor.enqueue(TaskKind.NOP, [int(out.data.ptr), 0]), timeout=10)
     assert int(out.get()[0]) == 1
+
+
+def test_durable_generate_1b_bf16_resumes_token_identical(tmp_path):
+    """Llama-3.2-1B-shaped bf16 model on the CuPy backend, deterministic mode: SIGKILLed
+    right after an asynchronous commit (the executor still copying), the rerun equals
+    the uninterrupted generation and starts with a one-token forward."""
+    from tests.test_transformers import run_child
+
+    flags = ("--backend", "cupy", "--device", "cuda", "--prompt-len", "300", "--new-tokens", "40")
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    ref = run_child(tmp_path / "ref", "llama-1b", *flags, env=env)
+    assert run_child(tmp_path / "crash", "llama-1b", *flags,
+                     env={**env, "CONCORDIA_TEST_KILL_AFTER_TOKENS": "20"}) is None
+    out = run_child(tmp_path / "crash", "llama-1b", *flags, env=env)
+    assert out["tokens"] == ref["tokens"]
+    assert out["forward_inputs"][0] == 1 and len(out["forward_inputs"]) == 20
