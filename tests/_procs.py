@@ -35,22 +35,29 @@ def mutate(state: dict[str, np.ndarray], seed: int, epoch: int) -> None:
     state["table"][epoch % TABLE] += epoch
 
 
+def open_or_create(rt, session_id: str, place):  # type: ignore[no-untyped-def]
+    """Resume the crash session, or create it with fresh regions (``place`` puts
+    each fresh NumPy array where the backend wants it). Returns (session, arrays)."""
+    from concordia_agents import SessionNotFound
+
+    try:
+        s = rt.resume(session_id)
+        return s, {name: s.regions[name].array for name in ("big", "kv", "table")}
+    except SessionNotFound:
+        s = rt.session(session_id)
+    arrays = {name: place(a) for name, a in fresh_state().items()}
+    s.register("big", arrays["big"])
+    s.register("kv", arrays["kv"], kind="kv", seq_axis=2)
+    s.register("table", arrays["table"])
+    return s, arrays
+
+
 def crash_child(args: argparse.Namespace) -> None:
     from concordia_agents import Runtime
 
     rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend,
                       lease_ttl=args.ttl, compact_bytes=96 << 20)
-    try:
-        s = rt.resume(args.session)
-        state = {name: s.regions[name].array for name in ("big", "kv", "table")}
-    except Exception as e:  # noqa: BLE001 - first run: the session does not exist yet
-        if type(e).__name__ != "SessionNotFound":
-            raise
-        s = rt.session(args.session)
-        state = fresh_state()
-        s.register("big", state["big"])
-        s.register("kv", state["kv"], kind="kv", seq_axis=2)
-        s.register("table", state["table"])
+    s, state = open_or_create(rt, args.session, lambda a: a)
     print(f"start {s.epoch}", flush=True)
     epoch = s.epoch
     while epoch < KV_SHAPE[2]:
@@ -70,19 +77,8 @@ def gpu_crash_child(args: argparse.Namespace) -> None:
     from concordia_agents import Runtime
 
     rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend="cupy", lease_ttl=args.ttl)
-    try:
-        s = rt.resume(args.session)
-        dev = {name: s.regions[name].array for name in ("big", "kv", "table")}
-        state = {name: a.get() for name, a in dev.items()}
-    except Exception as e:  # noqa: BLE001
-        if type(e).__name__ != "SessionNotFound":
-            raise
-        s = rt.session(args.session)
-        state = fresh_state()
-        dev = {name: cupy.asarray(a) for name, a in state.items()}
-        s.register("big", dev["big"])
-        s.register("kv", dev["kv"], kind="kv", seq_axis=2)
-        s.register("table", dev["table"])
+    s, dev = open_or_create(rt, args.session, cupy.asarray)
+    state = {name: a.get() for name, a in dev.items()}
     print(f"start {s.epoch}", flush=True)
     epoch = s.epoch
     while epoch < KV_SHAPE[2]:
