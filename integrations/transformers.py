@@ -194,6 +194,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
     if generate_kwargs.get("num_beams", 1) != 1:
         raise ConcordiaError("durable_generate supports greedy and sampled decoding, not beam search")
+    own_runtime = runtime is None
     rt = runtime or Runtime.open()
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     max_new = int(generate_kwargs.get("max_new_tokens") or 20)
@@ -262,3 +263,5 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         return out
     finally:
         session.close()
+        if own_runtime:
+            rt.close()
