@@ -237,7 +237,9 @@ def main() -> None:
         sections["ceilings"] = {"error": traceback.format_exc()}
     d2d = sections["ceilings"].get("d2d_GBps_read_plus_write", float("nan"))
     d2h = sections["ceilings"].get("pinned_d2h_GBps", float("nan"))
-    backend = CupyBackend()
+    # Ring and scan figures with the executor on every SM (what a scan-heavy
+    # deployment would configure); session figures with the default (a few SMs).
+    backend = CupyBackend(blocks=result["sm_count"])
     for name, fn in [("ring", lambda: ring_latency(backend, args.quick)),
                      ("page_scan", lambda: page_scan(backend, args.quick, d2d))]:
         try:

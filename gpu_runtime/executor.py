@@ -47,6 +47,7 @@ SLOT_WORDS = 16
 HEAD, STOP, STATE, GENERATION, ERROR, ERROR_TICKET, PARKS, HEARTBEAT, IDLE_NS, MAX_LIFE_NS, NSLOTS = range(11)
 PARKED, RUNNING, PARKING, LAUNCHED = 0, 1, 2, 3
 REGION_WORDS = 16
+DEFAULT_BLOCKS = 8
 MAX_REGIONS = 1024
 _ERRORS = {1: "fence wait timed out", 2: "log ring full", 3: "unknown task kind", 4: "no handler for the task"}
 
@@ -132,7 +133,11 @@ class Executor:
         dev = cupy.cuda.Device()
         self.sm_count = dev.attributes["MultiProcessorCount"]
         self.arch = arch or f"sm_{dev.compute_capability}"
-        self.blocks = blocks or self.sm_count
+        # A few SMs by default: a resident executor block can keep a large GEMM
+        # (which wants a whole SM's registers) off its SM, and the compute that a
+        # commit's fence waits for must be able to run (measured: with one block
+        # on every SM, an 8B-shaped decode step never reached the fence).
+        self.blocks = min(blocks or DEFAULT_BLOCKS, self.sm_count)
         self.block = block
         self.nslots = nslots
         self._slots_mem = PinnedBuffer(nslots * SLOT_WORDS * 8)
