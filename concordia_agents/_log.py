@@ -34,7 +34,7 @@ from gpu_runtime.records import RecordFlags, RecordType, encode_record
 
 from ._catalog import Catalog, SegmentInfo
 from ._logging import get_logger
-from ._replay import LogIndex, PayloadReader, scan
+from ._replay import LogIndex, PayloadReader, scan, valid_size
 from ._segments import (
     KIND_BASE,
     KIND_DELTA,
@@ -44,7 +44,6 @@ from ._segments import (
     fsync_dir,
     list_segments,
     new_header,
-    read_segment_header,
 )
 from .config import RuntimeConfig
 from .errors import CorruptLogError, LogFullError, OwnershipError
@@ -329,7 +328,7 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
     tail_end = -1
     if mine:
         tail = mine[-1]
-        valid = _valid_size(tail.path, tag)
+        valid = valid_size(tail.path, session_tag=tag)
         tail_end = tail.base + valid - SEGMENT_HEADER_SIZE
         if valid != tail.size:
             # A torn append by the dead flusher. ``consumed`` never passes a
@@ -359,26 +358,6 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
         seg.close()
     ring.publish_consumed(ring.written)
     log.info("drained host ring of the previous owner", bytes=ring.written - start, chain=chain)
-
-
-def _valid_size(path: Path, tag: int) -> int:
-    """Bytes of a segment up to its last whole, checksummed record."""
-    from gpu_runtime.records import HEADER_SIZE, FramingError, decode_header, payload_sum
-
-    read_segment_header(path, session_tag=tag)
-    size = path.stat().st_size
-    pos = SEGMENT_HEADER_SIZE
-    with open(path, "rb") as f:
-        while pos < size:
-            f.seek(pos)
-            try:
-                h = decode_header(f.read(HEADER_SIZE))
-            except FramingError:
-                break
-            if pos + h.size > size or payload_sum(f.read(h.length)) != h.payload_sum:
-                break
-            pos += h.size
-    return pos
 
 
 def write_base_image(directory: Path, tag: int, token: int, index: LogIndex) -> Path:

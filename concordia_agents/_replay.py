@@ -47,7 +47,7 @@ from ._segments import (
 )
 from .errors import CorruptLogError
 
-__all__ = ["LogIndex", "PayloadReader", "RecordLoc", "read_payload", "scan"]
+__all__ = ["LogIndex", "PayloadReader", "RecordLoc", "scan", "valid_size"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +71,6 @@ class LogIndex:
     base: Path | None = None
     base_epoch: int = 0
     delta_bytes: int = 0  #: bytes of delta records after the base (compaction trigger)
-    chain_token: int = 0  #: token of the newest chain
-    chain_end: int = 0  #: log offset past the newest chain's last whole record
-    tail_segment: Path | None = None  #: newest chain's last segment
-    tail_valid_size: int = 0  #: its bytes up to the last whole record
 
     @property
     def meta(self) -> Any:
@@ -111,12 +107,6 @@ class PayloadReader:
         self.close()
 
 
-def read_payload(loc: RecordLoc) -> memoryview:
-    """Read and verify one record's payload."""
-    with PayloadReader() as read:
-        return read(loc)
-
-
 def _verified(loc: RecordLoc, data: bytes) -> memoryview:
     if len(data) != loc.header.length or payload_sum(data) != loc.header.payload_sum:
         raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails its "
@@ -144,6 +134,23 @@ class _Reader:
         if payload_sum(payload) != header.payload_sum:
             raise FramingError("payload checksum mismatch", torn=False)
         return header, payload
+
+
+def valid_size(path: Path, *, session_tag: int) -> int:
+    """Bytes of a segment up to its last whole, checksummed record."""
+    read_segment_header(path, session_tag=session_tag)
+    size = path.stat().st_size
+    pos = SEGMENT_HEADER_SIZE
+    with open(path, "rb") as fh:
+        reader = _Reader(path, fh, size)
+        while True:
+            try:
+                rec = reader.next(pos)
+            except FramingError:
+                return pos
+            if rec is None:
+                return pos
+            pos += rec[0].size
 
 
 def _spec(payload: bytes, path: Path, pos: int) -> RegionSpec:
@@ -272,12 +279,6 @@ def scan(directory: Path, *, session_tag: int) -> LogIndex:
                             index.delta_bytes += header.size
                     pos += header.size
             expected = seg.base + pos - SEGMENT_HEADER_SIZE
-            if newest:
-                index.chain_token = token
-                index.chain_end = expected
-                index.tail_segment = seg.path
-                index.tail_valid_size = pos
-    index.chain_end = max(index.chain_end, index.end)
     return index
 
 
