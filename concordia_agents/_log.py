@@ -192,6 +192,8 @@ class SessionLog:
             return moved
 
     def _roll(self, at: int) -> None:
+        if self.segment.size == SEGMENT_HEADER_SIZE and self.segment.header.base == at:
+            return  # the current segment already starts here and is empty (its name would collide)
         self.segment.sync()
         self.segment.close()
         self.segment = SegmentWriter.create(self.dir, new_header(session_tag=self.tag, token=self.token, base=at))

@@ -7,6 +7,8 @@ Call protocol::
     s = rt.session("chat-42")        # create or open; takes the lease
     s.register(...); s.commit(...)   # see Session
     rt.resume("chat-42")             # after a crash, in any process
+    lease = rt.hold("thread-7")      # a lease without a region log (graph threads)
+    rt.let_go(lease)
     rt.sessions(); rt.delete(id)
     rt.close()                       # closes open sessions cleanly
 
@@ -20,9 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
-import uuid
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,8 +32,10 @@ from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
 from ._catalog import Catalog, SessionInfo
+from ._lease import Lease
 from ._log import SessionLog, ring_path, session_dir_name
 from ._logging import configure_logging, get_logger
+from ._owner import new_owner_id
 from ._session import Session
 from .config import RuntimeConfig
 from .errors import ConcordiaError, LogFullError, OwnershipError, SessionNotFound
@@ -49,8 +51,9 @@ class Runtime:
         config.home.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(config.catalog_url)
         self.backend = backend or open_backend(config.backend, **config.backend_options)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = new_owner_id()
         self._sessions: dict[str, Session] = {}
+        self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -79,11 +82,7 @@ class Runtime:
         """Create or open a session and take its lease (OwnershipError if another
         live process holds it). An existing session's log is recovered, not yet
         restored: ``register``/``restore`` bring regions back."""
-        if not isinstance(session_id, str) or not session_id or len(session_id) > 512:
-            raise ConcordiaError(f"expected a session ID of 1..512 characters, found {session_id!r}")
-        with self._lock:
-            if session_id in self._sessions:
-                raise OwnershipError(f"session {session_id!r} is already open in this process ({self.owner})")
+        self._check_id(session_id)
         token, created = self.catalog.acquire(session_id, owner=self.owner, ttl=self.config.lease_ttl,
                                               backend=self.backend.name, create=create)
         tag = session_tag(session_id)
@@ -100,6 +99,52 @@ class Runtime:
             self._sessions[session_id] = session
         self.log.info("session opened", session=session_id, token=token, created=created, epoch=index.epoch)
         return session
+
+    def _check_id(self, session_id: str) -> None:
+        if not isinstance(session_id, str) or not session_id or len(session_id) > 512:
+            raise ConcordiaError(f"expected a session ID of 1..512 characters, found {session_id!r}")
+        with self._lock:
+            if session_id in self._sessions or session_id in self._leases:
+                raise OwnershipError(f"session {session_id!r} is already open in this process ({self.owner})")
+
+    def hold(self, session_id: str, *, create: bool = True, kind: str = "lease",
+             labels: Mapping[str, Any] | None = None) -> Lease:
+        """Take a session's ownership lease without opening a region log (graph
+        threads keep their state in catalog tables). The runtime heartbeats it
+        until :meth:`let_go`. Raises OwnershipError while another live owner
+        holds it, SessionNotFound if it does not exist and ``create`` is False."""
+        self._check_id(session_id)
+        token, created = self.catalog.acquire(session_id, owner=self.owner, ttl=self.config.lease_ttl,
+                                              backend=kind, create=create)
+        lease = Lease(session_id, token, self.owner)
+        try:
+            if labels:
+                self.catalog.set_labels(session_id, token, dict(labels))
+        except BaseException:
+            self.catalog.release(session_id, token, closed=False)
+            raise
+        with self._lock:
+            self._leases[session_id] = lease
+        self.log.info("lease taken", session=session_id, token=token, created=created)
+        return lease
+
+    def held(self, session_id: str) -> Lease | None:
+        """The lease this runtime holds on ``session_id`` through :meth:`hold`, if any."""
+        with self._lock:
+            return self._leases.get(session_id)
+
+    def let_go(self, lease: Lease, *, closed: bool = False) -> None:
+        """Release a lease taken with :meth:`hold`; ``closed`` marks the session
+        finished (status "closed") rather than merely idle."""
+        with self._lock:
+            if self._leases.get(lease.session_id) is lease:
+                del self._leases[lease.session_id]
+        if not lease.released:
+            lease.released = True
+            try:
+                self.catalog.release(lease.session_id, lease.token, closed=closed)
+            except ConcordiaError as e:
+                self.log.warning("lease release failed", session=lease.session_id, error=str(e))
 
     def resume(self, session_id: str, arrays: Mapping[str, Any] | None = None, *, device: str | None = None) -> Session:
         """Open an existing session and restore every logged region: into
@@ -130,8 +175,11 @@ class Runtime:
         process owns it)."""
         with self._lock:
             mine = self._sessions.get(session_id)
+            lease = self._leases.get(session_id)
         if mine is not None:
             mine.close()
+        if lease is not None:
+            self.let_go(lease)
         self.catalog.delete(session_id)
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
         ring_path(self.config, session_tag(session_id)).unlink(missing_ok=True)
@@ -207,6 +255,7 @@ class Runtime:
         while not self._stop.wait(period):
             with self._lock:
                 sessions = list(self._sessions.values())
+                leases = list(self._leases.values())
             for s in sessions:
                 try:
                     if not self.catalog.heartbeat(s.id, s.token, self.config.lease_ttl):
@@ -214,6 +263,14 @@ class Runtime:
                         self.log.warning("lease lost", session=s.id, token=s.token)
                 except ConcordiaError as e:
                     self.log.warning("heartbeat failed", session=s.id, error=str(e))
+            for lease in leases:
+                try:
+                    if not lease.released and not self.catalog.heartbeat(lease.session_id, lease.token,
+                                                                         self.config.lease_ttl):
+                        lease.fenced = "the catalog lease was taken over by a newer owner"
+                        self.log.warning("lease lost", session=lease.session_id, token=lease.token)
+                except ConcordiaError as e:
+                    self.log.warning("heartbeat failed", session=lease.session_id, error=str(e))
 
     @staticmethod
     def _shutdown_threads(stop: threading.Event, wake: threading.Event) -> None:
@@ -224,6 +281,9 @@ class Runtime:
         """Close every open session cleanly and stop the threads."""
         with self._lock:
             sessions = list(self._sessions.values())
+            leases = list(self._leases.values())
+        for lease in leases:
+            self.let_go(lease)
         for s in sessions:
             try:
                 s.close()

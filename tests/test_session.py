@@ -284,6 +284,26 @@ def test_compaction_bounds_the_log_and_keeps_state(make_runtime, catalog_url):
     assert r.regions["kv"].length == 120 and np.array_equal(r.regions["kv"].array[:, :120], kv[:, :120])
 
 
+def test_reopening_a_log_past_the_compaction_threshold_compacts_cleanly(make_runtime, catalog_url):
+    """A session reopened with more uncompacted log than its threshold compacts at the first flush
+    (the fresh, empty chain segment is not rolled onto its own name) and keeps its state."""
+    a = np.zeros(64 << 10, np.uint8)
+    s = make_runtime(compact_bytes=0).session("big")
+    s.register("a", a)
+    for i in range(40):
+        a[i * 1000:(i + 1) * 1000] = i + 1
+        s.commit({"i": i})
+    s.close()
+    rt = make_runtime(compact_bytes=16 << 10)
+    r = rt.resume("big")
+    r.flush()
+    r.commit({"i": 40})
+    r.flush()
+    bases, _ = list_segments(rt.session_dir("big"))
+    assert len(bases) == 1 and r._log.error is None
+    assert np.array_equal(r.regions["a"].array, a) and r.meta == {"i": 40}
+
+
 def test_repeated_takeovers_keep_one_history(make_runtime, catalog_url):
     """Five crash/resume rounds in a row leave one linear history of epochs."""
     a = np.zeros(4096 * 6, np.uint8)

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, inspect, select, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import bindparam, create_engine, delete, event, inspect, select, update
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
 from ..errors import CatalogError, ConfigurationError, OwnershipError, SchemaVersionError, SessionNotFound
+from .._owner import owner_is_dead
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
 from ._models import EpochRow, LeaseRow, RegionRow, SchemaVersionRow, SegmentRow, SessionRow
 
@@ -63,12 +64,18 @@ class SessionInfo:
         return self.last_epoch > 0
 
 
+def _live(lease: LeaseRow | None, now: float) -> bool:
+    """A lease blocks others while unreleased, unexpired, and its owner is not
+    known dead (a process on this machine that no longer exists)."""
+    return lease is not None and not lease.released and lease.expires_at > now and not owner_is_dead(lease.owner)
+
+
 def _status(row: SessionRow, lease: LeaseRow | None, now: float) -> str:
     if row.closed_at is not None:
         return "closed"
     if lease is None:
         return "new"
-    if not lease.released and lease.expires_at > now:
+    if _live(lease, now):
         return "running"
     if not lease.released:
         return "crashed"
@@ -95,6 +102,11 @@ class Catalog:
             self._read_engine = self.engine
         else:
             raise ConfigurationError(f"catalog URL: expected a sqlite:// or postgresql+psycopg:// URL, found {url!r}")
+        # Core, built once: this check runs in every fenced write (graph puts).
+        lt = LeaseRow.__table__
+        self._token_q = select(lt.c.token, lt.c.owner).where(lt.c.session_id == bindparam("sid"))
+        if self.dialect == "postgresql":
+            self._token_q = self._token_q.with_for_update()
         self._migrate()
 
     @staticmethod
@@ -127,6 +139,18 @@ class Catalog:
                 yield s
         except IntegrityError:
             raise  # a constraint race the caller interprets (e.g. two creators of one session)
+        except (OperationalError, DBAPIError) as e:
+            raise CatalogError(f"catalog write failed on {self._redacted()}: {e.orig or e}", orig=e) from e
+
+    @contextmanager
+    def write_core(self) -> Iterator[Connection]:
+        """A write transaction on a Core connection: the same as :meth:`write`
+        without the ORM's per-transaction overhead (hot paths: graph puts)."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
         except (OperationalError, DBAPIError) as e:
             raise CatalogError(f"catalog write failed on {self._redacted()}: {e.orig or e}", orig=e) from e
 
@@ -202,7 +226,7 @@ class Catalog:
                     s.add(LeaseRow(session_id=session_id, owner=owner, token=1, acquired_at=now,
                                    heartbeat_at=now, expires_at=now + ttl, released=False))
                     return 1, created
-                if not lease.released and lease.expires_at > now:
+                if _live(lease, now):
                     raise OwnershipError(
                         f"session {session_id!r}: expected no live owner, found {lease.owner} holding fencing "
                         f"token {lease.token} for another {lease.expires_at - now:.1f} s")
@@ -236,13 +260,23 @@ class Catalog:
                 if row is not None:
                     row.closed_at = time.time()
 
-    def check_token(self, s: OrmSession, session_id: str, token: int) -> None:
-        lease = self._lock_lease(s, session_id)
+    def check_token(self, s: OrmSession | Connection, session_id: str, token: int) -> None:
+        """Inside a write transaction (ORM session or Core connection): raise
+        OwnershipError unless ``token`` is the session's current fencing token.
+        On PostgreSQL the lease row stays locked until the transaction ends, so
+        a takeover cannot slip between this check and the caller's writes."""
+        lease = s.execute(self._token_q, {"sid": session_id}).first()
         if lease is None or lease.token != token:
             found = "no lease" if lease is None else f"token {lease.token} held by {lease.owner}"
             raise OwnershipError(
                 f"session {session_id!r}: this process holds fencing token {token}, the catalog has {found}; "
                 "a newer owner took over")
+
+    def live_leases(self, s: OrmSession, session_ids: list[str]) -> list[tuple[str, str, int, float]]:
+        """``(session_id, owner, token, expires_at)`` of each live lease among these sessions."""
+        now = time.time()
+        return [(l.session_id, l.owner, l.token, l.expires_at)
+                for l in s.scalars(select(LeaseRow).where(LeaseRow.session_id.in_(session_ids))) if _live(l, now)]
 
     def get(self, session_id: str) -> SessionInfo:
         with self.read() as s:
@@ -251,12 +285,17 @@ class Catalog:
                 raise SessionNotFound(session_id)
             return self._info(row, s.get(LeaseRow, session_id), time.time())
 
-    def list(self) -> list[SessionInfo]:
+    def list(self, prefix: str | None = None) -> list[SessionInfo]:
+        """All sessions (or those whose ID starts with ``prefix``), oldest first."""
         now = time.time()
+        q = select(SessionRow).order_by(SessionRow.created_at)
+        lq = select(LeaseRow)
+        if prefix:
+            q = q.where(SessionRow.id.startswith(prefix, autoescape=True))
+            lq = lq.where(LeaseRow.session_id.startswith(prefix, autoescape=True))
         with self.read() as s:
-            leases = {l.session_id: l for l in s.scalars(select(LeaseRow))}
-            return [self._info(r, leases.get(r.id), now)
-                    for r in s.scalars(select(SessionRow).order_by(SessionRow.created_at))]
+            leases = {l.session_id: l for l in s.scalars(lq)}
+            return [self._info(r, leases.get(r.id), now) for r in s.scalars(q)]
 
     @staticmethod
     def _info(row: SessionRow, lease: LeaseRow | None, now: float) -> SessionInfo:
@@ -274,7 +313,7 @@ class Catalog:
             if row is None:
                 raise SessionNotFound(session_id)
             lease = self._lock_lease(s, session_id)
-            if lease is not None and not lease.released and lease.expires_at > now and lease.token != owner_token:
+            if _live(lease, now) and lease.token != owner_token:
                 raise OwnershipError(
                     f"session {session_id!r}: expected no live owner to delete it, found {lease.owner} "
                     f"(token {lease.token}, {lease.expires_at - now:.1f} s left)")

@@ -1,0 +1,66 @@
+"""Owner identities, and telling a dead owner on this machine from a live one.
+
+A lease names its owner as ``host:pid:nonce@machine`` where ``machine`` is this
+boot of this kernel (``/proc/sys/kernel/random/boot_id``) plus this PID
+namespace. Two processes share ``machine`` only if PIDs mean the same thing to
+both, so one may ask the kernel whether the other's PID still runs. That lets a
+resume on the same machine take over a SIGKILLed owner's lease at once instead
+of waiting for it to expire. The check only ever errs towards "alive" (a reused
+PID looks alive), so it can delay a takeover but never steal a live lease.
+Owners on other machines are judged by lease expiry alone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from functools import cache
+
+__all__ = ["machine_id", "new_owner_id", "owner_is_dead"]
+
+
+@cache
+def machine_id() -> str:
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip().replace("-", "")[:16]
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""  # no /proc: never judge anyone dead
+    return f"{boot}.{pidns}"
+
+
+def new_owner_id() -> str:
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    mid = machine_id()
+    return f"{owner}@{mid}" if mid else owner
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) runs no code: it is dead for us
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only if ``owner`` ran on this machine (same boot and PID namespace)
+    and its process is gone."""
+    ident, sep, mid = owner.rpartition("@")
+    if not sep or not mid or mid != machine_id():
+        return False
+    parts = ident.split(":")
+    if len(parts) < 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _pid_alive(pid)
