@@ -3,9 +3,10 @@
     concordia sessions list [--json]
     concordia sessions show ID
     concordia sessions rm ID
+    concordia resume ID --app module:attr
     concordia gc
     concordia doctor
-    concordia demo
+    concordia demo [--synthetic]
 
 Global options (before the command): ``--home``, ``--catalog``, ``--backend``;
 they default to the environment (see README). Errors print one line and exit
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._names import TASK_SEP, parent_of
 from .errors import ConcordiaError
 
 __all__ = ["main"]
@@ -44,20 +46,40 @@ def _runtime(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend or "host")
 
 
+def _kind(i: Any) -> str:
+    return str(i.labels.get("kind") or ("task" if parent_of(i.id) else "state"))
+
+
 def cmd_sessions_list(args: argparse.Namespace) -> None:
+    """Sessions oldest first; a task session (``parent#task:...``) is listed
+    under its parent, e.g. a graph thread's generation sessions."""
     with _runtime(args) as rt:
         infos = rt.sessions()
         if args.json:
-            _out(json.dumps([{"id": i.id, "status": i.status, "last_epoch": i.last_epoch, "log_bytes": i.log_bytes,
-                              "backend": i.backend, "created_at": i.created_at, "labels": i.labels}
-                             for i in infos], indent=2))
+            _out(json.dumps([{"id": i.id, "kind": _kind(i), "parent": parent_of(i.id), "status": i.status,
+                              "last_epoch": i.last_epoch, "log_bytes": i.log_bytes, "backend": i.backend,
+                              "created_at": i.created_at, "labels": i.labels} for i in infos], indent=2))
             return
         if not infos:
             _out("no sessions")
             return
-        _out(f"{'SESSION':40} {'STATUS':8} {'EPOCH':>8} {'LOG':>10}  CREATED")
+        ids = {i.id for i in infos}
+        children: dict[str, list[Any]] = {}
         for i in infos:
-            _out(f"{i.id[:40]:40} {i.status:8} {i.last_epoch:>8} {i.log_bytes / 2**20:>8.1f}Mi  {_when(i.created_at)}")
+            if (p := parent_of(i.id)) in ids:
+                children.setdefault(p, []).append(i)
+        _out(f"{'SESSION':48} {'KIND':6} {'STATUS':8} {'EPOCH':>8} {'LOG':>10}  CREATED")
+
+        def row(i: Any, name: str) -> None:
+            _out(f"{name[:48]:48} {_kind(i):6} {i.status:8} {i.last_epoch:>8} {i.log_bytes / 2**20:>8.1f}Mi  "
+                 f"{_when(i.created_at)}")
+
+        for i in infos:
+            if parent_of(i.id) in ids:
+                continue  # shown under its parent
+            row(i, i.id)
+            for c in children.get(i.id, []):
+                row(c, "  └ " + TASK_SEP + c.id.rpartition(TASK_SEP)[2])
 
 
 def cmd_sessions_show(args: argparse.Namespace) -> None:
@@ -83,6 +105,46 @@ def cmd_sessions_rm(args: argparse.Namespace) -> None:
     with _runtime(args) as rt:
         rt.delete(args.id)
         _out(f"deleted session {args.id}")
+
+
+def _load_app(spec: str) -> Any:
+    import importlib
+
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ConcordiaError(f"--app: expected module:attribute (e.g. mypkg.agent:app), found {spec!r}")
+    sys.path.insert(0, os.getcwd())  # like `python -m`: the current directory's modules are importable
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as e:
+        raise ConcordiaError(f"--app: cannot import module {module!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConcordiaError(f"--app: module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    """Resume a graph thread: ``--app`` names a wrapped graph, a StateGraph
+    builder, a compiled graph, or a factory called with ``runtime=`` that
+    returns one of those."""
+    from integrations.langgraph import DurableGraph, wrap
+
+    with _runtime(args) as rt:
+        info = rt.info(args.id)  # SessionNotFound before any import work
+        target = _load_app(args.app)
+        if callable(target) and not hasattr(target, "invoke") and not hasattr(target, "compile"):
+            target = target(runtime=rt)
+        app = target if isinstance(target, DurableGraph) and target.runtime is rt else wrap(target, runtime=rt)
+        _out(f"resuming {args.id} ({info.status}, {len(rt.catalog.list(prefix=args.id + TASK_SEP))} task "
+             "session(s))")
+        state = app.resume(args.id)
+        _out(f"finished {args.id}: {rt.info(args.id).status}")
+        if isinstance(state, dict):
+            for k, v in state.items():
+                text = repr(v)
+                _out(f"  {k}: {text[:200]}{'...' if len(text) > 200 else ''}")
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
@@ -155,17 +217,28 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from ._demo import run_demo, worker
-
-    home = Path(args.home) if args.home else None
-    if args.worker:
-        worker(str(home), args.catalog, args.session, args.crash_at, args.backend or "auto")
-        return
     from .config import RuntimeConfig
 
-    cfg = RuntimeConfig.from_env(home=home, catalog_url=args.catalog)
-    run_demo(home=cfg.home, catalog=args.catalog, backend=args.backend or cfg.backend, crash_at=args.crash_at,
-             say=_out)
+    cfg = RuntimeConfig.from_env(home=Path(args.home) if args.home else None, catalog_url=args.catalog)
+    if args.agent_worker:
+        from integrations.langgraph._demo import agent_worker
+
+        agent_worker(str(cfg.home), args.catalog, args.session, args.crash_at or 100)
+        return
+    if args.worker:
+        from ._demo import worker
+
+        worker(str(cfg.home), args.catalog, args.session, args.crash_at or 300, args.backend or "auto")
+        return
+    if args.synthetic:
+        from ._demo import run_demo
+
+        run_demo(home=cfg.home, catalog=args.catalog, backend=args.backend or cfg.backend,
+                 crash_at=args.crash_at or 300, say=_out)
+        return
+    from integrations.langgraph._demo import run_agent_demo
+
+    run_agent_demo(home=cfg.home, catalog=args.catalog, crash_at=args.crash_at or 100, say=_out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,11 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     rm = ssub.add_parser("rm", help="delete a session and its log")
     rm.add_argument("id")
     rm.set_defaults(func=cmd_sessions_rm)
+    res = sub.add_parser("resume", help="resume a crashed LangGraph thread by its session ID")
+    res.add_argument("id")
+    res.add_argument("--app", required=True,
+                     help="module:attr of the graph (wrapped, builder, compiled, or a factory taking runtime=)")
+    res.set_defaults(func=cmd_resume)
     sub.add_parser("gc", help="remove files no session refers to").set_defaults(func=cmd_gc)
     sub.add_parser("doctor", help="backend, GPU, NVRTC, shm, home and catalog").set_defaults(func=cmd_doctor)
-    demo = sub.add_parser("demo", help="crash a worker with SIGKILL and resume its session by ID")
-    demo.add_argument("--crash-at", type=int, default=300)
+    demo = sub.add_parser("demo", help="kill an agent inside its LLM node with SIGKILL and resume it by ID")
+    demo.add_argument("--crash-at", type=int, default=0,
+                      help="tokens (agent demo, default 100) or steps (--synthetic, default 300) before the kill")
+    demo.add_argument("--synthetic", action="store_true",
+                      help="the runtime-only demo: NumPy regions committed per step, no model or graph")
     demo.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--agent-worker", action="store_true", help=argparse.SUPPRESS)
     demo.add_argument("--session", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
     return p

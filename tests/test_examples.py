@@ -1,4 +1,4 @@
-"""Examples run as tests: the durable generation example crashes and resumes."""
+"""Examples run as tests: each crashes by SIGKILL and resumes by session ID."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(home: Path, *args: str, example: str = "durable_generation.py") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CONCORDIA_HOME": str(home)}
-    return subprocess.run([sys.executable, "examples/durable_generation.py", "--device", "cpu", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, f"examples/{example}", "--device", "cpu", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -25,3 +25,16 @@ def test_durable_generation_example_crashes_then_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "reused from the log: 40 new tokens" in r.stdout
     assert "computed now: 80 forward passes; first forward input length 1" in r.stdout
+
+
+def test_durable_agent_example_crashes_in_llm_node_then_resumes(tmp_path):
+    """The agent dies by SIGKILL after 100 tokens of its LLM node; --resume runs only llm and report,
+    computes the 140 missing tokens one at a time, and a second --resume runs nothing."""
+    assert _run(tmp_path, "--session", "ex", "--crash-after", "100", example="durable_agent.py").returncode == -9
+    r = _run(tmp_path, "--session", "ex", "--resume", example="durable_agent.py")
+    assert r.returncode == 0, r.stderr
+    assert "240 tokens generated" in r.stdout
+    assert "nodes run in this process: ['llm', 'report']" in r.stdout
+    assert "forward passes here: 140; first input length 1" in r.stdout
+    r = _run(tmp_path, "--session", "ex", "--resume", example="durable_agent.py")
+    assert "nodes run in this process: none (already finished)" in r.stdout

@@ -1,0 +1,137 @@
+"""A small durable agent: plan → llm → report, used by ``concordia demo`` and
+``examples/durable_agent.py``.
+
+* ``plan`` turns the question into a numbered plan (cheap, deterministic).
+* ``llm`` generates ``new_tokens`` tokens with ``durable_generate`` under the
+  task's session ID (``task_session_id(config)``): if the process dies during
+  this node, resuming the graph re-runs the node, and the generation continues
+  from its last durable token instead of starting over.
+* ``report`` summarizes the generation.
+
+The model is a Llama with random weights built from a config (no download):
+tiny on the CPU, Llama-3.2-1B-shaped in bf16 on a GPU. ``Trace`` records which
+nodes ran and the input length of every forward call, so a caller can show what
+a resume reused and what it recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+
+from concordia_agents import Runtime
+from integrations.transformers import durable_generate
+
+from ._app import DurableGraph, wrap
+from ._task import task_session_id
+
+__all__ = ["AgentState", "Trace", "build_model", "make_app"]
+
+QUESTION = "Why do long-running agents need durable GPU state?"
+
+
+class AgentState(TypedDict, total=False):
+    question: str
+    plan: list[str]
+    tokens: list[int]
+    report: str
+
+
+@dataclass
+class Trace:
+    """What ran in this process: node names in order, forward input lengths."""
+
+    nodes: list[str] = field(default_factory=list)
+    forwards: list[int] = field(default_factory=list)
+    path: Path | None = None
+
+    def add_node(self, name: str) -> None:
+        self.nodes.append(name)
+        self.save()
+
+    def add_forward(self, length: int) -> None:
+        self.forwards.append(length)
+        if len(self.forwards) % 16 == 1:
+            self.save()  # a SIGKILL may come at any token: keep the file nearly current
+
+    def save(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"nodes": self.nodes, "forwards": self.forwards}))
+            tmp.replace(self.path)
+
+
+def build_model(device: str = "cpu") -> Any:
+    """A random-weight Llama (seeded: every process builds the same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if device == "cpu":
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          bos_token_id=1, eos_token_id=None, pad_token_id=0)
+        dtype = torch.float32
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+                          bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
+        dtype = torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def _encode(text: str, vocab: int) -> list[int]:
+    """A byte-level stand-in for a tokenizer (the model has random weights anyway)."""
+    return [3 + b % (vocab - 3) for b in text.encode()]
+
+
+def make_app(runtime: Runtime, *, model: Any = None, device: str = "cpu", new_tokens: int = 240,
+             trace: Trace | None = None) -> DurableGraph:
+    """The agent graph, wrapped for durable runs on ``runtime``."""
+    model = model if model is not None else build_model(device)
+    if trace is None:  # tests and `concordia resume` read what ran from this file
+        path = os.environ.get("CONCORDIA_TEST_TRACE")
+        trace = Trace(path=Path(path) if path else None)
+
+    def count_forward(_module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        trace.add_forward(int(ids.shape[1]))
+
+    model.register_forward_pre_hook(count_forward, with_kwargs=True)
+
+    def plan(state: AgentState) -> AgentState:
+        trace.add_node("plan")
+        q = state["question"]
+        return {"plan": [f"1. restate: {q}", "2. list what a crash loses", "3. answer in one paragraph"]}
+
+    def llm(state: AgentState, config: RunnableConfig) -> AgentState:
+        trace.add_node("llm")
+        text = state["question"] + "\n" + "\n".join(state["plan"])
+        ids = torch.tensor([_encode(text, model.config.vocab_size)], device=model.device)
+        out = durable_generate(model, ids, session_id=task_session_id(config), runtime=runtime,
+                               max_new_tokens=new_tokens, do_sample=False)
+        return {"tokens": out[0, ids.shape[1]:].tolist()}
+
+    def report(state: AgentState) -> AgentState:
+        trace.add_node("report")
+        digest = hashlib.sha256(json.dumps(state["tokens"]).encode()).hexdigest()[:16]
+        return {"report": f"{len(state['tokens'])} tokens generated, sha256 {digest}"}
+
+    builder = StateGraph(AgentState)
+    builder.add_node("plan", plan)
+    builder.add_node("llm", llm)
+    builder.add_node("report", report)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "llm")
+    builder.add_edge("llm", "report")
+    builder.add_edge("report", END)
+    return wrap(builder, runtime=runtime)

@@ -1,0 +1,322 @@
+"""LangGraph binding: the official conformance suite, storage once per version,
+single-writer ownership (in-process and across real processes), task sessions,
+and a real SIGKILL inside an LLM node followed by a resume by session ID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from operator import add
+from pathlib import Path
+from typing import Annotated, TypedDict
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from sqlalchemy import func, select
+
+from concordia_agents import ConcordiaError, OwnershipError, Runtime, SessionNotFound
+from integrations.langgraph import ConcordiaSaver, task_session_id, wrap
+from integrations.langgraph._schema import BLOBS, CHECKPOINTS
+from tests.conftest import expire_lease
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def rt(home: Path, catalog_url: str):  # type: ignore[no-untyped-def]
+    r = Runtime.open(home=home, catalog_url=catalog_url, backend="host")
+    yield r
+    r.close()
+
+
+def test_conformance_suite_passes_all_81(home: Path, catalog_url: str):
+    """langgraph-checkpoint-conformance: every base and extended test passes (81/81)."""
+    from langgraph.checkpoint.conformance import checkpointer_test, validate
+
+    @checkpointer_test(name="ConcordiaSaver")
+    async def factory():  # type: ignore[no-untyped-def]
+        r = Runtime.open(home=home / uuid.uuid4().hex[:8], catalog_url=catalog_url, backend="host")
+        yield ConcordiaSaver(runtime=r)
+        r.close()
+
+    report = asyncio.run(validate(factory))
+    results = {str(cap): r for cap, r in report.results.items()}
+    failed = {name: r.tests_failed for name, r in results.items() if r.tests_failed}
+    assert not failed, f"conformance failures: {failed}"
+    assert all(r.detected and r.passed for r in results.values()), {n: r.passed for n, r in results.items()}
+    assert sum(r.tests_passed for r in results.values()) == 81
+
+
+class Chat(TypedDict):
+    messages: Annotated[list[str], add]
+    system: str
+    turns: int
+
+
+def _chat_graph() -> StateGraph:
+    def reply(state: Chat) -> dict:
+        return {"messages": [f"reply {state['turns']}"], "turns": state["turns"] + 1}
+
+    b = StateGraph(Chat)
+    b.add_node("reply", reply)
+    b.add_edge(START, "reply")
+    b.add_edge("reply", END)
+    return b
+
+
+def test_channel_values_are_stored_once_per_version(rt: Runtime):
+    """A 30-turn conversation stores the unchanged `system` channel once, not once per step, and
+    its whole history loads exactly as LangGraph's InMemorySaver gives it."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    app = wrap(_chat_graph(), runtime=rt)
+    ref = _chat_graph().compile(checkpointer=InMemorySaver())
+    state: dict = {"messages": ["user 0"], "system": "be brief " * 100, "turns": 0}
+    for turn in range(30):
+        inp = {"messages": [f"user {turn}"]} if turn else state
+        state = app.invoke(inp, session_id="chat")
+        ref.invoke(inp, {"configurable": {"thread_id": "chat"}})
+    assert state["turns"] == 30 and len(state["messages"]) == 60
+    with rt.catalog.read() as s:
+        per_channel = dict(s.execute(select(BLOBS.c.channel, func.count()).where(BLOBS.c.session_id == "chat")
+                                     .group_by(BLOBS.c.channel)).all())
+        checkpoints = s.execute(select(func.count()).select_from(CHECKPOINTS)
+                                .where(CHECKPOINTS.c.session_id == "chat")).scalar_one()
+    assert per_channel["system"] == 1, per_channel
+    assert checkpoints >= 60  # input + step per turn: many checkpoints, one stored `system`
+    ours = [(s.values, s.next, s.metadata["step"]) for s in app.get_state_history("chat")]
+    theirs = [(s.values, s.next, s.metadata["step"])
+              for s in ref.get_state_history({"configurable": {"thread_id": "chat"}})]
+    assert ours == theirs
+
+
+def test_finished_thread_resumes_without_running_and_closes(rt: Runtime):
+    """resume() of a finished thread returns its state, runs no node; the session is 'closed'."""
+    runs: list[str] = []
+
+    def node(state: Chat) -> dict:
+        runs.append("reply")
+        return {"turns": state["turns"] + 1}
+
+    b = StateGraph(Chat)
+    b.add_node("reply", node)
+    b.add_edge(START, "reply")
+    b.add_edge("reply", END)
+    app = wrap(b, runtime=rt)
+    out = app.invoke({"messages": [], "system": "", "turns": 0}, session_id="done")
+    assert out["turns"] == 1 and runs == ["reply"]
+    assert rt.info("done").status == "closed" and rt.info("done").labels["kind"] == "graph"
+    assert app.resume("done") == out and runs == ["reply"]
+
+
+def test_resume_of_unknown_session_raises_session_not_found(rt: Runtime):
+    """resume('nope') raises SessionNotFound naming the ID; nothing is created."""
+    app = wrap(_chat_graph(), runtime=rt)
+    with pytest.raises(SessionNotFound, match="'nope'"):
+        app.resume("nope")
+    assert [i.id for i in rt.sessions()] == []
+
+
+def test_second_live_owner_is_refused_before_any_node_runs(home: Path, catalog_url: str):
+    """While one runtime owns a thread, another's resume raises OwnershipError and runs nothing."""
+    runs: list[str] = []
+
+    def node(state: Chat) -> dict:
+        runs.append("n")
+        return {"turns": state["turns"] + 1}
+
+    b = StateGraph(Chat)
+    b.add_node("n", node)
+    b.add_edge(START, "n")
+    b.add_edge("n", END)
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as a, \
+            Runtime.open(home=home, catalog_url=catalog_url, backend="host") as other:
+        app_a = wrap(b, runtime=a)
+        app_a.invoke({"messages": [], "system": "", "turns": 0}, session_id="t")
+        app_a.saver.acquire("t")  # A owns the thread (as during a long run)
+        app_b = wrap(b, runtime=other)
+        with pytest.raises(OwnershipError, match="no live owner"):
+            app_b.resume("t")
+        with pytest.raises(OwnershipError):
+            app_b.invoke({"messages": ["x"]}, session_id="t")
+        assert runs == ["n"]
+
+
+def test_stale_owner_put_is_fenced_by_token(home: Path, catalog_url: str):
+    """After a takeover, the old owner's put and put_writes raise OwnershipError; the new owner's stand."""
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as a, \
+            Runtime.open(home=home, catalog_url=catalog_url, backend="host") as b:
+        old, new = ConcordiaSaver(runtime=a), ConcordiaSaver(runtime=b)
+        cfg = {"configurable": {"thread_id": "th", "checkpoint_ns": ""}}
+        c1 = create_checkpoint(empty_checkpoint(), None, 1)
+        stored = old.put(cfg, c1, {"step": 1}, {})
+        assert old.runtime.held("th").token == 1
+        expire_lease(catalog_url, "th")  # the old owner stalled past its lease
+        taken = new.acquire("th")
+        assert taken.token == 2
+        with pytest.raises(OwnershipError, match="token 1"):
+            old.put(stored, create_checkpoint(c1, None, 2), {"step": 2}, {})
+        with pytest.raises(OwnershipError):
+            old.put_writes(stored, [("ch", 1)], "task-1")
+        new.put(stored, create_checkpoint(c1, None, 3), {"step": 3}, {})
+        steps = [t.metadata["step"] for t in new.list({"configurable": {"thread_id": "th"}})]
+        assert steps == [3, 1]
+        assert new.get_tuple(stored).pending_writes == []
+
+
+def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
+    """A node that fails and is resumed gets the same task_session_id; outside a node it raises."""
+    seen: list[str] = []
+
+    def flaky(state: Chat, config: RunnableConfig) -> dict:
+        seen.append(task_session_id(config))
+        if len(seen) == 1:
+            raise RuntimeError("transient")
+        return {"turns": 1}
+
+    b = StateGraph(Chat)
+    b.add_node("flaky", flaky)
+    b.add_edge(START, "flaky")
+    b.add_edge("flaky", END)
+    app = wrap(b, runtime=rt)
+    with pytest.raises(RuntimeError, match="transient"):
+        app.invoke({"messages": [], "system": "", "turns": 0}, session_id="th2")
+    assert rt.info("th2").status == "idle"
+    assert app.resume("th2")["turns"] == 1
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0].startswith("th2#task:")
+    with pytest.raises(ConcordiaError, match="inside a LangGraph node|running node"):
+        task_session_id({"configurable": {"thread_id": "x"}})
+
+
+def test_bad_input_gets_clear_errors(rt: Runtime):
+    """Missing thread_id, a str to prune, an unknown prune strategy: named errors saying what was expected."""
+    saver = ConcordiaSaver(runtime=rt)
+    with pytest.raises(ConcordiaError, match="expected configurable.thread_id"):
+        saver.get_tuple({"configurable": {}})
+    with pytest.raises(TypeError, match="sequence of thread IDs"):
+        saver.prune("abc")
+    with pytest.raises(ValueError, match="strategy"):
+        saver.prune(["abc"], strategy="newest")
+    with pytest.raises(ConcordiaError, match="StateGraph"):
+        wrap(object(), runtime=rt)
+
+
+# -- real processes ------------------------------------------------------------------------------
+
+
+def _child(home: Path, catalog: str, *args: str, env: dict | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "tests._agent_child", *args, "--home", str(home),
+                             "--catalog", catalog], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def _result(p: subprocess.Popen[str], timeout: float = 300) -> tuple[int, dict]:
+    out, err = p.communicate(timeout=timeout)
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    return p.returncode, (json.loads(lines[-1]) if lines else {"stderr": err[-3000:]})
+
+
+def _crash_agent(home: Path, catalog: str, session: str, crash_after: int) -> None:
+    rc, res = _result(_child(home, catalog, "invoke", "--session", session, "--crash-after", str(crash_after)))
+    assert rc == -signal.SIGKILL, res
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run of the demo agent (same model, same question)."""
+    home = tmp_path_factory.mktemp("ref")
+    rc, res = _result(_child(home, f"sqlite:///{home / 'c.db'}", "invoke", "--session", "ref"))
+    assert rc == 0, res
+    assert res["nodes"] == ["plan", "llm", "report"] and res["forwards"][0] > 1 and len(res["forwards"]) == 240
+    return res
+
+
+@pytest.mark.slow
+def test_agent_killed_in_llm_node_resumes_without_reprefill(home: Path, catalog_url: str, reference: dict):
+    """SIGKILL during the LLM node; app.resume in a new process finishes it: final state equals the
+    uninterrupted run, plan does not run again, only the missing tokens are computed, one token at a time."""
+    _crash_agent(home, catalog_url, "agent", crash_after=90)
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as r:
+        assert r.info("agent").status == "crashed"  # the dead owner on this machine is recognized at once
+        (task,) = r.catalog.list(prefix="agent#task:")
+        assert task.status == "crashed"
+    rc, res = _result(_child(home, catalog_url, "resume", "--session", "agent"))
+    assert rc == 0, res
+    assert res["state"] == reference["state"]
+    assert res["nodes"] == ["llm", "report"]  # plan's writes were durable: it did not run again
+    assert res["forwards"][0] == 1 and set(res["forwards"]) == {1}  # no re-prefill
+    assert len(res["forwards"]) == 240 - 90  # exactly the missing tokens
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as r:
+        assert r.info("agent").status == "closed"
+        assert [t.status for t in r.catalog.list(prefix="agent#task:")] == ["closed"]
+
+
+@pytest.mark.slow
+def test_cli_resume_finishes_a_crashed_agent(home: Path, reference: dict):
+    """`concordia resume ID --app module:factory` finishes a crashed agent with the uninterrupted result."""
+    catalog = f"sqlite:///{home / 'c.db'}"
+    _crash_agent(home, catalog, "cli-agent", crash_after=50)
+    trace = home / "trace.json"
+    r = subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--catalog", catalog,
+                        "resume", "cli-agent", "--app", "integrations.langgraph.demo_agent:make_app"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CONCORDIA_TEST_TRACE": str(trace)})
+    assert r.returncode == 0, r.stderr
+    assert "finished cli-agent: closed" in r.stdout and reference["state"]["report"] in r.stdout
+    ran = json.loads(trace.read_text())
+    assert ran["nodes"] == ["llm", "report"] and ran["forwards"][0] == 1 and len(ran["forwards"]) == 190
+    listing = subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--catalog",
+                              catalog, "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = listing.stdout.splitlines()
+    thread_line = next(i for i, l in enumerate(lines) if l.startswith("cli-agent "))
+    assert "graph" in lines[thread_line] and "closed" in lines[thread_line]
+    assert lines[thread_line + 1].lstrip().startswith("└ #task:") and "closed" in lines[thread_line + 1]
+
+
+@pytest.mark.slow
+def test_concurrent_resume_exactly_one_runs_no_fork(home: Path, catalog_url: str, reference: dict):
+    """Two processes resume one crashed thread at the same instant: one finishes it, the other gets
+    OwnershipError having run nothing, and the checkpoint chain does not fork."""
+    _crash_agent(home, catalog_url, "race", crash_after=20)
+    go = home / "go"
+    procs = [_child(home, catalog_url, "resume", "--session", "race", "--go-file", str(go)) for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    results = [_result(p) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 3], results
+    winner = next(res for rc, res in results if rc == 0)
+    loser = next(res for rc, res in results if rc == 3)
+    assert winner["state"] == reference["state"]
+    assert loser["nodes"] == [] and loser["forwards"] == [] and "no live owner" in loser["ownership_error"]
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as r, r.catalog.read() as s:
+        rows = s.execute(select(CHECKPOINTS.c.checkpoint_id, CHECKPOINTS.c.parent_checkpoint_id).where(
+            CHECKPOINTS.c.session_id == "race", CHECKPOINTS.c.checkpoint_ns == "")).all()
+    parents = [p for _, p in rows]
+    assert len(parents) == len(set(parents)), "two checkpoints share a parent: the chain forked"
+    assert len(rows) == 5  # input, plan, llm, report steps + the initial: one linear chain
+
+
+@pytest.mark.slow
+def test_delete_thread_removes_its_generation_sessions(home: Path):
+    """delete_thread removes the thread's checkpoints, its session and its task sessions' logs."""
+    catalog = f"sqlite:///{home / 'c.db'}"
+    _crash_agent(home, catalog, "gone", crash_after=10)
+    with Runtime.open(home=home, catalog_url=catalog, backend="host") as r:
+        saver = ConcordiaSaver(runtime=r)
+        (task,) = r.catalog.list(prefix="gone#task:")
+        task_dir = r.session_dir(task.id)
+        assert task_dir.exists()
+        saver.delete_thread("gone")
+        assert r.sessions() == [] and not task_dir.exists()
+        assert saver.get_tuple({"configurable": {"thread_id": "gone"}}) is None
