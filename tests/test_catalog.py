@@ -85,3 +85,28 @@ def test_concurrent_acquire_has_one_winner(catalog_url):
         p.join(timeout=30)
     assert sorted(r[0] for r in results) == ["lost"] * 5 + ["won"]
     assert [r[1] for r in results if r[0] == "won"] == [1]
+
+
+def test_dead_owner_on_this_machine_is_recognized_and_foreign_ones_are_not():
+    """An owner ID of an exited process on this machine is dead; a live one, ours, one from another
+    machine or a malformed one are not (the check only ever errs towards 'alive')."""
+    import subprocess
+    import sys
+
+    from concordia_agents._owner import machine_id, new_owner_id, owner_is_dead
+
+    code = "from concordia_agents._owner import new_owner_id; print(new_owner_id())"
+    gone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert owner_is_dead(gone)
+    live = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(30)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert not owner_is_dead(live.stdout.readline().strip())
+    finally:
+        live.kill()
+        live.wait()
+    assert not owner_is_dead(new_owner_id())
+    host, pid, nonce = gone.split("@")[0].split(":")
+    assert not owner_is_dead(f"{host}:{pid}:{nonce}@0000000000000000.1")  # another machine
+    assert not owner_is_dead(f"{host}:{pid}:{nonce}")  # old-style ID without a machine
+    assert not owner_is_dead("garbage") and machine_id()
