@@ -1,0 +1,522 @@
+"""PTX parsing and rewriting: a pause gate at each kernel entry, a completion
+hook at each kernel exit.
+
+The parser knows the part of PTX it needs and no more: a lexer (comments,
+strings, identifiers, numbers, punctuation) and, on its tokens, the module
+header (``.version``, ``.target``, ``.address_size``), the ``.entry`` and
+``.func`` definitions with their brace-matched bodies, and within a body the
+statements (``[label:] [@[!]pred] opcode operands ;``). Everything else is
+copied byte for byte.
+
+Rewrite of each ``.entry`` (``instrument(ptx, kernel_ids)``):
+
+1. Module scope: ``.visible .global .u64 __concordia_ctl`` — the address of the
+   control block (``CTL_*`` below), 0 until the runtime sets it after loading
+   the module; with 0 the hooks do nothing. One ``.shared .u32`` exit counter
+   per entry.
+2. Entry (pause gate), per *launch*: thread (0,0,0) of each block zeroes the
+   block's exit counter and finds its launch's slot (keyed by ``%gridid``,
+   claimed with a CAS; its index is kept in shared memory for the exit). The
+   block that claims it admits the launch: it adds
+   the launch to an ``active`` bucket and — after a ``fence.sc.gpu`` — reads
+   the pause word; while the pause is set it backs out and waits
+   (``nanosleep``) until it clears or the control block's timeout passes (then
+   it counts a gate timeout and runs anyway: the runtime turns that into an
+   error rather than hang). Then it marks the slot admitted. Every other block
+   of the launch waits for that mark. ``bar.sync 0`` then releases the
+   block's other threads. A launch thus runs all of its blocks or none while
+   paused, and the increment-fence-read order against the host's
+   write-pause-then-read-active order makes a quiesce exact: a launch either
+   is counted in ``active`` or sees the pause.
+3. Exits: every ``ret`` / ``exit`` of the entry (predicated or not) becomes a
+   branch to one exit block. There each thread fences its writes
+   (``fence.acq_rel.gpu``); per warp, the highest active lane adds the warp's
+   active lane count to the block's shared exit counter; the warp that
+   completes the block's count counts the block in one of its launch's 64
+   sub-counters (block id & 63, each in its own L2 sector: a quarter million
+   blocks arriving at one address would serialize); the block that completes
+   a sub-counter counts it in the slot, and the block that completes the
+   slot's count — the last of the launch — bumps ``completions[kernel_id]``,
+   leaves ``active`` and frees the slot. A counter therefore equals the number of
+   finished launches of that kernel, whatever the streams, grid shapes or
+   concurrency.
+
+Limits (documented, detected where possible): kernels that exit from a called
+``.func`` (``exit`` inside a function) are reported and left uncounted; at
+most 256 instrumented launches in flight at once (slots; the H100 runs at most
+128 kernels concurrently); PTX older
+than ISA 7.0 or targets below sm_70 are refused (``nanosleep``, ``activemask``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConcordiaError
+
+__all__ = [
+    "CTL_ACTIVE",
+    "CTL_ACTIVE_BUCKETS",
+    "CTL_BYTES",
+    "CTL_COMPLETIONS",
+    "CTL_GATE_TIMEOUTS",
+    "CTL_MAGIC",
+    "CTL_MAX_KERNELS",
+    "CTL_PAUSE",
+    "CTL_SLOTS",
+    "CTL_SLOT_COUNT",
+    "CTL_TIMEOUT_NS",
+    "CTL_VERSION",
+    "CTL_WORD",
+    "REWRITE_VERSION",
+    "Entry",
+    "PtxError",
+    "PtxModule",
+    "instrument",
+    "parse",
+]
+
+REWRITE_VERSION = 1
+
+# Control block (device memory, one per device), little-endian:
+#   0  u32 magic "CCIN"   4  u32 version
+#   8  u32 pause word (non-zero: gates hold new blocks)
+#  16  u64 gate timeout in ns (globaltimer)
+#  24  u64 gate timeouts so far
+#  64  u32 active[64]: admitted, unfinished launches, by slot & 63
+# 1024 {u64 gridid, u32 finished sub-counters, u32 admitted}[256]: one slot per launch in flight
+# 5120 u64 completions[CTL_MAX_KERNELS]: finished launches per kernel ID
+# 139264 u32 sub[256][64] at a 256-byte stride: blocks exited per (slot, block id & 63)
+CTL_MAGIC = 0x4E494343  # "CCIN"
+CTL_VERSION = 1
+CTL_PAUSE = 8
+CTL_TIMEOUT_NS = 16
+CTL_GATE_TIMEOUTS = 24
+CTL_ACTIVE = 64
+CTL_ACTIVE_BUCKETS = 64
+CTL_SLOTS = 1024
+CTL_SLOT_COUNT = 256
+CTL_COMPLETIONS = CTL_SLOTS + 16 * CTL_SLOT_COUNT
+CTL_MAX_KERNELS = 16384
+CTL_SUB_COUNTERS = 64  #: arrival sub-counters per slot (block id & 63)
+CTL_SUB_STRIDE = 256  #: bytes between sub-counters: separate L2 sectors, so arrivals do not serialize
+CTL_SUBS = 139264
+CTL_BYTES = CTL_SUBS + CTL_SLOT_COUNT * CTL_SUB_COUNTERS * CTL_SUB_STRIDE
+assert CTL_SUBS >= CTL_COMPLETIONS + 8 * CTL_MAX_KERNELS
+CTL_WORD = "__concordia_ctl"
+
+
+class PtxError(ConcordiaError):
+    """PTX the rewriter cannot parse or must refuse; names the offset."""
+
+
+# -- lexer ----------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<lcomment>//[^\n]*)
+  | (?P<bcomment>/\*.*?\*/)
+  | (?P<string>"(?:[^"\\\n]|\\.)*")
+  | (?P<num>0[xX][0-9a-fA-F]+U?|0[fFdD][0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?U?)
+  | (?P<ident>[.%$_A-Za-z][\w.$%]*)
+  | (?P<punct>[{}()\[\];:,@!<>+\-=|*/&^~?])
+""", re.VERBOSE | re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Tok:
+    kind: str
+    text: str
+    start: int
+    end: int
+
+
+def tokens(text: str) -> list[Tok]:
+    out: list[Tok] = []
+    pos, n = 0, len(text)
+    while pos < n:
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise PtxError(f"PTX: unexpected character {text[pos]!r} at offset {pos}")
+        kind = m.lastgroup or ""
+        if kind not in ("ws", "lcomment", "bcomment"):
+            out.append(Tok(kind, m.group(), m.start(), m.end()))
+        pos = m.end()
+    return out
+
+
+# -- structure --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Exit:
+    start: int  #: offset of the statement (its guard, if any)
+    end: int  #: offset past its ';'
+    guard: str  #: "" or e.g. "@%p1" / "@!%p1"
+    opcode: str  #: "ret", "ret.uni", "exit"
+
+
+@dataclass(slots=True)
+class Entry:
+    name: str
+    body_open: int  #: offset of '{'
+    body_close: int  #: offset of the matching '}'
+    exits: list[Exit] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PtxModule:
+    text: str
+    version: tuple[int, int]
+    target: str
+    header_end: int  #: where module-scope declarations may be inserted
+    entries: list[Entry]
+    funcs_with_exit: list[str]
+    instrumented: bool  #: already carries the Concordia hooks
+
+
+def _match(toks: list[Tok], i: int, open_: str, close: str) -> int:
+    """Index of the token closing the bracket opened at ``toks[i]``."""
+    depth = 0
+    for j in range(i, len(toks)):
+        if toks[j].text == open_:
+            depth += 1
+        elif toks[j].text == close:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise PtxError(f"PTX: {open_!r} at offset {toks[i].start} is never closed")
+
+
+def _statements(toks: list[Tok], lo: int, hi: int) -> list[tuple[int, int]]:
+    """``(first, last)`` token indices of each statement in ``toks[lo:hi]``
+    (labels and braces separate statements; ``last`` is the ';')."""
+    out = []
+    i = lo
+    while i < hi:
+        t = toks[i]
+        if t.text in "{}":  # a nested scope (call sequences); braces later in a statement are vector operands
+            i += 1
+            continue
+        if t.kind == "ident" and i + 1 < hi and toks[i + 1].text == ":":  # a label
+            i += 2
+            continue
+        j = i
+        while j < hi and toks[j].text != ";":
+            j += 1
+        if j >= hi:
+            raise PtxError(f"PTX: statement at offset {t.start} has no ';' before the end of its body")
+        out.append((i, j))
+        i = j + 1
+    return out
+
+
+def _opcode(toks: list[Tok], first: int) -> tuple[str, str]:
+    """(guard text, opcode) of a statement."""
+    i = first
+    guard = ""
+    if toks[i].text == "@":
+        neg = toks[i + 1].text == "!"
+        reg = toks[i + 2 if neg else i + 1]
+        guard = "@" + ("!" if neg else "") + reg.text
+        i += 3 if neg else 2
+    return guard, toks[i].text if i < len(toks) else ""
+
+
+def _is_exit(opcode: str) -> bool:
+    return opcode.split(".")[0] in ("ret", "exit")
+
+
+def parse(text: str) -> PtxModule:
+    toks = tokens(text)
+    version: tuple[int, int] | None = None
+    target = ""
+    header_end = -1
+    entries: list[Entry] = []
+    funcs_with_exit: list[str] = []
+    i = 0
+    while i < len(toks):
+        t = toks[i]
+        if t.text == ".version" and i + 1 < len(toks):
+            major, _, minor = toks[i + 1].text.partition(".")
+            version = (int(major), int(minor or 0))
+            header_end = max(header_end, toks[i + 1].end)
+        elif t.text == ".target" and i + 1 < len(toks):
+            target = toks[i + 1].text
+            j = i + 1
+            while j + 2 < len(toks) and toks[j + 1].text == ",":  # .target sm_90, debug
+                j += 2
+            header_end = max(header_end, toks[j].end)
+        elif t.text == ".address_size" and i + 1 < len(toks):
+            header_end = max(header_end, toks[i + 1].end)
+        elif t.text in (".entry", ".func"):
+            name_i = i + 1
+            if t.text == ".func" and toks[name_i].text == "(":  # .func (.param .b32 retval) name(...)
+                name_i = _match(toks, name_i, "(", ")") + 1
+            name = toks[name_i].text
+            j = name_i + 1
+            if j < len(toks) and toks[j].text == "(":
+                j = _match(toks, j, "(", ")") + 1
+            while j < len(toks) and toks[j].text not in ("{", ";"):
+                j += 1  # performance directives: .maxntid 256, 1, 1 ...
+            if j >= len(toks) or toks[j].text == ";":
+                i = j + 1  # a declaration (prototype), no body
+                continue
+            close = _match(toks, j, "{", "}")
+            exits = []
+            for first, last in _statements(toks, j + 1, close):
+                guard, op = _opcode(toks, first)
+                if _is_exit(op):
+                    exits.append(Exit(toks[first].start, toks[last].end, guard, op))
+            if t.text == ".entry":
+                entries.append(Entry(name, toks[j].start, toks[close].start, exits))
+            elif any(e.opcode.split(".")[0] == "exit" for e in exits):
+                funcs_with_exit.append(name)  # ends the thread inside a call: invisible to the exit hook
+            i = close + 1
+            continue
+        i += 1
+    if version is None:
+        raise PtxError("PTX: expected a .version directive, found none")
+    if header_end < 0:
+        raise PtxError("PTX: expected .version/.target directives before the first definition")
+    instrumented = any(t.text == CTL_WORD for t in toks)
+    return PtxModule(text, version, target, header_end, entries, funcs_with_exit, instrumented)
+
+
+# -- rewrite ----------------------------------------------------------------------------------
+
+_REGS = """
+\t// concordia: pause gate and completion hook registers
+\t.reg .pred \t%__cc_p<4>;
+\t.reg .b32 \t%__cc_r<12>;
+\t.reg .b64 \t%__cc_d<14>;
+"""
+
+_GATE = """
+\t// concordia: pause gate (thread 0 of each block; see gpu_runtime/ptx.py)
+\tld.global.u64 \t%__cc_d0, [{ctl}];
+\tsetp.eq.u64 \t%__cc_p0, %__cc_d0, 0;
+\t@%__cc_p0 bra \t$__cc_body;
+\tmov.u32 \t%__cc_r0, %tid.x;
+\tmov.u32 \t%__cc_r1, %tid.y;
+\tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
+\tmov.u32 \t%__cc_r1, %tid.z;
+\tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
+\tsetp.ne.u32 \t%__cc_p1, %__cc_r0, 0;
+\t@%__cc_p1 bra \t$__cc_sync;
+\tmov.u32 \t%__cc_r2, 0;
+\tst.shared.u32 \t[{exits}], %__cc_r2;
+\tmov.u64 \t%__cc_d5, %gridid;
+\tmul.lo.u64 \t%__cc_d6, %__cc_d5, 0x9E3779B97F4A7C15;
+\tshr.u64 \t%__cc_d6, %__cc_d6, {slot_shift};
+$__cc_probe:
+\tshl.b64 \t%__cc_d7, %__cc_d6, 4;
+\tadd.u64 \t%__cc_d7, %__cc_d7, %__cc_d0;
+\tld.volatile.global.v2.u64 \t{{%__cc_d8, %__cc_d9}}, [%__cc_d7+{slots}];
+\tsetp.eq.u64 \t%__cc_p2, %__cc_d8, %__cc_d5;
+\t@%__cc_p2 bra \t$__cc_mine;
+\tsetp.ne.u64 \t%__cc_p2, %__cc_d8, 0;
+\t@%__cc_p2 bra \t$__cc_next;
+\tatom.global.cas.b64 \t%__cc_d8, [%__cc_d7+{slots}], 0, %__cc_d5;
+\tsetp.eq.u64 \t%__cc_p2, %__cc_d8, 0;
+\t@%__cc_p2 bra \t$__cc_admit;
+\tsetp.eq.u64 \t%__cc_p2, %__cc_d8, %__cc_d5;
+\t@%__cc_p2 bra \t$__cc_follow_start;
+$__cc_next:
+\tadd.u64 \t%__cc_d6, %__cc_d6, 1;
+\tand.b64 \t%__cc_d6, %__cc_d6, {slot_mask};
+\tbra.uni \t$__cc_probe;
+$__cc_mine:
+\tshr.u64 \t%__cc_d9, %__cc_d9, 32;
+\tsetp.ne.u64 \t%__cc_p2, %__cc_d9, 0;
+\t@%__cc_p2 bra \t$__cc_go;
+$__cc_follow_start:
+\tmov.u64 \t%__cc_d2, %globaltimer;
+\tld.global.u64 \t%__cc_d4, [%__cc_d0+{timeout_ns}];
+$__cc_follow:
+\tld.volatile.global.u32 \t%__cc_r4, [%__cc_d7+{slot_admitted}];
+\tsetp.ne.u32 \t%__cc_p2, %__cc_r4, 0;
+\t@%__cc_p2 bra \t$__cc_go;
+\tnanosleep.u32 \t100;
+\tmov.u64 \t%__cc_d3, %globaltimer;
+\tsub.u64 \t%__cc_d3, %__cc_d3, %__cc_d2;
+\tsetp.gt.u64 \t%__cc_p3, %__cc_d3, %__cc_d4;
+\t@!%__cc_p3 bra \t$__cc_follow;
+\tred.global.add.u64 \t[%__cc_d0+{gate_timeouts}], 1;
+\tbra.uni \t$__cc_go;
+$__cc_admit:
+\tmov.u64 \t%__cc_d2, %globaltimer;
+\tld.global.u64 \t%__cc_d4, [%__cc_d0+{timeout_ns}];
+\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
+\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
+\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
+\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
+\tmov.u32 \t%__cc_r5, -1;
+\tmov.u32 \t%__cc_r6, 1;
+$__cc_gate:
+\tred.global.add.u32 \t[%__cc_d1+{active}], 1;
+\tfence.sc.gpu;
+\tld.volatile.global.u32 \t%__cc_r4, [%__cc_d0+{pause}];
+\tsetp.eq.u32 \t%__cc_p2, %__cc_r4, 0;
+\t@%__cc_p2 bra \t$__cc_admitted;
+\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r5;
+$__cc_wait:
+\tnanosleep.u32 \t2000;
+\tmov.u64 \t%__cc_d3, %globaltimer;
+\tsub.u64 \t%__cc_d3, %__cc_d3, %__cc_d2;
+\tsetp.gt.u64 \t%__cc_p3, %__cc_d3, %__cc_d4;
+\t@%__cc_p3 bra \t$__cc_timeout;
+\tld.volatile.global.u32 \t%__cc_r4, [%__cc_d0+{pause}];
+\tsetp.ne.u32 \t%__cc_p2, %__cc_r4, 0;
+\t@%__cc_p2 bra \t$__cc_wait;
+\tbra.uni \t$__cc_gate;
+$__cc_timeout:
+\tred.global.add.u64 \t[%__cc_d0+{gate_timeouts}], 1;
+\tred.global.add.u32 \t[%__cc_d1+{active}], 1;
+$__cc_admitted:
+\tst.volatile.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r6;
+$__cc_go:
+\tst.shared.u64 \t[{slot_var}], %__cc_d6;
+$__cc_sync:
+\tbar.sync \t0;
+$__cc_body:
+"""
+
+_EXIT = """
+$__cc_exit:
+\t// concordia: completion hook (see gpu_runtime/ptx.py)
+\tld.global.u64 \t%__cc_d0, [{ctl}];
+\tsetp.eq.u64 \t%__cc_p0, %__cc_d0, 0;
+\t@%__cc_p0 bra \t$__cc_ret;
+\tfence.acq_rel.gpu;
+\tactivemask.b32 \t%__cc_r0;
+\tmov.u32 \t%__cc_r1, %laneid;
+\tbfind.u32 \t%__cc_r2, %__cc_r0;
+\tpopc.b32 \t%__cc_r3, %__cc_r0;
+\tbar.warp.sync \t%__cc_r0;
+\tsetp.ne.u32 \t%__cc_p1, %__cc_r1, %__cc_r2;
+\t@%__cc_p1 bra \t$__cc_ret;
+\tatom.shared.add.u32 \t%__cc_r4, [{exits}], %__cc_r3;
+\tadd.u32 \t%__cc_r4, %__cc_r4, %__cc_r3;
+\tmov.u32 \t%__cc_r5, %ntid.x;
+\tmov.u32 \t%__cc_r6, %ntid.y;
+\tmul.lo.u32 \t%__cc_r5, %__cc_r5, %__cc_r6;
+\tmov.u32 \t%__cc_r6, %ntid.z;
+\tmul.lo.u32 \t%__cc_r5, %__cc_r5, %__cc_r6;
+\tsetp.ne.u32 \t%__cc_p1, %__cc_r4, %__cc_r5;
+\t@%__cc_p1 bra \t$__cc_ret;
+\tfence.acq_rel.gpu;
+\tmov.u32 \t%__cc_r8, %nctaid.x;
+\tmov.u32 \t%__cc_r9, %nctaid.y;
+\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
+\tmov.u32 \t%__cc_r9, %nctaid.z;
+\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
+\tld.shared.u64 \t%__cc_d6, [{slot_var}];
+\tshl.b64 \t%__cc_d7, %__cc_d6, 4;
+\tadd.u64 \t%__cc_d7, %__cc_d7, %__cc_d0;
+\tmov.u32 \t%__cc_r0, %ctaid.z;
+\tmov.u32 \t%__cc_r1, %nctaid.y;
+\tmov.u32 \t%__cc_r2, %ctaid.y;
+\tmad.lo.u32 \t%__cc_r0, %__cc_r0, %__cc_r1, %__cc_r2;
+\tmov.u32 \t%__cc_r1, %nctaid.x;
+\tmov.u32 \t%__cc_r2, %ctaid.x;
+\tmad.lo.u32 \t%__cc_r0, %__cc_r0, %__cc_r1, %__cc_r2;
+\tand.b32 \t%__cc_r0, %__cc_r0, {sub_mask};
+\tsub.u32 \t%__cc_r1, %__cc_r8, %__cc_r0;
+\tadd.u32 \t%__cc_r1, %__cc_r1, {sub_mask};
+\tshr.u32 \t%__cc_r1, %__cc_r1, {sub_shift};
+\tshl.b64 \t%__cc_d10, %__cc_d6, {slot_sub_shift};
+\tmul.wide.u32 \t%__cc_d11, %__cc_r0, {sub_stride};
+\tadd.u64 \t%__cc_d10, %__cc_d10, %__cc_d11;
+\tadd.u64 \t%__cc_d10, %__cc_d10, %__cc_d0;
+\tatom.global.add.u32 \t%__cc_r9, [%__cc_d10+{subs}], 1;
+\tadd.u32 \t%__cc_r9, %__cc_r9, 1;
+\tsetp.ne.u32 \t%__cc_p3, %__cc_r9, %__cc_r1;
+\t@%__cc_p3 bra \t$__cc_ret;
+\tmov.u32 \t%__cc_r10, 0;
+\tst.global.u32 \t[%__cc_d10+{subs}], %__cc_r10;
+\tfence.acq_rel.gpu;
+\tmin.u32 \t%__cc_r11, %__cc_r8, {sub_count};
+\tatom.global.add.u32 \t%__cc_r9, [%__cc_d7+{slot_count}], 1;
+\tadd.u32 \t%__cc_r9, %__cc_r9, 1;
+\tsetp.ne.u32 \t%__cc_p3, %__cc_r9, %__cc_r11;
+\t@%__cc_p3 bra \t$__cc_ret;
+\tst.global.u32 \t[%__cc_d7+{slot_count}], %__cc_r10;
+\tst.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r10;
+\tfence.acq_rel.gpu;
+\tred.global.add.u64 \t[%__cc_d0+{completion}], 1;
+\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
+\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
+\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
+\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
+\tmov.u32 \t%__cc_r7, -1;
+\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
+\tatom.global.exch.b64 \t%__cc_d8, [%__cc_d7+{slots}], 0;
+$__cc_ret:
+\tret;
+"""
+
+
+def _fmt(template: str, **kw: object) -> str:
+    common = dict(ctl=CTL_WORD, pause=CTL_PAUSE, timeout_ns=CTL_TIMEOUT_NS, gate_timeouts=CTL_GATE_TIMEOUTS,
+                  active=CTL_ACTIVE, bucket_mask=CTL_ACTIVE_BUCKETS - 1, slots=CTL_SLOTS,
+                  slot_count=CTL_SLOTS + 8, slot_admitted=CTL_SLOTS + 12, slot_mask=CTL_SLOT_COUNT - 1,
+                  slot_shift=64 - (CTL_SLOT_COUNT.bit_length() - 1), subs=CTL_SUBS,
+                  sub_mask=CTL_SUB_COUNTERS - 1, sub_shift=CTL_SUB_COUNTERS.bit_length() - 1,
+                  sub_count=CTL_SUB_COUNTERS, sub_stride=CTL_SUB_STRIDE,
+                  slot_sub_shift=(CTL_SUB_COUNTERS * CTL_SUB_STRIDE).bit_length() - 1)
+    return template.format(**common, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Rewritten:
+    ptx: str
+    entries: dict[str, int]  #: entry name -> kernel ID (its completion counter)
+    funcs_with_exit: list[str]
+
+
+def instrument(ptx: str | bytes, kernel_id: object) -> Rewritten:
+    """Insert the pause gate and completion hook into every ``.entry``.
+
+    ``kernel_id(name)`` assigns each entry's completion counter (an int in
+    ``[0, CTL_MAX_KERNELS)``). Already instrumented PTX is refused (hooks twice
+    would count twice)."""
+    text = ptx.decode() if isinstance(ptx, bytes) else ptx
+    text = text.rstrip("\x00")
+    mod = parse(text)
+    if mod.instrumented:
+        raise PtxError(f"PTX: already instrumented (it declares {CTL_WORD}); refusing to add the hooks twice")
+    if mod.version < (7, 0):
+        raise PtxError(f"PTX: expected ISA version >= 7.0 for the hooks (nanosleep, activemask), found "
+                       f"{mod.version[0]}.{mod.version[1]}")
+    m = re.fullmatch(r"sm_(\d+)[a-z]?", mod.target)
+    if m is None or int(m.group(1)) < 70:
+        raise PtxError(f"PTX: expected a target of sm_70 or newer for the hooks, found {mod.target!r}")
+    ids: dict[str, int] = {}
+    pieces: list[str] = []
+    pos = 0
+    decls = [f"\n\n.visible .global .align 8 .u64 {CTL_WORD};"]
+    for n, e in enumerate(mod.entries):
+        kid = int(kernel_id(e.name))  # type: ignore[operator]
+        if not 0 <= kid < CTL_MAX_KERNELS:
+            raise PtxError(f"kernel ID for {e.name}: expected 0..{CTL_MAX_KERNELS - 1}, found {kid}")
+        ids[e.name] = kid
+        exits_var, slot_var = f"__cc_exits_{n}", f"__cc_slot_{n}"
+        decls.append(f".shared .align 4 .u32 {exits_var};")
+        decls.append(f".shared .align 8 .u64 {slot_var};")
+        pieces.append(text[pos:e.body_open + 1])
+        pieces.append(_REGS + _fmt(_GATE, exits=exits_var, slot_var=slot_var))
+        pos = e.body_open + 1
+        for ex in e.exits:
+            pieces.append(text[pos:ex.start])
+            pieces.append(f"{ex.guard} bra \t$__cc_exit;" if ex.guard else "bra \t$__cc_exit;")
+            pos = ex.end
+        pieces.append(text[pos:e.body_close])
+        pieces.append(_fmt(_EXIT, exits=exits_var, slot_var=slot_var, completion=CTL_COMPLETIONS + 8 * kid))
+        pos = e.body_close
+    pieces.append(text[pos:])
+    body = "".join(pieces)
+    # Module-scope declarations go right after the header (positions before it are unchanged).
+    out = body[:mod.header_end] + "\n".join(decls) + "\n" + body[mod.header_end:]
+    return Rewritten(out, ids, mod.funcs_with_exit)
