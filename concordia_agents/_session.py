@@ -33,7 +33,7 @@ from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 from ._log import SessionLog
 from ._logging import get_logger
 from ._replay import LogIndex, PayloadReader
-from .errors import CorruptLogError, MetaError, RegionError, SessionClosedError
+from .errors import ConfigurationError, CorruptLogError, MetaError, RegionError, SessionClosedError
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -194,7 +194,7 @@ class Session:
     # -- 3. commit ----------------------------------------------------------------
 
     def commit(self, meta: Any = None, *, rows: Mapping[str, tuple[int, int] | int] | None = None,
-               wait: bool = True) -> int:
+               wait: bool = True, quiesce: bool = False, quiesce_timeout: float = 5.0) -> int:
         """Commit an epoch; returns its number once it is in the host log ring.
 
         ``rows`` gives each kv region's dirty rows: ``(t0, t1)``, or an int
@@ -205,8 +205,33 @@ class Session:
         ``wait=False`` returns as soon as the epoch is handed to the backend:
         on the GPU backend the executor copies it while the caller goes on
         (decode never waits); ``wait_visible(epoch)`` or ``flush()`` wait for
-        it. The host backend always copies before returning."""
+        it. The host backend always copies before returning.
+
+        ``quiesce=True`` (GPU, with ``gpu_runtime.instrument`` enabled) takes a
+        checkpoint at a safe point between instrumented kernels instead of
+        after a stream fence: it sets the pause word (new instrumented blocks
+        wait at their entry gate), waits until no block is inside an
+        instrumented kernel body, copies the epoch, waits for the copy, and
+        releases the gates. Work queued behind a paused kernel on a stream is
+        not waited for (that is the point: it has not run). Precompiled
+        library kernels are not paused; order them with a stream fence
+        (``gpu_runtime.instrument.stream_completion``) if they write the
+        regions. Cost: two small host-device copies plus polling for the drain,
+        plus the copy itself (the commit always waits)."""
         self._check_open()
+        if quiesce:
+            from gpu_runtime import instrument
+
+            if not instrument.is_enabled():
+                raise ConfigurationError(
+                    "commit(quiesce=True): expected GPU instrumentation to be enabled "
+                    "(gpu_runtime.instrument.enable()), found it disabled")
+            with instrument.paused(timeout=quiesce_timeout):
+                return self._commit(meta, rows, wait=True, fence=False)
+        return self._commit(meta, rows, wait=wait, fence=True)
+
+    def _commit(self, meta: Any, rows: Mapping[str, tuple[int, int] | int] | None, *, wait: bool,
+                fence: bool) -> int:
         with self._lock:
             self._log.check_owner()
             ranges: dict[str, tuple[int, int]] = {}
@@ -234,7 +259,7 @@ class Session:
             except (TypeError, ValueError) as e:
                 raise MetaError(f"commit meta must be JSON-serializable, found {type(meta).__name__}: {e}") from e
             epoch = self.epoch + 1
-            self.runtime.backend.commit_epoch(self._log.writer, epoch, tasks, body)
+            self.runtime.backend.commit_epoch(self._log.writer, epoch, tasks, body, fence=fence)
             if wait:
                 self.runtime.backend.wait_visible(self._log.writer, epoch)
             self.epoch, self.meta, self._lengths = epoch, meta, lengths

@@ -83,9 +83,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def commit_epoch(
-        self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes
+        self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes, *, fence: bool = True
     ) -> int:
-        """Write (or enqueue) the epoch's records and its COMMIT; return the log offset past it."""
+        """Write (or enqueue) the epoch's records and its COMMIT; return the log offset past it.
+        ``fence=False``: do not order the copy after work queued on the regions'
+        streams (the caller quiesced the device instead; see ``Session.commit``)."""
 
     def wait_visible(self, writer: LogWriter, epoch: int, timeout: float = 30.0) -> None:
         """Block until ``epoch``'s COMMIT is published in the ring. Backends whose

@@ -181,7 +181,8 @@ class CupyBackend(Backend):
         self._fence_args = None
         return self.executor.enqueue(kind, args, handler=region.handler)
 
-    def commit_epoch(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes) -> int:
+    def commit_epoch(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes, *,
+                     fence: bool = True) -> int:
         ring = writer.ring
         self._ring(ring)
         start = writer.position
@@ -190,7 +191,7 @@ class CupyBackend(Backend):
         # Data tasks wait in `pending` so that the last one can also publish the
         # COMMIT; they are sent early when the epoch grows large for the ring.
         pending: list[tuple[CupyRegion, list[int], int]] = []  # (region, a0..a7, end offset)
-        self._fence_args = self._fence_streams(tasks) if tasks else None
+        self._fence_args = self._fence_streams(tasks) if tasks and fence else None
         unpublished = 0
 
         def send(publish_last: tuple[int, int]) -> None:

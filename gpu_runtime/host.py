@@ -53,8 +53,9 @@ class HostBackend(Backend):
         return HostRegion(spec, array)
 
     def commit_epoch(
-        self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes
+        self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes, *, fence: bool = True
     ) -> int:
+        # Host regions are copied synchronously by the caller's thread: nothing to fence.
         start = writer.position
         n = 0
         staged: list[tuple[HostRegion, np.ndarray]] = []

@@ -359,3 +359,12 @@ def test_runtime_defaults_come_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCORDIA_RING_BYTES", "lots")
     with pytest.raises(ConfigurationError, match="CONCORDIA_RING_BYTES"):
         Runtime.open()
+
+
+def test_quiesced_commit_without_instrumentation_is_refused(make_runtime):
+    """commit(quiesce=True) without gpu_runtime.instrument enabled raises ConfigurationError, commits nothing."""
+    s = make_runtime().session("q")
+    s.register("a", np.zeros(4096, np.uint8))
+    with pytest.raises(ConfigurationError, match="instrumentation to be enabled"):
+        s.commit({"x": 1}, quiesce=True)
+    assert s.epoch == 0

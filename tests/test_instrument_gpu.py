@@ -1,0 +1,293 @@
+"""Instrumentation on the GPU: the corpus computes bit-identical results with the hooks,
+the pause gate holds launches and times out with an error, completion counters equal
+the launches, the executor waits on them, and quiesced commits land between launches."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.ptx_corpus import CORPUS, N
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ins():  # type: ignore[no-untyped-def]
+    import cupy  # noqa: F401
+
+    from gpu_runtime import instrument
+
+    instrument.enable(gate_timeout=10.0)
+    yield instrument
+    instrument.set_gate_timeout(10.0)
+    instrument.disable()
+
+
+def _x() -> np.ndarray:
+    return np.random.default_rng(5).uniform(0, 10000, N).astype(np.float32)
+
+
+def _run(kernel, instrumented: bool, ins) -> np.ndarray:  # type: ignore[no-untyped-def]
+    import cupy
+
+    (ins.enable if instrumented else ins.disable)()
+    try:
+        opts = ("-std=c++17",)
+        # A different source per variant: nothing CuPy memoizes can be shared between the two.
+        mod = cupy.RawModule(code=kernel.source + ("// hooked\n" if instrumented else "// plain\n"), options=opts,
+                             name_expressions=list(kernel.name_expressions) or None)
+        fn = mod.get_function(kernel.entry)
+        x = cupy.asarray(_x())
+        y = cupy.zeros(kernel.out_size, dtype=kernel.out)
+        fn(kernel.grid, kernel.block, (x, y, np.int32(N)), shared_mem=kernel.smem)
+        cupy.cuda.runtime.deviceSynchronize()
+        return cupy.asnumpy(y)
+    finally:
+        ins.enable()
+
+
+@pytest.mark.parametrize("kernel", CORPUS, ids=[k.name for k in CORPUS])
+def test_corpus_kernel_is_bit_identical_with_hooks(ins, kernel):
+    """Each raw corpus kernel gives the same bytes with and without instrumentation, and its
+    instrumented launch is counted (the hooks really ran)."""
+    plain = _run(kernel, False, ins)
+    before = dict(ins.stats()["kernels"])
+    counts = {name: ins.completion_count(name) for name in before}
+    hooked = _run(kernel, True, ins)
+    assert plain.tobytes() == hooked.tobytes()
+    after = ins.stats()["kernels"]
+    ran = [n for n in after if ins.completion_count(n) > counts.get(n, 0)]
+    assert ran, f"no instrumented entry of {kernel.name} counted a launch"
+
+
+def _cupy_kernels():  # type: ignore[no-untyped-def]
+    """CuPy-generated kernels: fresh ElementwiseKernel / ReductionKernel instances and a fused
+    function, so each compiles (through CuPy's own code path) while the test runs."""
+    import cupy
+
+    def make(tag: str):  # type: ignore[no-untyped-def]
+        # Kernel names differ per variant so CuPy's memoization cannot share a module between them.
+        return {
+            "ew_affine": cupy.ElementwiseKernel("float32 x", "float32 y", "y = 3.0f * x - 7.0f",
+                                                f"cc_ew_affine_{tag}"),
+            "ew_two_out": cupy.ElementwiseKernel("float32 x", "float32 a, int32 b",
+                                                 "a = sqrtf(x); b = (int)x % 17", f"cc_ew_two_out_{tag}"),
+            "ew_where": cupy.ElementwiseKernel("float32 x, float32 t", "float32 y", "y = x > t ? x : -x",
+                                               f"cc_ew_where_{tag}"),
+            "red_sumsq": cupy.ReductionKernel("float32 x", "float64 y", "(double)x * x", "a + b", "y = a", "0",
+                                              f"cc_red_sumsq_{tag}"),
+            "red_maxabs": cupy.ReductionKernel("float32 x", "float32 y", "fabsf(x)", "max(a, b)", "y = a", "0",
+                                               f"cc_red_maxabs_{tag}"),
+            "fused": cupy.fuse(kernel_name=f"cc_fused_{tag}")(lambda a, b: a * b + cupy.sin(a)),
+        }
+
+    def run(ks):  # type: ignore[no-untyped-def]
+        x = cupy.asarray(_x())
+        out = {"ew_affine": ks["ew_affine"](x)}
+        a, b = ks["ew_two_out"](x)
+        out["ew_two_out_a"], out["ew_two_out_b"] = a, b
+        out["ew_where"] = ks["ew_where"](x, np.float32(5000))
+        out["red_sumsq"] = ks["red_sumsq"](x.reshape(128, -1), axis=1)
+        out["red_maxabs"] = ks["red_maxabs"](x - 5000)
+        out["fused"] = ks["fused"](x, x[::-1].copy())
+        cupy.cuda.runtime.deviceSynchronize()
+        return {k: cupy.asnumpy(v) for k, v in out.items()}
+
+    return make, run
+
+
+def test_cupy_generated_kernels_are_bit_identical_with_hooks(ins):
+    """Elementwise, reduction and fused kernels compiled by CuPy give identical bytes
+    instrumented; the instrumented ones are counted as rewritten entries."""
+    make, run = _cupy_kernels()
+    ins.disable()
+    plain = run(make("plain"))
+    ins.enable()
+    entries = ins.stats()["instrumented_entries"]
+    hooked = run(make("hooked"))
+    assert ins.stats()["instrumented_entries"] >= entries + 5
+    for k in plain:
+        assert plain[k].tobytes() == hooked[k].tobytes(), k
+    names = ins.stats()["kernels"]
+    assert any("cc_ew_affine_hooked" in n for n in names) and any("cc_red_sumsq_hooked" in n for n in names)
+    assert not any("_plain" in n for n in names)
+
+
+def test_ptx_file_and_cubin_bytes_paths(ins, tmp_path):
+    """RawModule(path=...ptx) is instrumented (its launch is counted); a cubin is loaded as is and
+    reported as a pass-through binary, not as covered."""
+    import cupy
+
+    from gpu_runtime.compiler import compile_cubin
+
+    src = 'extern "C" __global__ void cc_from_file(float* y) { y[threadIdx.x] = threadIdx.x; }'
+    ptx = compile_cubin(src, arch="sm_90", ptx=True).cubin.rstrip(b"\0 ")
+    (tmp_path / "k.ptx").write_bytes(ptx)
+    y = cupy.zeros(32, cupy.float32)
+    before = ins.completion_count("cc_from_file")
+    cupy.RawModule(path=str(tmp_path / "k.ptx")).get_function("cc_from_file")((1,), (32,), (y,))
+    cupy.cuda.runtime.deviceSynchronize()
+    assert ins.completion_count("cc_from_file") == before + 1
+    assert np.array_equal(cupy.asnumpy(y), np.arange(32, dtype=np.float32))
+    cubin = compile_cubin(src.replace("cc_from_file", "cc_cubin"), arch="sm_90").cubin
+    passthrough = ins.stats()["passthrough_binaries"]
+    mod = ins.load_module(cubin)
+    assert ins.stats()["passthrough_binaries"] == passthrough + 1
+    mod.get_function("cc_cubin")((1,), (32,), (y,))
+    cupy.cuda.runtime.deviceSynchronize()
+    assert ins.completion_count("cc_cubin") == 0
+
+
+FLAG = 'extern "C" __global__ void cc_flag(int* y, int v) { if (threadIdx.x == 0) atomicAdd(&y[blockIdx.x], v); }'
+
+
+def _peek(arr) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Read a device array on a non-blocking stream (the default stream would wait for a paused kernel)."""
+    import cupy
+
+    s = cupy.cuda.Stream(non_blocking=True)
+    host = cupy.cuda.alloc_pinned_memory(arr.nbytes)
+    out = np.frombuffer(host, arr.dtype, arr.size)
+    cupy.cuda.runtime.memcpyAsync(out.ctypes.data, arr.data.ptr, arr.nbytes, cupy.cuda.runtime.memcpyDeviceToHost,
+                                  s.ptr)
+    s.synchronize()
+    return out.copy()
+
+
+def test_pause_gate_holds_a_launch_until_release_and_times_out_with_an_error(ins):
+    """With the pause set, a launched kernel's body does not run (no side effect) until release;
+    with a short gate timeout the launch runs after it and paused() raises GateTimeoutError."""
+    import cupy
+
+    fn = cupy.RawModule(code=FLAG).get_function("cc_flag")
+    y = cupy.zeros(64, cupy.int32)
+    s = cupy.cuda.Stream(non_blocking=True)
+    ins.hold()
+    try:
+        with s:
+            fn((64,), (128,), (y, np.int32(1)))
+        time.sleep(0.3)
+        assert _peek(y).sum() == 0, "a block ran its body while paused"
+        assert ins.active_launches() == 0
+    finally:
+        ins.release()
+    s.synchronize()
+    assert np.array_equal(cupy.asnumpy(y), np.ones(64, np.int32))
+
+    ins.set_gate_timeout(0.2)
+    try:
+        with pytest.raises(ins.GateTimeoutError, match="past the gate timeout"):
+            with ins.paused():
+                with s:
+                    fn((64,), (128,), (y, np.int32(1)))
+                time.sleep(0.6)
+                assert _peek(y).sum() == 128  # it ran after the timeout instead of hanging
+    finally:
+        ins.set_gate_timeout(10.0)
+    s.synchronize()
+
+
+def test_completion_counters_equal_launches_and_the_executor_waits_on_them(ins):
+    """10^4 launches of varied grid shapes on 4 streams: the counter ends at exactly 10^4, and a
+    FENCE_WAIT task on the persistent executor for that value completes (no host sync)."""
+    import cupy
+
+    from gpu_runtime.backend import open_backend
+
+    src = 'extern "C" __global__ void cc_tick(int* y) { atomicAdd(&y[blockIdx.x & 7], 1); }'
+    fn = cupy.RawModule(code=src).get_function("cc_tick")
+    y = cupy.zeros(8, cupy.int32)
+    backend = open_backend("cupy")
+    try:
+        base = ins.completion_count("cc_tick")
+        streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(4)]
+        shapes = [((1,), (32,)), ((3,), (64,)), ((2, 2), (16, 2)), ((5,), (128,))]
+        for i in range(10_000):
+            k = i % 4
+            with streams[k]:
+                fn(shapes[k][0], shapes[k][1], (y,))
+        c = ins.completion("cc_tick", launches=base + 10_000)
+        ticket = c.wait_on(backend.executor, timeout=60)
+        backend.executor.wait(ticket, timeout=60)
+        assert c.done() and ins.completion_count("cc_tick") == base + 10_000
+        threads = sum(int(np.prod(shapes[i % 4][0]) * np.prod(shapes[i % 4][1])) for i in range(10_000))
+        assert int(cupy.asnumpy(y).sum()) == threads  # every thread of every launch ran once
+        for st in streams:
+            st.synchronize()
+        assert ins.active_launches() == 0
+    finally:
+        backend.close()
+
+
+def test_stream_completion_orders_after_precompiled_work(ins):
+    """stream_completion() covers work no hook sees (a cuBLAS GEMM): it is done only after it."""
+    import cupy
+
+    s = cupy.cuda.Stream(non_blocking=True)
+    a = cupy.random.random((2048, 2048), dtype=cupy.float32)
+    with s:
+        for _ in range(20):
+            a = a @ a / 2048
+        c = ins.stream_completion(s)
+    s.synchronize()
+    assert c.done()
+
+
+BUMP = r'''
+extern "C" __global__ void cc_bump(int* y, int n, int v, long long spin) {
+    if (threadIdx.x == 0) {  // hold the block for `spin` cycles: a launch takes a while, so commits land mid-storm
+        long long t0 = clock64();
+        while (clock64() - t0 < spin) { }
+    }
+    __syncthreads();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) y[i] = v;
+}
+'''
+
+
+def test_quiesced_commits_land_between_launches(ins, tmp_path):
+    """Launch storms overwrite a registered region with the launch number while commit(quiesce=True)
+    runs mid-storm: every committed epoch holds one launch's complete output, never a mix."""
+    import cupy
+
+    from concordia_agents import Runtime
+
+    fn = cupy.RawModule(code=BUMP).get_function("cc_bump")
+    n = 1 << 20
+    rt = Runtime.open(home=tmp_path, backend="cupy")
+    try:
+        s = rt.session("quiesce")
+        y = cupy.zeros(n, cupy.int32)
+        s.register("y", y)
+        s.commit({"v": 0})
+        s.close()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        seen = []
+        rng = np.random.default_rng(1)
+        for rnd in range(6):
+            s = rt.resume("quiesce")
+            state = s.regions["y"].array
+            values = np.unique(cupy.asnumpy(state))
+            assert values.size == 1, f"round {rnd}: epoch {s.epoch} mixes launches {values[:8]}"
+            seen.append(int(values[0]))
+            start = (rnd + 1) * 1000
+            with stream:
+                for v in range(start, start + 200):
+                    fn((264,), (256,), (state, np.int32(n), np.int32(v), np.int64(200_000)))
+            time.sleep(float(rng.uniform(0.002, 0.012)))
+            s.commit({"round": rnd}, quiesce=True)
+            stream.synchronize()
+            s.close()
+        s = rt.resume("quiesce")
+        values = np.unique(cupy.asnumpy(s.regions["y"].array))
+        assert values.size == 1
+        seen.append(int(values[0]))
+        s.close()
+        # each epoch is a launch boundary inside its storm (not the storm's end, not torn)
+        assert all((r + 1) * 1000 <= v < (r + 1) * 1000 + 200 for r, v in enumerate(seen[1:])), seen
+        assert any(v < (r + 1) * 1000 + 199 for r, v in enumerate(seen[1:])), f"no commit landed mid-storm: {seen}"
+    finally:
+        rt.close()
