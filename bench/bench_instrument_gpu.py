@@ -1,0 +1,146 @@
+"""Instrumentation overhead on the GPU: the pause gate and completion hook against
+the same kernel uninstrumented, in the same run.
+
+* empty kernel (1 block of 32 threads, no work): GPU time per launch of 2000
+  launches run back to back (queued behind a spinning kernel so the host's
+  launch rate does not set the pace; CUDA events), median of 7 repeats after
+  a warm-up; overhead = instrumented - plain, in microseconds per launch.
+* memory-bound kernel: a 256 MiB float copy, one thread per element (the
+  shape CuPy's elementwise kernels use: 262144 blocks) and grid-stride
+  (132 x 8 blocks); per-launch time, overhead in percent.
+* rewrite + load: parse, rewrite and load one module (RawModule from source,
+  compile included) against loading it uninstrumented, medians over fresh
+  sources (no cache hits).
+
+    python bench/bench_instrument_gpu.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import versions, write  # noqa: E402
+
+EMPTY = 'extern "C" __global__ void {name}(int* y) {{ }}'
+COPY = ('extern "C" __global__ void {name}(const float* x, float* y, long n) {{'
+        ' long i = (long)blockIdx.x * blockDim.x + threadIdx.x; if (i < n) y[i] = x[i]; }}')
+COPY_STRIDE = ('extern "C" __global__ void {name}(const float* x, float* y, long n) {{'
+               ' for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;'
+               ' i += (long)blockDim.x * gridDim.x) y[i] = x[i]; }}')
+
+
+_SPIN = ('extern "C" __global__ void cc_bench_spin(long long cycles) {'
+         ' long long t = clock64(); while (clock64() - t < cycles) { } }')
+_spin = None
+
+
+def per_launch(fn, grid, block, args, launches: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median GPU seconds per launch over ``repeats`` batches of ``launches``.
+
+    Each batch is queued behind a spinning kernel long enough for the host to
+    enqueue it all, so the GPU runs the launches back to back and the events
+    measure device time, not the host's launch rate."""
+    import cupy
+
+    global _spin
+    if _spin is None:
+        _spin = cupy.RawModule(code=_SPIN).get_function("cc_bench_spin")
+    for _ in range(3):
+        fn(grid, block, args)
+    cupy.cuda.runtime.deviceSynchronize()
+    out = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        _spin((1,), (1,), (np.int64(int(2e9 * 20e-6 * launches) + 20_000_000),))  # ~20 us of host time per launch
+        start.record()
+        for _ in range(launches):
+            fn(grid, block, args)
+        stop.record()
+        stop.synchronize()
+        out.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / launches)
+    return statistics.median(out)
+
+
+def kernel(src: str, hooked: bool, ins):  # type: ignore[no-untyped-def]
+    import cupy
+
+    name = f"k_{uuid.uuid4().hex[:8]}"
+    (ins.enable if hooked else ins.disable)()
+    try:
+        fn = cupy.RawModule(code=src.format(name=name)).get_function(name)
+    finally:
+        ins.enable()
+    return fn
+
+
+def main() -> None:
+    import cupy
+
+    from gpu_runtime import instrument as ins
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    launches, repeats = (300, 3) if args.quick else (2000, 7)
+    ins.enable()
+    results: dict[str, dict] = {}
+
+    y = cupy.zeros(32, cupy.int32)
+    plain = per_launch(kernel(EMPTY, False, ins), (1,), (32,), (y,), launches, repeats)
+    hooked = per_launch(kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, repeats)
+    results["empty_kernel"] = {"plain_us": plain * 1e6, "instrumented_us": hooked * 1e6,
+                               "overhead_us_per_launch": (hooked - plain) * 1e6, "goal_us": 1.0}
+
+    n = 64 << 20  # 256 MiB of float32
+    x, out = cupy.random.random(n, dtype=cupy.float32), cupy.empty(n, cupy.float32)
+    mb_launches = max(20, launches // 40)
+    for label, src, grid, block in (("memory_bound_one_thread_per_element", COPY, ((n + 255) // 256,), (256,)),
+                                    ("memory_bound_grid_stride", COPY_STRIDE, (132 * 8,), (256,))):
+        plain = per_launch(kernel(src, False, ins), grid, block, (x, out, np.int64(n)), mb_launches, repeats)
+        hooked = per_launch(kernel(src, True, ins), grid, block, (x, out, np.int64(n)), mb_launches, repeats)
+        results[label] = {"plain_ms": plain * 1e3, "instrumented_ms": hooked * 1e3,
+                          "overhead_pct": (hooked / plain - 1) * 100, "blocks": int(np.prod(grid)),
+                          "bandwidth_gbs_plain": 2 * 4 * n / plain / 1e9, "goal_pct": 2.0}
+
+    loads: dict[str, list[float]] = {"plain": [], "instrumented": []}
+    for i in range(3 if args.quick else 9):
+        for hooked_ in (False, True):
+            src = COPY_STRIDE.replace("y[i] = x[i]", f"y[i] = x[i] * {i + 2}.0f")
+            t = time.perf_counter()
+            kernel(src, hooked_, ins)
+            cupy.cuda.runtime.deviceSynchronize()
+            loads["instrumented" if hooked_ else "plain"].append(time.perf_counter() - t)
+    results["compile_rewrite_load"] = {
+        "plain_ms": statistics.median(loads["plain"]) * 1e3,
+        "instrumented_ms": statistics.median(loads["instrumented"]) * 1e3,
+        "note": "plain: NVRTC to cubin + load; instrumented: NVRTC to PTX + parse/rewrite + driver JIT + load"}
+    t = time.perf_counter()
+    from gpu_runtime.compiler import compile_cubin
+
+    ptx = compile_cubin(COPY_STRIDE.format(name="k_rewrite"), arch="sm_90", ptx=True).cubin
+    t = time.perf_counter()
+    for _ in range(20):
+        ins.rewrite(ptx)
+    results["rewrite_only_ms"] = (time.perf_counter() - t) / 20 * 1e3
+
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    payload = {"benchmark": "instrument_gpu", "device": props["name"].decode(),
+               "driver": cupy.cuda.runtime.driverGetVersion(), "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+               "versions": versions("cupy-cuda13x"), "launches": launches, "repeats": repeats, "results": results}
+    path = write("instrument_gpu", payload)
+    for k, v in results.items():
+        print(k, v)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
