@@ -34,8 +34,9 @@ Rewrite of each ``.entry`` (``instrument(ptx, kernel_ids)``):
    active lane count to the block's shared exit counter; the warp that
    completes the block's count counts the block in one of its launch's 64
    sub-counters (block id & 63, each in its own L2 sector: a quarter million
-   blocks arriving at one address would serialize); the block that completes
-   a sub-counter counts it in the slot, and the block that completes the
+   blocks arriving at one address would serialize; launches of at most 64
+   blocks skip this level); the block that completes a sub-counter counts it
+   in the slot, and the block that completes the
    slot's count — the last of the launch — bumps ``completions[kernel_id]``,
    leaves ``active`` and frees the slot. A counter therefore equals the number of
    finished launches of that kernel, whatever the streams, grid shapes or
@@ -415,6 +416,10 @@ $__cc_exit:
 \tld.shared.u64 \t%__cc_d6, [{slot_var}];
 \tshl.b64 \t%__cc_d7, %__cc_d6, 4;
 \tadd.u64 \t%__cc_d7, %__cc_d7, %__cc_d0;
+\tmin.u32 \t%__cc_r11, %__cc_r8, {sub_count};
+\tmov.u32 \t%__cc_r10, 0;
+\tsetp.le.u32 \t%__cc_p3, %__cc_r8, {sub_count};
+\t@%__cc_p3 bra \t$__cc_top;
 \tmov.u32 \t%__cc_r0, %ctaid.z;
 \tmov.u32 \t%__cc_r1, %nctaid.y;
 \tmov.u32 \t%__cc_r2, %ctaid.y;
@@ -434,10 +439,9 @@ $__cc_exit:
 \tadd.u32 \t%__cc_r9, %__cc_r9, 1;
 \tsetp.ne.u32 \t%__cc_p3, %__cc_r9, %__cc_r1;
 \t@%__cc_p3 bra \t$__cc_ret;
-\tmov.u32 \t%__cc_r10, 0;
 \tst.global.u32 \t[%__cc_d10+{subs}], %__cc_r10;
 \tfence.acq_rel.gpu;
-\tmin.u32 \t%__cc_r11, %__cc_r8, {sub_count};
+$__cc_top:
 \tatom.global.add.u32 \t%__cc_r9, [%__cc_d7+{slot_count}], 1;
 \tadd.u32 \t%__cc_r9, %__cc_r9, 1;
 \tsetp.ne.u32 \t%__cc_p3, %__cc_r9, %__cc_r11;
@@ -452,7 +456,8 @@ $__cc_exit:
 \tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
 \tmov.u32 \t%__cc_r7, -1;
 \tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
-\tatom.global.exch.b64 \t%__cc_d8, [%__cc_d7+{slots}], 0;
+\tmov.u64 \t%__cc_d8, 0;
+\tst.volatile.global.u64 \t[%__cc_d7+{slots}], %__cc_d8;
 $__cc_ret:
 \tret;
 """

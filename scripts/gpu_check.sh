@@ -5,7 +5,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install --no-deps --break-system-packages -q .wheels/*.whl 2>&1 | grep -v "Running pip as" | tail -3; python3 -c "import sqlalchemy, structlog; print(\"wheels ok\", sqlalchemy.__version__)"
+python3 scripts/install_missing_wheels.py .wheels 2>&1 | grep -v "Running pip as" | tail -3; python3 -c "import sqlalchemy, structlog; print(\"wheels ok\", sqlalchemy.__version__)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, cupy, transformers, sys; print(sys.version.split()[0], torch.__version__, cupy.__version__, transformers.__version__)" | tee -a "$OUT/device.txt"
 export CONCORDIA_HOME=/tmp/chome

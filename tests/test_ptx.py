@@ -127,3 +127,43 @@ def test_refusals_name_what_was_expected():
         parse(MINIMAL.rstrip().rstrip("}"))
     with pytest.raises(PtxError, match="kernel ID"):
         instrument(MINIMAL, lambda name: 1 << 20)
+
+
+def _defs_before_uses(block: str) -> list[str]:
+    """Registers of the hooks read before any instruction above them wrote them (in text order;
+    the hooks branch backwards only in wait loops, after their registers are set)."""
+    defined: set[str] = set()
+    bad = []
+    for line in block.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("//", "$", ".reg")):
+            continue
+        guard = re.match(r"@!?(%\w+)\s+", line)
+        if guard:
+            if guard.group(1) not in defined:
+                bad.append(f"{guard.group(1)} in {line!r}")
+            line = line[guard.end():]
+        op, _, rest = line.partition(" ")
+        rest = rest.strip()
+        writes = not op.startswith(("st.", "red.", "bar.", "fence", "bra", "nanosleep"))
+        if writes and rest.startswith("{"):  # vector destination
+            head, _, tail = rest.partition("}")
+            outs, ins = re.findall(r"%__cc_\w+", head), re.findall(r"%__cc_\w+", tail)
+        elif writes and rest.startswith("%__cc_"):
+            regs = re.findall(r"%__cc_\w+", rest)
+            outs, ins = regs[:1], regs[1:]
+        else:
+            outs, ins = [], re.findall(r"%__cc_\w+", rest)
+        bad += [f"{r} in {line!r}" for r in ins if r not in defined]
+        defined.update(outs)
+    return bad
+
+
+def test_every_hook_register_is_written_before_it_is_read():
+    """In the inserted gate and exit blocks, no register is read before an earlier instruction wrote it
+    (an uninitialized counter target once made every launch go uncounted)."""
+    out = instrument(_ptx(CORPUS[0].source), lambda name: 0).ptx
+    gate = out[out.index("// concordia: pause gate"):out.index("$__cc_body:")]
+    exit_ = out[out.index("$__cc_exit:"):out.index("$__cc_ret:")]
+    assert _defs_before_uses(gate) == []
+    assert _defs_before_uses(exit_) == []
