@@ -29,10 +29,13 @@ Rewrite of each ``.entry`` (``instrument(ptx, kernel_ids)``):
    write-pause-then-read-active order makes a quiesce exact: a launch either
    is counted in ``active`` or sees the pause.
 3. Exits: every ``ret`` / ``exit`` of the entry (predicated or not) becomes a
-   branch to one exit block. There each thread fences its writes
-   (``fence.acq_rel.gpu``); per warp, the highest active lane adds the warp's
-   active lane count to the block's shared exit counter; the warp that
-   completes the block's count counts the block in one of its launch's 64
+   branch to one exit block. If the body has no thread barriers, a
+   ``bar.sync 0`` there gathers the block (every thread arrives, none waits
+   elsewhere) and thread 0 fences and counts it. Otherwise each thread fences
+   its writes (``fence.acq_rel.gpu``); per warp, the highest active lane adds
+   the warp's active lane count to the block's shared exit counter (threads
+   may leave at different barriers' sides, so no barrier can gather them);
+   the warp that completes the block's count counts the block in one of its launch's 64
    sub-counters (block id & 63, each in its own L2 sector: a quarter million
    blocks arriving at one address would serialize; launches of at most 64
    blocks skip this level); the block that completes a sub-counter counts it
@@ -164,6 +167,7 @@ class Entry:
     body_open: int  #: offset of '{'
     body_close: int  #: offset of the matching '}'
     exits: list[Exit] = field(default_factory=list)
+    barriers: bool = False  #: the body synchronizes threads (bar.*, barrier.*, mbarrier.*)
 
 
 @dataclass(slots=True)
@@ -266,12 +270,14 @@ def parse(text: str) -> PtxModule:
                 continue
             close = _match(toks, j, "{", "}")
             exits = []
+            barriers = False
             for first, last in _statements(toks, j + 1, close):
                 guard, op = _opcode(toks, first)
                 if _is_exit(op):
                     exits.append(Exit(toks[first].start, toks[last].end, guard, op))
+                barriers |= op.split(".")[0] in ("bar", "barrier", "mbarrier")
             if t.text == ".entry":
-                entries.append(Entry(name, toks[j].start, toks[close].start, exits))
+                entries.append(Entry(name, toks[j].start, toks[close].start, exits, barriers))
             elif any(e.opcode.split(".")[0] == "exit" for e in exits):
                 funcs_with_exit.append(name)  # ends the thread inside a call: invisible to the exit hook
             i = close + 1
@@ -463,6 +469,23 @@ $__cc_ret:
 """
 
 
+# Entries whose body never synchronizes threads take a cheaper exit: every thread
+# reaches the exit block (all exits lead there) and nothing else waits on a
+# barrier, so one CTA barrier orders the block's writes before thread 0 counts
+# the block; no per-thread fence or shared counting.
+_ARRIVAL = _EXIT[_EXIT.index("\tfence.acq_rel.gpu;\n\tactivemask"):_EXIT.index("\tmov.u32 \t%__cc_r8, %nctaid.x;")]
+_EXIT_BARRIER = _EXIT.replace(_ARRIVAL, """\tbar.sync \t0;
+\tmov.u32 \t%__cc_r0, %tid.x;
+\tmov.u32 \t%__cc_r1, %tid.y;
+\tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
+\tmov.u32 \t%__cc_r1, %tid.z;
+\tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
+\tsetp.ne.u32 \t%__cc_p1, %__cc_r0, 0;
+\t@%__cc_p1 bra \t$__cc_ret;
+\tfence.acq_rel.gpu;
+""")
+
+
 def _fmt(template: str, **kw: object) -> str:
     common = dict(ctl=CTL_WORD, pause=CTL_PAUSE, timeout_ns=CTL_TIMEOUT_NS, gate_timeouts=CTL_GATE_TIMEOUTS,
                   active=CTL_ACTIVE, bucket_mask=CTL_ACTIVE_BUCKETS - 1, slots=CTL_SLOTS,
@@ -518,7 +541,8 @@ def instrument(ptx: str | bytes, kernel_id: object) -> Rewritten:
             pieces.append(f"{ex.guard} bra \t$__cc_exit;" if ex.guard else "bra \t$__cc_exit;")
             pos = ex.end
         pieces.append(text[pos:e.body_close])
-        pieces.append(_fmt(_EXIT, exits=exits_var, slot_var=slot_var, completion=CTL_COMPLETIONS + 8 * kid))
+        template = _EXIT if e.barriers else _EXIT_BARRIER
+        pieces.append(_fmt(template, exits=exits_var, slot_var=slot_var, completion=CTL_COMPLETIONS + 8 * kid))
         pos = e.body_close
     pieces.append(text[pos:])
     body = "".join(pieces)

@@ -162,8 +162,22 @@ def _defs_before_uses(block: str) -> list[str]:
 def test_every_hook_register_is_written_before_it_is_read():
     """In the inserted gate and exit blocks, no register is read before an earlier instruction wrote it
     (an uninitialized counter target once made every launch go uncounted)."""
-    out = instrument(_ptx(CORPUS[0].source), lambda name: 0).ptx
-    gate = out[out.index("// concordia: pause gate"):out.index("$__cc_body:")]
-    exit_ = out[out.index("$__cc_exit:"):out.index("$__cc_ret:")]
-    assert _defs_before_uses(gate) == []
-    assert _defs_before_uses(exit_) == []
+    by_name = {k.name: k for k in CORPUS}
+    for name in ("copy", "shared_reverse"):  # the barrier-free exit and the warp-counting exit
+        out = instrument(_ptx(by_name[name].source), lambda name: 0).ptx
+        gate = out[out.index("// concordia: pause gate"):out.index("$__cc_body:")]
+        exit_ = out[out.index("$__cc_exit:"):out.index("$__cc_ret:")]
+        assert _defs_before_uses(gate) == [], name
+        assert _defs_before_uses(exit_) == [], name
+
+
+def test_exit_variant_follows_the_bodys_barriers():
+    """A body without thread barriers gets the CTA-barrier exit; one with __syncthreads keeps the
+    per-warp counting exit (a barrier there could deadlock against the kernel's own)."""
+    by_name = {k.name: k for k in CORPUS}
+    plain = instrument(_ptx(by_name["early_return"].source), lambda name: 0).ptx
+    synced = instrument(_ptx(by_name["shared_reverse"].source), lambda name: 0).ptx
+    exit_plain = plain[plain.index("$__cc_exit:"):]
+    exit_synced = synced[synced.index("$__cc_exit:"):]
+    assert "bar.sync \t0;" in exit_plain and "activemask" not in exit_plain
+    assert "activemask" in exit_synced and "bar.sync" not in exit_synced
