@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import ConcordiaError
 
-__all__ = ["run_demo", "worker"]
+__all__ = ["run_demo", "run_killed_worker", "worker"]
 
 LAYERS, HEADS, DIM, MAX_TOKENS = 8, 4, 64, 512
 SCRATCH = 16 << 20
@@ -71,6 +71,22 @@ def worker(home: str, catalog: str | None, session_id: str, crash_at: int, backe
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_killed_worker(home: Path, catalog: str | None, global_args: list[str], demo_args: list[str],
+                      say: Callable[[str], Any]) -> None:
+    """Run ``concordia [global_args] demo [demo_args]`` as a child process that
+    must die by SIGKILL; relay its output. Raises ConcordiaError otherwise."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "concordia_agents.cli", "--home", str(home), *global_args]
+    if catalog:
+        cmd += ["--catalog", catalog]
+    proc = subprocess.run([*cmd, "demo", *demo_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        say(line)
+    if proc.returncode != -signal.SIGKILL:
+        raise ConcordiaError(f"demo worker exited with {proc.returncode}, expected SIGKILL: {proc.stderr[-2000:]}")
+    say(f"   worker died by SIGKILL after {time.perf_counter() - t0:.1f} s")
+
+
 def run_demo(*, home: Path, catalog: str | None, backend: str, crash_at: int = 300,
              total: int = 400, say: Callable[[str], Any] = print) -> dict[str, Any]:
     from ._runtime import Runtime
@@ -79,16 +95,8 @@ def run_demo(*, home: Path, catalog: str | None, backend: str, crash_at: int = 3
     say(f"Concordia demo: session {session_id!r}, home {home}")
     say(f"1. A worker process decodes {crash_at} steps, committing one epoch per step, then is SIGKILLed.")
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--backend", backend]
-    if catalog:
-        cmd += ["--catalog", catalog]
-    cmd += ["demo", "--worker", "--session", session_id, "--crash-at", str(crash_at)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout.splitlines():
-        say(line)
-    if proc.returncode != -signal.SIGKILL:
-        raise ConcordiaError(f"demo worker exited with {proc.returncode}, expected SIGKILL: {proc.stderr[-2000:]}")
-    say(f"   worker died by SIGKILL after {time.perf_counter() - t0:.1f} s")
+    run_killed_worker(home, catalog, ["--backend", backend],
+                      ["--worker", "--session", session_id, "--crash-at", str(crash_at)], say)
 
     say("2. Wait for its ownership lease to expire (1 s in the demo), then resume the session by ID.")
     time.sleep(1.1)

@@ -300,19 +300,24 @@ _REGS = """
 \t.reg .b64 \t%__cc_d<14>;
 """
 
-_GATE = """
-\t// concordia: pause gate (thread 0 of each block; see gpu_runtime/ptx.py)
-\tld.global.u64 \t%__cc_d0, [{ctl}];
-\tsetp.eq.u64 \t%__cc_p0, %__cc_d0, 0;
-\t@%__cc_p0 bra \t$__cc_body;
-\tmov.u32 \t%__cc_r0, %tid.x;
+def _not_thread0(label: str) -> str:
+    """PTX: threads other than (0,0,0) of the block branch to ``label``."""
+    return f"""\tmov.u32 \t%__cc_r0, %tid.x;
 \tmov.u32 \t%__cc_r1, %tid.y;
 \tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
 \tmov.u32 \t%__cc_r1, %tid.z;
 \tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
 \tsetp.ne.u32 \t%__cc_p1, %__cc_r0, 0;
-\t@%__cc_p1 bra \t$__cc_sync;
-\tmov.u32 \t%__cc_r2, 0;
+\t@%__cc_p1 bra \t{label};
+"""
+
+
+_GATE = """
+\t// concordia: pause gate (thread 0 of each block; see gpu_runtime/ptx.py)
+\tld.global.u64 \t%__cc_d0, [{ctl}];
+\tsetp.eq.u64 \t%__cc_p0, %__cc_d0, 0;
+\t@%__cc_p0 bra \t$__cc_body;
+{not_thread0_to_sync}\tmov.u32 \t%__cc_r2, 0;
 \tst.shared.u32 \t[{exits}], %__cc_r2;
 \tmov.u64 \t%__cc_d5, %gridid;
 \tmul.lo.u64 \t%__cc_d6, %__cc_d5, 0x9E3779B97F4A7C15;
@@ -474,16 +479,7 @@ $__cc_ret:
 # barrier, so one CTA barrier orders the block's writes before thread 0 counts
 # the block; no per-thread fence or shared counting.
 _ARRIVAL = _EXIT[_EXIT.index("\tfence.acq_rel.gpu;\n\tactivemask"):_EXIT.index("\tmov.u32 \t%__cc_r8, %nctaid.x;")]
-_EXIT_BARRIER = _EXIT.replace(_ARRIVAL, """\tbar.sync \t0;
-\tmov.u32 \t%__cc_r0, %tid.x;
-\tmov.u32 \t%__cc_r1, %tid.y;
-\tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
-\tmov.u32 \t%__cc_r1, %tid.z;
-\tor.b32 \t%__cc_r0, %__cc_r0, %__cc_r1;
-\tsetp.ne.u32 \t%__cc_p1, %__cc_r0, 0;
-\t@%__cc_p1 bra \t$__cc_ret;
-\tfence.acq_rel.gpu;
-""")
+_EXIT_BARRIER = _EXIT.replace(_ARRIVAL, "\tbar.sync \t0;\n" + _not_thread0("$__cc_ret") + "\tfence.acq_rel.gpu;\n")
 
 
 def _fmt(template: str, **kw: object) -> str:
@@ -494,7 +490,7 @@ def _fmt(template: str, **kw: object) -> str:
                   sub_mask=CTL_SUB_COUNTERS - 1, sub_shift=CTL_SUB_COUNTERS.bit_length() - 1,
                   sub_count=CTL_SUB_COUNTERS, sub_stride=CTL_SUB_STRIDE,
                   slot_sub_shift=(CTL_SUB_COUNTERS * CTL_SUB_STRIDE).bit_length() - 1)
-    return template.format(**common, **kw)
+    return template.format(**common, not_thread0_to_sync=_not_thread0("$__cc_sync"), **kw)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,15 +60,19 @@ class Chat(TypedDict):
     turns: int
 
 
+def _one_node(name: str, fn) -> StateGraph:  # type: ignore[no-untyped-def]
+    b = StateGraph(Chat)
+    b.add_node(name, fn)
+    b.add_edge(START, name)
+    b.add_edge(name, END)
+    return b
+
+
 def _chat_graph() -> StateGraph:
     def reply(state: Chat) -> dict:
         return {"messages": [f"reply {state['turns']}"], "turns": state["turns"] + 1}
 
-    b = StateGraph(Chat)
-    b.add_node("reply", reply)
-    b.add_edge(START, "reply")
-    b.add_edge("reply", END)
-    return b
+    return _one_node("reply", reply)
 
 
 def test_channel_values_are_stored_once_per_version(rt: Runtime):
@@ -105,11 +109,7 @@ def test_finished_thread_resumes_without_running_and_closes(rt: Runtime):
         runs.append("reply")
         return {"turns": state["turns"] + 1}
 
-    b = StateGraph(Chat)
-    b.add_node("reply", node)
-    b.add_edge(START, "reply")
-    b.add_edge("reply", END)
-    app = wrap(b, runtime=rt)
+    app = wrap(_one_node("reply", node), runtime=rt)
     out = app.invoke({"messages": [], "system": "", "turns": 0}, session_id="done")
     assert out["turns"] == 1 and runs == ["reply"]
     assert rt.info("done").status == "closed" and rt.info("done").labels["kind"] == "graph"
@@ -132,10 +132,7 @@ def test_second_live_owner_is_refused_before_any_node_runs(home: Path, catalog_u
         runs.append("n")
         return {"turns": state["turns"] + 1}
 
-    b = StateGraph(Chat)
-    b.add_node("n", node)
-    b.add_edge(START, "n")
-    b.add_edge("n", END)
+    b = _one_node("n", node)
     with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as a, \
             Runtime.open(home=home, catalog_url=catalog_url, backend="host") as other:
         app_a = wrap(b, runtime=a)
@@ -183,11 +180,7 @@ def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
             raise RuntimeError("transient")
         return {"turns": 1}
 
-    b = StateGraph(Chat)
-    b.add_node("flaky", flaky)
-    b.add_edge(START, "flaky")
-    b.add_edge("flaky", END)
-    app = wrap(b, runtime=rt)
+    app = wrap(_one_node("flaky", flaky), runtime=rt)
     with pytest.raises(RuntimeError, match="transient"):
         app.invoke({"messages": [], "system": "", "turns": 0}, session_id="th2")
     assert rt.info("th2").status == "idle"

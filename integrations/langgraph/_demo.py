@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +20,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from concordia_agents import ConcordiaError, Runtime
+from concordia_agents._demo import run_killed_worker
 
 from ._schema import BLOBS, CHECKPOINTS, WRITES
 from .demo_agent import QUESTION, Trace, make_app
@@ -57,16 +55,7 @@ def run_agent_demo(*, home: Path, catalog: str | None, crash_at: int = 100,
     say(f"1. A worker process runs it; the llm node generates {NEW_TOKENS} tokens with durable_generate and "
         f"the worker is SIGKILLed after {crash_at} of them.")
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "concordia_agents.cli", "--home", str(home)]
-    if catalog:
-        cmd += ["--catalog", catalog]
-    cmd += ["demo", "--agent-worker", "--session", thread, "--crash-at", str(crash_at)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout.splitlines():
-        say(line)
-    if proc.returncode != -signal.SIGKILL:
-        raise ConcordiaError(f"demo worker exited with {proc.returncode}, expected SIGKILL: {proc.stderr[-2000:]}")
-    say(f"   worker died by SIGKILL after {time.perf_counter() - t0:.1f} s")
+    run_killed_worker(home, catalog, [], ["--agent-worker", "--session", thread, "--crash-at", str(crash_at)], say)
 
     with Runtime.open(home=home, catalog_url=catalog, backend="host") as rt:
         info = rt.info(thread)
