@@ -478,6 +478,7 @@ class Completion:
     def done(self) -> bool:
         import cupy
 
+        _ctl_ptr()  # ConfigurationError before enable(): no stream or staging to read with
         st = _state()
         cupy.cuda.runtime.memcpyAsync(st.pinned.ctypes.data + 24, self.address, 8,
                                       cupy.cuda.runtime.memcpyDeviceToHost, st.stream.ptr)

@@ -181,3 +181,22 @@ def test_exit_variant_follows_the_bodys_barriers():
     exit_synced = synced[synced.index("$__cc_exit:"):]
     assert "bar.sync \t0;" in exit_plain and "activemask" not in exit_plain
     assert "activemask" in exit_synced and "bar.sync" not in exit_synced
+
+
+def test_instrument_api_without_a_gpu():
+    """Kernel IDs are stable names' CRCs (the same in every process and cache), rewrite() counts
+    what it instrumented, and asking for a counter before enable() says what is missing."""
+    import zlib
+
+    from gpu_runtime import instrument as ins
+    from gpu_runtime.errors import ConfigurationError
+    from gpu_runtime.ptx import CTL_MAX_KERNELS
+
+    assert ins.kernel_id("copy") == zlib.crc32(b"copy") % CTL_MAX_KERNELS
+    before = ins.stats()["instrumented_entries"]
+    out = ins.rewrite(_ptx(CORPUS[1].source))
+    assert CTL_WORD in out and ins.stats()["instrumented_entries"] == before + 1
+    assert ins.stats()["kernels"]["axpy"] == ins.kernel_id("axpy")
+    if not ins.is_enabled():
+        with pytest.raises(ConfigurationError, match="instrument.enable"):
+            ins.completion("axpy", launches=1)
