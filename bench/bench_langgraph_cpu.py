@@ -165,8 +165,8 @@ def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
     def make_concordia() -> Any:
         s = fresh_schema()
         sep = "&" if "?" in url else "?"
-        return ConcordiaSaver(runtime=Runtime.open(home=Path(homes) / s, catalog_url=f"{url}{sep}options=-csearch_path%3D{s}",
-                                                   backend="host"))
+        scoped = f"{url}{sep}options=-csearch_path%3D{s}"
+        return ConcordiaSaver(runtime=Runtime.open(home=Path(homes) / s, catalog_url=scoped, backend="host"))
 
     def make_pg() -> Any:
         s = fresh_schema()

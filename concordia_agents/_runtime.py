@@ -38,7 +38,7 @@ from ._logging import configure_logging, get_logger
 from ._owner import new_owner_id
 from ._session import Session
 from .config import RuntimeConfig
-from .errors import ConcordiaError, LogFullError, OwnershipError, SessionNotFound
+from .errors import ConcordiaError, LogFullError, OwnershipError
 
 __all__ = ["Runtime"]
 

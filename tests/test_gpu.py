@@ -17,7 +17,7 @@ import pytest
 
 from concordia_agents import Runtime
 from concordia_agents._replay import scan
-from gpu_runtime.records import RecordType, session_tag
+from gpu_runtime.records import session_tag
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
