@@ -312,3 +312,47 @@ def test_delete_thread_removes_its_generation_sessions(home: Path):
         saver.delete_thread("gone")
         assert r.sessions() == [] and not task_dir.exists()
         assert saver.get_tuple({"configurable": {"thread_id": "gone"}}) is None
+
+
+def test_saver_is_thread_safe_under_concurrent_writers(rt: Runtime):
+    """8 threads putting checkpoints and writes into 4 graph threads at once: every write lands,
+    each thread's chain is intact, and one lease per graph thread was taken."""
+    import threading
+
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+
+    saver = ConcordiaSaver(runtime=rt)
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            tid = f"t{w % 4}"
+            ns = f"w{w}"
+            parent = None
+            for i in range(25):
+                cfg = {"configurable": {"thread_id": tid, "checkpoint_ns": ns, **({"checkpoint_id": parent} if parent
+                                                                                  else {})}}
+                c = create_checkpoint(empty_checkpoint(), None, i)
+                c["channel_values"] = {"v": [w, i]}
+                c["channel_versions"] = {"v": i + 1}
+                stored = saver.put(cfg, c, {"step": i, "w": w}, {"v": i + 1})
+                saver.put_writes(stored, [("v", i), ("x", -i)], f"task-{w}-{i}")
+                parent = stored["configurable"]["checkpoint_id"]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for w in range(8):
+        tups = list(saver.list({"configurable": {"thread_id": f"t{w % 4}", "checkpoint_ns": f"w{w}"}}))
+        assert [t.metadata["step"] for t in tups] == list(range(24, -1, -1))
+        assert all(t.checkpoint["channel_values"] == {"v": [w, t.metadata["step"]]} for t in tups)
+        assert all(len(t.pending_writes) == 2 for t in tups)
+        assert all(t.parent_config["configurable"]["checkpoint_id"] == p.checkpoint["id"]
+                   for t, p in zip(tups, tups[1:], strict=False))
+    assert sorted(i.id for i in rt.sessions()) == ["t0", "t1", "t2", "t3"]
+    assert all(rt.held(f"t{k}") is not None for k in range(4))
