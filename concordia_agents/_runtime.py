@@ -35,6 +35,7 @@ from ._catalog import Catalog, SessionInfo
 from ._lease import Lease
 from ._log import SessionLog, ring_path, session_dir_name
 from ._logging import configure_logging, get_logger
+from ._names import TASK_SEP
 from ._owner import new_owner_id
 from ._session import Session
 from .config import RuntimeConfig
@@ -172,7 +173,10 @@ class Runtime:
 
     def delete(self, session_id: str) -> None:
         """Delete a session: catalog rows, segments and ring (refused while another
-        process owns it)."""
+        process owns it), and the task sessions bound to it (``id#task:...``, see
+        ``_names``) first: a deleted graph thread leaves no orphaned generation logs."""
+        for child in self.catalog.list(prefix=session_id + TASK_SEP):
+            self.delete(child.id)
         with self._lock:
             mine = self._sessions.get(session_id)
             lease = self._leases.get(session_id)

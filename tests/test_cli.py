@@ -109,3 +109,22 @@ def test_json_logs_carry_session_context(home: Path):
     opened = [e for e in events if e.get("event") == "session opened"]
     assert opened and opened[0]["session"] == "logged" and opened[0]["level"] == "info"
     assert all("timestamp" in e for e in events)
+
+
+def test_rm_of_a_parent_session_removes_its_task_sessions(home: Path):
+    """`sessions rm` of a session removes the task sessions bound to it (ID#task:...) and their logs."""
+    from concordia_agents import Runtime
+
+    import numpy as np
+
+    with Runtime.open(home=home, backend="host") as rt:
+        for sid in ("parent", "parent#task:a", "parent#task:b", "other"):
+            s = rt.session(sid)
+            s.register("kv", np.zeros((4, 16), np.float32), kind="kv")
+            s.commit(rows={"kv": 2})
+            s.close()
+        task_dir = rt.session_dir("parent#task:a")
+    assert task_dir.exists()
+    assert "deleted session parent" in cli(home, "sessions", "rm", "parent").stdout
+    listed = json.loads(cli(home, "sessions", "list", "--json").stdout)
+    assert [i["id"] for i in listed] == ["other"] and not task_dir.exists()
