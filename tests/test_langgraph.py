@@ -356,3 +356,5 @@ def test_saver_is_thread_safe_under_concurrent_writers(rt: Runtime):
                    for t, p in zip(tups, tups[1:], strict=False))
     assert sorted(i.id for i in rt.sessions()) == ["t0", "t1", "t2", "t3"]
     assert all(rt.held(f"t{k}") is not None for k in range(4))
+    saver.close()  # lets the leases it took go (the runtime is the caller's and stays open)
+    assert all(rt.held(f"t{k}") is None and rt.info(f"t{k}").status == "idle" for k in range(4))

@@ -95,6 +95,7 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
         self.log = get_logger().bind(component="langgraph")
         self._lock = threading.Lock()
         self._upserts: dict[tuple[str, bool], Any] = {}
+        self._taken: set[str] = set()  #: threads whose lease this saver took (let go on close)
         with self.catalog.write() as s:
             migrate(s.connection(), self.catalog.dialect)
 
@@ -108,6 +109,10 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
 
     def close(self) -> None:
         """Let every lease this saver took go; close the runtime if it is ours."""
+        with self._lock:
+            taken, self._taken = sorted(self._taken), set()
+        for thread_id in taken:
+            self.release(thread_id)
         if self._owns_runtime:
             self.runtime.close()
 
@@ -133,12 +138,16 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             lease = self.runtime.held(thread_id)
             if lease is None:
                 lease = self.runtime.hold(thread_id, create=create, kind=GRAPH_KIND, labels={"kind": "graph"})
+                self._taken.add(thread_id)
         lease.check()
         return lease
 
     def release(self, thread_id: str, *, closed: bool = False) -> None:
         """Let the thread's lease go (``closed``: the graph finished)."""
-        lease = self.runtime.held(str(thread_id))
+        thread_id = str(thread_id)
+        with self._lock:
+            self._taken.discard(thread_id)
+        lease = self.runtime.held(thread_id)
         if lease is not None:
             self.runtime.let_go(lease, closed=closed)
 
