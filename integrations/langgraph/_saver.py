@@ -17,6 +17,8 @@ Contract (``langgraph.checkpoint.base.BaseCheckpointSaver``; who calls what):
   gets ``OwnershipError`` instead of forking the thread's history. A live
   owner elsewhere makes ``acquire`` and the first write fail the same way.
   ``release(thread_id)`` (or ``close()``) lets the lease go.
+  On PostgreSQL the check and the inserts are one autocommitted statement
+  (``_pg``): one round trip per put.
 * Reads (``get_tuple``, ``list``) take no lease.
 * Administrative deletes (``delete_thread``, ``delete_for_runs``, ``prune``)
   refuse threads that another live process owns.
@@ -49,12 +51,14 @@ from sqlalchemy import and_, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
-from concordia_agents import ConcordiaError, OwnershipError, Runtime, SessionNotFound
+from concordia_agents import CatalogError, ConcordiaError, OwnershipError, Runtime, SessionNotFound
 from concordia_agents._lease import Lease
 from concordia_agents._logging import get_logger
 
+from ._pg import fenced_put, fenced_writes
 from ._schema import BLOBS, CHECKPOINTS, WRITES, migrate
 from ._task import TASK_SEP
 
@@ -162,6 +166,24 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
                 lease.fenced = str(e)
                 raise
             yield s
+
+    def _pg_fenced(self, thread_id: str, write: Any, *args: Any) -> None:
+        """Run a one-statement fenced write (``_pg``) in autocommit mode; on a
+        token mismatch, name the current owner and raise OwnershipError."""
+        lease = self.acquire(thread_id)
+        try:
+            with self.catalog.engine.connect() as conn:
+                done = write(conn.execution_options(isolation_level="AUTOCOMMIT"), lease.token, *args)
+        except (OperationalError, DBAPIError) as e:
+            raise CatalogError(f"catalog write failed on {self.catalog._redacted()}: {e.orig or e}", orig=e) from e
+        if not done:
+            with self.catalog.write_core() as s:
+                try:
+                    self.catalog.check_token(s, thread_id, lease.token)
+                except OwnershipError as e:
+                    lease.fenced = str(e)
+                    raise
+            raise OwnershipError(f"thread {thread_id!r}: the fenced write did not find lease token {lease.token}")
 
     def _refuse_foreign(self, s: OrmSession, thread_ids: Sequence[str]) -> None:
         """OwnershipError if another live process owns any of these threads."""
@@ -308,9 +330,12 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
                "channel_versions": {ch: str(v) for ch, v in checkpoint.get("channel_versions", {}).items()},
                "run_id": None if run_id is None else str(run_id),
                "uses_delta": any(k in md for k in _DELTA_KEYS), "created_at": time.time()}
-        with self._owned(thread_id) as s:
-            self._upsert(s, BLOBS, blobs, replace=True)
-            self._upsert(s, CHECKPOINTS, [row], replace=True)
+        if self.catalog.dialect == "postgresql":
+            self._pg_fenced(thread_id, fenced_put, row, blobs)
+        else:
+            with self._owned(thread_id) as s:
+                self._upsert(s, BLOBS, blobs, replace=True)
+                self._upsert(s, CHECKPOINTS, [row], replace=True)
         return _config(thread_id, ns, str(checkpoint["id"]))
 
     def put_writes(
@@ -330,6 +355,11 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
                    "task_id": str(task_id), "idx": idx, "channel": channel, "type": wtype, "blob": blob,
                    "task_path": task_path}
             (special if idx < 0 else plain).append(row)
+        if not plain and not special:
+            return
+        if self.catalog.dialect == "postgresql":
+            self._pg_fenced(thread_id, fenced_writes, plain + special)
+            return
         with self._owned(thread_id) as s:
             self._upsert(s, WRITES, plain, replace=False)
             self._upsert(s, WRITES, special, replace=True)
