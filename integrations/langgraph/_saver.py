@@ -437,7 +437,8 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             delta = sorted(set(s.scalars(select(CHECKPOINTS.c.session_id).where(
                 CHECKPOINTS.c.session_id.in_(thread_ids), CHECKPOINTS.c.uses_delta.is_(True)))))
             if delta:
-                raise NotImplementedError(f"keep_latest can't prune threads that use a DeltaChannel: {', '.join(delta)}")
+                raise NotImplementedError(
+                    f"keep_latest can't prune threads that use a DeltaChannel: {', '.join(delta)}")
             heads: dict[tuple[str, str], str] = {}
             for r in s.execute(select(CHECKPOINTS.c.session_id, CHECKPOINTS.c.checkpoint_ns,
                                       CHECKPOINTS.c.checkpoint_id).where(CHECKPOINTS.c.session_id.in_(thread_ids))):
