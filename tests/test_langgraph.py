@@ -358,3 +358,25 @@ def test_saver_is_thread_safe_under_concurrent_writers(rt: Runtime):
     assert all(rt.held(f"t{k}") is not None for k in range(4))
     saver.close()  # lets the leases it took go (the runtime is the caller's and stays open)
     assert all(rt.held(f"t{k}") is None and rt.info(f"t{k}").status == "idle" for k in range(4))
+
+
+@pytest.mark.postgres
+def test_postgres_fast_path_survives_a_server_side_disconnect(pg_url: str, home: Path):
+    """The one-statement PostgreSQL write path retries once on a connection the server closed:
+    after pg_terminate_backend of its pooled connections, the next put still lands."""
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+    from sqlalchemy import create_engine, text
+
+    with Runtime.open(home=home, catalog_url=pg_url, backend="host") as r:
+        saver = ConcordiaSaver(runtime=r)
+        cfg = {"configurable": {"thread_id": "pgx", "checkpoint_ns": ""}}
+        stored = saver.put(cfg, create_checkpoint(empty_checkpoint(), None, 1), {"step": 1}, {})
+        admin = create_engine(pg_url)
+        with admin.begin() as c:
+            killed = c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    "WHERE application_name = 'concordia-langgraph'")).scalar_one()
+        admin.dispose()
+        assert killed >= 1
+        saver.put(stored, create_checkpoint(empty_checkpoint(), None, 2), {"step": 2}, {})
+        assert [t.metadata["step"] for t in saver.list({"configurable": {"thread_id": "pgx"}})] == [2, 1]
+        saver.close()

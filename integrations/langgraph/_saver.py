@@ -47,7 +47,7 @@ from langgraph.checkpoint.base import (
     get_checkpoint_metadata,
     writes_sort_key,
 )
-from sqlalchemy import and_, delete, select, tuple_, update
+from sqlalchemy import and_, create_engine, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -100,6 +100,12 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
         self._lock = threading.Lock()
         self._upserts: dict[tuple[str, bool], Any] = {}
         self._taken: set[str] = set()  #: threads whose lease this saver took (let go on close)
+        # PostgreSQL fast path: autocommit connections (a fenced write is one statement), no
+        # pre-ping round trip; a connection found dead is retried once (the statement is idempotent).
+        self._autocommit = (create_engine(self.catalog.url, isolation_level="AUTOCOMMIT", pool_size=5,
+                                          max_overflow=5, pool_recycle=1800,
+                                          connect_args={"application_name": "concordia-langgraph"})
+                            if self.catalog.dialect == "postgresql" else None)
         with self.catalog.write() as s:
             migrate(s.connection(), self.catalog.dialect)
 
@@ -117,6 +123,8 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             taken, self._taken = sorted(self._taken), set()
         for thread_id in taken:
             self.release(thread_id)
+        if self._autocommit is not None:
+            self._autocommit.dispose()
         if self._owns_runtime:
             self.runtime.close()
 
@@ -171,11 +179,17 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
         """Run a one-statement fenced write (``_pg``) in autocommit mode; on a
         token mismatch, name the current owner and raise OwnershipError."""
         lease = self.acquire(thread_id)
-        try:
-            with self.catalog.engine.connect() as conn:
-                done = write(conn.execution_options(isolation_level="AUTOCOMMIT"), lease.token, *args)
-        except (OperationalError, DBAPIError) as e:
-            raise CatalogError(f"catalog write failed on {self.catalog._redacted()}: {e.orig or e}", orig=e) from e
+        assert self._autocommit is not None
+        for attempt in (1, 2):
+            try:
+                with self._autocommit.connect() as conn:
+                    done = write(conn, lease.token, *args)
+                break
+            except (OperationalError, DBAPIError) as e:
+                if attempt == 1 and e.connection_invalidated:
+                    continue  # a pooled connection the server closed: once more on a fresh one
+                raise CatalogError(f"catalog write failed on {self.catalog._redacted()}: {e.orig or e}",
+                                   orig=e) from e
         if not done:
             with self.catalog.write_core() as s:
                 try:
