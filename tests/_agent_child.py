@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--crash-after", type=int, default=0)
     p.add_argument("--new-tokens", type=int, default=240)
     p.add_argument("--go-file", default=None)
+    p.add_argument("--trace", default=None, help="keep what ran in this JSON file while running")
     args = p.parse_args()
     if args.crash_after:
         os.environ["CONCORDIA_TEST_KILL_AFTER_TOKENS"] = str(args.crash_after)
@@ -33,7 +34,9 @@ def main() -> None:
     from integrations.langgraph.demo_agent import QUESTION, Trace, make_app
 
     rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend="host")
-    trace = Trace()
+    from pathlib import Path
+
+    trace = Trace(path=Path(args.trace) if args.trace else None)
     app = make_app(rt, new_tokens=args.new_tokens, trace=trace)
     if args.go_file:
         print("ready", flush=True)

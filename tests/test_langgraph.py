@@ -1,6 +1,7 @@
 """LangGraph binding: the official conformance suite, storage once per version,
 single-writer ownership (in-process and across real processes), task sessions,
-and a real SIGKILL inside an LLM node followed by a resume by session ID."""
+a real SIGKILL inside an LLM node followed by a resume by session ID, and a SIGSTOPped
+owner fenced after a takeover."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from operator import add
 from pathlib import Path
@@ -380,3 +382,41 @@ def test_postgres_fast_path_survives_a_server_side_disconnect(pg_url: str, home:
         saver.put(stored, create_checkpoint(empty_checkpoint(), None, 2), {"step": 2}, {})
         assert [t.metadata["step"] for t in saver.list({"configurable": {"thread_id": "pgx"}})] == [2, 1]
         saver.close()
+
+
+@pytest.mark.slow
+def test_stopped_owner_is_fenced_after_a_takeover(home: Path, catalog_url: str, tmp_path: Path):
+    """A real owner process SIGSTOPped mid-generation loses its lease; another process resumes and
+    finishes the thread; when the stopped one continues, its next write raises OwnershipError and
+    the thread keeps the new owner's single, unforked history."""
+    trace = tmp_path / "a.json"
+    env = {"CONCORDIA_LEASE_TTL": "1.0"}
+    a = _child(home, catalog_url, "invoke", "--session", "stop", "--new-tokens", "800", "--trace", str(trace),
+               env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if len(json.loads(trace.read_text())["forwards"]) >= 20:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        ran = json.loads(trace.read_text())
+        assert ran["nodes"] == ["plan", "llm"] and len(ran["forwards"]) < 800, ran
+        time.sleep(1.5)  # the stopped owner's leases expire (it is alive, so only expiry frees them)
+        rc, res = _result(_child(home, catalog_url, "resume", "--session", "stop", "--new-tokens", "800"))
+        assert rc == 0, res
+        assert res["nodes"] == ["llm", "report"] and res["forwards"][0] == 1
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    rc_a, res_a = _result(a)
+    assert rc_a == 3 and "ownership" in json.dumps(res_a).lower(), res_a
+    rc, ref = _result(_child(home, catalog_url, "invoke", "--session", "stop-ref", "--new-tokens", "800"))
+    assert rc == 0 and res["state"] == ref["state"]
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as r, r.catalog.read() as s:
+        rows = s.execute(select(CHECKPOINTS.c.parent_checkpoint_id).where(
+            CHECKPOINTS.c.session_id == "stop", CHECKPOINTS.c.checkpoint_ns == "")).all()
+    parents = [p for (p,) in rows]
+    assert len(parents) == len(set(parents)) == 5
