@@ -258,23 +258,16 @@ class Runtime:
         period = self.config.lease_ttl / 3
         while not self._stop.wait(period):
             with self._lock:
-                sessions = list(self._sessions.values())
-                leases = list(self._leases.values())
-            for s in sessions:
+                held = [(s.id, s.token, s._log) for s in self._sessions.values()]
+                held += [(lease.session_id, lease.token, lease) for lease in self._leases.values()
+                         if not lease.released]
+            for session_id, token, holder in held:  # holder: a SessionLog or a Lease, both with `fenced`
                 try:
-                    if not self.catalog.heartbeat(s.id, s.token, self.config.lease_ttl):
-                        s._log.fenced = "the catalog lease was taken over by a newer owner"
-                        self.log.warning("lease lost", session=s.id, token=s.token)
+                    if not self.catalog.heartbeat(session_id, token, self.config.lease_ttl):
+                        holder.fenced = "the catalog lease was taken over by a newer owner"
+                        self.log.warning("lease lost", session=session_id, token=token)
                 except ConcordiaError as e:
-                    self.log.warning("heartbeat failed", session=s.id, error=str(e))
-            for lease in leases:
-                try:
-                    if not lease.released and not self.catalog.heartbeat(lease.session_id, lease.token,
-                                                                         self.config.lease_ttl):
-                        lease.fenced = "the catalog lease was taken over by a newer owner"
-                        self.log.warning("lease lost", session=lease.session_id, token=lease.token)
-                except ConcordiaError as e:
-                    self.log.warning("heartbeat failed", session=lease.session_id, error=str(e))
+                    self.log.warning("heartbeat failed", session=session_id, error=str(e))
 
     @staticmethod
     def _shutdown_threads(stop: threading.Event, wake: threading.Event) -> None:

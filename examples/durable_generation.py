@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from concordia_agents import Runtime  # noqa: E402
 from integrations.transformers import durable_generate  # noqa: E402
-from tests._gen_child import build, build_1b, prompt  # noqa: E402
+from integrations.testing import llama_1b, tiny_llama  # noqa: E402
+from tests._gen_child import prompt  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.crash_after:
         os.environ["CONCORDIA_TEST_KILL_AFTER_TOKENS"] = str(args.crash_after)
-    model = build_1b(args.device) if gpu else build("llama")
+    model = llama_1b(args.device) if gpu else tiny_llama()
     ids, mask = prompt(1, False, 300 if gpu else 24, model.config.vocab_size)
     ids, mask = ids.to(args.device), mask.to(args.device)
     forwards: list[int] = []

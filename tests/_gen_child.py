@@ -10,22 +10,14 @@ import json
 
 import torch
 
+from integrations.testing import llama_1b as build_1b
+from integrations.testing import tiny_llama
 
-def build_1b(device: str):  # type: ignore[no-untyped-def]
-    """A Llama-3.2-1B-shaped model with random bf16 weights (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
-                      bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    return model.to(torch.bfloat16).eval()
+__all__ = ["build", "build_1b", "gen_kwargs", "prompt"]
 
 
 def build(name: str):  # type: ignore[no-untyped-def]
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    from transformers import (GPT2Config, GPT2LMHeadModel, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -33,7 +25,7 @@ def build(name: str):  # type: ignore[no-untyped-def]
                   pad_token_id=0)
     torch.manual_seed(0)
     if name == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+        return tiny_llama()
     if name == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     if name == "mistral":

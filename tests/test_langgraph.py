@@ -420,3 +420,26 @@ def test_stopped_owner_is_fenced_after_a_takeover(home: Path, catalog_url: str, 
             CHECKPOINTS.c.session_id == "stop", CHECKPOINTS.c.checkpoint_ns == "")).all()
     parents = [p for (p,) in rows]
     assert len(parents) == len(set(parents)) == 5
+
+
+def test_async_runs_take_and_release_the_lease_like_the_sync_ones(rt: Runtime):
+    """ainvoke runs and closes the thread; aresume of the finished thread runs nothing; astream of a
+    new thread streams the step and closes it too; aresume of an unknown ID raises SessionNotFound."""
+    runs: list[str] = []
+
+    def node(state: Chat) -> dict:
+        runs.append("n")
+        return {"turns": state["turns"] + 1}
+
+    app = wrap(_one_node("n", node), runtime=rt)
+
+    async def scenario() -> None:
+        out = await app.ainvoke({"messages": [], "system": "", "turns": 0}, session_id="a1")
+        assert out["turns"] == 1 and rt.info("a1").status == "closed" and rt.held("a1") is None
+        assert await app.aresume("a1") == out and runs == ["n"]
+        chunks = [c async for c in app.astream({"messages": [], "system": "", "turns": 5}, session_id="a2")]
+        assert chunks and rt.info("a2").status == "closed" and runs == ["n", "n"]
+        with pytest.raises(SessionNotFound):
+            await app.aresume("nope")
+
+    asyncio.run(scenario())

@@ -131,6 +131,10 @@ class Catalog:
 
     # -- transactions -------------------------------------------------------------
 
+    def failure(self, what: str, e: DBAPIError) -> CatalogError:
+        """The CatalogError for a driver error during a catalog ``what`` ("read", "write")."""
+        return CatalogError(f"catalog {what} failed on {self._redacted()}: {e.orig or e}", orig=e)
+
     @contextmanager
     def write(self) -> Iterator[OrmSession]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
@@ -140,7 +144,7 @@ class Catalog:
         except IntegrityError:
             raise  # a constraint race the caller interprets (e.g. two creators of one session)
         except (OperationalError, DBAPIError) as e:
-            raise CatalogError(f"catalog write failed on {self._redacted()}: {e.orig or e}", orig=e) from e
+            raise self.failure("write", e) from e
 
     @contextmanager
     def write_core(self) -> Iterator[Connection]:
@@ -152,7 +156,7 @@ class Catalog:
         except IntegrityError:
             raise
         except (OperationalError, DBAPIError) as e:
-            raise CatalogError(f"catalog write failed on {self._redacted()}: {e.orig or e}", orig=e) from e
+            raise self.failure("write", e) from e
 
     @contextmanager
     def read(self) -> Iterator[OrmSession]:
@@ -160,7 +164,7 @@ class Catalog:
             with OrmSession(self._read_engine, expire_on_commit=False) as s, s.begin():
                 yield s
         except (OperationalError, DBAPIError) as e:
-            raise CatalogError(f"catalog read failed on {self._redacted()}: {e.orig or e}", orig=e) from e
+            raise self.failure("read", e) from e
 
     def _redacted(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 
 from langchain_core.runnables import RunnableConfig
@@ -96,6 +96,17 @@ class DurableGraph:
         finally:
             self.saver.release(session_id, closed=closed)
 
+    @asynccontextmanager
+    async def _aowned(self, session_id: str, *, create: bool) -> AsyncIterator[None]:
+        """``_owned`` for the async runs (the lease calls go to a worker thread)."""
+        await asyncio.to_thread(self.saver.acquire, session_id, create=create)
+        closed = False
+        try:
+            yield
+            closed = not (await self.graph.aget_state(_config(session_id, None))).next
+        finally:
+            await asyncio.to_thread(self.saver.release, session_id, closed=closed)
+
     def _check_resumable(self, cfg: RunnableConfig) -> Any:
         snapshot = self.graph.get_state(cfg)
         if snapshot.created_at is None:
@@ -138,44 +149,28 @@ class DurableGraph:
                       **kwargs: Any) -> Any:
         cfg = _config(session_id, config)
         kwargs.setdefault("durability", self.durability)
-        await asyncio.to_thread(self.saver.acquire, session_id)
-        closed = False
-        try:
-            out = await self.graph.ainvoke(input, cfg, **kwargs)
-            closed = not (await self.graph.aget_state(cfg)).next
-            return out
-        finally:
-            await asyncio.to_thread(self.saver.release, session_id, closed=closed)
+        async with self._aowned(session_id, create=True):
+            return await self.graph.ainvoke(input, cfg, **kwargs)
 
     async def aresume(self, session_id: str, command: Any = None, *, config: RunnableConfig | None = None,
                       **kwargs: Any) -> Any:
         cfg = _config(session_id, config)
         kwargs.setdefault("durability", self.durability)
-        await asyncio.to_thread(self.saver.acquire, session_id, create=False)
-        closed = False
-        try:
+        async with self._aowned(session_id, create=False):
             snapshot = await self.graph.aget_state(cfg)
             if snapshot.created_at is None:
                 raise ConcordiaError(f"session {session_id!r} has no graph checkpoint to resume")
             if not snapshot.next and command is None:
-                closed = True
                 return snapshot.values
-            out = await self.graph.ainvoke(command, cfg, **kwargs)
-            closed = not (await self.graph.aget_state(cfg)).next
-            return out
-        finally:
-            await asyncio.to_thread(self.saver.release, session_id, closed=closed)
+            return await self.graph.ainvoke(command, cfg, **kwargs)
 
     async def astream(self, input: Any, session_id: str, *, config: RunnableConfig | None = None,
                       **kwargs: Any) -> AsyncIterator[Any]:
         cfg = _config(session_id, config)
         kwargs.setdefault("durability", self.durability)
-        await asyncio.to_thread(self.saver.acquire, session_id, create=input is not None)
-        try:
+        async with self._aowned(session_id, create=input is not None):
             async for chunk in self.graph.astream(input, cfg, **kwargs):
                 yield chunk
-        finally:
-            await asyncio.to_thread(self.saver.release, session_id, closed=False)
 
     # -- inspection ----------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
-from concordia_agents import CatalogError, ConcordiaError, OwnershipError, Runtime, SessionNotFound
+from concordia_agents import ConcordiaError, OwnershipError, Runtime, SessionNotFound
 from concordia_agents._lease import Lease
 from concordia_agents._logging import get_logger
 
@@ -163,16 +163,20 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
         if lease is not None:
             self.runtime.let_go(lease, closed=closed)
 
+    def _check(self, s: Connection, thread_id: str, lease: Lease) -> None:
+        """``Catalog.check_token``, remembering on the lease why it was fenced."""
+        try:
+            self.catalog.check_token(s, thread_id, lease.token)
+        except OwnershipError as e:
+            lease.fenced = str(e)
+            raise
+
     @contextmanager
     def _owned(self, thread_id: str) -> Iterator[Connection]:
         """A write transaction in which this process provably owns the thread."""
         lease = self.acquire(thread_id)
         with self.catalog.write_core() as s:
-            try:
-                self.catalog.check_token(s, thread_id, lease.token)
-            except OwnershipError as e:
-                lease.fenced = str(e)
-                raise
+            self._check(s, thread_id, lease)
             yield s
 
     def _pg_fenced(self, thread_id: str, write: Any, *args: Any) -> None:
@@ -188,15 +192,10 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             except (OperationalError, DBAPIError) as e:
                 if attempt == 1 and e.connection_invalidated:
                     continue  # a pooled connection the server closed: once more on a fresh one
-                raise CatalogError(f"catalog write failed on {self.catalog._redacted()}: {e.orig or e}",
-                                   orig=e) from e
+                raise self.catalog.failure("write", e) from e
         if not done:
             with self.catalog.write_core() as s:
-                try:
-                    self.catalog.check_token(s, thread_id, lease.token)
-                except OwnershipError as e:
-                    lease.fenced = str(e)
-                    raise
+                self._check(s, thread_id, lease)  # raises, naming the owner that took over
             raise OwnershipError(f"thread {thread_id!r}: the fenced write did not find lease token {lease.token}")
 
     def _refuse_foreign(self, s: OrmSession, thread_ids: Sequence[str]) -> None:

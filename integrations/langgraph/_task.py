@@ -38,6 +38,5 @@ def task_session_id(config: Any) -> str:
     return sid
 
 
-def thread_of(session_id: str) -> str | None:
-    """The graph thread a task session belongs to, or None."""
-    return parent_of(session_id)
+#: the graph thread a task session belongs to, or None (the core's naming rule)
+thread_of = parent_of

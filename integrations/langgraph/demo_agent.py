@@ -28,6 +28,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 from concordia_agents import Runtime
+from integrations.testing import llama_1b, tiny_llama
 from integrations.transformers import durable_generate
 
 from ._app import DurableGraph, wrap
@@ -70,23 +71,9 @@ class Trace:
 
 
 def build_model(device: str = "cpu") -> Any:
-    """A random-weight Llama (seeded: every process builds the same weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if device == "cpu":
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          bos_token_id=1, eos_token_id=None, pad_token_id=0)
-        dtype = torch.float32
-    else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
-                          bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
-        dtype = torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    return model.to(dtype).eval()
+    """A random-weight Llama (seeded: every process builds the same weights):
+    tiny on the CPU, Llama-3.2-1B-shaped in bf16 on a GPU."""
+    return tiny_llama(device, max_positions=1024) if device == "cpu" else llama_1b(device)
 
 
 def _encode(text: str, vocab: int) -> list[int]:
