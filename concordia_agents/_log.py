@@ -330,7 +330,10 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
     tail_end = -1
     if mine:
         tail = mine[-1]
-        valid = valid_size(tail.path, session_tag=tag)
+        # What the dead flusher published as consumed was written whole; only the
+        # bytes after it can be a torn append (restore verifies the rest).
+        valid = valid_size(tail.path, session_tag=tag,
+                           verify_from=max(0, ring.consumed - tail.base) + SEGMENT_HEADER_SIZE)
         tail_end = tail.base + valid - SEGMENT_HEADER_SIZE
         if valid != tail.size:
             # A torn append by the dead flusher. ``consumed`` never passes a

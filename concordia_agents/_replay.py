@@ -19,15 +19,28 @@ Damage: a record cut short at the physical end of the newest chain is a torn
 tail (a crash mid-append) and ends the scan quietly: its epoch has no commit.
 Anything else that fails framing or a checksum raises ``CorruptLogError`` with
 the file and byte offset. Never wrong data, never a silent jump over damage.
+
+What is verified when: the scan checks every header (its own checksum, the
+framing) and the payload checksums of the records it parses (REGION, COMMIT);
+it does not read data payloads (PAGES, ROWS), which can be gigabytes of KV
+cache. Those are verified when they are read to be applied
+(``PayloadReader``), before a byte of them reaches a region: a damaged data
+record of a committed epoch raises ``CorruptLogError`` at restore instead of at
+open, and one of an epoch that never committed is never read at all.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
+from gpu_runtime.checksum import partial_sum, payload_sum_finish
 from gpu_runtime.records import (
     HEADER_SIZE,
     FramingError,
@@ -83,22 +96,62 @@ class LogIndex:
 
 class PayloadReader:
     """Reads and verifies payloads, keeping the files it has opened (restore
-    reads thousands of records from a handful of segments)."""
+    reads thousands of records from a handful of segments). Thread-safe:
+    reads are positional (``pread``), so restore pipelines read and verify
+    records on several threads at once (NumPy releases the GIL while it sums)."""
 
     def __init__(self) -> None:
-        self._files: dict[Path, BinaryIO] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
 
     def __call__(self, loc: RecordLoc) -> memoryview:
-        f = self._files.get(loc.path)
-        if f is None:
-            f = self._files[loc.path] = open(loc.path, "rb")  # noqa: SIM115 - closed in close()
-        f.seek(loc.file_offset + HEADER_SIZE)
-        return _verified(loc, f.read(loc.header.length))
+        data = os.pread(self._fd(loc.path), loc.header.length, loc.file_offset + HEADER_SIZE)
+        return _verified(loc, data)
+
+    def read_verified(self, loc: RecordLoc, out: np.ndarray) -> None:
+        """Read ``loc``'s payload into ``out`` (u8, its length) and verify it,
+        piece by piece: each piece is summed while it is still in the CPU cache."""
+        n = loc.header.length
+        if out.size != n:
+            raise ValueError(f"expected an output of {n} bytes, found {out.size}")
+        fd, pos, s = self._fd(loc.path), 0, 0
+        base = loc.file_offset + HEADER_SIZE
+        whole = n // 8
+        while pos < n:
+            m = min(_PIECE, n - pos)
+            got = os.preadv(fd, [memoryview(out[pos:pos + m])], base + pos)
+            if got <= 0:
+                raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} is cut "
+                                      f"short ({pos} of {n} bytes)", path=str(loc.path), offset=loc.file_offset)
+            end = min(pos + got, whole * 8)
+            if end > pos:
+                s += partial_sum(out[pos:end].view(np.uint64), pos // 8)
+            pos += got
+        if payload_sum_finish(s & _M64, out[whole * 8:].tobytes(), whole, n) != loc.header.payload_sum:
+            raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
+                                  "its checksum", path=str(loc.path), offset=loc.file_offset)
+
+    @staticmethod
+    def verify(loc: RecordLoc, payload: memoryview | np.ndarray) -> None:
+        """Raise CorruptLogError unless ``payload`` is ``loc``'s intact payload."""
+        if len(payload) != loc.header.length or payload_sum(payload) != loc.header.payload_sum:
+            raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
+                                  "its checksum", path=str(loc.path), offset=loc.file_offset)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> PayloadReader:
         return self
@@ -108,10 +161,15 @@ class PayloadReader:
 
 
 def _verified(loc: RecordLoc, data: bytes) -> memoryview:
-    if len(data) != loc.header.length or payload_sum(data) != loc.header.payload_sum:
-        raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails its "
-                              "checksum", path=str(loc.path), offset=loc.file_offset)
+    PayloadReader.verify(loc, memoryview(data))
     return memoryview(data)
+
+
+_PIECE = 1 << 20  #: bytes read and summed at a time (fits a core's L2 cache)
+_M64 = (1 << 64) - 1
+
+#: record types whose payload the scan parses (and therefore verifies)
+_PARSED = frozenset({RecordType.REGION, RecordType.COMMIT})
 
 
 class _Reader:
@@ -120,9 +178,10 @@ class _Reader:
     def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
         self.path, self.f, self.size = path, f, size
 
-    def next(self, pos: int) -> tuple[RecordHeader, bytes] | None:
-        """The record at ``pos`` with its payload, None at the clean end of the file.
-        Raises FramingError (torn or not) on damage."""
+    def next(self, pos: int, *, verify_data: bool = False) -> tuple[RecordHeader, bytes] | None:
+        """The record at ``pos``, None at the clean end of the file. Its payload is
+        read and verified if the scan parses it (REGION, COMMIT) or ``verify_data``;
+        otherwise it is returned empty. Raises FramingError (torn or not) on damage."""
         if pos == self.size:
             return None
         self.f.seek(pos)
@@ -130,14 +189,19 @@ class _Reader:
         header = decode_header(raw)
         if pos + header.size > self.size:
             raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
+        if header.type not in _PARSED and not verify_data:
+            return header, b""
         payload = self.f.read(header.length)
         if payload_sum(payload) != header.payload_sum:
             raise FramingError("payload checksum mismatch", torn=False)
         return header, payload
 
 
-def valid_size(path: Path, *, session_tag: int) -> int:
-    """Bytes of a segment up to its last whole, checksummed record."""
+def valid_size(path: Path, *, session_tag: int, verify_from: int = 0) -> int:
+    """Bytes of a segment up to its last whole, checksummed record. Data
+    payloads are verified only for records that end beyond file offset
+    ``verify_from`` (bytes before it were published as flushed: damage there
+    is not a torn append, and restore verifies them anyway)."""
     read_segment_header(path, session_tag=session_tag)
     size = path.stat().st_size
     pos = SEGMENT_HEADER_SIZE
@@ -145,7 +209,9 @@ def valid_size(path: Path, *, session_tag: int) -> int:
         reader = _Reader(path, fh, size)
         while True:
             try:
-                rec = reader.next(pos)
+                rec = reader.next(pos, verify_data=True) if pos >= verify_from else reader.next(pos)
+                if rec is not None and pos < verify_from < pos + rec[0].size:
+                    rec = reader.next(pos, verify_data=True)
             except FramingError:
                 return pos
             if rec is None:

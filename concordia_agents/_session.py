@@ -160,20 +160,21 @@ class Session:
     def _restore_into(self, region: Region) -> None:
         spec = region.spec
         backend = self.runtime.backend
+        locs = self._index.records.get(spec.region_id, [])
+        for loc in locs:
+            h = loc.header
+            if h.type is RecordType.PAGES:
+                ok = h.offset + h.length <= spec.nbytes
+            elif h.type is RecordType.ROWS:
+                ok = h.offset + h.aux <= spec.rows and h.length == spec.outer * h.aux * spec.row_bytes
+            else:
+                ok = False
+            if not ok:
+                raise CorruptLogError(f"{h.type.name} record of epoch {h.epoch} does not fit region {spec.name!r} "
+                                      f"({spec.dtype}{list(spec.shape)})", path=str(loc.path),
+                                      offset=loc.file_offset)
         with PayloadReader() as read:
-            for loc in self._index.records.get(spec.region_id, []):
-                h = loc.header
-                if h.type is RecordType.PAGES:
-                    ok = h.offset + h.length <= spec.nbytes
-                elif h.type is RecordType.ROWS:
-                    ok = h.offset + h.aux <= spec.rows and h.length == spec.outer * h.aux * spec.row_bytes
-                else:
-                    ok = False
-                if not ok:
-                    raise CorruptLogError(f"{h.type.name} record of epoch {h.epoch} does not fit region {spec.name!r} "
-                                          f"({spec.dtype}{list(spec.shape)})", path=str(loc.path),
-                                          offset=loc.file_offset)
-                backend.apply(region._handle, h, read(loc))
+            backend.apply_records(region._handle, locs, read)
         backend.after_restore(region._handle)
         region.length = int(self._lengths.get(spec.name, 0))
 

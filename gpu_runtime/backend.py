@@ -96,6 +96,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def apply(self, region: BackendRegion, header: RecordHeader, payload: memoryview) -> None: ...
 
+    def apply_records(self, region: BackendRegion, locs: Sequence[Any], reader: Any) -> None:
+        """Apply a region's logged records in order (restore).
+
+        ``locs`` have ``path``, ``file_offset`` (of the 64-byte header) and
+        ``header``; ``reader(loc)`` returns a verified payload and
+        ``reader.read_verified(loc, out)`` reads one into a u8 array; both
+        raise ``CorruptLogError`` on a bad checksum. No payload may reach the
+        region unverified. This default applies one record at a time; backends
+        override it to pipeline."""
+        for loc in locs:
+            self.apply(region, loc.header, reader(loc))
+
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
 

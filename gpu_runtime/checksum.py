@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["payload_sum", "splitmix64"]
+__all__ = ["partial_sum", "payload_sum", "payload_sum_finish", "splitmix64"]
 
 _M = (1 << 64) - 1
 _weights = np.empty(0, np.uint64)
@@ -51,6 +51,23 @@ def _weights_for(words: int) -> np.ndarray:
 _SMALL_WEIGHTS = [splitmix64(j) | 1 for j in range(32)]
 
 
+def partial_sum(words: np.ndarray, first: int) -> int:
+    """The weighted sum of ``words`` (u64) taken as payload words ``first, first+1, ...``:
+    a payload's sum is the sum (mod 2**64) of its pieces' partial sums, so a
+    reader can verify a large payload piece by piece while each is in cache."""
+    if words.size == 0:
+        return 0
+    return int(np.einsum("i,i->", words, _weights_for(first + words.size)[first:], dtype=np.uint64))
+
+
+def payload_sum_finish(s: int, tail: bytes, whole_words: int, n: int) -> int:
+    """The checksum from the sum ``s`` of the first ``whole_words`` words and the
+    ``n % 8`` trailing bytes ``tail`` of an ``n``-byte payload."""
+    if tail:
+        s = (s + int.from_bytes(tail.ljust(8, b"\0"), "little") * int(_weights_for(whole_words + 1)[whole_words])) & _M
+    return splitmix64((s & _M) ^ n)
+
+
 def payload_sum(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     """The checksum of ``data`` as defined above."""
     if not isinstance(data, np.ndarray) and len(data) <= 256:
@@ -63,12 +80,5 @@ def payload_sum(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     buf = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
     n = buf.size
     whole = n // 8
-    s = 0
-    if whole:
-        words = buf[: whole * 8].view(np.uint64)
-        s = int(np.einsum("i,i->", words, _weights_for(whole), dtype=np.uint64))
-    if n % 8:
-        tail = np.zeros(8, np.uint8)
-        tail[: n % 8] = buf[whole * 8:]
-        s = (s + int(tail.view(np.uint64)[0]) * int(_weights_for(whole + 1)[whole])) & _M
-    return splitmix64(s ^ n)
+    s = partial_sum(buf[: whole * 8].view(np.uint64), 0)
+    return payload_sum_finish(s, buf[whole * 8:].tobytes(), whole, n)
