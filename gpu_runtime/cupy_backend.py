@@ -35,7 +35,7 @@ from .executor import STOP, Executor, Handler, PinnedBuffer, TaskKind, register_
 from .host import plan_chunks
 from .logring import DATA_START, LogRing
 from .logwriter import LogWriter
-from .records import RecordHeader, RecordType, encode_record, record_size
+from .records import HEADER_SIZE, RecordHeader, RecordType, encode_record, record_size
 from .regions import RegionSpec, describe
 
 __all__ = ["CupyBackend", "CupyRegion"]
@@ -66,6 +66,23 @@ def _stream_of(array: Any) -> int:
     return int(cupy.cuda.get_current_stream().ptr)
 
 
+def _spans(locs: Sequence[Any], limit: int) -> list[tuple[Any, int, int, list[Any]]]:
+    """Group records that lie back to back in one file into spans of at most
+    ``limit`` bytes (a larger record is a span of its own):
+    ``(path, file offset, bytes, records)``, in log order."""
+    spans: list[tuple[Any, int, int, list[Any]]] = []
+    for loc in locs:
+        size = loc.header.size
+        if spans:
+            path, start, nbytes, group = spans[-1]
+            if path == loc.path and start + nbytes == loc.file_offset and nbytes + size <= limit:
+                group.append(loc)
+                spans[-1] = (path, start, nbytes + size, group)
+                continue
+        spans.append((loc.path, loc.file_offset, size, [loc]))
+    return spans
+
+
 class CupyRegion(BackendRegion):
     def __init__(self, spec: RegionSpec, array: Any, *, index: int, handler: int, hashes: Any,
                  bitmap: PinnedBuffer | None) -> None:
@@ -93,9 +110,20 @@ class CupyBackend(Backend):
             return False
 
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
-                 fence_timeout_s: float = 10.0) -> None:
+                 fence_timeout_s: float = 10.0, restore_engine: str = "copy", restore_span: int = 16 << 20,
+                 restore_depth: int = 8, restore_threads: int | None = None) -> None:
+        import os
+
         import cupy
 
+        if restore_engine not in ("executor", "copy"):
+            raise RegionError(f"restore_engine: expected 'executor' or 'copy', found {restore_engine!r}")
+        self._restore_engine = restore_engine
+        self._restore_span = restore_span
+        self._restore_depth = max(2, restore_depth)
+        self._restore_threads = restore_threads or max(1, min(8, (os.cpu_count() or 2) - 1))
+        self._restore_buffers: list[PinnedBuffer] = []
+        self._rstream: Any = None
         self._cupy = cupy
         self.executor = Executor(blocks=blocks, idle_ms=idle_ms, max_life_ms=max_life_ms)
         self._fence = cupy.zeros(1, dtype=cupy.uint64)
@@ -333,6 +361,103 @@ class CupyBackend(Backend):
         with self._lock:
             self._staging.append((ticket, buf))
 
+    def apply_records(self, region: BackendRegion, locs: Sequence[Any], reader: Any) -> None:
+        """Restore pipeline: reader threads ``pread`` runs of adjacent records
+        (up to ``restore_span`` bytes) straight into pinned buffers, verifying
+        each payload piece by piece as it arrives (NumPy releases the GIL); the main thread
+        hands verified records to the device in log order, either as RECOVER
+        tasks of the executor (``restore_engine="executor"``) or as copy-engine
+        2-D copies on a restore stream (``"copy"``: the scatter of a ROWS record
+        is one ``cudaMemcpy2DAsync``). A buffer is refilled only after the
+        device finished reading it. A failed checksum stops the pipeline before
+        that record reaches the region."""
+        assert isinstance(region, CupyRegion)
+        if len(locs) < 2:
+            super().apply_records(region, locs, reader)
+            return
+        spans = _spans(locs, self._restore_span)
+        pool = self._restore_pool(max(n for _, _, n, _ in spans))
+        copy = self._restore_engine == "copy"
+        stream = self._restore_stream() if copy else None
+        busy: list[Any] = [None] * len(pool)  # per buffer: executor ticket or CUDA event still reading it
+
+        def load(i: int, span: tuple[Any, int, int, list[Any]]) -> None:
+            # One reader task per span: measured on the H100 host, one task per
+            # record (15 threads busy instead of 7) restored 4 GiB slower.
+            _, start, _, group = span
+            for loc in group:
+                at = loc.file_offset - start + HEADER_SIZE
+                reader.read_verified(loc, pool[i].array[at:at + loc.header.length])
+
+        def release(i: int) -> None:
+            if busy[i] is None:
+                return
+            if copy:
+                busy[i].synchronize()
+            else:
+                self.executor.wait(busy[i])
+            busy[i] = None
+
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        depth = len(pool)
+        loads: dict[int, Future[None]] = {}
+        with ThreadPoolExecutor(self._restore_threads) as threads:
+            try:
+                for k in range(min(depth - 1, len(spans))):
+                    loads[k] = threads.submit(load, k, spans[k])
+                for k, (_, start, _, group) in enumerate(spans):
+                    i = k % depth
+                    loads.pop(k).result()  # raises CorruptLogError before the device sees the span
+                    for loc in group:
+                        at = loc.file_offset - start + HEADER_SIZE
+                        if copy:
+                            self._copy_record(region, loc.header, pool[i].ptr + at, stream)
+                        else:
+                            h = loc.header
+                            busy[i] = self.executor.enqueue(
+                                TaskKind.RECOVER, [pool[i].device_ptr + at, int(h.type), h.offset, h.aux, h.length]
+                                + [0] * 8 + [region.index], handler=region.handler)
+                    if copy:
+                        busy[i] = self._cupy.cuda.Event(block=False, disable_timing=True)
+                        busy[i].record(stream)
+                    # Refill the buffer of span k - 1 (span k stays queued, so the
+                    # device does not idle while we wait for it).
+                    nxt = k + depth - 1
+                    if nxt < len(spans):
+                        release(nxt % depth)
+                        loads[nxt] = threads.submit(load, nxt % depth, spans[nxt])
+            finally:
+                for f in loads.values():
+                    f.cancel()
+                for i in range(depth):
+                    release(i)  # no device read of a pool buffer outlives this call
+
+    def _copy_record(self, region: CupyRegion, h: RecordHeader, src: int, stream: Any) -> None:
+        """One record to the device on the copy engine (``restore_engine="copy"``)."""
+        spec, rt = region.spec, self._cupy.cuda.runtime
+        base = _device_ptr(region.array)
+        if h.type is RecordType.ROWS:
+            width = h.aux * spec.row_bytes
+            rt.memcpy2DAsync(base + h.offset * spec.row_bytes, spec.rows * spec.row_bytes, src, width, width,
+                             spec.outer, rt.memcpyHostToDevice, stream.ptr)
+        else:
+            rt.memcpyAsync(base + h.offset, src, h.length, rt.memcpyHostToDevice, stream.ptr)
+
+    def _restore_pool(self, need: int) -> list[PinnedBuffer]:
+        """Pinned buffers of at least ``need`` bytes for the restore pipeline,
+        allocated on first use and kept until close (pinning is slow)."""
+        if not self._restore_buffers or self._restore_buffers[0].nbytes < need:
+            for buf in self._restore_buffers:
+                buf.close()
+            self._restore_buffers = [PinnedBuffer(need) for _ in range(self._restore_depth)]
+        return self._restore_buffers
+
+    def _restore_stream(self) -> Any:
+        if self._rstream is None:
+            self._rstream = self._cupy.cuda.Stream(non_blocking=True)
+        return self._rstream
+
     def _staging_buffer(self, n: int) -> PinnedBuffer:
         """A pinned buffer of at least ``n`` bytes that no queued task still reads
         (the pool rotates; a payload larger than a buffer gets its own)."""
@@ -379,3 +504,6 @@ class CupyBackend(Backend):
                 buf.close()
             self._staging = []
             self._runs.close()
+            for buf in self._restore_buffers:
+                buf.close()
+            self._restore_buffers = []
