@@ -136,13 +136,19 @@ class DurableCache(Cache):
             layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
 
 
+#: generate() arguments that do not change which tokens come out (callbacks that
+#: observe; a stop is recorded as the run's end), so a resume may pass new ones
+_NOT_FINGERPRINTED = frozenset({"stopping_criteria", "streamer"})
+
+
 def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  kwargs: dict[str, Any]) -> dict[str, str]:
     def h(data: bytes) -> str:
         return hashlib.blake2b(data, digest_size=12).hexdigest()
 
     cfg = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else repr(model.config)
-    gen = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in sorted(kwargs.items())}
+    gen = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in sorted(kwargs.items())
+           if k not in _NOT_FINGERPRINTED}
     return {
         "model": h(cfg.encode() + str(model.dtype).encode()),
         "prompt": h(input_ids.detach().cpu().numpy().tobytes() + str(tuple(input_ids.shape)).encode()),

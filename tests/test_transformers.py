@@ -110,6 +110,13 @@ def test_resume_with_other_prompt_or_arguments_is_refused(tmp_path):
         other = build("qwen2")
         with pytest.raises(ResumeMismatchError, match="model"):
             durable_generate(other, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=5)
+        # Observers are not part of the fingerprint: a resume may bring its own.
+        from transformers import StoppingCriteriaList
+
+        first = durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=5)
+        again = durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=5,
+                                 stopping_criteria=StoppingCriteriaList([]))
+        assert torch.equal(first, again)
 
 
 def test_durable_cache_is_a_transformers_cache():
