@@ -1,31 +1,49 @@
-"""transformers on the GPU (issue 4): decode overhead of durable_generate
-(checkpoint_every=1, CuPy backend) against plain ``model.generate`` and against
-the naive baseline that copies the whole KV cache to the CPU after every token.
-Random bf16 weights in Llama-3.2-1B and Llama-3-8B shapes (no download), 2k
-prompt, batch 1 and 8. Per-step time = (time for N tokens - time for 1) / (N - 1),
-so prefill and the first commit of the prompt's KV cancel out. Medians.
+"""transformers on the GPU (issue 4). Random bf16 weights in Llama-3.2-1B and
+Llama-3-8B shapes (no download), CuPy backend.
 
-Recovery time against prefill (the issue's second figure) is not measured yet.
+Decode: ms per decode step of ``durable_generate(checkpoint_every=1)`` against
+plain ``model.generate`` (default cache), against ``model.generate`` with a
+``DurableCache`` and no session (what the cache alone costs), and against the
+naive baseline that copies the whole KV cache to the CPU after every token.
+2k-token prompt, batch 1 and 8. A step is the interval between two calls of a
+stopping criterion that runs first in every variant (one forward, one sampled
+token and, for durable_generate, one commit); per run the median step over the
+last ``new - 4`` steps, then the median over the repeats. Measuring inside the
+generation keeps the per-call costs (session open, prefill) out.
 
-    python bench/bench_transformers_gpu.py [--quick]
+Recovery: a child process runs ``durable_generate`` on an 8k- or 32k-token
+prompt, makes the epoch holding the prompt's KV durable and SIGKILLs itself.
+Then, per repeat on a fresh copy of that home (the segment files are in the page
+cache, as after a process crash): the time from the ``durable_generate`` call
+that resumes the session to its first new token (session open, log scan,
+restore of the KV cache, one decode step), against ``model.generate`` with one
+new token on the same prompt (the recompute: prefill + one step). The runtime
+is opened before the clock starts (a long-lived process opens it once).
+
+    python bench/bench_transformers_gpu.py [--quick] [--only decode|recovery]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write  # noqa: E402
 
@@ -35,116 +53,306 @@ SHAPES = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
+RT_OPTIONS: dict[str, Any] = dict(backend="cupy", fsync="none", ring_bytes=256 << 20, segment_bytes=1 << 30,
+                                  max_record_bytes=4 << 20, compact_bytes=0)
 
 
 def build(shape: str):  # type: ignore[no-untyped-def]
+    """A random-weight bf16 model of ``shape`` on the GPU (weights made in bf16 directly)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=40000, bos_token_id=1, eos_token_id=None,
                       pad_token_id=0)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg)
-    return model.to(torch.bfloat16).eval()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
 
 
-def sync() -> None:
-    torch.cuda.synchronize()
+class Steps:
+    """A stopping criterion that only records when it is called."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
+        torch.cuda.synchronize()  # generate() syncs once a step anyway; here the token is really there
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def step_ms(self) -> float:
+        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)][3:]
+        return statistics.median(gaps) * 1e3
 
 
-def decode_ms_per_step(fn, prompt_len: int, new: int) -> float:  # type: ignore[no-untyped-def]
-    """ms per decode step: (time for `new` tokens - time for 1 token) / (new - 1)."""
-    sync()
-    t = time.perf_counter()
-    fn(1)
-    sync()
-    one = time.perf_counter() - t
-    t = time.perf_counter()
-    fn(new)
-    sync()
-    full = time.perf_counter() - t
-    return (full - one) / (new - 1) * 1e3
+def criteria(steps: Steps):  # type: ignore[no-untyped-def]
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _C(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
+            return steps(input_ids, scores)
+
+    return StoppingCriteriaList([_C()])
 
 
-def decode_section(rt, model, shape: str, batch: int, prompt_len: int, new: int, repeats: int) -> dict:  # type: ignore[no-untyped-def]
-    from integrations.transformers import durable_generate
+# -- decode ---------------------------------------------------------------------------------
+
+
+def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_len: int, new: int,  # type: ignore[no-untyped-def]
+                   repeats: int) -> dict:
+    from transformers.cache_utils import DynamicCache
+
+    from integrations.transformers import DurableCache, durable_generate
 
     ids = torch.randint(3, 1000, (batch, prompt_len), device="cuda")
     mask = torch.ones_like(ids)
     counter = [0]
 
-    def plain(n: int) -> None:
-        model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+    def plain(steps: Steps) -> None:
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, stopping_criteria=criteria(steps))
 
-    def durable(n: int) -> None:
-        counter[0] += 1
-        durable_generate(model, ids, f"bench-{shape}-{batch}-{counter[0]}", runtime=rt, attention_mask=mask,
-                         max_new_tokens=n, do_sample=False, checkpoint_every=1)
+    def cache_only(steps: Steps) -> None:
+        cache = DurableCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new + 1)
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
+                       stopping_criteria=criteria(steps))
 
-    class Naive:
+    def durable(rt: Any):  # type: ignore[no-untyped-def]
+        def run(steps: Steps) -> None:
+            counter[0] += 1
+            durable_generate(model, ids, f"bench-{shape}-{batch}-{counter[0]}", runtime=rt, attention_mask=mask,
+                             max_new_tokens=new, do_sample=False, checkpoint_every=1,
+                             stopping_criteria=criteria(steps))
+        return run
+
+    def naive(steps: Steps) -> None:
         """Baseline: copy the whole KV cache to the CPU after every token."""
+        from transformers import StoppingCriteria
 
-        def __call__(self, n: int) -> None:
-            from transformers import StoppingCriteria, StoppingCriteriaList
+        cache = DynamicCache()
 
-            from transformers.cache_utils import DynamicCache
+        class Copy(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
+                steps(input_ids, scores)
+                for layer in cache.layers:
+                    layer.keys.to("cpu")
+                    layer.values.to("cpu")
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-            cache = DynamicCache()
+        from transformers import StoppingCriteriaList
 
-            class Copy(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
-                    for layer in cache.layers:
-                        layer.keys.to("cpu")
-                        layer.values.to("cpu")
-                    return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
+                       stopping_criteria=StoppingCriteriaList([Copy()]))
 
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, past_key_values=cache,
-                           stopping_criteria=StoppingCriteriaList([Copy()]))
-
-    out = {}
-    for name, fn in (("plain", plain), ("durable", durable), ("naive_copy_all", Naive())):
-        fn(2)  # warm-up
-        runs = [decode_ms_per_step(fn, prompt_len, new) for _ in range(repeats)]
-        out[f"{name}_ms_per_step"] = statistics.median(runs)
-    out["durable_overhead"] = out["durable_ms_per_step"] / out["plain_ms_per_step"] - 1
-    out["naive_over_plain"] = out["naive_copy_all_ms_per_step"] / out["plain_ms_per_step"]
-    out["tokens_per_s_plain"] = batch * 1e3 / out["plain_ms_per_step"]
+    variants = {"plain": plain, "cache_only": cache_only, "naive_copy_all": naive}
+    variants.update({f"durable{label}": durable(rt) for label, rt in rts.items()})
+    out: dict[str, Any] = {"new_tokens": new, "repeats": repeats}
+    runs: dict[str, list[float]] = {k: [] for k in variants}
+    for name, fn in variants.items():  # warm-up
+        fn(Steps())
+    for _ in range(repeats):  # interleaved: drifts hit every variant alike
+        for name, fn in variants.items():
+            steps = Steps()
+            fn(steps)
+            runs[name].append(steps.step_ms())
+    for name in variants:
+        out[f"{name}_ms_per_step"] = statistics.median(runs[name])
+        out[f"{name}_runs_ms"] = runs[name]
+    plain_ms = out["plain_ms_per_step"]
+    for name in variants:
+        if name != "plain":
+            out[f"{name}_over_plain"] = out[f"{name}_ms_per_step"] / plain_ms
+    out["durable_overhead"] = out["durable_ms_per_step"] / plain_ms - 1
+    out["tokens_per_s_plain"] = batch * 1e3 / plain_ms
     out["tokens_per_s_durable"] = batch * 1e3 / out["durable_ms_per_step"]
     return out
+
+
+# -- recovery -------------------------------------------------------------------------------
+
+
+def _prompt(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(3, 1000, (1, n), generator=g).cuda()
+
+
+@contextlib.contextmanager
+def _timed(cls: type, name: str, sink: list[float]):  # type: ignore[no-untyped-def]
+    """Add the time spent in ``cls.name`` during the block to ``sink`` (one entry per block)."""
+    orig = getattr(cls, name)
+    spent = [0.0]
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    setattr(cls, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(cls, name, orig)
+        sink.append(spent[0])
+
+
+def child(shape: str, n: int, home: str) -> None:
+    """Commit the KV of an ``n``-token prompt, make it durable, SIGKILL ourselves."""
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+
+    model = build(shape)
+    rt = Runtime.open(home=home, **RT_OPTIONS)
+    calls = [0]
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CrashAfterDurable(StoppingCriteria):
+        """Runs before the checkpointer: at the second token the first token's
+        epoch (the prompt's KV) was committed; wait for it on disk, then die."""
+
+        def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            if calls[0] == 2:
+                rt._sessions["recover"].flush(timeout=600)
+                print("CHILD durable", input_ids.shape[1], flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    ids = _prompt(n)
+    durable_generate(model, ids, "recover", runtime=rt, max_new_tokens=8, do_sample=False,
+                     stopping_criteria=StoppingCriteriaList([CrashAfterDurable()]))
+    raise SystemExit("the child was expected to kill itself")
+
+
+def recovery_section(model, shape: str, n: int, repeats: int, engines: list[str]) -> dict:  # type: ignore[no-untyped-def]
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+
+    work = Path(tempfile.mkdtemp(prefix="cnc-rec-"))
+    crashed = work / "crashed"
+    env = dict(os.environ, CONCORDIA_RING_DIR=str(Path("/dev/shm") / f"{work.name}-child"))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", shape, str(n), str(crashed)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    child_s = time.perf_counter() - t
+    if proc.returncode != -signal.SIGKILL or "CHILD durable" not in proc.stdout:
+        raise RuntimeError(f"child exited {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}")
+    shutil.rmtree(env["CONCORDIA_RING_DIR"], ignore_errors=True)
+    ids = _prompt(n)
+    out: dict[str, Any] = {"context_tokens": n, "child_s": child_s,
+                           "log_bytes": sum(f.stat().st_size for f in crashed.rglob("*") if f.is_file())}
+
+    def first_token_s(fn) -> float:  # type: ignore[no-untyped-def]
+        steps = Steps()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(steps)
+        return steps.times[0] - t0
+
+    def prefill(steps: Steps) -> None:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                       stopping_criteria=criteria(steps))
+
+    first_token_s(prefill)  # warm-up
+    out["prefill_runs_s"] = [first_token_s(prefill) for _ in range(repeats)]
+    out["prefill_s"] = statistics.median(out["prefill_runs_s"])
+    from concordia_agents import Session
+
+    for engine in engines:
+        runs = []
+        phases: dict[str, list[float]] = {"open_session_s": [], "register_regions_s": []}
+        for r in range(repeats):
+            home = work / f"{engine}-{r}"
+            shutil.copytree(crashed, home)
+            ring_dir = Path("/dev/shm") / f"{work.name}-{engine}-{r}"
+            rt = Runtime.open(home=home, ring_dir=ring_dir, backend_options={"restore_engine": engine},
+                              **RT_OPTIONS)
+            try:
+                def resume(steps: Steps, rt: Any = rt) -> None:
+                    durable_generate(model, ids, "recover", runtime=rt, max_new_tokens=8, do_sample=False,
+                                     stopping_criteria=criteria(steps))
+                with _timed(Runtime, "session", phases["open_session_s"]), \
+                        _timed(Session, "register", phases["register_regions_s"]):
+                    runs.append(first_token_s(resume))
+            finally:
+                rt.close()
+                shutil.rmtree(home, ignore_errors=True)
+                shutil.rmtree(ring_dir, ignore_errors=True)
+        out[f"resume_{engine}_phases_s"] = phases
+        out[f"resume_{engine}_runs_s"] = runs
+        out[f"resume_{engine}_s"] = statistics.median(runs)
+        out[f"speedup_{engine}"] = out["prefill_s"] / out[f"resume_{engine}_s"]
+        out[f"restore_GBps_{engine}"] = out["log_bytes"] / out[f"resume_{engine}_s"] / 1e9
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _checkpoint(result: dict) -> None:
+    """Write what was measured so far under $OUT (a run cut short keeps its figures)."""
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "transformers_gpu-partial.json").write_text(json.dumps(result, indent=1))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=["decode", "recovery"])
+    p.add_argument("--child", nargs=3, metavar=("SHAPE", "N", "HOME"))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = p.parse_args()
-    torch.use_deterministic_algorithms(False)
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.child[2])
+        return
     from concordia_agents import Runtime
 
-    home = Path(tempfile.mkdtemp())
-    rt = Runtime.open(home=home, backend="cupy", fsync="none", ring_bytes=1 << 30, segment_bytes=1 << 30,
-                      max_record_bytes=4 << 20, compact_bytes=0)
     result: dict = {"benchmark": "transformers_gpu", "device": torch.cuda.get_device_name(0),
-                    "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": 2048}
+                    "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": 2048,
+                    "runtime_options": {k: v for k, v in RT_OPTIONS.items()}, "quick": args.quick}
+    # One runtime, default executor settings. (Measured and dropped: an idle
+    # window of 0.5 ms instead of 10 ms was no faster per step.)
+    homes = [Path(tempfile.mkdtemp())]
+    rts = {"": Runtime.open(home=homes[0], **RT_OPTIONS)}
     try:
-        for shape in ("llama-3.2-1b", "llama-3-8b"):
+        for shape in args.shapes:
+            if args.only == "recovery" and args.quick and shape != "llama-3-8b":
+                continue
             model = build(shape)
-            for batch in (1, 8):
-                key = f"decode_{shape}_b{batch}"
-                try:
-                    result[key] = decode_section(rt, model, shape, batch, 2048, 16 if args.quick else 32,
-                                                 1 if args.quick else 3)
-                except Exception:  # noqa: BLE001 - record and go on
-                    result[key] = {"error": traceback.format_exc()[-2000:]}
-                print(key, json.dumps(result[key])[:400], flush=True)
+            if args.only != "recovery":
+                for batch in (1, 8):
+                    key = f"decode_{shape}_b{batch}"
+                    try:
+                        result[key] = decode_section(rts, model, shape, batch, 2048, 24 if args.quick else 48,
+                                                     2 if args.quick else 3)
+                    except Exception:  # noqa: BLE001 - record and go on
+                        result[key] = {"error": traceback.format_exc()[-2000:]}
+                    print(key, json.dumps({k: v for k, v in result[key].items() if "runs" not in k}), flush=True)
+                    _checkpoint(result)
+            if args.only != "decode" and (shape == "llama-3-8b" or not args.quick):
+                for n in (8192, 32768):
+                    key = f"recovery_{shape}_{n // 1024}k"
+                    try:
+                        result[key] = recovery_section(model, shape, n, 2 if args.quick else 3, ["executor", "copy"])
+                    except Exception:  # noqa: BLE001
+                        result[key] = {"error": traceback.format_exc()[-3000:]}
+                    print(key, json.dumps(result[key]), flush=True)
+                    _checkpoint(result)
             del model
             torch.cuda.empty_cache()
     finally:
-        rt.close()
-        shutil.rmtree(home, ignore_errors=True)
+        for rt in rts.values():
+            rt.close()
+        for h in homes:
+            shutil.rmtree(h, ignore_errors=True)
     path = write("transformers_gpu" + ("-quick" if args.quick else ""), result)
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
-    print(json.dumps(result, indent=1)[-4000:])
+    print("wrote", path)
 
 
 if __name__ == "__main__":
