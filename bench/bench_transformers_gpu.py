@@ -81,7 +81,8 @@ class Steps:
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
-        torch.cuda.synchronize()  # generate() syncs once a step anyway; here the token is really there
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()  # generate() syncs once a step anyway; here the token is really there
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -109,7 +110,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
 
     from integrations.transformers import DurableCache, durable_generate
 
-    ids = torch.randint(3, 1000, (batch, prompt_len), device="cuda")
+    ids = torch.randint(3, 1000, (batch, prompt_len), device=model.device)
     mask = torch.ones_like(ids)
     counter = [0]
 
@@ -121,12 +122,19 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
                        stopping_criteria=criteria(steps))
 
+    commit_ms: list[float] = []
+
     def durable(rt: Any):  # type: ignore[no-untyped-def]
         def run(steps: Steps) -> None:
+            from integrations.transformers import _Checkpointer
+
             counter[0] += 1
-            durable_generate(model, ids, f"bench-{shape}-{batch}-{counter[0]}", runtime=rt, attention_mask=mask,
-                             max_new_tokens=new, do_sample=False, checkpoint_every=1,
-                             stopping_criteria=criteria(steps))
+            spent: list[float] = []
+            with _timed(_Checkpointer, "commit", spent, each=True):
+                durable_generate(model, ids, f"bench-{shape}-{batch}-{counter[0]}", runtime=rt,
+                                 attention_mask=mask, max_new_tokens=new, do_sample=False, checkpoint_every=1,
+                                 stopping_criteria=criteria(steps))
+            commit_ms.append(statistics.median(spent[1:-1]) * 1e3)  # per-token commits (not the prompt's, not the last)
         return run
 
     def naive(steps: Steps) -> None:
@@ -157,8 +165,11 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
     for _ in range(repeats):  # interleaved: drifts hit every variant alike
         for name, fn in variants.items():
             steps = Steps()
+            t = time.perf_counter()
             fn(steps)
             runs[name].append(steps.step_ms())
+            print(f"  {shape} b{batch} {name}: {runs[name][-1]:.2f} ms/step, run {time.perf_counter() - t:.1f} s",
+                  flush=True)
     for name in variants:
         out[f"{name}_ms_per_step"] = statistics.median(runs[name])
         out[f"{name}_runs_ms"] = runs[name]
@@ -167,6 +178,11 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         if name != "plain":
             out[f"{name}_over_plain"] = out[f"{name}_ms_per_step"] / plain_ms
     out["durable_overhead"] = out["durable_ms_per_step"] / plain_ms - 1
+    # Host time inside the per-token commit: the checkpoint's own cost per step,
+    # free of the run-to-run spread of whole steps (the model's kernels can
+    # still be slowed by the resident executor; that part is not in here).
+    out["durable_commit_host_ms_per_step"] = statistics.median(commit_ms[-repeats:])
+    out["durable_commit_host_over_plain_step"] = out["durable_commit_host_ms_per_step"] / plain_ms
     out["tokens_per_s_plain"] = batch * 1e3 / plain_ms
     out["tokens_per_s_durable"] = batch * 1e3 / out["durable_ms_per_step"]
     return out
@@ -181,8 +197,9 @@ def _prompt(n: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _timed(cls: type, name: str, sink: list[float]):  # type: ignore[no-untyped-def]
-    """Add the time spent in ``cls.name`` during the block to ``sink`` (one entry per block)."""
+def _timed(cls: type, name: str, sink: list[float], *, each: bool = False):  # type: ignore[no-untyped-def]
+    """Time calls of ``cls.name`` during the block: their total appended to
+    ``sink`` at the end (or, with ``each``, every call's time as it returns)."""
     orig = getattr(cls, name)
     spent = [0.0]
 
@@ -191,14 +208,18 @@ def _timed(cls: type, name: str, sink: list[float]):  # type: ignore[no-untyped-
         try:
             return orig(*a, **k)
         finally:
-            spent[0] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            spent[0] += dt
+            if each:
+                sink.append(dt)
 
     setattr(cls, name, wrapper)
     try:
         yield
     finally:
         setattr(cls, name, orig)
-        sink.append(spent[0])
+        if not each:
+            sink.append(spent[0])
 
 
 def child(shape: str, n: int, home: str) -> None:
