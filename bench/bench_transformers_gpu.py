@@ -17,8 +17,10 @@ Then, per repeat on a fresh copy of that home (the segment files are in the page
 cache, as after a process crash): the time from the ``durable_generate`` call
 that resumes the session to its first new token (session open, log scan,
 restore of the KV cache, one decode step), against ``model.generate`` with one
-new token on the same prompt (the recompute: prefill + one step). The runtime
-is opened before the clock starts (a long-lived process opens it once).
+new token on the same prompt (the recompute: prefill + one step), for each
+restore configuration (``copy`` / ``executor`` engine with host checksums,
+``copy+device``: checksums summed on the GPU). The runtime is opened before the
+clock starts (a long-lived process opens it once).
 
     python bench/bench_transformers_gpu.py [--quick] [--only decode|recovery]
 """
@@ -292,7 +294,9 @@ def recovery_section(model, shape: str, n: int, repeats: int, engines: list[str]
             home = work / f"{engine}-{r}"
             shutil.copytree(crashed, home)
             ring_dir = Path("/dev/shm") / f"{work.name}-{engine}-{r}"
-            rt = Runtime.open(home=home, ring_dir=ring_dir, backend_options={"restore_engine": engine},
+            kind, _, verify = engine.partition("+")  # "copy", "executor", "copy+device", ...
+            rt = Runtime.open(home=home, ring_dir=ring_dir,
+                              backend_options={"restore_engine": kind, "restore_verify": verify or "host"},
                               **RT_OPTIONS)
             try:
                 def resume(steps: Steps, rt: Any = rt) -> None:
@@ -358,7 +362,8 @@ def main() -> None:
                 for n in (8192, 32768):
                     key = f"recovery_{shape}_{n // 1024}k"
                     try:
-                        result[key] = recovery_section(model, shape, n, 2 if args.quick else 3, ["executor", "copy"])
+                        result[key] = recovery_section(model, shape, n, 2 if args.quick else 3,
+                                                       ["copy", "executor", "copy+device"])
                     except Exception:  # noqa: BLE001
                         result[key] = {"error": traceback.format_exc()[-3000:]}
                     print(key, json.dumps(result[key]), flush=True)

@@ -140,6 +140,25 @@ class PayloadReader:
             raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
                                   "its checksum", path=str(loc.path), offset=loc.file_offset)
 
+    def read_unverified(self, loc: RecordLoc, out: np.ndarray) -> None:
+        """Read ``loc``'s payload into ``out`` without checking it: for a caller
+        that verifies it elsewhere (on the GPU) before using it."""
+        n, fd, pos = loc.header.length, self._fd(loc.path), 0
+        if out.size != n:
+            raise ValueError(f"expected an output of {n} bytes, found {out.size}")
+        while pos < n:
+            got = os.preadv(fd, [memoryview(out[pos:])], loc.file_offset + HEADER_SIZE + pos)
+            if got <= 0:
+                raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} is cut "
+                                      f"short ({pos} of {n} bytes)", path=str(loc.path), offset=loc.file_offset)
+            pos += got
+
+    @staticmethod
+    def raise_corrupt(loc: RecordLoc) -> None:
+        """Raise the CorruptLogError of a payload that fails its checksum."""
+        raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
+                              "its checksum", path=str(loc.path), offset=loc.file_offset)
+
     @staticmethod
     def verify(loc: RecordLoc, payload: memoryview | np.ndarray) -> None:
         """Raise CorruptLogError unless ``payload`` is ``loc``'s intact payload."""

@@ -102,7 +102,9 @@ class Backend(abc.ABC):
         ``locs`` have ``path``, ``file_offset`` (of the 64-byte header) and
         ``header``; ``reader(loc)`` returns a verified payload and
         ``reader.read_verified(loc, out)`` reads one into a u8 array; both
-        raise ``CorruptLogError`` on a bad checksum. No payload may reach the
+        raise ``CorruptLogError`` on a bad checksum
+        (``reader.read_unverified`` and ``reader.raise_corrupt`` serve a
+        backend that checks payloads on its device). No payload may reach the
         region unverified. This default applies one record at a time; backends
         override it to pipeline."""
         for loc in locs:

@@ -5,7 +5,8 @@
 Specializations: the executor with no handlers, each kv row size of the
 common model shapes (head dim 64/128/256 in fp16/bf16/fp32; 8-byte minimum)
 and each supported page size, alone and all together in one module (the
-operator table after several hot swaps). Each is compiled to a cubin by
+operator table after several hot swaps); then the other kernels (the
+restore checksum kernel). Each is compiled to a cubin by
 NVRTC, and to PTX that nvJitLink assembles for the same architecture. Exits
 non-zero on the first failure.
 """
@@ -19,10 +20,12 @@ import time
 from .compiler import compile_cubin, kernel_source
 from .executor import Handler, module_options
 
-__all__ = ["SPECIALIZATIONS", "compile_everything"]
+__all__ = ["OTHER_KERNELS", "SPECIALIZATIONS", "compile_everything"]
 
 KV_ROW_BYTES = (8, 24, 64, 128, 256, 512, 1024)
 PAGE_SIZES = (4096, 16384, 65536)
+#: kernels outside the executor, each one module without specializations
+OTHER_KERNELS = ("verify.cu",)
 SPECIALIZATIONS: list[list[Handler]] = (
     [[]]
     + [[Handler("kv", rb)] for rb in KV_ROW_BYTES]
@@ -57,6 +60,13 @@ def compile_everything(arch: str = "sm_90", *, cache_dir=None) -> list[dict]:  #
         linked = nvjitlink_assemble(ptx, arch)
         report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], "cubin_bytes": len(cubin),
                        "ptx_bytes": len(ptx), "linked_bytes": len(linked), "seconds": time.perf_counter() - t})
+    for name in OTHER_KERNELS:
+        t = time.perf_counter()
+        cubin = compile_cubin(kernel_source(name), arch=arch, name=name, cache_dir=cache_dir).cubin
+        ptx = compile_cubin(kernel_source(name), arch=arch, name=name, cache_dir=cache_dir, ptx=True).cubin
+        linked = nvjitlink_assemble(ptx, arch)
+        report.append({"handlers": [], "kernel": name, "cubin_bytes": len(cubin), "ptx_bytes": len(ptx),
+                       "linked_bytes": len(linked), "seconds": time.perf_counter() - t})
     return report
 
 
@@ -65,8 +75,9 @@ def main() -> int:
     p.add_argument("--arch", default="sm_90")
     args = p.parse_args()
     for r in compile_everything(args.arch):
+        what = r.get("kernel") or " ".join(r["handlers"]) or "(no handlers)"
         sys.stdout.write(f"ok {r['cubin_bytes']:7d} B cubin, {r['linked_bytes']:7d} B via PTX+nvJitLink, "
-                         f"{r['seconds']:.1f} s: {' '.join(r['handlers']) or '(no handlers)'}\n")
+                         f"{r['seconds']:.1f} s: {what}\n")
     return 0
 
 

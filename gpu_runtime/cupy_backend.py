@@ -37,6 +37,8 @@ from .logring import DATA_START, LogRing
 from .logwriter import LogWriter
 from .records import HEADER_SIZE, RecordHeader, RecordType, encode_record, record_size
 from .regions import RegionSpec, describe
+from .restore import DeviceVerifiedRestore
+from .restore import spans as restore_spans
 
 __all__ = ["CupyBackend", "CupyRegion"]
 
@@ -64,23 +66,6 @@ def _stream_of(array: Any) -> int:
     import cupy
 
     return int(cupy.cuda.get_current_stream().ptr)
-
-
-def _spans(locs: Sequence[Any], limit: int) -> list[tuple[Any, int, int, list[Any]]]:
-    """Group records that lie back to back in one file into spans of at most
-    ``limit`` bytes (a larger record is a span of its own):
-    ``(path, file offset, bytes, records)``, in log order."""
-    spans: list[tuple[Any, int, int, list[Any]]] = []
-    for loc in locs:
-        size = loc.header.size
-        if spans:
-            path, start, nbytes, group = spans[-1]
-            if path == loc.path and start + nbytes == loc.file_offset and nbytes + size <= limit:
-                group.append(loc)
-                spans[-1] = (path, start, nbytes + size, group)
-                continue
-        spans.append((loc.path, loc.file_offset, size, [loc]))
-    return spans
 
 
 class CupyRegion(BackendRegion):
@@ -111,7 +96,7 @@ class CupyBackend(Backend):
 
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
                  fence_timeout_s: float = 10.0, restore_engine: str = "copy", restore_span: int = 16 << 20,
-                 restore_depth: int = 8, restore_threads: int | None = None) -> None:
+                 restore_depth: int = 8, restore_threads: int | None = None, restore_verify: str = "host") -> None:
         import os
 
         import cupy
@@ -124,8 +109,14 @@ class CupyBackend(Backend):
         self._restore_threads = restore_threads or max(1, min(8, (os.cpu_count() or 2) - 1))
         self._restore_buffers: list[PinnedBuffer] = []
         self._rstream: Any = None
+        if restore_verify not in ("host", "device"):
+            raise RegionError(f"restore_verify: expected 'host' or 'device', found {restore_verify!r}")
         self._cupy = cupy
         self.executor = Executor(blocks=blocks, idle_ms=idle_ms, max_life_ms=max_life_ms)
+        # Opt-in until measured on a GPU: checksums summed on the device (gpu_runtime/restore.py).
+        self._device_verified = DeviceVerifiedRestore(
+            executor=self.executor, engine=restore_engine, span=restore_span, depth=self._restore_depth,
+            threads=self._restore_threads, arch=self.executor.arch) if restore_verify == "device" else None
         self._fence = cupy.zeros(1, dtype=cupy.uint64)
         self._fence_value = 0
         self._fence_timeout_ns = int(fence_timeout_s * 1e9)
@@ -375,7 +366,10 @@ class CupyBackend(Backend):
         if len(locs) < 2:
             super().apply_records(region, locs, reader)
             return
-        spans = _spans(locs, self._restore_span)
+        if self._device_verified is not None:
+            self._device_verified.run(region, _device_ptr(region.array), locs, reader)
+            return
+        spans = restore_spans(locs, self._restore_span)
         pool = self._restore_pool(max(n for _, _, n, _ in spans))
         copy = self._restore_engine == "copy"
         stream = self._restore_stream() if copy else None
@@ -507,3 +501,5 @@ class CupyBackend(Backend):
             for buf in self._restore_buffers:
                 buf.close()
             self._restore_buffers = []
+            if self._device_verified is not None:
+                self._device_verified.close()

@@ -207,8 +207,9 @@ def test_gpu_resume_is_bit_exact_for_torch_and_cupy(tmp_path):
         r.close()
 
 
-@pytest.mark.parametrize("engine", ["executor", "copy"])
-def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engine):
+@pytest.mark.parametrize(("engine", "verify"), [("executor", "host"), ("copy", "host"), ("executor", "device"),
+                                               ("copy", "device")])
+def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engine, verify):
     """Hundreds of ROWS and PAGES records restored through the pipeline (small
     spans, so buffers are refilled many times) come back bit-exact with either
     engine; a flipped payload byte raises CorruptLogError naming the file."""
@@ -223,7 +224,7 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
     kv = torch.randn(16, 4, 1024, 64, device="cuda").to(torch.bfloat16)
     pages = cupy.random.default_rng(2).integers(0, 2**31, 1 << 18, dtype=cupy.int64)
     opts = dict(backend="cupy", max_record_bytes=64 << 10, backend_options=dict(
-        restore_engine=engine, restore_span=256 << 10, restore_depth=3, restore_threads=4))
+        restore_engine=engine, restore_verify=verify, restore_span=256 << 10, restore_depth=3, restore_threads=4))
     with Runtime.open(home=tmp_path, **opts) as rt:
         s = rt.session("pipe")
         s.register("kv", kv, kind="kv", seq_axis=2)

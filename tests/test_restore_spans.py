@@ -1,0 +1,70 @@
+"""Restore building blocks that need no GPU: grouping records into spans, and
+the payload reads the pipelines use (verified piecewise, unverified, and the
+error a failed device check raises)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from concordia_agents import CorruptLogError
+from concordia_agents._replay import PayloadReader, RecordLoc
+from gpu_runtime.checksum import payload_sum
+from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
+from gpu_runtime.restore import spans
+
+
+def _loc(path: Path, at: int, n: int, psum: int = 0) -> RecordLoc:
+    return RecordLoc(path, at, at, RecordHeader(RecordType.PAGES, 1, 1, 1, RecordFlags(0), 0, n, 0, psum))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 5000), st.booleans()), min_size=1, max_size=40),
+       st.integers(64, 20000))
+def test_spans_keep_order_group_only_adjacent_records_and_respect_the_limit(recs, limit):
+    """Every record lands in exactly one span, in log order; a span holds records
+    of one file lying back to back; only a single record may exceed the limit."""
+    locs, pos = [], {0: 64, 1: 64, 2: 64}
+    for f, n, gap in recs:
+        at = pos[f] + (128 if gap else 0)
+        locs.append(_loc(Path(f"seg{f}"), at, n))
+        pos[f] = at + record_size(n)
+    out = spans(locs, limit)
+    assert [loc for _, _, _, g in out for loc in g] == locs
+    for path, start, nbytes, group in out:
+        assert all(loc.path == path for loc in group) and group[0].file_offset == start
+        for a, b in zip(group, group[1:], strict=False):
+            assert a.file_offset + a.header.size == b.file_offset
+        assert nbytes == sum(loc.header.size for loc in group)
+        assert nbytes <= limit or len(group) == 1
+
+
+def test_payload_reads_verified_unverified_and_the_corruption_error(tmp_path: Path):
+    """read_verified checks a multi-piece payload (with a tail); read_unverified
+    returns the bytes as stored, damaged or not; raise_corrupt names file and offset."""
+    data = np.random.default_rng(3).integers(0, 256, (3 << 20) + 5, dtype=np.uint8)
+    seg = tmp_path / "seg"
+    seg.write_bytes(bytes(64) + bytes(HEADER_SIZE) + data.tobytes())
+    good = _loc(seg, 64, data.size, payload_sum(data))
+    out = np.empty(data.size, np.uint8)
+    with PayloadReader() as r:
+        r.read_verified(good, out)
+        assert np.array_equal(out, data)
+        raw = bytearray(seg.read_bytes())
+        raw[64 + HEADER_SIZE + 12345] ^= 1
+        seg.write_bytes(bytes(raw))
+        with pytest.raises(CorruptLogError) as e:
+            r.read_verified(good, out)
+        assert e.value.path == str(seg) and e.value.offset == 64
+        r.read_unverified(good, out)
+        assert out[12345] == data[12345] ^ 1 and np.array_equal(np.delete(out, 12345), np.delete(data, 12345))
+        with pytest.raises(CorruptLogError, match="fails its checksum") as e:
+            r.raise_corrupt(good)
+        assert e.value.offset == 64
+        short = _loc(seg, 64, data.size + 100)
+        with pytest.raises(CorruptLogError, match="cut short"):
+            r.read_unverified(short, np.empty(short.header.length, np.uint8))
