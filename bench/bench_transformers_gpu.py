@@ -9,7 +9,11 @@ naive baseline that copies the whole KV cache to the CPU after every token.
 stopping criterion that runs first in every variant (one forward, one sampled
 token and, for durable_generate, one commit); per run the median step over the
 last ``new - 4`` steps, then the median over the repeats. Measuring inside the
-generation keeps the per-call costs (session open, prefill) out.
+generation keeps the per-call costs (session open, prefill) out. Whole steps
+vary between runs by more than the goal (host-bound eager decoding), so the
+cost of a checkpoint is also measured paired within one run:
+``checkpoint_every=2`` alternates steps with and without a commit, and the
+difference of their medians is one checkpoint's full cost per step.
 
 Recovery: a child process runs ``durable_generate`` on an 8k- or 32k-token
 prompt, makes the epoch holding the prompt's KV durable and SIGKILLs itself.
@@ -125,18 +129,24 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
                        stopping_criteria=criteria(steps))
 
     commit_ms: list[float] = []
+    paired_ms: list[float] = []
 
-    def durable(rt: Any):  # type: ignore[no-untyped-def]
+    def durable(rt: Any, every: int = 1):  # type: ignore[no-untyped-def]
         def run(steps: Steps) -> None:
             from integrations.transformers import _Checkpointer
 
             counter[0] += 1
             sid = f"bench-{shape}-{batch}-{counter[0]}"
             spent: list[float] = []
-            with _timed(_Checkpointer, "commit", spent, each=True):
+            starts: list[float] = []
+            with _timed(_Checkpointer, "commit", spent, each=True, starts=starts):
                 durable_generate(model, ids, sid, runtime=rt, attention_mask=mask, max_new_tokens=new,
-                                 do_sample=False, checkpoint_every=1, stopping_criteria=criteria(steps))
-            commit_ms.append(statistics.median(spent[1:-1]) * 1e3)  # per-token commits (not the prompt's, not the last)
+                                 do_sample=False, checkpoint_every=every, stopping_criteria=criteria(steps))
+            if every == 1:
+                # per-token commits (not the prompt's, not the last)
+                commit_ms.append(statistics.median(spent[1:-1]) * 1e3)
+            else:
+                paired_ms.append(paired_commit_ms(steps.times, starts[1:-1]))
             rt.delete(sid)  # a batch-8 8B prompt logs 2 GiB a run: keep the disk and its writeback out of later runs
         return run
 
@@ -161,6 +171,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
 
     variants = {"plain": plain, "cache_only": cache_only, "naive_copy_all": naive}
     variants.update({f"durable{label}": durable(rt) for label, rt in rts.items()})
+    variants["durable_every2"] = durable(rts[""], every=2)
     out: dict[str, Any] = {"new_tokens": new, "repeats": repeats}
     runs: dict[str, list[float]] = {k: [] for k in variants}
     for name, fn in variants.items():  # warm-up
@@ -186,6 +197,14 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
     # still be slowed by the resident executor; that part is not in here).
     out["durable_commit_host_ms_per_step"] = statistics.median(commit_ms[-repeats:])
     out["durable_commit_host_over_plain_step"] = out["durable_commit_host_ms_per_step"] / plain_ms
+    # Paired within one run: with checkpoint_every=2, steps that commit and steps
+    # that do not alternate, under the same clocks and load; the difference of
+    # their medians is what one per-token checkpoint costs a step, everything
+    # included (host commit, the executor's copy during the next forward, the
+    # flusher). As a fraction of a plain step: the overhead of checkpoint_every=1.
+    out["paired_commit_cost_ms"] = statistics.median(paired_ms)
+    out["paired_commit_cost_runs_ms"] = paired_ms
+    out["paired_overhead"] = out["paired_commit_cost_ms"] / plain_ms
     out["tokens_per_s_plain"] = batch * 1e3 / plain_ms
     out["tokens_per_s_durable"] = batch * 1e3 / out["durable_ms_per_step"]
     return out
@@ -199,15 +218,32 @@ def _prompt(n: int) -> torch.Tensor:
     return torch.randint(3, 1000, (1, n), generator=g).cuda()
 
 
+def paired_commit_ms(times: list[float], commits: list[float]) -> float:
+    """Median step with a commit minus median step without, in ms: step i is
+    the interval between criterion calls i and i+1 (the checkpointer runs
+    right after call i, so its commit falls inside step i); the first three
+    steps are warm-up."""
+    with_, without = [], []
+    for a, b in list(zip(times, times[1:], strict=False))[3:]:
+        (with_ if any(a <= c < b for c in commits) else without).append(b - a)
+    if not with_ or not without:
+        raise ValueError(f"expected steps with and without a commit, found {len(with_)} and {len(without)}")
+    return (statistics.median(with_) - statistics.median(without)) * 1e3
+
+
 @contextlib.contextmanager
-def _timed(cls: type, name: str, sink: list[float], *, each: bool = False):  # type: ignore[no-untyped-def]
+def _timed(cls: type, name: str, sink: list[float], *, each: bool = False,  # type: ignore[no-untyped-def]
+           starts: list[float] | None = None):
     """Time calls of ``cls.name`` during the block: their total appended to
-    ``sink`` at the end (or, with ``each``, every call's time as it returns)."""
+    ``sink`` at the end (or, with ``each``, every call's time as it returns;
+    ``starts`` gets every call's start time)."""
     orig = getattr(cls, name)
     spent = [0.0]
 
     def wrapper(*a: Any, **k: Any) -> Any:
         t = time.perf_counter()
+        if starts is not None:
+            starts.append(t)
         try:
             return orig(*a, **k)
         finally:
