@@ -4,7 +4,8 @@ the same kernel uninstrumented, in the same run.
 * empty kernel (1 block of 32 threads, no work): GPU time per launch of 2000
   launches run back to back (queued behind a spinning kernel so the host's
   launch rate does not set the pace; CUDA events), median of 7 repeats after
-  a warm-up; overhead = instrumented - plain, in microseconds per launch.
+  a warm-up; overhead = instrumented - plain, in microseconds per launch; also
+  with the single-block fast path (``enable(single_block=True)``).
 * memory-bound kernel: a 256 MiB float copy, one thread per element (the
   shape CuPy's elementwise kernels use: 262144 blocks) and grid-stride
   (132 x 8 blocks); per-launch time, overhead in percent.
@@ -97,8 +98,13 @@ def main() -> None:
     y = cupy.zeros(32, cupy.int32)
     plain = per_launch(kernel(EMPTY, False, ins), (1,), (32,), (y,), launches, repeats)
     hooked = per_launch(kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, repeats)
+    ins.enable(single_block=True)  # the single-block fast path (gpu_runtime/ptx.py), same run
+    fast = per_launch(kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, repeats)
+    ins.enable(single_block=False)
     results["empty_kernel"] = {"plain_us": plain * 1e6, "instrumented_us": hooked * 1e6,
-                               "overhead_us_per_launch": (hooked - plain) * 1e6, "goal_us": 1.0}
+                               "overhead_us_per_launch": (hooked - plain) * 1e6, "goal_us": 1.0,
+                               "single_block_fast_path_us": fast * 1e6,
+                               "single_block_fast_path_overhead_us": (fast - plain) * 1e6}
 
     n = 64 << 20  # 256 MiB of float32
     x, out = cupy.random.random(n, dtype=cupy.float32), cupy.empty(n, cupy.float32)

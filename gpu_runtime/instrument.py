@@ -89,7 +89,10 @@ __all__ = [
     "stream_completion",
 ]
 
-_OPTION = f"-DCONCORDIA_INSTRUMENTED={REWRITE_VERSION}"
+def _option() -> str:
+    """The compile option that marks (and keys CuPy's caches for) instrumented
+    builds: the rewrite's version and variant."""
+    return f"-DCONCORDIA_INSTRUMENTED={REWRITE_VERSION}" + ("_SB" if _state().single_block else "")
 
 
 class GateTimeoutError(ConcordiaError):
@@ -108,7 +111,7 @@ def kernel_id(name: str) -> int:
 
 def rewrite(ptx: str | bytes) -> str:
     """The instrumented PTX (``gpu_runtime.ptx.instrument`` with name-derived IDs)."""
-    out = instrument(ptx, kernel_id)
+    out = instrument(ptx, kernel_id, single_block=_state().single_block)
     if out.funcs_with_exit:
         _state().log.warning("functions end threads with `exit`: such exits are not counted",
                              functions=out.funcs_with_exit)
@@ -137,6 +140,7 @@ class _State:
     names: dict[str, int] = field(default_factory=dict)
     saved: dict[str, Any] = field(default_factory=dict)
     tmpdir: Path | None = None
+    single_block: bool = False  #: rewrite with the single-block fast path (see gpu_runtime/ptx.py)
 
 
 _LOCK = threading.RLock()
@@ -272,7 +276,7 @@ def _patch_cupy() -> None:
               cache_in_memory=False, jitify=None, method=None):  # type: ignore[no-untyped-def]
         binary, mapping = orig_nvrtc(source, options, arch, filename, name_expressions, log_stream,
                                      cache_in_memory, jitify, method)
-        if not is_enabled() or _OPTION not in options or method == "lto":
+        if not is_enabled() or _option() not in options or method == "lto":
             return binary, mapping
         image, _ = _prepare_image(bytes(binary), filename or "cupy source")
         return image, mapping
@@ -280,7 +284,7 @@ def _patch_cupy() -> None:
     def with_cache(source, options, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not is_enabled():
             return orig_cache(source, options, *args, **kwargs)
-        mod = orig_cache(source, tuple(options) + (_OPTION,), *args, **kwargs)
+        mod = orig_cache(source, tuple(options) + (_option(),), *args, **kwargs)
         if hasattr(mod, "ptr"):
             _attach(int(mod.ptr))
         return mod
@@ -356,14 +360,18 @@ def _unpatch_cupy() -> None:
 # -- enable / disable -------------------------------------------------------------------------
 
 
-def enable(*, gate_timeout: float = 5.0) -> None:
+def enable(*, gate_timeout: float = 5.0, single_block: bool | None = None) -> None:
     """Interpose on CuPy's module loading (idempotent). The control block is
     allocated once on the current device and lives as long as the process:
-    instrumented modules keep pointing at it after ``disable()``."""
+    instrumented modules keep pointing at it after ``disable()``.
+    ``single_block=True`` rewrites modules loaded from now on with the
+    single-block fast path (not yet run on a GPU; ``None`` keeps the setting)."""
     import cupy
 
     with _LOCK:
         st = _state()
+        if single_block is not None:
+            st.single_block = single_block
         if st.ctl is None:
             st.stream = cupy.cuda.Stream(non_blocking=True)
             st.pinned = np.frombuffer(cupy.cuda.alloc_pinned_memory(4096), np.uint8, 4096)
@@ -403,8 +411,8 @@ def disable() -> None:
 
 
 @contextlib.contextmanager
-def enabled(*, gate_timeout: float = 5.0) -> Iterator[None]:
-    enable(gate_timeout=gate_timeout)
+def enabled(*, gate_timeout: float = 5.0, single_block: bool | None = None) -> Iterator[None]:
+    enable(gate_timeout=gate_timeout, single_block=single_block)
     try:
         yield
     finally:

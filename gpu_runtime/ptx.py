@@ -300,6 +300,9 @@ _REGS = """
 \t.reg .b64 \t%__cc_d<14>;
 """
 
+_REGS_SINGLE = _REGS.replace("%__cc_p<4>", "%__cc_p<5>")  # the fast path's launch-shape predicate
+
+
 def _not_thread0(label: str) -> str:
     """PTX: threads other than (0,0,0) of the block branch to ``label``."""
     return f"""\tmov.u32 \t%__cc_r0, %tid.x;
@@ -319,7 +322,7 @@ _GATE = """
 \t@%__cc_p0 bra \t$__cc_body;
 {not_thread0_to_sync}\tmov.u32 \t%__cc_r2, 0;
 \tst.shared.u32 \t[{exits}], %__cc_r2;
-\tmov.u64 \t%__cc_d5, %gridid;
+{single_gate}\tmov.u64 \t%__cc_d5, %gridid;
 \tmul.lo.u64 \t%__cc_d6, %__cc_d5, 0x9E3779B97F4A7C15;
 \tshr.u64 \t%__cc_d6, %__cc_d6, {slot_shift};
 $__cc_probe:
@@ -387,10 +390,8 @@ $__cc_timeout:
 \tred.global.add.u64 \t[%__cc_d0+{gate_timeouts}], 1;
 \tred.global.add.u32 \t[%__cc_d1+{active}], 1;
 $__cc_admitted:
-\tst.volatile.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r6;
-$__cc_go:
-\tst.shared.u64 \t[{slot_var}], %__cc_d6;
-$__cc_sync:
+{admitted_store}$__cc_go:
+{slot_store}$__cc_sync:
 \tbar.sync \t0;
 $__cc_body:
 """
@@ -425,7 +426,7 @@ $__cc_exit:
 \tmov.u32 \t%__cc_r9, %nctaid.z;
 \tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
 \tld.shared.u64 \t%__cc_d6, [{slot_var}];
-\tshl.b64 \t%__cc_d7, %__cc_d6, 4;
+{single_exit}\tshl.b64 \t%__cc_d7, %__cc_d6, 4;
 \tadd.u64 \t%__cc_d7, %__cc_d7, %__cc_d0;
 \tmin.u32 \t%__cc_r11, %__cc_r8, {sub_count};
 \tmov.u32 \t%__cc_r10, 0;
@@ -482,6 +483,45 @@ _ARRIVAL = _EXIT[_EXIT.index("\tfence.acq_rel.gpu;\n\tactivemask"):_EXIT.index("
 _EXIT_BARRIER = _EXIT.replace(_ARRIVAL, "\tbar.sync \t0;\n" + _not_thread0("$__cc_ret") + "\tfence.acq_rel.gpu;\n")
 
 
+# Single-block fast path (``instrument(..., single_block=True)``): a launch of
+# one block needs no launch slot (its only block decides for itself), so the
+# gate admits it straight into an active bucket chosen by its SM (the same
+# increment-fence-read order as a slot's admission) and marks the shared slot
+# variable with the top bit; its exit counts the completion and leaves the
+# bucket after the block's one fence. Saves the slot probe and claim (two
+# round trips to L2), the admitted flag, the slot count and a second fence.
+_SINGLE_GATE = """\tmov.u32 \t%__cc_r8, %nctaid.x;
+\tmov.u32 \t%__cc_r9, %nctaid.y;
+\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
+\tmov.u32 \t%__cc_r9, %nctaid.z;
+\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
+\tsetp.eq.u32 \t%__cc_p4, %__cc_r8, 1;
+\t@!%__cc_p4 bra \t$__cc_multi;
+\tmov.u32 \t%__cc_r3, %smid;
+\tcvt.u64.u32 \t%__cc_d6, %__cc_r3;
+\tbra.uni \t$__cc_admit;
+$__cc_multi:
+"""
+_ADMITTED = "\tst.volatile.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r6;\n"
+_SINGLE_ADMITTED = "\t@!%__cc_p4 st.volatile.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r6;\n"
+_SLOT = "\tst.shared.u64 \t[{slot_var}], %__cc_d6;\n"
+_SINGLE_SLOT = """\t@%__cc_p4 or.b64 \t%__cc_d6, %__cc_d6, 0x8000000000000000;
+\tst.shared.u64 \t[{slot_var}], %__cc_d6;
+"""
+_SINGLE_EXIT = """\tsetp.lt.s64 \t%__cc_p4, %__cc_d6, 0;
+\t@!%__cc_p4 bra \t$__cc_multi_exit;
+\tred.global.add.u64 \t[%__cc_d0+{completion}], 1;
+\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
+\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
+\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
+\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
+\tmov.u32 \t%__cc_r7, -1;
+\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
+\tbra.uni \t$__cc_ret;
+$__cc_multi_exit:
+"""
+
+
 def _fmt(template: str, **kw: object) -> str:
     common = dict(ctl=CTL_WORD, pause=CTL_PAUSE, timeout_ns=CTL_TIMEOUT_NS, gate_timeouts=CTL_GATE_TIMEOUTS,
                   active=CTL_ACTIVE, bucket_mask=CTL_ACTIVE_BUCKETS - 1, slots=CTL_SLOTS,
@@ -490,7 +530,23 @@ def _fmt(template: str, **kw: object) -> str:
                   sub_mask=CTL_SUB_COUNTERS - 1, sub_shift=CTL_SUB_COUNTERS.bit_length() - 1,
                   sub_count=CTL_SUB_COUNTERS, sub_stride=CTL_SUB_STRIDE,
                   slot_sub_shift=(CTL_SUB_COUNTERS * CTL_SUB_STRIDE).bit_length() - 1)
-    return template.format(**common, not_thread0_to_sync=_not_thread0("$__cc_sync"), **kw)
+    single = bool(kw.pop("single_block", False))
+    values = {**common, **kw}
+    pieces = {"single_gate": _SINGLE_GATE if single else "",
+              "admitted_store": _SINGLE_ADMITTED if single else _ADMITTED,
+              "slot_store": _SINGLE_SLOT if single else _SLOT,
+              "single_exit": _SINGLE_EXIT if single else ""}
+    # The pieces hold placeholders of their own; the exit's pieces are filled
+    # only where the template gives them their values (the gate has no completion).
+    filled = {k: v.format_map(_Keep(values)) for k, v in pieces.items()}
+    return template.format(**values, **filled, not_thread0_to_sync=_not_thread0("$__cc_sync"))
+
+
+class _Keep(dict):  # type: ignore[type-arg]
+    """format_map mapping that leaves unknown placeholders as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,12 +556,13 @@ class Rewritten:
     funcs_with_exit: list[str]
 
 
-def instrument(ptx: str | bytes, kernel_id: object) -> Rewritten:
+def instrument(ptx: str | bytes, kernel_id: object, *, single_block: bool = False) -> Rewritten:
     """Insert the pause gate and completion hook into every ``.entry``.
 
     ``kernel_id(name)`` assigns each entry's completion counter (an int in
     ``[0, CTL_MAX_KERNELS)``). Already instrumented PTX is refused (hooks twice
-    would count twice)."""
+    would count twice). ``single_block`` adds the single-block fast path
+    (``_SINGLE_GATE``; assembled by CI, not yet run on a GPU: off by default)."""
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
     text = text.rstrip("\x00")
     mod = parse(text)
@@ -530,7 +587,8 @@ def instrument(ptx: str | bytes, kernel_id: object) -> Rewritten:
         decls.append(f".shared .align 4 .u32 {exits_var};")
         decls.append(f".shared .align 8 .u64 {slot_var};")
         pieces.append(text[pos:e.body_open + 1])
-        pieces.append(_REGS + _fmt(_GATE, exits=exits_var, slot_var=slot_var))
+        regs = _REGS_SINGLE if single_block else _REGS
+        pieces.append(regs + _fmt(_GATE, exits=exits_var, slot_var=slot_var, single_block=single_block))
         pos = e.body_open + 1
         for ex in e.exits:
             pieces.append(text[pos:ex.start])
@@ -538,7 +596,8 @@ def instrument(ptx: str | bytes, kernel_id: object) -> Rewritten:
             pos = ex.end
         pieces.append(text[pos:e.body_close])
         template = _EXIT if e.barriers else _EXIT_BARRIER
-        pieces.append(_fmt(template, exits=exits_var, slot_var=slot_var, completion=CTL_COMPLETIONS + 8 * kid))
+        pieces.append(_fmt(template, exits=exits_var, slot_var=slot_var, completion=CTL_COMPLETIONS + 8 * kid,
+                           single_block=single_block))
         pos = e.body_close
     pieces.append(text[pos:])
     body = "".join(pieces)

@@ -14,15 +14,20 @@ from tests.ptx_corpus import CORPUS, N
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def ins():  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=[False, True], ids=["slots", "single-block-fast-path"])
+def ins(request):  # type: ignore[no-untyped-def]
+    """Instrumentation enabled, without and with the single-block fast path (every
+    test runs under both rewrites; kernels CuPy memoized in-process under the
+    first keep its rewrite)."""
     import cupy  # noqa: F401
 
     from gpu_runtime import instrument
 
-    instrument.enable(gate_timeout=10.0)
+    instrument.enable(gate_timeout=10.0, single_block=request.param)
     yield instrument
     instrument.set_gate_timeout(10.0)
+    instrument.disable()
+    instrument.enable(single_block=False)
     instrument.disable()
 
 

@@ -48,6 +48,26 @@ def test_corpus_kernel_is_rewritten_and_assembles(source: str):
     assert len(_assemble(out.ptx)) > 0
 
 
+@pytest.mark.parametrize("source", list(SOURCES), ids=list(SOURCES.values()))
+def test_single_block_fast_path_is_added_only_when_asked_and_assembles(source: str):
+    """``single_block=True`` adds one launch-shape check to each gate and one
+    slot-free exit to each hook (and a fifth predicate); without it the output
+    has neither. Both assemble for sm_90."""
+    ptx = _ptx(source)
+    plain = instrument(ptx, lambda name: 7)
+    fast = instrument(ptx, lambda name: 7, single_block=True)
+    assert "$__cc_multi" not in plain.ptx and "%__cc_p<5>" not in plain.ptx
+    for e in parse(fast.ptx).entries:
+        body = fast.ptx[e.body_open:e.body_close]
+        assert body.count("$__cc_multi:") == 1 and body.count("$__cc_multi_exit:") == 1, e.name
+        assert body.count("%smid") == 1 and "%__cc_p<5>" in body
+        # the fast path's exit counts the completion once, after the block's fence
+        fast_exit = body[body.index("setp.lt.s64"):body.index("$__cc_multi_exit:")]
+        assert fast_exit.count("red.global.add.u64") == 1
+        assert body.rindex("fence.acq_rel.gpu", 0, body.index("setp.lt.s64")) > body.index("$__cc_exit:")
+    assert len(_assemble(fast.ptx)) > 0
+
+
 def test_nvjitlink_rejects_broken_ptx():
     """The assembler check is real: a rewrite that breaks the PTX fails to assemble."""
     from cuda.bindings import nvjitlink
