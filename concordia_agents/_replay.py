@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -117,41 +118,42 @@ class PayloadReader:
         data = os.pread(self._fd(loc.path), loc.header.length, loc.file_offset + HEADER_SIZE)
         return _verified(loc, data)
 
-    def read_verified(self, loc: RecordLoc, out: np.ndarray) -> None:
-        """Read ``loc``'s payload into ``out`` (u8, its length) and verify it,
-        piece by piece: each piece is summed while it is still in the CPU cache."""
+    def _pieces(self, loc: RecordLoc, out: np.ndarray, piece: int) -> Iterator[tuple[int, int]]:
+        """``pread`` ``loc``'s payload into ``out`` (u8, its length) at most
+        ``piece`` bytes a call, yielding each ``(start, end)`` as it lands."""
         n = loc.header.length
         if out.size != n:
             raise ValueError(f"expected an output of {n} bytes, found {out.size}")
-        fd, pos, s = self._fd(loc.path), 0, 0
-        base = loc.file_offset + HEADER_SIZE
-        whole = n // 8
+        fd, pos, base = self._fd(loc.path), 0, loc.file_offset + HEADER_SIZE
         while pos < n:
-            m = min(_PIECE, n - pos)
-            got = os.preadv(fd, [memoryview(out[pos:pos + m])], base + pos)
+            got = os.preadv(fd, [memoryview(out[pos:pos + min(piece, n - pos)])], base + pos)
             if got <= 0:
                 raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} is cut "
                                       f"short ({pos} of {n} bytes)", path=str(loc.path), offset=loc.file_offset)
-            end = min(pos + got, whole * 8)
-            if end > pos:
-                s += partial_sum(out[pos:end].view(np.uint64), pos // 8)
+            yield pos, pos + got
             pos += got
-        if payload_sum_finish(s & _M64, out[whole * 8:].tobytes(), whole, n) != loc.header.payload_sum:
-            raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
-                                  "its checksum", path=str(loc.path), offset=loc.file_offset)
+
+    def read_verified(self, loc: RecordLoc, out: np.ndarray) -> None:
+        """Read ``loc``'s payload into ``out`` and verify it piece by piece, each
+        piece summed while it is still in the CPU cache."""
+        n = loc.header.length
+        whole, s, aligned = n // 8, 0, True
+        for a, b in self._pieces(loc, out, _PIECE):
+            aligned = aligned and a % 8 == 0 and (b % 8 == 0 or b == n)
+            if aligned and min(b, 8 * whole) > a:
+                s += partial_sum(out[a:min(b, 8 * whole)].view(np.uint64), a // 8)
+        if aligned:
+            ok = payload_sum_finish(s & _M64, out[8 * whole:].tobytes(), whole, n) == loc.header.payload_sum
+        else:  # a read ended mid-word (rare): sum the whole payload again
+            ok = payload_sum(out) == loc.header.payload_sum
+        if not ok:
+            self.raise_corrupt(loc)
 
     def read_unverified(self, loc: RecordLoc, out: np.ndarray) -> None:
         """Read ``loc``'s payload into ``out`` without checking it: for a caller
         that verifies it elsewhere (on the GPU) before using it."""
-        n, fd, pos = loc.header.length, self._fd(loc.path), 0
-        if out.size != n:
-            raise ValueError(f"expected an output of {n} bytes, found {out.size}")
-        while pos < n:
-            got = os.preadv(fd, [memoryview(out[pos:])], loc.file_offset + HEADER_SIZE + pos)
-            if got <= 0:
-                raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} is cut "
-                                      f"short ({pos} of {n} bytes)", path=str(loc.path), offset=loc.file_offset)
-            pos += got
+        for _ in self._pieces(loc, out, loc.header.length):
+            pass
 
     @staticmethod
     def raise_corrupt(loc: RecordLoc) -> None:
@@ -159,12 +161,11 @@ class PayloadReader:
         raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
                               "its checksum", path=str(loc.path), offset=loc.file_offset)
 
-    @staticmethod
-    def verify(loc: RecordLoc, payload: memoryview | np.ndarray) -> None:
+    @classmethod
+    def verify(cls, loc: RecordLoc, payload: memoryview | np.ndarray) -> None:
         """Raise CorruptLogError unless ``payload`` is ``loc``'s intact payload."""
         if len(payload) != loc.header.length or payload_sum(payload) != loc.header.payload_sum:
-            raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} fails "
-                                  "its checksum", path=str(loc.path), offset=loc.file_offset)
+            cls.raise_corrupt(loc)
 
     def close(self) -> None:
         with self._lock:
