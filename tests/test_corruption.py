@@ -131,3 +131,23 @@ def test_random_bit_flips_never_give_wrong_data(tmp_path: Path):
         finally:
             f.write_bytes(pristine)
     assert raised > 50  # most flips hit checksummed bytes
+
+
+def test_damaged_data_of_an_uncommitted_tail_is_never_read(tmp_path: Path):
+    """The scan does not read data payloads: a tail epoch whose COMMIT never made
+    it (cut before it) and whose data record is also damaged falls back to the
+    epoch before it, like any torn tail, instead of failing the open."""
+    home = tmp_path / "home"
+    states, directory = _build(home)
+    seg = list_segments(directory)[1][-1].path
+    recs = _records(seg)
+    pristine = seg.read_bytes()
+    last_commit = max(off for off, _ in recs if decode_header(pristine[off:off + HEADER_SIZE]).type.name == "COMMIT")
+    data_off, data_size = next((o, n) for o, n in reversed(recs) if o < last_commit
+                               and decode_header(pristine[o:o + HEADER_SIZE]).type.name in ("PAGES", "ROWS"))
+    damaged = bytearray(pristine[:last_commit])
+    damaged[data_off + HEADER_SIZE + 3] ^= 0x40
+    seg.write_bytes(bytes(damaged))
+    got = _resume_copy(home, tmp_path / "work")
+    assert got[0] == EPOCHS - 1
+    _assert_state(states, got)
