@@ -396,6 +396,17 @@ $__cc_admitted:
 $__cc_body:
 """
 
+# A launch's completion (after the fence that releases its writes): count it in
+# the kernel's counter and leave the active bucket of slot/SM index %__cc_d6.
+_COMPLETE = """\tred.global.add.u64 \t[%__cc_d0+{completion}], 1;
+\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
+\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
+\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
+\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
+\tmov.u32 \t%__cc_r7, -1;
+\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
+"""
+
 _EXIT = """
 $__cc_exit:
 \t// concordia: completion hook (see gpu_runtime/ptx.py)
@@ -461,14 +472,7 @@ $__cc_top:
 \tst.global.u32 \t[%__cc_d7+{slot_count}], %__cc_r10;
 \tst.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r10;
 \tfence.acq_rel.gpu;
-\tred.global.add.u64 \t[%__cc_d0+{completion}], 1;
-\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
-\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
-\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
-\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
-\tmov.u32 \t%__cc_r7, -1;
-\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
-\tmov.u64 \t%__cc_d8, 0;
+""" + _COMPLETE + """\tmov.u64 \t%__cc_d8, 0;
 \tst.volatile.global.u64 \t[%__cc_d7+{slots}], %__cc_d8;
 $__cc_ret:
 \tret;
@@ -510,14 +514,7 @@ _SINGLE_SLOT = """\t@%__cc_p4 or.b64 \t%__cc_d6, %__cc_d6, 0x8000000000000000;
 """
 _SINGLE_EXIT = """\tsetp.lt.s64 \t%__cc_p4, %__cc_d6, 0;
 \t@!%__cc_p4 bra \t$__cc_multi_exit;
-\tred.global.add.u64 \t[%__cc_d0+{completion}], 1;
-\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
-\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
-\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
-\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
-\tmov.u32 \t%__cc_r7, -1;
-\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
-\tbra.uni \t$__cc_ret;
+""" + _COMPLETE + """\tbra.uni \t$__cc_ret;
 $__cc_multi_exit:
 """
 
@@ -531,22 +528,13 @@ def _fmt(template: str, **kw: object) -> str:
                   sub_count=CTL_SUB_COUNTERS, sub_stride=CTL_SUB_STRIDE,
                   slot_sub_shift=(CTL_SUB_COUNTERS * CTL_SUB_STRIDE).bit_length() - 1)
     single = bool(kw.pop("single_block", False))
-    values = {**common, **kw}
     pieces = {"single_gate": _SINGLE_GATE if single else "",
               "admitted_store": _SINGLE_ADMITTED if single else _ADMITTED,
               "slot_store": _SINGLE_SLOT if single else _SLOT,
               "single_exit": _SINGLE_EXIT if single else ""}
-    # The pieces hold placeholders of their own; the exit's pieces are filled
-    # only where the template gives them their values (the gate has no completion).
-    filled = {k: v.format_map(_Keep(values)) for k, v in pieces.items()}
-    return template.format(**values, **filled, not_thread0_to_sync=_not_thread0("$__cc_sync"))
-
-
-class _Keep(dict):  # type: ignore[type-arg]
-    """format_map mapping that leaves unknown placeholders as they are."""
-
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
+    for name, piece in pieces.items():  # spliced in first: one format call fills their placeholders too
+        template = template.replace("{" + name + "}", piece)
+    return template.format(**common, **kw, not_thread0_to_sync=_not_thread0("$__cc_sync"))
 
 
 @dataclass(frozen=True, slots=True)
