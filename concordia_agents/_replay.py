@@ -198,10 +198,11 @@ class _Reader:
     def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
         self.path, self.f, self.size = path, f, size
 
-    def next(self, pos: int, *, verify_data: bool = False) -> tuple[RecordHeader, bytes] | None:
+    def next(self, pos: int, *, verify_past: int | None = None) -> tuple[RecordHeader, bytes] | None:
         """The record at ``pos``, None at the clean end of the file. Its payload is
-        read and verified if the scan parses it (REGION, COMMIT) or ``verify_data``;
-        otherwise it is returned empty. Raises FramingError (torn or not) on damage."""
+        read and verified if the scan parses it (REGION, COMMIT) or the record ends
+        beyond file offset ``verify_past``; otherwise it is returned empty. Raises
+        FramingError (torn or not) on damage."""
         if pos == self.size:
             return None
         self.f.seek(pos)
@@ -209,7 +210,7 @@ class _Reader:
         header = decode_header(raw)
         if pos + header.size > self.size:
             raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
-        if header.type not in _PARSED and not verify_data:
+        if header.type not in _PARSED and (verify_past is None or pos + header.size <= verify_past):
             return header, b""
         payload = self.f.read(header.length)
         if payload_sum(payload) != header.payload_sum:
@@ -229,9 +230,7 @@ def valid_size(path: Path, *, session_tag: int, verify_from: int = 0) -> int:
         reader = _Reader(path, fh, size)
         while True:
             try:
-                rec = reader.next(pos, verify_data=True) if pos >= verify_from else reader.next(pos)
-                if rec is not None and pos < verify_from < pos + rec[0].size:
-                    rec = reader.next(pos, verify_data=True)
+                rec = reader.next(pos, verify_past=verify_from)
             except FramingError:
                 return pos
             if rec is None:
