@@ -114,9 +114,7 @@ class CupyBackend(Backend):
         self._cupy = cupy
         self.executor = Executor(blocks=blocks, idle_ms=idle_ms, max_life_ms=max_life_ms)
         # Opt-in until measured on a GPU: checksums summed on the device (gpu_runtime/restore.py).
-        self._device_verified = DeviceVerifiedRestore(
-            executor=self.executor, engine=restore_engine, span=restore_span, depth=self._restore_depth,
-            threads=self._restore_threads, arch=self.executor.arch) if restore_verify == "device" else None
+        self._device_verified = DeviceVerifiedRestore(self) if restore_verify == "device" else None
         self._fence = cupy.zeros(1, dtype=cupy.uint64)
         self._fence_value = 0
         self._fence_timeout_ns = int(fence_timeout_s * 1e9)
@@ -346,9 +344,7 @@ class CupyBackend(Backend):
         n = len(payload)
         buf = self._staging_buffer(n)
         buf.array[:n] = np.frombuffer(payload, np.uint8)
-        ticket = self.executor.enqueue(
-            TaskKind.RECOVER, [buf.device_ptr, int(header.type), header.offset, header.aux, header.length]
-            + [0] * 8 + [region.index], handler=region.handler)
+        ticket = self._recover(region, header, buf.device_ptr)
         with self._lock:
             self._staging.append((ticket, buf))
 
@@ -367,7 +363,7 @@ class CupyBackend(Backend):
             super().apply_records(region, locs, reader)
             return
         if self._device_verified is not None:
-            self._device_verified.run(region, _device_ptr(region.array), locs, reader)
+            self._device_verified.run(region, locs, reader)
             return
         spans = restore_spans(locs, self._restore_span)
         pool = self._restore_pool(max(n for _, _, n, _ in spans))
@@ -408,10 +404,7 @@ class CupyBackend(Backend):
                         if copy:
                             self._copy_record(region, loc.header, pool[i].ptr + at, stream)
                         else:
-                            h = loc.header
-                            busy[i] = self.executor.enqueue(
-                                TaskKind.RECOVER, [pool[i].device_ptr + at, int(h.type), h.offset, h.aux, h.length]
-                                + [0] * 8 + [region.index], handler=region.handler)
+                            busy[i] = self._recover(region, loc.header, pool[i].device_ptr + at)
                     if copy:
                         busy[i] = self._cupy.cuda.Event(block=False, disable_timing=True)
                         busy[i].record(stream)
@@ -427,16 +420,25 @@ class CupyBackend(Backend):
                 for i in range(depth):
                     release(i)  # no device read of a pool buffer outlives this call
 
-    def _copy_record(self, region: CupyRegion, h: RecordHeader, src: int, stream: Any) -> None:
-        """One record to the device on the copy engine (``restore_engine="copy"``)."""
+    def _recover(self, region: CupyRegion, h: RecordHeader, src: int) -> int:
+        """A RECOVER task applying the record whose payload is at device address
+        ``src`` (mapped pinned or device memory); returns its ticket."""
+        return self.executor.enqueue(TaskKind.RECOVER, [src, int(h.type), h.offset, h.aux, h.length] + [0] * 8
+                                     + [region.index], handler=region.handler)
+
+    def _copy_record(self, region: CupyRegion, h: RecordHeader, src: int, stream: Any, *,
+                     from_device: bool = False) -> None:
+        """One record to the device on the copy engine (``restore_engine="copy"``),
+        from pinned host memory or (``from_device``) a device staging buffer."""
         spec, rt = region.spec, self._cupy.cuda.runtime
         base = _device_ptr(region.array)
+        kind = rt.memcpyDeviceToDevice if from_device else rt.memcpyHostToDevice
         if h.type is RecordType.ROWS:
             width = h.aux * spec.row_bytes
             rt.memcpy2DAsync(base + h.offset * spec.row_bytes, spec.rows * spec.row_bytes, src, width, width,
-                             spec.outer, rt.memcpyHostToDevice, stream.ptr)
+                             spec.outer, kind, stream.ptr)
         else:
-            rt.memcpyAsync(base + h.offset, src, h.length, rt.memcpyHostToDevice, stream.ptr)
+            rt.memcpyAsync(base + h.offset, src, h.length, kind, stream.ptr)
 
     def _restore_pool(self, need: int) -> list[PinnedBuffer]:
         """Pinned buffers of at least ``need`` bytes for the restore pipeline,

@@ -10,7 +10,10 @@ device staging buffer; sum each record's whole payload words there
 (``kernels/verify.cu``); copy the sums back. The host adds the tail bytes,
 finalizes, compares with the headers and only then scatters the span from the
 staging buffer into the region, by the copy engine (``cudaMemcpy2DAsync``
-device to device per ROWS record) or the executor (RECOVER tasks).
+device to device per ROWS record) or the executor (RECOVER tasks). The pinned
+buffers, the restore stream and the scatter are the backend's (the same ones
+its host-verified pipeline uses); the staging buffers and the record tables
+are this pipeline's own.
 
 Invariants: records reach a region in log order; a record whose checksum
 fails raises ``CorruptLogError`` before any byte of its span is scattered; a
@@ -31,8 +34,7 @@ from typing import Any
 import numpy as np
 
 from .checksum import payload_sum_finish
-from .errors import ConfigurationError
-from .records import HEADER_SIZE, RecordHeader, RecordType
+from .records import HEADER_SIZE, RecordHeader
 
 __all__ = ["DeviceVerifiedRestore", "spans"]
 
@@ -60,45 +62,31 @@ class DeviceVerifiedRestore:
     """Restores a region's records, checksums on the device; owned by one
     backend, one ``run`` at a time."""
 
-    def __init__(self, *, executor: Any, engine: str, span: int, depth: int, threads: int, arch: str) -> None:
+    def __init__(self, backend: Any) -> None:
         import cupy
 
         from .compiler import compile_cubin, kernel_source
 
-        if engine not in ("executor", "copy"):
-            raise ConfigurationError(f"restore_engine: expected 'executor' or 'copy', found {engine!r}")
         self._cupy = cupy
-        self.executor = executor
-        self.engine = engine
-        self.span, self.depth, self.threads = span, max(2, depth), threads
-        self._pinned: list[Any] = []
-        self._stage: list[Any] = []
+        self.backend = backend  # its pinned pool, restore stream, copy and RECOVER helpers are shared
+        self._stage: list[Any] = []  # device staging buffers, one per pinned pool buffer
         self._sum_buffers: list[Any] = []
         self._most = 0
-        self._stream: Any = None
         # Loaded now, before the backend's executor first runs: a module load
         # waits while any kernel is resident.
         module = cupy.cuda.function.Module()
-        module.load(compile_cubin(kernel_source("verify.cu"), arch=arch, name="verify.cu").cubin)
+        module.load(compile_cubin(kernel_source("verify.cu"), arch=backend.executor.arch, name="verify.cu").cubin)
         self._module = module
         self._sums_fn = module.get_function("cnc_payload_sums")
 
     # -- buffers --------------------------------------------------------------------
 
-    def _pool(self, need: int) -> list[Any]:
-        """Pinned buffers of at least ``need`` bytes (allocated on first use and
-        kept: pinning is slow and synchronizes the device)."""
-        from .executor import PinnedBuffer
-
-        if not self._pinned or self._pinned[0].nbytes < need:
-            for buf in self._pinned:
-                buf.close()
-            self._pinned = [PinnedBuffer(need) for _ in range(self.depth)]
-            self._stage = []
-        if not self._stage:
-            self._stage = [self._cupy.empty(self._pinned[0].nbytes, dtype=self._cupy.uint8)
-                           for _ in range(self.depth)]
-        return self._pinned
+    def _staging(self, pool: list[Any]) -> list[Any]:
+        """A device staging buffer per pinned pool buffer, of its size (kept;
+        remade when the pool was)."""
+        if len(self._stage) != len(pool) or self._stage[0].nbytes != pool[0].nbytes:
+            self._stage = [self._cupy.empty(buf.nbytes, dtype=self._cupy.uint8) for buf in pool]
+        return self._stage
 
     def _tables(self, depth: int, most: int) -> tuple[Any, Any]:
         """Pinned record tables ((payload offset, whole words) per record, read
@@ -114,48 +102,32 @@ class DeviceVerifiedRestore:
             self._most = most
         return self._sum_buffers[0], self._sum_buffers[1]
 
-    def _restore_stream(self) -> Any:
-        if self._stream is None:
-            self._stream = self._cupy.cuda.Stream(non_blocking=True)
-        return self._stream
-
     def close(self) -> None:
-        for buf in self._pinned + self._sum_buffers:
+        for buf in self._sum_buffers:
             buf.close()
-        self._pinned, self._stage, self._sum_buffers, self._most = [], [], [], 0
+        self._stage, self._sum_buffers, self._most = [], [], 0
 
-    # -- scatter ----------------------------------------------------------------------
-
-    def _scatter(self, region: Any, base: int, h: RecordHeader, src: int, from_device: bool) -> int | None:
-        """One record into the region; returns the executor ticket (executor engine)."""
-        if self.engine == "executor":
-            from .executor import TaskKind
-
-            return int(self.executor.enqueue(TaskKind.RECOVER, [src, int(h.type), h.offset, h.aux, h.length]
-                                             + [0] * 8 + [region.index], handler=region.handler))
-        rt, spec = self._cupy.cuda.runtime, region.spec
-        kind = rt.memcpyDeviceToDevice if from_device else rt.memcpyHostToDevice
-        if h.type is RecordType.ROWS:
-            width = h.aux * spec.row_bytes
-            rt.memcpy2DAsync(base + h.offset * spec.row_bytes, spec.rows * spec.row_bytes, src, width, width,
-                             spec.outer, kind, self._restore_stream().ptr)
-        else:
-            rt.memcpyAsync(base + h.offset, src, h.length, kind, self._restore_stream().ptr)
+    def _scatter(self, region: Any, h: RecordHeader, src: int) -> int | None:
+        """One verified record from a staging buffer into the region; returns the
+        executor ticket (executor engine) or None (copy engine, restore stream)."""
+        if self.backend._restore_engine == "executor":
+            return int(self.backend._recover(region, h, src))
+        self.backend._copy_record(region, h, src, self.backend._restore_stream(), from_device=True)
         return None
 
     # -- run ----------------------------------------------------------------------------
 
-    def run(self, region: Any, base: int, locs: Sequence[Any], reader: Any) -> None:
-        """Restore ``locs`` (in log order) into ``region`` (device address ``base``)."""
-        groups = spans(locs, self.span)
-        pool = self._pool(max(n for _, _, n, _ in groups))
-        with ThreadPoolExecutor(self.threads) as threads:
-            self._run_device_verified(region, base, groups, pool, reader, threads)
+    def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
+        """Restore ``locs`` (in log order) into ``region``."""
+        groups = spans(locs, self.backend._restore_span)
+        pool = self.backend._restore_pool(max(n for _, _, n, _ in groups))
+        with ThreadPoolExecutor(self.backend._restore_threads) as threads:
+            self._run(region, groups, pool, self._staging(pool), reader, threads)
 
-    def _run_device_verified(self, region: Any, base: int, groups: list[Span], pool: list[Any], reader: Any,
-                             threads: ThreadPoolExecutor) -> None:
+    def _run(self, region: Any, groups: list[Span], pool: list[Any], stage: list[Any], reader: Any,
+             threads: ThreadPoolExecutor) -> None:
         cp, rt = self._cupy, self._cupy.cuda.runtime
-        stream = self._restore_stream()
+        stream = self.backend._restore_stream()
         depth = len(pool)
         most = max(len(g) for _, _, _, g in groups)
         tables, host_sums = self._tables(depth, most)
@@ -184,11 +156,11 @@ class DeviceVerifiedRestore:
                 table[2 * r] = loc.file_offset - start + HEADER_SIZE
                 table[2 * r + 1] = loc.header.length // 8
             rt.memsetAsync(dev_sums[i].data.ptr, 0, 8 * most, stream.ptr)
-            rt.memcpyAsync(self._stage[i].data.ptr, pool[i].ptr, nbytes, rt.memcpyHostToDevice, stream.ptr)
+            rt.memcpyAsync(stage[i].data.ptr, pool[i].ptr, nbytes, rt.memcpyHostToDevice, stream.ptr)
             longest = max(loc.header.length // 8 for loc in group)
             per = max(1, min(64, -(-longest // (_BLOCK * 8))))
             self._sums_fn((per, len(group)), (_BLOCK,),
-                          (self._stage[i], cp.uint64(tables.device_ptr + 16 * most * i), dev_sums[i]),
+                          (stage[i], cp.uint64(tables.device_ptr + 16 * most * i), dev_sums[i]),
                           stream=stream)
             rt.memcpyAsync(host_sums.ptr + 8 * most * i, dev_sums[i].data.ptr, 8 * len(group),
                            rt.memcpyDeviceToHost, stream.ptr)
@@ -206,8 +178,8 @@ class DeviceVerifiedRestore:
                 if payload_sum_finish(int(sums[r]), tail, whole, n) != loc.header.payload_sum:
                     reader.raise_corrupt(loc)
             for loc in group:
-                src = self._stage[i].data.ptr + loc.file_offset - start + HEADER_SIZE
-                busy[i] = self._scatter(region, base, loc.header, src, from_device=True)
+                src = stage[i].data.ptr + loc.file_offset - start + HEADER_SIZE
+                busy[i] = self._scatter(region, loc.header, src)
             busy[i] = self._mark(busy[i], stream)
 
         loads: dict[int, Future[None]] = {}
@@ -230,23 +202,23 @@ class DeviceVerifiedRestore:
 
     # -- completion ---------------------------------------------------------------------
 
-    def _mark(self, ticket: int | None, stream: Any = None) -> Any:
+    def _mark(self, ticket: int | None, stream: Any) -> Any:
         """What to wait for before a buffer is reused: the executor ticket, or an
-        event recorded now on the restore stream."""
+        event recorded now on ``stream``."""
         if ticket is not None:
             return ticket
         ev = self._cupy.cuda.Event(block=False, disable_timing=True)
-        ev.record(stream or self._restore_stream())
+        ev.record(stream)
         return ev
 
     def _wait(self, mark: Any) -> None:
         if isinstance(mark, int):
-            self.executor.wait(mark)
+            self.backend.executor.wait(mark)
         else:
             mark.synchronize()
 
-    def _drain(self, loads: dict[int, Future[None]], busy: list[Any],
-               release: Callable[[int], None]) -> None:
+    @staticmethod
+    def _drain(loads: dict[int, Future[None]], busy: list[Any], release: Callable[[int], None]) -> None:
         for f in loads.values():
             f.cancel()
         for f in loads.values():
