@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,7 +81,7 @@ def build(shape: str):  # type: ignore[no-untyped-def]
     return model.eval()
 
 
-class Steps:
+class Steps(StoppingCriteria):
     """A stopping criterion that only records when it is called."""
 
     def __init__(self) -> None:
@@ -97,14 +98,8 @@ class Steps:
         return statistics.median(gaps) * 1e3
 
 
-def criteria(steps: Steps):  # type: ignore[no-untyped-def]
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _C(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
-            return steps(input_ids, scores)
-
-    return StoppingCriteriaList([_C()])
+def criteria(steps: Steps) -> StoppingCriteriaList:
+    return StoppingCriteriaList([steps])
 
 
 # -- decode ---------------------------------------------------------------------------------
@@ -152,8 +147,6 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
 
     def naive(steps: Steps) -> None:
         """Baseline: copy the whole KV cache to the CPU after every token."""
-        from transformers import StoppingCriteria
-
         cache = DynamicCache()
 
         class Copy(StoppingCriteria):
@@ -163,8 +156,6 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
                     layer.keys.to("cpu")
                     layer.values.to("cpu")
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        from transformers import StoppingCriteriaList
 
         model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
                        stopping_criteria=StoppingCriteriaList([Copy()]))
@@ -269,8 +260,6 @@ def child(shape: str, n: int, home: str) -> None:
     model = build(shape)
     rt = Runtime.open(home=home, **RT_OPTIONS)
     calls = [0]
-
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     class CrashAfterDurable(StoppingCriteria):
         """Runs before the checkpointer: at the second token the first token's
