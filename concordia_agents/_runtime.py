@@ -237,6 +237,10 @@ class Runtime:
         while not self._stop.is_set():
             self._wake.wait(self.config.flush_poll)
             self._wake.clear()
+            try:
+                self.backend.poll()  # e.g. relaunch an executor that parked with a task pending
+            except Exception:  # noqa: BLE001 - the flusher must survive and say why
+                self.log.exception("backend poll failed")
             for slog in self._open_logs():
                 try:
                     slog.flush_step()

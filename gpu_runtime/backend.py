@@ -113,6 +113,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
 
+    def poll(self) -> None:  # noqa: B027 - optional hook
+        """Called by the runtime's flusher thread every ``flush_poll`` seconds:
+        a backend whose device side can stop with work pending restarts it here."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 

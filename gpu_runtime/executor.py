@@ -12,7 +12,11 @@ Protocol, in order, with who does each step:
 3. The kernel runs tickets in order and stores ``head = ticket + 1`` after
    each; it parks itself after ``idle_ms`` without work or ``max_life_ms`` of
    life, so no host call (a device synchronize, a module load) can block on it
-   for longer than that.
+   for longer than that. A data task whose stream fence is not reached within
+   ``fence_yield_ms`` parks it too, unretired: the work the fence waits for
+   may itself wait for no kernel to be resident (the first launch of a lazily
+   loaded module, queued before the commit). The next ``enqueue``, ``wait``
+   or ``poll`` (the runtime's flusher polls) relaunches it at that task.
 4. ``wait(ticket)`` polls ``head`` (and relaunches if needed); errors raised on
    the device (a fence timeout, a bad task) surface as ``ExecutorError``.
 5. ``set_handlers(...)`` (hot swap): compile the new module while the old
@@ -41,10 +45,11 @@ from .errors import ConcordiaError
 __all__ = ["Executor", "ExecutorError", "TaskKind", "PinnedBuffer"]
 
 TASK_VERSION = 1
-CONTROL_VERSION = 1
+CONTROL_VERSION = 2  # 2: fence_yield_ns, fence_ticket, fence_since
 SLOT_WORDS = 16
 # control words
-HEAD, STOP, STATE, GENERATION, ERROR, ERROR_TICKET, PARKS, HEARTBEAT, IDLE_NS, MAX_LIFE_NS, NSLOTS = range(11)
+(HEAD, STOP, STATE, GENERATION, ERROR, ERROR_TICKET, PARKS, HEARTBEAT, IDLE_NS, MAX_LIFE_NS, NSLOTS,
+ FENCE_YIELD_NS, FENCE_TICKET, FENCE_SINCE) = range(14)
 PARKED, RUNNING, PARKING, LAUNCHED = 0, 1, 2, 3
 REGION_WORDS = 16
 DEFAULT_BLOCKS = 8
@@ -125,7 +130,7 @@ def module_options(handlers: Sequence[Handler], block: int) -> tuple[str, ...]:
 class Executor:
     def __init__(
         self, *, nslots: int = 4096, blocks: int | None = None, block: int = 512, idle_ms: float = 10.0,
-        max_life_ms: float = 500.0, arch: str | None = None,
+        max_life_ms: float = 500.0, fence_yield_ms: float = 2.0, arch: str | None = None,
     ) -> None:
         import cupy
 
@@ -149,6 +154,7 @@ class Executor:
         self.ctl[IDLE_NS] = int(idle_ms * 1e6)
         self.ctl[MAX_LIFE_NS] = int(max_life_ms * 1e6)
         self.ctl[NSLOTS] = nslots
+        self.ctl[FENCE_YIELD_NS] = int(fence_yield_ms * 1e6)
         self.grid = cupy.zeros(512, dtype=cupy.uint64)  # CncGrid (barrier, task copy, checksum sums)
         self.regions = np.zeros((MAX_REGIONS, REGION_WORDS), np.uint64)
         self._regions_dev = cupy.asarray(self.regions)
@@ -306,9 +312,17 @@ class Executor:
     def pending(self) -> int:
         return self._tail - self.head
 
+    def poll(self) -> None:
+        """Relaunch a parked executor that still has tasks (one whose fence wait
+        yielded, with no enqueue or wait since to relaunch it). The runtime's
+        flusher calls this every ``flush_poll``."""
+        if self.pending:
+            self.ensure_running()
+
     def close(self) -> None:
-        try:
-            self.park()
-        finally:
-            self._slots_mem.close()
-            self._ctl_mem.close()
+        """Park, then free the ring and control block. If the executor does not
+        park, the memory is left allocated: freeing pinned memory waits for
+        every resident kernel, so it would hang instead of raising."""
+        self.park()
+        self._slots_mem.close()
+        self._ctl_mem.close()

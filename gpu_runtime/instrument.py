@@ -163,7 +163,8 @@ def stats() -> dict[str, Any]:
     loaded without instrumentation, rewrites that failed (loaded uninstrumented);
     and whether modules loaded from now on get the single-block fast path."""
     st = _state()
-    return {"enabled": st.active, "single_block": st.single_block, "instrumented_modules": st.modules, "instrumented_entries": st.entries,
+    return {"enabled": st.active, "single_block": st.single_block, "instrumented_modules": st.modules,
+            "instrumented_entries": st.entries,
             "passthrough_binaries": st.passthrough, "rewrite_failures": st.failures,
             "kernels": dict(st.names)}
 

@@ -116,6 +116,22 @@ def test_self_parking_unblocks_host_calls(tmp_path):
         s.close()
 
 
+def test_commit_behind_a_first_kernel_load_does_not_deadlock(tmp_path):
+    """A commit fenced behind the first launch of a lazily loaded kernel, issued
+    while the executor is resident: the launch waits for no kernel to be
+    resident, the executor for the fence behind it. The executor yields (parks
+    with the task unretired) and is relaunched, so every epoch becomes visible.
+    Measured on the H100: with ``fence_yield_ms=0`` (no yield) the same child
+    hangs (each fence wait runs into its 10 s timeout, the executor never parks)."""
+    proc = subprocess.run([sys.executable, "-m", "tests._lazy_load_child", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("visible")][-1]
+    _, visible, _, epoch, _, seconds, _ = line.split()
+    assert int(visible) == int(epoch) == 31
+    assert float(seconds) < 10.0, line  # no fence wait ran into its timeout
+
+
 def _log_digest(directory: Path, sid: str) -> list[tuple]:
     idx = scan(directory, session_tag=session_tag(sid))
     out = []

@@ -68,7 +68,10 @@ struct CncControl {
     u64 idle_ns;
     u64 max_life_ns;
     u64 nslots;
-    u64 pad[5];
+    u64 fence_yield_ns;         // a data task's fence not reached after this long: park (0 = never)
+    volatile u64 fence_ticket;  // ticket + 1 of the task whose fence wait yielded (0: none)
+    volatile u64 fence_since;   // %globaltimer when that wait began (its timeout spans yields)
+    u64 pad[2];
 };
 
 #define CNC_PARKED 0ull
@@ -101,6 +104,7 @@ struct CncGrid {
     u64 action;            // 0 run, 1 park
     u64 task[16];          // the current task, copied once from host memory by block 0
     u64 acc[CNC_MAX_RECORDS_PER_TASK];  // per-record checksum partial sums (zero between tasks)
+    u64 fence_yield;       // 1: the current task's fence wait yielded, every block parks
 };
 
 __device__ __forceinline__ u64 cnc_now() {

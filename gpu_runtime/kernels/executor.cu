@@ -331,16 +331,36 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
 
         // Fused prologue of data tasks (a8 = fence word, a9 = value, a10 = timeout):
         // wait until the work queued before the commit on the caller's stream is done.
+        // Yield: a fence not reached within fence_yield_ns parks the generation
+        // without retiring the task (the next one starts at it again), because
+        // what holds the stream back may itself wait for no kernel to be
+        // resident (a lazily loaded module's first launch). The timeout counts
+        // from the first wait on this ticket, across yields.
         if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_SCAN) && t.a[9] != 0) {
+            __shared__ u64 s_yield;
             if (blockIdx.x == 0 && threadIdx.x == 0) {
-                const u64 t_start = cnc_now();
+                const u64 entered = cnc_now();
+                const u64 since = ctl->fence_ticket == ticket + 1 ? ctl->fence_since : entered;
+                const u64 yield_ns = ctl->fence_yield_ns;
+                u64 yielded = 0;
                 while (*(volatile u64*)t.a[8] < t.a[9]) {
-                    if (cnc_now() - t_start > t.a[10]) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); break; }
+                    const u64 now = cnc_now();
+                    if (now - since > t.a[10]) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); break; }
+                    if (yield_ns != 0 && now - entered > yield_ns) {
+                        ctl->fence_since = since;
+                        ctl->fence_ticket = ticket + 1;
+                        yielded = 1;
+                        break;
+                    }
                     __nanosleep(64);
                 }
+                grid->fence_yield = yielded;
                 __threadfence();
             }
             cnc_grid_sync(grid);
+            if (threadIdx.x == 0) s_yield = *(volatile u64*)&grid->fence_yield;
+            __syncthreads();
+            if (s_yield != 0) break;  // head stays at this ticket
         }
 
         // 2. every block runs its share of the task.
