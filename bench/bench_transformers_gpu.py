@@ -22,8 +22,9 @@ cache, as after a process crash): the time from the ``durable_generate`` call
 that resumes the session to its first new token (session open, log scan,
 restore of the KV cache, one decode step), against ``model.generate`` with one
 new token on the same prompt (the recompute: prefill + one step), for each
-restore configuration (``copy`` / ``executor`` engine with host checksums,
-``copy+device``: checksums summed on the GPU). The runtime is opened before the
+restore configuration ``ENGINE+VERIFY``: the scatter by the ``copy`` engine or
+the ``executor``, checksums summed on the GPU (``device``, the default) or by
+the reader threads (``host``). The runtime is opened before the
 clock starts (a long-lived process opens it once).
 
     python bench/bench_transformers_gpu.py [--quick] [--only decode|recovery]
@@ -89,7 +90,10 @@ class Steps(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kw):  # type: ignore[no-untyped-def]
         if input_ids.is_cuda:
-            torch.cuda.synchronize()  # generate() syncs once a step anyway; here the token is really there
+            # generate() syncs its stream once a step anyway; here the token is really
+            # there. The stream, not the device: a device-wide sync would also wait
+            # for the executor to park, which nothing in generate() does.
+            torch.cuda.current_stream().synchronize()
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -123,10 +127,12 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
                        stopping_criteria=criteria(steps))
 
-    commit_ms: list[float] = []
-    paired_ms: list[float] = []
+    commit_ms: dict[str, list[float]] = {label: [] for label in rts}
+    paired_ms: dict[str, list[float]] = {label: [] for label in rts}
 
-    def durable(rt: Any, every: int = 1):  # type: ignore[no-untyped-def]
+    def durable(label: str, every: int = 1):  # type: ignore[no-untyped-def]
+        rt = rts[label]
+
         def run(steps: Steps) -> None:
             from integrations.transformers import _Checkpointer
 
@@ -139,9 +145,9 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
                                  do_sample=False, checkpoint_every=every, stopping_criteria=criteria(steps))
             if every == 1:
                 # per-token commits (not the prompt's, not the last)
-                commit_ms.append(statistics.median(spent[1:-1]) * 1e3)
+                commit_ms[label].append(statistics.median(spent[1:-1]) * 1e3)
             else:
-                paired_ms.append(paired_commit_ms(steps.times, starts[1:-1]))
+                paired_ms[label].append(paired_commit_ms(steps.times, starts[1:-1]))
             rt.delete(sid)  # a batch-8 8B prompt logs 2 GiB a run: keep the disk and its writeback out of later runs
         return run
 
@@ -157,12 +163,15 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
                     layer.values.to("cpu")
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-        model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
-                       stopping_criteria=StoppingCriteriaList([Copy()]))
+        # Its steps are long and even (a copy of the whole cache dominates): 12
+        # tokens give a stable median, and keep batch 8 at 8B (1.5 s/step) short.
+        model.generate(ids, attention_mask=mask, max_new_tokens=min(new, 12), do_sample=False,
+                       past_key_values=cache, stopping_criteria=StoppingCriteriaList([Copy()]))
 
     variants = {"plain": plain, "cache_only": cache_only, "naive_copy_all": naive}
-    variants.update({f"durable{label}": durable(rt) for label, rt in rts.items()})
-    variants["durable_every2"] = durable(rts[""], every=2)
+    for label in rts:
+        variants[f"durable{label}"] = durable(label)
+        variants[f"durable{label}_every2"] = durable(label, every=2)
     out: dict[str, Any] = {"new_tokens": new, "repeats": repeats}
     runs: dict[str, list[float]] = {k: [] for k in variants}
     for name, fn in variants.items():  # warm-up
@@ -183,19 +192,23 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         if name != "plain":
             out[f"{name}_over_plain"] = out[f"{name}_ms_per_step"] / plain_ms
     out["durable_overhead"] = out["durable_ms_per_step"] / plain_ms - 1
-    # Host time inside the per-token commit: the checkpoint's own cost per step,
-    # free of the run-to-run spread of whole steps (the model's kernels can
-    # still be slowed by the resident executor; that part is not in here).
-    out["durable_commit_host_ms_per_step"] = statistics.median(commit_ms[-repeats:])
-    out["durable_commit_host_over_plain_step"] = out["durable_commit_host_ms_per_step"] / plain_ms
-    # Paired within one run: with checkpoint_every=2, steps that commit and steps
-    # that do not alternate, under the same clocks and load; the difference of
-    # their medians is what one per-token checkpoint costs a step, everything
-    # included (host commit, the executor's copy during the next forward, the
-    # flusher). As a fraction of a plain step: the overhead of checkpoint_every=1.
-    out["paired_commit_cost_ms"] = statistics.median(paired_ms)
-    out["paired_commit_cost_runs_ms"] = paired_ms
-    out["paired_overhead"] = out["paired_commit_cost_ms"] / plain_ms
+    for label in rts:
+        # Host time inside the per-token commit: the checkpoint's own cost per
+        # step, free of the run-to-run spread of whole steps (the model's kernels
+        # can still be slowed by the resident executor; that part is not in here).
+        out[f"durable{label}_commit_host_ms_per_step"] = statistics.median(commit_ms[label][-repeats:])
+        out[f"durable{label}_commit_host_over_plain_step"] = (out[f"durable{label}_commit_host_ms_per_step"]
+                                                              / plain_ms)
+        # Paired within one run: with checkpoint_every=2, steps that commit and
+        # steps that do not alternate, under the same clocks and load; the
+        # difference of their medians is what one per-token checkpoint costs a
+        # step, everything included (host commit, the executor's copy during the
+        # next forward, the flusher); over the median step without a commit of
+        # the same run, it is the overhead of checkpoint_every=1.
+        runs_ = paired_ms[label][-repeats:]
+        out[f"paired{label}_commit_cost_ms"] = statistics.median(c for c, _ in runs_)
+        out[f"paired{label}_overhead"] = statistics.median(c / b for c, b in runs_)
+        out[f"paired{label}_runs_ms"] = runs_
     out["tokens_per_s_plain"] = batch * 1e3 / plain_ms
     out["tokens_per_s_durable"] = batch * 1e3 / out["durable_ms_per_step"]
     return out
@@ -209,8 +222,9 @@ def _prompt(n: int) -> torch.Tensor:
     return torch.randint(3, 1000, (1, n), generator=g).cuda()
 
 
-def paired_commit_ms(times: list[float], commits: list[float]) -> float:
-    """Median step with a commit minus median step without, in ms: step i is
+def paired_commit_ms(times: list[float], commits: list[float]) -> tuple[float, float]:
+    """(Median step with a commit minus median step without, median step without),
+    in ms: step i is
     the interval between criterion calls i and i+1 (the checkpointer runs
     right after call i, so its commit falls inside step i); the first three
     steps are warm-up."""
@@ -219,7 +233,8 @@ def paired_commit_ms(times: list[float], commits: list[float]) -> float:
         (with_ if any(a <= c < b for c in commits) else without).append(b - a)
     if not with_ or not without:
         raise ValueError(f"expected steps with and without a commit, found {len(with_)} and {len(without)}")
-    return (statistics.median(with_) - statistics.median(without)) * 1e3
+    base = statistics.median(without)
+    return (statistics.median(with_) - base) * 1e3, base * 1e3
 
 
 @contextlib.contextmanager
@@ -320,9 +335,9 @@ def recovery_section(model, shape: str, n: int, repeats: int, engines: list[str]
             home = work / f"{engine}-{r}"
             shutil.copytree(crashed, home)
             ring_dir = Path("/dev/shm") / f"{work.name}-{engine}-{r}"
-            kind, _, verify = engine.partition("+")  # "copy", "executor", "copy+device", ...
+            kind, _, verify = engine.partition("+")  # "copy+device", "executor+host", ...
             rt = Runtime.open(home=home, ring_dir=ring_dir,
-                              backend_options={"restore_engine": kind, "restore_verify": verify or "host"},
+                              backend_options={"restore_engine": kind, "restore_verify": verify},
                               **RT_OPTIONS)
             try:
                 def resume(steps: Steps, rt: Any = rt) -> None:
@@ -356,6 +371,7 @@ def main() -> None:
     p.add_argument("--only", choices=["decode", "recovery"])
     p.add_argument("--child", nargs=3, metavar=("SHAPE", "N", "HOME"))
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--no-resident", action="store_true", help="decode: skip the resident-executor runtime")
     args = p.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
@@ -365,13 +381,19 @@ def main() -> None:
     result: dict = {"benchmark": "transformers_gpu", "device": torch.cuda.get_device_name(0),
                     "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": 2048,
                     "runtime_options": {k: v for k, v in RT_OPTIONS.items()}, "quick": args.quick}
-    # One runtime, default executor settings. (Measured and dropped: an idle
-    # window of 0.5 ms instead of 10 ms was no faster per step.)
-    # The decode runtime's ring holds a whole batch-8 8B prompt epoch (2 GiB):
-    # with a smaller ring the first decode steps wait for the flusher to drain
-    # the prompt to disk (the ring's backpressure), which is not decode cost.
-    homes = [Path(tempfile.mkdtemp())]
+    # The default runtime, and one whose executor stays resident across decode
+    # steps (idle window and lifetime longer than a step): the difference is
+    # what parking and relaunching once per token costs. (Measured and dropped
+    # earlier: an idle window of 0.5 ms instead of 10 ms was no faster per step.)
+    # Each ring holds a whole batch-8 8B prompt epoch (2 GiB): with a smaller
+    # ring the first decode steps wait for the flusher to drain the prompt to
+    # disk (the ring's backpressure), which is not decode cost.
+    homes = [Path(tempfile.mkdtemp()) for _ in range(2)]
     rts = {"": Runtime.open(home=homes[0], **{**RT_OPTIONS, "ring_bytes": 3 << 30})}
+    if not args.no_resident:
+        rts["_resident"] = Runtime.open(home=homes[1], **{**RT_OPTIONS, "ring_bytes": 3 << 30},
+                                        backend_options={"idle_ms": 200.0, "max_life_ms": 60e3})
+    result["resident_backend_options"] = {"idle_ms": 200.0, "max_life_ms": 60e3}
     try:
         for shape in args.shapes:
             if args.only == "recovery" and args.quick and shape != "llama-3-8b":
@@ -392,7 +414,7 @@ def main() -> None:
                     key = f"recovery_{shape}_{n // 1024}k"
                     try:
                         result[key] = recovery_section(model, shape, n, 2 if args.quick else 3,
-                                                       ["copy", "executor", "copy+device"])
+                                                       ["copy+device", "executor+device", "copy+host"])
                     except Exception:  # noqa: BLE001
                         result[key] = {"error": traceback.format_exc()[-3000:]}
                     print(key, json.dumps(result[key]), flush=True)

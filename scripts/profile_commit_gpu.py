@@ -42,7 +42,11 @@ def main() -> None:
     p.add_argument("--idle-ms", type=float, default=10.0, help="the executor's idle window (backend option)")
     args = p.parse_args()
     max_len = 2048 + 2 * args.steps + 64
-    out: dict = {"batch": args.batch, "steps": args.steps, "idle_ms": args.idle_ms}
+    from bench.common import versions
+
+    out: dict = {"benchmark": "profile_commit_gpu (diagnostic)", "device": torch.cuda.get_device_name(0),
+                 "versions": versions("cupy-cuda13x"), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "batch": args.batch, "steps": args.steps, "idle_ms": args.idle_ms}
     # The caller's kernels are loaded before the executor first runs: with lazy
     # module loading, a first use while it is resident waits for it to park, and
     # a fenced commit behind that launch holds it resident (see docs/gpu.md).
