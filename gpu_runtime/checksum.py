@@ -49,6 +49,9 @@ def _weights_for(words: int) -> np.ndarray:
 
 
 _SMALL_WEIGHTS = [splitmix64(j) | 1 for j in range(32)]
+# Measured on the CI machine: dot 1.5-2.2 us up to 1 000 words, einsum 6-7 us;
+# at 131 072 words einsum is faster (77 vs 108 us).
+_DOT_WORDS = 4096
 
 
 def partial_sum(words: np.ndarray, first: int) -> int:
@@ -57,7 +60,12 @@ def partial_sum(words: np.ndarray, first: int) -> int:
     reader can verify a large payload piece by piece while each is in cache."""
     if words.size == 0:
         return 0
-    return int(np.einsum("i,i->", words, _weights_for(first + words.size)[first:], dtype=np.uint64))
+    weights = _weights_for(first + words.size)[first:]
+    if words.size <= _DOT_WORDS:
+        # Integer dot products wrap mod 2**64 like einsum's; for short inputs
+        # (commit bodies, descriptors) dot's call overhead is a quarter of einsum's.
+        return int(words.dot(weights))
+    return int(np.einsum("i,i->", words, weights, dtype=np.uint64))
 
 
 def payload_sum_finish(s: int, tail: bytes, whole_words: int, n: int) -> int:

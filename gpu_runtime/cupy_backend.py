@@ -2,9 +2,10 @@
 
 Per commit (``commit_epoch``), in ring order:
 
-1. A device-side fence on each caller stream (``cuStreamWriteValue64``) and a
-   FENCE_WAIT task: the executor copies only after the work queued before the
-   commit has finished; the host does not synchronize.
+1. A device-side fence behind the caller streams' work (``cuStreamWriteValue64``
+   on the one stream, or on a join stream that waits for each of several), which
+   the first data task waits for: the executor copies only after the work queued
+   before the commit has finished; the host does not synchronize.
 2. Per region: a REGION record the first time (built on the host, stored in the
    ring beyond ``written``); for kv regions a CHECKPOINT task gathering rows
    ``[t0, t1)`` into ROWS records at reserved log offsets; for pages regions a
@@ -24,7 +25,7 @@ way, so replay, compaction and the flusher cannot tell the backends apart.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,6 +74,11 @@ class CupyRegion(BackendRegion):
         super().__init__(spec, array)
         self.index = index
         self.handler = handler
+        # kv geometry, read on every commit (the spec's properties compute it each time)
+        self.rows = spec.rows if spec.kind == "kv" else 0
+        self.unit = spec.outer * spec.row_bytes if spec.kind == "kv" else 0
+        self.plan_key: tuple[int, int] | None = None  #: (ring capacity, max record bytes) of ``plan``
+        self.plan: tuple[int, int, int] = (1, 1, 0)  #: rows per record, rows per task, full record size
         self.hashes = hashes
         self.bitmap = bitmap
         self.force_full = True  #: next scan marks every page dirty (first commit, after an abort)
@@ -119,6 +125,8 @@ class CupyBackend(Backend):
         self._restorer: DeviceVerifiedRestore | HostVerifiedRestore = (
             DeviceVerifiedRestore(self) if restore_verify == "device" else HostVerifiedRestore(self))
         self._fence = cupy.zeros(1, dtype=cupy.uint64)
+        self._join: Any = None  # stream that joins several caller streams for one fence
+        self._join_events: list[Any] = []
         self._fence_value = 0
         self._fence_timeout_ns = int(fence_timeout_s * 1e9)
         self._rings: dict[int, tuple[int, int]] = {}
@@ -182,17 +190,46 @@ class CupyBackend(Backend):
     # -- commit -------------------------------------------------------------------
 
     def _fence_streams(self, tasks: Sequence[CheckpointTask]) -> list[int]:
-        """Write a fence value on every caller stream; returns the prologue args
-        (fence word, value, timeout) for the first device task to wait on."""
+        """Write the next fence value behind the work queued on the caller
+        streams; returns the prologue args (fence word, value, timeout) for the
+        first device task to wait on.
+
+        One stream (the usual case): the value is written on it directly. Several:
+        each gets an event, an internal join stream waits for all of them and
+        writes the value, so it is reached only when every stream has reached
+        its commit point (written on each stream, the first to arrive would
+        release the executor early). The callers' streams gain no dependency."""
         from cuda.bindings import driver
 
-        streams = {_stream_of(t.region.array) for t in tasks}
+        streams = sorted({_stream_of(t.region.array) for t in tasks})
         self._fence_value += 1
-        for s in sorted(streams):
-            (err,) = driver.cuStreamWriteValue64(s, int(self._fence.data.ptr), self._fence_value, 0)
-            if err != driver.CUresult.CUDA_SUCCESS:
-                raise RegionError(f"cuStreamWriteValue64 on stream {s:#x} failed: {err}")
+        target = streams[0]
+        if len(streams) > 1:
+            target = self._join_streams(streams)
+        (err,) = driver.cuStreamWriteValue64(target, int(self._fence.data.ptr), self._fence_value, 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RegionError(f"cuStreamWriteValue64 on stream {target:#x} failed: {err}")
         return [int(self._fence.data.ptr), self._fence_value, self._fence_timeout_ns]
+
+    def _join_streams(self, streams: Sequence[int]) -> int:
+        """Make the join stream wait for the work queued so far on ``streams``;
+        returns the join stream's handle."""
+        from cuda.bindings import driver
+
+        if self._join is None:
+            self._join = self._cupy.cuda.Stream(non_blocking=True)
+        while len(self._join_events) < len(streams):
+            err, ev = driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+            if err != driver.CUresult.CUDA_SUCCESS:
+                raise RegionError(f"cuEventCreate failed: {err}")
+            self._join_events.append(ev)
+        join = int(self._join.ptr)
+        for s, ev in zip(streams, self._join_events, strict=False):
+            # An event may be recorded again right away: the wait took its state.
+            for err in (driver.cuEventRecord(ev, s)[0], driver.cuStreamWaitEvent(join, ev, 0)[0]):
+                if err != driver.CUresult.CUDA_SUCCESS:
+                    raise RegionError(f"joining stream {s:#x} for the commit fence failed: {err}")
+        return join
 
     def _device_task(self, kind: int, region: CupyRegion, head: list[int], *, publish: tuple[int, int] = (0, 0)) -> int:
         """Enqueue a SCAN or CHECKPOINT task: ``head`` fills a0..a7; the pending
@@ -233,7 +270,7 @@ class CupyBackend(Backend):
                     at = writer.reserve(len(rec))
                     ring.write_at(at, rec)
                     n += 1
-                groups: Iterator[tuple[list[int], int, int, int]] = iter(())
+                groups: Iterable[tuple[list[int], int, int, int]] = ()
                 if region.spec.kind == "pages":
                     scanned.append(region)
                     groups = self._pages(writer, epoch, region)
@@ -265,25 +302,35 @@ class CupyBackend(Backend):
         return end
 
     def _rows(self, writer: LogWriter, epoch: int, region: CupyRegion,
-              rows: tuple[int, int]) -> Iterator[tuple[list[int], int, int, int]]:
-        """CHECKPOINT arguments for rows ``[t0, t1)``: (a0..a7, log offset, end, records) per group."""
-        spec = region.spec
+              rows: tuple[int, int]) -> list[tuple[list[int], int, int, int]]:
+        """CHECKPOINT arguments for rows ``[t0, t1)``: (a0..a7, log offset, end, records) per group.
+        On the per-token commit path: the region's geometry is computed once."""
         t0, t1 = rows
-        if not 0 <= t0 <= t1 <= spec.rows:
-            raise RegionError(f"region {spec.name!r}: expected a row range within [0, {spec.rows}], found [{t0}, {t1})")
+        if not 0 <= t0 <= t1 <= region.rows:
+            raise RegionError(f"region {region.spec.name!r}: expected a row range within [0, {region.rows}], "
+                              f"found [{t0}, {t1})")
         if t0 == t1:
-            return
-        unit = spec.outer * spec.row_bytes
-        per = plan_chunks(unit, writer.max_record_bytes)
-        group_rows = max(per, (min(_GROUP_BYTES, writer.ring.capacity // 4) // (per * unit)) * per)
-        group_rows = min(group_rows, _MAX_RECORDS_PER_TASK * per)
-        _, data = self._ring(writer.ring)
+            return []
+        ring = writer.ring
+        key = (ring.capacity, writer.max_record_bytes)
+        if region.plan_key != key:
+            unit = region.unit
+            per = plan_chunks(unit, writer.max_record_bytes)
+            group_rows = max(per, (min(_GROUP_BYTES, ring.capacity // 4) // (per * unit)) * per)
+            region.plan = (per, min(group_rows, _MAX_RECORDS_PER_TASK * per), record_size(unit * per))
+            region.plan_key = key
+        per, group_rows, full = region.plan
+        unit = region.unit
+        data = self._ring(ring)[1]
+        out = []
         for g0 in range(t0, t1, group_rows):
             g1 = min(g0 + group_rows, t1)
-            nrec = -(-(g1 - g0) // per)
-            size = sum(record_size(unit * min(per, g1 - (g0 + i * per))) for i in range(nrec))
+            n = g1 - g0
+            nrec = -(-n // per)
+            size = (nrec - 1) * full + record_size(unit * (n - (nrec - 1) * per))
             at = writer.reserve(size)  # after the caller sent earlier groups: no deadlock on a full ring
-            yield [data, writer.ring.capacity, epoch, g0, g1, per, at, writer.session_tag], at, at + size, nrec
+            out.append(([data, ring.capacity, epoch, g0, g1, per, at, writer.session_tag], at, at + size, nrec))
+        return out
 
     def _pages(self, writer: LogWriter, epoch: int, region: CupyRegion) -> Iterator[tuple[list[int], int, int, int]]:
         """SCAN on the device (waited for), then CHECKPOINT arguments for the dirty runs,
@@ -450,3 +497,9 @@ class CupyBackend(Backend):
                 buf.close()
             self._restore_buffers = []
             self._restorer.close()
+            if self._join_events:
+                from cuda.bindings import driver
+
+                for ev in self._join_events:
+                    driver.cuEventDestroy(ev)
+                self._join_events = []

@@ -25,6 +25,16 @@ def test_matches_the_definition(data):
     assert payload_sum(data) == _reference(data)
 
 
+@given(st.integers(257, 40_000), st.integers(0, 2**32 - 1))
+def test_vectorized_paths_match_the_definition(n, seed):
+    """Longer payloads take NumPy paths (a dot product up to 4096 words, einsum
+    beyond: n crosses 32 KiB); both equal the definition, for bytes and arrays."""
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    expected = _reference(data.tobytes())
+    assert payload_sum(data.tobytes()) == expected
+    assert payload_sum(data) == expected
+
+
 @given(st.binary(min_size=1, max_size=300), st.data())
 def test_any_single_word_change_is_detected(data, draw):
     """Changing bytes inside any one 8-byte word always changes the checksum."""

@@ -196,6 +196,61 @@ def test_commit_fences_in_flight_torch_work(tmp_path):
         r.close()
 
 
+def test_commit_fence_waits_for_every_caller_stream(tmp_path):
+    """A torch region on a torch stream and a CuPy region on a CuPy stream that
+    is held by a kernel spinning on a host flag: the commit's epoch does not
+    become visible while the CuPy stream is held (one fence word written on
+    each stream would let the torch stream's fence release the executor), and
+    once released it holds what the CuPy stream wrote after the hold."""
+    import cupy
+    import torch
+
+    from gpu_runtime.executor import PinnedBuffer
+
+    hold = cupy.RawKernel(r"""
+    extern "C" __global__ void hold(volatile unsigned long long* flag, float* b) {
+        while (flag[0] == 0) __nanosleep(1000);
+        for (int i = threadIdx.x; i < 8 * 1024; i += blockDim.x) b[i] = 5.0f + i;
+    }""", "hold")
+    flag = PinnedBuffer(8)
+    flag.view(np.uint64)[0] = 0
+    try:
+        with Runtime.open(home=tmp_path, backend="cupy") as rt:
+            s = rt.session("streams")
+            a = torch.zeros(64, 1024, dtype=torch.float32, device="cuda")
+            b = cupy.zeros((64, 1024), dtype=cupy.float32)
+            s.register("a", a, kind="kv", seq_axis=0)
+            s.register("b", b, kind="kv", seq_axis=0)
+            hold.compile()  # loaded now: a module load waits while a kernel is resident
+            torch.cuda.synchronize()
+            a_stream, b_stream = torch.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
+            with torch.cuda.stream(a_stream), b_stream:
+                hold((1,), (256,), (cupy.uint64(flag.device_ptr), b))
+                a[:8] = 2
+                epoch = s.commit(rows={"a": 8, "b": 8}, wait=False)
+            a_stream.synchronize()
+            time.sleep(0.3)
+            visible_while_held = s._log.ring.committed_epoch >= epoch
+            flag.view(np.uint64)[0] = 1
+            b_stream.synchronize()
+            s.flush()
+            s._abandon()
+            assert not visible_while_held, "the epoch was copied before the CuPy stream reached its commit point"
+        from .conftest import expire_lease
+
+        expire_lease(f"sqlite:///{tmp_path / 'catalog.db'}", "streams")
+        with Runtime.open(home=tmp_path, backend="cupy") as rt:
+            r = rt.resume("streams")
+            assert (r.regions["a"].array[:8].cpu().numpy() == 2).all()
+            assert np.array_equal(cupy.asnumpy(r.regions["b"].array[:8]).ravel(),
+                                  5.0 + np.arange(8 * 1024, dtype=np.float32))
+            r.close()
+    finally:
+        flag.view(np.uint64)[0] = 1  # never leave the kernel spinning
+        cupy.cuda.Device().synchronize()
+        flag.close()
+
+
 def test_gpu_resume_is_bit_exact_for_torch_and_cupy(tmp_path):
     """torch (bf16) and CuPy regions on the GPU come back bit-exact on the GPU."""
     import cupy
