@@ -270,8 +270,10 @@ class Executor:
             if ticket - int(self.ctl[HEAD]) >= self.nslots:
                 self._wait_head(ticket - self.nslots + 1, timeout)
             slot = self.slots[ticket % self.nslots]
-            slot[1] = kind | (handler << 32)
-            slot[2:2 + len(args)] = [int(a) & 0xFFFFFFFFFFFFFFFF for a in args]
+            try:
+                slot[1:2 + len(args)] = (kind | (handler << 32), *args)  # one conversion (on the commit path)
+            except OverflowError:  # a negative argument: stored as its two's complement
+                slot[1:2 + len(args)] = [kind | (handler << 32)] + [int(a) & 0xFFFFFFFFFFFFFFFF for a in args]
             slot[0] = ticket + 1  # publish last
             self._tail = ticket + 1
         self.ensure_running()
