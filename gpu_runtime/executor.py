@@ -24,7 +24,7 @@ Protocol, in order, with who does each step:
    module, and relaunch on the same ring: queued tasks run once, in order.
 
 Task slot layout (TASK_VERSION 1, 128 bytes): ``u64 seq, u32 kind, u32
-handler, u64 args[14]``; control block (CONTROL_VERSION 1, 128 bytes): see
+handler, u64 args[14]``; control block (CONTROL_VERSION 2, 128 bytes): see
 ``kernels/concordia.cuh``.
 """
 

@@ -55,7 +55,7 @@ enum CncTaskKind {
     CNC_T_COMPUTE = 6,      // a0: op, a1..: operands (see cnc_compute)
 };
 
-// ---- Control block: gpu_runtime/executor.py, CONTROL_VERSION 1 --------------
+// ---- Control block: gpu_runtime/executor.py, CONTROL_VERSION 2 --------------
 struct CncControl {
     volatile u64 head;          // tickets completed (executor writes)
     volatile u64 stop;          // host: park at the next task boundary
