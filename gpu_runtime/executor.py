@@ -12,8 +12,8 @@ Protocol, in order, with who does each step:
 3. The kernel runs tickets in order and stores ``head = ticket + 1`` after
    each; it parks itself after ``idle_ms`` without work or ``max_life_ms`` of
    life, so no host call (a device synchronize, a module load) can block on it
-   for longer than that. A data task whose stream fence is not reached within
-   ``fence_yield_ms`` parks it too, unretired: the work the fence waits for
+   for longer than that. A data task whose stream fence (or a FENCE_WAIT
+   whose word) is not reached within ``fence_yield_ms`` parks it too, unretired: the work the fence waits for
    may itself wait for no kernel to be resident (the first launch of a lazily
    loaded module, queued before the commit). The next ``enqueue``, ``wait``
    or ``poll`` (the runtime's flusher polls) relaunches it at that task.

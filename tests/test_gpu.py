@@ -90,6 +90,38 @@ def test_hot_swap_under_load(executor):
     assert out.get().min() == 1 and out.get().max() == 1
 
 
+def test_fence_wait_yields_then_runs_once(executor):
+    """A FENCE_WAIT on a word not yet written parks the executor after the yield
+    window instead of keeping it resident (what would write the word may need it
+    gone); the next relaunch resumes the wait, which runs once, then the task
+    behind it. Its timeout counts from the first wait, across yields."""
+    import cupy
+
+    from gpu_runtime.executor import PARKED, ExecutorError, TaskKind
+
+    word = cupy.zeros(1, dtype=cupy.uint64)
+    out = cupy.zeros(2, dtype=cupy.uint64)
+    cupy.cuda.get_current_stream().synchronize()
+    parks = executor.parks
+    w = executor.enqueue(TaskKind.FENCE_WAIT, [int(word.data.ptr), 1, int(5e9)])
+    n = executor.enqueue(TaskKind.NOP, [int(out.data.ptr), 0])
+    time.sleep(0.2)  # nothing relaunches it meanwhile (no enqueue, no wait, no flusher here)
+    assert executor.head == w, "the wait was retired before its word was written"
+    assert executor.state == PARKED and executor.parks > parks, "the executor stayed resident while waiting"
+    word.fill(1)
+    cupy.cuda.get_current_stream().synchronize()
+    executor.wait(n, timeout=10)
+    assert out.get().tolist() == [1, 0]
+
+    never = cupy.zeros(1, dtype=cupy.uint64)
+    cupy.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    stuck = executor.enqueue(TaskKind.FENCE_WAIT, [int(never.data.ptr), 1, int(0.3e9)])
+    with pytest.raises(ExecutorError, match="fence wait timed out"):
+        executor.wait(stuck, timeout=10)
+    assert time.perf_counter() - t0 < 5.0
+
+
 def test_self_parking_unblocks_host_calls(tmp_path):
     """With the runtime active and its executor idle, device-wide syncs, cache
     release and loading a new CuPy kernel each return within 1 s."""

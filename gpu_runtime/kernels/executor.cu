@@ -268,6 +268,29 @@ __device__ void cnc_compute(const CncTask& t, CncCtx& c) {
     }
 }
 
+// Wait (one thread) until *word >= value. Returns 1 if the wait yielded: not
+// reached within ctl->fence_yield_ns, the ticket's wait start kept in the
+// control block so that `timeout_ns` counts from the first wait across
+// yields; a timeout fails the task (and returns 0).
+__device__ u64 cnc_fence_wait(CncCtx& c, const u64* word, u64 value, u64 timeout_ns) {
+    CncControl* ctl = c.ctl;
+    const u64 ticket = c.ticket;
+    const u64 entered = cnc_now();
+    const u64 since = ctl->fence_ticket == ticket + 1 ? ctl->fence_since : entered;
+    const u64 yield_ns = ctl->fence_yield_ns;
+    while (*(volatile const u64*)word < value) {
+        const u64 now = cnc_now();
+        if (now - since > timeout_ns) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); return 0; }
+        if (yield_ns != 0 && now - entered > yield_ns) {
+            ctl->fence_since = since;
+            ctl->fence_ticket = ticket + 1;
+            return 1;
+        }
+        __nanosleep(64);
+    }
+    return 0;
+}
+
 extern "C" __global__ void __launch_bounds__(CNC_BLOCK)
 cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* regions, u64 generation) {
     __shared__ u32 crc_table[256];
@@ -334,27 +357,11 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
         // Yield: a fence not reached within fence_yield_ns parks the generation
         // without retiring the task (the next one starts at it again), because
         // what holds the stream back may itself wait for no kernel to be
-        // resident (a lazily loaded module's first launch). The timeout counts
-        // from the first wait on this ticket, across yields.
+        // resident (a lazily loaded module's first launch).
         if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_SCAN) && t.a[9] != 0) {
             __shared__ u64 s_yield;
             if (blockIdx.x == 0 && threadIdx.x == 0) {
-                const u64 entered = cnc_now();
-                const u64 since = ctl->fence_ticket == ticket + 1 ? ctl->fence_since : entered;
-                const u64 yield_ns = ctl->fence_yield_ns;
-                u64 yielded = 0;
-                while (*(volatile u64*)t.a[8] < t.a[9]) {
-                    const u64 now = cnc_now();
-                    if (now - since > t.a[10]) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); break; }
-                    if (yield_ns != 0 && now - entered > yield_ns) {
-                        ctl->fence_since = since;
-                        ctl->fence_ticket = ticket + 1;
-                        yielded = 1;
-                        break;
-                    }
-                    __nanosleep(64);
-                }
-                grid->fence_yield = yielded;
+                grid->fence_yield = cnc_fence_wait(c, (const u64*)t.a[8], t.a[9], t.a[10]);
                 __threadfence();
             }
             cnc_grid_sync(grid);
@@ -368,13 +375,9 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
             case CNC_T_NOP:
                 if (cnc_gtid() == 0) atomicAdd((u64*)t.a[0] + t.a[1], 1ull);
                 break;
-            case CNC_T_FENCE_WAIT:
+            case CNC_T_FENCE_WAIT:  // yields like the prologue (checked after the barrier below)
                 if (cnc_gtid() == 0) {
-                    const u64 t_start = cnc_now();
-                    while (*(volatile u64*)t.a[0] < t.a[1]) {
-                        if (cnc_now() - t_start > t.a[2]) { cnc_fail(c, CNC_ERR_FENCE_TIMEOUT); break; }
-                        __nanosleep(100);
-                    }
+                    grid->fence_yield = cnc_fence_wait(c, (const u64*)t.a[0], t.a[1], t.a[2]);
                 }
                 break;
             case CNC_T_APPEND_LOG:
@@ -405,10 +408,17 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
                 cnc_fail(c, CNC_ERR_BAD_TASK);
         }
 
-        // 3. all blocks done: make the effects visible, then retire the ticket.
+        // 3. all blocks done: make the effects visible, then retire the ticket
+        //    (a FENCE_WAIT that yielded is not retired: every block parks).
         __syncthreads();
         if (threadIdx.x == 0) __threadfence_system();
         cnc_grid_sync(grid);
+        if (t.kind == CNC_T_FENCE_WAIT) {
+            __shared__ u64 s_wait_yield;
+            if (threadIdx.x == 0) s_wait_yield = *(volatile u64*)&grid->fence_yield;
+            __syncthreads();
+            if (s_wait_yield != 0) break;
+        }
         if (blockIdx.x == 0 && threadIdx.x == 0) {
             // Fused epilogue of CHECKPOINT tasks (a11 = new `written`, a12 = commit
             // epoch or 0): publish the log once every block's records are visible.
