@@ -234,13 +234,17 @@ class Runtime:
 
     def _flush_loop(self) -> None:
         warned: set[str] = set()
+        poll_error = ""  # the last poll failure, logged once until it changes or clears
         while not self._stop.is_set():
             self._wake.wait(self.config.flush_poll)
             self._wake.clear()
             try:
                 self.backend.poll()  # e.g. relaunch an executor that parked with a task pending
-            except Exception:  # noqa: BLE001 - the flusher must survive and say why
-                self.log.exception("backend poll failed")
+                poll_error = ""
+            except Exception as e:  # noqa: BLE001 - the flusher must survive and say why
+                if repr(e) != poll_error:
+                    self.log.exception("backend poll failed")
+                poll_error = repr(e)
             for slog in self._open_logs():
                 try:
                     slog.flush_step()

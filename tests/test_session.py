@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,30 @@ def test_epoch_larger_than_the_ring_flows_through(make_runtime):
     assert s.commit() == 1
     s.close()
     assert np.array_equal(rt.resume("s1").regions["a"].array, a)
+
+
+def test_flusher_polls_the_backend_and_survives_a_failing_poll(make_runtime, monkeypatch):
+    """The flusher calls ``backend.poll()`` every flush_poll (the GPU backend
+    relaunches an executor that parked with a task pending there); a poll that
+    raises is logged and the flusher goes on making commits durable."""
+    rt = make_runtime(flush_poll=0.005)
+    calls: list[float] = []
+
+    def poll() -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("poll failed on purpose")
+
+    monkeypatch.setattr(rt.backend, "poll", poll)
+    s = rt.session("polled")
+    a = np.arange(4096, dtype=np.uint8)
+    s.register("a", a)
+    s.commit()
+    assert s.flush(timeout=10) == 1  # made durable by the flusher despite the failing polls
+    deadline = time.monotonic() + 5
+    while len(calls) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) >= 5, f"expected the flusher to poll the backend every 5 ms, saw {len(calls)} calls"
+    s.close()
 
 
 def test_register_into_incompatible_array_is_refused(make_runtime):
