@@ -174,7 +174,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         variants[f"durable{label}_every2"] = durable(label, every=2)
     out: dict[str, Any] = {"new_tokens": new, "repeats": repeats}
     runs: dict[str, list[float]] = {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up
+    for fn in variants.values():  # warm-up
         fn(Steps())
     for _ in range(repeats):  # interleaved: drifts hit every variant alike
         for name, fn in variants.items():
@@ -391,9 +391,10 @@ def main() -> None:
     homes = [Path(tempfile.mkdtemp()) for _ in range(2)]
     rts = {"": Runtime.open(home=homes[0], **{**RT_OPTIONS, "ring_bytes": 3 << 30})}
     if not args.no_resident:
+        resident = {"idle_ms": 200.0, "max_life_ms": 60e3}
         rts["_resident"] = Runtime.open(home=homes[1], **{**RT_OPTIONS, "ring_bytes": 3 << 30},
-                                        backend_options={"idle_ms": 200.0, "max_life_ms": 60e3})
-    result["resident_backend_options"] = {"idle_ms": 200.0, "max_life_ms": 60e3}
+                                        backend_options=resident)
+        result["resident_backend_options"] = resident
     try:
         for shape in args.shapes:
             if args.only == "recovery" and args.quick and shape != "llama-3-8b":

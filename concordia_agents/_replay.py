@@ -115,8 +115,9 @@ class PayloadReader:
         return fd
 
     def __call__(self, loc: RecordLoc) -> memoryview:
-        data = os.pread(self._fd(loc.path), loc.header.length, loc.file_offset + HEADER_SIZE)
-        return _verified(loc, data)
+        data = memoryview(os.pread(self._fd(loc.path), loc.header.length, loc.file_offset + HEADER_SIZE))
+        self.verify(loc, data)
+        return data
 
     def _pieces(self, loc: RecordLoc, out: np.ndarray, piece: int) -> Iterator[tuple[int, int]]:
         """``pread`` ``loc``'s payload into ``out`` (u8, its length) at most
@@ -178,11 +179,6 @@ class PayloadReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _verified(loc: RecordLoc, data: bytes) -> memoryview:
-    PayloadReader.verify(loc, memoryview(data))
-    return memoryview(data)
 
 
 _PIECE = 1 << 20  #: bytes read and summed at a time (fits a core's L2 cache)

@@ -49,24 +49,24 @@ def nvjitlink_assemble(ptx: bytes, arch: str) -> bytes:
         nvjitlink.destroy(handle)
 
 
+def _build(src: str, opts: tuple[str, ...], arch: str, name: str, cache_dir) -> dict:  # type: ignore[no-untyped-def]
+    """One module to a cubin and to PTX that nvJitLink assembles: sizes and seconds."""
+    t = time.perf_counter()
+    cubin = compile_cubin(src, options=opts, arch=arch, name=name, cache_dir=cache_dir).cubin
+    ptx = compile_cubin(src, options=opts, arch=arch, name=name, cache_dir=cache_dir, ptx=True).cubin
+    linked = nvjitlink_assemble(ptx, arch)
+    return {"cubin_bytes": len(cubin), "ptx_bytes": len(ptx), "linked_bytes": len(linked),
+            "seconds": time.perf_counter() - t}
+
+
 def compile_everything(arch: str = "sm_90", *, cache_dir=None) -> list[dict]:  # type: ignore[no-untyped-def]
     src = kernel_source("executor.cu")
     report = []
     for handlers in SPECIALIZATIONS:
-        opts = module_options(handlers, 256)
-        t = time.perf_counter()
-        cubin = compile_cubin(src, options=opts, arch=arch, cache_dir=cache_dir).cubin
-        ptx = compile_cubin(src, options=opts, arch=arch, cache_dir=cache_dir, ptx=True).cubin
-        linked = nvjitlink_assemble(ptx, arch)
-        report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], "cubin_bytes": len(cubin),
-                       "ptx_bytes": len(ptx), "linked_bytes": len(linked), "seconds": time.perf_counter() - t})
+        built = _build(src, module_options(handlers, 256), arch, "kernel.cu", cache_dir)
+        report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], **built})
     for name in OTHER_KERNELS:
-        t = time.perf_counter()
-        cubin = compile_cubin(kernel_source(name), arch=arch, name=name, cache_dir=cache_dir).cubin
-        ptx = compile_cubin(kernel_source(name), arch=arch, name=name, cache_dir=cache_dir, ptx=True).cubin
-        linked = nvjitlink_assemble(ptx, arch)
-        report.append({"handlers": [], "kernel": name, "cubin_bytes": len(cubin), "ptx_bytes": len(ptx),
-                       "linked_bytes": len(linked), "seconds": time.perf_counter() - t})
+        report.append({"handlers": [], "kernel": name, **_build(kernel_source(name), (), arch, name, cache_dir)})
     return report
 
 
