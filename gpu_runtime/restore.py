@@ -61,6 +61,48 @@ def spans(locs: Sequence[Any], limit: int) -> list[Span]:
     return out
 
 
+def _read_span(read: Callable[[Any, np.ndarray], None], buf: Any, span: Span) -> None:
+    """``read`` each record payload of ``span`` into pinned ``buf`` at its place
+    in the span (headers are not copied: the locations carry them)."""
+    _, start, _, group = span
+    for loc in group:
+        at = loc.file_offset - start + HEADER_SIZE
+        read(loc, buf.array[at:at + loc.header.length])
+
+
+def _mark(ticket: int | None, stream: Any) -> Any:
+    """What to wait for before a buffer is reused: the executor ticket that last
+    reads it, or an event recorded now on ``stream`` (copy engine)."""
+    if ticket is not None:
+        return ticket
+    import cupy
+
+    ev = cupy.cuda.Event(block=False, disable_timing=True)
+    ev.record(stream)
+    return ev
+
+
+def _settle(backend: Any, busy: list[Any], i: int) -> None:
+    """Wait until no device operation reads buffer ``i`` any more."""
+    mark, busy[i] = busy[i], None
+    if isinstance(mark, int):
+        backend.executor.wait(mark)
+    elif mark is not None:
+        mark.synchronize()
+
+
+def _drain(backend: Any, loads: dict[int, Future[None]], busy: list[Any]) -> None:
+    """On the way out (normal or not): cancel queued reads, let running ones
+    finish, and wait for every device read of a buffer, so the pool can be reused."""
+    for f in loads.values():
+        f.cancel()
+    for f in loads.values():
+        if not f.cancelled():
+            f.exception()
+    for i in range(len(busy)):
+        _settle(backend, busy, i)
+
+
 class DeviceVerifiedRestore:
     """Restores a region's records, checksums on the device; owned by one
     backend, one ``run`` at a time."""
@@ -139,21 +181,13 @@ class DeviceVerifiedRestore:
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
 
         def load(i: int, span: Span) -> None:
-            _, start, _, group = span
-            for loc in group:
-                at = loc.file_offset - start + HEADER_SIZE
-                reader.read_unverified(loc, pool[i].array[at:at + loc.header.length])
-
-        def release(i: int) -> None:
-            if busy[i] is not None:
-                self._wait(busy[i])
-                busy[i] = None
+            _read_span(reader.read_unverified, pool[i], span)
 
         def send(k: int) -> None:
             """Stage span k on the device and sum its records there."""
             i = k % depth
             _, start, nbytes, group = groups[k]
-            release(i)  # the executor engine reads the staging buffer outside the stream's order
+            _settle(self.backend, busy, i)  # the executor engine reads the staging buffer outside the stream's order
             table = tables.view(np.uint64)[2 * most * i:2 * most * (i + 1)]
             for r, loc in enumerate(group):
                 table[2 * r] = loc.file_offset - start + HEADER_SIZE
@@ -167,7 +201,7 @@ class DeviceVerifiedRestore:
                           stream=stream)
             rt.memcpyAsync(host_sums.ptr + 8 * most * i, dev_sums[i].data.ptr, 8 * len(group),
                            rt.memcpyDeviceToHost, stream.ptr)
-            summed[i] = self._mark(None, stream)
+            summed[i] = _mark(None, stream)
 
         def check_and_scatter(k: int) -> None:
             i = k % depth
@@ -183,7 +217,7 @@ class DeviceVerifiedRestore:
             for loc in group:
                 src = stage[i].data.ptr + loc.file_offset - start + HEADER_SIZE
                 busy[i] = self._scatter(region, loc.header, src)
-            busy[i] = self._mark(busy[i], stream)
+            busy[i] = _mark(busy[i], stream)
 
         loads: dict[int, Future[None]] = {}
         try:
@@ -200,35 +234,8 @@ class DeviceVerifiedRestore:
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             check_and_scatter(len(groups) - 1)
         finally:
-            self._drain(loads, busy, release)
+            _drain(self.backend, loads, busy)
             stream.synchronize()  # no sum, copy or scatter still reads the tables or the pool
-
-    # -- completion ---------------------------------------------------------------------
-
-    def _mark(self, ticket: int | None, stream: Any) -> Any:
-        """What to wait for before a buffer is reused: the executor ticket, or an
-        event recorded now on ``stream``."""
-        if ticket is not None:
-            return ticket
-        ev = self._cupy.cuda.Event(block=False, disable_timing=True)
-        ev.record(stream)
-        return ev
-
-    def _wait(self, mark: Any) -> None:
-        if isinstance(mark, int):
-            self.backend.executor.wait(mark)
-        else:
-            mark.synchronize()
-
-    @staticmethod
-    def _drain(loads: dict[int, Future[None]], busy: list[Any], release: Callable[[int], None]) -> None:
-        for f in loads.values():
-            f.cancel()
-        for f in loads.values():
-            if not f.cancelled():
-                f.exception()  # let running reads finish before the pool is reused
-        for i in range(len(busy)):
-            release(i)
 
 
 class HostVerifiedRestore:
@@ -260,19 +267,7 @@ class HostVerifiedRestore:
         def load(i: int, span: Span) -> None:
             # One reader task per span: measured on the H100 host, one task per
             # record (15 threads busy instead of 7) restored 4 GiB slower.
-            _, start, _, group = span
-            for loc in group:
-                at = loc.file_offset - start + HEADER_SIZE
-                reader.read_verified(loc, pool[i].array[at:at + loc.header.length])
-
-        def release(i: int) -> None:
-            if busy[i] is None:
-                return
-            if copy:
-                busy[i].synchronize()
-            else:
-                backend.executor.wait(busy[i])
-            busy[i] = None
+            _read_span(reader.read_verified, pool[i], span)
 
         depth = len(pool)
         loads: dict[int, Future[None]] = {}
@@ -283,23 +278,19 @@ class HostVerifiedRestore:
                 for k, (_, start, _, group) in enumerate(groups):
                     i = k % depth
                     loads.pop(k).result()  # raises CorruptLogError before the device sees the span
+                    ticket = None
                     for loc in group:
                         at = loc.file_offset - start + HEADER_SIZE
                         if copy:
                             backend._copy_record(region, loc.header, pool[i].ptr + at, stream)
                         else:
-                            busy[i] = backend._recover(region, loc.header, pool[i].device_ptr + at)
-                    if copy:
-                        busy[i] = backend._cupy.cuda.Event(block=False, disable_timing=True)
-                        busy[i].record(stream)
+                            ticket = backend._recover(region, loc.header, pool[i].device_ptr + at)
+                    busy[i] = _mark(ticket, stream)
                     # Refill the buffer of span k - 1 (span k stays queued, so the
                     # device does not idle while we wait for it).
                     nxt = k + depth - 1
                     if nxt < len(groups):
-                        release(nxt % depth)
+                        _settle(backend, busy, nxt % depth)
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             finally:
-                for f in loads.values():
-                    f.cancel()
-                for i in range(depth):
-                    release(i)  # no device read of a pool buffer outlives this call
+                _drain(backend, loads, busy)  # no device read of a pool buffer outlives this call
