@@ -301,12 +301,12 @@ class SessionLog:
 def _record_boundary(ring: LogRing, start: int, limit: int, chunk: int) -> int:
     """The end of the last whole record in ``[start, limit)`` that keeps the span
     under ``chunk`` bytes (at least one record). ``limit`` is a record boundary."""
-    from gpu_runtime.records import HEADER_SIZE, FramingError, decode_header
+    from gpu_runtime.records import HEADER_SIZE, FramingError, checked_record_size
 
     pos = start
     while pos < limit:
         try:
-            size = decode_header(ring.read(pos, HEADER_SIZE)).size
+            size = checked_record_size(ring.read(pos, HEADER_SIZE))
         except FramingError as e:
             raise CorruptLogError(f"host ring holds a bad record header at log offset {pos}: {e.reason}",
                                   path=str(ring.path), offset=pos) from None

@@ -11,6 +11,7 @@ from gpu_runtime.records import (
     RECORD_ALIGN,
     FramingError,
     RecordType,
+    checked_record_size,
     decode_header,
     payload_sum,
     encode_record,
@@ -44,6 +45,23 @@ def test_every_header_bit_flip_is_detected(payload, data):
     with pytest.raises(FramingError) as e:
         decode_header(rec)
     assert not e.value.torn
+
+
+@given(types, st.binary(max_size=300), u64, st.integers(1, 2**63), st.data())
+def test_checked_record_size_agrees_with_decode_header(rtype, payload, tag, epoch, data):
+    """The flusher's lean header check returns the decoded size of a valid
+    header and raises the same FramingError as decode_header for a damaged one
+    (any byte of the 64 changed)."""
+    rec = encode_record(rtype, payload, session_tag=tag, epoch=epoch)
+    assert checked_record_size(rec[:HEADER_SIZE]) == decode_header(rec).size == len(rec)
+    i = data.draw(st.integers(0, HEADER_SIZE - 1))
+    bad = bytearray(rec[:HEADER_SIZE])
+    bad[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(FramingError) as lean:
+        checked_record_size(bytes(bad))
+    with pytest.raises(FramingError) as full:
+        decode_header(bytes(bad))
+    assert str(lean.value) == str(full.value)
 
 
 @given(st.integers(0, HEADER_SIZE - 1))
