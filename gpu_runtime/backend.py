@@ -25,6 +25,7 @@ test or a caller may do.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import importlib
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ class BackendRegion:
         return f"<{type(self).__name__} {self.spec.name!r} {self.spec.kind} {self.spec.dtype}{list(self.spec.shape)}>"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per region per commit, and a frozen __init__ costs 3x
 class CheckpointTask:
     """One region's part of an epoch. ``rows`` is the dirty ``[t0, t1)`` range
     of a kv region (``None``: nothing appended); ignored for pages regions."""
@@ -112,6 +113,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
+
+    def resident(self, idle_ms: float) -> contextlib.AbstractContextManager[None]:
+        """A block during which the backend's device side stays ready between
+        commits that come less than ``idle_ms`` apart (a decode loop), instead
+        of stopping and being restarted by each commit. Nothing to do for
+        backends without a resident device side."""
+        return contextlib.nullcontext()
 
     def poll(self) -> None:  # noqa: B027 - optional hook
         """Called by the runtime's flusher thread every ``flush_poll`` seconds:

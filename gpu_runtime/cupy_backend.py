@@ -24,6 +24,7 @@ way, so replay, compaction and the flusher cannot tell the backends apart.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from .executor import STOP, Executor, Handler, PinnedBuffer, TaskKind, register_
 from .host import plan_chunks
 from .logring import DATA_START, LogRing
 from .logwriter import LogWriter
-from .records import RecordHeader, RecordType, encode_record, record_size
+from .records import HEADER_SIZE, RecordHeader, RecordType, encode_record, record_size
 from .regions import RegionSpec, describe
 from .restore import DeviceVerifiedRestore, HostVerifiedRestore
 
@@ -52,6 +53,32 @@ _SMALL_RUN = 256 << 10  # runs up to this size are copied by one block each
 def _device_ptr(array: Any) -> int:
     mod = type(array).__module__.split(".")[0]
     return int(array.data_ptr()) if mod == "torch" else int(array.data.ptr)
+
+
+def _stream_writer() -> Any:
+    """``cuStreamWriteValue64`` as a ctypes function (a quarter of the cuda.bindings
+    wrapper's cost on the per-token commit path, measured on the H100 host), or
+    the wrapper where the driver does not hand out the entry point. Same symbol
+    version and stream semantics as cuda.bindings (legacy default stream)."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    def wrapper(stream: int, addr: int, value: int, flags: int) -> int:
+        (err,) = driver.cuStreamWriteValue64(stream, addr, value, flags)
+        return int(err)
+
+    try:
+        err, pfn, status = driver.cuGetProcAddress(
+            b"cuStreamWriteValue64", 12000, driver.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_LEGACY_STREAM)
+        if err != driver.CUresult.CUDA_SUCCESS or not int(pfn):
+            return wrapper
+    except Exception:  # noqa: BLE001 - an older binding: the wrapper works everywhere
+        return wrapper
+    # PYFUNCTYPE keeps the GIL: the call takes about a microsecond, and letting
+    # go of the GIL mid-commit hands it to the flusher thread for a whole flush.
+    proto = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint)
+    return proto(int(pfn))
 
 
 def _stream_of(array: Any) -> int:
@@ -125,6 +152,8 @@ class CupyBackend(Backend):
         self._restorer: DeviceVerifiedRestore | HostVerifiedRestore = (
             DeviceVerifiedRestore(self) if restore_verify == "device" else HostVerifiedRestore(self))
         self._fence = cupy.zeros(1, dtype=cupy.uint64)
+        self._fence_ptr = int(self._fence.data.ptr)
+        self._write_value: Any = None  # cuStreamWriteValue64, resolved on first use
         self._join: Any = None  # stream that joins several caller streams for one fence
         self._join_events: list[Any] = []
         self._fence_value = 0
@@ -199,17 +228,17 @@ class CupyBackend(Backend):
         writes the value, so it is reached only when every stream has reached
         its commit point (written on each stream, the first to arrive would
         release the executor early). The callers' streams gain no dependency."""
-        from cuda.bindings import driver
-
         streams = sorted({_stream_of(t.region.array) for t in tasks})
         self._fence_value += 1
         target = streams[0]
         if len(streams) > 1:
             target = self._join_streams(streams)
-        (err,) = driver.cuStreamWriteValue64(target, int(self._fence.data.ptr), self._fence_value, 0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            raise RegionError(f"cuStreamWriteValue64 on stream {target:#x} failed: {err}")
-        return [int(self._fence.data.ptr), self._fence_value, self._fence_timeout_ns]
+        if self._write_value is None:
+            self._write_value = _stream_writer()
+        err = self._write_value(target, self._fence_ptr, self._fence_value, 0)
+        if err:
+            raise RegionError(f"cuStreamWriteValue64 on stream {target:#x} failed: CUresult {err}")
+        return [self._fence_ptr, self._fence_value, self._fence_timeout_ns]
 
     def _join_streams(self, streams: Sequence[int]) -> int:
         """Make the join stream wait for the work queued so far on ``streams``;
@@ -240,6 +269,9 @@ class CupyBackend(Backend):
 
     def commit_epoch(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes, *,
                      fence: bool = True) -> int:
+        appends = self._appends(writer, tasks) if body else None
+        if appends is not None:
+            return self._commit_appends(writer, epoch, tasks, appends, body, fence)
         ring = writer.ring
         self._ring(ring)
         start = writer.position
@@ -301,6 +333,68 @@ class CupyBackend(Backend):
             task.region.described = True
         return end
 
+    def _appends(self, writer: LogWriter,
+                 tasks: Sequence[CheckpointTask]) -> list[tuple[CupyRegion, int, int, int]] | None:
+        """The epoch's data records if it is a small append — every region a
+        described kv region whose new rows fit one record, all of them a small
+        part of the ring — as (region, t0, t1, record size); else None (the
+        general path). The per-token commit of decode is such an epoch."""
+        out = []
+        total = 0
+        key = (writer.ring.capacity, writer.max_record_bytes)
+        for task in tasks:
+            region = task.region
+            assert isinstance(region, CupyRegion)
+            if not region.unit or not region.described:
+                return None  # pages regions, REGION records
+            if task.rows is None:
+                continue
+            t0, t1 = task.rows
+            if t0 == t1:
+                continue
+            if not 0 <= t0 < t1 <= region.rows:
+                return None  # the general path names the error
+            if region.plan_key != key:
+                self._plan(region, writer)
+            if t1 - t0 > region.plan[0]:
+                return None
+            size = record_size(region.unit * (t1 - t0))
+            total += size
+            out.append((region, t0, t1, size))
+        return out if total <= min(_GROUP_BYTES, writer.ring.capacity // 4) else None
+
+    def _commit_appends(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask],
+                        appends: list[tuple[CupyRegion, int, int, int]], body: bytes, fence: bool) -> int:
+        """A small append epoch (``_appends``) with the least host work: one
+        reservation, one CHECKPOINT task per region (the first waits on the
+        fence), the COMMIT body stored in the ring and its header made on the
+        device by the APPEND_LOG task that publishes the epoch (its checksums
+        are not computed here). The log bytes equal the general path's."""
+        ring = writer.ring
+        header, data = self._ring(ring)
+        cap, tag, nbody = ring.capacity, writer.session_tag, len(body)
+        start = writer.reserve(sum(a[3] for a in appends) + record_size(nbody))
+        fence_args = self._fence_streams(tasks) if fence and appends else (0, 0, 0)
+        at = start
+        enqueue = self.executor.enqueue
+        for region, t0, t1, size in appends:
+            enqueue(TaskKind.CHECKPOINT, (data, cap, epoch, t0, t1, region.plan[0], at, tag, *fence_args, 0, 0,
+                                          region.index), handler=region.handler)
+            fence_args = (0, 0, 0)
+            at += size
+        ring.write_at(at + HEADER_SIZE, body + bytes(-nbody % 8))  # zero padding: the device sums whole words
+        end = at + record_size(nbody)
+        enqueue(TaskKind.APPEND_LOG, (header, end, epoch, at, nbody, start, len(appends), tag, cap))
+        return end
+
+    def _plan(self, region: CupyRegion, writer: LogWriter) -> None:
+        """Cache a kv region's record plan for this ring and record limit."""
+        unit = region.unit
+        per = plan_chunks(unit, writer.max_record_bytes)
+        group_rows = max(per, (min(_GROUP_BYTES, writer.ring.capacity // 4) // (per * unit)) * per)
+        region.plan = (per, min(group_rows, _MAX_RECORDS_PER_TASK * per), record_size(unit * per))
+        region.plan_key = (writer.ring.capacity, writer.max_record_bytes)
+
     def _rows(self, writer: LogWriter, epoch: int, region: CupyRegion,
               rows: tuple[int, int]) -> list[tuple[list[int], int, int, int]]:
         """CHECKPOINT arguments for rows ``[t0, t1)``: (a0..a7, log offset, end, records) per group.
@@ -312,13 +406,8 @@ class CupyBackend(Backend):
         if t0 == t1:
             return []
         ring = writer.ring
-        key = (ring.capacity, writer.max_record_bytes)
-        if region.plan_key != key:
-            unit = region.unit
-            per = plan_chunks(unit, writer.max_record_bytes)
-            group_rows = max(per, (min(_GROUP_BYTES, ring.capacity // 4) // (per * unit)) * per)
-            region.plan = (per, min(group_rows, _MAX_RECORDS_PER_TASK * per), record_size(unit * per))
-            region.plan_key = key
+        if region.plan_key != (ring.capacity, writer.max_record_bytes):
+            self._plan(region, writer)
         per, group_rows, full = region.plan
         unit = region.unit
         data = self._ring(ring)[1]
@@ -468,6 +557,26 @@ class CupyBackend(Backend):
 
     def wait_visible(self, writer: LogWriter, epoch: int, timeout: float = 30.0) -> None:
         self.wait_idle(timeout)  # the epoch's APPEND_LOG is the newest task of its session
+
+    @contextlib.contextmanager
+    def resident(self, idle_ms: float) -> Iterator[None]:
+        """Keep the executor resident between commits less than ``idle_ms``
+        apart: with the default window (``idle_ms`` option, 10 ms) a decode step
+        longer than it parks the executor and the next commit relaunches it,
+        which cost about 0.1 ms of host time per token on the H100 host
+        (docs/gpu.md). Meanwhile a device-wide synchronize or a first kernel
+        load waits up to ``idle_ms`` for the executor to park. On exit the old
+        window is back and the executor parked, so nothing after the block waits
+        for the long one."""
+        ex = self.executor
+        old = ex.idle_ms
+        if idle_ms > old:
+            ex.set_idle(idle_ms)
+        try:
+            yield
+        finally:
+            if idle_ms > old:
+                ex.set_idle(old)
 
     def poll(self) -> None:
         self.executor.poll()

@@ -31,6 +31,7 @@ handler, u64 args[14]``; control block (CONTROL_VERSION 2, 128 bytes): see
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -54,6 +55,9 @@ PARKED, RUNNING, PARKING, LAUNCHED = 0, 1, 2, 3
 REGION_WORDS = 16
 DEFAULT_BLOCKS = 8
 MAX_REGIONS = 1024
+_SLOT_BODY = struct.Struct("<15Q")  # kind | handler << 32, a0..a13
+_SEQ = struct.Struct("<Q")
+_NO_ARGS = (0,) * 14
 _ERRORS = {1: "fence wait timed out", 2: "log ring full", 3: "unknown task kind", 4: "no handler for the task"}
 
 
@@ -148,9 +152,11 @@ class Executor:
         self._slots_mem = PinnedBuffer(nslots * SLOT_WORDS * 8)
         self.slots = self._slots_mem.view(np.uint64).reshape(nslots, SLOT_WORDS)
         self.slots[:] = 0
+        self._slot_bytes = memoryview(self._slots_mem.array)  # enqueue packs slots with struct (cheapest)
         self._ctl_mem = PinnedBuffer(128)
         self.ctl = self._ctl_mem.view(np.uint64)
         self.ctl[:] = 0
+        self._ctlq = memoryview(self._ctl_mem.array).cast("Q")  # word reads as Python ints, no NumPy scalar
         self.ctl[IDLE_NS] = int(idle_ms * 1e6)
         self.ctl[MAX_LIFE_NS] = int(max_life_ms * 1e6)
         self.ctl[NSLOTS] = nslots
@@ -218,6 +224,21 @@ class Executor:
                 self._launch()
             return index
 
+    def set_idle(self, idle_ms: float) -> None:
+        """Change the idle window. A generation reads it once, at launch: a
+        running one is parked at a task boundary and relaunched if tasks are
+        pending, so the new window holds from now on."""
+        with self._launch_lock:
+            self.ctl[IDLE_NS] = int(idle_ms * 1e6)
+            self.park()
+            self.ctl[STOP] = 0
+            if self.pending:
+                self._launch()
+
+    @property
+    def idle_ms(self) -> float:
+        return int(self.ctl[IDLE_NS]) / 1e6
+
     # -- launching and parking ----------------------------------------------------
 
     def _launch(self) -> None:
@@ -231,9 +252,10 @@ class Executor:
             stream=self.stream, enable_cooperative_groups=True)
 
     def ensure_running(self) -> None:
-        if int(self.ctl[STATE]) in (PARKED, PARKING):
+        ctl = self._ctlq
+        if ctl[STATE] in (PARKED, PARKING):
             with self._launch_lock:
-                if int(self.ctl[STATE]) in (PARKED, PARKING) and not int(self.ctl[STOP]):
+                if ctl[STATE] in (PARKED, PARKING) and not ctl[STOP]:
                     self._launch()
 
     def park(self, timeout: float = 10.0) -> None:
@@ -261,20 +283,25 @@ class Executor:
     # -- tasks --------------------------------------------------------------------
 
     def enqueue(self, kind: int, args: Sequence[int] = (), *, handler: int = 0, timeout: float = 30.0) -> int:
-        """Publish one task; returns its ticket. Never launches per task in
-        steady state: only a parked executor is relaunched."""
-        if len(args) > 14:
+        """Publish one task (arguments not given are 0); returns its ticket.
+        Never launches per task in steady state: only a parked executor is
+        relaunched. On the commit path: one ``struct`` pack per slot."""
+        n = len(args)
+        if n > 14:
             raise ValueError("a task has at most 14 arguments")
         with self._lock:
             ticket = self._tail
-            if ticket - int(self.ctl[HEAD]) >= self.nslots:
+            if ticket - self._ctlq[HEAD] >= self.nslots:
                 self._wait_head(ticket - self.nslots + 1, timeout)
-            slot = self.slots[ticket % self.nslots]
+            at = (ticket % self.nslots) * SLOT_WORDS * 8
             try:
-                slot[1:2 + len(args)] = (kind | (handler << 32), *args)  # one conversion (on the commit path)
-            except OverflowError:  # a negative argument: stored as its two's complement
-                slot[1:2 + len(args)] = [kind | (handler << 32)] + [int(a) & 0xFFFFFFFFFFFFFFFF for a in args]
-            slot[0] = ticket + 1  # publish last
+                _SLOT_BODY.pack_into(self._slot_bytes, at + 8, kind | (handler << 32), *args, *_NO_ARGS[n:])
+            except struct.error:  # a negative argument: stored as its two's complement
+                _SLOT_BODY.pack_into(self._slot_bytes, at + 8, kind | (handler << 32),
+                                     *[int(a) & 0xFFFFFFFFFFFFFFFF for a in args], *_NO_ARGS[n:])
+            # Publish last (x86 keeps stores in program order; the device reads
+            # the other words only after it saw this one).
+            _SEQ.pack_into(self._slot_bytes, at, ticket + 1)
             self._tail = ticket + 1
         self.ensure_running()
         return ticket
@@ -285,8 +312,8 @@ class Executor:
         start = time.monotonic()
         deadline = start + timeout
         spins = 0
-        ctl = self.ctl
-        while int(ctl[HEAD]) < target:
+        ctl = self._ctlq
+        while ctl[HEAD] < target:
             spins += 1
             if spins % 256 == 0:
                 self.ensure_running()

@@ -148,6 +148,39 @@ def test_self_parking_unblocks_host_calls(tmp_path):
         s.close()
 
 
+def test_resident_keeps_the_executor_between_commits_then_parks(tmp_path):
+    """Backend.resident (durable_generate's decode loop): commits 30 ms apart
+    find the executor still running (with the default 10 ms window it has
+    parked by then); after the block the window is back and the executor
+    parked, so a device synchronize returns at once."""
+    import cupy
+
+    from gpu_runtime.executor import PARKED, RUNNING
+
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        be, ex = rt.backend, rt.backend.executor
+        kv = cupy.zeros((2, 64, 8), cupy.float32)
+        s = rt.session("resident")
+        s.register("kv", kv, kind="kv", seq_axis=1)
+        s.commit(rows={"kv": 1})
+        time.sleep(0.03)
+        assert ex.state == PARKED  # the default window
+        with be.resident(300.0):
+            s.commit(rows={"kv": 2})
+            parks = ex.parks
+            for n in range(3, 9):
+                time.sleep(0.03)
+                assert ex.state == RUNNING
+                s.commit(rows={"kv": n})
+            assert ex.parks == parks
+        assert ex.idle_ms == 10.0 and ex.state == PARKED
+        t = time.monotonic()
+        cupy.cuda.Device().synchronize()
+        assert time.monotonic() - t < 0.05
+        assert s.epoch == 8
+        s.close()
+
+
 def test_commit_behind_a_first_kernel_load_does_not_deadlock(tmp_path):
     """A commit fenced behind the first launch of a lazily loaded kernel, issued
     while the executor is resident: the launch waits for no kernel to be
@@ -200,6 +233,75 @@ def test_host_and_gpu_backends_write_the_same_log(tmp_path):
             s.close()
     assert digests["host"] == digests["cupy"]
     assert len(digests["host"]) > 10
+
+
+def _log_records(directory: Path) -> list[tuple]:
+    """Every record of a session's delta segments in log order, as raw bytes,
+    except REGION records (their descriptor names the array library and
+    device, which differ by backend): those as fields with the JSON decoded."""
+    import json
+
+    from concordia_agents._segments import SEGMENT_HEADER_SIZE, list_segments
+    from gpu_runtime.records import RecordType, decode_header, record_size
+
+    _, deltas = list_segments(directory)
+    raw = b"".join(seg.path.read_bytes()[SEGMENT_HEADER_SIZE:] for seg in deltas)
+    out: list[tuple] = []
+    pos = 0
+    while pos < len(raw):
+        h = decode_header(raw[pos:pos + 64])
+        size = record_size(h.length)
+        if h.type is RecordType.REGION:
+            spec = json.loads(raw[pos + 64:pos + 64 + h.length])
+            del spec["library"], spec["device"]
+            out.append((h.epoch, h.region, spec))
+        else:
+            out.append((raw[pos:pos + size],))
+        pos += size
+    return out
+
+
+def test_per_token_commits_write_the_host_backends_bytes(tmp_path):
+    """The small-append path (one reservation, a task per region, the COMMIT
+    header made on the device) writes byte for byte the log the host backend
+    writes: bodies of every length mod 8, appends of one to three rows, epochs
+    where one region appends nothing, a larger epoch in between that takes the
+    general path, and a ring that wraps around several times."""
+    import cupy
+
+    rng = np.random.default_rng(7)
+    kv = rng.standard_normal((8, 2, 1600, 24)).astype(np.float32)  # 1536 bytes a row
+    tokens = rng.integers(0, 50_000, (2, 1600))
+    logs, epochs = {}, {}
+    for backend in ("host", "cupy"):
+        with Runtime.open(home=tmp_path / backend, backend=backend, ring_bytes=1 << 20,
+                          max_record_bytes=16 << 10, fsync="none") as rt:
+            s = rt.session("append")
+            k = kv.copy() if backend == "host" else cupy.asarray(kv)
+            t = tokens.copy() if backend == "host" else cupy.asarray(tokens)
+            s.register("kv", k, kind="kv", seq_axis=2)
+            s.register("tokens", t, kind="kv", seq_axis=1)
+            n = 40
+            s.commit({"prompt": n}, rows={"kv": n, "tokens": n})
+            step = 0
+            while n < 1590:
+                step += 1
+                grow = 30 if step == 200 else 1 + step % 3  # 30 rows: more than one record (10 rows)
+                n = min(n + grow, 1600)
+                rows = {"tokens": n} if step % 17 == 0 else {"kv": n, "tokens": n}
+                s.commit({"step": step, "pad": "x" * (step % 11)}, rows=rows, wait=step % 50 == 0)
+            s.flush()
+            logs[backend], epochs[backend] = _log_records(rt.session_dir("append")), s.epoch
+            s.close()
+        index = scan(tmp_path / backend / "sessions" / os.listdir(tmp_path / backend / "sessions")[0],
+                     session_tag=session_tag("append"))
+        assert index.epoch == epochs[backend]
+        assert index.meta == {"step": step, "pad": "x" * (step % 11)}
+    assert epochs["host"] == epochs["cupy"] > 700
+    assert sum(len(r[0]) for r in logs["host"] if len(r) == 1) > 2 << 20  # the 1 MiB ring wrapped around twice
+    assert len(logs["cupy"]) == len(logs["host"])
+    for i, (a, b) in enumerate(zip(logs["cupy"], logs["host"], strict=True)):
+        assert a == b, f"record {i} differs"
 
 
 def test_commit_fences_in_flight_torch_work(tmp_path):

@@ -18,6 +18,7 @@ typedef unsigned char u8;
 #define CNC_REC_HEADER 64ull
 #define CNC_REC_PAGES 2u
 #define CNC_REC_ROWS 3u
+#define CNC_REC_COMMIT 4u
 
 // ---- Host log ring header: gpu_runtime/logring.py, RING_VERSION 1 -----------
 // Word (u64) indices into the 4096-byte header; data follows at byte 4096.
@@ -47,7 +48,11 @@ enum CncTaskKind {
                             // `written` (0: none), a12 commit epoch (0: data only).
     CNC_T_APPEND_LOG = 3,   // a0: ring header words, a1: new `written`, a2: commit
                             // epoch (0: publish data only). The host stored the
-                            // bytes beyond `written` before enqueueing this.
+                            // bytes beyond `written` before enqueueing this. With
+                            // a4 != 0 the COMMIT record at log offset a3 gets its
+                            // header here: its body (a4 bytes, zero-padded) is
+                            // stored, a5: epoch start, a6: data records, a7:
+                            // session tag, a8: ring capacity.
     CNC_T_RECOVER = 4,      // handler: region; a0: src (pinned), a1: record type,
                             // a2: offset, a3: aux, a4: length
     CNC_T_SCAN = 5,         // handler; a13: pages region; a0: 1 = every page dirty;

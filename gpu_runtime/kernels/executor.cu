@@ -291,6 +291,23 @@ __device__ u64 cnc_fence_wait(CncCtx& c, const u64* word, u64 value, u64 timeout
     return 0;
 }
 
+// The header of the COMMIT record at log offset a3 whose a4-byte body the host
+// stored (zero-padded to whole words) in mapped host memory: block 0 sums the
+// body with the payload weights, thread 0 writes the header (APPEND_LOG args).
+__device__ void cnc_commit_header(const CncTask& t, CncCtx& c) {
+    u8* data = (u8*)t.a[0] + 4096;  // the data area follows the 4 KiB ring header
+    const u64 at = t.a[3], len = t.a[4], cap = t.a[8];
+    u64 acc = 0;
+    for (u64 k = threadIdx.x; k < (len + 7) / 8; k += blockDim.x) {
+        acc += *(volatile const u64*)(data + (at + CNC_REC_HEADER + 8 * k) % cap) * cnc_weight(k);
+    }
+    const u64 sum = cnc_block_sum(acc);
+    if (threadIdx.x == 0) {
+        cnc_write_header(c.crc_table, data, cap, at, CNC_REC_COMMIT, t.a[7], t.a[2], 0, t.a[5], len, t.a[6],
+                         cnc_splitmix64(sum ^ len));
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(CNC_BLOCK)
 cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* regions, u64 generation) {
     __shared__ u32 crc_table[256];
@@ -381,8 +398,11 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
                 }
                 break;
             case CNC_T_APPEND_LOG:
-                // The host already stored the record bytes beyond `written`;
-                // publishing after all earlier tasks makes them visible in order.
+                // The host already stored the record bytes beyond `written`
+                // (a COMMIT record's header, when a4 != 0, is made here: the
+                // host's commit path then skips the checksums); publishing after
+                // all earlier tasks makes them visible in order.
+                if (blockIdx.x == 0 && t.a[4] != 0) cnc_commit_header(t, c);
                 if (cnc_gtid() == 0) {
                     volatile u64* words = (volatile u64*)t.a[0];
                     __threadfence_system();
