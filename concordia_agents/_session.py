@@ -53,6 +53,9 @@ class Region:
         self._handle = handle
         self.length = length
         self._marked: tuple[int, int] | None = None
+        # Plain attributes, read on every commit (the spec's are computed).
+        self.kind: RegionKind = handle.spec.kind
+        self.rows = handle.spec.rows if self.kind == "kv" else 0  #: kv capacity along the sequence axis
 
     @property
     def name(self) -> str:
@@ -61,10 +64,6 @@ class Region:
     @property
     def spec(self) -> RegionSpec:
         return self._handle.spec
-
-    @property
-    def kind(self) -> RegionKind:
-        return self.spec.kind
 
     @property
     def array(self) -> Any:
@@ -246,8 +245,8 @@ class Session:
                     raise RegionError(f"rows given for {name!r}, which is not a registered kv region of session "
                                       f"{self.id!r} (kv regions: {sorted(n for n, g in self.regions.items() if g.kind == 'kv')})")
                 rng = (region.length, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
-                if not 0 <= rng[0] <= rng[1] <= region.spec.rows:
-                    raise RegionError(f"region {name!r}: expected rows within [0, {region.spec.rows}], found {rng}")
+                if not 0 <= rng[0] <= rng[1] <= region.rows:
+                    raise RegionError(f"region {name!r}: expected rows within [0, {region.rows}], found {rng}")
                 ranges[name] = rng
             tasks = []
             lengths = dict(self._lengths)

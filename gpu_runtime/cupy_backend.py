@@ -25,8 +25,9 @@ way, so replay, compaction and the flusher cannot tell the backends apart.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -83,16 +84,23 @@ def _stream_writer() -> Any:
 
 def _stream_of(array: Any) -> int:
     """The stream on which the caller's work on ``array`` is queued."""
+    return _current_stream_getter(array)()
+
+
+def _current_stream_getter(array: Any) -> Callable[[], int]:
+    """A function returning the handle of ``array``'s library's current stream
+    on its device (made once per region: the commit path calls it every time)."""
     if type(array).__module__.split(".")[0] == "torch":
         import torch
 
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the cheap path (no Stream object)
         if raw is not None:
-            return int(raw(array.device.index or 0))
-        return int(torch.cuda.current_stream(array.device).cuda_stream)
+            return functools.partial(raw, array.device.index or 0)
+        device = array.device
+        return lambda: int(torch.cuda.current_stream(device).cuda_stream)
     import cupy
 
-    return int(cupy.cuda.get_current_stream().ptr)
+    return lambda: int(cupy.cuda.get_current_stream().ptr)
 
 
 class CupyRegion(BackendRegion):
@@ -108,6 +116,7 @@ class CupyRegion(BackendRegion):
         self.plan: tuple[int, int, int] = (1, 1, 0)  #: rows per record, rows per task, full record size
         self.hashes = hashes
         self.bitmap = bitmap
+        self.current_stream = _current_stream_getter(array)  #: handle of the caller's current stream
         self.force_full = True  #: next scan marks every page dirty (first commit, after an abort)
 
 
@@ -228,7 +237,7 @@ class CupyBackend(Backend):
         writes the value, so it is reached only when every stream has reached
         its commit point (written on each stream, the first to arrive would
         release the executor early). The callers' streams gain no dependency."""
-        streams = sorted({_stream_of(t.region.array) for t in tasks})
+        streams = sorted({t.region.current_stream() for t in tasks})  # type: ignore[attr-defined]
         self._fence_value += 1
         target = streams[0]
         if len(streams) > 1:
@@ -352,8 +361,8 @@ class CupyBackend(Backend):
             t0, t1 = task.rows
             if t0 == t1:
                 continue
-            if not 0 <= t0 < t1 <= region.rows:
-                return None  # the general path names the error
+            if not 0 <= t0 < t1 <= min(region.rows, 0xFFFFFFFF):
+                return None  # the general path names the error (or takes rows past 32 bits)
             if region.plan_key != key:
                 self._plan(region, writer)
             if t1 - t0 > region.plan[0]:
@@ -366,25 +375,37 @@ class CupyBackend(Backend):
     def _commit_appends(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask],
                         appends: list[tuple[CupyRegion, int, int, int]], body: bytes, fence: bool) -> int:
         """A small append epoch (``_appends``) with the least host work: one
-        reservation, one CHECKPOINT task per region (the first waits on the
-        fence), the COMMIT body stored in the ring and its header made on the
-        device by the APPEND_LOG task that publishes the epoch (its checksums
-        are not computed here). The log bytes equal the general path's."""
+        reservation, the COMMIT body stored in the ring, one CHECKPOINT task per
+        region (the first waits on the stream fence) of which the last, a
+        CHECKPOINT_COMMIT, also makes the COMMIT header on the device and
+        publishes the epoch (the host computes no checksum). With no rows
+        appended, an APPEND_LOG task makes the header. The log bytes equal
+        the general path's."""
         ring = writer.ring
         header, data = self._ring(ring)
         cap, tag, nbody = ring.capacity, writer.session_tag, len(body)
-        start = writer.reserve(sum(a[3] for a in appends) + record_size(nbody))
-        fence_args = self._fence_streams(tasks) if fence and appends else (0, 0, 0)
-        at = start
-        enqueue = self.executor.enqueue
-        for region, t0, t1, size in appends:
-            enqueue(TaskKind.CHECKPOINT, (data, cap, epoch, t0, t1, region.plan[0], at, tag, *fence_args, 0, 0,
-                                          region.index), handler=region.handler)
-            fence_args = (0, 0, 0)
-            at += size
-        ring.write_at(at + HEADER_SIZE, body + bytes(-nbody % 8))  # zero padding: the device sums whole words
+        size = sum(a[3] for a in appends)
+        start = writer.reserve(size + record_size(nbody))
+        at = start + size  # the COMMIT record
         end = at + record_size(nbody)
-        enqueue(TaskKind.APPEND_LOG, (header, end, epoch, at, nbody, start, len(appends), tag, cap))
+        ring.write_at(at + HEADER_SIZE, body + bytes(-nbody % 8))  # zero padding: the device sums whole words
+        enqueue = self.executor.enqueue
+        if not appends:
+            enqueue(TaskKind.APPEND_LOG, (header, end, epoch, at, nbody, start, 0, tag, cap))
+            return end
+        fence_args = self._fence_streams(tasks) if fence else (0, 0, 0)
+        pos, last = start, len(appends) - 1
+        for i, (region, t0, t1, rsize) in enumerate(appends):
+            if i < last:
+                enqueue(TaskKind.CHECKPOINT, (data, cap, epoch, t0, t1, region.plan[0], pos, tag, *fence_args,
+                                              0, 0, region.index), handler=region.handler)
+            else:
+                enqueue(TaskKind.CHECKPOINT_COMMIT,
+                        (data, cap, epoch, t0 | len(appends) << 32, t1 | (at - start) << 32,
+                         region.plan[0] | nbody << 32, pos, tag, *fence_args, end, epoch, region.index),
+                        handler=region.handler)
+            fence_args = (0, 0, 0)
+            pos += rsize
         return end
 
     def _plan(self, region: CupyRegion, writer: LogWriter) -> None:

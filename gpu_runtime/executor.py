@@ -69,6 +69,7 @@ class TaskKind:
     RECOVER = 4
     SCAN = 5
     COMPUTE = 6
+    CHECKPOINT_COMMIT = 7  #: a kv CHECKPOINT that also makes its epoch's COMMIT header (kernels/concordia.cuh)
 
 
 class ExecutorError(ConcordiaError):

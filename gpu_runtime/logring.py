@@ -89,6 +89,11 @@ class LogRing:
         #: called before the mapping goes away (a backend unregisters it from the GPU)
         self.on_close: list[Callable[[], None]] = []
         self._data = np.frombuffer(mm, dtype=np.uint8, offset=DATA_START, count=capacity)
+        # The same memory as memoryviews: reading a counter or storing a short
+        # bytes record through them skips NumPy's scalar and array conversions
+        # (on the per-token commit path).
+        self._q = memoryview(mm).cast("Q")
+        self._bytes = memoryview(mm)[DATA_START:]
 
     # -- construction -------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class LogRing:
     # -- counters -----------------------------------------------------------------
 
     def _get(self, i: int) -> int:
-        return int(self._words[i])
+        return self._q[i]
 
     owner_token = property(lambda self: self._get(_OWNER_TOKEN))
     owner_pid = property(lambda self: self._get(_OWNER_PID))
@@ -203,6 +208,12 @@ class LogRing:
 
     def write_at(self, logical: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Store ``data`` at a logical offset, wrapping around the data area."""
+        if type(data) is bytes:
+            n = len(data)
+            pos = logical % self.capacity
+            if pos + n <= self.capacity:
+                self._bytes[pos:pos + n] = data
+                return
         src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         n = src.size
         if n > self.capacity:
@@ -270,6 +281,8 @@ class LogRing:
         self.on_close.clear()
         # Drop numpy views before closing the mapping (they pin its buffer).
         del self._words, self._data
+        self._q.release()
+        self._bytes.release()
         try:
             self._mm.close()
         except BufferError:  # a caller still holds a view; the OS unmaps at exit

@@ -58,6 +58,11 @@ enum CncTaskKind {
     CNC_T_SCAN = 5,         // handler; a13: pages region; a0: 1 = every page dirty;
                             // fused fence prologue as CHECKPOINT (a8..a10)
     CNC_T_COMPUTE = 6,      // a0: op, a1..: operands (see cnc_compute)
+    CNC_T_CHECKPOINT_COMMIT = 7,  // a kv CHECKPOINT (one record) that also makes
+                            // its epoch's COMMIT header before publishing: high
+                            // halves of a3: data records of the epoch, a4: bytes
+                            // from the epoch start to the COMMIT record, a5: body
+                            // length; a11: end of the COMMIT record, a12: epoch.
 };
 
 // ---- Control block: gpu_runtime/executor.py, CONTROL_VERSION 2 --------------

@@ -84,7 +84,9 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
         // are summed per record across blocks (the sum is associative), then
         // block 0 writes the headers.
         u8* data = (u8*)t.a[0];
-        const u64 cap = t.a[1], epoch = t.a[2], t0 = t.a[3], t1 = t.a[4], per = t.a[5], log0 = t.a[6];
+        // Low halves: the high ones carry a CHECKPOINT_COMMIT's epoch fields.
+        const u64 cap = t.a[1], epoch = t.a[2], log0 = t.a[6];
+        const u64 t0 = t.a[3] & 0xFFFFFFFFull, t1 = t.a[4] & 0xFFFFFFFFull, per = t.a[5] & 0xFFFFFFFFull;
         const u64 nrec = (t1 - t0 + per - 1) / per;
         const u64 full_size = CNC_REC_HEADER + r.outer * per * RB;
         for (u64 rec = 0; rec < nrec; ++rec) {
@@ -245,7 +247,8 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
 
 // Handler ID = specialization (one per distinct row or page size); the region
 // (operator-table entry) is the task's last argument, a[13].
-#define CNC_KV(ID, RB) case ID: cnc_kv<RB>(t.kind, t, regions[t.a[13]], c); break;
+#define CNC_KV(ID, RB) \
+    case ID: cnc_kv<RB>(t.kind == CNC_T_CHECKPOINT_COMMIT ? (u32)CNC_T_CHECKPOINT : t.kind, t, regions[t.a[13]], c); break;
 #define CNC_PAGES(ID, PS) case ID: cnc_pages<PS>(t.kind, t, regions[t.a[13]], c); break;
 
 // ---- generic tasks --------------------------------------------------------------
@@ -291,20 +294,21 @@ __device__ u64 cnc_fence_wait(CncCtx& c, const u64* word, u64 value, u64 timeout
     return 0;
 }
 
-// The header of the COMMIT record at log offset a3 whose a4-byte body the host
-// stored (zero-padded to whole words) in mapped host memory: block 0 sums the
-// body with the payload weights, thread 0 writes the header (APPEND_LOG args).
-__device__ void cnc_commit_header(const CncTask& t, CncCtx& c) {
-    u8* data = (u8*)t.a[0] + 4096;  // the data area follows the 4 KiB ring header
-    const u64 at = t.a[3], len = t.a[4], cap = t.a[8];
+// The header of the COMMIT record at log offset `at` whose `len`-byte body the
+// host stored (zero-padded to whole words) in the ring, in mapped host memory:
+// block 0 sums the body with the payload weights, thread 0 writes the header
+// and fences it (the caller publishes next). Called by all of block 0.
+__device__ void cnc_commit_header(CncCtx& c, u8* data, u64 cap, u64 at, u64 len, u64 tag, u64 epoch, u64 start,
+                                  u64 nrec) {
     u64 acc = 0;
     for (u64 k = threadIdx.x; k < (len + 7) / 8; k += blockDim.x) {
         acc += *(volatile const u64*)(data + (at + CNC_REC_HEADER + 8 * k) % cap) * cnc_weight(k);
     }
     const u64 sum = cnc_block_sum(acc);
     if (threadIdx.x == 0) {
-        cnc_write_header(c.crc_table, data, cap, at, CNC_REC_COMMIT, t.a[7], t.a[2], 0, t.a[5], len, t.a[6],
+        cnc_write_header(c.crc_table, data, cap, at, CNC_REC_COMMIT, tag, epoch, 0, start, len, nrec,
                          cnc_splitmix64(sum ^ len));
+        __threadfence_system();
     }
 }
 
@@ -375,7 +379,8 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
         // without retiring the task (the next one starts at it again), because
         // what holds the stream back may itself wait for no kernel to be
         // resident (a lazily loaded module's first launch).
-        if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_SCAN) && t.a[9] != 0) {
+        if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT || t.kind == CNC_T_SCAN) &&
+            t.a[9] != 0) {
             __shared__ u64 s_yield;
             if (blockIdx.x == 0 && threadIdx.x == 0) {
                 grid->fence_yield = cnc_fence_wait(c, (const u64*)t.a[8], t.a[9], t.a[10]);
@@ -402,7 +407,10 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
                 // (a COMMIT record's header, when a4 != 0, is made here: the
                 // host's commit path then skips the checksums); publishing after
                 // all earlier tasks makes them visible in order.
-                if (blockIdx.x == 0 && t.a[4] != 0) cnc_commit_header(t, c);
+                if (blockIdx.x == 0 && t.a[4] != 0) {
+                    // a0 is the ring header; its data area follows 4 KiB later
+                    cnc_commit_header(c, (u8*)t.a[0] + 4096, t.a[8], t.a[3], t.a[4], t.a[7], t.a[2], t.a[5], t.a[6]);
+                }
                 if (cnc_gtid() == 0) {
                     volatile u64* words = (volatile u64*)t.a[0];
                     __threadfence_system();
@@ -417,6 +425,7 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
                 cnc_compute(t, c);
                 break;
             case CNC_T_CHECKPOINT:
+            case CNC_T_CHECKPOINT_COMMIT:
             case CNC_T_RECOVER:
             case CNC_T_SCAN:
                 switch (t.handler) {
@@ -439,11 +448,17 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
             __syncthreads();
             if (s_wait_yield != 0) break;
         }
+        if (t.kind == CNC_T_CHECKPOINT_COMMIT && blockIdx.x == 0) {
+            // The COMMIT record ends at a11: its body length and offset, and the
+            // epoch's start and record count, come in the high halves of a3..a5.
+            const u64 len = t.a[5] >> 32, at = t.a[11] - CNC_REC_HEADER - ((len + 7) & ~7ull);
+            cnc_commit_header(c, (u8*)t.a[0], t.a[1], at, len, t.a[7], t.a[12], at - (t.a[4] >> 32), t.a[3] >> 32);
+        }
         if (blockIdx.x == 0 && threadIdx.x == 0) {
             // Fused epilogue of CHECKPOINT tasks (a11 = new `written`, a12 = commit
             // epoch or 0): publish the log once every block's records are visible.
             // The ring header sits right before its data area (a0).
-            if (t.kind == CNC_T_CHECKPOINT && t.a[11] != 0) {
+            if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT) && t.a[11] != 0) {
                 volatile u64* words = (volatile u64*)(t.a[0] - 4096);
                 words[CNC_RING_WRITTEN] = t.a[11];
                 if (t.a[12] != 0) {
