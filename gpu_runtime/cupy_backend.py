@@ -286,8 +286,14 @@ class CupyBackend(Backend):
         start = writer.position
         n = 0
         scanned: list[CupyRegion] = []
-        # Data tasks wait in `pending` so that the last one can also publish the
-        # COMMIT; they are sent early when the epoch grows large for the ring.
+        # Each data group goes to the device when the next one has been planned
+        # (the device copies while the host plans); the last waits in `pending`
+        # so that it can also publish the COMMIT. A send publishes `written`
+        # once more than a quarter of the ring is unpublished, and groups are
+        # reserved one at a time, so an epoch larger than the ring streams
+        # through it: while the next group waits for space, at most a quarter
+        # of the ring is sent but unpublished and two groups (each at most a
+        # quarter) are reserved but unsent.
         pending: list[tuple[CupyRegion, list[int], int]] = []  # (region, a0..a7, end offset)
         self._fence_args = self._fence_streams(tasks) if tasks and fence else None
         unpublished = 0
@@ -318,12 +324,14 @@ class CupyBackend(Backend):
                 elif task.rows is not None:
                     groups = self._rows(writer, epoch, region, task.rows)
                 for head, at, end, nrec in groups:
+                    if pending:
+                        drain = unpublished > ring.capacity // 4  # let the flusher drain a large epoch
+                        send((pending[-1][2], 0) if drain else (0, 0))
+                        if drain:
+                            unpublished = 0
                     pending.append((region, head, end))
                     n += nrec
                     unpublished += end - at
-                    if unpublished > ring.capacity // 4:
-                        send((end, 0))  # let the flusher drain a large epoch early
-                        unpublished = 0
             rec = encode_record(RecordType.COMMIT, body, session_tag=writer.session_tag, epoch=epoch,
                                 offset=start, aux=n)
             at = writer.reserve(len(rec))
@@ -417,30 +425,28 @@ class CupyBackend(Backend):
         region.plan_key = (writer.ring.capacity, writer.max_record_bytes)
 
     def _rows(self, writer: LogWriter, epoch: int, region: CupyRegion,
-              rows: tuple[int, int]) -> list[tuple[list[int], int, int, int]]:
-        """CHECKPOINT arguments for rows ``[t0, t1)``: (a0..a7, log offset, end, records) per group.
-        On the per-token commit path: the region's geometry is computed once."""
+              rows: tuple[int, int]) -> Iterator[tuple[list[int], int, int, int]]:
+        """CHECKPOINT arguments for rows ``[t0, t1)``: (a0..a7, log offset, end, records) per group,
+        each reserved only when the caller asks for it (see ``commit_epoch``)."""
         t0, t1 = rows
         if not 0 <= t0 <= t1 <= region.rows:
             raise RegionError(f"region {region.spec.name!r}: expected a row range within [0, {region.rows}], "
                               f"found [{t0}, {t1})")
         if t0 == t1:
-            return []
+            return
         ring = writer.ring
         if region.plan_key != (ring.capacity, writer.max_record_bytes):
             self._plan(region, writer)
         per, group_rows, full = region.plan
         unit = region.unit
         data = self._ring(ring)[1]
-        out = []
         for g0 in range(t0, t1, group_rows):
             g1 = min(g0 + group_rows, t1)
             n = g1 - g0
             nrec = -(-n // per)
             size = (nrec - 1) * full + record_size(unit * (n - (nrec - 1) * per))
             at = writer.reserve(size)  # after the caller sent earlier groups: no deadlock on a full ring
-            out.append(([data, ring.capacity, epoch, g0, g1, per, at, writer.session_tag], at, at + size, nrec))
-        return out
+            yield [data, ring.capacity, epoch, g0, g1, per, at, writer.session_tag], at, at + size, nrec
 
     def _pages(self, writer: LogWriter, epoch: int, region: CupyRegion) -> Iterator[tuple[list[int], int, int, int]]:
         """SCAN on the device (waited for), then CHECKPOINT arguments for the dirty runs,
