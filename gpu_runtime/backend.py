@@ -114,11 +114,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
 
-    def resident(self, idle_ms: float) -> contextlib.AbstractContextManager[None]:
+    def resident(self, idle_ms: float, max_life_ms: float | None = None) -> contextlib.AbstractContextManager[None]:
         """A block during which the backend's device side stays ready between
         commits that come less than ``idle_ms`` apart (a decode loop), instead
-        of stopping and being restarted by each commit. Nothing to do for
-        backends without a resident device side."""
+        of stopping and being restarted by each commit; ``max_life_ms`` bounds
+        how long it stays up at a time. Nothing to do for backends without a
+        resident device side."""
         return contextlib.nullcontext()
 
     def poll(self) -> None:  # noqa: B027 - optional hook

@@ -594,24 +594,27 @@ class CupyBackend(Backend):
         self.wait_idle(timeout)  # the task publishing the epoch is the newest of its session
 
     @contextlib.contextmanager
-    def resident(self, idle_ms: float) -> Iterator[None]:
+    def resident(self, idle_ms: float, max_life_ms: float | None = None) -> Iterator[None]:
         """Keep the executor resident between commits less than ``idle_ms``
-        apart: with the default window (``idle_ms`` option, 10 ms) a decode step
-        longer than it parks the executor and the next commit relaunches it,
-        which cost about 0.1 ms of host time per token on the H100 host
-        (docs/gpu.md). Meanwhile a device-wide synchronize or a first kernel
-        load waits up to ``idle_ms`` for the executor to park. On exit the old
-        window is back and the executor parked, so nothing after the block waits
-        for the long one."""
+        apart, for at most ``max_life_ms`` at a time (default: the backend's
+        ``max_life_ms``). With the default window (``idle_ms`` option, 10 ms) a
+        decode step longer than it parks the executor and the next commit
+        relaunches it, which cost about 0.1 ms of host time per token on the
+        H100 host (docs/gpu.md). Meanwhile a device-wide synchronize or the
+        first load of a kernel module waits until the executor parks: up to
+        ``max_life_ms`` while commits keep coming. On exit the old windows are
+        back and the executor parked, so nothing after the block waits for the
+        long ones."""
         ex = self.executor
-        old = ex.idle_ms
-        if idle_ms > old:
-            ex.set_idle(idle_ms)
+        old = (ex.idle_ms, ex.max_life_ms)
+        new = (max(idle_ms, old[0]), old[1] if max_life_ms is None else max_life_ms)
+        if new != old:
+            ex.set_windows(*new)
         try:
             yield
         finally:
-            if idle_ms > old:
-                ex.set_idle(old)
+            if new != old:
+                ex.set_windows(*old)
 
     def poll(self) -> None:
         self.executor.poll()

@@ -225,12 +225,13 @@ class Executor:
                 self._launch()
             return index
 
-    def set_idle(self, idle_ms: float) -> None:
-        """Change the idle window. A generation reads it once, at launch: a
-        running one is parked at a task boundary and relaunched if tasks are
-        pending, so the new window holds from now on."""
+    def set_windows(self, idle_ms: float, max_life_ms: float) -> None:
+        """Change the idle window and the maximum lifetime. A generation reads
+        them once, at launch: a running one is parked at a task boundary and
+        relaunched if tasks are pending, so the new windows hold from now on."""
         with self._launch_lock:
             self.ctl[IDLE_NS] = int(idle_ms * 1e6)
+            self.ctl[MAX_LIFE_NS] = int(max_life_ms * 1e6)
             self.park()
             self.ctl[STOP] = 0
             if self.pending:
@@ -239,6 +240,10 @@ class Executor:
     @property
     def idle_ms(self) -> float:
         return int(self.ctl[IDLE_NS]) / 1e6
+
+    @property
+    def max_life_ms(self) -> float:
+        return int(self.ctl[MAX_LIFE_NS]) / 1e6
 
     # -- launching and parking ----------------------------------------------------
 

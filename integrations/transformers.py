@@ -139,11 +139,14 @@ class DurableCache(Cache):
 #: generate() arguments that do not change which tokens come out (callbacks that
 #: observe; a stop is recorded as the run's end), so a resume may pass new ones
 _NOT_FINGERPRINTED = frozenset({"stopping_criteria", "streamer"})
-# The GPU executor stays resident between tokens while generate runs (steps of
-# up to this long; Backend.resident): relaunching it for every token cost about
-# 0.1 ms of host time per step on the H100 host. A device-wide synchronize
-# inside generate (a user's streamer or stopping criterion) may wait this long.
-_DECODE_IDLE_MS = 100.0
+# The GPU executor stays resident between tokens while generate runs
+# (Backend.resident): relaunching it for every token cost about 0.1 ms of host
+# time per step on the H100 host. It still parks every _DECODE_MAX_LIFE_MS, so a
+# kernel module that generate loads for the first time meanwhile (or a
+# device-wide synchronize in a user's streamer or stopping criterion) waits at
+# most that long; a step longer than _DECODE_IDLE_MS parks it too.
+_DECODE_IDLE_MS = 50.0
+_DECODE_MAX_LIFE_MS = 50.0
 
 
 def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -262,7 +265,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             with warnings.catch_warnings():
                 # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
                 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-                with rt.backend.resident(_DECODE_IDLE_MS):
+                with rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
                     out = model.generate(seq, attention_mask=full_mask, past_key_values=cache,
                                          stopping_criteria=criteria, **kwargs)
         else:

@@ -151,8 +151,10 @@ def test_self_parking_unblocks_host_calls(tmp_path):
 def test_resident_keeps_the_executor_between_commits_then_parks(tmp_path):
     """Backend.resident (durable_generate's decode loop): commits 30 ms apart
     find the executor still running (with the default 10 ms window it has
-    parked by then); after the block the window is back and the executor
-    parked, so a device synchronize returns at once."""
+    parked by then); after the block the windows are back and the executor
+    parked, so a device synchronize returns at once; with a short maximum
+    lifetime a synchronize inside the block waits for it, not for the idle
+    window."""
     import cupy
 
     from gpu_runtime.executor import PARKED, RUNNING
@@ -173,11 +175,21 @@ def test_resident_keeps_the_executor_between_commits_then_parks(tmp_path):
                 assert ex.state == RUNNING
                 s.commit(rows={"kv": n})
             assert ex.parks == parks
-        assert ex.idle_ms == 10.0 and ex.state == PARKED
+        assert ex.idle_ms == 10.0 and ex.max_life_ms == 500.0 and ex.state == PARKED
         t = time.monotonic()
         cupy.cuda.Device().synchronize()
         assert time.monotonic() - t < 0.05
-        assert s.epoch == 8
+        # max_life_ms bounds the stay (what durable_generate relies on for a
+        # kernel module loaded mid-generation): a synchronize right after a
+        # commit waits for the 60 ms lifetime, not for the 300 ms idle window.
+        with be.resident(300.0, max_life_ms=60.0):
+            s.commit(rows={"kv": 9})
+            t = time.monotonic()
+            cupy.cuda.Device().synchronize()
+            waited = time.monotonic() - t
+        assert waited < 0.2, waited
+        assert ex.idle_ms == 10.0 and ex.max_life_ms == 500.0
+        assert s.epoch == 9
         s.close()
 
 
