@@ -14,7 +14,10 @@ Protocol of one call ``durable_generate(model, input_ids, session_id=...)``:
    that, after each sampled token, commits an epoch every
    ``checkpoint_every`` tokens: the new KV rows, the new tokens, the RNG states
    (sampling resumes identically) and the token count. The invariant at that
-   point is ``cache length == len(tokens) - 1``.
+   point is ``cache length == len(tokens) - 1``. On the GPU the commit returns
+   once its tasks are queued (the executor copies during the next step), and
+   the executor stays resident across steps while ``generate`` runs
+   (``Backend.resident``).
 4. A final epoch marks the run done; calling again returns the stored result
    without running the model.
 
