@@ -57,6 +57,9 @@ _MAX_RECORDS_PER_TASK = 256  # CNC_MAX_RECORDS_PER_TASK in concordia.cuh
 _RUNS_ARENA = 4 << 20  # pinned bytes for dirty-run tables (24 bytes a run)
 _STAGING = 4 << 20
 _SMALL_RUN = 256 << 10  # runs up to this size are copied by one block each
+# COMMIT bodies up to this size may take the per-token path, whose header one
+# block sums over PCIe; a larger body (big user meta) is summed on the host.
+_SHORT_BODY = 64 << 10
 
 
 def _device_ptr(array: Any) -> int:
@@ -286,7 +289,7 @@ class CupyBackend(Backend):
 
     def commit_epoch(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes, *,
                      fence: bool = True) -> int:
-        appends = self._appends(writer, tasks) if body else None
+        appends = self._appends(writer, tasks) if 0 < len(body) <= _SHORT_BODY else None
         if appends is not None:
             return self._commit_appends(writer, epoch, tasks, appends, body, fence)
         ring = writer.ring

@@ -277,8 +277,9 @@ def test_per_token_commits_write_the_host_backends_bytes(tmp_path):
     """The small-append path (one reservation, a task per region, the COMMIT
     header made on the device) writes byte for byte the log the host backend
     writes: bodies of every length mod 8, appends of one to three rows, epochs
-    where one region appends nothing, a larger epoch in between that takes the
-    general path, and a ring that wraps around several times."""
+    where one region appends nothing, a larger epoch and a 100 kB body in
+    between that take the general path, and a ring that wraps around several
+    times."""
     import cupy
 
     rng = np.random.default_rng(7)
@@ -301,7 +302,8 @@ def test_per_token_commits_write_the_host_backends_bytes(tmp_path):
                 grow = 30 if step == 200 else 1 + step % 3  # 30 rows: more than one record (10 rows)
                 n = min(n + grow, 1600)
                 rows = {"tokens": n} if step % 17 == 0 else {"kv": n, "tokens": n}
-                s.commit({"step": step, "pad": "x" * (step % 11)}, rows=rows, wait=step % 50 == 0)
+                pad = "x" * (100_000 if step == 300 else step % 11)  # 100 kB: a body for the general path
+                s.commit({"step": step, "pad": pad}, rows=rows, wait=step % 50 == 0)
             s.flush()
             logs[backend], epochs[backend] = _log_records(rt.session_dir("append")), s.epoch
             s.close()
