@@ -93,11 +93,6 @@ def _stream_writer() -> Any:
     return proto(int(pfn))
 
 
-def _stream_of(array: Any) -> int:
-    """The stream on which the caller's work on ``array`` is queued."""
-    return _current_stream_getter(array)()
-
-
 def _current_stream_getter(array: Any) -> Callable[[], int]:
     """A function returning the handle of ``array``'s library's current stream
     on its device (made once per region: the commit path calls it every time)."""

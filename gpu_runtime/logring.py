@@ -85,15 +85,14 @@ class LogRing:
         self._mm = mm
         self.capacity = capacity
         self.session_tag = session_tag
-        self._words = np.frombuffer(mm, dtype=np.uint64, count=DATA_START // 8)
+        # Counters (u64 words of the header) and short bytes records go through
+        # memoryviews: no NumPy scalar or array conversion on the per-token
+        # commit path. Wider copies use the NumPy view of the data area.
+        self._words = memoryview(mm).cast("Q")
+        self._bytes = memoryview(mm)[DATA_START:]
+        self._data = np.frombuffer(mm, dtype=np.uint8, offset=DATA_START, count=capacity)
         #: called before the mapping goes away (a backend unregisters it from the GPU)
         self.on_close: list[Callable[[], None]] = []
-        self._data = np.frombuffer(mm, dtype=np.uint8, offset=DATA_START, count=capacity)
-        # The same memory as memoryviews: reading a counter or storing a short
-        # bytes record through them skips NumPy's scalar and array conversions
-        # (on the per-token commit path).
-        self._q = memoryview(mm).cast("Q")
-        self._bytes = memoryview(mm)[DATA_START:]
 
     # -- construction -------------------------------------------------------------
 
@@ -173,7 +172,7 @@ class LogRing:
     # -- counters -----------------------------------------------------------------
 
     def _get(self, i: int) -> int:
-        return self._q[i]
+        return self._words[i]
 
     owner_token = property(lambda self: self._get(_OWNER_TOKEN))
     owner_pid = property(lambda self: self._get(_OWNER_PID))
@@ -271,7 +270,7 @@ class LogRing:
     @property
     def address(self) -> int:
         """Host address of the mapping (header first, data at ``DATA_START``)."""
-        return int(self._words.ctypes.data)
+        return int(self._data.ctypes.data) - DATA_START
 
     def close(self) -> None:
         if self._mm is None:
@@ -279,9 +278,9 @@ class LogRing:
         for fn in self.on_close:
             fn()
         self.on_close.clear()
-        # Drop numpy views before closing the mapping (they pin its buffer).
-        del self._words, self._data
-        self._q.release()
+        # Drop the views before closing the mapping (they pin its buffer).
+        del self._data
+        self._words.release()
         self._bytes.release()
         try:
             self._mm.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ def main() -> None:
     import cupy
     import numpy as np
     from cuda.bindings import driver
+
+    from bench.common import write_out
 
     src = r'''typedef unsigned long long u64;
     extern "C" __global__ void __launch_bounds__(512) k(u64* a, u64* b, u64* c, u64* d, u64 g) {
@@ -77,8 +78,7 @@ def main() -> None:
     out["driver_plain_us"] = timed(drv_plain)
     np.testing.assert_array_equal(bufs[0].get()[:1], [0])
     print(json.dumps(out))
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "launch_cost_gpu.json").write_text(json.dumps(out, indent=1))
+    write_out("launch_cost_gpu", out, "cupy-cuda13x")
 
 
 if __name__ == "__main__":

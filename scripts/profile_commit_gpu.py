@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import pstats
 import statistics
@@ -42,7 +41,7 @@ def main() -> None:
     p.add_argument("--idle-ms", type=float, default=10.0, help="the executor's idle window (backend option)")
     args = p.parse_args()
     max_len = 2048 + 2 * args.steps + 64
-    from bench.common import versions
+    from bench.common import versions, write_out
 
     out: dict = {"benchmark": "profile_commit_gpu (diagnostic)", "device": torch.cuda.get_device_name(0),
                  "versions": versions("cupy-cuda13x"), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -113,9 +112,7 @@ def main() -> None:
             s.close()
     finally:
         rt.close()
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / f"profile_commit_gpu-idle{args.idle_ms:g}.json"
-        path.write_text(json.dumps(out, indent=1))
+    write_out(f"profile_commit_gpu-idle{args.idle_ms:g}", out)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Prints the phases and writes JSON to $OUT.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -26,11 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import cupy
 
+    from bench.common import write_out
     from concordia_agents import Runtime
     from gpu_runtime.executor import TaskKind
 
     n = 256 << 20
     out: dict = {"diagnostic": "staging_phases_gpu", "bytes": n,
+                 "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for blocks in (8, 132):
         rt = Runtime.open(home=Path(tempfile.mkdtemp()), backend="cupy", fsync="none", ring_bytes=1 << 30,
@@ -80,8 +80,7 @@ def main() -> None:
             s.close()
         finally:
             rt.close()
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "staging_phases_gpu.json").write_text(json.dumps(out, indent=1))
+    write_out("staging_phases_gpu", out, "cupy-cuda13x")
 
 
 if __name__ == "__main__":

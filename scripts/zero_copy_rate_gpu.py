@@ -12,7 +12,6 @@ over PCIe (docs/gpu.md, staging). Prints GB/s and writes JSON to $OUT.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -42,6 +41,8 @@ extern "C" __global__ void __launch_bounds__(512) copy(const ulonglong2* src, ul
 
 def main() -> None:
     import cupy
+
+    from bench.common import write_out
 
     n = 256 << 20
     src = cupy.random.default_rng(1).integers(0, 2**63, n // 8, dtype=cupy.uint64)
@@ -118,8 +119,7 @@ def main() -> None:
             print(f"{'sum' if summed else 'plain'} blocks {blocks:3d}: {rate:6.1f} GB/s", flush=True)
     print("copy engine D2H", round(result["copy_engine_d2h_GBps"], 1), "GB/s")
     cupy.cuda.runtime.freeHost(host)
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "zero_copy_rate_gpu.json").write_text(json.dumps(result, indent=1))
+    write_out("zero_copy_rate_gpu", result, "cupy-cuda13x")
 
 
 if __name__ == "__main__":

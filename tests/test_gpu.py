@@ -254,17 +254,17 @@ def _log_records(directory: Path) -> list[tuple]:
     import json
 
     from concordia_agents._segments import SEGMENT_HEADER_SIZE, list_segments
-    from gpu_runtime.records import RecordType, decode_header, record_size
+    from gpu_runtime.records import HEADER_SIZE, RecordType, decode_header
 
     _, deltas = list_segments(directory)
     raw = b"".join(seg.path.read_bytes()[SEGMENT_HEADER_SIZE:] for seg in deltas)
     out: list[tuple] = []
     pos = 0
     while pos < len(raw):
-        h = decode_header(raw[pos:pos + 64])
-        size = record_size(h.length)
+        h = decode_header(raw[pos:pos + HEADER_SIZE])
+        size = h.size
         if h.type is RecordType.REGION:
-            spec = json.loads(raw[pos + 64:pos + 64 + h.length])
+            spec = json.loads(raw[pos + HEADER_SIZE:pos + HEADER_SIZE + h.length])
             del spec["library"], spec["device"]
             out.append((h.epoch, h.region, spec))
         else:
