@@ -1,14 +1,19 @@
 """Instrumentation overhead on the GPU: the pause gate and completion hook against
 the same kernel uninstrumented, in the same run.
 
-* empty kernel (1 block of 32 threads, no work): GPU time per launch of 2000
-  launches run back to back (queued behind a spinning kernel so the host's
-  launch rate does not set the pace; CUDA events), median of 7 repeats after
-  a warm-up; overhead = instrumented - plain, in microseconds per launch; also
-  with the single-block fast path (``enable(single_block=True)``).
+* empty kernel (1 block of 32 threads, no work): GPU time per launch of a
+  batch of 2000 launches run back to back (queued behind a spinning kernel so
+  the host's launch rate does not set the pace; CUDA events). Paired protocol:
+  batches of the plain and the instrumented kernel alternate (ABBA order, 3
+  warm-up launches before each), and the overhead is the median of the
+  per-pair differences — the GPU's per-launch time drifts by several tenths
+  of a microsecond between batches (clocks), more than the hooks cost, so two
+  separate medians are not comparable. Also with the single-block fast path
+  off (``enable(single_block=False)``, every launch through a launch slot).
 * memory-bound kernel: a 256 MiB float copy, one thread per element (the
   shape CuPy's elementwise kernels use: 262144 blocks) and grid-stride
-  (132 x 8 blocks); per-launch time, overhead in percent.
+  (132 x 8 blocks); per-launch time, overhead in percent (median of the
+  per-pair ratios).
 * rewrite + load: parse, rewrite and load one module (RawModule from source,
   compile included) against loading it uninstrumented, medians over fresh
   sources (no cache hits).
@@ -71,6 +76,21 @@ def per_launch(fn, grid, block, args, launches: int, repeats: int) -> float:  # 
     return statistics.median(out)
 
 
+def paired(plain, hooked, grid, block, args, launches: int, pairs: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Alternating batches (ABBA) of ``plain`` and ``hooked``: the medians of
+    each (seconds per launch) and of the per-pair difference and ratio."""
+    a, b = [], []
+    for i in range(pairs):
+        order = ((plain, a), (hooked, b)) if i % 2 == 0 else ((hooked, b), (plain, a))
+        for fn, sink in order:
+            sink.append(per_launch(fn, grid, block, args, launches, 1))
+    diffs = sorted(y - x for x, y in zip(a, b, strict=True))
+    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    return {"plain": statistics.median(a), "hooked": statistics.median(b), "diff": statistics.median(diffs),
+            "diff_p10": diffs[len(diffs) // 10], "diff_p90": diffs[(9 * len(diffs)) // 10],
+            "ratio": statistics.median(ratios)}
+
+
 def kernel(src: str, hooked: bool, ins):  # type: ignore[no-untyped-def]
     import cupy
 
@@ -91,31 +111,34 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    launches, repeats = (300, 3) if args.quick else (2000, 7)
+    launches, pairs = (300, 6) if args.quick else (2000, 30)
     ins.enable()
     results: dict[str, dict] = {}
 
     y = cupy.zeros(32, cupy.int32)
-    plain = per_launch(kernel(EMPTY, False, ins), (1,), (32,), (y,), launches, repeats)
-    hooked = per_launch(kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, repeats)
-    ins.enable(single_block=True)  # the single-block fast path (gpu_runtime/ptx.py), same run
-    fast = per_launch(kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, repeats)
-    ins.enable(single_block=False)
-    results["empty_kernel"] = {"plain_us": plain * 1e6, "instrumented_us": hooked * 1e6,
-                               "overhead_us_per_launch": (hooked - plain) * 1e6, "goal_us": 1.0,
-                               "single_block_fast_path_us": fast * 1e6,
-                               "single_block_fast_path_overhead_us": (fast - plain) * 1e6}
+    plain_fn = kernel(EMPTY, False, ins)
+    ins.enable(single_block=False)  # every launch through a launch slot (the general path)
+    slot = paired(plain_fn, kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, pairs)
+    ins.enable(single_block=True)  # the default: one-block launches take the fast path (gpu_runtime/ptx.py)
+    fast = paired(plain_fn, kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, pairs)
+    results["empty_kernel"] = {
+        "plain_us": fast["plain"] * 1e6, "instrumented_us": fast["hooked"] * 1e6,
+        "overhead_us_per_launch": fast["diff"] * 1e6, "overhead_us_p10_p90": [fast["diff_p10"] * 1e6,
+                                                                              fast["diff_p90"] * 1e6],
+        "goal_us": 1.0, "pairs": pairs,
+        "slot_path_plain_us": slot["plain"] * 1e6, "slot_path_instrumented_us": slot["hooked"] * 1e6,
+        "slot_path_overhead_us": slot["diff"] * 1e6}
 
     n = 64 << 20  # 256 MiB of float32
     x, out = cupy.random.random(n, dtype=cupy.float32), cupy.empty(n, cupy.float32)
     mb_launches = max(20, launches // 40)
     for label, src, grid, block in (("memory_bound_one_thread_per_element", COPY, ((n + 255) // 256,), (256,)),
                                     ("memory_bound_grid_stride", COPY_STRIDE, (132 * 8,), (256,))):
-        plain = per_launch(kernel(src, False, ins), grid, block, (x, out, np.int64(n)), mb_launches, repeats)
-        hooked = per_launch(kernel(src, True, ins), grid, block, (x, out, np.int64(n)), mb_launches, repeats)
-        results[label] = {"plain_ms": plain * 1e3, "instrumented_ms": hooked * 1e3,
-                          "overhead_pct": (hooked / plain - 1) * 100, "blocks": int(np.prod(grid)),
-                          "bandwidth_gbs_plain": 2 * 4 * n / plain / 1e9, "goal_pct": 2.0}
+        r = paired(kernel(src, False, ins), kernel(src, True, ins), grid, block, (x, out, np.int64(n)),
+                   mb_launches, pairs)
+        results[label] = {"plain_ms": r["plain"] * 1e3, "instrumented_ms": r["hooked"] * 1e3,
+                          "overhead_pct": (r["ratio"] - 1) * 100, "blocks": int(np.prod(grid)),
+                          "bandwidth_gbs_plain": 2 * 4 * n / r["plain"] / 1e9, "goal_pct": 2.0, "pairs": pairs}
 
     loads: dict[str, list[float]] = {"plain": [], "instrumented": []}
     for i in range(3 if args.quick else 9):
@@ -141,7 +164,7 @@ def main() -> None:
     props = cupy.cuda.runtime.getDeviceProperties(0)
     payload = {"benchmark": "instrument_gpu", "device": props["name"].decode(),
                "driver": cupy.cuda.runtime.driverGetVersion(), "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-               "versions": versions("cupy-cuda13x"), "launches": launches, "repeats": repeats, "results": results}
+               "versions": versions("cupy-cuda13x"), "launches": launches, "pairs": pairs, "results": results}
     path = write("instrument_gpu", payload)
     for k, v in results.items():
         print(k, v)

@@ -50,8 +50,7 @@ import structlog
 
 from .errors import ConcordiaError, ConfigurationError
 from .ptx import (
-    CTL_ACTIVE,
-    CTL_ACTIVE_BUCKETS,
+    CTL_ADMIT,
     CTL_BYTES,
     CTL_COMPLETIONS,
     CTL_GATE_TIMEOUTS,
@@ -92,7 +91,7 @@ __all__ = [
 def _option() -> str:
     """The compile option that marks (and keys CuPy's caches for) instrumented
     builds: the rewrite's version and variant."""
-    return f"-DCONCORDIA_INSTRUMENTED={REWRITE_VERSION}" + ("_SB" if _state().single_block else "")
+    return f"-DCONCORDIA_INSTRUMENTED={REWRITE_VERSION}" + ("" if _state().single_block else "_SLOTS")
 
 
 class GateTimeoutError(ConcordiaError):
@@ -140,7 +139,7 @@ class _State:
     names: dict[str, int] = field(default_factory=dict)
     saved: dict[str, Any] = field(default_factory=dict)
     tmpdir: Path | None = None
-    single_block: bool = False  #: rewrite with the single-block fast path (see gpu_runtime/ptx.py)
+    single_block: bool = True  #: rewrite with the single-block fast path (see gpu_runtime/ptx.py)
 
 
 _LOCK = threading.RLock()
@@ -366,8 +365,9 @@ def enable(*, gate_timeout: float = 5.0, single_block: bool | None = None) -> No
     """Interpose on CuPy's module loading (idempotent). The control block is
     allocated once on the current device and lives as long as the process:
     instrumented modules keep pointing at it after ``disable()``.
-    ``single_block=True`` rewrites modules loaded from now on with the
-    single-block fast path (not yet run on a GPU; ``None`` keeps the setting)."""
+    ``single_block`` chooses for modules loaded from now on whether one-block
+    launches take the single-block fast path (the default) or, like every
+    other launch, a launch slot (``False``); ``None`` keeps the setting."""
     import cupy
 
     with _LOCK:
@@ -425,7 +425,8 @@ def enabled(*, gate_timeout: float = 5.0, single_block: bool | None = None) -> I
 
 
 def hold() -> None:
-    """Set the pause word: new instrumented launches wait at their gates
+    """Set the pause word (the admission word's high half; only the host
+    writes it, 4 bytes): new instrumented launches wait at their gates
     (``paused()`` is the safe form; this is for tests and tools)."""
     _write_u32(CTL_PAUSE, 1)
 
@@ -440,8 +441,10 @@ def gate_timeouts() -> int:
 
 
 def active_launches() -> int:
-    """Instrumented launches admitted past their gates and not finished."""
-    return int(_read(CTL_ACTIVE, 4 * CTL_ACTIVE_BUCKETS).view(np.uint32).astype(np.int64).sum())
+    """Instrumented launches admitted past their gates and not finished (the
+    admission word's low half; a gate backing out of a pause counts for a
+    moment too)."""
+    return int(_read(CTL_ADMIT, 4).view(np.uint32)[0])
 
 
 @contextlib.contextmanager

@@ -10,24 +10,34 @@ copied byte for byte.
 
 Rewrite of each ``.entry`` (``instrument(ptx, kernel_ids)``):
 
-1. Module scope: ``.visible .global .u64 __concordia_ctl`` — the address of the
+1. Module scope: ``.visible .const .u64 __concordia_ctl`` — the address of the
    control block (``CTL_*`` below), 0 until the runtime sets it after loading
-   the module; with 0 the hooks do nothing. One ``.shared .u32`` exit counter
-   per entry.
+   the module; with 0 the hooks do nothing. (In the constant bank: every
+   block of every launch reads it, and a constant-cache hit costs no trip to
+   L2.) One ``.shared .u32`` exit counter per entry.
 2. Entry (pause gate), per *launch*: thread (0,0,0) of each block zeroes the
    block's exit counter and finds its launch's slot (keyed by ``%gridid``,
    claimed with a CAS; its index is kept in shared memory for the exit). The
-   block that claims it admits the launch: it adds
-   the launch to an ``active`` bucket and — after a ``fence.sc.gpu`` — reads
-   the pause word; while the pause is set it backs out and waits
-   (``nanosleep``) until it clears or the control block's timeout passes (then
-   it counts a gate timeout and runs anyway: the runtime turns that into an
-   error rather than hang). Then it marks the slot admitted. Every other block
-   of the launch waits for that mark. ``bar.sync 0`` then releases the
-   block's other threads. A launch thus runs all of its blocks or none while
-   paused, and the increment-fence-read order against the host's
-   write-pause-then-read-active order makes a quiesce exact: a launch either
-   is counted in ``active`` or sees the pause.
+   block that claims it admits the launch with one ``atom.add`` of 1 on the
+   64-bit admission word, whose low half counts admitted launches and whose
+   high half is the pause word: if the value it returns has the pause set,
+   it backs out (adds -1) and waits (``nanosleep``, reading the pause) until
+   it clears or the control block's timeout passes (then it counts a gate
+   timeout and runs anyway: the runtime turns that into an error rather than
+   hang). Then it marks the slot admitted. Every other block of the launch
+   waits for that mark. ``bar.sync 0`` then releases the block's other
+   threads. A launch thus runs all of its blocks or none while paused.
+   The quiesce is exact because the count and the pause share one location:
+   the host's write of the pause half and the launches' atomic adds are
+   ordered in that word's coherence order, so an add either precedes the
+   write (the launch is counted and the host waits for it) or follows it
+   (the add returns the pause and the launch backs out) — no fence needed, one
+   round trip to L2 per launch. (The host writes only the high half and the
+   count never carries into it: the adds are balanced and the count stays
+   far below 2^32. That a 4-byte copy-engine write and a 64-bit atomic on
+   the word do not lose each other's update is what L2 provides, not what the
+   PTX memory model promises for mixed sizes; ``tests/test_instrument_gpu.py``
+   hammers the word while the host toggles the pause and checks both.)
 3. Exits: every ``ret`` / ``exit`` of the entry (predicated or not) becomes a
    branch to one exit block. If the body has no thread barriers, a
    ``bar.sync 0`` there gathers the block (every thread arrives, none waits
@@ -60,8 +70,7 @@ from dataclasses import dataclass, field
 from .errors import ConcordiaError
 
 __all__ = [
-    "CTL_ACTIVE",
-    "CTL_ACTIVE_BUCKETS",
+    "CTL_ADMIT",
     "CTL_BYTES",
     "CTL_COMPLETIONS",
     "CTL_GATE_TIMEOUTS",
@@ -81,24 +90,24 @@ __all__ = [
     "parse",
 ]
 
-REWRITE_VERSION = 1
+REWRITE_VERSION = 2
 
 # Control block (device memory, one per device), little-endian:
 #   0  u32 magic "CCIN"   4  u32 version
-#   8  u32 pause word (non-zero: gates hold new blocks)
 #  16  u64 gate timeout in ns (globaltimer)
 #  24  u64 gate timeouts so far
-#  64  u32 active[64]: admitted, unfinished launches, by slot & 63
+#  64  u64 admission word: low 32 bits the admitted, unfinished launches;
+#      high 32 bits (offset 68) the pause word (non-zero: gates hold new launches).
+#      One word, so that one atomic add both counts a launch and reads the pause.
 # 1024 {u64 gridid, u32 finished sub-counters, u32 admitted}[256]: one slot per launch in flight
 # 5120 u64 completions[CTL_MAX_KERNELS]: finished launches per kernel ID
 # 139264 u32 sub[256][64] at a 256-byte stride: blocks exited per (slot, block id & 63)
 CTL_MAGIC = 0x4E494343  # "CCIN"
-CTL_VERSION = 1
-CTL_PAUSE = 8
+CTL_VERSION = 2
 CTL_TIMEOUT_NS = 16
 CTL_GATE_TIMEOUTS = 24
-CTL_ACTIVE = 64
-CTL_ACTIVE_BUCKETS = 64
+CTL_ADMIT = 64
+CTL_PAUSE = CTL_ADMIT + 4  #: the admission word's high half
 CTL_SLOTS = 1024
 CTL_SLOT_COUNT = 256
 CTL_COMPLETIONS = CTL_SLOTS + 16 * CTL_SLOT_COUNT
@@ -317,7 +326,7 @@ def _not_thread0(label: str) -> str:
 
 _GATE = """
 \t// concordia: pause gate (thread 0 of each block; see gpu_runtime/ptx.py)
-\tld.global.u64 \t%__cc_d0, [{ctl}];
+\tld.const.u64 \t%__cc_d0, [{ctl}];
 \tsetp.eq.u64 \t%__cc_p0, %__cc_d0, 0;
 \t@%__cc_p0 bra \t$__cc_body;
 {not_thread0_to_sync}\tmov.u32 \t%__cc_r2, 0;
@@ -361,21 +370,18 @@ $__cc_follow:
 \tred.global.add.u64 \t[%__cc_d0+{gate_timeouts}], 1;
 \tbra.uni \t$__cc_go;
 $__cc_admit:
+\tmov.u32 \t%__cc_r6, 1;
+\tmov.u64 \t%__cc_d1, -1;
+\tmov.u64 \t%__cc_d2, 0;
+$__cc_gate:
+\tatom.global.add.u64 \t%__cc_d8, [%__cc_d0+{admit}], 1;
+\tsetp.lt.u64 \t%__cc_p2, %__cc_d8, 4294967296;
+\t@%__cc_p2 bra \t$__cc_admitted;
+\tred.global.add.u64 \t[%__cc_d0+{admit}], %__cc_d1;
+\tsetp.ne.u64 \t%__cc_p3, %__cc_d2, 0;
+\t@%__cc_p3 bra \t$__cc_wait;
 \tmov.u64 \t%__cc_d2, %globaltimer;
 \tld.global.u64 \t%__cc_d4, [%__cc_d0+{timeout_ns}];
-\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
-\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
-\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
-\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
-\tmov.u32 \t%__cc_r5, -1;
-\tmov.u32 \t%__cc_r6, 1;
-$__cc_gate:
-\tred.global.add.u32 \t[%__cc_d1+{active}], 1;
-\tfence.sc.gpu;
-\tld.volatile.global.u32 \t%__cc_r4, [%__cc_d0+{pause}];
-\tsetp.eq.u32 \t%__cc_p2, %__cc_r4, 0;
-\t@%__cc_p2 bra \t$__cc_admitted;
-\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r5;
 $__cc_wait:
 \tnanosleep.u32 \t2000;
 \tmov.u64 \t%__cc_d3, %globaltimer;
@@ -388,7 +394,7 @@ $__cc_wait:
 \tbra.uni \t$__cc_gate;
 $__cc_timeout:
 \tred.global.add.u64 \t[%__cc_d0+{gate_timeouts}], 1;
-\tred.global.add.u32 \t[%__cc_d1+{active}], 1;
+\tred.global.add.u64 \t[%__cc_d0+{admit}], 1;
 $__cc_admitted:
 {admitted_store}$__cc_go:
 {slot_store}$__cc_sync:
@@ -397,20 +403,16 @@ $__cc_body:
 """
 
 # A launch's completion (after the fence that releases its writes): count it in
-# the kernel's counter and leave the active bucket of slot/SM index %__cc_d6.
+# the kernel's counter and take it out of the admission word's count.
 _COMPLETE = """\tred.global.add.u64 \t[%__cc_d0+{completion}], 1;
-\tcvt.u32.u64 \t%__cc_r3, %__cc_d6;
-\tand.b32 \t%__cc_r3, %__cc_r3, {bucket_mask};
-\tmul.wide.u32 \t%__cc_d1, %__cc_r3, 4;
-\tadd.u64 \t%__cc_d1, %__cc_d1, %__cc_d0;
-\tmov.u32 \t%__cc_r7, -1;
-\tred.global.add.u32 \t[%__cc_d1+{active}], %__cc_r7;
+\tmov.u64 \t%__cc_d1, -1;
+\tred.global.add.u64 \t[%__cc_d0+{admit}], %__cc_d1;
 """
 
 _EXIT = """
 $__cc_exit:
 \t// concordia: completion hook (see gpu_runtime/ptx.py)
-\tld.global.u64 \t%__cc_d0, [{ctl}];
+\tld.const.u64 \t%__cc_d0, [{ctl}];
 \tsetp.eq.u64 \t%__cc_p0, %__cc_d0, 0;
 \t@%__cc_p0 bra \t$__cc_ret;
 \tfence.acq_rel.gpu;
@@ -487,13 +489,13 @@ _ARRIVAL = _EXIT[_EXIT.index("\tfence.acq_rel.gpu;\n\tactivemask"):_EXIT.index("
 _EXIT_BARRIER = _EXIT.replace(_ARRIVAL, "\tbar.sync \t0;\n" + _not_thread0("$__cc_ret") + "\tfence.acq_rel.gpu;\n")
 
 
-# Single-block fast path (``instrument(..., single_block=True)``): a launch of
-# one block needs no launch slot (its only block decides for itself), so the
-# gate admits it straight into an active bucket chosen by its SM (the same
-# increment-fence-read order as a slot's admission) and marks the shared slot
-# variable with the top bit; its exit counts the completion and leaves the
-# bucket after the block's one fence. Saves the slot probe and claim (two
-# round trips to L2), the admitted flag, the slot count and a second fence.
+# Single-block fast path (``instrument(..., single_block=True)``, the default): a
+# launch of one block needs no launch slot (its only block decides for itself),
+# so the gate admits it straight through the admission word (as a slot's
+# admission does) and marks the shared slot variable with the top bit; its exit
+# counts the completion and leaves the admission count after the block's one
+# fence. Saves the slot probe and claim (two round trips to L2), the admitted
+# flag, the slot count and a second fence.
 _SINGLE_GATE = """\tmov.u32 \t%__cc_r8, %nctaid.x;
 \tmov.u32 \t%__cc_r9, %nctaid.y;
 \tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
@@ -501,8 +503,7 @@ _SINGLE_GATE = """\tmov.u32 \t%__cc_r8, %nctaid.x;
 \tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
 \tsetp.eq.u32 \t%__cc_p4, %__cc_r8, 1;
 \t@!%__cc_p4 bra \t$__cc_multi;
-\tmov.u32 \t%__cc_r3, %smid;
-\tcvt.u64.u32 \t%__cc_d6, %__cc_r3;
+\tmov.u64 \t%__cc_d6, 0;
 \tbra.uni \t$__cc_admit;
 $__cc_multi:
 """
@@ -521,7 +522,7 @@ $__cc_multi_exit:
 
 def _fmt(template: str, **kw: object) -> str:
     common = dict(ctl=CTL_WORD, pause=CTL_PAUSE, timeout_ns=CTL_TIMEOUT_NS, gate_timeouts=CTL_GATE_TIMEOUTS,
-                  active=CTL_ACTIVE, bucket_mask=CTL_ACTIVE_BUCKETS - 1, slots=CTL_SLOTS,
+                  admit=CTL_ADMIT, slots=CTL_SLOTS,
                   slot_count=CTL_SLOTS + 8, slot_admitted=CTL_SLOTS + 12, slot_mask=CTL_SLOT_COUNT - 1,
                   slot_shift=64 - (CTL_SLOT_COUNT.bit_length() - 1), subs=CTL_SUBS,
                   sub_mask=CTL_SUB_COUNTERS - 1, sub_shift=CTL_SUB_COUNTERS.bit_length() - 1,
@@ -544,13 +545,13 @@ class Rewritten:
     funcs_with_exit: list[str]
 
 
-def instrument(ptx: str | bytes, kernel_id: object, *, single_block: bool = False) -> Rewritten:
+def instrument(ptx: str | bytes, kernel_id: object, *, single_block: bool = True) -> Rewritten:
     """Insert the pause gate and completion hook into every ``.entry``.
 
     ``kernel_id(name)`` assigns each entry's completion counter (an int in
     ``[0, CTL_MAX_KERNELS)``). Already instrumented PTX is refused (hooks twice
-    would count twice). ``single_block`` adds the single-block fast path
-    (``_SINGLE_GATE``; assembled by CI, not yet run on a GPU: off by default)."""
+    would count twice). ``single_block`` (default) adds the single-block fast path
+    (``_SINGLE_GATE``); ``single_block=False`` sends every launch through a slot."""
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
     text = text.rstrip("\x00")
     mod = parse(text)
@@ -565,7 +566,7 @@ def instrument(ptx: str | bytes, kernel_id: object, *, single_block: bool = Fals
     ids: dict[str, int] = {}
     pieces: list[str] = []
     pos = 0
-    decls = [f"\n\n.visible .global .align 8 .u64 {CTL_WORD};"]
+    decls = [f"\n\n.visible .const .align 8 .u64 {CTL_WORD};"]
     for n, e in enumerate(mod.entries):
         kid = int(kernel_id(e.name))  # type: ignore[operator]
         if not 0 <= kid < CTL_MAX_KERNELS:

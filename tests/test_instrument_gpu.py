@@ -27,7 +27,7 @@ def ins(request):  # type: ignore[no-untyped-def]
     yield instrument
     instrument.set_gate_timeout(10.0)
     instrument.disable()
-    instrument.enable(single_block=False)
+    instrument.enable(single_block=True)  # back to the default for whatever runs next
     instrument.disable()
 
 
@@ -171,19 +171,22 @@ def test_pause_gate_holds_a_launch_until_release_and_times_out_with_an_error(ins
     import cupy
 
     fn = cupy.RawModule(code=FLAG).get_function("cc_flag")
-    y = cupy.zeros(64, cupy.int32)
-    s = cupy.cuda.Stream(non_blocking=True)
+    y, one = cupy.zeros(64, cupy.int32), cupy.zeros(1, cupy.int32)
+    s, s1 = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
     ins.hold()
     try:
         with s:
             fn((64,), (128,), (y, np.int32(1)))
+        with s1:  # a one-block launch (the fast path's gate, where enabled)
+            fn((1,), (128,), (one, np.int32(1)))
         time.sleep(0.3)
-        assert _peek(y).sum() == 0, "a block ran its body while paused"
+        assert _peek(y).sum() == 0 and _peek(one).sum() == 0, "a block ran its body while paused"
         assert ins.active_launches() == 0
     finally:
         ins.release()
     s.synchronize()
-    assert np.array_equal(cupy.asnumpy(y), np.ones(64, np.int32))
+    s1.synchronize()
+    assert np.array_equal(cupy.asnumpy(y), np.ones(64, np.int32)) and int(one[0]) == 1
 
     ins.set_gate_timeout(0.2)
     try:
@@ -196,6 +199,58 @@ def test_pause_gate_holds_a_launch_until_release_and_times_out_with_an_error(ins
     finally:
         ins.set_gate_timeout(10.0)
     s.synchronize()
+
+
+HAMMER = r"""
+extern "C" __global__ void cc_hammer(unsigned long long* word, unsigned int* bad, unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        unsigned long long old = atomicAdd(word, 1ull);
+        if ((old >> 32) > 1ull || (unsigned int)old > 1000000u) atomicOr(bad, 1u);
+        atomicAdd(word, ~0ull);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"""
+
+
+def test_host_pause_writes_and_device_admission_atomics_lose_nothing(ins):
+    """The admission word holds the launch count (low half, device atomics) and the pause (high
+    half, 4-byte host writes): while 135k threads add and remove themselves for 0.5 s, the host
+    sets and clears the pause over and over. Every write reads back, no atomic saw a count
+    (from before its own add) above the threads running or a pause other than 0/1, and the word
+    ends at exactly 0."""
+    import cupy
+
+    from gpu_runtime.ptx import CTL_ADMIT, CTL_PAUSE
+
+    ins.disable()  # the hammer itself must not pass a gate
+    try:
+        hammer = cupy.RawModule(code=HAMMER).get_function("cc_hammer")
+    finally:
+        ins.enable()
+    bad = cupy.zeros(1, cupy.uint32)
+    word = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(ins._ctl_ptr() + CTL_ADMIT, 8, ins._state().ctl), 0)
+    s = cupy.cuda.Stream(non_blocking=True)
+    done = cupy.cuda.Event()
+    with s:
+        hammer((132 * 4,), (256,), (word, bad, np.uint64(500_000_000)))
+        done.record()
+    toggles = 0
+    try:
+        while not done.done:
+            ins.hold()
+            assert ins._read(CTL_PAUSE, 4).view(np.uint32)[0] == 1
+            ins.release()
+            assert ins._read(CTL_PAUSE, 4).view(np.uint32)[0] == 0
+            toggles += 1
+    finally:
+        ins.release()
+    s.synchronize()
+    assert toggles >= 100, f"expected the host to toggle the pause many times during the run, found {toggles}"
+    assert int(bad[0]) == 0, "an atomic saw a corrupted admission word"
+    assert int(ins._read(CTL_ADMIT, 8).view(np.uint64)[0]) == 0, "count or pause lost an update"
 
 
 def test_completion_counters_equal_launches_and_the_executor_waits_on_them(ins):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gpu_runtime.ptx import CTL_WORD, PtxError, instrument, parse
+from gpu_runtime.ptx import CTL_ADMIT, CTL_WORD, PtxError, instrument, parse
 from tests.ptx_corpus import CORPUS
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
@@ -49,23 +49,29 @@ def test_corpus_kernel_is_rewritten_and_assembles(source: str):
 
 
 @pytest.mark.parametrize("source", list(SOURCES), ids=list(SOURCES.values()))
-def test_single_block_fast_path_is_added_only_when_asked_and_assembles(source: str):
-    """``single_block=True`` adds one launch-shape check to each gate and one
-    slot-free exit to each hook (and a fifth predicate); without it the output
-    has neither. Both assemble for sm_90."""
+def test_single_block_fast_path_is_the_default_and_off_only_when_asked_and_assembles(source: str):
+    """By default each gate gets one launch-shape check and each hook one slot-free exit (and a
+    fifth predicate); ``single_block=False`` has neither. Both admit a launch with one atomic add
+    on the admission word (no SC fence) and assemble for sm_90."""
     ptx = _ptx(source)
-    plain = instrument(ptx, lambda name: 7)
-    fast = instrument(ptx, lambda name: 7, single_block=True)
+    plain = instrument(ptx, lambda name: 7, single_block=False)
+    fast = instrument(ptx, lambda name: 7)
     assert "$__cc_multi" not in plain.ptx and "%__cc_p<5>" not in plain.ptx
+    for out in (plain, fast):
+        for e in parse(out.ptx).entries:
+            gate = out.ptx[e.body_open:out.ptx.index("$__cc_body:", e.body_open)]
+            assert gate.count(f"atom.global.add.u64 \t%__cc_d8, [%__cc_d0+{CTL_ADMIT}], 1;") == 1
+            assert "fence.sc" not in gate and "ld.const.u64 \t%__cc_d0, [__concordia_ctl];" in gate
     for e in parse(fast.ptx).entries:
         body = fast.ptx[e.body_open:e.body_close]
         assert body.count("$__cc_multi:") == 1 and body.count("$__cc_multi_exit:") == 1, e.name
-        assert body.count("%smid") == 1 and "%__cc_p<5>" in body
+        assert "%__cc_p<5>" in body
         # the fast path's exit counts the completion once, after the block's fence
         fast_exit = body[body.index("setp.lt.s64"):body.index("$__cc_multi_exit:")]
-        assert fast_exit.count("red.global.add.u64") == 1
+        assert fast_exit.count("red.global.add.u64") == 2  # the completion, and leaving the admission count
+        assert f"[%__cc_d0+{CTL_ADMIT}], %__cc_d1;" in fast_exit
         assert body.rindex("fence.acq_rel.gpu", 0, body.index("setp.lt.s64")) > body.index("$__cc_exit:")
-    assert len(_assemble(fast.ptx)) > 0
+    assert len(_assemble(fast.ptx)) > 0 and len(_assemble(plain.ptx)) > 0
 
 
 def test_nvjitlink_rejects_broken_ptx():
@@ -129,7 +135,7 @@ def test_parser_finds_guarded_exits_and_ignores_comments_vectors_and_scopes():
     assert m.funcs_with_exit == ["stop"]
     out = instrument(MINIMAL, lambda name: 3)
     assert "@%p1 bra \t$__cc_exit;" in out.ptx and out.funcs_with_exit == ["stop"]
-    assert re.search(r"\.visible \.global \.align 8 \.u64 __concordia_ctl;", out.ptx)
+    assert re.search(r"\.visible \.const \.align 8 \.u64 __concordia_ctl;", out.ptx)
     assert "must not count" in out.ptx  # comments survive
     assert f"[%__cc_d0+{5120 + 8 * 3}]" in out.ptx  # kernel 3's completion counter
 
