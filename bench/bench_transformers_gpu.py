@@ -8,12 +8,19 @@ naive baseline that copies the whole KV cache to the CPU after every token.
 2k-token prompt, batch 1 and 8. A step is the interval between two calls of a
 stopping criterion that runs first in every variant (one forward, one sampled
 token and, for durable_generate, one commit); per run the median step over the
-last ``new - 4`` steps, then the median over the repeats. Measuring inside the
-generation keeps the per-call costs (session open, prefill) out. Whole steps
-vary between runs by more than the goal (host-bound eager decoding), so the
-cost of a checkpoint is also measured paired within one run:
-``checkpoint_every=2`` alternates steps with and without a commit, and the
-difference of their medians is one checkpoint's full cost per step.
+last ``new - 4`` steps, then the median over the repeats; the variants run
+interleaved, in reversed order every other repeat, and ``*_paired_ratio`` is
+the median over repeats of each variant's run over the plain run of the same
+repeat. Measuring inside the generation keeps the per-call costs (session
+open, prefill) out. Whole steps vary between runs by more than the goal:
+eager decoding is host-bound, and on the lent machines a run lands at random
+in a fast or a ~1.6x slower mode of the host (``scripts/decode_variance_gpu.py``:
+not the garbage collector, not the core), so the cost of a checkpoint is also
+measured paired within one run: ``checkpoint_every=2`` alternates steps with
+and without a commit; per run, the median step with a commit over the median
+step without, minus one, is the overhead of a checkpoint every token; the
+median over the runs (``--paired-new`` tokens each) is reported with its
+range.
 
 Recovery: a child process runs ``durable_generate`` on an 8k- or 32k-token
 prompt, makes the epoch holding the prompt's KV durable and SIGKILLs itself.
@@ -110,7 +117,7 @@ def criteria(steps: Steps) -> StoppingCriteriaList:
 
 
 def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_len: int, new: int,  # type: ignore[no-untyped-def]
-                   repeats: int) -> dict:
+                   repeats: int, paired_new: int | None = None) -> dict:
     from transformers.cache_utils import DynamicCache
 
     from integrations.transformers import DurableCache, durable_generate
@@ -132,6 +139,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
 
     def durable(label: str, every: int = 1):  # type: ignore[no-untyped-def]
         rt = rts[label]
+        tokens = new if every == 1 else (paired_new or new)
 
         def run(steps: Steps) -> None:
             from integrations.transformers import _Checkpointer
@@ -141,7 +149,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
             spent: list[float] = []
             starts: list[float] = []
             with _timed(_Checkpointer, "commit", spent, each=True, starts=starts):
-                durable_generate(model, ids, sid, runtime=rt, attention_mask=mask, max_new_tokens=new,
+                durable_generate(model, ids, sid, runtime=rt, attention_mask=mask, max_new_tokens=tokens,
                                  do_sample=False, checkpoint_every=every, stopping_criteria=criteria(steps))
             if every == 1:
                 # per-token commits (not the prompt's, not the last)
@@ -165,7 +173,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
 
         # Its steps are long and even (a copy of the whole cache dominates): 12
         # tokens give a stable median, and keep batch 8 at 8B (1.5 s/step) short.
-        model.generate(ids, attention_mask=mask, max_new_tokens=min(new, 12), do_sample=False,
+        model.generate(ids, attention_mask=mask, max_new_tokens=min(new, 10), do_sample=False,
                        past_key_values=cache, stopping_criteria=StoppingCriteriaList([Copy()]))
 
     variants = {"plain": plain, "cache_only": cache_only, "naive_copy_all": naive}
@@ -176,8 +184,8 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
     runs: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up
         fn(Steps())
-    for _ in range(repeats):  # interleaved: drifts hit every variant alike
-        for name, fn in variants.items():
+    for r in range(repeats):  # interleaved (ABBA): drifts hit every variant alike
+        for name, fn in (list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]):
             steps = Steps()
             t = time.perf_counter()
             fn(steps)
@@ -191,6 +199,8 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
     for name in variants:
         if name != "plain":
             out[f"{name}_over_plain"] = out[f"{name}_ms_per_step"] / plain_ms
+            out[f"{name}_paired_ratio"] = statistics.median(
+                v / p_ for v, p_ in zip(runs[name], runs["plain"], strict=True))
     out["durable_overhead"] = out["durable_ms_per_step"] / plain_ms - 1
     for label in rts:
         # Host time inside the per-token commit: the checkpoint's own cost per
@@ -206,9 +216,12 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         # next forward, the flusher); over the median step without a commit of
         # the same run, it is the overhead of checkpoint_every=1.
         runs_ = paired_ms[label][-repeats:]
+        rel = sorted(c / b for c, b in runs_)
         out[f"paired{label}_commit_cost_ms"] = statistics.median(c for c, _ in runs_)
-        out[f"paired{label}_overhead"] = statistics.median(c / b for c, b in runs_)
+        out[f"paired{label}_overhead"] = statistics.median(rel)
+        out[f"paired{label}_overhead_range"] = [rel[0], rel[-1]]
         out[f"paired{label}_runs_ms"] = runs_
+        out[f"paired{label}_tokens_per_run"] = paired_new or new
     out["tokens_per_s_plain"] = batch * 1e3 / plain_ms
     out["tokens_per_s_durable"] = batch * 1e3 / out["durable_ms_per_step"]
     return out
@@ -372,6 +385,9 @@ def main() -> None:
     p.add_argument("--child", nargs=3, metavar=("SHAPE", "N", "HOME"))
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--no-resident", action="store_true", help="decode: skip the resident-executor runtime")
+    p.add_argument("--repeats", type=int, help="decode: runs of each variant (default 3, 2 with --quick)")
+    p.add_argument("--paired-new", type=int, help="decode: new tokens of each checkpoint_every=2 run "
+                   "(default: as many as the other runs)")
     args = p.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
@@ -405,7 +421,7 @@ def main() -> None:
                     key = f"decode_{shape}_b{batch}"
                     try:
                         result[key] = decode_section(rts, model, shape, batch, 2048, 24 if args.quick else 48,
-                                                     2 if args.quick else 3)
+                                                     args.repeats or (2 if args.quick else 3), args.paired_new)
                     except Exception:  # noqa: BLE001 - record and go on
                         result[key] = {"error": traceback.format_exc()[-2000:]}
                     print(key, json.dumps({k: v for k, v in result[key].items() if "runs" not in k}), flush=True)

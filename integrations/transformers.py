@@ -144,12 +144,17 @@ class DurableCache(Cache):
 _NOT_FINGERPRINTED = frozenset({"stopping_criteria", "streamer"})
 # The GPU executor stays resident between tokens while generate runs
 # (Backend.resident): relaunching it for every token cost about 0.1 ms of host
-# time per step on the H100 host. It still parks every _DECODE_MAX_LIFE_MS, so a
-# kernel module that generate loads for the first time meanwhile (or a
-# device-wide synchronize in a user's streamer or stopping criterion) waits at
-# most that long; a step longer than _DECODE_IDLE_MS parks it too.
+# time per step on the H100 host. Its lifetime is the backend's default, 500 ms
+# (it was 50 ms: a relaunch every ~4 tokens of a 1B-shaped decode, every ~20
+# with 500 ms; whether that lowers the per-token cost was not settled by
+# scripts/paired_knobs_gpu.py — one run 0.61 -> 0.28 ms a checkpoint with a 1 s
+# lifetime, another 0.40 -> 0.37 ms with 500 ms). It parks that often, so a
+# kernel module that generate loads for the first time meanwhile (the first
+# decode steps in a process) or a device-wide synchronize in a user's streamer
+# or stopping criterion waits up to that long; a step longer than
+# _DECODE_IDLE_MS parks it too.
 _DECODE_IDLE_MS = 50.0
-_DECODE_MAX_LIFE_MS = 50.0
+_DECODE_MAX_LIFE_MS = 500.0
 
 
 def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -180,7 +185,9 @@ class _Checkpointer(StoppingCriteria):
 
     def commit(self, input_ids: torch.Tensor, *, done: bool = False) -> None:
         n = input_ids.shape[1]
-        self.tokens[:, self.committed:n].copy_(input_ids[:, self.committed:n])
+        # narrow, not [:, a:b]: this runs on a cold cache every token, and indexing parses its key
+        self.tokens.narrow(1, self.committed, n - self.committed).copy_(
+            input_ids.narrow(1, self.committed, n - self.committed))
         if self.rng is not None:
             self.rng.copy_(torch.get_rng_state())
         if self.cuda_rng is not None:
