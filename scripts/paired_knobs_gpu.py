@@ -5,7 +5,7 @@ overhead of bench/bench_transformers_gpu.py (median step with a commit over
 median step without, minus one) under four settings, interleaved:
 
 * ``life_50ms``: the executor's decode windows of 50 ms idle / 50 ms lifetime
-  (``durable_generate``'s until 2026-11-27 22:10), the flusher polling every 10 ms;
+  (``durable_generate``'s until 2026-11-27 21:43), the flusher polling every 10 ms;
 * ``life_<N>ms``: a lifetime of ``--life-ms`` (default 1 s: the executor
   relaunched every ~30 tokens instead of every ~4);
 * ``poll_1s``: the flusher polling every second;
