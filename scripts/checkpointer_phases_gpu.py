@@ -13,6 +13,7 @@ whose flusher polls every second instead of every 10 ms).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -27,7 +28,7 @@ def main() -> None:
     import torch
 
     import integrations.transformers as it
-    from bench.bench_transformers_gpu import RT_OPTIONS, Steps, build, criteria
+    from bench.bench_transformers_gpu import RT_OPTIONS, Steps, _timed, build, criteria
     from bench.common import write_out
     from concordia_agents import Runtime
 
@@ -40,18 +41,20 @@ def main() -> None:
            "poll_1s": Runtime.open(home=tempfile.mkdtemp(), **opts, flush_poll=1.0)}
     ids = torch.randint(3, 1000, (1, 2048), device="cuda")
     mask = torch.ones_like(ids)
-    spent: dict[str, list[int]] = {}
-    body_bytes: list[int] = []
+    spent: dict[str, list[float]] = {}  # seconds per call, by phase
+    last_meta: list[dict] = [{}]
 
-    def note(label: str, t: int) -> int:
-        now = time.perf_counter_ns()
+    def note(label: str, t: float) -> float:
+        now = time.perf_counter()
         spent.setdefault(label, []).append(now - t)
         return now
 
     def commit(self, input_ids, *, done=False):  # type: ignore[no-untyped-def]
-        t = t0 = time.perf_counter_ns()
+        # _Checkpointer.commit (greedy decoding: no RNG copies), split into timed phases
+        t = t0 = time.perf_counter()
         n = input_ids.shape[1]
-        self.tokens[:, self.committed:n].copy_(input_ids[:, self.committed:n])
+        self.tokens.narrow(1, self.committed, n - self.committed).copy_(
+            input_ids.narrow(1, self.committed, n - self.committed))
         t = note("token_copy", t)
         self.meta.update(n_tokens=n, done=done)
         meta, rows = dict(self.meta), {"kv": self.cache.length, "tokens": n}
@@ -59,23 +62,10 @@ def main() -> None:
         self.session.commit(meta, rows=rows, wait=not self.tokens.is_cuda)
         note("session_commit", t)
         note("checkpoint", t0)
-        body_bytes.append(len(json.dumps(meta)))
+        last_meta[0] = meta
         self.committed = n
 
     it._Checkpointer.commit = commit
-    for rt in rts.values():
-        be = rt.backend
-        for name in ("commit_epoch", "_fence_streams"):
-            fn = getattr(be, name)
-
-            def timed(*a, _fn=fn, _name=name, **k):  # type: ignore[no-untyped-def]
-                t = time.perf_counter_ns()
-                try:
-                    return _fn(*a, **k)
-                finally:
-                    note(_name, t)
-
-            setattr(be, name, timed)
 
     results: dict[str, dict[str, list[float]]] = {}
     counter = [0]
@@ -89,15 +79,18 @@ def main() -> None:
         steps = Steps()
         counter[0] += 1
         try:
-            it.durable_generate(model, ids, f"ph-{counter[0]}", runtime=rt, attention_mask=mask,
-                                max_new_tokens=48, do_sample=False, stopping_criteria=criteria(steps))
+            with contextlib.ExitStack() as stack:
+                for name in ("commit_epoch", "_fence_streams"):
+                    stack.enter_context(_timed(rt.backend, name, spent.setdefault(name, []), each=True))
+                it.durable_generate(model, ids, f"ph-{counter[0]}", runtime=rt, attention_mask=mask,
+                                    max_new_tokens=48, do_sample=False, stopping_criteria=criteria(steps))
         finally:
             sys.setswitchinterval(old)
         rt.delete(f"ph-{counter[0]}")
         r = results.setdefault(setting, {})
         r.setdefault("step_ms", []).append(steps.step_ms())
         for label, ts in spent.items():
-            r.setdefault(label + "_us", []).append(statistics.median(ts[1:-1] or ts) / 1e3)
+            r.setdefault(label + "_us", []).append(statistics.median(ts[1:-1] or ts) * 1e6)
 
     run("default")  # warm-up
     results.clear()
@@ -112,7 +105,7 @@ def main() -> None:
     for s, r in summary.items():
         print(s, {k: round(v, 2) for k, v in r.items()})
     write_out("checkpointer_phases_gpu", {"device": torch.cuda.get_device_name(0), "rounds": args.rounds,
-                                          "body_bytes": statistics.median(body_bytes), "summary": summary,
+                                          "body_bytes": len(json.dumps(last_meta[0])), "summary": summary,
                                           "runs": results}, "transformers", "cupy-cuda13x")
 
 
