@@ -42,6 +42,29 @@ def test_unreachable_postgres_is_a_catalog_error():
         Catalog("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
 
 
+def test_a_held_sqlite_write_lock_is_a_catalog_error_that_says_so(tmp_path):
+    """A write that cannot get SQLite's write lock within the busy timeout (another process holds it)
+    raises CatalogError naming the lock and the timeout; the catalog's data is untouched."""
+    import sqlite3
+
+    path = tmp_path / "c.db"
+    cat = Catalog(f"sqlite:///{path}", busy_timeout_s=0.2)
+    cat.acquire("s", owner="a", ttl=5, backend="host", create=True)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CatalogError, match=r"database is locked.*held the write lock past the 0.2 s"):
+            cat.set_labels("s", 1, {"x": 1})
+        assert 0.15 < time.monotonic() - t0 < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert cat.get("s").labels == {}
+    cat.set_labels("s", 1, {"x": 1})  # the lock is free again: the same write lands
+    assert cat.get("s").labels == {"x": 1}
+
+
 def test_lease_tokens_grow_and_fence(catalog_url):
     """Each acquisition bumps the token; heartbeats by an old token fail; writes are fenced."""
     cat = Catalog(catalog_url)

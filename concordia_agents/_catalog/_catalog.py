@@ -83,10 +83,18 @@ def _status(row: SessionRow, lease: LeaseRow | None, now: float) -> str:
 
 
 class Catalog:
-    """One catalog database; thread-safe (a connection pool underneath)."""
+    """One catalog database; thread-safe (a connection pool underneath).
 
-    def __init__(self, url: str) -> None:
+    ``busy_timeout_s`` (SQLite only) bounds how long a write waits for the
+    database's single write lock. A process frozen (SIGSTOP, a debugger) inside a
+    write transaction keeps that lock while it lives: SQLite cannot take it back,
+    so writers elsewhere fail after this timeout with a :class:`CatalogError`
+    that says so. PostgreSQL has no such single lock.
+    """
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
         self.url = url
+        self.busy_timeout_s = busy_timeout_s
         try:
             parsed = make_url(url)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy raises several kinds
@@ -95,8 +103,8 @@ class Catalog:
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = self._sqlite_engine(url, immediate=True)
-            self._read_engine = self._sqlite_engine(url, immediate=False)
+            self.engine = self._sqlite_engine(url, immediate=True, busy_timeout_s=busy_timeout_s)
+            self._read_engine = self._sqlite_engine(url, immediate=False, busy_timeout_s=busy_timeout_s)
         elif self.dialect == "postgresql":
             self.engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=5, max_overflow=5)
             self._read_engine = self.engine
@@ -110,15 +118,15 @@ class Catalog:
         self._migrate()
 
     @staticmethod
-    def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    def _sqlite_engine(url: str, *, immediate: bool, busy_timeout_s: float) -> Engine:
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
@@ -133,7 +141,13 @@ class Catalog:
 
     def failure(self, what: str, e: DBAPIError) -> CatalogError:
         """The CatalogError for a driver error during a catalog ``what`` ("read", "write")."""
-        return CatalogError(f"catalog {what} failed on {self._redacted()}: {e.orig or e}", orig=e)
+        found = str(e.orig or e)
+        if self.dialect == "sqlite" and "database is locked" in found:
+            # The one failure a user can act on without a DBA: name who can hold the lock this long.
+            found += (f" (another process held the write lock past the {self.busy_timeout_s:g} s busy timeout;"
+                      " a live process stopped or hung inside a catalog write keeps it until it continues"
+                      " or dies; PostgreSQL catalogs have no single write lock)")
+        return CatalogError(f"catalog {what} failed on {self._redacted()}: {found}", orig=e)
 
     @contextmanager
     def write(self) -> Iterator[OrmSession]:
