@@ -124,14 +124,33 @@ def pages_figures(home: Path, q: bool, pinned_d2h: float, blocks: int | None) ->
         out["staging_256MiB_all_dirty_commit_s"] = first
         out["staging_GBps"] = n / first / 1e9
         out["staging_fraction_of_pinned_d2h"] = out["staging_GBps"] / pinned_d2h
+        backend = rt.backend
+        backend.fused_pages = True  # off by default until verified here; the baseline below turns it off
         for k in (1, 8, 32):
             idx = cupy.asarray(np.random.default_rng(k).choice(n // 4096, k, replace=False) * 4096)
+
+            def dirty() -> None:
+                a[idx] += 1
+                cupy.cuda.Device().synchronize()
 
             def step() -> None:
                 a[idx] += 1
                 s.commit()
 
-            out[f"delta_commit_{k}_pages"] = measure(step, warmup=3, repeats=5 if q else 30)
+            # The checkpoint alone (its pages dirtied and the dirtying kernel done
+            # before the clock starts): one SCAN_COMMIT task, then the two-phase
+            # path (scan, host plan, copy) as the baseline of the same session.
+            reps = 5 if q else 30
+            before = backend.fused_commits
+            out[f"delta_commit_{k}_pages"] = measure(s.commit, setup=dirty, warmup=3, repeats=reps)
+            out[f"delta_commit_{k}_pages_fused_commits"] = backend.fused_commits - before
+            backend.fused_pages = False
+            out[f"delta_commit_{k}_pages_two_phase"] = measure(s.commit, setup=dirty, warmup=3, repeats=reps)
+            backend.fused_pages = True
+            out[f"delta_commit_{k}_pages_ratio_two_phase_over_fused"] = (
+                out[f"delta_commit_{k}_pages_two_phase"]["median_s"] / out[f"delta_commit_{k}_pages"]["median_s"])
+            # As measured before the fused path: the dirtying kernel's launch inside the clock.
+            out[f"delta_step_{k}_pages"] = measure(step, warmup=3, repeats=reps)
         s.close()
     finally:
         rt.close()

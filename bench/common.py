@@ -44,12 +44,18 @@ def cpu_device() -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def measure(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, float]:
-    """Seconds per call: median, p10, p90, min over ``repeats`` timed calls."""
+def measure(fn: Callable[[], Any], *, warmup: int, repeats: int,
+            setup: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Seconds per call: median, p10, p90, min over ``repeats`` timed calls
+    (``setup``, when given, runs untimed before every call)."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)

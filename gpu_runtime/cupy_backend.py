@@ -17,6 +17,12 @@ Per commit (``commit_epoch``), in ring order:
 3. The COMMIT record goes last (built on the host); the last data task (or an
    APPEND_LOG task) publishes ``committed``.
 
+A pages epoch of one described region (``_commit_pages_fused``) is one
+SCAN_COMMIT task: the device scans, plans and copies the dirty runs' records
+into a span the host reserved, makes the COMMIT and publishes; the host waits
+once and gives back the unused tail. Records that do not fit the span fall
+back to the path above, from the bitmap that task left.
+
 The per-token path (``_commit_appends``: every region a described kv region
 whose new rows fit one record) does less on the host: one reservation, the
 COMMIT body stored in the ring, one task per region, the last of which — a
@@ -60,6 +66,10 @@ _SMALL_RUN = 256 << 10  # runs up to this size are copied by one block each
 # COMMIT bodies up to this size may take the per-token path, whose header one
 # block sums over PCIe; a larger body (big user meta) is summed on the host.
 _SHORT_BODY = 64 << 10
+# Data bytes a one-task pages epoch (SCAN_COMMIT) may write: its span is reserved
+# before the device knows what is dirty, and the unused tail given back after.
+_FUSED_SPAN = 1 << 20
+_FUSED_SCRATCH_WORDS = 8 + 4 * _MAX_RECORDS_PER_TASK  # kernels/executor.cu, SCAN_COMMIT
 
 
 def _device_ptr(array: Any) -> int:
@@ -144,7 +154,7 @@ class CupyBackend(Backend):
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
                  fence_timeout_s: float = 10.0, fence_yield_ms: float = 2.0, restore_engine: str = "copy",
                  restore_span: int = 16 << 20, restore_depth: int = 8, restore_threads: int | None = None,
-                 restore_verify: str = "device") -> None:
+                 restore_verify: str = "device", fused_pages: bool = False) -> None:
         import os
 
         import cupy
@@ -182,6 +192,15 @@ class CupyBackend(Backend):
         self._staging: list[tuple[int, PinnedBuffer]] = [(-1, PinnedBuffer(_STAGING)) for _ in range(4)]
         self._lock = threading.Lock()
         self._fence_args: list[int] | None = None
+        # fused_pages: one-region pages epochs as one SCAN_COMMIT task. Off by default
+        # until its GPU test and benchmark have run on the H100 (written 2026-11-27
+        # without device time; compiled by NVRTC in CI, its plan walk checked
+        # against the host chunking in a Python mirror only).
+        self.fused_pages = fused_pages
+        self._fused_scratch = cupy.zeros(_FUSED_SCRATCH_WORDS, dtype=cupy.uint64)
+        self._fused_scratch_ptr = int(self._fused_scratch.data.ptr)
+        self.fused_commits = 0  #: pages epochs committed by one SCAN_COMMIT task
+        self.fused_fallbacks = 0  #: SCAN_COMMIT tasks whose records did not fit (two-phase path after)
 
     # -- regions ------------------------------------------------------------------
 
@@ -201,13 +220,15 @@ class CupyBackend(Backend):
                 raise RegionError(f"region {spec.name!r}: the GPU page scanner needs a page size and a region size "
                                   f"that are multiples of 16 bytes, found {spec.page_size} and {spec.nbytes}")
             handler = Handler("pages", spec.page_size)
-            hashes = self._cupy.zeros(spec.npages, dtype=self._cupy.uint64)
+            # The page hashes, then SCAN_COMMIT's device copy of the dirty bitmap
+            # (u32 words): 8 bytes and one bit a page.
+            hashes = self._cupy.zeros(spec.npages + -(-spec.npages // 64), dtype=self._cupy.uint64)
             bitmap = PinnedBuffer(4 * (-(-spec.npages // 32)))
         hid = self.executor.handler_id(handler)
         words = np.array([
             _device_ptr(array), spec.nbytes, spec.outer if spec.kind == "kv" else 0,
             spec.rows if spec.kind == "kv" else 0, spec.row_bytes if spec.kind == "kv" else 0,
-            spec.page_size, spec.npages, int(hashes.data.ptr) if hashes is not None else 0,
+            spec.page_size, spec.npages, _device_ptr(hashes) if hashes is not None else 0,
             bitmap.device_ptr if bitmap is not None else 0, spec.region_id,
         ], dtype=np.uint64)
         index = self.executor.set_region(None, words)
@@ -287,6 +308,15 @@ class CupyBackend(Backend):
         appends = self._appends(writer, tasks) if 0 < len(body) <= _SHORT_BODY else None
         if appends is not None:
             return self._commit_appends(writer, epoch, tasks, appends, body, fence)
+        prescanned: CupyRegion | None = None
+        if self.fused_pages and len(tasks) == 1 and 0 < len(body) <= _SHORT_BODY:
+            region = tasks[0].region
+            assert isinstance(region, CupyRegion)
+            if region.spec.kind == "pages" and region.described and not region.force_full:
+                end = self._commit_pages_fused(writer, epoch, tasks, body, fence)
+                if end is not None:
+                    return end
+                prescanned, fence = region, False  # the fused task scanned it, behind the fence
         ring = writer.ring
         self._ring(ring)
         start = writer.position
@@ -326,7 +356,7 @@ class CupyBackend(Backend):
                 groups: Iterable[tuple[list[int], int, int, int]] = ()
                 if region.spec.kind == "pages":
                     scanned.append(region)
-                    groups = self._pages(writer, epoch, region)
+                    groups = self._pages(writer, epoch, region, scanned=region is prescanned)
                 elif task.rows is not None:
                     groups = self._rows(writer, epoch, region, task.rows)
                 for head, at, end, nrec in groups:
@@ -355,6 +385,62 @@ class CupyBackend(Backend):
         for task in tasks:
             task.region.described = True
         return end
+
+    def _commit_pages_fused(self, writer: LogWriter, epoch: int, tasks: Sequence[CheckpointTask], body: bytes,
+                            fence: bool) -> int | None:
+        """A one-region pages epoch as one device task (SCAN_COMMIT): the device
+        scans, plans the dirty runs' records (chunked as the host backend chunks
+        them) into a span the host reserved, copies them, makes the COMMIT and
+        publishes the epoch; the host waits for it and gives back the span's
+        unused tail. Returns the log offset past the COMMIT, or None when the
+        records did not fit the span (or were more than a task's record limit):
+        then nothing was written, the span is given back, and the caller goes on
+        from the device's bitmap with the two-phase path. One host round trip
+        instead of two, and no host work between the scan and the copy."""
+        region = tasks[0].region
+        assert isinstance(region, CupyRegion)
+        ring = writer.ring
+        _, data = self._ring(ring)
+        nbody = len(body)
+        span = min(_FUSED_SPAN, ring.capacity // 8) + record_size(nbody)
+        per = plan_chunks(region.spec.page_size, writer.max_record_bytes)
+        if per >= 1 << 32:
+            return None
+        nwords = 2 + -(-nbody // 8)
+        offset, table = self._run_table(-(-nwords // 3))
+        words = table.reshape(-1)
+        words[:2] = 0
+        words[2:nwords] = np.frombuffer(body + bytes(-nbody % 8), dtype=np.uint64)
+        result = self._runs.device_ptr + offset
+        fence_args = self._fence_streams(tasks) if fence else [0, 0, 0]
+        start = writer.reserve(span)
+        try:
+            ticket = self.executor.enqueue(
+                TaskKind.SCAN_COMMIT,
+                (data, ring.capacity, epoch, start, span, writer.session_tag, per | nbody << 32,
+                 self._fused_scratch_ptr, *fence_args, result + 16, result, region.index),
+                handler=region.handler)
+        except BaseException:
+            writer.release(start)  # not enqueued: nothing will fill the span
+            raise
+        self._runs_last_ticket = ticket
+        try:
+            self.executor.wait(ticket)
+        except BaseException:
+            region.force_full = True  # the device baseline may have moved without a commit
+            raise
+        status, end = int(words[0]), int(words[1])
+        if status == 1:
+            writer.release(end)
+            self.fused_commits += 1
+            return end
+        if status != 2:
+            region.force_full = True
+            raise RegionError(f"region {region.spec.name!r}: the fused pages commit reported status {status} "
+                              "(expected 1 = committed or 2 = did not fit)")
+        writer.release(start)
+        self.fused_fallbacks += 1
+        return None
 
     def _appends(self, writer: LogWriter,
                  tasks: Sequence[CheckpointTask]) -> list[tuple[CupyRegion, int, int, int]] | None:
@@ -454,12 +540,15 @@ class CupyBackend(Backend):
             at = writer.reserve(size)  # after the caller sent earlier groups: no deadlock on a full ring
             yield [data, ring.capacity, epoch, g0, g1, per, at, writer.session_tag], at, at + size, nrec
 
-    def _pages(self, writer: LogWriter, epoch: int, region: CupyRegion) -> Iterator[tuple[list[int], int, int, int]]:
-        """SCAN on the device (waited for), then CHECKPOINT arguments for the dirty runs,
+    def _pages(self, writer: LogWriter, epoch: int, region: CupyRegion, *,
+               scanned: bool = False) -> Iterator[tuple[list[int], int, int, int]]:
+        """SCAN on the device (waited for; not when ``scanned``: a SCAN_COMMIT that
+        did not fit left its bitmap), then CHECKPOINT arguments for the dirty runs,
         one group at a time (each reserved only when the caller asks for it)."""
         spec = region.spec
         ex = self.executor
-        ex.wait(self._device_task(TaskKind.SCAN, region, [int(region.force_full)]))
+        if not scanned:
+            ex.wait(self._device_task(TaskKind.SCAN, region, [int(region.force_full)]))
         region.force_full = False
         assert region.bitmap is not None
         bits = np.unpackbits(region.bitmap.array[: 4 * (-(-spec.npages // 32))], bitorder="little")[: spec.npages]
@@ -628,6 +717,7 @@ class CupyBackend(Backend):
         d = super().describe()
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         d.update(device=props["name"].decode(), blocks=self.executor.blocks, swaps=self.executor.swaps,
+                 fused_pages_commits=self.fused_commits, fused_pages_fallbacks=self.fused_fallbacks,
                  handlers=[h.macro(i) for i, h in enumerate(self.executor.handlers)])
         return d
 

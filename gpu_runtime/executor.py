@@ -70,6 +70,7 @@ class TaskKind:
     SCAN = 5
     COMPUTE = 6
     CHECKPOINT_COMMIT = 7  #: a kv CHECKPOINT that also makes its epoch's COMMIT header (kernels/concordia.cuh)
+    SCAN_COMMIT = 8  #: a whole pages epoch on the device: scan, dirty-run records, COMMIT, publish
 
 
 class ExecutorError(ConcordiaError):

@@ -71,6 +71,16 @@ class LogWriter:
         at, self._next = self._next, end
         return at
 
+    def release(self, end: int) -> None:
+        """Give back the reserved bytes past ``end``, the unused tail of the
+        last reservation (a device writer that reports how much it used).
+        Only valid while nothing was reserved after it and nothing past
+        ``end`` was published: the writer's single owner guarantees both."""
+        if not self.ring.written <= end <= self._next:
+            raise ValueError(f"release: expected an offset within the last reservation "
+                             f"[{self.ring.written}, {self._next}], found {end}")
+        self._next = end
+
     def append(
         self,
         type: RecordType,

@@ -318,6 +318,50 @@ def test_per_token_commits_write_the_host_backends_bytes(tmp_path):
         assert a == b, f"record {i} differs"
 
 
+@pytest.mark.parametrize(("nbytes", "ps"), [(64 * 4096, 4096), (64 * 4096 + 1024, 4096), (45 * 4096, 4096),
+                                           (70_000 * 256 - 128, 256)])
+def test_fused_pages_commits_write_the_host_backends_bytes(tmp_path, nbytes, ps):
+    """Pages epochs of one region take one SCAN_COMMIT task (scan, records, COMMIT on the device) and
+    write byte for byte the host backend's log: one dirty page, scattered pages, runs longer than a
+    record (cut every 16 KiB), the first and the last (short) page, nothing dirty, bodies of every
+    length mod 8, a 1 MiB ring that wraps around, and (256-byte pages) a bitmap of two tiles with a
+    run across their boundary. Epochs whose records do not fit its span (128 KiB here) or exceed 256
+    records fall back to the two-phase path from the same scan."""
+    import cupy
+
+    npages = -(-nbytes // ps)
+    base = np.random.default_rng(11).integers(0, 256, nbytes, dtype=np.uint8)
+    patterns = [[0], [npages - 1], [], list(range(5, 15)), [1, 2, 3, 40, 41, npages - 2, npages - 1],
+                list(range(0, npages, 2)), list(range(npages)), [7]]
+    if npages > 65_600:  # the device walks its bitmap 65 536 pages (one tile) at a time
+        patterns += [list(range(65_500, 65_600)), [65_535, 65_536], [65_536], list(range(65_536 - 64, 65_536))]
+    logs, counts = {}, {}
+    for backend in ("host", "cupy"):
+        with Runtime.open(home=tmp_path / backend, backend=backend, ring_bytes=1 << 20,
+                          max_record_bytes=16 << 10, fsync="none",
+                          backend_options={"fused_pages": True} if backend == "cupy" else {}) as rt:
+            s = rt.session("pages")
+            p = base.copy() if backend == "host" else cupy.asarray(base)
+            s.register("p", p, page_size=ps)
+            s.commit({"first": 1})
+            for e in range(60):
+                pages = patterns[e % len(patterns)] if e < 40 else \
+                    sorted(np.random.default_rng(e).choice(npages, 1 + e % 33, replace=False).tolist())
+                idx = np.asarray(pages, dtype=np.int64) * ps
+                p[idx if backend == "host" else cupy.asarray(idx)] += 1 + e  # uint8: wraps
+                s.commit({"e": e, "pad": "y" * (e % 9)})
+            s.flush()
+            logs[backend] = _log_records(rt.session_dir("pages"))
+            if backend == "cupy":
+                counts = {"fused": rt.backend.fused_commits, "fallback": rt.backend.fused_fallbacks}
+            s.close()
+    assert counts["fused"] >= 40 and counts["fallback"] >= 5, counts
+    assert sum(len(r[0]) for r in logs["host"] if len(r) == 1) > 1 << 20  # the 1 MiB ring wrapped
+    assert len(logs["cupy"]) == len(logs["host"])
+    for i, (a, b) in enumerate(zip(logs["cupy"], logs["host"], strict=True)):
+        assert a == b, f"record {i} differs"
+
+
 def test_kv_epoch_larger_than_the_ring_streams_through_it(tmp_path):
     """One 4 MiB epoch of kv rows through a 1 MiB ring on the CuPy backend: its
     groups are reserved one at a time and `written` is published as they go,

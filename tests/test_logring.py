@@ -90,3 +90,20 @@ def test_truncated_ring_file_is_refused(tmp_path: Path):
     os.truncate(path, DATA_START + 4096)
     with pytest.raises(CorruptLogError, match="expected a ring file"):
         LogRing.open(path)
+
+
+def test_release_gives_back_an_unused_tail_only(tmp_path: Path):
+    """A device writer's unused reservation tail can be given back (the next record goes there);
+    an offset outside the last reservation is refused."""
+    ring = LogRing.create(tmp_path / "r.ring", capacity=4096, session_tag=1, owner_token=1, base=0)
+    writer = LogWriter(ring, session_tag=1, max_record_bytes=1024, space_timeout=0.05)
+    at = writer.reserve(1024)
+    writer.release(at + 200)
+    assert writer.position == at + 200
+    assert writer.reserve(8) == at + 200
+    with pytest.raises(ValueError, match=r"within the last reservation \[0, 208\], found 300"):
+        writer.release(300)
+    ring.publish_written(208)
+    with pytest.raises(ValueError, match="found 100"):
+        writer.release(100)
+    ring.unlink()

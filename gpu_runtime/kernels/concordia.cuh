@@ -63,6 +63,9 @@ enum CncTaskKind {
                             // halves of a3: data records of the epoch, a4: bytes
                             // from the epoch start to the COMMIT record, a5: body
                             // length; a11: end of the COMMIT record, a12: epoch.
+    CNC_T_SCAN_COMMIT = 8,  // a whole pages epoch on the device: scan, records of
+                            // the dirty runs into a reserved span, COMMIT, publish;
+                            // args beside cnc_pages in executor.cu.
 };
 
 // ---- Control block: gpu_runtime/executor.py, CONTROL_VERSION 2 --------------
@@ -100,7 +103,8 @@ struct CncRegion {
     u64 nbytes;
     u64 outer, rows, row_bytes;   // kv: [outer, rows, row_bytes] view
     u64 page_size, npages;        // pages
-    u64 hashes;        // device u64[npages]: hashes of the last committed state
+    u64 hashes;        // device u64[npages]: hashes of the last committed state,
+                       // then u32[ceil(npages / 32)]: SCAN_COMMIT's device bitmap
     u64 dirty;         // mapped host u32[ceil(npages / 32)]: scan output bitmap
     u64 region_id;
     u64 pad[6];

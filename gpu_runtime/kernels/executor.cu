@@ -133,62 +133,268 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
     }
 }
 
+// ---- SCAN_COMMIT: one task for a pages epoch (scan, records, COMMIT) --------
+// a0 ring data, a1 capacity, a2 epoch, a3 log offset of the epoch's first
+// record, a4 bytes reserved from a3 (data records + COMMIT), a5 session tag,
+// a6 pages per record (low half) | COMMIT body length << 32, a7 device scratch
+// (u64: [0] records, [1] end of the data records, [2] 1 = overflow, [3] copy
+// chunks, [8 + 4 i ..] record i: byte offset, bytes, log offset, first chunk),
+// a8..a10 fence prologue, a11 COMMIT body (mapped pinned, zero-padded to whole
+// words), a12 result (mapped pinned u64[2]: status 1 = committed, 2 = did not
+// fit; log offset past the COMMIT).
+// The device bitmap (u32 words) follows the region's hashes in device memory.
+#define CNC_FUSED_MAX_RECORDS CNC_MAX_RECORDS_PER_TASK
+#define CNC_FUSED_CHUNK_WORDS 2048ull  // 16 KiB: the unit of copy work a block takes
+__shared__ u64 cnc_smem[1024];         // 8 KiB: the bitmap tile, then the record table
+
+// Copy words [k0, k1) of a record's payload (word 0 at ring position `pos`,
+// 8-aligned) from `src` (the payload's word 0), with 16-byte stores where the
+// ring allows; returns this thread's share of sum x_k * w(k).
+__device__ __forceinline__ u64 cnc_copy_words(const u64* src, u64 k0, u64 k1, u8* data, u64 cap, u64 pos,
+                                              u64 tid, u64 stride) {
+    u64 acc = 0;
+    if (k0 >= k1) return acc;
+    const u64 a = k0 + ((k0 + ((pos >> 3) & 1)) & 1);  // first word at a 16-byte ring position
+    if (a > k0 && tid == 0) {
+        const u64 x = src[k0];
+        acc += x * cnc_weight(k0);
+        cnc_store_at(data, cap, pos, 8 * k0, x);
+    }
+    if (a >= k1) return acc;
+    const u64 pairs = (k1 - a) / 2;
+    for (u64 j = tid; j < pairs; j += stride) {
+        const u64 k = a + 2 * j;
+        const u64 x0 = src[k], x1 = src[k + 1];
+        acc += x0 * cnc_weight(k) + x1 * cnc_weight(k + 1);
+        u64 i = pos + 8 * k;
+        if (i >= cap) i -= cap;  // cap is a multiple of 4096: a pair never straddles the end
+        *(ulonglong2*)(data + i) = make_ulonglong2(x0, x1);
+    }
+    const u64 last = a + 2 * pairs;
+    if (last < k1 && tid == (stride > 1 ? 1 : 0)) {
+        const u64 x = src[last];
+        acc += x * cnc_weight(last);
+        cnc_store_at(data, cap, pos, 8 * last, x);
+    }
+    return acc;
+}
+
+// Thread 0 of block 0: the records of dirty pages [p0, p1), cut every `per`
+// pages from p0 (the host backend's chunking); false when they do not fit.
+template <u64 PS>
+__device__ bool cnc_fused_emit(const CncRegion& r, u64* scratch, u64 p0, u64 p1, u64 per, u64 limit, u64& n,
+                               u64& pos, u64& chunks) {
+    for (u64 q = p0; q < p1; q += per) {
+        const u64 off = q * PS;
+        const u64 len = min(min(q + per, p1) * PS, r.nbytes) - off;
+        if (n == CNC_FUSED_MAX_RECORDS || pos + CNC_REC_HEADER + len > limit) return false;
+        u64* e = scratch + 8 + 4 * n;
+        e[0] = off; e[1] = len; e[2] = pos; e[3] = chunks;
+        chunks += (len / 8 + CNC_FUSED_CHUNK_WORDS - 1) / CNC_FUSED_CHUNK_WORDS;
+        pos += CNC_REC_HEADER + len;  // len is a multiple of 16: no padding
+        ++n;
+    }
+    return true;
+}
+
+// Block 0: walk the device bitmap for run boundaries (bit changes), tile by
+// tile through shared memory; threads flag their words, thread 0 visits only
+// flagged ones. Leaves records, end, overflow and chunks in scratch[0..3].
+template <u64 PS>
+__device__ void cnc_fused_plan(const CncRegion& r, const u32* dbits, u64* scratch, u64 log0, u64 limit, u64 per) {
+    u32* tile = (u32*)cnc_smem;
+    __shared__ u32 s_flags[CNC_BLOCK / 32];
+    __shared__ u32 s_prev, s_over;
+    const u64 ngroups = (r.npages + 31) / 32;
+    constexpr u64 TILE = 2048, PER_T = TILE / CNC_BLOCK;
+    u64 n = 0, pos = log0, chunks = 0, run0 = ~0ull;  // thread 0's state across tiles
+    if (threadIdx.x == 0) { s_prev = 0; s_over = 0; }
+    __syncthreads();
+    for (u64 t0 = 0; t0 < ngroups && !s_over; t0 += TILE) {
+        const u64 cnt = min(TILE, ngroups - t0);
+        for (u64 j = threadIdx.x; j < cnt; j += blockDim.x) tile[j] = ((const volatile u32*)dbits)[t0 + j];
+        __syncthreads();
+        bool f = false;
+        for (u64 j = threadIdx.x * PER_T; j < min((threadIdx.x + 1) * PER_T, cnt); ++j) {
+            const u32 pb = j == 0 ? s_prev : tile[j - 1] >> 31;
+            f |= (tile[j] ^ ((tile[j] << 1) | pb)) != 0;
+        }
+        const u32 m = __ballot_sync(0xffffffffu, f);
+        if ((threadIdx.x & 31) == 0) s_flags[threadIdx.x >> 5] = m;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            bool ok = true;
+            for (u32 w = 0; w < CNC_BLOCK / 32 && ok; ++w) {
+                for (u32 fm = s_flags[w]; fm && ok; fm &= fm - 1) {
+                    const u64 th = 32 * w + __ffs(fm) - 1;
+                    for (u64 j = th * PER_T; j < min((th + 1) * PER_T, cnt) && ok; ++j) {
+                        const u32 pb = j == 0 ? s_prev : tile[j - 1] >> 31;
+                        for (u32 x = tile[j] ^ ((tile[j] << 1) | pb); x && ok; x &= x - 1) {
+                            const u32 b = __ffs(x) - 1;
+                            const u64 page = (t0 + j) * 32 + b;
+                            if ((tile[j] >> b) & 1u) {
+                                run0 = page;
+                            } else {
+                                ok = cnc_fused_emit<PS>(r, scratch, run0, page, per, limit, n, pos, chunks);
+                                run0 = ~0ull;
+                            }
+                        }
+                    }
+                }
+            }
+            s_prev = tile[cnt - 1] >> 31;
+            s_over = ok ? 0 : 1;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        bool ok = !s_over;
+        if (ok && run0 != ~0ull) ok = cnc_fused_emit<PS>(r, scratch, run0, r.npages, per, limit, n, pos, chunks);
+        scratch[0] = n;
+        scratch[1] = pos;
+        scratch[2] = ok ? 0 : 1;
+        scratch[3] = chunks;
+        __threadfence();
+    }
+}
+
 // ---- pages regions: hash scan, dirty-run copy, restore ------------------------
 // SCAN: a0 = 1 to mark every page dirty. Writes r.hashes and the dirty bitmap
 // (u32 words in mapped host memory, bit p % 32 of word p / 32).
 // CHECKPOINT args: a0 ring data, a1 capacity, a2 epoch, a3 runs (pinned:
 // [byte offset, bytes, log offset] triples), a4 number of runs, a5 session tag,
 // a6 = 1 when the runs are small (a block per run) else 0 (the grid per run).
+// SCAN body: hash every page, compare with the committed hashes, write the
+// dirty bitmap (u32 words, bit p % 32 of word p / 32) to mapped host memory
+// and, when `dbits` is not null, to device memory too (for SCAN_COMMIT).
+template <u64 PS>
+__device__ void cnc_pages_scan(const CncRegion& r, bool all, u32* dbits) {
+    // Page-hash weights from a shared table: splitmix64 per word would make
+    // the scan compute-bound (64-bit multiplies are emulated).
+    constexpr u64 NW = PS / 8;
+    constexpr bool TABLE = NW <= 2048;
+    __shared__ u64 wtab[TABLE ? NW : 1];
+    if (TABLE) {
+        for (u64 j = threadIdx.x; j < NW; j += blockDim.x) wtab[j] = cnc_weight(j);
+        __syncthreads();
+    }
+    const u64 lane = threadIdx.x & 31;
+    const u64 warp = cnc_gtid() >> 5, nwarps = cnc_gthreads() >> 5;
+    const u64 ngroups = (r.npages + 31) / 32;
+    u64* hashes = (u64*)r.hashes;
+    u32* bitmap = (u32*)r.dirty;
+    for (u64 g = warp; g < ngroups; g += nwarps) {
+        u32 bits = 0;
+        const u64 p_end = min(r.npages, (g + 1) * 32);
+        // Two pages at a time: the second page's loads are in flight while
+        // the first one's sum is reduced across the warp.
+        for (u64 p = g * 32; p < p_end; p += 2) {
+            const bool two = p + 1 < p_end;
+            const ulonglong2* page0 = (const ulonglong2*)(r.base + p * PS);
+            const ulonglong2* page1 = (const ulonglong2*)(r.base + (p + 1) * PS);
+            const u64 n0 = min(PS, r.nbytes - p * PS) / 16;  // the last page may be short
+            const u64 n1 = two ? min(PS, r.nbytes - (p + 1) * PS) / 16 : 0;
+            u64 acc0 = 0, acc1 = 0;
+#pragma unroll 4
+            for (u64 v = lane; v < PS / 16; v += 32) {
+                const u64 w0 = TABLE ? wtab[2 * v] : cnc_weight(2 * v);
+                const u64 w1 = TABLE ? wtab[2 * v + 1] : cnc_weight(2 * v + 1);
+                if (v < n0) { const ulonglong2 x = page0[v]; acc0 += x.x * w0 + x.y * w1; }
+                if (v < n1) { const ulonglong2 y = page1[v]; acc1 += y.x * w0 + y.y * w1; }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
+                acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
+            }
+            if (acc0 != hashes[p] || all) bits |= 1u << (p - g * 32);
+            if (two && (acc1 != hashes[p + 1] || all)) bits |= 1u << (p + 1 - g * 32);
+            if (lane == 0) {
+                hashes[p] = acc0;
+                if (two) hashes[p + 1] = acc1;
+            }
+        }
+        if (lane == 0) {
+            bitmap[g] = bits;
+            if (dbits) dbits[g] = bits;
+        }
+    }
+}
+
 template <u64 PS>
 __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(PS % 16 == 0, "page size must be a multiple of 16 bytes");
     if (kind == CNC_T_SCAN) {
-        // Page-hash weights from a shared table: splitmix64 per word would make
-        // the scan compute-bound (64-bit multiplies are emulated).
-        constexpr u64 NW = PS / 8;
-        constexpr bool TABLE = NW <= 2048;
-        __shared__ u64 wtab[TABLE ? NW : 1];
-        if (TABLE) {
-            for (u64 j = threadIdx.x; j < NW; j += blockDim.x) wtab[j] = cnc_weight(j);
-            __syncthreads();
+        cnc_pages_scan<PS>(r, t.a[0] != 0, nullptr);
+    } else if (kind == CNC_T_SCAN_COMMIT) {
+        u8* data = (u8*)t.a[0];
+        const u64 cap = t.a[1], epoch = t.a[2], log0 = t.a[3], span = t.a[4], tag = t.a[5];
+        const u64 per = t.a[6] & 0xFFFFFFFFull, nbody = t.a[6] >> 32;
+        u64* scratch = (u64*)t.a[7];
+        volatile u64* result = (volatile u64*)t.a[12];
+        u32* dbits = (u32*)((u64*)r.hashes + r.npages);
+        const u64 commit_size = CNC_REC_HEADER + ((nbody + 7) & ~7ull);
+        // 1. scan (every block), 2. plan the records (block 0), 3. copy (every block)
+        cnc_pages_scan<PS>(r, false, dbits);
+        __threadfence();
+        cnc_grid_sync(c.grid);
+        if (blockIdx.x == 0) cnc_fused_plan<PS>(r, dbits, scratch, log0, log0 + span - commit_size, per);
+        cnc_grid_sync(c.grid);
+        const volatile u64* vs = scratch;
+        const u64 n = vs[0], over = vs[2], chunks = vs[3];
+        if (over) {
+            if (blockIdx.x == 0 && threadIdx.x == 0) { result[1] = 0; result[0] = 2; }
+            return;  // bitmap and hashes are in place: the host takes the two-phase path
         }
-        const u64 lane = threadIdx.x & 31;
-        const u64 warp = cnc_gtid() >> 5, nwarps = cnc_gthreads() >> 5;
-        const u64 ngroups = (r.npages + 31) / 32;
-        const bool all = t.a[0] != 0;
-        u64* hashes = (u64*)r.hashes;
-        u32* bitmap = (u32*)r.dirty;
-        for (u64 g = warp; g < ngroups; g += nwarps) {
-            u32 bits = 0;
-            const u64 p_end = min(r.npages, (g + 1) * 32);
-            // Two pages at a time: the second page's loads are in flight while
-            // the first one's sum is reduced across the warp.
-            for (u64 p = g * 32; p < p_end; p += 2) {
-                const bool two = p + 1 < p_end;
-                const ulonglong2* page0 = (const ulonglong2*)(r.base + p * PS);
-                const ulonglong2* page1 = (const ulonglong2*)(r.base + (p + 1) * PS);
-                const u64 n0 = min(PS, r.nbytes - p * PS) / 16;  // the last page may be short
-                const u64 n1 = two ? min(PS, r.nbytes - (p + 1) * PS) / 16 : 0;
-                u64 acc0 = 0, acc1 = 0;
-#pragma unroll 4
-                for (u64 v = lane; v < PS / 16; v += 32) {
-                    const u64 w0 = TABLE ? wtab[2 * v] : cnc_weight(2 * v);
-                    const u64 w1 = TABLE ? wtab[2 * v + 1] : cnc_weight(2 * v + 1);
-                    if (v < n0) { const ulonglong2 x = page0[v]; acc0 += x.x * w0 + x.y * w1; }
-                    if (v < n1) { const ulonglong2 y = page1[v]; acc1 += y.x * w0 + y.y * w1; }
-                }
-                for (int o = 16; o > 0; o >>= 1) {
-                    acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
-                    acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
-                }
-                if (acc0 != hashes[p] || all) bits |= 1u << (p - g * 32);
-                if (two && (acc1 != hashes[p + 1] || all)) bits |= 1u << (p + 1 - g * 32);
-                if (lane == 0) {
-                    hashes[p] = acc0;
-                    if (two) hashes[p + 1] = acc1;
-                }
+        u64* table = cnc_smem;  // record table in shared memory: one L2 read per word per block
+        for (u64 j = threadIdx.x; j < 4 * n; j += blockDim.x) table[j] = vs[8 + j];
+        __syncthreads();
+        for (u64 ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
+            u64 lo = 0, hi = n;  // the record holding chunk ch: last i with first chunk <= ch
+            while (hi - lo > 1) {
+                const u64 mid = (lo + hi) / 2;
+                if (table[4 * mid + 3] <= ch) lo = mid; else hi = mid;
             }
-            if (lane == 0) bitmap[g] = bits;
+            const u64 off = table[4 * lo], len = table[4 * lo + 1], at = table[4 * lo + 2];
+            const u64 k0 = (ch - table[4 * lo + 3]) * CNC_FUSED_CHUNK_WORDS;
+            const u64 k1 = min(k0 + CNC_FUSED_CHUNK_WORDS, len / 8);
+            const u64 acc = cnc_copy_words((const u64*)(r.base + off), k0, k1, data, cap,
+                                           (at + CNC_REC_HEADER) % cap, threadIdx.x, blockDim.x);
+            const u64 sum = cnc_block_sum(acc);
+            if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[lo], sum);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) __threadfence_system();
+        cnc_grid_sync(c.grid);
+        // 4. block 0: the records' headers, then the COMMIT (body copied from
+        //    pinned memory, summed on the way), then publish the epoch.
+        if (blockIdx.x == 0) {
+            for (u64 i = threadIdx.x; i < n; i += blockDim.x) {
+                const u64 sum = c.grid->acc[i];
+                c.grid->acc[i] = 0;
+                cnc_write_header(c.crc_table, data, cap, table[4 * i + 2], CNC_REC_PAGES, tag, epoch,
+                                 (u32)r.region_id, table[4 * i], table[4 * i + 1], 0,
+                                 cnc_splitmix64(sum ^ table[4 * i + 1]));
+            }
+            const u64 at = vs[1], end = at + commit_size;
+            const volatile u64* body = (const volatile u64*)t.a[11];
+            u64 acc = 0;
+            for (u64 k = threadIdx.x; k < (nbody + 7) / 8; k += blockDim.x) {
+                const u64 x = body[k];
+                acc += x * cnc_weight(k);
+                cnc_store_at(data, cap, (at + CNC_REC_HEADER) % cap, 8 * k, x);
+            }
+            const u64 sum = cnc_block_sum(acc);
+            if (threadIdx.x == 0) {
+                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_COMMIT, tag, epoch, 0, log0, nbody, n,
+                                 cnc_splitmix64(sum ^ nbody));
+                __threadfence_system();  // every record of the epoch before `written`
+                volatile u64* words = (volatile u64*)(data - 4096);
+                words[CNC_RING_WRITTEN] = end;
+                words[CNC_RING_COMMITTED_EPOCH] = epoch;
+                words[CNC_RING_COMMITTED] = end;
+                result[1] = end;
+                result[0] = 1;
+            }
         }
     } else if (kind == CNC_T_CHECKPOINT) {
         // Each run (one record) is spread over the whole grid, like kv rows:
@@ -379,8 +585,8 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
         // without retiring the task (the next one starts at it again), because
         // what holds the stream back may itself wait for no kernel to be
         // resident (a lazily loaded module's first launch).
-        if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT || t.kind == CNC_T_SCAN) &&
-            t.a[9] != 0) {
+        if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT || t.kind == CNC_T_SCAN ||
+             t.kind == CNC_T_SCAN_COMMIT) && t.a[9] != 0) {
             __shared__ u64 s_yield;
             if (blockIdx.x == 0 && threadIdx.x == 0) {
                 grid->fence_yield = cnc_fence_wait(c, (const u64*)t.a[8], t.a[9], t.a[10]);
@@ -428,6 +634,7 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
             case CNC_T_CHECKPOINT_COMMIT:
             case CNC_T_RECOVER:
             case CNC_T_SCAN:
+            case CNC_T_SCAN_COMMIT:
                 switch (t.handler) {
                     CNC_HANDLER_CASES
                     default: cnc_fail(c, CNC_ERR_BAD_HANDLER);
