@@ -305,8 +305,8 @@ def parse(text: str) -> PtxModule:
 _REGS = """
 \t// concordia: pause gate and completion hook registers
 \t.reg .pred \t%__cc_p<4>;
-\t.reg .b32 \t%__cc_r<12>;
-\t.reg .b64 \t%__cc_d<14>;
+\t.reg .b32 \t%__cc_r<11>;
+\t.reg .b64 \t%__cc_d<12>;
 """
 
 _REGS_SINGLE = _REGS.replace("%__cc_p<4>", "%__cc_p<5>")  # the fast path's launch-shape predicate
@@ -433,17 +433,17 @@ $__cc_exit:
 \tsetp.ne.u32 \t%__cc_p1, %__cc_r4, %__cc_r5;
 \t@%__cc_p1 bra \t$__cc_ret;
 \tfence.acq_rel.gpu;
-\tmov.u32 \t%__cc_r8, %nctaid.x;
-\tmov.u32 \t%__cc_r9, %nctaid.y;
-\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
-\tmov.u32 \t%__cc_r9, %nctaid.z;
-\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
+\tmov.u32 \t%__cc_r7, %nctaid.x;
+\tmov.u32 \t%__cc_r8, %nctaid.y;
+\tmul.lo.u32 \t%__cc_r7, %__cc_r7, %__cc_r8;
+\tmov.u32 \t%__cc_r8, %nctaid.z;
+\tmul.lo.u32 \t%__cc_r7, %__cc_r7, %__cc_r8;
 \tld.shared.u64 \t%__cc_d6, [{slot_var}];
 {single_exit}\tshl.b64 \t%__cc_d7, %__cc_d6, 4;
 \tadd.u64 \t%__cc_d7, %__cc_d7, %__cc_d0;
-\tmin.u32 \t%__cc_r11, %__cc_r8, {sub_count};
-\tmov.u32 \t%__cc_r10, 0;
-\tsetp.le.u32 \t%__cc_p3, %__cc_r8, {sub_count};
+\tmin.u32 \t%__cc_r10, %__cc_r7, {sub_count};
+\tmov.u32 \t%__cc_r9, 0;
+\tsetp.le.u32 \t%__cc_p3, %__cc_r7, {sub_count};
 \t@%__cc_p3 bra \t$__cc_top;
 \tmov.u32 \t%__cc_r0, %ctaid.z;
 \tmov.u32 \t%__cc_r1, %nctaid.y;
@@ -453,26 +453,26 @@ $__cc_exit:
 \tmov.u32 \t%__cc_r2, %ctaid.x;
 \tmad.lo.u32 \t%__cc_r0, %__cc_r0, %__cc_r1, %__cc_r2;
 \tand.b32 \t%__cc_r0, %__cc_r0, {sub_mask};
-\tsub.u32 \t%__cc_r1, %__cc_r8, %__cc_r0;
+\tsub.u32 \t%__cc_r1, %__cc_r7, %__cc_r0;
 \tadd.u32 \t%__cc_r1, %__cc_r1, {sub_mask};
 \tshr.u32 \t%__cc_r1, %__cc_r1, {sub_shift};
 \tshl.b64 \t%__cc_d10, %__cc_d6, {slot_sub_shift};
 \tmul.wide.u32 \t%__cc_d11, %__cc_r0, {sub_stride};
 \tadd.u64 \t%__cc_d10, %__cc_d10, %__cc_d11;
 \tadd.u64 \t%__cc_d10, %__cc_d10, %__cc_d0;
-\tatom.global.add.u32 \t%__cc_r9, [%__cc_d10+{subs}], 1;
-\tadd.u32 \t%__cc_r9, %__cc_r9, 1;
-\tsetp.ne.u32 \t%__cc_p3, %__cc_r9, %__cc_r1;
+\tatom.global.add.u32 \t%__cc_r8, [%__cc_d10+{subs}], 1;
+\tadd.u32 \t%__cc_r8, %__cc_r8, 1;
+\tsetp.ne.u32 \t%__cc_p3, %__cc_r8, %__cc_r1;
 \t@%__cc_p3 bra \t$__cc_ret;
-\tst.global.u32 \t[%__cc_d10+{subs}], %__cc_r10;
+\tst.global.u32 \t[%__cc_d10+{subs}], %__cc_r9;
 \tfence.acq_rel.gpu;
 $__cc_top:
-\tatom.global.add.u32 \t%__cc_r9, [%__cc_d7+{slot_count}], 1;
-\tadd.u32 \t%__cc_r9, %__cc_r9, 1;
-\tsetp.ne.u32 \t%__cc_p3, %__cc_r9, %__cc_r11;
+\tatom.global.add.u32 \t%__cc_r8, [%__cc_d7+{slot_count}], 1;
+\tadd.u32 \t%__cc_r8, %__cc_r8, 1;
+\tsetp.ne.u32 \t%__cc_p3, %__cc_r8, %__cc_r10;
 \t@%__cc_p3 bra \t$__cc_ret;
-\tst.global.u32 \t[%__cc_d7+{slot_count}], %__cc_r10;
-\tst.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r10;
+\tst.global.u32 \t[%__cc_d7+{slot_count}], %__cc_r9;
+\tst.global.u32 \t[%__cc_d7+{slot_admitted}], %__cc_r9;
 \tfence.acq_rel.gpu;
 """ + _COMPLETE + """\tmov.u64 \t%__cc_d8, 0;
 \tst.volatile.global.u64 \t[%__cc_d7+{slots}], %__cc_d8;
@@ -485,7 +485,7 @@ $__cc_ret:
 # reaches the exit block (all exits lead there) and nothing else waits on a
 # barrier, so one CTA barrier orders the block's writes before thread 0 counts
 # the block; no per-thread fence or shared counting.
-_ARRIVAL = _EXIT[_EXIT.index("\tfence.acq_rel.gpu;\n\tactivemask"):_EXIT.index("\tmov.u32 \t%__cc_r8, %nctaid.x;")]
+_ARRIVAL = _EXIT[_EXIT.index("\tfence.acq_rel.gpu;\n\tactivemask"):_EXIT.index("\tmov.u32 \t%__cc_r7, %nctaid.x;")]
 _EXIT_BARRIER = _EXIT.replace(_ARRIVAL, "\tbar.sync \t0;\n" + _not_thread0("$__cc_ret") + "\tfence.acq_rel.gpu;\n")
 
 
@@ -496,12 +496,12 @@ _EXIT_BARRIER = _EXIT.replace(_ARRIVAL, "\tbar.sync \t0;\n" + _not_thread0("$__c
 # counts the completion and leaves the admission count after the block's one
 # fence. Saves the slot probe and claim (two round trips to L2), the admitted
 # flag, the slot count and a second fence.
-_SINGLE_GATE = """\tmov.u32 \t%__cc_r8, %nctaid.x;
-\tmov.u32 \t%__cc_r9, %nctaid.y;
-\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
-\tmov.u32 \t%__cc_r9, %nctaid.z;
-\tmul.lo.u32 \t%__cc_r8, %__cc_r8, %__cc_r9;
-\tsetp.eq.u32 \t%__cc_p4, %__cc_r8, 1;
+_SINGLE_GATE = """\tmov.u32 \t%__cc_r7, %nctaid.x;
+\tmov.u32 \t%__cc_r8, %nctaid.y;
+\tmul.lo.u32 \t%__cc_r7, %__cc_r7, %__cc_r8;
+\tmov.u32 \t%__cc_r8, %nctaid.z;
+\tmul.lo.u32 \t%__cc_r7, %__cc_r7, %__cc_r8;
+\tsetp.eq.u32 \t%__cc_p4, %__cc_r7, 1;
 \t@!%__cc_p4 bra \t$__cc_multi;
 \tmov.u64 \t%__cc_d6, 0;
 \tbra.uni \t$__cc_admit;
