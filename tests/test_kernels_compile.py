@@ -50,3 +50,31 @@ def test_nvjitlink_rejects_invalid_ptx():
     bad = b".version 8.0\n.target sm_90\n.address_size 64\n.visible .entry k() { frobnicate.u32 %r1; ret; }\n"
     with pytest.raises(Exception):
         nvjitlink_assemble(bad, "sm_90")
+
+
+def test_device_layout_constants_match_the_python_side():
+    """concordia.cuh spells out, for device code, layouts the Python side defines too (record
+    header, ring header words, task kinds, executor states, per-task record limit): every value
+    there equals its Python twin, so a change on one side only fails here, not on a GPU."""
+    import re
+
+    from gpu_runtime import executor, logring, records
+    from gpu_runtime.cupy_backend import _MAX_RECORDS_PER_TASK
+
+    src = kernel_source("concordia.cuh")
+    defines = {m[1]: int(m[2], 0) for m in re.finditer(r"#define (CNC_\w+) (0x[0-9A-Fa-f]+|\d+)(?:u|ull)?\b", src)}
+    enum = src[src.index("enum CncTaskKind"):]
+    kinds = {m[1]: int(m[2]) for m in re.finditer(r"CNC_T_(\w+) = (\d+)", enum[:enum.index("};")])}
+    assert kinds == {k: v for k, v in vars(executor.TaskKind).items() if not k.startswith("_")}
+    assert defines["CNC_REC_MAGIC"] == int.from_bytes(records.RECORD_MAGIC, "little")
+    assert defines["CNC_REC_VERSION"] == records.RECORD_VERSION
+    assert defines["CNC_REC_HEADER"] == records.HEADER_SIZE
+    assert {t: defines[f"CNC_REC_{t}"] for t in ("PAGES", "ROWS", "COMMIT")} == {
+        t: int(records.RecordType[t]) for t in ("PAGES", "ROWS", "COMMIT")}
+    assert defines["CNC_RING_DATA_START"] == logring.DATA_START
+    assert [defines[f"CNC_RING_{w}"] for w in ("OWNER_TOKEN", "WRITTEN", "COMMITTED", "COMMITTED_EPOCH",
+                                                 "CONSUMED")] == [
+        logring._OWNER_TOKEN, logring._WRITTEN, logring._COMMITTED, logring._COMMITTED_EPOCH, logring._CONSUMED]
+    assert [defines[f"CNC_{s}"] for s in ("PARKED", "RUNNING", "PARKING", "LAUNCHED")] == [
+        executor.PARKED, executor.RUNNING, executor.PARKING, executor.LAUNCHED]
+    assert defines["CNC_MAX_RECORDS_PER_TASK"] == _MAX_RECORDS_PER_TASK

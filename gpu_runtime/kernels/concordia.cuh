@@ -21,7 +21,9 @@ typedef unsigned char u8;
 #define CNC_REC_COMMIT 4u
 
 // ---- Host log ring header: gpu_runtime/logring.py, RING_VERSION 1 -----------
-// Word (u64) indices into the 4096-byte header; data follows at byte 4096.
+// Word (u64) indices into the 4096-byte header; data follows at byte 4096
+// (DATA_START in logring.py).
+#define CNC_RING_DATA_START 4096ull
 #define CNC_RING_OWNER_TOKEN 8
 #define CNC_RING_WRITTEN 16
 #define CNC_RING_COMMITTED 24

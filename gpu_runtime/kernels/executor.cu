@@ -388,7 +388,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
                 cnc_write_header(c.crc_table, data, cap, at, CNC_REC_COMMIT, tag, epoch, 0, log0, nbody, n,
                                  cnc_splitmix64(sum ^ nbody));
                 __threadfence_system();  // every record of the epoch before `written`
-                volatile u64* words = (volatile u64*)(data - 4096);
+                volatile u64* words = (volatile u64*)(data - CNC_RING_DATA_START);
                 words[CNC_RING_WRITTEN] = end;
                 words[CNC_RING_COMMITTED_EPOCH] = epoch;
                 words[CNC_RING_COMMITTED] = end;
@@ -615,7 +615,7 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
                 // all earlier tasks makes them visible in order.
                 if (blockIdx.x == 0 && t.a[4] != 0) {
                     // a0 is the ring header; its data area follows 4 KiB later
-                    cnc_commit_header(c, (u8*)t.a[0] + 4096, t.a[8], t.a[3], t.a[4], t.a[7], t.a[2], t.a[5], t.a[6]);
+                    cnc_commit_header(c, (u8*)t.a[0] + CNC_RING_DATA_START, t.a[8], t.a[3], t.a[4], t.a[7], t.a[2], t.a[5], t.a[6]);
                 }
                 if (cnc_gtid() == 0) {
                     volatile u64* words = (volatile u64*)t.a[0];
@@ -666,7 +666,7 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
             // epoch or 0): publish the log once every block's records are visible.
             // The ring header sits right before its data area (a0).
             if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT) && t.a[11] != 0) {
-                volatile u64* words = (volatile u64*)(t.a[0] - 4096);
+                volatile u64* words = (volatile u64*)(t.a[0] - CNC_RING_DATA_START);
                 words[CNC_RING_WRITTEN] = t.a[11];
                 if (t.a[12] != 0) {
                     words[CNC_RING_COMMITTED_EPOCH] = t.a[12];
