@@ -12,6 +12,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +136,60 @@ def needs(capability: Capability, backend_name: str) -> None:
 
     if capability not in _load(backend_name).capabilities:
         pytest.skip(f"backend {backend_name!r} lacks capability {capability.value!r} that this test needs")
+
+
+def _catalog_write_lock_is_free(catalog: str) -> bool:
+    """Whether a write transaction could start now without waiting: SQLite's one write lock, or on
+    PostgreSQL the lease rows a resumer locks."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    if catalog.startswith("sqlite:///"):
+        import sqlite3
+
+        c = sqlite3.connect(catalog.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            c.close()
+    eng = create_engine(catalog)
+    try:
+        with eng.begin() as c:
+            c.execute(text("SELECT 1 FROM concordia_leases FOR UPDATE NOWAIT")).all()
+        return True
+    except OperationalError:
+        return False
+    finally:
+        eng.dispose()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass  # a thread that just ended
+    return bool(states) and all(st in ("T", "t") for st in states)
+
+
+def freeze_between_catalog_writes(pid: int, catalog: str) -> None:
+    """SIGSTOP ``pid`` at a moment it is not inside a catalog write transaction.
+
+    A process frozen inside one keeps SQLite's write lock (or PostgreSQL's row locks) while it
+    lives, and no lease expiry can free it (Catalog's docstring; the error test in test_catalog).
+    The tests that use this are about the other case: an owner frozen between writes (its
+    heartbeat and flusher threads included), whose lease must expire."""
+    for _ in range(500):
+        os.kill(pid, signal.SIGSTOP)
+        while not _all_threads_stopped(pid):
+            time.sleep(0.001)  # SIGSTOP is delivered asynchronously, thread by thread
+        if _catalog_write_lock_is_free(catalog):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.003)
+    raise AssertionError(f"process {pid} was inside a catalog write at 500 tries to freeze it")

@@ -18,6 +18,7 @@ import pytest
 from concordia_agents import Runtime
 
 from ._procs import fresh_state, mutate
+from .conftest import freeze_between_catalog_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +146,7 @@ def test_stale_owner_commit_is_rejected(home, catalog_url, backend):
     commit raises OwnershipError and the new owner's history stands."""
     owner = Child(*_args("owner", home, catalog_url, backend, "frozen", ttl=1.0), stdin=True)
     owner.expect("ready")
-    os.kill(owner.proc.pid, signal.SIGSTOP)
+    freeze_between_catalog_writes(owner.proc.pid, catalog_url)
     try:
         time.sleep(1.2)
         taker = Child(*_args("opener", home, catalog_url, backend, "frozen", ttl=1.0))

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from concordia_agents import ConcordiaError, OwnershipError, Runtime, SessionNotFound
 from integrations.langgraph import ConcordiaSaver, task_session_id, wrap
 from integrations.langgraph._schema import BLOBS, CHECKPOINTS
-from tests.conftest import expire_lease
+from tests.conftest import expire_lease, freeze_between_catalog_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,52 +219,6 @@ def _result(p: subprocess.Popen[str], timeout: float = 300) -> tuple[int, dict]:
     return p.returncode, (json.loads(lines[-1]) if lines else {"stderr": err[-3000:]})
 
 
-def _catalog_write_lock_is_free(catalog: str) -> bool:
-    """Whether a write transaction could start now without waiting: SQLite's one write lock, or on
-    PostgreSQL the lease rows a resumer locks."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import OperationalError
-
-    if catalog.startswith("sqlite:///"):
-        import sqlite3
-
-        c = sqlite3.connect(catalog.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
-        try:
-            c.execute("BEGIN IMMEDIATE")
-            c.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            c.close()
-    eng = create_engine(catalog)
-    try:
-        with eng.begin() as c:
-            c.execute(text("SELECT 1 FROM concordia_leases FOR UPDATE NOWAIT")).all()
-        return True
-    except OperationalError:
-        return False
-    finally:
-        eng.dispose()
-
-
-def _freeze_between_catalog_writes(pid: int, catalog: str) -> None:
-    """SIGSTOP ``pid`` at a moment it is not inside a catalog write transaction.
-
-    A process frozen inside one keeps SQLite's write lock (or PostgreSQL's row locks) while it
-    lives, and no lease expiry can free it (Catalog's docstring; the error test in test_catalog).
-    The scenario here is the other one: an owner frozen between writes, whose lease must expire."""
-    for _ in range(500):
-        os.kill(pid, signal.SIGSTOP)
-        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
-            time.sleep(0.001)  # SIGSTOP is delivered asynchronously
-        if _catalog_write_lock_is_free(catalog):
-            return
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.003)
-    raise AssertionError(f"process {pid} was inside a catalog write at 500 tries to freeze it")
-
-
 def _crash_agent(home: Path, catalog: str, session: str, crash_after: int) -> None:
     rc, res = _result(_child(home, catalog, "invoke", "--session", session, "--crash-after", str(crash_after)))
     assert rc == -signal.SIGKILL, res
@@ -447,7 +401,7 @@ def test_stopped_owner_is_fenced_after_a_takeover(home: Path, catalog_url: str, 
         except (OSError, ValueError):
             pass
         time.sleep(0.005)
-    _freeze_between_catalog_writes(a.pid, catalog_url)
+    freeze_between_catalog_writes(a.pid, catalog_url)
     try:
         ran = json.loads(trace.read_text())
         assert ran["nodes"] == ["plan", "llm"] and len(ran["forwards"]) < 800, ran
