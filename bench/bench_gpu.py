@@ -258,7 +258,10 @@ def ring_latency(backend, q: bool) -> dict:  # type: ignore[no-untyped-def]
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated sections (ring, page_scan, session, "
+                   "pages_default_blocks, pages_all_sms); the ceilings always run")
     args = p.parse_args()
+    only = set(filter(None, args.only.split(",")))
     import cupy
 
     from gpu_runtime.cupy_backend import CupyBackend
@@ -283,6 +286,8 @@ def main() -> None:
     backend = CupyBackend(blocks=result["sm_count"])
     for name, fn in [("ring", lambda: ring_latency(backend, args.quick)),
                      ("page_scan", lambda: page_scan(backend, args.quick, d2d))]:
+        if only and name not in only:
+            continue
         try:
             sections[name] = fn()
         except Exception:  # noqa: BLE001
@@ -292,6 +297,8 @@ def main() -> None:
             ("pages_default_blocks", lambda home: pages_figures(home, args.quick, d2h, None)),
             ("pages_all_sms", lambda home: pages_figures(home, args.quick, d2h, result["sm_count"]))]
     for name, fn in runs:
+        if only and name not in only:
+            continue
         home = Path(tempfile.mkdtemp())
         try:
             sections[name] = fn(home)
@@ -300,10 +307,11 @@ def main() -> None:
         finally:
             shutil.rmtree(home, ignore_errors=True)
     result.update(sections)
-    path = write("gpu" + ("-quick" if args.quick else ""), result)
+    result["only"] = sorted(only)
+    path = write("gpu" + ("-quick" if args.quick else "") + ("-" + "-".join(sorted(only)) if only else ""), result)
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
-    prof = {k: result["session"].pop(k, "") for k in ("profile_kv_commits",)}
+    prof = {k: result.get("session", {}).pop(k, "") for k in ("profile_kv_commits",)}
     print(json.dumps(result, indent=1, default=str)[-5000:])
     for k, v in prof.items():
         print(f"== {k}\n{v}")
