@@ -18,9 +18,9 @@ import sys
 import time
 
 from .compiler import compile_cubin, kernel_source
-from .executor import Handler, module_options
+from .executor import DEFAULT_BLOCK, Handler, module_options
 
-__all__ = ["OTHER_KERNELS", "SPECIALIZATIONS", "compile_everything"]
+__all__ = ["OTHER_KERNELS", "SPECIALIZATIONS", "VARIANTS", "compile_everything"]
 
 KV_ROW_BYTES = (8, 24, 64, 128, 256, 512, 1024)
 PAGE_SIZES = (4096, 16384, 65536)
@@ -31,6 +31,12 @@ SPECIALIZATIONS: list[list[Handler]] = (
     + [[Handler("kv", rb)] for rb in KV_ROW_BYTES]
     + [[Handler("pages", ps)] for ps in PAGE_SIZES]
     + [[Handler("kv", rb) for rb in KV_ROW_BYTES] + [Handler("pages", ps) for ps in PAGE_SIZES]]
+)
+#: every module the runtime can build: each specialization as the backend builds it by
+#: default, and those with pages handlers also with the SCAN_COMMIT task (fused_pages=True)
+VARIANTS: list[tuple[list[Handler], bool]] = (
+    [(hs, False) for hs in SPECIALIZATIONS]
+    + [(hs, True) for hs in SPECIALIZATIONS if any(h.kind == "pages" for h in hs)]
 )
 
 
@@ -62,9 +68,9 @@ def _build(src: str, opts: tuple[str, ...], arch: str, name: str, cache_dir) -> 
 def compile_everything(arch: str = "sm_90", *, cache_dir=None) -> list[dict]:  # type: ignore[no-untyped-def]
     src = kernel_source("executor.cu")
     report = []
-    for handlers in SPECIALIZATIONS:
-        built = _build(src, module_options(handlers, 256), arch, "kernel.cu", cache_dir)
-        report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], **built})
+    for handlers, fused in VARIANTS:
+        built = _build(src, module_options(handlers, DEFAULT_BLOCK, fused_pages=fused), arch, "kernel.cu", cache_dir)
+        report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], "fused_pages": fused, **built})
     for name in OTHER_KERNELS:
         report.append({"handlers": [], "kernel": name, **_build(kernel_source(name), (), arch, name, cache_dir)})
     return report
@@ -75,7 +81,8 @@ def main() -> int:
     p.add_argument("--arch", default="sm_90")
     args = p.parse_args()
     for r in compile_everything(args.arch):
-        what = r.get("kernel") or " ".join(r["handlers"]) or "(no handlers)"
+        what = r.get("kernel") or (" ".join(r["handlers"]) or "(no handlers)") + (
+            " + SCAN_COMMIT" if r.get("fused_pages") else "")
         sys.stdout.write(f"ok {r['cubin_bytes']:7d} B cubin, {r['linked_bytes']:7d} B via PTX+nvJitLink, "
                          f"{r['seconds']:.1f} s: {what}\n")
     return 0

@@ -17,11 +17,12 @@ Per commit (``commit_epoch``), in ring order:
 3. The COMMIT record goes last (built on the host); the last data task (or an
    APPEND_LOG task) publishes ``committed``.
 
-A pages epoch of one described region (``_commit_pages_fused``) is one
-SCAN_COMMIT task: the device scans, plans and copies the dirty runs' records
-into a span the host reserved, makes the COMMIT and publishes; the host waits
-once and gives back the unused tail. Records that do not fit the span fall
-back to the path above, from the bitmap that task left.
+With ``fused_pages=True`` (off by default: not yet run on a GPU), a pages
+epoch of one described region (``_commit_pages_fused``) is one SCAN_COMMIT
+task: the device scans, plans and copies the dirty runs' records into a span
+the host reserved, makes the COMMIT and publishes; the host waits once and
+gives back the unused tail. Records that do not fit the span fall back to the
+path above, from the bitmap that task left.
 
 The per-token path (``_commit_appends``: every region a described kv region
 whose new rows fit one record) does less on the host: one reservation, the
@@ -171,7 +172,7 @@ class CupyBackend(Backend):
             raise RegionError(f"restore_verify: expected 'host' or 'device', found {restore_verify!r}")
         self._cupy = cupy
         self.executor = Executor(blocks=blocks, idle_ms=idle_ms, max_life_ms=max_life_ms,
-                                 fence_yield_ms=fence_yield_ms)
+                                 fence_yield_ms=fence_yield_ms, fused_pages=fused_pages)
         # Measured on the H100 (4.3 GB at 32k tokens): 18 GB/s with the sums on the
         # device, 8-10 GB/s with the reader threads summing (docs/gpu.md).
         self._restorer: DeviceVerifiedRestore | HostVerifiedRestore = (
@@ -192,10 +193,12 @@ class CupyBackend(Backend):
         self._staging: list[tuple[int, PinnedBuffer]] = [(-1, PinnedBuffer(_STAGING)) for _ in range(4)]
         self._lock = threading.Lock()
         self._fence_args: list[int] | None = None
-        # fused_pages: one-region pages epochs as one SCAN_COMMIT task. Off by default
-        # until its GPU test and benchmark have run on the H100 (written 2026-11-27
-        # without device time; compiled by NVRTC in CI, its plan walk checked
-        # against the host chunking in a Python mirror only).
+        # fused_pages: one-region pages epochs as one SCAN_COMMIT task, compiled into
+        # the executor only then. Off by default until its GPU test and benchmark
+        # have run on the H100 (written 2026-11-27 without device time; compiled by
+        # NVRTC in CI, its plan walk checked against the host chunking in a Python
+        # mirror only). Setting the attribute False later takes the two-phase path
+        # (a benchmark's baseline); True works only where the module has the task.
         self.fused_pages = fused_pages
         self._fused_scratch = cupy.zeros(_FUSED_SCRATCH_WORDS, dtype=cupy.uint64)
         self._fused_scratch_ptr = int(self._fused_scratch.data.ptr)
@@ -309,7 +312,7 @@ class CupyBackend(Backend):
         if appends is not None:
             return self._commit_appends(writer, epoch, tasks, appends, body, fence)
         prescanned: CupyRegion | None = None
-        if self.fused_pages and len(tasks) == 1 and 0 < len(body) <= _SHORT_BODY:
+        if self.fused_pages and self.executor.fused_pages and len(tasks) == 1 and 0 < len(body) <= _SHORT_BODY:
             region = tasks[0].region
             assert isinstance(region, CupyRegion)
             if region.spec.kind == "pages" and region.described and not region.force_full:

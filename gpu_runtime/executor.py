@@ -54,6 +54,7 @@ SLOT_WORDS = 16
 PARKED, RUNNING, PARKING, LAUNCHED = 0, 1, 2, 3
 REGION_WORDS = 16
 DEFAULT_BLOCKS = 8
+DEFAULT_BLOCK = 512  # threads per block (CNC_BLOCK)
 MAX_REGIONS = 1024
 _SLOT_BODY = struct.Struct("<15Q")  # kind | handler << 32, a0..a13
 _SEQ = struct.Struct("<Q")
@@ -128,15 +129,16 @@ class Handler:
         return f"CNC_{self.kind.upper()}({hid}, {self.constant}ull)"
 
 
-def module_options(handlers: Sequence[Handler], block: int) -> tuple[str, ...]:
+def module_options(handlers: Sequence[Handler], block: int, *, fused_pages: bool = False) -> tuple[str, ...]:
     cases = " ".join(h.macro(i) for i, h in enumerate(handlers))
-    return (f"-DCNC_HANDLER_CASES={cases}", f"-DCNC_BLOCK={block}")
+    return (f"-DCNC_HANDLER_CASES={cases}", f"-DCNC_BLOCK={block}") + (("-DCNC_FUSED_PAGES=1",) if fused_pages else ())
 
 
 class Executor:
     def __init__(
-        self, *, nslots: int = 4096, blocks: int | None = None, block: int = 512, idle_ms: float = 10.0,
+        self, *, nslots: int = 4096, blocks: int | None = None, block: int = DEFAULT_BLOCK, idle_ms: float = 10.0,
         max_life_ms: float = 500.0, fence_yield_ms: float = 2.0, arch: str | None = None,
+        fused_pages: bool = False,
     ) -> None:
         import cupy
 
@@ -150,6 +152,7 @@ class Executor:
         # on every SM, an 8B-shaped decode step never reached the fence).
         self.blocks = min(blocks or DEFAULT_BLOCKS, self.sm_count)
         self.block = block
+        self.fused_pages = fused_pages  #: the module has the SCAN_COMMIT task (kernels/executor.cu)
         self.nslots = nslots
         self._slots_mem = PinnedBuffer(nslots * SLOT_WORDS * 8)
         self.slots = self._slots_mem.view(np.uint64).reshape(nslots, SLOT_WORDS)
@@ -179,7 +182,8 @@ class Executor:
     # -- modules ------------------------------------------------------------------
 
     def _compile(self, handlers: Sequence[Handler]) -> bytes:
-        return compile_cubin(kernel_source("executor.cu"), options=module_options(handlers, self.block),
+        return compile_cubin(kernel_source("executor.cu"),
+                             options=module_options(handlers, self.block, fused_pages=self.fused_pages),
                              arch=self.arch, name="executor.cu").cubin
 
     def _load(self, cubin: bytes) -> Any:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from gpu_runtime.compile_all import OTHER_KERNELS, SPECIALIZATIONS, compile_everything, nvjitlink_assemble
+from gpu_runtime.compile_all import OTHER_KERNELS, VARIANTS, compile_everything, nvjitlink_assemble
 from gpu_runtime.compiler import KernelCompileError, compile_cubin, kernel_source
 
 
 def test_every_specialization_compiles_for_sm90(tmp_path: Path):
-    """The executor with each handler set compiles to a cubin and, via PTX, links with nvJitLink."""
+    """The executor with each handler set (and, with pages handlers, with the SCAN_COMMIT task too)
+    compiles to a cubin and, via PTX, links with nvJitLink."""
     report = compile_everything("sm_90", cache_dir=tmp_path)
-    assert len(report) == len(SPECIALIZATIONS) + len(OTHER_KERNELS)
+    assert len(report) == len(VARIANTS) + len(OTHER_KERNELS)
+    assert sum(r.get("fused_pages", False) for r in report) == 4  # the page-size sets and the all-handlers set
     for r in report:
         floor = 4_000 if r.get("kernel") else 10_000  # the checksum kernel is one small function
         assert r["cubin_bytes"] > floor and r["linked_bytes"] > floor, r

@@ -5,6 +5,7 @@
 // Handlers are specialized at compile time: the host passes
 // -DCNC_HANDLER_CASES="CNC_KV(0, 256ull) CNC_PAGES(1, 4096ull) ..." so that each
 // distinct row size or page size is a constant in its own instantiation.
+// -DCNC_FUSED_PAGES compiles the SCAN_COMMIT task in (CupyBackend(fused_pages=True)).
 // A region with a new size recompiles this module with one more case (hot swap).
 #include "concordia.cuh"
 
@@ -133,6 +134,7 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
     }
 }
 
+#ifdef CNC_FUSED_PAGES
 // ---- SCAN_COMMIT: one task for a pages epoch (scan, records, COMMIT) --------
 // a0 ring data, a1 capacity, a2 epoch, a3 log offset of the epoch's first
 // record, a4 bytes reserved from a3 (data records + COMMIT), a5 session tag,
@@ -257,6 +259,7 @@ __device__ void cnc_fused_plan(const CncRegion& r, const u32* dbits, u64* scratc
         __threadfence();
     }
 }
+#endif  // CNC_FUSED_PAGES
 
 // ---- pages regions: hash scan, dirty-run copy, restore ------------------------
 // SCAN: a0 = 1 to mark every page dirty. Writes r.hashes and the dirty bitmap
@@ -325,6 +328,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
     static_assert(PS % 16 == 0, "page size must be a multiple of 16 bytes");
     if (kind == CNC_T_SCAN) {
         cnc_pages_scan<PS>(r, t.a[0] != 0, nullptr);
+#ifdef CNC_FUSED_PAGES
     } else if (kind == CNC_T_SCAN_COMMIT) {
         u8* data = (u8*)t.a[0];
         const u64 cap = t.a[1], epoch = t.a[2], log0 = t.a[3], span = t.a[4], tag = t.a[5];
@@ -396,6 +400,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
                 result[0] = 1;
             }
         }
+#endif  // without it, SCAN_COMMIT fails as an unknown task
     } else if (kind == CNC_T_CHECKPOINT) {
         // Each run (one record) is spread over the whole grid, like kv rows:
         // PCIe stores from every SM, checksums summed per record.
