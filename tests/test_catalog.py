@@ -6,11 +6,11 @@ import multiprocessing as mp
 import time
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from concordia_agents import SCHEMA_VERSION, CatalogError, ConfigurationError, OwnershipError, SchemaVersionError
 from concordia_agents._catalog import Catalog
-from concordia_agents._catalog._models import SchemaVersionRow
+from concordia_agents._catalog._models import LeaseRow, SchemaVersionRow, SessionRow
 
 
 def test_fresh_catalog_is_at_the_code_version(catalog_url):
@@ -63,6 +63,60 @@ def test_a_held_sqlite_write_lock_is_a_catalog_error_that_says_so(tmp_path):
     assert cat.get("s").labels == {}
     cat.set_labels("s", 1, {"x": 1})  # the lock is free again: the same write lands
     assert cat.get("s").labels == {"x": 1}
+
+
+@pytest.mark.postgres
+def test_a_held_postgres_row_lock_is_a_bounded_wait_that_says_so(pg_url):
+    """A write that waits for a row lock another connection holds fails after the catalog's lock
+    timeout with a CatalogError that names it (it used to wait forever); once the lock is free the
+    same write lands."""
+    from sqlalchemy import create_engine, text
+
+    cat = Catalog(pg_url, busy_timeout_s=0.3)
+    cat.acquire("s", owner="a", ttl=5, backend="host", create=True)
+    holder = create_engine(pg_url).connect()
+    tx = holder.begin()
+    holder.execute(text("SELECT 1 FROM concordia_leases WHERE session_id = 's' FOR UPDATE")).all()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CatalogError, match=r"(?s)lock timeout.*row lock this write needs past the 0.3 s"):
+            cat.set_labels("s", 1, {"x": 1})
+        assert 0.25 < time.monotonic() - t0 < 5
+    finally:
+        tx.rollback()
+        holder.close()
+    cat.set_labels("s", 1, {"x": 1})
+    assert cat.get("s").labels == {"x": 1}
+
+
+@pytest.mark.postgres
+def test_postgres_ends_a_frozen_catalog_transaction_and_frees_its_locks(pg_url):
+    """A transaction left idle (its process frozen inside it) is ended by the server after the
+    catalog's idle timeout: another process's write that waited on its row lock lands, and the
+    frozen one's commit fails with a CatalogError that says why; its write is not in the catalog."""
+    import threading
+
+    frozen = Catalog(pg_url, idle_tx_timeout_s=0.5)
+    frozen.acquire("s", owner="a", ttl=5, backend="host", create=True)
+    other = Catalog(pg_url, busy_timeout_s=10)
+    waited: dict = {}
+
+    def write_meanwhile() -> None:
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        other.set_labels("s", 1, {"by": "other"})
+        waited["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=write_meanwhile)
+    with pytest.raises(CatalogError, match=r"(?s)idle-in-transaction timeout.*for more than 0.5 s"):
+        with frozen.write() as s:
+            s.execute(select(LeaseRow).where(LeaseRow.session_id == "s").with_for_update()).all()
+            s.execute(update(SessionRow).where(SessionRow.id == "s").values(labels={"by": "frozen"}))
+            t.start()
+            time.sleep(1.5)  # frozen between two statements of its transaction
+    t.join(timeout=10)
+    assert waited and 0.2 < waited["s"] < 1.4, waited  # freed at ~0.5 s, not at the end of the sleep
+    assert other.get("s").labels == {"by": "other"}
 
 
 def test_lease_tokens_grow_and_fence(catalog_url):

@@ -85,16 +85,22 @@ def _status(row: SessionRow, lease: LeaseRow | None, now: float) -> str:
 class Catalog:
     """One catalog database; thread-safe (a connection pool underneath).
 
-    ``busy_timeout_s`` (SQLite only) bounds how long a write waits for the
-    database's single write lock. A process frozen (SIGSTOP, a debugger) inside a
-    write transaction keeps that lock while it lives: SQLite cannot take it back,
-    so writers elsewhere fail after this timeout with a :class:`CatalogError`
-    that says so. PostgreSQL has no such single lock.
+    ``busy_timeout_s`` bounds how long a write waits for a lock another process
+    holds: SQLite's single write lock (``busy_timeout``), PostgreSQL's row locks
+    (``lock_timeout``); past it the write fails with a :class:`CatalogError`
+    that says so, instead of hanging. A process frozen (SIGSTOP, a debugger)
+    inside a write transaction keeps its locks while it lives. SQLite cannot take
+    them back. PostgreSQL ends such a transaction after ``idle_tx_timeout_s``
+    without a statement (``idle_in_transaction_session_timeout``): its locks
+    are freed for the process that takes the session over, and the frozen one's
+    next catalog call fails. Catalog transactions never idle that long by design
+    (a few statements each, no I/O in between).
     """
 
-    def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, idle_tx_timeout_s: float = 10.0) -> None:
         self.url = url
         self.busy_timeout_s = busy_timeout_s
+        self.idle_tx_timeout_s = idle_tx_timeout_s
         try:
             parsed = make_url(url)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy raises several kinds
@@ -107,6 +113,7 @@ class Catalog:
             self._read_engine = self._sqlite_engine(url, immediate=False, busy_timeout_s=busy_timeout_s)
         elif self.dialect == "postgresql":
             self.engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=5, max_overflow=5)
+            self.configure_postgres(self.engine)
             self._read_engine = self.engine
         else:
             raise ConfigurationError(f"catalog URL: expected a sqlite:// or postgresql+psycopg:// URL, found {url!r}")
@@ -116,6 +123,20 @@ class Catalog:
         if self.dialect == "postgresql":
             self._token_q = self._token_q.with_for_update()
         self._migrate()
+
+    def configure_postgres(self, engine: Engine) -> None:
+        """Give every new connection of ``engine`` (this catalog's, or another
+        engine on the same database) the catalog's lock and idle timeouts."""
+        lock_ms, idle_ms = max(1, int(self.busy_timeout_s * 1000)), max(1, int(self.idle_tx_timeout_s * 1000))
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # SET SESSION (committed): outlives the pool's rollbacks; set here and not in the
+            # URL's `options`, which a user's URL may already use (search_path).
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET SESSION lock_timeout = {lock_ms}")
+                cur.execute(f"SET SESSION idle_in_transaction_session_timeout = {idle_ms}")
+            dbapi_conn.commit()
 
     @staticmethod
     def _sqlite_engine(url: str, *, immediate: bool, busy_timeout_s: float) -> Engine:
@@ -142,11 +163,18 @@ class Catalog:
     def failure(self, what: str, e: DBAPIError) -> CatalogError:
         """The CatalogError for a driver error during a catalog ``what`` ("read", "write")."""
         found = str(e.orig or e)
+        # Lock failures a user can act on without a DBA: say who can hold a lock this long.
         if self.dialect == "sqlite" and "database is locked" in found:
-            # The one failure a user can act on without a DBA: name who can hold the lock this long.
             found += (f" (another process held the write lock past the {self.busy_timeout_s:g} s busy timeout;"
                       " a live process stopped or hung inside a catalog write keeps it until it continues"
                       " or dies; PostgreSQL catalogs have no single write lock)")
+        elif self.dialect == "postgresql" and "lock timeout" in found:
+            found += (f" (another process held a row lock this write needs past the {self.busy_timeout_s:g} s"
+                      f" lock timeout; the server ends a transaction left idle for {self.idle_tx_timeout_s:g} s,"
+                      " so a retry after that finds a frozen holder's locks free)")
+        elif self.dialect == "postgresql" and "idle-in-transaction timeout" in found:
+            found += (f" (this process sat inside a catalog transaction for more than {self.idle_tx_timeout_s:g} s"
+                      " — stopped or hung — and the server ended it, freeing its locks for another owner)")
         return CatalogError(f"catalog {what} failed on {self._redacted()}: {found}", orig=e)
 
     @contextmanager

@@ -106,6 +106,8 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
                                           max_overflow=5, pool_recycle=1800,
                                           connect_args={"application_name": "concordia-langgraph"})
                             if self.catalog.dialect == "postgresql" else None)
+        if self._autocommit is not None:
+            self.catalog.configure_postgres(self._autocommit)
         with self.catalog.write() as s:
             migrate(s.connection(), self.catalog.dialect)
 
