@@ -315,7 +315,9 @@ class CupyBackend(Backend):
         if self.fused_pages and self.executor.fused_pages and len(tasks) == 1 and 0 < len(body) <= _SHORT_BODY:
             region = tasks[0].region
             assert isinstance(region, CupyRegion)
-            if region.spec.kind == "pages" and region.described and not region.force_full:
+            # (pages per record must fit the task's 32-bit field: always, short of absurd record limits)
+            if (region.spec.kind == "pages" and region.described and not region.force_full
+                    and writer.max_record_bytes < region.spec.page_size << 32):
                 end = self._commit_pages_fused(writer, epoch, tasks, body, fence)
                 if end is not None:
                     return end
@@ -397,8 +399,8 @@ class CupyBackend(Backend):
         publishes the epoch; the host waits for it and gives back the span's
         unused tail. Returns the log offset past the COMMIT, or None when the
         records did not fit the span (or were more than a task's record limit):
-        then nothing was written, the span is given back, and the caller goes on
-        from the device's bitmap with the two-phase path. One host round trip
+        then the region is scanned, nothing was written, the span is given back,
+        and the caller goes on from the device's bitmap with the two-phase path. One host round trip
         instead of two, and no host work between the scan and the copy."""
         region = tasks[0].region
         assert isinstance(region, CupyRegion)
@@ -407,13 +409,9 @@ class CupyBackend(Backend):
         nbody = len(body)
         span = min(_FUSED_SPAN, ring.capacity // 8) + record_size(nbody)
         per = plan_chunks(region.spec.page_size, writer.max_record_bytes)
-        if per >= 1 << 32:
-            return None
-        nwords = 2 + -(-nbody // 8)
-        offset, table = self._run_table(-(-nwords // 3))
-        words = table.reshape(-1)
+        offset, words = self._arena_words(2 + -(-nbody // 8), "a fused commit's body")  # result, body
         words[:2] = 0
-        words[2:nwords] = np.frombuffer(body + bytes(-nbody % 8), dtype=np.uint64)
+        words[2:] = np.frombuffer(body + bytes(-nbody % 8), dtype=np.uint64)
         result = self._runs.device_ptr + offset
         fence_args = self._fence_streams(tasks) if fence else [0, 0, 0]
         start = writer.reserve(span)
@@ -587,19 +585,24 @@ class CupyBackend(Backend):
                     writer.session_tag, small], at, at + size, len(group))
 
     def _run_table(self, count: int) -> tuple[int, np.ndarray]:
-        """Space for ``count`` run triples in the pinned arena. When the arena
-        wraps, wait until the task that last read it has run."""
-        need = 24 * count
+        """Space for ``count`` run triples in the pinned arena (``_arena_words``)."""
+        offset, words = self._arena_words(3 * count, f"a dirty-run table of {count} runs")
+        return offset, words.reshape(count, 3)
+
+    def _arena_words(self, n: int, what: str) -> tuple[int, np.ndarray]:
+        """Byte offset and u64 view of ``n`` words of the pinned arena that
+        device tasks read (run tables, a fused commit's body and result). When
+        the arena wraps, wait until the task that last read it has run."""
+        need = 8 * n
         if need > self._runs.nbytes // 2:
-            raise RegionError(f"a dirty-run table of {count} runs exceeds half the {self._runs.nbytes}-byte arena")
+            raise RegionError(f"{what} exceeds half the {self._runs.nbytes}-byte arena")
         if self._runs_pos + need > self._runs.nbytes:
             if self._runs_last_ticket >= 0:
                 self.executor.wait(self._runs_last_ticket)
             self._runs_pos = 0
         offset = self._runs_pos
         self._runs_pos += need
-        table = self._runs.array[offset:offset + need].view(np.uint64).reshape(count, 3)
-        return offset, table
+        return offset, self._runs.array[offset:offset + need].view(np.uint64)
 
     # -- recovery -------------------------------------------------------------------
 

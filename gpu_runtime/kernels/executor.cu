@@ -46,29 +46,32 @@ __device__ __forceinline__ void cnc_store_at(u8* data, u64 cap, u64 pos, u64 byt
     *(volatile u64*)(data + i) = word;
 }
 
-// Copy `n` words from device memory into the ring at ring position `pos`
-// (8-aligned) with 16-byte stores where the destination allows, returning this
-// thread's share of the payload checksum. Threads [tid, tid + stride, ...].
-__device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 n, u8* data, u64 cap, u64 pos,
+// Copy words [k0, k1) of a record's payload from `src` (the payload's word 0)
+// into the ring, word 0 at ring position `pos` (8-aligned), with 16-byte stores
+// where the ring allows, returning this thread's share of the payload checksum
+// sum x_k * w(k). Threads [tid, tid + stride, ...]. A whole record is [0, n).
+__device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 k0, u64 k1, u8* data, u64 cap, u64 pos,
                                                 u64 tid, u64 stride) {
     u64 acc = 0;
-    const u64 head = (pos & 15) ? 1 : 0;  // one lone word brings the stores to 16-byte alignment
-    if (head && tid == 0 && n > 0) {
-        const u64 x = src[0];
-        acc += x * cnc_weight(0);
-        cnc_store_at(data, cap, pos, 0, x);
+    if (k0 >= k1) return acc;
+    const u64 a = k0 + ((k0 + ((pos >> 3) & 1)) & 1);  // first word at a 16-byte ring position
+    if (a > k0 && tid == 0) {  // one lone word brings the stores to 16-byte alignment
+        const u64 x = src[k0];
+        acc += x * cnc_weight(k0);
+        cnc_store_at(data, cap, pos, 8 * k0, x);
     }
-    const u64 pairs = n > head ? (n - head) / 2 : 0;
+    if (a >= k1) return acc;
+    const u64 pairs = (k1 - a) / 2;
     for (u64 j = tid; j < pairs; j += stride) {
-        const u64 k = head + 2 * j;
+        const u64 k = a + 2 * j;
         const u64 x0 = src[k], x1 = src[k + 1];
         acc += x0 * cnc_weight(k) + x1 * cnc_weight(k + 1);
         u64 i = pos + 8 * k;
         if (i >= cap) i -= cap;  // cap is a multiple of 4096: a pair never straddles the end
         *(ulonglong2*)(data + i) = make_ulonglong2(x0, x1);  // ordered by the fence before publish
     }
-    const u64 last = head + 2 * pairs;
-    if (last < n && tid == (stride > 1 ? 1 % stride : 0)) {
+    const u64 last = a + 2 * pairs;
+    if (last < k1 && tid == (stride > 1 ? 1 : 0)) {
         const u64 x = src[last];
         acc += x * cnc_weight(last);
         cnc_store_at(data, cap, pos, 8 * last, x);
@@ -145,41 +148,8 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
 // words), a12 result (mapped pinned u64[2]: status 1 = committed, 2 = did not
 // fit; log offset past the COMMIT).
 // The device bitmap (u32 words) follows the region's hashes in device memory.
-#define CNC_FUSED_MAX_RECORDS CNC_MAX_RECORDS_PER_TASK
 #define CNC_FUSED_CHUNK_WORDS 2048ull  // 16 KiB: the unit of copy work a block takes
 __shared__ u64 cnc_smem[1024];         // 8 KiB: the bitmap tile, then the record table
-
-// Copy words [k0, k1) of a record's payload (word 0 at ring position `pos`,
-// 8-aligned) from `src` (the payload's word 0), with 16-byte stores where the
-// ring allows; returns this thread's share of sum x_k * w(k).
-__device__ __forceinline__ u64 cnc_copy_words(const u64* src, u64 k0, u64 k1, u8* data, u64 cap, u64 pos,
-                                              u64 tid, u64 stride) {
-    u64 acc = 0;
-    if (k0 >= k1) return acc;
-    const u64 a = k0 + ((k0 + ((pos >> 3) & 1)) & 1);  // first word at a 16-byte ring position
-    if (a > k0 && tid == 0) {
-        const u64 x = src[k0];
-        acc += x * cnc_weight(k0);
-        cnc_store_at(data, cap, pos, 8 * k0, x);
-    }
-    if (a >= k1) return acc;
-    const u64 pairs = (k1 - a) / 2;
-    for (u64 j = tid; j < pairs; j += stride) {
-        const u64 k = a + 2 * j;
-        const u64 x0 = src[k], x1 = src[k + 1];
-        acc += x0 * cnc_weight(k) + x1 * cnc_weight(k + 1);
-        u64 i = pos + 8 * k;
-        if (i >= cap) i -= cap;  // cap is a multiple of 4096: a pair never straddles the end
-        *(ulonglong2*)(data + i) = make_ulonglong2(x0, x1);
-    }
-    const u64 last = a + 2 * pairs;
-    if (last < k1 && tid == (stride > 1 ? 1 : 0)) {
-        const u64 x = src[last];
-        acc += x * cnc_weight(last);
-        cnc_store_at(data, cap, pos, 8 * last, x);
-    }
-    return acc;
-}
 
 // Thread 0 of block 0: the records of dirty pages [p0, p1), cut every `per`
 // pages from p0 (the host backend's chunking); false when they do not fit.
@@ -189,7 +159,7 @@ __device__ bool cnc_fused_emit(const CncRegion& r, u64* scratch, u64 p0, u64 p1,
     for (u64 q = p0; q < p1; q += per) {
         const u64 off = q * PS;
         const u64 len = min(min(q + per, p1) * PS, r.nbytes) - off;
-        if (n == CNC_FUSED_MAX_RECORDS || pos + CNC_REC_HEADER + len > limit) return false;
+        if (n == CNC_MAX_RECORDS_PER_TASK || pos + CNC_REC_HEADER + len > limit) return false;
         u64* e = scratch + 8 + 4 * n;
         e[0] = off; e[1] = len; e[2] = pos; e[3] = chunks;
         chunks += (len / 8 + CNC_FUSED_CHUNK_WORDS - 1) / CNC_FUSED_CHUNK_WORDS;
@@ -361,7 +331,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             const u64 off = table[4 * lo], len = table[4 * lo + 1], at = table[4 * lo + 2];
             const u64 k0 = (ch - table[4 * lo + 3]) * CNC_FUSED_CHUNK_WORDS;
             const u64 k1 = min(k0 + CNC_FUSED_CHUNK_WORDS, len / 8);
-            const u64 acc = cnc_copy_words((const u64*)(r.base + off), k0, k1, data, cap,
+            const u64 acc = cnc_copy_payload((const u64*)(r.base + off), k0, k1, data, cap,
                                            (at + CNC_REC_HEADER) % cap, threadIdx.x, blockDim.x);
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[lo], sum);
@@ -413,7 +383,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
                 const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
                 const u64* src = (const u64*)(r.base + off);
-                const u64 acc = cnc_copy_payload(src, len / 8, data, cap, (at + CNC_REC_HEADER) % cap,
+                const u64 acc = cnc_copy_payload(src, 0, len / 8, data, cap, (at + CNC_REC_HEADER) % cap,
                                                  threadIdx.x, blockDim.x);
                 const u64 sum = cnc_block_sum(acc);
                 if (threadIdx.x == 0) {
@@ -431,7 +401,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             const u64 off = run[0], len = run[1], at = run[2];
             __syncthreads();
             const u64* src = (const u64*)(r.base + off);
-            const u64 acc = cnc_copy_payload(src, len / 8, data, cap, (at + CNC_REC_HEADER) % cap,
+            const u64 acc = cnc_copy_payload(src, 0, len / 8, data, cap, (at + CNC_REC_HEADER) % cap,
                                              cnc_gtid(), cnc_gthreads());
             const u64 sum = cnc_block_sum(acc);
             if (threadIdx.x == 0 && sum) atomicAdd(&c.grid->acc[i], sum);
