@@ -254,7 +254,8 @@ def test_host_pause_writes_and_device_admission_atomics_lose_nothing(ins):
 
 
 def test_completion_counters_equal_launches_and_the_executor_waits_on_them(ins):
-    """10^4 launches of varied grid shapes on 4 streams: the counter ends at exactly 10^4, and a
+    """10^4 launches of varied grid shapes on 5 streams — one of them 70 001 blocks, so its blocks count
+    through the sub-counters and mostly find their slot in L1 — the counter ends at exactly 10^4, and a
     FENCE_WAIT task on the persistent executor for that value completes (no host sync)."""
     import cupy
 
@@ -266,17 +267,18 @@ def test_completion_counters_equal_launches_and_the_executor_waits_on_them(ins):
     backend = open_backend("cupy")
     try:
         base = ins.completion_count("cc_tick")
-        streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(4)]
-        shapes = [((1,), (32,)), ((3,), (64,)), ((2, 2), (16, 2)), ((5,), (128,))]
+        shapes = [((1,), (32,)), ((3,), (64,)), ((2, 2), (16, 2)), ((5,), (128,)), ((70_001,), (32,))]
+        streams = [cupy.cuda.Stream(non_blocking=True) for _ in shapes]
         for i in range(10_000):
-            k = i % 4
+            k = i % len(shapes)
             with streams[k]:
                 fn(shapes[k][0], shapes[k][1], (y,))
         c = ins.completion("cc_tick", launches=base + 10_000)
         ticket = c.wait_on(backend.executor, timeout=60)
         backend.executor.wait(ticket, timeout=60)
         assert c.done() and ins.completion_count("cc_tick") == base + 10_000
-        threads = sum(int(np.prod(shapes[i % 4][0]) * np.prod(shapes[i % 4][1])) for i in range(10_000))
+        threads = sum(int(np.prod(shapes[i % len(shapes)][0]) * np.prod(shapes[i % len(shapes)][1]))
+                      for i in range(10_000))
         assert int(cupy.asnumpy(y).sum()) == threads  # every thread of every launch ran once
         for st in streams:
             st.synchronize()
@@ -354,3 +356,69 @@ def test_quiesced_commits_land_between_launches(ins, tmp_path):
         assert any(v < (r + 1) * 1000 + 199 for r, v in enumerate(seen[1:])), f"no commit landed mid-storm: {seen}"
     finally:
         rt.close()
+
+
+HELD = r"""
+__device__ void cc_gid(unsigned long long* gid) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        unsigned long long g; asm volatile("mov.u64 %0, %%gridid;" : "=l"(g)); *gid = g;
+    }
+}
+extern "C" __global__ void cc_hold(volatile int* flag, unsigned long long* gid) {
+    cc_gid(gid);
+    if (threadIdx.x == 0) { while (*flag == 0) { __nanosleep(1000); } }
+}
+extern "C" __global__ void cc_mark(int* out, unsigned long long* gid) {
+    cc_gid(gid);
+    if (threadIdx.x == 0) atomicAdd(out, 1);
+}
+extern "C" __global__ void cc_gid_only(unsigned long long* gid) { cc_gid(gid); }
+"""
+
+
+def test_a_launch_waits_while_its_slot_is_held_by_a_launch_1024_grid_ids_older(ins):
+    """A launch's slot is its grid ID mod CTL_SLOT_COUNT: a two-block launch whose slot an older,
+    still running two-block launch holds does not run its body until that one finishes, then runs
+    once and is counted (the grid IDs in between are taken by uninstrumented launches)."""
+    import cupy
+
+    from gpu_runtime.ptx import CTL_SLOT_COUNT
+
+    mod = cupy.RawModule(code=HELD)
+    hold, mark = mod.get_function("cc_hold"), mod.get_function("cc_mark")
+    ins.disable()
+    try:
+        gid_only = cupy.RawModule(code=HELD + "// plain\n").get_function("cc_gid_only")
+    finally:
+        ins.enable()
+    flag, out = cupy.zeros(1, cupy.int32), cupy.zeros(1, cupy.int32)
+    gids = cupy.zeros(3, cupy.uint64)
+    s1, s2 = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    before = ins.completion_count("cc_mark")
+    with s1:
+        hold((2,), (32,), (flag, gids[0:1]))
+    try:
+        deadline = time.monotonic() + 10
+        while (older := int(_peek(gids)[0])) == 0:
+            assert time.monotonic() < deadline, "the holding launch never started"
+            time.sleep(0.001)
+        for _ in range(3 * CTL_SLOT_COUNT):  # take grid IDs until the next launch maps to the same slot
+            with s2:
+                gid_only((1,), (1,), (gids[1:2],))
+            s2.synchronize()
+            if (int(_peek(gids)[1]) + 1) % CTL_SLOT_COUNT == older % CTL_SLOT_COUNT:
+                break
+        with s2:
+            mark((2,), (32,), (out, gids[2:3]))
+        time.sleep(0.3)
+        got = _peek(gids)
+        if int(got[2]) % CTL_SLOT_COUNT != older % CTL_SLOT_COUNT and int(got[2]) != 0:
+            pytest.fail(f"another launch took grid ID {int(got[1]) + 1}: the marked launch got {int(got[2])}")
+        assert _peek(out).sum() == 0 and int(got[2]) == 0, "a launch ran while its slot was held"
+    finally:
+        # a copy on a third stream (s2 waits behind the held launch), not a kernel: no grid ID taken
+        flag.set(np.ones(1, np.int32), stream=cupy.cuda.Stream(non_blocking=True))
+    s1.synchronize()
+    s2.synchronize()
+    assert int(out[0]) == 2 and int(gids[2].get()) % CTL_SLOT_COUNT == older % CTL_SLOT_COUNT
+    assert ins.completion_count("cc_mark") == before + 1 and ins.active_launches() == 0
