@@ -17,6 +17,10 @@ the same kernel uninstrumented, in the same run.
 * rewrite + load: parse, rewrite and load one module (RawModule from source,
   compile included) against loading it uninstrumented, medians over fresh
   sources (no cache hits).
+* quiesced commit: ``Session.commit(quiesce=True)`` of a 4 MiB region against
+  ``commit()`` (both wait for the copy), on an idle GPU and with a stream of
+  instrumented launches (264 blocks, ~20 us each) queued behind it: the
+  quiesce's cost and how long it holds new launches (the commit's duration).
 
     python bench/bench_instrument_gpu.py [--quick]
 """
@@ -34,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import versions, write  # noqa: E402
+from bench.common import measure, versions, write  # noqa: E402
 
 EMPTY = 'extern "C" __global__ void {name}(int* y) {{ }}'
 COPY = ('extern "C" __global__ void {name}(const float* x, float* y, long n) {{'
@@ -103,6 +107,51 @@ def kernel(src: str, hooked: bool, ins):  # type: ignore[no-untyped-def]
     return fn
 
 
+SPIN_WRITE = ('extern "C" __global__ void {name}(int* y, int n, int v, long long spin) {{'
+              ' if (threadIdx.x == 0) {{ long long t0 = clock64(); while (clock64() - t0 < spin) {{ }} }}'
+              ' __syncthreads();'
+              ' for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) y[i] = v; }}')
+
+
+def quiesce_figures(ins, quick: bool) -> dict:  # type: ignore[no-untyped-def]
+    """commit(quiesce=True) against commit() on one 4 MiB region: idle, and
+    with instrumented launches queued on a stream (the commit lands between two)."""
+    import tempfile
+
+    import cupy
+
+    from concordia_agents import Runtime
+
+    repeats = 5 if quick else 30
+    n = 1 << 20
+    rt = Runtime.open(home=tempfile.mkdtemp(prefix="cc-bench-quiesce-"), backend="cupy")
+    try:
+        s = rt.session("bench-quiesce")
+        y = cupy.zeros(n, cupy.int32)
+        s.register("y", y)
+        s.commit({"v": 0})
+        out = {"region_bytes": 4 * n,
+               "commit_idle": measure(lambda: s.commit(None), warmup=3, repeats=repeats),
+               "quiesced_commit_idle": measure(lambda: s.commit(None, quiesce=True), warmup=3, repeats=repeats)}
+        fn = kernel(SPIN_WRITE, True, ins)
+        stream = cupy.cuda.Stream(non_blocking=True)
+
+        def storm() -> None:  # ~200 launches of ~20 us each queued, then 1 ms for them to start
+            with stream:
+                for v in range(200):
+                    fn((264,), (256,), (y, np.int32(n), np.int32(v), np.int64(36_000)))
+            time.sleep(1e-3)
+
+        out["quiesced_commit_in_storm"] = measure(lambda: s.commit(None, quiesce=True), warmup=2,
+                                                  repeats=repeats, setup=lambda: (stream.synchronize(), storm()))
+        stream.synchronize()
+        out["note"] = ("seconds per commit (waits for the copy); in_storm: instrumented launches of ~20 us are "
+                       "queued and running when the commit starts, so it includes draining the admitted one")
+        return out
+    finally:
+        rt.close()
+
+
 def main() -> None:
     import cupy
 
@@ -160,6 +209,8 @@ def main() -> None:
     for _ in range(20):
         ins.rewrite(ptx)
     results["rewrite_only_ms"] = (time.perf_counter() - t) / 20 * 1e3
+
+    results["quiesced_commit"] = quiesce_figures(ins, args.quick)
 
     props = cupy.cuda.runtime.getDeviceProperties(0)
     payload = {"benchmark": "instrument_gpu", "device": props["name"].decode(),

@@ -96,7 +96,8 @@ def _option() -> str:
 
 class GateTimeoutError(ConcordiaError):
     """An instrumented kernel waited at its pause gate longer than the gate
-    timeout and ran anyway; a checkpoint taken meanwhile may be inconsistent."""
+    timeout and ran anyway (a checkpoint taken meanwhile may be inconsistent),
+    or a launch waited that long for its launch slot (it keeps waiting)."""
 
 
 class QuiesceTimeoutError(ConcordiaError):
@@ -474,8 +475,9 @@ def paused(timeout: float = 5.0) -> Iterator[None]:
         after = gate_timeouts()
         if after != before:
             raise GateTimeoutError(
-                f"{after - before} kernel block(s) waited at their pause gate past the gate timeout and ran while "
-                "paused; the state read meanwhile may mix before and after")
+                f"{after - before} gate timeout(s) while paused: a kernel block waited at its pause gate past the "
+                "gate timeout and ran while paused (the state read meanwhile may mix before and after), or a "
+                "launch waited that long for its launch slot (held by a launch 1024 grid IDs older)")
 
 
 @dataclass(frozen=True, slots=True)
