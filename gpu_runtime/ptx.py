@@ -16,72 +16,71 @@ Rewrite of each ``.entry`` (``instrument(ptx, kernel_ids)``):
    block of every launch reads it, and a constant-cache hit costs no trip to
    L2.) One ``.shared .u32`` exit counter per entry.
 2. Entry (pause gate), per *launch*: thread (0,0,0) of each block zeroes the
-   block's exit counter and finds its launch's slot: ``%gridid`` mod 1024
-   (its index is kept in shared memory for the exit). Grid IDs number the
-   context's launches in order (checked on the H100:
-   ``scripts/gridid_gpu.py``), so launches in flight together get different
-   slots unless one is 1024 launches older than the other; a block that finds
-   its slot held by such a launch waits until it finishes (counting a gate
-   timeout every timeout period). The slot is fixed per launch on purpose: an
-   earlier version probed on to the next free slot, and a launch's later
-   blocks, arriving after the launch that had been in the way finished, found
-   that earlier slot free and claimed a second one — the launch then never
-   completed (found by the 70 001-block launches of the completion test). The
-   first block to find the slot free claims it with a CAS and admits the
-   launch with one ``atom.add`` of 1 on the 64-bit admission word, whose low
-   half counts admitted launches and whose high half is the pause word: if the value it returns has the pause set,
-   it backs out (adds -1) and waits (``nanosleep``, reading the pause) until
-   it clears or the control block's timeout passes (then it counts a gate
-   timeout and runs anyway: the runtime turns that into an error rather than
-   hang). Then it marks the slot admitted. Every other block of the launch
-   waits for that mark. ``bar.sync 0`` then releases the block's other
-   threads. A launch thus runs all of its blocks or none while paused.
-   The first read of the slot is a weak, L1-cacheable load
-   (``ld.global.ca``): the blocks of a many-block launch mostly find their
-   slot, admitted, in their SM's L1 instead of making a trip to L2 each. Only
-   that answer is taken from the cache, and no stale copy can give it
-   falsely: grid IDs are never reused, and a slot holds a launch's ID from
-   the claim until the launch's last block exits, which this block has not,
-   so a copy showing this launch admitted was true and still is. Any other cached answer goes to an
-   authoritative read — the CAS when the slot looked free, an acquire load
-   of the same slot when it showed another launch or this launch not yet
-   admitted. Those loads are ``ld.acquire.gpu``, not volatile, because an
-   acquire also invalidates the SM's L1 (``CCTL.IVALL`` after the load on
-   sm_90): the SM's next block then reads the slot afresh instead of finding
-   the stale copy again. (Volatile loads and an explicit
-   ``fence.acq_rel.gpu`` at the end of the slow path, tried first, add a
-   ``MEMBAR`` to every first-wave block: the grid-stride copy measured +2.04 %
-   with it against +1.63 % for the previous rewrite in the same run.)
-   The quiesce is exact because the count and the pause share one location:
-   the host's write of the pause half and the launches' atomic adds are
-   ordered in that word's coherence order, so an add either precedes the
-   write (the launch is counted and the host waits for it) or follows it
-   (the add returns the pause and the launch backs out) — no fence needed, one
-   round trip to L2 per launch. (The host writes only the high half and the
-   count never carries into it: the adds are balanced and the count stays
-   far below 2^32. That a 4-byte copy-engine write and a 64-bit atomic on
-   the word do not lose each other's update is what L2 provides, not what the
-   PTX memory model promises for mixed sizes; ``tests/test_instrument_gpu.py``
-   hammers the word while the host toggles the pause and checks both.)
+   block's exit counter and finds its launch's slot: ``%gridid`` mod 1024 (its
+   index is kept in shared memory for the exit). Grid IDs number the context's
+   launches in order (checked on the H100: ``scripts/gridid_gpu.py``), so
+   launches in flight together get different slots unless one is 1024 launches
+   older than the other; a block that finds its slot held by such a launch
+   waits until it finishes (counting a gate timeout every timeout period). The
+   slot is fixed per launch on purpose: an earlier version probed on to the
+   next free slot, and a launch's later blocks, arriving after the launch that
+   had been in the way finished, found that earlier slot free and claimed a
+   second one — the launch then never completed (found by the 70 001-block
+   launches of the completion test). The first block to find the slot free
+   claims it with a CAS and admits the launch with one ``atom.add`` of 1 on the
+   64-bit admission word, whose low half counts admitted launches and whose
+   high half is the pause word: if the value it returns has the pause set, it
+   backs out (adds -1) and waits (``nanosleep``, reading the pause) until it
+   clears or the control block's timeout passes (then it counts a gate timeout
+   and runs anyway: the runtime turns that into an error rather than hang).
+   Then it marks the slot admitted. Every other block of the launch waits for
+   that mark. ``bar.sync 0`` then releases the block's other threads. A launch
+   thus runs all of its blocks or none while paused. The first read of the slot
+   is a weak, L1-cacheable load (``ld.global.ca``): the blocks of a many-block
+   launch mostly find their slot, admitted, in their SM's L1 instead of making
+   a trip to L2 each. Only that answer is taken from the cache, and no stale
+   copy can give it falsely: grid IDs are never reused, and a slot holds a
+   launch's ID from the claim until the launch's last block exits, which this
+   block has not, so a copy showing this launch admitted was true and still is.
+   Any other cached answer goes to an authoritative read — the CAS when the
+   slot looked free, an acquire load of the same slot when it showed another
+   launch or this launch not yet admitted. Those loads are ``ld.acquire.gpu``,
+   not volatile, because an acquire also invalidates the SM's L1
+   (``CCTL.IVALL`` after the load on sm_90): the SM's next block then reads the
+   slot afresh instead of finding the stale copy again. (Volatile loads and an
+   explicit ``fence.acq_rel.gpu`` at the end of the slow path, tried first, add
+   a ``MEMBAR`` to every first-wave block: the grid-stride copy measured +2.04
+   % with it against +1.63 % for the previous rewrite in the same run.) The
+   quiesce is exact because the count and the pause share one location: the
+   host's write of the pause half and the launches' atomic adds are ordered in
+   that word's coherence order, so an add either precedes the write (the launch
+   is counted and the host waits for it) or follows it (the add returns the
+   pause and the launch backs out) — no fence needed, one round trip to L2 per
+   launch. (The host writes only the high half and the count never carries into
+   it: the adds are balanced and the count stays far below 2^32. That a 4-byte
+   copy-engine write and a 64-bit atomic on the word do not lose each other's
+   update is what L2 provides, not what the PTX memory model promises for mixed
+   sizes; ``tests/test_instrument_gpu.py`` hammers the word while the host
+   toggles the pause and checks both.)
 3. Exits: every ``ret`` / ``exit`` of the entry (predicated or not) becomes a
    branch to one exit block. If the body has no thread barriers, a
    ``bar.sync 0`` there gathers the block (every thread arrives, none waits
    elsewhere) and thread 0 counts it with ``atom.release.gpu``, which releases
    the block's writes (a ``MEMBAR`` before the atomic) without the L1
    invalidation of ``fence.acq_rel.gpu`` that would evict the gate's cached
-   slot; the block that completes a count then fences with ``fence.acq_rel.gpu``
-   (acquiring what the others released) before it counts on. Otherwise each
-   thread fences its writes (``fence.release.gpu`` where the PTX is ISA 8.6+
-   for sm_90+, else ``fence.acq_rel.gpu``) and, per warp, the highest active lane adds
-   the warp's active lane count to the block's shared exit counter (threads
-   may leave at different barriers' sides, so no barrier can gather them);
-   the warp that completes the block's count counts the block in one of its launch's 64
-   sub-counters (block id & 63, each in its own L2 sector: a quarter million
-   blocks arriving at one address would serialize; launches of at most 64
-   blocks skip this level); the block that completes a sub-counter counts it
-   in the slot, and the block that completes the
-   slot's count — the last of the launch — bumps ``completions[kernel_id]``,
-   leaves ``active`` and frees the slot. A counter therefore equals the number of
+   slot; the block that completes a count then fences with
+   ``fence.acq_rel.gpu`` (acquiring what the others released) before it counts
+   on. Otherwise each thread fences its writes (``fence.release.gpu`` where the
+   PTX is ISA 8.6+ for sm_90+, else ``fence.acq_rel.gpu``) and, per warp, the
+   highest active lane adds the warp's active lane count to the block's shared
+   exit counter (threads may leave at different barriers' sides, so no barrier
+   can gather them); the warp that completes the block's count counts the block
+   in one of its launch's 64 sub-counters (block id & 63, each in its own L2
+   sector: a quarter million blocks arriving at one address would serialize;
+   launches of at most 64 blocks skip this level); the block that completes a
+   sub-counter counts it in the slot, and the block that completes the slot's
+   count — the last of the launch — bumps ``completions[kernel_id]``, leaves
+   ``active`` and frees the slot. A counter therefore equals the number of
    finished launches of that kernel, whatever the streams, grid shapes or
    concurrency.
 
@@ -90,8 +89,8 @@ Limits (documented, detected where possible): kernels that exit from a called
 instrumented launch waits while its slot is held by an instrumented launch
 1024·k grid IDs older (any kernel launch in the context takes a grid ID), so
 a kernel that waits for a launch started 1024 launches after it can
-deadlock; PTX older
-than ISA 7.0 or targets below sm_70 are refused (``nanosleep``, ``activemask``).
+deadlock; PTX older than ISA 7.0 or targets below sm_70 are refused
+(``nanosleep``, ``activemask``).
 """
 
 from __future__ import annotations
