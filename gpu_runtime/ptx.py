@@ -545,8 +545,8 @@ _EXIT_BARRIER = _EXIT.replace(_ARRIVAL, "\tbar.sync \t0;\n" + _not_thread0("$__c
 # so the gate admits it straight through the admission word (as a slot's
 # admission does) and marks the shared slot variable with the top bit; its exit
 # counts the completion and leaves the admission count after the block's one
-# fence. Saves the slot probe and claim (two round trips to L2), the admitted
-# flag, the slot count and a second fence.
+# fence. Saves the slot read and claim (two round trips to L2), the admitted
+# flag and the slot count.
 _SINGLE_GATE = """\tmov.u32 \t%__cc_r7, %nctaid.x;
 \tmov.u32 \t%__cc_r8, %nctaid.y;
 \tmul.lo.u32 \t%__cc_r7, %__cc_r7, %__cc_r8;
