@@ -21,8 +21,12 @@ Protocol of one call ``durable_generate(model, input_ids, session_id=...)``:
 4. A final epoch marks the run done; calling again returns the stored result
    without running the model.
 
-The cache works with ``model.generate`` directly too (``DurableCache.for_model``
-and ``cache.bind(session)``).
+The cache works with ``model.generate`` directly too (``DurableCache.for_model``;
+to persist it, register ``cache.storage`` as a kv region with ``seq_axis=3``),
+beam search included: build it with ``batch_size = batch * num_beams`` (the
+batch ``generate`` runs); ``reorder_cache`` permutes the storage's rows in
+place. A cache used with another batch size raises ``ConcordiaError`` at the
+first forward, naming both.
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ class DurableLayer(DynamicLayer):
         if t0 + n > self._k.shape[-2]:
             raise ConcordiaError(f"durable cache full: expected at most {self._k.shape[-2]} positions, "
                                  f"found {t0 + n}; pass a larger max_cache_len")
+        # copy_ broadcasts: without this check a batch of 1 would silently fill
+        # every row of a cache built for more, and other mismatches would surface
+        # as torch shape errors deep inside attention.
+        b, h, _, d = key_states.shape
+        if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
+            raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
         self._k[:, :, t0:t0 + n].copy_(key_states)
         self._v[:, :, t0:t0 + n].copy_(value_states)
         self._cache.lengths[self._index] = t0 + n
@@ -101,11 +111,43 @@ class DurableLayer(DynamicLayer):
         self._cache.lengths[self._index] = 0
         self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place.
+
+        The inherited method rebinds ``keys``/``values`` to new tensors, which
+        ``update`` never reads (it writes and returns the storage): beam search
+        then ran on the unreordered rows and returned wrong beams silently."""
+        batch = self._k.shape[0]
+        if beam_idx.shape != (batch,):
+            raise ConcordiaError(f"durable cache reorder: expected {batch} beam indices (the cache's batch size), "
+                                 f"found shape {list(beam_idx.shape)}")
+        n = self.get_seq_length()
+        if n > 0:
+            idx = beam_idx.to(self._k.device)
+            # index_select makes a new tensor, so no source row is overwritten
+            # before it is read; copy_ then keeps the storage's address.
+            self._k[:, :, :n].copy_(self._k[:, :, :n].index_select(0, idx))
+            self._v[:, :, :n].copy_(self._v[:, :, :n].index_select(0, idx))
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise ConcordiaError("a durable cache has a fixed batch size (beam search is not supported)")
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
+                             "batch size instead")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise ConcordiaError("a durable cache has a fixed batch size (beam search is not supported)")
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to keep {len(indices)} rows")
+
+
+def _shape_mismatch(expected: torch.Size, found: torch.Size) -> str:
+    b, h, _, d = expected
+    msg = (f"durable cache: expected key/value states of shape [batch={b}, kv_heads={h}, *, head_dim={d}] "
+           f"(the shape it was built with), found {list(found)}")
+    if found[0] != b:
+        msg += (f"; it was built for batch_size={b} and generate runs {found[0]} sequences (generate expands the "
+                "batch num_beams * num_return_sequences times: build the cache with that batch size)")
+    return msg
 
 
 class DurableCache(Cache):
