@@ -4,14 +4,23 @@ Protocol, in order, with who calls each step:
 
 1. ``SessionLog.open`` (Session, on create or takeover): fence the ring with
    the new token, drain whatever the previous owner left in the ring into its
-   own chain, scan the log (``_replay.scan``), start this owner's chain with an
-   empty segment at the end of the last committed epoch (the handoff offset),
-   and reset the ring to start there.
+   own chain, scan the log (``_replay.scan``), check it against what the
+   catalog recorded as durable, start this owner's chain with an empty segment
+   at the end of the last committed epoch (the handoff offset), and reset the
+   ring to start there.
 2. ``writer`` (the backend, on commit): records into the ring.
 3. ``flush_step`` (the flusher thread, or ``flush`` on demand): ring →
    segment, fsync per policy, publish ``consumed``, roll segments, compact.
 4. ``close`` (Session): a last flush with fsync; on a clean close the ring file
-   is removed (its bytes are all in segments).
+   is removed (its bytes are all in segments). ``cancel`` instead undoes an
+   open that failed: the ring stays, this owner's empty segment goes.
+
+What is verified: every record the flusher or the drain copies out of the ring
+has its header checksum, its session and its payload checksum verified first,
+so a damaged ring never reaches a segment (the flusher stops at the damage and
+the next commit raises it); a log that holds fewer epochs than the catalog
+recorded as durable (a lost segment file) is refused at open with the files
+and epochs it would lose, unless the caller allows a rollback.
 """
 
 from __future__ import annotations
@@ -30,9 +39,18 @@ import numpy as np
 from gpu_runtime.host import HostBackend, HostRegion
 from gpu_runtime.logring import LogRing
 from gpu_runtime.logwriter import LogWriter
-from gpu_runtime.records import RecordFlags, RecordType, encode_record
+from gpu_runtime.records import (
+    HEADER_SIZE,
+    FramingError,
+    RecordFlags,
+    RecordType,
+    decode_header,
+    encode_record,
+    payload_sum,
+)
 
 from ._catalog import Catalog, SegmentInfo
+from ._home import make_private_dir, write_session_marker
 from ._logging import get_logger
 from ._replay import LogIndex, PayloadReader, scan, valid_size
 from ._segments import (
@@ -46,9 +64,9 @@ from ._segments import (
     new_header,
 )
 from .config import RuntimeConfig
-from .errors import CorruptLogError, LogFullError, OwnershipError
+from .errors import CorruptLogError, LogFullError, OwnershipError, SessionNotFound
 
-__all__ = ["SessionLog", "session_dir_name", "ring_path"]
+__all__ = ["Rollback", "SessionLog", "ring_holds_unflushed", "ring_path", "session_dir_name"]
 
 _COPY_CHUNK = 8 << 20
 
@@ -64,6 +82,30 @@ def ring_path(config: RuntimeConfig, tag: int) -> Path:
 
     home_tag = hashlib.blake2b(str(config.home.resolve()).encode(), digest_size=4).hexdigest()
     return (config.ring_dir or default_ring_dir(config.home)) / f"concordia-{home_tag}-{tag:016x}.ring"
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """What an open with ``allow_rollback`` gave up: the catalog had recorded
+    ``recorded_epoch`` as durable, the log held intact epochs up to ``epoch``."""
+
+    recorded_epoch: int
+    epoch: int
+    missing: tuple[str, ...]  #: segment files the catalog lists that are gone
+    damage: str | None  #: the first damaged record or gap the salvage stopped at
+    skipped_ring_bytes: int = 0  #: bytes of the host ring after a damaged record
+
+    def __str__(self) -> str:
+        parts = [f"resumed at epoch {self.epoch}; the catalog had recorded epoch {self.recorded_epoch} as durable"]
+        if self.recorded_epoch > self.epoch:
+            parts.append(f"gave up epochs {self.epoch + 1}..{self.recorded_epoch}")
+        if self.missing:
+            parts.append(f"missing segment files: {', '.join(self.missing)}")
+        if self.damage:
+            parts.append(f"stopped at: {self.damage}")
+        if self.skipped_ring_bytes:
+            parts.append(f"dropped {self.skipped_ring_bytes} bytes of the host ring after a damaged record")
+        return "; ".join(parts)
 
 
 @dataclass(slots=True)
@@ -96,41 +138,68 @@ class SessionLog:
         self.closed = False
         self.error: BaseException | None = None  #: last flusher error (e.g. disk full)
         self.delta_bytes = 0
+        self.rollback: Rollback | None = None  #: set by an open that rolled back
+        self.ring_created = False  #: this open made the ring file (cancel removes it)
         self.kick: Any = None  #: set by the flusher: wakes it
         self.log = get_logger(session=session_id, token=token)
         self.writer = LogWriter(
             ring, session_tag=tag, max_record_bytes=config.max_record_bytes, space_timeout=config.space_timeout,
-            kick=lambda: self.kick and self.kick(), fenced=self.check_owner)
+            kick=lambda: self.kick and self.kick(), fenced=self.check_writable)
 
     # -- 1. open ----------------------------------------------------------------
 
     @classmethod
     def open(cls, *, session_id: str, tag: int, token: int, directory: Path, config: RuntimeConfig,
-             catalog: Catalog) -> tuple[SessionLog, LogIndex]:
+             catalog: Catalog, allow_rollback: bool = False) -> tuple[SessionLog, LogIndex]:
         log = get_logger(session=session_id, token=token)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory.parent)
+        make_private_dir(directory)
+        write_session_marker(directory, session_id, catalog.catalog_id)
         rpath = ring_path(config, tag)
         ring: LogRing | None = None
+        skipped_ring = 0
         if rpath.exists():
             ring = LogRing.open(rpath)
-            if ring.session_tag != tag:
-                raise CorruptLogError(f"expected ring of session tag {tag:016x}, found {ring.session_tag:016x}",
-                                      path=str(rpath), offset=24)
-            ring.set_owner(token)  # fences a stale writer on this host before we read
-            _drain(ring, directory, tag, log)
-        index = scan(directory, session_tag=tag)
-        segment = SegmentWriter.create(directory, new_header(session_tag=tag, token=token, base=index.end))
+            try:
+                if ring.session_tag != tag:
+                    raise CorruptLogError(f"expected ring of session tag {tag:016x}, found {ring.session_tag:016x}",
+                                          path=str(rpath), offset=24)
+                ring.set_owner(token)  # fences a stale writer on this host before we read
+                skipped_ring = _drain(ring, directory, tag, log, salvage=allow_rollback)
+            except BaseException:
+                ring.close()
+                raise
+        try:
+            index = scan(directory, session_tag=tag, salvage=allow_rollback)
+            rollback = _check_against_catalog(session_id, directory, index, catalog, allow_rollback, skipped_ring)
+            segment = SegmentWriter.create(directory, new_header(session_tag=tag, token=token, base=index.end))
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            raise
+        created = False
         if ring is not None and ring.capacity != config.ring_bytes:
             ring.unlink()
             ring = None
         if ring is None:
             ring = LogRing.create(rpath, capacity=config.ring_bytes, session_tag=tag, owner_token=token,
                                   base=index.end)
+            created = True
         else:
             ring.reset(base=index.end, owner_token=token)
         self = cls(session_id=session_id, tag=tag, token=token, directory=directory, ring=ring, segment=segment,
                    config=config, catalog=catalog, epoch=index.epoch)
         self.delta_bytes = index.delta_bytes
+        self.ring_created = created
+        if rollback is not None:
+            self.rollback = rollback
+            try:
+                catalog.roll_back(session_id, token, epoch=index.epoch, offset=index.end,
+                                  missing=list(rollback.missing))
+            except BaseException:
+                self.cancel()
+                raise
+            log.warning("session resumed with a rollback", detail=str(rollback))
         log.info("log opened", epoch=index.epoch, log_offset=index.end, base=str(index.base) if index.base else None)
         return self, index
 
@@ -145,10 +214,29 @@ class SessionLog:
         if self.fenced is not None:
             raise OwnershipError(f"session {self.session_id!r}: lost ownership: {self.fenced}")
 
+    def check_writable(self) -> None:
+        """``check_owner``, then raise what stopped the flusher (a full disk, a
+        damaged ring record): a commit waiting for ring space gives up at the
+        flusher's next failed pass instead of after the space timeout."""
+        self.check_owner()
+        if isinstance(self.error, (LogFullError, CorruptLogError)):
+            raise self.error
+
     # -- 3. flushing ------------------------------------------------------------
 
     def flush_step(self, *, force_sync: bool = False) -> bool:
-        """Copy new ring bytes to segments; returns True if anything moved."""
+        """Copy new ring bytes to segments; returns True if anything moved.
+        A disk error or a damaged ring record is kept in ``error`` (the next
+        commit raises it) until a later pass gets through."""
+        try:
+            moved = self._flush_step(force_sync=force_sync)
+        except (LogFullError, CorruptLogError) as e:
+            self.error = e
+            raise
+        self.error = None
+        return moved
+
+    def _flush_step(self, *, force_sync: bool) -> bool:
         with self.lock:
             if self.closed or self.fenced is not None or self.ring.owner_token != self.token:
                 return False
@@ -160,7 +248,8 @@ class SessionLog:
             while consumed < written:
                 # Copy whole records only, so that a segment never ends inside a
                 # record we vouched for (consumed) and never splits one in two.
-                end = _record_boundary(self.ring, consumed, written, min(_COPY_CHUNK, self.config.segment_bytes))
+                end = _verified_boundary(self.ring, self.tag, consumed, written,
+                                         min(_COPY_CHUNK, self.config.segment_bytes))
                 n = end - consumed
                 if self.segment.size > SEGMENT_HEADER_SIZE and self.segment.size + n > self.config.segment_bytes:
                     self._roll(consumed)
@@ -283,51 +372,122 @@ class SessionLog:
     # -- 4. close ---------------------------------------------------------------
 
     def close(self, *, clean: bool) -> None:
+        """A last flush with fsync, then close; on a clean close of a fully
+        flushed ring the ring file is removed. If the last flush fails (a full
+        disk, a damaged record) the error is raised and the ring file stays:
+        it holds the epochs the segments lack."""
         with self.lock:
             if self.closed:
                 return
+            unlink = False
             try:
                 if self.fenced is None and self.ring.owner_token == self.token:
                     self.flush_step(force_sync=True)
-                    if clean and self.ring.consumed == self.ring.written:
-                        self.ring.unlink()
-                        return
+                    unlink = clean and self.ring.consumed == self.ring.written
             finally:
                 self.closed = True
                 self.segment.close()
-            self.ring.close()
+                if unlink:
+                    self.ring.unlink()
+                else:
+                    self.ring.close()
+
+    def cancel(self) -> None:
+        """Undo this open (it failed before anything was committed): close
+        without flushing or unlinking the ring, remove this owner's segment if
+        it is still empty, and the ring file if this open made it and nothing
+        was written to it. What the open drained from an older owner's ring
+        stays in that owner's segments (moved, not lost)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.segment.close()
+            empty = self.ring.written == self.ring.base
+            try:
+                if self.segment.size <= SEGMENT_HEADER_SIZE and self.segment.path.stat().st_size <= SEGMENT_HEADER_SIZE:
+                    self.segment.path.unlink()
+                    fsync_dir(self.dir)
+            except FileNotFoundError:
+                pass
+            if self.ring_created and empty:
+                self.ring.unlink()
+            else:
+                self.ring.close()
 
 
-def _record_boundary(ring: LogRing, start: int, limit: int, chunk: int) -> int:
-    """The end of the last whole record in ``[start, limit)`` that keeps the span
-    under ``chunk`` bytes (at least one record). ``limit`` is a record boundary."""
-    from gpu_runtime.records import HEADER_SIZE, FramingError, checked_record_size
+def ring_holds_unflushed(path: Path) -> int:
+    """Bytes a ring file holds that its flusher has not appended to segments
+    (0 for an empty or a fully flushed ring). A ring that cannot be read counts
+    as holding everything: never delete what cannot be checked."""
+    try:
+        ring = LogRing.open(path)
+    except (OSError, CorruptLogError):
+        try:
+            return max(1, path.stat().st_size)
+        except OSError:
+            return 0
+    try:
+        return ring.written - ring.consumed
+    finally:
+        ring.close()
 
+
+def _verified_record(ring: LogRing, tag: int, pos: int, limit: int) -> int:
+    """The size of the record at log offset ``pos`` of ``ring``, after checking
+    its header, its session and its payload checksum, and that it ends by
+    ``limit``; raises CorruptLogError naming the ring and offset otherwise."""
+    try:
+        header = decode_header(ring.read(pos, HEADER_SIZE))
+    except FramingError as e:
+        raise CorruptLogError(f"host ring holds a bad record header at log offset {pos}: {e.reason}",
+                              path=str(ring.path), offset=pos) from None
+    if header.session_tag != tag:
+        raise CorruptLogError(f"host ring holds a record of another session (tag {header.session_tag:016x}) at "
+                              f"log offset {pos}", path=str(ring.path), offset=pos)
+    if pos + header.size > limit:
+        raise CorruptLogError(f"host ring record at log offset {pos} runs past the published end {limit}",
+                              path=str(ring.path), offset=pos)
+    views = ring.views(pos + HEADER_SIZE, header.length)
+    body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
+    if payload_sum(body) != header.payload_sum:
+        raise CorruptLogError(f"host ring record at log offset {pos} ({header.type.name}, epoch {header.epoch}) "
+                              "fails its payload checksum", path=str(ring.path), offset=pos)
+    return header.size
+
+
+def _verified_boundary(ring: LogRing, tag: int, start: int, limit: int, chunk: int) -> int:
+    """The end of the last whole, verified record in ``[start, limit)`` that keeps
+    the span under ``chunk`` bytes (at least one record). ``limit`` is a record
+    boundary. Raises CorruptLogError at a damaged first record: the flusher then
+    copies nothing more and the next commit raises it."""
     pos = start
     while pos < limit:
-        try:
-            size = checked_record_size(ring.read(pos, HEADER_SIZE))
-        except FramingError as e:
-            raise CorruptLogError(f"host ring holds a bad record header at log offset {pos}: {e.reason}",
-                                  path=str(ring.path), offset=pos) from None
-        if pos + size > limit or (pos > start and pos + size - start > chunk):
-            break
-        pos += size
-    if pos == start:
-        raise CorruptLogError(f"host ring record at log offset {start} runs past the published end {limit}",
-                              path=str(ring.path), offset=start)
+        if pos > start:
+            # Peek at the size only: a record that would not fit the chunk is verified next time.
+            try:
+                size = decode_header(ring.read(pos, HEADER_SIZE)).size
+            except FramingError:
+                break  # verified (and reported) when it is the first record of a span
+            if pos + size - start > chunk:
+                break
+        pos += _verified_record(ring, tag, pos, limit)
     return pos
 
 
-def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
-    """Move what a previous owner left in the ring into its own chain."""
+def _drain(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool = False) -> int:
+    """Move what a previous owner left in the ring into its own chain, after
+    verifying every record. A damaged record raises CorruptLogError before
+    anything is changed; with ``salvage`` the records before it are moved and
+    the rest of the ring is dropped. Returns the bytes dropped."""
     if ring.written <= ring.consumed:
-        return
+        return 0
     chain = ring.chain_token
     _, deltas = list_segments(directory)
     mine = [f for f in deltas if f.token == chain]
     start = ring.consumed
     tail_end = -1
+    valid = -1
     if mine:
         tail = mine[-1]
         # What the dead flusher published as consumed was written whole; only the
@@ -335,34 +495,71 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any) -> None:
         valid = valid_size(tail.path, session_tag=tag,
                            verify_from=max(0, ring.consumed - tail.base) + SEGMENT_HEADER_SIZE)
         tail_end = tail.base + valid - SEGMENT_HEADER_SIZE
-        if valid != tail.size:
-            # A torn append by the dead flusher. ``consumed`` never passes a
-            # whole record, so the ring still holds every byte cut off here.
-            with open(tail.path, "r+b") as f:
-                f.truncate(valid)
-                os.fsync(f.fileno())
         start = max(start, tail_end)
     if start < ring.base or start > ring.written:
         raise CorruptLogError(
             f"expected the ring to hold log offsets from {start}, found [{ring.base}, {ring.written})",
             path=str(ring.path), offset=80)
-    if start == ring.written:
-        return
-    if mine and start == tail_end:
-        seg = SegmentWriter.reopen(mine[-1].path, session_tag=tag)  # continue the dead flusher's segment
-    else:
-        seg = SegmentWriter.create(directory, new_header(session_tag=tag, token=chain, base=start))
+    # Verify before changing anything: a refused open leaves ring and segments as they were.
+    end, pos, dropped = ring.written, start, 0
+    while pos < end:
+        try:
+            pos += _verified_record(ring, tag, pos, end)
+        except CorruptLogError as e:
+            if not salvage:
+                raise CorruptLogError(f"{e.reason}; resume with allow_rollback=True to continue from the newest intact "
+                                      "epoch", path=str(ring.path), offset=pos) from e
+            log.warning("host ring damaged; dropping its tail", offset=pos, bytes=end - pos, error=str(e))
+            end, dropped = pos, end - pos
+            break
+    if mine and valid != mine[-1].size:
+        # A torn append by the dead flusher. ``consumed`` never passes a
+        # whole record, so the ring still holds every byte cut off here.
+        with open(mine[-1].path, "r+b") as f:
+            f.truncate(valid)
+            os.fsync(f.fileno())
+    if start < end:
+        if mine and start == tail_end:
+            seg = SegmentWriter.reopen(mine[-1].path, session_tag=tag)  # continue the dead flusher's segment
+        else:
+            seg = SegmentWriter.create(directory, new_header(session_tag=tag, token=chain, base=start))
+        try:
+            pos = start
+            while pos < end:
+                n = min(_COPY_CHUNK, end - pos)
+                seg.append(ring.read(pos, n))
+                pos += n
+            seg.sync()
+        finally:
+            seg.close()
+        log.info("drained host ring of the previous owner", bytes=end - start, chain=chain)
+    ring.publish_consumed(end)
+    return dropped
+
+
+def _check_against_catalog(session_id: str, directory: Path, index: LogIndex, catalog: Catalog,
+                           allow_rollback: bool, skipped_ring: int) -> Rollback | None:
+    """Refuse a log that holds less than the catalog recorded as durable (raise
+    CorruptLogError naming the missing files and the epochs at stake), or,
+    with ``allow_rollback``, describe what is given up. None: nothing is."""
     try:
-        pos = start
-        while pos < ring.written:
-            n = min(_COPY_CHUNK, ring.written - pos)
-            seg.append(ring.read(pos, n))
-            pos += n
-        seg.sync()
-    finally:
-        seg.close()
-    ring.publish_consumed(ring.written)
-    log.info("drained host ring of the previous owner", bytes=ring.written - start, chain=chain)
+        recorded = catalog.get(session_id).last_epoch
+    except SessionNotFound:
+        recorded = 0
+    if index.epoch >= recorded and index.damage is None and not skipped_ring:
+        return None
+    present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    missing = tuple(seg.name for seg in catalog.segments(session_id)
+                    if seg.name not in present and (seg.kind == "base" or seg.end_offset > index.end))
+    if not allow_rollback:
+        what = f"missing segment file(s) {', '.join(missing)}" if missing else "a segment file lost or cut short"
+        raise CorruptLogError(
+            f"session {session_id!r}: the catalog recorded epoch {recorded} as durable, the log holds epochs up to "
+            f"{index.epoch} ({what}); resuming would lose epochs {index.epoch + 1}..{recorded}. Restore the files, "
+            "or resume with allow_rollback=True (concordia sessions recover ID --allow-rollback) to continue from "
+            f"epoch {index.epoch}", path=str(directory / missing[0]) if missing else str(directory))
+    return Rollback(recorded_epoch=max(recorded, index.epoch), epoch=index.epoch, missing=missing,
+                    damage=str(index.damage) if index.damage is not None else None, skipped_ring_bytes=skipped_ring)
 
 
 def write_base_image(directory: Path, tag: int, token: int, index: LogIndex) -> Path:

@@ -8,9 +8,27 @@ find the sessions of its tasks by prefix, without a table of bindings.
 
 from __future__ import annotations
 
-__all__ = ["TASK_SEP", "parent_of"]
+from .errors import ConcordiaError
+
+__all__ = ["MAX_ID_LENGTH", "TASK_SEP", "check_session_id", "parent_of"]
 
 TASK_SEP = "#task:"
+MAX_ID_LENGTH = 512  #: the catalog's column width
+
+
+def check_session_id(session_id: object) -> None:
+    """Raise ConcordiaError unless ``session_id`` is a string both catalogs can
+    store: 1..512 characters, valid Unicode (no lone surrogates), no NUL
+    (PostgreSQL's text refuses it; SQLite would take it)."""
+    ok = isinstance(session_id, str) and 0 < len(session_id) <= MAX_ID_LENGTH and "\0" not in session_id
+    if ok:
+        try:
+            session_id.encode("utf-8")  # type: ignore[union-attr]
+        except UnicodeEncodeError:
+            ok = False
+    if not ok:
+        raise ConcordiaError(f"expected a session ID of 1..{MAX_ID_LENGTH} characters of valid Unicode without NUL, "
+                             f"found {session_id!r}")
 
 
 def parent_of(session_id: str) -> str | None:

@@ -20,6 +20,15 @@ tail (a crash mid-append) and ends the scan quietly: its epoch has no commit.
 Anything else that fails framing or a checksum raises ``CorruptLogError`` with
 the file and byte offset. Never wrong data, never a silent jump over damage.
 
+Salvage (``scan(..., salvage=True)``, asked for explicitly by a resume with
+``allow_rollback``): every payload is verified, and the first damage of any
+kind ends the scan instead of raising; the index is the newest epoch whose
+records all lie before it, and ``index.damage`` says what was found. A chain
+is read only up to the *lowest* handoff of the chains after it: an owner that
+resumed at an older epoch (a rollback) starts its chain below the end of the
+previous one, and everything the older chains hold past that point is no
+longer history.
+
 What is verified when: the scan checks every header (its own checksum, the
 framing) and the payload checksums of the records it parses (REGION, COMMIT);
 it does not read data payloads (PAGES, ROWS), which can be gigabytes of KV
@@ -85,6 +94,7 @@ class LogIndex:
     base: Path | None = None
     base_epoch: int = 0
     delta_bytes: int = 0  #: bytes of delta records after the base (compaction trigger)
+    damage: CorruptLogError | None = None  #: where a salvage scan stopped (None: it read everything)
 
     @property
     def meta(self) -> Any:
@@ -250,8 +260,10 @@ def _body(payload: bytes, path: Path, pos: int) -> dict[str, Any]:
         raise CorruptLogError(f"COMMIT record holds no valid body ({e})", path=str(path), offset=pos) from e
 
 
-def _read_base(f: SegmentFile, tag: int, index: LogIndex) -> None:
+def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | None = None) -> None:
+    """Read a base image into ``index``, which changes only once all of it checked out."""
     hdr = read_segment_header(f.path, session_tag=tag)
+    epoch, body = 0, {}
     size = f.size
     pending: list[RecordLoc] = []
     specs: dict[int, RegionSpec] = {}
@@ -260,7 +272,7 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex) -> None:
         pos = SEGMENT_HEADER_SIZE
         while True:
             try:
-                rec = reader.next(pos)
+                rec = reader.next(pos, verify_past=verify_past)
             except FramingError as e:
                 raise CorruptLogError(f"base image record: {e.reason}", path=str(f.path), offset=pos) from None
             if rec is None:
@@ -271,17 +283,18 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex) -> None:
             if header.type is RecordType.COMMIT:
                 if not header.flags & RecordFlags.BASE or header.aux != len(pending) + len(specs):
                     raise CorruptLogError("base image commit does not match its records", path=str(f.path), offset=pos)
-                index.epoch = index.base_epoch = header.epoch
-                index.body = _body(payload, f.path, pos)
+                epoch, body = header.epoch, _body(payload, f.path, pos)
                 break
             if header.type is RecordType.REGION:
                 specs[header.region] = _spec(payload, f.path, pos)
             else:
                 pending.append(RecordLoc(f.path, pos, -1, header))
             pos += header.size
-    if hdr.epoch != index.epoch:
-        raise CorruptLogError(f"base image header names epoch {hdr.epoch}, its commit epoch {index.epoch}",
+    if hdr.epoch != epoch:
+        raise CorruptLogError(f"base image header names epoch {hdr.epoch}, its commit epoch {epoch}",
                               path=str(f.path), offset=48)
+    index.epoch = index.base_epoch = epoch
+    index.body = body
     index.specs = specs
     index.records = {}
     for loc in pending:
@@ -290,12 +303,26 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex) -> None:
     index.end = f.base
 
 
-def scan(directory: Path, *, session_tag: int) -> LogIndex:
+def scan(directory: Path, *, session_tag: int, salvage: bool = False) -> LogIndex:
     """Scan a session directory; see the module docstring."""
     index = LogIndex()
+    try:
+        _scan(directory, session_tag, index, salvage)
+    except CorruptLogError as e:
+        if not salvage:
+            raise
+        index.damage = e  # a damaged base image leaves epoch 0: compaction deleted what it covered
+    return index
+
+
+def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool) -> None:
+    """The scan proper. ``index`` changes only at whole commits (``_commit``,
+    ``_read_base``), so after a CorruptLogError it holds the newest epoch before
+    the damage."""
+    verify_past = 0 if salvage else None  # salvage: read and verify every payload
     bases, deltas = list_segments(directory)
     if bases:
-        _read_base(bases[-1], session_tag, index)
+        _read_base(bases[-1], session_tag, index, verify_past)
     start = index.end
     chains: dict[int, list[SegmentFile]] = {}
     for seg in deltas:
@@ -305,7 +332,8 @@ def scan(directory: Path, *, session_tag: int) -> LogIndex:
     pending: list[RecordLoc] = []
     for ci, token in enumerate(tokens):
         pending = []  # an old chain's uncommitted records end at the next handoff
-        limit = handoff[tokens[ci + 1]] if ci + 1 < len(tokens) else None
+        later = [handoff[t] for t in tokens[ci + 1:]]
+        limit = min(later) if later else None
         newest = limit is None
         expected: int | None = None
         segs = chains[token]
@@ -314,12 +342,12 @@ def scan(directory: Path, *, session_tag: int) -> LogIndex:
             size = seg.size
             if size < SEGMENT_HEADER_SIZE and last_file:
                 break  # created but its header never made it: torn
+            if limit is not None and seg.base >= limit:
+                break  # written after a later owner took over: not part of the history
             hdr = read_segment_header(seg.path, session_tag=session_tag)
             if hdr.base != seg.base or hdr.token != seg.token:
                 raise CorruptLogError(f"segment header says token {hdr.token} base {hdr.base}, its name "
                                       f"token {seg.token} base {seg.base}", path=str(seg.path), offset=24)
-            if limit is not None and seg.base >= limit:
-                break  # written after the next owner took over: not part of the history
             if expected is not None and seg.base != expected:
                 raise CorruptLogError(
                     f"expected the next segment of chain {token} to start at log offset {expected}, found {seg.base}: "
@@ -336,7 +364,7 @@ def scan(directory: Path, *, session_tag: int) -> LogIndex:
                     if limit is not None and logical >= limit:
                         break
                     try:
-                        rec = reader.next(pos)
+                        rec = reader.next(pos, verify_past=verify_past)
                     except FramingError as e:
                         if e.torn and last_file:
                             break  # torn tail of the newest chain: that epoch never committed
@@ -360,7 +388,6 @@ def scan(directory: Path, *, session_tag: int) -> LogIndex:
                             index.delta_bytes += header.size
                     pos += header.size
             expected = seg.base + pos - SEGMENT_HEADER_SIZE
-    return index
 
 
 def _commit(index: LogIndex, pending: list[RecordLoc], loc: RecordLoc, payload: bytes) -> None:

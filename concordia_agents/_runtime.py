@@ -9,8 +9,16 @@ Call protocol::
     rt.resume("chat-42")             # after a crash, in any process
     lease = rt.hold("thread-7")      # a lease without a region log (graph threads)
     rt.let_go(lease)
-    rt.sessions(); rt.delete(id)
+    rt.sessions(); rt.delete(id); rt.gc(dry_run=True)
     rt.close()                       # closes open sessions cleanly
+
+Opening binds the home to its catalog (``_home``): a home opened with another
+catalog raises ``CatalogMismatchError`` before anything is read or deleted.
+``Runtime.open(create=False)`` (read-only commands) creates no home, catalog
+or marker: a missing one raises ``HomeNotFound`` / ``CatalogNotFound``.
+
+A failed open or resume leaves the session as it was found: status, ring,
+segments (``Catalog.give_back``, ``Session.cancel``).
 
 Threads: the *flusher* copies every open session's ring into segments (woken
 by each commit, else every ``flush_poll`` seconds); the *heartbeat* extends
@@ -25,33 +33,80 @@ import shutil
 import threading
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
-from ._catalog import Catalog, SessionInfo
+from ._catalog import Catalog, SessionInfo, redact_url
+from ._home import (
+    bind_catalog,
+    catalog_missing,
+    prepare_home,
+    read_home_marker,
+    read_session_marker,
+)
 from ._lease import Lease
-from ._log import SessionLog, ring_path, session_dir_name
+from ._log import SessionLog, ring_holds_unflushed, ring_path, session_dir_name
 from ._logging import configure_logging, get_logger
-from ._names import TASK_SEP
+from ._names import TASK_SEP, check_session_id
 from ._owner import new_owner_id
 from ._session import Session
 from .config import RuntimeConfig
-from .errors import ConcordiaError, LogFullError, OwnershipError
+from .errors import (
+    CatalogNotFound,
+    ConcordiaError,
+    CorruptLogError,
+    LogFullError,
+    OwnershipError,
+    SessionNotFound,
+)
 
-__all__ = ["Runtime"]
+__all__ = ["GcItem", "GcReport", "Runtime"]
+
+
+@dataclass(frozen=True, slots=True)
+class GcItem:
+    path: Path
+    reason: str
+
+
+@dataclass(slots=True)
+class GcReport:
+    """What :meth:`Runtime.gc` removed (or, in a dry run, would remove) and what
+    it kept although no session refers to it, each with the reason."""
+
+    dry_run: bool
+    removed: list[GcItem] = field(default_factory=list)
+    kept: list[GcItem] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [i.path for i in self.removed]
 
 
 class Runtime:
-    def __init__(self, config: RuntimeConfig, *, backend: Backend | None = None) -> None:
+    def __init__(self, config: RuntimeConfig, *, backend: Backend | None = None, create: bool = True) -> None:
         self.config = config
         configure_logging(format=config.log_format, level=config.log_level)
         self.log = get_logger()
-        config.home.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(config.catalog_url)
-        self.backend = backend or open_backend(config.backend, **config.backend_options)
+        prepare_home(config.home, create=create)
+        marker = read_home_marker(config.home)
+        try:
+            # A home with a marker already has its catalog: never make a new, empty one for it.
+            self.catalog = Catalog(config.catalog_url, create=create and marker is None)
+        except CatalogNotFound as e:
+            if marker is not None:
+                raise catalog_missing(config.home, marker, redact_url(config.catalog_url), e) from e
+            raise
+        try:
+            bind_catalog(config.home, self.catalog, marker, write=create)
+            self.backend = backend or open_backend(config.backend, **config.backend_options)
+        except BaseException:
+            self.catalog.dispose()
+            raise
         self.owner = new_owner_id()
         self._sessions: dict[str, Session] = {}
         self._leases: dict[str, Lease] = {}
@@ -69,41 +124,54 @@ class Runtime:
     @classmethod
     def open(
         cls, home: str | os.PathLike[str] | None = None, catalog_url: str | None = None,
-        backend: str | None = None, **options: Any,
+        backend: str | None = None, *, create: bool = True, **options: Any,
     ) -> Runtime:
-        """Open a runtime; arguments override environment variables (see README)."""
-        return cls(RuntimeConfig.from_env(home=home, catalog_url=catalog_url, backend=backend, **options))
+        """Open a runtime; arguments override environment variables (see README).
+        ``create=False`` creates no home, catalog or marker (read-only use)."""
+        return cls(RuntimeConfig.from_env(home=home, catalog_url=catalog_url, backend=backend, **options),
+                   create=create)
 
     # -- sessions ---------------------------------------------------------------
 
     def session_dir(self, session_id: str) -> Path:
         return self.config.home / "sessions" / session_dir_name(session_id, session_tag(session_id))
 
-    def session(self, session_id: str, *, create: bool = True) -> Session:
+    def session(self, session_id: str, *, create: bool = True, allow_rollback: bool = False) -> Session:
         """Create or open a session and take its lease (OwnershipError if another
         live process holds it). An existing session's log is recovered, not yet
-        restored: ``register``/``restore`` bring regions back."""
+        restored: ``register``/``restore`` bring regions back.
+
+        A log that holds less than the catalog recorded as durable (a segment
+        file lost, a damaged record) raises ``CorruptLogError`` naming what is
+        missing, and the session is left as it was. ``allow_rollback=True``
+        opens it at the newest intact epoch instead, verifying every record;
+        ``session.rollback`` then says what was given up."""
         self._check_id(session_id)
-        token, created = self.catalog.acquire(session_id, owner=self.owner, ttl=self.config.lease_ttl,
-                                              backend=self.backend.name, create=create)
+        token, created, prior = self.catalog.take(session_id, owner=self.owner, ttl=self.config.lease_ttl,
+                                                  backend=self.backend.name, create=create, log=True)
         tag = session_tag(session_id)
         try:
             slog, index = SessionLog.open(session_id=session_id, tag=tag, token=token,
                                           directory=self.session_dir(session_id), config=self.config,
-                                          catalog=self.catalog)
+                                          catalog=self.catalog, allow_rollback=allow_rollback)
         except BaseException:
-            self.catalog.release(session_id, token, closed=False)
+            self._give_back(session_id, token, prior)
             raise
         slog.kick = self._kick
-        session = Session(self, session_id, token, slog, index)
+        session = Session(self, session_id, token, slog, index, prior=prior)
         with self._lock:
             self._sessions[session_id] = session
         self.log.info("session opened", session=session_id, token=token, created=created, epoch=index.epoch)
         return session
 
+    def _give_back(self, session_id: str, token: int, prior: Any) -> None:
+        try:
+            self.catalog.give_back(session_id, token, prior)
+        except ConcordiaError as e:
+            self.log.warning("lease give-back failed", session=session_id, error=str(e))
+
     def _check_id(self, session_id: str) -> None:
-        if not isinstance(session_id, str) or not session_id or len(session_id) > 512:
-            raise ConcordiaError(f"expected a session ID of 1..512 characters, found {session_id!r}")
+        check_session_id(session_id)
         with self._lock:
             if session_id in self._sessions or session_id in self._leases:
                 raise OwnershipError(f"session {session_id!r} is already open in this process ({self.owner})")
@@ -115,14 +183,14 @@ class Runtime:
         until :meth:`let_go`. Raises OwnershipError while another live owner
         holds it, SessionNotFound if it does not exist and ``create`` is False."""
         self._check_id(session_id)
-        token, created = self.catalog.acquire(session_id, owner=self.owner, ttl=self.config.lease_ttl,
-                                              backend=kind, create=create)
+        token, created, prior = self.catalog.take(session_id, owner=self.owner, ttl=self.config.lease_ttl,
+                                                  backend=kind, create=create, log=False)
         lease = Lease(session_id, token, self.owner)
         try:
             if labels:
                 self.catalog.set_labels(session_id, token, dict(labels))
         except BaseException:
-            self.catalog.release(session_id, token, closed=False)
+            self._give_back(session_id, token, prior)
             raise
         with self._lock:
             self._leases[session_id] = lease
@@ -147,11 +215,16 @@ class Runtime:
             except ConcordiaError as e:
                 self.log.warning("lease release failed", session=lease.session_id, error=str(e))
 
-    def resume(self, session_id: str, arrays: Mapping[str, Any] | None = None, *, device: str | None = None) -> Session:
+    def resume(self, session_id: str, arrays: Mapping[str, Any] | None = None, *, device: str | None = None,
+               allow_rollback: bool = False) -> Session:
         """Open an existing session and restore every logged region: into
         ``arrays[name]`` where given, else into new arrays of the recorded
-        library, dtype, shape and device (``device`` overrides the latter)."""
-        session = self.session(session_id, create=False)
+        library, dtype, shape and device (``device`` overrides the latter).
+
+        If anything fails (a damaged log, an array that does not fit), the
+        session is left as it was found (``Session.cancel``): status, ring,
+        segments, and the lease free. ``allow_rollback``: see :meth:`session`."""
+        session = self.session(session_id, create=False, allow_rollback=allow_rollback)
         try:
             arrays = dict(arrays or {})
             unknown = set(arrays) - set(session.recorded)
@@ -161,7 +234,7 @@ class Runtime:
             for name in session.recorded:
                 session.restore(name, arrays.get(name), device=device)
         except BaseException:
-            session.close()
+            session.cancel()
             raise
         return session
 
@@ -169,6 +242,7 @@ class Runtime:
         return self.catalog.list()
 
     def info(self, session_id: str) -> SessionInfo:
+        check_session_id(session_id)
         return self.catalog.get(session_id)
 
     def delete(self, session_id: str) -> None:
@@ -189,27 +263,91 @@ class Runtime:
         ring_path(self.config, session_tag(session_id)).unlink(missing_ok=True)
         self.log.info("session deleted", session=session_id)
 
-    def gc(self) -> list[Path]:
-        """Remove files no catalog row refers to: session directories of deleted
-        sessions, rings of closed sessions, temporary files. Returns what went."""
-        known = {self.session_dir(i.id).name: i for i in self.catalog.list()}
-        removed: list[Path] = []
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove files that no session refers to, and only what can be proven
+        orphaned (``dry_run``: report without removing):
+
+        * a session directory the catalog does not list, whose own marker
+          (``session.json``) names this catalog: its session was deleted. A
+          directory without a marker, or naming another catalog, is kept;
+        * the host ring of a closed session whose bytes are all in segments (a
+          ring still holding unflushed bytes is kept: resume the session to
+          flush them), and a ring of this home that no session has;
+        * a compaction's temporary file in a session that no process owns.
+
+        The home is bound to its catalog (``Runtime.open`` refuses another one),
+        so a wrong ``--catalog`` never gets here."""
+        report = GcReport(dry_run=dry_run)
         root = self.config.home / "sessions"
-        if root.is_dir():
-            for d in root.iterdir():
-                if d.name not in known:
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed.append(d)
-                    continue
-                for tmp in d.glob(".base-*.tmp*"):
-                    tmp.unlink(missing_ok=True)
-                    removed.append(tmp)
-        for info in known.values():
-            rp = ring_path(self.config, session_tag(info.id))
-            if info.status == "closed" and rp.exists():
-                rp.unlink(missing_ok=True)
-                removed.append(rp)
-        return removed
+        ring_dir = ring_path(self.config, 0).parent
+        prefix = ring_path(self.config, 0).name.rsplit("-", 1)[0] + "-"
+        # Files first, then the catalog: a session's row is committed before its
+        # directory and ring are made, so every file listed here that belongs to a
+        # live session is in the catalog listing that follows.
+        dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        rings = sorted(ring_dir.glob(prefix + "*.ring")) if ring_dir.is_dir() else []
+        infos = {i.id: i for i in self.catalog.list()}
+        by_dir = {self.session_dir(i).name: info for i, info in infos.items()}
+        catalog_id = self.catalog.catalog_id
+
+        def remove(path: Path, reason: str) -> None:
+            if not dry_run:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            report.removed.append(GcItem(path, reason))
+
+        for d in dirs:
+            info = by_dir.get(d.name)
+            if info is not None:
+                if info.status != "running":
+                    for tmp in sorted(d.glob(".base-*.tmp*")):
+                        remove(tmp, f"temporary file of an unfinished compaction of session {info.id!r}")
+                continue
+            marker = read_session_marker(d)
+            if marker is None:
+                report.kept.append(GcItem(d, "no catalog lists it, and it has no session.json naming its catalog: "
+                                             "not provably orphaned"))
+            elif marker.get("catalog_id") != catalog_id:
+                report.kept.append(GcItem(d, f"belongs to another catalog (ID {marker.get('catalog_id')})"))
+            elif str(marker.get("session_id")) in infos:
+                report.kept.append(GcItem(d, f"its marker names session {marker.get('session_id')!r}, which exists"))
+            else:
+                remove(d, f"session {marker.get('session_id')!r} is no longer in the catalog")
+        tags = {session_tag(i): info for i, info in infos.items()}
+        for rp in rings:
+            try:
+                tag = int(rp.name[len(prefix):-len(".ring")], 16)
+            except ValueError:
+                continue
+            info = tags.get(tag)
+            if info is None:
+                remove(rp, "no session of this home's catalog has this ring's tag")
+            elif info.status == "closed":
+                self._gc_closed_ring(info, rp, remove, report)
+        for item in report.removed:
+            self.log.info("gc", path=str(item.path), reason=item.reason, dry_run=dry_run)
+        return report
+
+    def _gc_closed_ring(self, info: SessionInfo, rp: Path, remove: Any, report: GcReport) -> None:
+        """Remove a closed session's ring if all its bytes are in segments, holding
+        the session's lease meanwhile so that no process reopens it under us."""
+        try:
+            token, _, prior = self.catalog.take(info.id, owner=self.owner, ttl=self.config.lease_ttl,
+                                                backend=info.backend, create=False)
+        except (OwnershipError, SessionNotFound):
+            report.kept.append(GcItem(rp, f"session {info.id!r} was reopened meanwhile"))
+            return
+        try:
+            unflushed = ring_holds_unflushed(rp)
+            if unflushed:
+                report.kept.append(GcItem(rp, f"closed session {info.id!r}, but the ring holds {unflushed} bytes "
+                                              "not in its segments; resume the session to flush them"))
+            else:
+                remove(rp, f"ring of closed session {info.id!r}; every byte is in its segments")
+        finally:
+            self._give_back(info.id, token, prior)
 
     # -- internals ----------------------------------------------------------------
 
@@ -248,19 +386,20 @@ class Runtime:
             for slog in self._open_logs():
                 try:
                     slog.flush_step()
-                    slog.error = None
                     warned.discard(slog.session_id)
                 except OwnershipError as e:
                     self.log.warning("session fenced", session=slog.session_id, error=str(e))
-                except LogFullError as e:
-                    slog.error = e
+                except (LogFullError, CorruptLogError) as e:
+                    # Logged once per session until a pass gets through; the next commit raises it.
                     if slog.session_id not in warned:
-                        self.log.error("log full; commits continue until the host ring fills",
-                                       session=slog.session_id, error=str(e))
+                        self.log.error("flusher stopped; the next commit raises this", session=slog.session_id,
+                                       error=str(e))
                         warned.add(slog.session_id)
                 except Exception as e:  # noqa: BLE001 - the flusher must survive and say why
                     slog.error = e
-                    self.log.exception("flusher error", session=slog.session_id)
+                    if slog.session_id not in warned:
+                        self.log.exception("flusher error", session=slog.session_id)
+                        warned.add(slog.session_id)
 
     def _heartbeat_loop(self) -> None:
         period = self.config.lease_ttl / 3

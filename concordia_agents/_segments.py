@@ -160,12 +160,13 @@ class SegmentWriter:
     @classmethod
     def create(cls, directory: Path, header: SegmentHeader, *, final_name: str | None = None) -> SegmentWriter:
         """A new file with its header written and made durable (file and directory)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = final_name or (delta_name(header.token, header.base) if header.kind == KIND_DELTA
                               else base_name(header.base))
         path = directory / name
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            # 0600: a segment holds someone's conversation (the umask can only narrow it)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         except OSError as e:
             raise _disk_error(e, path) from e
         w = cls(path, fd, header, 0)

@@ -14,6 +14,14 @@ Call protocol (the user, or an integration, calls each step):
    No SQL on this path: ownership is checked against the ring's owner word.
 4. ``session.flush()`` — wait until the newest epoch is fsynced to a segment.
 5. ``session.close()`` — flush, release the lease, mark the session closed.
+   Or ``session.cancel()`` — when opening it failed (a region that does not
+   fit, a run that does not match): leave it as this process found it.
+
+Errors of the flusher reach the committer: after the flusher failed to append
+(a full disk) or refused a damaged ring record, the next ``commit`` raises
+that error (``LogFullError``, ``CorruptLogError``) instead of writing; every
+epoch committed before stays in the ring, and commits go on once the flusher
+has caught up (space freed).
 
 A Session is not meant to be shared between threads for commits; a lock keeps
 concurrent calls from interleaving anyway.
@@ -30,10 +38,18 @@ from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask
 from gpu_runtime.records import RecordType
 from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 
-from ._log import SessionLog
+from ._log import Rollback, SessionLog
 from ._logging import get_logger
 from ._replay import LogIndex, PayloadReader
-from .errors import ConfigurationError, CorruptLogError, MetaError, RegionError, SessionClosedError
+from .errors import (
+    ConcordiaError,
+    ConfigurationError,
+    CorruptLogError,
+    LogFullError,
+    MetaError,
+    RegionError,
+    SessionClosedError,
+)
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -83,8 +99,11 @@ class Region:
 
 
 class Session:
-    def __init__(self, runtime: Runtime, session_id: str, token: int, log: SessionLog, index: LogIndex) -> None:
+    def __init__(self, runtime: Runtime, session_id: str, token: int, log: SessionLog, index: LogIndex,
+                 *, prior: Any = None) -> None:
         self.runtime = runtime
+        self._prior = prior  #: the catalog's state before this open (for cancel)
+        self._committed_here = False
         self.id = session_id
         self.token = token
         self._log = log
@@ -105,6 +124,11 @@ class Session:
     def recorded(self) -> dict[str, RegionSpec]:
         """Regions the log holds state for, registered here or not."""
         return dict(self._recorded)
+
+    @property
+    def rollback(self) -> Rollback | None:
+        """What opening with ``allow_rollback=True`` gave up (None: nothing)."""
+        return self._log.rollback
 
     @property
     def durable_epoch(self) -> int:
@@ -240,6 +264,8 @@ class Session:
                 fence: bool) -> int:
         with self._lock:
             self._log.check_owner()
+            if (err := self._log.error) is not None:
+                self._raise_flusher_error(err)
             ranges: dict[str, tuple[int, int]] = {}
             for name, r in (rows or {}).items():
                 region = self.regions.get(name)
@@ -269,6 +295,7 @@ class Session:
             if wait:
                 self.runtime.backend.wait_visible(self._log.writer, epoch)
             self.epoch, self.meta, self._lengths = epoch, meta, lengths
+            self._committed_here = True
             for name, region in self.regions.items():
                 region._marked = None
                 if region.kind == "kv":
@@ -277,6 +304,19 @@ class Session:
         # fsyncs of all commits in between. Waking it here made it contend for
         # the GIL with the caller's next step (measured on the decode path).
         return epoch
+
+    def _raise_flusher_error(self, err: BaseException) -> None:
+        """Raise what stopped the flusher, as an error of this commit (not written)."""
+        last = f"epoch {self.epoch} and every one before it"
+        if isinstance(err, LogFullError):
+            raise LogFullError(f"session {self.id!r}: epoch {self.epoch + 1} not committed: the flusher cannot "
+                               f"append to the segments ({err}); {last} stay in the host ring until space is "
+                               "freed, then commits go on", orig=err)
+        if isinstance(err, CorruptLogError):
+            raise CorruptLogError(f"session {self.id!r}: epoch {self.epoch + 1} not committed: the flusher found a "
+                                  f"damaged record in the host ring and copies nothing past it ({err.reason}); close this "
+                                  "process and resume with allow_rollback=True to continue from the newest intact "
+                                  "epoch", path=err.path, offset=err.offset, orig=err)
 
     # -- 4. flush / 5. close ----------------------------------------------------
 
@@ -292,23 +332,66 @@ class Session:
         return self._log.wait_durable(self.epoch, timeout)
 
     def close(self) -> None:
-        """Flush, release the lease and mark the session closed."""
+        """Flush, release the lease and mark the session closed. If the last
+        flush fails (a full disk, a damaged ring record), the error is raised
+        and the session is released without being marked closed: its ring still
+        holds what the segments lack, and a resume picks it up."""
         if self._closed:
             return
         self._closed = True
         self.runtime._forget(self)
         try:
             self._log.close(clean=True)
-        finally:
-            self.runtime._release(self, closed=True)
+        except BaseException:
+            self.runtime._release(self, closed=False)
+            raise
+        self.runtime._release(self, closed=True)
         self.log.info("session closed", epoch=self.epoch)
+
+    def cancel(self) -> None:
+        """Give the session back as this process found it, after opening it
+        failed (a region that does not fit, a run that does not match): its
+        status (closed, crashed, idle) and lease are put back, the host ring is
+        left in place, and this owner's empty segment is removed. After a
+        commit of this process it is a release without close instead: what was
+        committed stays, flushed, and the status is idle."""
+        if self._closed:
+            return
+        if self._committed_here or self.rollback is not None:
+            # A rollback is a decision already recorded (catalog, new chain): keep it.
+            self.release()
+            return
+        self._closed = True
+        self.runtime._forget(self)
+        try:
+            self._log.cancel()
+        finally:
+            self.runtime._give_back(self.id, self.token, self._prior)
+        self.log.info("session open cancelled", epoch=self.epoch)
+
+    def release(self) -> None:
+        """Flush, release the lease and keep the session resumable (status
+        idle, not closed): for a process that stops using a session it has not
+        finished, e.g. after a failure it cannot handle itself."""
+        if self._closed:
+            return
+        self._closed = True
+        self.runtime._forget(self)
+        try:
+            self._log.close(clean=False)
+        finally:
+            self.runtime._release(self, closed=False)
+        self.log.info("session released", epoch=self.epoch)
 
     def _abandon(self) -> None:
         """Stop using the session without closing it (its lease is kept until it
         expires: the state is as after a crash). For tests and shutdown paths."""
         self._closed = True
         self.runtime._forget(self)
-        self._log.close(clean=False)
+        try:
+            self._log.close(clean=False)
+        except ConcordiaError as e:  # as after a crash: what the flush could not copy stays in the ring
+            self.log.warning("abandoned session's last flush failed", error=str(e))
 
     def __enter__(self) -> Session:
         return self

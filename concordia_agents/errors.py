@@ -18,9 +18,12 @@ from gpu_runtime.errors import (
 __all__ = [
     "BackendUnavailableError",
     "CatalogError",
+    "CatalogMismatchError",
+    "CatalogNotFound",
     "ConcordiaError",
     "ConfigurationError",
     "CorruptLogError",
+    "HomeNotFound",
     "LogFullError",
     "MetaError",
     "OwnershipError",
@@ -50,6 +53,23 @@ class SessionClosedError(ConcordiaError):
 
 class CatalogError(ConcordiaError):
     """The SQL catalog failed or holds something Concordia cannot use."""
+
+
+class CatalogNotFound(CatalogError):
+    """A command that only reads (or a home that already belongs to a catalog)
+    found no Concordia catalog at the URL; nothing was created."""
+
+
+class HomeNotFound(ConfigurationError):
+    """A command that only reads was pointed at a Concordia home that does not
+    exist; nothing was created."""
+
+
+class CatalogMismatchError(ConfigurationError):
+    """A Concordia home was opened with a catalog other than the one it belongs
+    to (its marker file names that catalog's ID). Refused before anything is
+    read or deleted: with the wrong catalog every session of the home would
+    look orphaned."""
 
 
 class SchemaVersionError(CatalogError):

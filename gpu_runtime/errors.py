@@ -61,6 +61,7 @@ class CorruptLogError(ConcordiaError):
         if path is not None:
             where = f" [{path}" + (f" @ byte {offset}" if offset is not None else "") + "]"
         super().__init__(message + where, orig=orig)
+        self.reason = message  #: the message without the location
         self.path = path
         self.offset = offset
 

@@ -103,7 +103,7 @@ class LogRing:
         """Create (or replace) a ring file whose logical offsets start at ``base``."""
         if capacity <= 0 or capacity % 4096:
             raise ValueError(f"ring capacity must be a positive multiple of 4096, got {capacity}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

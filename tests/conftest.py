@@ -92,7 +92,7 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def home(tmp_path: Path) -> Iterator[Path]:
     """A Concordia home; rings it leaves in /dev/shm are removed afterwards."""
     h = tmp_path / "home"
-    h.mkdir()
+    h.mkdir(mode=0o700)
     yield h
     tag = hashlib.blake2b(str(h.resolve()).encode(), digest_size=4).hexdigest()
     for p in glob.glob(f"/dev/shm/concordia-{tag}-*"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -37,9 +40,55 @@ def test_bad_urls_are_configuration_errors(tmp_path):
 
 
 def test_unreachable_postgres_is_a_catalog_error():
-    """A PostgreSQL server that does not answer raises CatalogError, not a driver exception."""
-    with pytest.raises(CatalogError, match="catalog write failed"):
+    """A PostgreSQL server that does not answer raises CatalogError, not a driver exception; opening
+    the catalog reads first, so the message says a read failed, on one line."""
+    with pytest.raises(CatalogError, match="catalog read failed") as e:
         Catalog("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+    assert "\n" not in str(e.value) and "\t" not in str(e.value)
+
+
+def test_read_only_open_creates_nothing(tmp_path, pg_url):
+    """Catalog(create=False) on a missing SQLite file or a PostgreSQL database without Concordia's
+    tables raises CatalogNotFound and creates no file, directory or table."""
+    from sqlalchemy import create_engine, inspect
+
+    from concordia_agents import CatalogNotFound
+
+    missing = tmp_path / "nowhere" / "catalog.db"
+    with pytest.raises(CatalogNotFound, match="found no file"):
+        Catalog(f"sqlite:///{missing}", create=False)
+    assert not missing.parent.exists()
+    with pytest.raises(CatalogNotFound, match="without Concordia's tables"):
+        Catalog(pg_url, create=False)
+    eng = create_engine(pg_url)
+    with eng.connect() as c:
+        assert inspect(c).get_table_names() == []
+    eng.dispose()
+    Catalog(pg_url).dispose()  # made by a writer
+    Catalog(pg_url, create=False).dispose()  # then found
+
+
+def test_new_sqlite_catalog_is_private(tmp_path):
+    """A catalog file Concordia creates is readable by its user only (0600), whatever the umask."""
+    old = os.umask(0)
+    try:
+        Catalog(f"sqlite:///{tmp_path / 'c.db'}").dispose()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_postgres_url_without_its_driver_names_the_extra(tmp_path):
+    """A postgresql+psycopg:// URL where psycopg cannot be imported raises ConfigurationError naming
+    the extra to install, not ModuleNotFoundError."""
+    code = ("import sys; sys.modules['psycopg'] = None\n"
+            "from concordia_agents._catalog import Catalog\n"
+            "from concordia_agents import ConfigurationError\n"
+            "try:\n    Catalog('postgresql+psycopg://u@127.0.0.1:5432/x')\n"
+            "except ConfigurationError as e:\n    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ERR") and "[postgres]" in r.stdout, r.stdout
 
 
 def test_a_held_sqlite_write_lock_is_a_catalog_error_that_says_so(tmp_path):

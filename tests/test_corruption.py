@@ -9,16 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import update
 
 from concordia_agents import CorruptLogError, Runtime
+from concordia_agents._catalog._models import SessionRow
 from concordia_agents._segments import list_segments
 from gpu_runtime.records import HEADER_SIZE, decode_header
 
 EPOCHS = 6
 
 
-def _build(home: Path) -> tuple[list[dict[str, np.ndarray]], Path]:
-    """A closed session with EPOCHS epochs; returns the state after each epoch."""
+def _build(home: Path, *, recorded: int = EPOCHS - 1) -> tuple[list[dict[str, np.ndarray]], Path]:
+    """A closed session with EPOCHS epochs; returns the state after each epoch.
+
+    The catalog is left recording epoch ``recorded`` as durable. The default,
+    one less than the log holds, is what a crash while the last epoch was
+    being appended leaves (the flusher records an epoch only after its fsync),
+    so damage to the last epoch is a torn tail, not a lost durable epoch."""
     states = []
     with Runtime.open(home=home, backend="host", max_record_bytes=8192) as rt:
         s = rt.session("victim")
@@ -35,6 +42,8 @@ def _build(home: Path) -> tuple[list[dict[str, np.ndarray]], Path]:
             states.append({"a": a.copy(), "kv": kv.copy(), "len": e})
         s.close()
         directory = rt.session_dir("victim")
+        with rt.catalog.write() as w:
+            w.execute(update(SessionRow).where(SessionRow.id == "victim").values(last_epoch=recorded))
     return states, directory
 
 
@@ -49,14 +58,18 @@ def _records(path: Path) -> list[tuple[int, int]]:
     return out
 
 
-def _resume_copy(src_home: Path, work: Path):  # type: ignore[no-untyped-def]
+def _resume_copy(src_home: Path, work: Path, **resume: bool):  # type: ignore[no-untyped-def]
     """Resume 'victim' from a copy of a home (so each trial starts from the same damage)."""
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(src_home, work)
     with Runtime.open(home=work, backend="host") as rt:
-        s = rt.resume("victim")
-        out = (s.epoch, s.regions["a"].array.copy(), s.regions["kv"].array.copy(), s.regions["kv"].length)
+        s = rt.resume("victim", **resume)
+        if s.epoch == 0:  # a salvage that kept nothing: no region was ever committed
+            assert s.regions == {}
+            out = (0, np.zeros(6 * 4096, np.uint8), np.zeros((2, 32, 8), np.float32), 0)
+        else:
+            out = (s.epoch, s.regions["a"].array.copy(), s.regions["kv"].array.copy(), s.regions["kv"].length)
         s.close()
     return out
 
@@ -151,3 +164,44 @@ def test_damaged_data_of_an_uncommitted_tail_is_never_read(tmp_path: Path):
     got = _resume_copy(home, tmp_path / "work")
     assert got[0] == EPOCHS - 1
     _assert_state(states, got)
+
+
+def test_cutting_a_durable_epoch_is_refused_unless_a_rollback_is_asked_for(tmp_path: Path):
+    """A log cut inside an epoch the catalog recorded as durable raises CorruptLogError naming the
+    epochs it would lose; resume(allow_rollback=True) restores the previous epoch exactly and says
+    what it gave up."""
+    home = tmp_path / "home"
+    states, directory = _build(home, recorded=EPOCHS)
+    seg = list_segments(directory)[1][-1].path
+    last_off, _ = _records(seg)[-1]
+    seg.write_bytes(seg.read_bytes()[:last_off + 10])
+    with pytest.raises(CorruptLogError, match=f"recorded epoch {EPOCHS} as durable.*lose epochs {EPOCHS}..{EPOCHS}"):
+        _resume_copy(home, tmp_path / "work")
+    got = _resume_copy(home, tmp_path / "work", allow_rollback=True)
+    assert got[0] == EPOCHS - 1
+    _assert_state(states, got)
+
+
+@pytest.mark.slow
+def test_random_bit_flips_salvage_the_newest_intact_epoch(tmp_path: Path):
+    """With allow_rollback a flipped bit anywhere in a segment never fails the resume and never gives
+    wrong data: the resume restores the newest epoch whose records all lie before the damage."""
+    home = tmp_path / "home"
+    states, directory = _build(home, recorded=EPOCHS)
+    files = [f.path for f in list_segments(directory)[1]]
+    rnd = random.Random(11)
+    older = 0
+    for _ in range(60):
+        f = rnd.choice(files)
+        pristine = f.read_bytes()
+        bit = rnd.randrange(len(pristine) * 8)
+        damaged = bytearray(pristine)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        f.write_bytes(bytes(damaged))
+        try:
+            got = _resume_copy(home, tmp_path / "work", allow_rollback=True)
+        finally:
+            f.write_bytes(pristine)
+        _assert_state(states, got)
+        older += got[0] < EPOCHS
+    assert older > 30  # most flips hit checksummed bytes, and salvage stopped before them

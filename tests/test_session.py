@@ -255,15 +255,35 @@ def test_delete_removes_files_and_rows(make_runtime):
     rt.delete("s1")
     assert not d.exists()
     assert [i.id for i in rt.sessions()] == []
-    assert rt.gc() == []
+    report = rt.gc()
+    assert report.removed == [] and report.kept == []
 
 
-def test_gc_removes_orphaned_directories(make_runtime):
-    """gc() removes session directories the catalog no longer knows."""
+def test_gc_removes_only_provably_orphaned_directories(make_runtime):
+    """gc() removes a session directory the catalog no longer lists whose session.json names this
+    catalog; one without a marker, or naming another catalog, is kept and reported. --dry-run
+    lists without removing."""
+    import json
+
     rt = make_runtime()
-    orphan = rt.config.home / "sessions" / "ghost-0000000000000000"
-    orphan.mkdir(parents=True)
-    assert orphan in rt.gc() and not orphan.exists()
+    s = rt.session("gone")
+    s.register("x", np.zeros(10, np.uint8))
+    s.commit()
+    s.close()
+    orphan = rt.session_dir("gone")
+    rt.catalog.delete("gone")  # as if a delete died between the catalog and the files
+    assert json.loads((orphan / "session.json").read_text())["catalog_id"] == rt.catalog.catalog_id
+    stranger = rt.config.home / "sessions" / "ghost-0000000000000000"
+    stranger.mkdir()
+    foreign = rt.config.home / "sessions" / "other-0000000000000001"
+    foreign.mkdir()
+    (foreign / "session.json").write_text(json.dumps({"format": 1, "session_id": "other", "catalog_id": "f00"}))
+    dry = rt.gc(dry_run=True)
+    assert [i.path for i in dry.removed] == [orphan] and orphan.exists()
+    assert {i.path for i in dry.kept} == {stranger, foreign}
+    report = rt.gc()
+    assert report.paths == [orphan] and not orphan.exists()
+    assert stranger.exists() and foreign.exists()
 
 
 @pytest.mark.parametrize("policy", ["every_commit", "interval", "none"])

@@ -12,6 +12,7 @@ refused with ``OwnershipError`` if the lease row holds another token.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,12 +25,28 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
-from ..errors import CatalogError, ConfigurationError, OwnershipError, SchemaVersionError, SessionNotFound
 from .._owner import owner_is_dead
+from ..errors import (
+    CatalogError,
+    CatalogNotFound,
+    ConcordiaError,
+    ConfigurationError,
+    OwnershipError,
+    SchemaVersionError,
+    SessionNotFound,
+)
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
-from ._models import EpochRow, LeaseRow, RegionRow, SchemaVersionRow, SegmentRow, SessionRow
+from ._models import CatalogIdRow, EpochRow, LeaseRow, RegionRow, SchemaVersionRow, SegmentRow, SessionRow
 
-__all__ = ["Catalog", "SessionInfo", "SegmentInfo"]
+__all__ = ["Catalog", "PriorState", "SegmentInfo", "SessionInfo", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden; unparsable URLs are returned as they are."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +58,16 @@ class SegmentInfo:
     end_offset: int
     bytes: int
     sealed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PriorState:
+    """What :meth:`Catalog.take` changed, so that a failed open can put it back."""
+
+    closed_at: float | None
+    backend: str
+    released: bool = True
+    had_lease: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +124,14 @@ class Catalog:
     (a few statements each, no I/O in between).
     """
 
-    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, idle_tx_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, idle_tx_timeout_s: float = 10.0,
+                 create: bool = True) -> None:
+        """Open the catalog at ``url``, migrating it to ``SCHEMA_VERSION``.
+
+        ``create=False`` is for callers that must not create anything (read-only
+        commands, a home that already belongs to a catalog): a missing SQLite
+        file or a PostgreSQL database without Concordia's tables raises
+        :class:`CatalogNotFound` and leaves no file or table behind."""
         self.url = url
         self.busy_timeout_s = busy_timeout_s
         self.idle_tx_timeout_s = idle_tx_timeout_s
@@ -106,23 +140,49 @@ class Catalog:
         except Exception as e:  # noqa: BLE001 - SQLAlchemy raises several kinds
             raise ConfigurationError(f"catalog URL: expected an SQLAlchemy URL, found {url!r}", orig=e) from e
         self.dialect = parsed.get_backend_name()
-        if self.dialect == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = self._sqlite_engine(url, immediate=True, busy_timeout_s=busy_timeout_s)
-            self._read_engine = self._sqlite_engine(url, immediate=False, busy_timeout_s=busy_timeout_s)
-        elif self.dialect == "postgresql":
-            self.engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=5, max_overflow=5)
-            self.configure_postgres(self.engine)
-            self._read_engine = self.engine
-        else:
+        if self.dialect not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"catalog URL: expected a sqlite:// or postgresql+psycopg:// URL, found {url!r}")
+        if "\0" in url:
+            raise ConfigurationError("catalog URL: expected no NUL character, found one")
+        try:
+            if self.dialect == "sqlite":
+                self._open_sqlite(parsed, url, create=create)
+            else:
+                self.engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=5,
+                                            max_overflow=5)
+                self.configure_postgres(self.engine)
+                self._read_engine = self.engine
+        except ImportError as e:  # the dialect imports its driver here
+            raise ConfigurationError(
+                f"catalog URL {self._redacted()}: its database driver is not installed ({e}); for PostgreSQL "
+                "install Concordia's postgres extra: pip install 'concordia-agents[postgres]' (from a checkout: "
+                "pip install -e '.[postgres]')", orig=e) from e
         # Core, built once: this check runs in every fenced write (graph puts).
         lt = LeaseRow.__table__
         self._token_q = select(lt.c.token, lt.c.owner).where(lt.c.session_id == bindparam("sid"))
         if self.dialect == "postgresql":
             self._token_q = self._token_q.with_for_update()
-        self._migrate()
+        try:
+            self._migrate(create=create)
+        except BaseException:
+            self.dispose()
+            raise
+        self._catalog_id: str | None = None
+
+    def _open_sqlite(self, parsed: Any, url: str, *, create: bool) -> None:
+        db = parsed.database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            path = Path(db)
+            if not path.exists():
+                if not create:
+                    raise CatalogNotFound(f"expected a Concordia catalog at {self._redacted()}, found no file "
+                                          f"{path}; nothing was created")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # Made here, private to the user: SQLite would create it with the umask's
+                # mode, and makes its -wal and -shm files with the database file's mode.
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        self.engine = self._sqlite_engine(url, immediate=True, busy_timeout_s=self.busy_timeout_s)
+        self._read_engine = self._sqlite_engine(url, immediate=False, busy_timeout_s=self.busy_timeout_s)
 
     def configure_postgres(self, engine: Engine) -> None:
         """Give every new connection of ``engine`` (this catalog's, or another
@@ -162,7 +222,7 @@ class Catalog:
 
     def failure(self, what: str, e: DBAPIError) -> CatalogError:
         """The CatalogError for a driver error during a catalog ``what`` ("read", "write")."""
-        found = str(e.orig or e)
+        found = " ".join(str(e.orig or e).split())  # one line: drivers break theirs with tabs and newlines
         # Lock failures a user can act on without a DBA: say who can hold a lock this long.
         if self.dialect == "sqlite" and "database is locked" in found:
             found += (f" (another process held the write lock past the {self.busy_timeout_s:g} s busy timeout;"
@@ -209,7 +269,12 @@ class Catalog:
             raise self.failure("read", e) from e
 
     def _redacted(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
+        return redact_url(self.url)
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with its password hidden (for messages and markers)."""
+        return self._redacted()
 
     def _lock_lease(self, s: OrmSession, session_id: str) -> LeaseRow | None:
         q = select(LeaseRow).where(LeaseRow.session_id == session_id)
@@ -219,7 +284,32 @@ class Catalog:
 
     # -- schema -------------------------------------------------------------------
 
-    def _migrate(self) -> None:
+    def _read_version(self) -> int | None:
+        """The stored schema version; None where Concordia's tables do not exist."""
+        with self.read() as s:
+            if not inspect(s.connection()).has_table(SchemaVersionRow.__tablename__):
+                return None
+            row = s.get(SchemaVersionRow, 1)
+            return row.version if row else 0
+
+    def _refuse_newer(self, current: int) -> None:
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"catalog {self._redacted()} has schema version {current}; this Concordia understands "
+                f"versions up to {SCHEMA_VERSION}. Upgrade Concordia (pip install -U concordia-agents).")
+
+    def _migrate(self, *, create: bool = True) -> None:
+        # A read first: an up-to-date catalog (the usual case) is opened without a
+        # write transaction, and a server that cannot be reached is reported as a
+        # failed read.
+        current = self._read_version()
+        if current is None and not create:
+            raise CatalogNotFound(f"expected a Concordia catalog at {self._redacted()}, found a database "
+                                  "without Concordia's tables; nothing was created")
+        if current is not None:
+            self._refuse_newer(current)
+            if current == SCHEMA_VERSION:
+                return
         with self.write() as s:
             conn = s.connection()
             if self.dialect == "postgresql":
@@ -229,16 +319,24 @@ class Catalog:
                 SchemaVersionRow.__table__.create(conn)
             row = s.get(SchemaVersionRow, 1)
             current = row.version if row else 0
-            if current > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"catalog {self._redacted()} has schema version {current}; this Concordia understands "
-                    f"versions up to {SCHEMA_VERSION}. Upgrade Concordia (pip install -U concordia-agents).")
+            self._refuse_newer(current)
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](conn)
             if row is None:
                 s.add(SchemaVersionRow(id=1, version=SCHEMA_VERSION, updated_at=time.time()))
             elif current != SCHEMA_VERSION:
                 row.version, row.updated_at = SCHEMA_VERSION, time.time()
+
+    @property
+    def catalog_id(self) -> str:
+        """This catalog's identity (random, made once by migration 2)."""
+        if self._catalog_id is None:
+            with self.read() as s:
+                row = s.get(CatalogIdRow, 1)
+                if row is None:
+                    raise CatalogError(f"catalog {self._redacted()} has no identity row (concordia_catalog_id)")
+                self._catalog_id = row.catalog_id
+        return self._catalog_id
 
     @property
     def schema_version(self) -> int:
@@ -249,15 +347,27 @@ class Catalog:
     # -- sessions and leases -----------------------------------------------------
 
     def acquire(self, session_id: str, *, owner: str, ttl: float, backend: str, create: bool) -> tuple[int, bool]:
-        """Take the session's lease; returns ``(token, created)``.
+        """Take the session's lease; returns ``(token, created)``. See :meth:`take`."""
+        token, created, _ = self.take(session_id, owner=owner, ttl=ttl, backend=backend, create=create)
+        return token, created
+
+    def take(self, session_id: str, *, owner: str, ttl: float, backend: str, create: bool,
+             log: bool | None = None) -> tuple[int, bool, PriorState | None]:
+        """Take the session's lease; returns ``(token, created, prior)``.
 
         Creates the session if ``create``; raises ``SessionNotFound`` otherwise.
-        Raises ``OwnershipError`` while another owner's lease is live."""
+        Raises ``OwnershipError`` while another owner's lease is live. ``prior``
+        is what the rows held before (None for a new session), for
+        :meth:`give_back` when the opening fails. ``log`` says what the caller
+        opens: a region log (True) or a bare lease (False); a bare lease on a
+        session that has a region log is refused (``OwnershipError`` is not the
+        point there: ``ConcordiaError`` naming both kinds)."""
         now = time.time()
         try:
             with self.write() as s:
                 row = s.get(SessionRow, session_id)
                 created = row is None
+                prior: PriorState | None = None
                 if created:
                     if not create:
                         raise SessionNotFound(session_id)
@@ -265,23 +375,70 @@ class Catalog:
                                      durable_offset=0, log_bytes=0, labels={}))
                     s.flush()
                 else:
+                    if log is False and row.last_epoch > 0 and s.scalar(
+                            select(RegionRow.name).where(RegionRow.session_id == session_id).limit(1)) is not None:
+                        raise ConcordiaError(
+                            f"session {session_id!r} holds a region log (epoch {row.last_epoch}, backend "
+                            f"{row.backend!r}); expected a session without one (a graph thread): resume it with "
+                            "Runtime.resume, not as a graph")
+                    prior = PriorState(closed_at=row.closed_at, backend=row.backend)
                     row.closed_at = None
                     row.backend = backend
                 lease = self._lock_lease(s, session_id)
                 if lease is None:
                     s.add(LeaseRow(session_id=session_id, owner=owner, token=1, acquired_at=now,
                                    heartbeat_at=now, expires_at=now + ttl, released=False))
-                    return 1, created
+                    return 1, created, prior
                 if _live(lease, now):
                     raise OwnershipError(
                         f"session {session_id!r}: expected no live owner, found {lease.owner} holding fencing "
                         f"token {lease.token} for another {lease.expires_at - now:.1f} s")
+                if prior is not None:
+                    prior = PriorState(closed_at=prior.closed_at, backend=prior.backend, released=lease.released,
+                                       had_lease=True)
                 lease.owner, lease.token = owner, lease.token + 1
                 lease.acquired_at = lease.heartbeat_at = now
                 lease.expires_at, lease.released = now + ttl, False
-                return lease.token, created
+                return lease.token, created, prior
         except IntegrityError as e:  # another process created it between our read and insert
             raise OwnershipError(f"session {session_id!r}: another process created it concurrently", orig=e) from e
+
+    def give_back(self, session_id: str, token: int, prior: PriorState | None) -> None:
+        """Undo :meth:`take` after a failed open: the session's status is again
+        what it was (closed, crashed, idle), with the lease free for anyone. The
+        fencing token stays bumped (tokens never go back). A session that
+        :meth:`take` created (``prior`` None) is left idle."""
+        now = time.time()
+        with self.write() as s:
+            lease = self._lock_lease(s, session_id)
+            if lease is None or lease.token != token:
+                return  # a newer owner holds it: nothing of ours to give back
+            row = s.get(SessionRow, session_id)
+            if prior is None:
+                lease.released, lease.expires_at = True, now
+                return
+            if row is not None:
+                row.closed_at, row.backend = prior.closed_at, prior.backend
+            # A crashed session (lease expired, never released) stays crashed:
+            # expired now, not released. Anyone may take it at once.
+            lease.released = prior.released if prior.had_lease else True
+            lease.expires_at = now
+
+    def roll_back(self, session_id: str, token: int, *, epoch: int, offset: int, missing: list[str]) -> None:
+        """Record that the owner holding ``token`` resumed the session at
+        ``epoch`` (an explicit rollback to the newest intact epoch): the durable
+        epoch goes back to it and rows of segment files that are gone are
+        dropped, so that the next open does not report the same loss again."""
+        with self.write() as s:
+            self.check_token(s, session_id, token)
+            row = s.get(SessionRow, session_id)
+            if row is None:
+                raise SessionNotFound(session_id)
+            row.last_epoch, row.durable_offset = epoch, offset
+            s.execute(delete(EpochRow).where(EpochRow.session_id == session_id, EpochRow.epoch > epoch))
+            if missing:
+                s.execute(delete(SegmentRow).where(SegmentRow.session_id == session_id,
+                                                   SegmentRow.name.in_(missing)))
 
     def heartbeat(self, session_id: str, token: int, ttl: float) -> bool:
         """Extend the lease; False if ``token`` is no longer the owner's."""

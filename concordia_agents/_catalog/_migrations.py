@@ -9,6 +9,8 @@ and an upgraded one end up identical. A catalog whose version is newer than
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -78,5 +80,20 @@ def _v1(conn: Connection) -> None:
     md.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2(conn: Connection) -> None:
+    """The catalog's identity: one row with a random ID, made once. A Concordia
+    home records the ID of the catalog it belongs to (``_home``), so that a home
+    opened with another catalog (a typo in a URL, a forgotten environment
+    variable) is refused instead of looking empty to ``gc``."""
+    md = MetaData()
+    Table("concordia_catalog_id", md,
+          Column("id", Integer, primary_key=True),
+          Column("catalog_id", String(64), nullable=False),
+          Column("created_at", Float, nullable=False))
+    md.create_all(conn)
+    conn.execute(md.tables["concordia_catalog_id"].insert().values(
+        id=1, catalog_id=secrets.token_hex(16), created_at=time.time()))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, St
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "EpochRow", "LeaseRow", "RegionRow", "SchemaVersionRow", "SegmentRow", "SessionRow"]
+__all__ = ["Base", "CatalogIdRow", "EpochRow", "LeaseRow", "RegionRow", "SchemaVersionRow", "SegmentRow", "SessionRow"]
 
 JsonType = JSONB().with_variant(JSON(), "sqlite")
 
@@ -28,6 +28,15 @@ class SchemaVersionRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class CatalogIdRow(Base):
+    """The catalog's identity (one row, id 1), made by migration 2."""
+
+    __tablename__ = "concordia_catalog_id"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    catalog_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class SessionRow(Base):
