@@ -9,17 +9,22 @@ Protocol of one call ``durable_generate(model, input_ids, session_id=...)``:
    head_dim]`` and a token buffer ``[batch, max_len]`` and register both as
    ``kv`` regions; on resume they are restored in place (no re-prefill: the
    cache holds ``len(tokens) - 1`` positions and ``generate`` feeds only the
-   last token).
+   last token). With ``return_dict_in_generate`` and ``output_scores`` /
+   ``output_logits``, also ``scores`` / ``logits`` regions ``[batch,
+   max_new_tokens, vocab]`` (float32), one row per generated token.
 3. ``model.generate(..., past_key_values=cache)`` with a stopping-criteria hook
    that, after each sampled token, commits an epoch every
    ``checkpoint_every`` tokens: the new KV rows, the new tokens, the RNG states
-   (sampling resumes identically) and the token count. The invariant at that
-   point is ``cache length == len(tokens) - 1``. On the GPU the commit returns
-   once its tasks are queued (the executor copies during the next step), and
-   the executor stays resident across steps while ``generate`` runs
-   (``Backend.resident``).
+   (sampling resumes identically), the new score/logit rows if kept, and the
+   token count. The invariant at that point is ``cache length == len(tokens) -
+   1``. On the GPU the commit returns once its tasks are queued (the executor
+   copies during the next step), and the executor stays resident across steps
+   while ``generate`` runs (``Backend.resident``).
 4. A final epoch marks the run done; calling again returns the stored result
-   without running the model.
+   without running the model, as the same type: a tensor, or a
+   ``GenerateDecoderOnlyOutput`` rebuilt from the regions (also what a resumed
+   call returns, so its scores/logits cover every token, not only those since
+   the resume).
 
 The cache works with ``model.generate`` directly too (``DurableCache.for_model``;
 to persist it, register ``cache.storage`` as a kv region with ``seq_axis=3``),
@@ -31,6 +36,7 @@ first forward, naming both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -200,13 +206,19 @@ _DECODE_MAX_LIFE_MS = 500.0
 
 
 def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 kwargs: dict[str, Any]) -> dict[str, str]:
+                 kwargs: dict[str, Any], stored: tuple[str, ...] = ()) -> dict[str, str]:
     def h(data: bytes) -> str:
         return hashlib.blake2b(data, digest_size=12).hexdigest()
 
     cfg = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else repr(model.config)
     gen = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in sorted(kwargs.items())
            if k not in _NOT_FINGERPRINTED}
+    if stored:
+        # The per-step outputs the log keeps, however they were asked for (the
+        # model's generation_config too): a run that stored none cannot resume
+        # into one that returns them. Absent when none, so that sessions
+        # recorded before this key existed keep their fingerprint.
+        gen[" stored outputs"] = list(stored)
     return {
         "model": h(cfg.encode() + str(model.dtype).encode()),
         "prompt": h(input_ids.detach().cpu().numpy().tobytes() + str(tuple(input_ids.shape)).encode()),
@@ -215,13 +227,114 @@ def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     }
 
 
+def _option(model: Any, kwargs: dict[str, Any], name: str, default: Any) -> Any:
+    """A generation option as ``generate`` resolves it: the keyword, else the
+    ``generation_config`` passed, else the model's."""
+    if name in kwargs:
+        return kwargs[name]
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.vocab_size)
+
+
+class _StepOutputs:
+    """The per-step ``scores`` / ``logits`` of ``generate``'s dict output, kept in
+    kv regions ``[batch, max_new_tokens, vocab]`` (float32, as ``generate``
+    returns them) and committed with each token's epoch, so that a resumed or
+    finished call returns every step's, not only those computed since the
+    resume. Only made when the caller asks for them: vocab-sized floats per
+    token and sequence (513 KB for a 128k vocabulary) go into the log.
+
+    ``scores`` come from the tuple ``generate`` passes to stopping criteria (the
+    processed scores of this call's steps). Raw ``logits`` are not passed there,
+    so a forward hook copies the last position's logits of each forward into the
+    row of the token that forward produces (``generate`` converts them with the
+    same ``.to(float32)``, so the stored values are bit-equal)."""
+
+    def __init__(self, model: Any, session: Session, *, batch: int, max_new: int, prompt_len: int,
+                 device: torch.device, scores: bool, logits: bool) -> None:
+        vocab = _vocab_size(model)
+        self.prompt_len = prompt_len
+        self.buffers: dict[str, torch.Tensor] = {}
+        for name, wanted in (("scores", scores), ("logits", logits)):
+            if wanted:
+                buf = torch.zeros(batch, max_new, vocab, dtype=torch.float32, device=device)
+                session.register(name, buf, kind="kv", seq_axis=1)
+                self.buffers[name] = buf
+        self.scores, self.logits = self.buffers.get("scores"), self.buffers.get("logits")
+        self._row = 0  # the generated-token index the next forward produces
+        self._call_start = 0  # generated tokens before this generate call
+        self._hook: Any = None
+
+    def attach(self, model: Any, n_generated: int) -> None:
+        self._row = self._call_start = n_generated
+        if self.logits is not None:
+            self._hook = model.register_forward_hook(self._on_forward)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _on_forward(self, module: Any, args: Any, output: Any) -> None:
+        assert self.logits is not None
+        last = output.logits[:, -1]
+        if self._row >= self.logits.shape[1] or last.shape != self.logits[:, 0].shape:
+            raise ConcordiaError(f"durable_generate logits: expected step < {self.logits.shape[1]} of shape "
+                                 f"{list(self.logits[:, 0].shape)}, found step {self._row} of shape {list(last.shape)}")
+        self.logits[:, self._row].copy_(last)
+
+    def record(self, n_generated: int, scores: Any) -> None:
+        """After token ``n_generated - 1`` was appended (stopping-criteria time)."""
+        if self.scores is not None:
+            step = n_generated - self._call_start
+            if not isinstance(scores, tuple) or len(scores) != step or scores[-1].shape != self.scores[:, 0].shape:
+                found = (f"{type(scores).__name__} of {len(scores)}" if isinstance(scores, tuple)
+                         else type(scores).__name__)
+                raise ConcordiaError(f"durable_generate scores: expected generate to pass stopping criteria the "
+                                     f"tuple of this call's {step} score tensors, found {found}")
+            self.scores[:, n_generated - 1].copy_(scores[-1])
+        self._row = n_generated
+
+    def tuples(self, n_generated: int) -> dict[str, tuple[torch.Tensor, ...] | None]:
+        """Each requested field as ``generate`` returns it: one ``[batch, vocab]``
+        tensor per generated token (copies: the buffers stay the session's)."""
+        out: dict[str, tuple[torch.Tensor, ...] | None] = {"scores": None, "logits": None}
+        for name, buf in self.buffers.items():
+            out[name] = tuple(buf[:, :n_generated].transpose(0, 1).contiguous().unbind(0))
+        return out
+
+
+def _dict_output(sequences: torch.Tensor, cache: DurableCache, steps: _StepOutputs | None) -> Any:
+    """``GenerateDecoderOnlyOutput`` as an uninterrupted ``generate`` returns it.
+    Its cache field is ``past_key_values`` in transformers 5.17 and ``cache``
+    in 5.24+."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    cache_field = "cache" if "cache" in names else "past_key_values"
+    per_step = steps.tuples(sequences.shape[1] - steps.prompt_len) if steps is not None else {}
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_step.get("scores"),
+                                     logits=per_step.get("logits"), **{cache_field: cache})
+
+
 class _Checkpointer(StoppingCriteria):
     """Commits an epoch at token boundaries; never stops generation itself."""
 
     def __init__(self, session: Session, cache: DurableCache, tokens: torch.Tensor, meta: dict[str, Any],
-                 every: int, rng: torch.Tensor | None, cuda_rng: torch.Tensor | None) -> None:
+                 every: int, rng: torch.Tensor | None, cuda_rng: torch.Tensor | None,
+                 steps: _StepOutputs | None = None) -> None:
         self.session, self.cache, self.tokens, self.meta = session, cache, tokens, meta
-        self.every, self.rng, self.cuda_rng = every, rng, cuda_rng
+        self.every, self.rng, self.cuda_rng, self.steps = every, rng, cuda_rng, steps
         self.committed = meta["n_tokens"]
         self._kill_at = int(os.environ.get("CONCORDIA_TEST_KILL_AFTER_TOKENS", "0"))
 
@@ -235,15 +348,20 @@ class _Checkpointer(StoppingCriteria):
         if self.cuda_rng is not None:
             self.cuda_rng.copy_(torch.cuda.get_rng_state(self.tokens.device))
         self.meta.update(n_tokens=n, done=done)
-        self.session.commit(dict(self.meta), rows={"kv": self.cache.length, "tokens": n},
-                            wait=not self.tokens.is_cuda)
+        rows = {"kv": self.cache.length, "tokens": n}
+        if self.steps is not None:
+            for name in self.steps.buffers:
+                rows[name] = n - self.meta["prompt_len"]
+        self.session.commit(dict(self.meta), rows=rows, wait=not self.tokens.is_cuda)
         self.committed = n
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         n = input_ids.shape[1]
         if self.cache.length != n - 1:
             raise ConcordiaError(f"expected the cache to hold {n - 1} positions at a token boundary, found "
                                  f"{self.cache.length}")
+        if self.steps is not None:
+            self.steps.record(n - self.meta["prompt_len"], scores)
         if n - self.committed >= self.every:
             self.commit(input_ids)
             if self._kill_at and n - self.meta["prompt_len"] >= self._kill_at:
@@ -251,26 +369,57 @@ class _Checkpointer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _check_supported(model: Any, kwargs: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """Refuse, before anything runs, what a resumed call could not return the
+    same; returns (return_dict_in_generate, output_scores, output_logits)."""
+    beams = _option(model, kwargs, "num_beams", 1)
+    if beams != 1:
+        raise ConcordiaError(f"durable_generate supports greedy and sampled decoding, not beam search: expected "
+                             f"num_beams=1, found {beams} (a DurableCache with model.generate supports beams)")
+    returned = _option(model, kwargs, "num_return_sequences", 1)
+    if returned != 1:
+        raise ConcordiaError(f"durable_generate: expected num_return_sequences=1, found {returned}; repeat the "
+                             "prompt rows in input_ids instead")
+    as_dict = bool(_option(model, kwargs, "return_dict_in_generate", False))
+    if as_dict:
+        for name, what in (("output_attentions", "attention weights"), ("output_hidden_states", "hidden states")):
+            if _option(model, kwargs, name, False):
+                raise ConcordiaError(
+                    f"durable_generate with return_dict_in_generate: {name}=True is not supported: the per-step "
+                    f"{what} are not stored in the log, so a resumed call could return only those computed after "
+                    f"the resume; expected {name}=False, found True (scores and logits are supported)")
+    return (as_dict, as_dict and bool(_option(model, kwargs, "output_scores", False)),
+            as_dict and bool(_option(model, kwargs, "output_logits", False)))
+
+
 def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runtime: Runtime | None = None,
                      attention_mask: torch.Tensor | None = None, checkpoint_every: int = 1,
                      max_cache_len: int | None = None, **generate_kwargs: Any) -> Any:
     """``model.generate`` that survives a crash: call it again with the same
-    ``session_id`` to continue from the last committed token (see module docs)."""
+    ``session_id`` to continue from the last committed token (see module docs).
+
+    Returns what the uninterrupted ``generate`` call returns: the sequences, or
+    with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput`` whose
+    ``scores`` / ``logits`` (when asked for) cover every generated token, across
+    crashes, and whose cache field is the ``DurableCache``. ``output_attentions``
+    and ``output_hidden_states`` are refused with ``return_dict_in_generate``
+    (not stored), as are beam search and ``num_return_sequences > 1``."""
     if checkpoint_every < 1:
         raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
-    if generate_kwargs.get("num_beams", 1) != 1:
-        raise ConcordiaError("durable_generate supports greedy and sampled decoding, not beam search")
+    as_dict, want_scores, want_logits = _check_supported(model, generate_kwargs)
     own_runtime = runtime is None
     rt = runtime or Runtime.open()
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     max_new = int(generate_kwargs.get("max_new_tokens") or 20)
     batch, prompt_len = input_ids.shape
     max_len = max_cache_len or prompt_len + max_new + 1
-    fp = _fingerprint(model, input_ids, mask, generate_kwargs)
+    stored = tuple(name for name, wanted in (("scores", want_scores), ("logits", want_logits)) if wanted)
+    fp = _fingerprint(model, input_ids, mask, generate_kwargs, stored)
     sampling = bool(generate_kwargs.get("do_sample", False))
     session = rt.session(session_id)
     if os.environ.get("CONCORDIA_TEST_KILL_BEFORE_FIRST_EPOCH"):
         os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash before anything was committed
+    steps: _StepOutputs | None = None
     try:
         meta = dict(session.meta or {})
         if meta:
@@ -292,9 +441,14 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             session.register("rng", rng)
         if cuda_rng is not None:
             session.register("cuda_rng", cuda_rng)
+        if stored:
+            steps = _StepOutputs(model, session, batch=batch, max_new=max_new, prompt_len=prompt_len,
+                                 device=input_ids.device, scores=want_scores, logits=want_logits)
         n_tokens = int(meta.get("n_tokens", 0))
         if meta.get("done"):
-            return tokens[:, :n_tokens].clone()
+            cache.set_length(session.regions["kv"].length)
+            seq = tokens[:, :n_tokens].clone()
+            return _dict_output(seq, cache, steps) if as_dict else seq
         if n_tokens:  # resume
             cache.set_length(session.regions["kv"].length)
             seq = tokens[:, :n_tokens].clone()
@@ -309,17 +463,23 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             session.commit(dict(meta), rows={"tokens": prompt_len})
         full_mask = torch.cat([mask, torch.ones(batch, seq.shape[1] - prompt_len, dtype=mask.dtype,
                                                 device=mask.device)], dim=1)
-        hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng)
+        hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng, steps)
         kwargs = dict(generate_kwargs)
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
         criteria = StoppingCriteriaList(list(kwargs.pop("stopping_criteria", []) or []) + [hook])
         if kwargs["max_new_tokens"] > 0:
-            with warnings.catch_warnings():
-                # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
-                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-                with rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
-                    out = model.generate(seq, attention_mask=full_mask, past_key_values=cache,
-                                         stopping_criteria=criteria, **kwargs)
+            if steps is not None:
+                steps.attach(model, seq.shape[1] - prompt_len)
+            try:
+                with warnings.catch_warnings():
+                    # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
+                    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                    with rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
+                        out = model.generate(seq, attention_mask=full_mask, past_key_values=cache,
+                                             stopping_criteria=criteria, **kwargs)
+            finally:
+                if steps is not None:
+                    steps.detach()
         else:
             out = seq
         sequences = out.sequences if hasattr(out, "sequences") else out
@@ -327,7 +487,8 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         session.flush()
         if os.environ.get("CONCORDIA_TEST_KILL_AFTER_DONE"):
             os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash after the last token was made durable
-        return out
+        # Rebuilt, not generate's own: a resumed call's would hold only the steps since the resume.
+        return _dict_output(sequences, cache, steps) if as_dict else sequences
     finally:
         session.close()
         if own_runtime:

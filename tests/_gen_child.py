@@ -1,19 +1,22 @@
 """Child process for the transformers crash tests: one durable_generate call.
 
 Prints one JSON line: the returned sequences and the input lengths of every
-forward call the model made (to prove that a resume does not re-prefill)."""
+forward call the model made (to prove that a resume does not re-prefill).
+``--extra`` adds generate arguments (JSON); ``--save`` writes what was returned
+(its type, every output field, the cache's K/V) with ``torch.save``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 
 from integrations.testing import llama_1b as build_1b
 from integrations.testing import tiny_llama
 
-__all__ = ["build", "build_1b", "gen_kwargs", "prompt"]
+__all__ = ["build", "build_1b", "describe_output", "gen_kwargs", "prompt"]
 
 
 def build(name: str):  # type: ignore[no-untyped-def]
@@ -52,6 +55,21 @@ def gen_kwargs(sample: bool, new_tokens: int = 30) -> dict:
         max_new_tokens=new_tokens, do_sample=False)
 
 
+def describe_output(out: Any) -> dict[str, Any]:
+    """What durable_generate returned, as plain tensors (comparable across processes)."""
+    if isinstance(out, torch.Tensor):
+        return {"type": "Tensor", "sequences": out}
+    cache = out["cache" if "cache" in out else "past_key_values"]  # the field's name: 5.24+ / 5.17
+    d: dict[str, Any] = {"type": type(out).__name__, "keys": sorted(out.keys()), "sequences": out.sequences,
+                         "scores": out.scores, "logits": out.logits, "attentions": out.attentions,
+                         "hidden_states": out.hidden_states, "cache_type": type(cache).__name__}
+    if cache is not None:
+        n = cache.get_seq_length()
+        d["cache_len"] = n
+        d["kv"] = cache.storage[:, :, :, :n].clone() if hasattr(cache, "storage") else None
+    return d
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -64,6 +82,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompt-len", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=30)
+    p.add_argument("--extra", default="{}", help="more generate arguments, JSON")
+    p.add_argument("--save", help="torch.save describe_output(result) here")
     args = p.parse_args()
     if args.device != "cpu":
         torch.use_deterministic_algorithms(True)  # token identity on a GPU (notes: transformers item 7)
@@ -79,8 +99,11 @@ def main() -> None:
     torch.manual_seed(1234)
     rt = Runtime.open(home=args.home, backend=args.backend)
     out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask,
-                           **gen_kwargs(args.sample, args.new_tokens))
-    print(json.dumps({"tokens": out.tolist(), "forward_inputs": calls}), flush=True)
+                           **gen_kwargs(args.sample, args.new_tokens), **json.loads(args.extra))
+    if args.save:
+        torch.save(describe_output(out), args.save)
+    seqs = out if isinstance(out, torch.Tensor) else out.sequences
+    print(json.dumps({"tokens": seqs.tolist(), "forward_inputs": calls}), flush=True)
     rt.close()
 
 

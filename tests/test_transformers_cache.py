@@ -77,3 +77,18 @@ def test_wrong_batch_size_raises_naming_expected_and_found(built, run):
     with pytest.raises(ConcordiaError, match=rf"expected .*batch={built}.* found \[{run}, "):
         model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
 
+
+def test_durable_generate_refuses_beam_search_from_a_generation_config(tmp_path):
+    """num_beams set through generation_config (not only the keyword) is refused with expected and found."""
+    from transformers import GenerationConfig
+
+    from concordia_agents import ConcordiaError, Runtime
+    from integrations.transformers import durable_generate
+    from tests._gen_child import build, prompt
+
+    model = build("llama")
+    ids, mask = prompt(1, False)
+    with Runtime.open(home=tmp_path, backend="host") as rt, \
+            pytest.raises(ConcordiaError, match="expected num_beams=1, found 2"):
+        durable_generate(model, ids, "b", runtime=rt, attention_mask=mask,
+                         generation_config=GenerationConfig(num_beams=2, max_new_tokens=4))
