@@ -13,8 +13,8 @@ Owners on other machines are judged by lease expiry alone.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
-import uuid
 from functools import cache
 
 __all__ = ["machine_id", "new_owner_id", "owner_is_dead"]
@@ -31,7 +31,9 @@ def machine_id() -> str:
 
 
 def new_owner_id() -> str:
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    # secrets, not uuid.uuid4: callers (LangGraph's own tests) patch uuid.uuid4 to get
+    # deterministic IDs, and opening a runtime must not draw from that stream.
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     mid = machine_id()
     return f"{owner}@{mid}" if mid else owner
 

@@ -171,6 +171,43 @@ def test_stale_owner_put_is_fenced_by_token(home: Path, catalog_url: str):
         assert new.get_tuple(stored).pending_writes == []
 
 
+def test_two_resume_writes_at_one_index_in_one_put_writes(rt: Runtime):
+    """Two `__resume__` writes (one write index) in one put_writes, as LangGraph sends for a node with two
+    interrupt() calls: accepted, and the last one is kept, as LangGraph's InMemorySaver keeps it."""
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    writes = [("__resume__", "yes"), ("answer", 1), ("__resume__", ["yes", "no"])]
+    pending = {}
+    for name, saver in (("concordia", ConcordiaSaver(runtime=rt)), ("memory", InMemorySaver())):
+        cfg = {"configurable": {"thread_id": "two-interrupts", "checkpoint_ns": ""}}
+        stored = saver.put(cfg, create_checkpoint(empty_checkpoint(), None, 1), {"step": 1}, {})
+        saver.put_writes(stored, writes, "task-1")
+        saver.put_writes(stored, [("__resume__", "again"), ("__resume__", ["again", "and again"])], "task-2")
+        pending[name] = saver.get_tuple(stored).pending_writes
+    assert pending["concordia"] == pending["memory"]
+    assert sorted(pending["concordia"]) == [("task-1", "__resume__", ["yes", "no"]), ("task-1", "answer", 1),
+                                            ("task-2", "__resume__", ["again", "and again"])]
+
+
+def test_opening_and_writing_draw_nothing_from_uuid4(home: Path, catalog_url: str, monkeypatch: pytest.MonkeyPatch):
+    """Runtime.open, ConcordiaSaver, put and put_writes never call uuid.uuid4, which callers (LangGraph's
+    own tests) patch to get deterministic IDs."""
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+
+    calls: list[int] = []
+    real = uuid.uuid4
+    monkeypatch.setattr(uuid, "uuid4", lambda: calls.append(1) or real())
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as r:
+        saver = ConcordiaSaver(runtime=r)
+        stored = saver.put({"configurable": {"thread_id": "u", "checkpoint_ns": ""}},
+                           create_checkpoint(empty_checkpoint(), None, 1), {"step": 1}, {})
+        saver.put_writes(stored, [("ch", 1)], "task-1")
+        assert saver.get_tuple(stored) is not None
+        saver.close()
+    assert calls == []
+
+
 def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
     """A node that fails and is resumed gets the same task_session_id; outside a node it raises."""
     seen: list[str] = []

@@ -362,9 +362,17 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
         checkpoint_id = get_checkpoint_id(config)
         if not checkpoint_id:
             raise ConcordiaError(f"put_writes on thread {thread_id!r}: expected configurable.checkpoint_id, found none")
-        plain, special = [], []
+        # One row per write index. A special channel can come twice in one call (a node
+        # with two interrupt() calls passes two __resume__ writes, both at its one index):
+        # the last one wins, as in LangGraph's own savers. A single SQL statement must not
+        # see the key twice (PostgreSQL refuses ON CONFLICT DO UPDATE on a row it wrote).
+        by_idx: dict[int, tuple[str, Any]] = {}
         for i, (channel, value) in enumerate(writes):
             idx = WRITES_IDX_MAP.get(channel, i)
+            if idx < 0 or idx not in by_idx:
+                by_idx[idx] = (channel, value)
+        plain, special = [], []
+        for idx, (channel, value) in by_idx.items():
             wtype, blob = self.serde.dumps_typed(value)
             row = {"session_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": str(checkpoint_id),
                    "task_id": str(task_id), "idx": idx, "channel": channel, "type": wtype, "blob": blob,
