@@ -14,7 +14,7 @@
 | CONCORDIA_COMPACT_BYTES       | 268435456 (256 MiB)               | delta bytes since the last base that trigger compaction; 0 = never |
 | CONCORDIA_LEASE_TTL           | 30                                | seconds a lease lives without a heartbeat |
 | CONCORDIA_LOG_FORMAT          | console                           | console or json |
-| CONCORDIA_LOG_LEVEL           | warning                           | structlog level |
+| CONCORDIA_LOG_LEVEL           | warning                           | critical, error, warning, info or debug (any case; checked) |
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ._logging import LOG_FORMATS, LOG_LEVELS, log_level_number
 from .errors import ConfigurationError
 
-__all__ = ["FsyncPolicy", "RuntimeConfig"]
+__all__ = ["FsyncPolicy", "RuntimeConfig", "locate"]
 
 FsyncPolicy = Literal["every_commit", "interval", "none"]
 _FSYNC = ("every_commit", "interval", "none")
@@ -88,16 +89,21 @@ class RuntimeConfig:
                 f"segment_bytes: expected at least max_record_bytes ({self.max_record_bytes}), found {self.segment_bytes}")
         if self.lease_ttl <= 0:
             raise ConfigurationError(f"lease_ttl: expected a positive number of seconds, found {self.lease_ttl}")
-        if self.log_format not in ("console", "json"):
-            raise ConfigurationError(f"log_format: expected 'console' or 'json', found {self.log_format!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigurationError(f"log_format (CONCORDIA_LOG_FORMAT): expected one of {', '.join(LOG_FORMATS)}, "
+                                     f"found {self.log_format!r}")
+        try:
+            log_level_number(self.log_level)
+        except ConfigurationError:
+            raise ConfigurationError(f"log_level (CONCORDIA_LOG_LEVEL): expected one of {', '.join(LOG_LEVELS)} "
+                                     f"(any case), found {self.log_level!r}") from None
 
     @classmethod
     def from_env(
         cls, *, home: str | os.PathLike[str] | None = None, catalog_url: str | None = None, **overrides: Any
     ) -> RuntimeConfig:
         """Defaults, then environment variables, then explicit arguments."""
-        home_path = Path(home or os.environ.get("CONCORDIA_HOME") or Path.home() / ".concordia").expanduser()
-        url = catalog_url or os.environ.get("CONCORDIA_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
+        home_path, url = locate(home=home, catalog_url=catalog_url)
         ring_dir = os.environ.get("CONCORDIA_RING_DIR")
         values: dict[str, Any] = dict(
             home=home_path,
@@ -123,3 +129,12 @@ class RuntimeConfig:
 
     def with_(self, **changes: Any) -> RuntimeConfig:
         return replace(self, **changes)
+
+
+def locate(*, home: str | os.PathLike[str] | None = None, catalog_url: str | None = None) -> tuple[Path, str]:
+    """The home and catalog URL :meth:`RuntimeConfig.from_env` uses, without
+    checking anything else (``concordia doctor`` reports where they are even
+    when another setting is invalid)."""
+    home_path = Path(home or os.environ.get("CONCORDIA_HOME") or Path.home() / ".concordia").expanduser()
+    url = catalog_url or os.environ.get("CONCORDIA_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
+    return home_path, url
