@@ -2,15 +2,20 @@
 
     concordia sessions list [--json]
     concordia sessions show ID
+    concordia sessions recover ID [--allow-rollback]
     concordia sessions rm ID
     concordia resume ID --app module:attr
-    concordia gc
+    concordia gc [--dry-run]
     concordia doctor
     concordia demo [--synthetic]
 
 Global options (before the command): ``--home``, ``--catalog``, ``--backend``;
 they default to the environment (see README). Errors print one line and exit
 with status 1; no tracebacks unless ``CONCORDIA_DEBUG=1``.
+
+Only ``demo`` creates a home or a catalog. Every other command opens them with
+``create=False``: a mistyped ``--home`` or ``--catalog`` is reported as not
+existing, and nothing is made (or, for ``gc``, deleted) there.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
+import inspect
 import json
 import os
 import shutil
@@ -25,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._names import TASK_SEP, parent_of
-from .errors import ConcordiaError
+from ._names import TASK_SEP, check_session_id, parent_of
+from .errors import ConcordiaError, CorruptLogError
 
 __all__ = ["main"]
 
@@ -41,13 +47,27 @@ def _when(ts: float | None) -> str:
 
 
 def _runtime(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """An existing home and catalog: a command that finds none says so and
+    creates nothing (only ``demo`` creates them)."""
     from ._runtime import Runtime
 
-    return Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend or "host")
+    return Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend or "host", create=False)
+
+
+def _session_id(args: argparse.Namespace) -> str:
+    """The ID argument, refused in one line where neither catalog could store it."""
+    check_session_id(args.id)
+    return str(args.id)
 
 
 def _kind(i: Any) -> str:
     return str(i.labels.get("kind") or ("task" if parent_of(i.id) else "state"))
+
+
+def _shown(session_id: str) -> str:
+    """An ID as the table prints it: as is, or as a Python literal where it holds
+    characters that would break the row (a newline, a tab)."""
+    return session_id if session_id.isprintable() else repr(session_id)
 
 
 def cmd_sessions_list(args: argparse.Namespace) -> None:
@@ -68,24 +88,25 @@ def cmd_sessions_list(args: argparse.Namespace) -> None:
         for i in infos:
             if (p := parent_of(i.id)) in ids:
                 children.setdefault(p, []).append(i)
-        _out(f"{'SESSION':48} {'KIND':6} {'STATUS':8} {'EPOCH':>8} {'LOG':>10}  CREATED")
-
-        def row(i: Any, name: str) -> None:
-            _out(f"{name[:48]:48} {_kind(i):6} {i.status:8} {i.last_epoch:>8} {i.log_bytes / 2**20:>8.1f}Mi  "
-                 f"{_when(i.created_at)}")
-
+        rows: list[tuple[str, Any]] = []
         for i in infos:
             if parent_of(i.id) in ids:
                 continue  # shown under its parent
-            row(i, i.id)
-            for c in children.get(i.id, []):
-                row(c, "  └ " + TASK_SEP + c.id.rpartition(TASK_SEP)[2])
+            rows.append((_shown(i.id), i))
+            rows += [("  └ " + _shown(TASK_SEP + c.id.rpartition(TASK_SEP)[2]), c) for c in children.get(i.id, [])]
+        # As wide as the longest name: an ID is never cut (a cut one could name another session).
+        width = max(len("SESSION"), *(len(name) for name, _ in rows))
+        _out(f"{'SESSION':{width}} {'KIND':6} {'STATUS':8} {'EPOCH':>8} {'LOG':>10}  CREATED")
+        for name, i in rows:
+            _out(f"{name:{width}} {_kind(i):6} {i.status:8} {i.last_epoch:>8} {i.log_bytes / 2**20:>8.1f}Mi  "
+                 f"{_when(i.created_at)}")
 
 
 def cmd_sessions_show(args: argparse.Namespace) -> None:
+    session_id = _session_id(args)
     with _runtime(args) as rt:
-        i = rt.info(args.id)
-        _out(f"session     {i.id}")
+        i = rt.info(session_id)
+        _out(f"session     {_shown(i.id)}")
         _out(f"status      {i.status}")
         _out(f"backend     {i.backend}")
         _out(f"created     {_when(i.created_at)}")
@@ -102,9 +123,42 @@ def cmd_sessions_show(args: argparse.Namespace) -> None:
 
 
 def cmd_sessions_rm(args: argparse.Namespace) -> None:
+    session_id = _session_id(args)
     with _runtime(args) as rt:
-        rt.delete(args.id)
-        _out(f"deleted session {args.id}")
+        rt.delete(session_id)
+        _out(f"deleted session {_shown(session_id)}")
+
+
+def cmd_sessions_recover(args: argparse.Namespace) -> None:
+    """Check a session's log against the catalog; with ``--allow-rollback``,
+    open a damaged one at its newest intact epoch and say what was given up.
+
+    Without the flag nothing changes: the session is opened (which verifies
+    that the log holds every epoch the catalog recorded as durable) and given
+    back as found (``Session.cancel``). With it, the rollback is recorded and
+    the session is released idle, resumable from that epoch."""
+    session_id = _session_id(args)
+    with _runtime(args) as rt:
+        info = rt.info(session_id)
+        if info.labels.get("kind") == "graph":
+            raise ConcordiaError(f"session {session_id!r} is a graph thread: its checkpoints are catalog rows, it "
+                                 "holds no region log to recover (its task sessions, ID#task:..., do)")
+        recorded = info.last_epoch
+        if not args.allow_rollback:
+            s = rt.session(session_id, create=False)
+            epoch = s.epoch
+            s.cancel()
+            _out(f"session {_shown(session_id)}: log intact, newest epoch {epoch} (the catalog recorded epoch "
+                 f"{recorded} as durable); given back as it was found")
+            return
+        s = rt.session(session_id, create=False, allow_rollback=True)
+        rollback, epoch = s.rollback, s.epoch
+        if rollback is None:
+            s.cancel()  # nothing to record: given back as found
+            _out(f"session {_shown(session_id)}: log intact, newest epoch {epoch}; nothing was given up")
+        else:
+            s.release()  # the rollback is recorded; the session stays resumable (idle) from `epoch`
+            _out(f"session {_shown(session_id)}: {rollback}")
 
 
 def _load_app(spec: str) -> Any:
@@ -125,22 +179,53 @@ def _load_app(spec: str) -> Any:
     return obj
 
 
+def _call_factory(spec: str, factory: Any, runtime: Any) -> Any:
+    """``factory(runtime=runtime)`` if it takes ``runtime`` (or ``**kwargs``),
+    ``factory()`` if it needs no argument; anything else is refused before the
+    call, naming the signature expected."""
+    expected = f"--app {spec}: expected a graph, or a factory taking runtime= (or no arguments) that returns one"
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        raise ConcordiaError(f"{expected}; found {factory!r}, whose signature cannot be read") from None
+    params = sig.parameters.values()
+    takes_runtime = any(p.kind is p.VAR_KEYWORD or (p.name == "runtime" and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                          p.KEYWORD_ONLY))
+                        for p in params)
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and not (takes_runtime and p.name == "runtime")]
+    if required:
+        raise ConcordiaError(f"{expected}; found {getattr(factory, '__name__', type(factory).__name__)}{sig}, "
+                             f"which needs {', '.join(required)}")
+    return factory(runtime=runtime) if takes_runtime else factory()
+
+
 def cmd_resume(args: argparse.Namespace) -> None:
     """Resume a graph thread: ``--app`` names a wrapped graph, a StateGraph
-    builder, a compiled graph, or a factory called with ``runtime=`` that
-    returns one of those."""
+    builder, a compiled graph, or a factory returning one of those, called
+    with ``runtime=`` if it takes that parameter, else with no argument.
+
+    Any other session (one that holds a region log, a task session) is refused
+    before the app is imported and before anything changes: resuming it as a
+    graph would rewrite its backend and labels."""
     from integrations.langgraph import DurableGraph, wrap
 
+    session_id = _session_id(args)
     with _runtime(args) as rt:
-        info = rt.info(args.id)  # SessionNotFound before any import work
+        info = rt.info(session_id)  # SessionNotFound before any import work
+        if info.labels.get("kind") != "graph":
+            raise ConcordiaError(
+                f"session {session_id!r} is a {_kind(info)} session (backend {info.backend!r}), expected a graph "
+                "thread (labels kind 'graph'); `concordia resume` resumes graph threads only, nothing was changed; "
+                "resume other sessions in Python with Runtime.resume(ID)")
         target = _load_app(args.app)
         if callable(target) and not hasattr(target, "invoke") and not hasattr(target, "compile"):
-            target = target(runtime=rt)
+            target = _call_factory(args.app, target, rt)
         app = target if isinstance(target, DurableGraph) and target.runtime is rt else wrap(target, runtime=rt)
-        _out(f"resuming {args.id} ({info.status}, {len(rt.catalog.list(prefix=args.id + TASK_SEP))} task "
-             "session(s))")
-        state = app.resume(args.id)
-        _out(f"finished {args.id}: {rt.info(args.id).status}")
+        _out(f"resuming {_shown(session_id)} ({info.status}, "
+             f"{len(rt.catalog.list(prefix=session_id + TASK_SEP))} task session(s))")
+        state = app.resume(session_id)
+        _out(f"finished {_shown(session_id)}: {rt.info(session_id).status}")
         if isinstance(state, dict):
             for k, v in state.items():
                 text = repr(v)
@@ -148,11 +233,20 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
+    """Remove only what ``Runtime.gc`` proves orphaned; print each item removed
+    (or, with ``--dry-run``, that would be) and each kept, with the reason."""
     with _runtime(args) as rt:
-        removed = rt.gc()
-        for p in removed:
-            _out(f"removed {p}")
-        _out(f"gc: {len(removed)} item(s) removed")
+        report = rt.gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in report.removed:
+        _out(f"{verb} {item.path}: {item.reason}")
+    for item in report.kept:
+        _out(f"kept {item.path}: {item.reason}")
+    if args.dry_run:
+        _out(f"gc --dry-run: {len(report.removed)} item(s) would be removed, {len(report.kept)} kept; "
+             "nothing was removed")
+    else:
+        _out(f"gc: {len(report.removed)} item(s) removed, {len(report.kept)} kept")
 
 
 def _version(dist: str) -> str:
@@ -162,24 +256,53 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def doctor_report(args: argparse.Namespace) -> dict[str, Any]:
+def _home_state(home: Path) -> tuple[str, bool]:
+    """What ``doctor`` says about the home, and whether it is usable. A home that
+    does not exist yet is usable if it can be created (``demo`` does)."""
+    if home.is_dir():
+        writable = os.access(home, os.W_OK | os.X_OK)
+        return f"{home} (writable={writable})", writable
+    if home.exists():
+        return f"{home}: expected a directory, found a file", False
+    parent = next(p for p in home.parents if p.exists())
+    if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return f"{home} (does not exist yet: the first command that writes, e.g. concordia demo, creates it)", True
+    return f"{home}: does not exist, and {parent} is not writable to create it", False
+
+
+def doctor_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """``(report, problems)``: every check's line, and the names of those that
+    make Concordia unusable here (the backend asked for, the configuration, the
+    home, the ring directory, the catalog). Read-only: it creates nothing."""
     from gpu_runtime.backend import open_backend
     from gpu_runtime.logring import default_ring_dir
 
-    from ._catalog import SCHEMA_VERSION, Catalog
-    from .config import RuntimeConfig
+    from ._catalog import SCHEMA_VERSION, Catalog, redact_url
+    from ._home import bind_catalog, catalog_missing, read_home_marker
+    from .config import RuntimeConfig, locate
+    from .errors import CatalogNotFound
 
-    cfg = RuntimeConfig.from_env(home=args.home, catalog_url=args.catalog)
-    report: dict[str, Any] = {"home": str(cfg.home), "python": sys.version.split()[0]}
-    for dist in ("concordia-agents", "numpy", "torch", "transformers", "langgraph", "sqlalchemy", "structlog",
-                 "cupy-cuda13x", "cuda-bindings"):
-        report[f"version:{dist}"] = _version(dist)
+    problems: list[str] = []
+    home, url = locate(home=args.home, catalog_url=args.catalog)
+    report: dict[str, Any] = {"home": str(home), "python": sys.version.split()[0]}
     try:
-        backend = open_backend(args.backend or cfg.backend)
-        report["backend (auto)"] = backend.name
+        cfg: RuntimeConfig | None = RuntimeConfig.from_env(home=home, catalog_url=url)
+        report["configuration"] = "ok"
+    except ConcordiaError as e:
+        cfg = None
+        report["configuration"] = f"invalid: {e}"
+        problems.append("configuration")
+    for dist in ("concordia-agents", "numpy", "torch", "transformers", "langgraph", "sqlalchemy", "structlog",
+                 "psycopg", "cupy-cuda13x", "cuda-bindings"):
+        report[f"version:{dist}"] = _version(dist)
+    requested = args.backend or (cfg.backend if cfg else "auto")
+    try:
+        backend = open_backend(requested)
+        report[f"backend ({requested})"] = backend.name
         backend.close()
     except ConcordiaError as e:
-        report["backend (auto)"] = f"unavailable: {e}"
+        report[f"backend ({requested})"] = f"unavailable: {e}"
+        problems.append("backend")
     try:
         import torch
 
@@ -194,26 +317,49 @@ def doctor_report(args: argparse.Namespace) -> dict[str, Any]:
         report["nvrtc"] = f"{major}.{minor}" if int(err) == 0 else f"error {err}"
     except Exception as e:  # noqa: BLE001
         report["nvrtc"] = f"unavailable: {type(e).__name__}: {e}"
-    ring_dir = cfg.ring_dir or default_ring_dir(cfg.home)
+    report["home"], usable = _home_state(home)
+    if not usable:
+        problems.append("home")
+    ring_dir = (cfg.ring_dir if cfg else None) or default_ring_dir(home)
+    if ring_dir.is_dir():
+        free = shutil.disk_usage(ring_dir).free
+        writable = os.access(ring_dir, os.W_OK | os.X_OK)
+        report["ring dir"] = f"{ring_dir} ({free / 2**30:.1f} GiB free, writable={writable})"
+        if not writable:
+            problems.append("ring dir")
+    else:
+        report["ring dir"] = f"{ring_dir} (does not exist yet: made in the home when a session opens)"
     try:
-        free = shutil.disk_usage(ring_dir if ring_dir.exists() else ring_dir.parent).free
-        report["ring dir"] = f"{ring_dir} ({free / 2**30:.1f} GiB free, writable={os.access(ring_dir, os.W_OK)})"
-    except OSError as e:
-        report["ring dir"] = f"{ring_dir}: {e}"
-    try:
-        cat = Catalog(cfg.catalog_url)
-        report["catalog"] = f"{cat._redacted()} (schema {cat.schema_version}, code {SCHEMA_VERSION})"
-        cat.dispose()
+        marker = read_home_marker(home) if home.is_dir() else None
+        try:
+            cat = Catalog(url, create=False)
+        except CatalogNotFound as e:
+            if marker is not None:
+                raise catalog_missing(home, marker, redact_url(url), e) from e
+            report["catalog"] = (f"{redact_url(url)}: none yet (the first command that writes, e.g. concordia demo, "
+                                 "creates it)")
+        else:
+            try:
+                report["catalog"] = f"{cat._redacted()} (schema {cat.schema_version}, code {SCHEMA_VERSION})"
+                if home.is_dir():
+                    bind_catalog(home, cat, marker, write=False)
+            finally:
+                cat.dispose()
     except ConcordiaError as e:
-        report["catalog"] = f"{cfg.catalog_url}: {e}"
-    return report
+        report["catalog"] = f"{redact_url(url)}: {e}"
+        problems.append("catalog")
+    return report, problems
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
-    report = doctor_report(args)
+    """The whole report on stdout; then, if anything is unusable, one error line
+    (status 1) naming what."""
+    report, problems = doctor_report(args)
     width = max(map(len, report))
     for k, v in report.items():
-        _out(f"{k:{width}}  {v}")
+        _out(f"{k:{width}}  {' '.join(str(v).split())}")
+    if problems:
+        raise ConcordiaError(f"doctor: {len(problems)} problem(s): {', '.join(problems)} (see the report above)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -247,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", help="catalog URL (default: $CONCORDIA_CATALOG_URL or sqlite in home)")
     p.add_argument("--backend", help="auto, host or cupy (default: $CONCORDIA_BACKEND or auto)")
     sub = p.add_subparsers(dest="command", required=True)
-    sessions = sub.add_parser("sessions", help="list, show or remove sessions")
+    sessions = sub.add_parser("sessions", help="list, show, recover or remove sessions")
     ssub = sessions.add_subparsers(dest="action", required=True)
     ls = ssub.add_parser("list", help="all sessions with status, durable epoch and log size")
     ls.add_argument("--json", action="store_true")
@@ -255,15 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
     show = ssub.add_parser("show", help="one session in full")
     show.add_argument("id")
     show.set_defaults(func=cmd_sessions_show)
+    rec = ssub.add_parser("recover", help="check a session's log against the catalog; roll a damaged one back "
+                                          "only with --allow-rollback")
+    rec.add_argument("id")
+    rec.add_argument("--allow-rollback", action="store_true",
+                     help="open a damaged log at its newest intact epoch, giving up the epochs after it, and say which")
+    rec.set_defaults(func=cmd_sessions_recover)
     rm = ssub.add_parser("rm", help="delete a session and its log")
     rm.add_argument("id")
     rm.set_defaults(func=cmd_sessions_rm)
     res = sub.add_parser("resume", help="resume a crashed LangGraph thread by its session ID")
     res.add_argument("id")
     res.add_argument("--app", required=True,
-                     help="module:attr of the graph (wrapped, builder, compiled, or a factory taking runtime=)")
+                     help="module:attr of the graph (wrapped, builder, compiled, or a factory taking runtime= "
+                          "or no arguments)")
     res.set_defaults(func=cmd_resume)
-    sub.add_parser("gc", help="remove files no session refers to").set_defaults(func=cmd_gc)
+    gc = sub.add_parser("gc", help="remove files provably orphaned; list what is kept and why")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed and kept; remove nothing")
+    gc.set_defaults(func=cmd_gc)
     sub.add_parser("doctor", help="backend, GPU, NVRTC, shm, home and catalog").set_defaults(func=cmd_doctor)
     demo = sub.add_parser("demo", help="kill an agent inside its LLM node with SIGKILL and resume it by ID")
     demo.add_argument("--crash-at", type=int, default=0,
@@ -277,15 +432,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException, args: argparse.Namespace) -> str:
+    """The error line: whitespace collapsed whatever the message holds (a
+    driver's multi-line text), and for a damaged log the command that can
+    roll it back, unless the message or the command already did."""
+    text = " ".join(str(e).split())
+    if isinstance(e, CorruptLogError) and "sessions recover" not in text and not getattr(args, "allow_rollback",
+                                                                                          False):
+        # `resume` names a graph thread; the damaged log is most likely one of its task sessions'.
+        sid = args.id if getattr(args, "func", None) is cmd_sessions_recover else "SESSION"
+        text += (f"; `concordia sessions recover {sid} --allow-rollback` opens a damaged log at its newest intact "
+                 "epoch, giving up the epochs after it")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except ConcordiaError as e:
-        if os.environ.get("CONCORDIA_DEBUG"):
-            raise
-        sys.stderr.write(f"concordia: error: {e}\n")
-        return 1
+        args = build_parser().parse_args(argv)
+        try:
+            args.func(args)
+        except (ConcordiaError, OSError) as e:
+            if os.environ.get("CONCORDIA_DEBUG") or isinstance(e, BrokenPipeError):
+                raise
+            sys.stderr.write(f"concordia: error: {_one_line(e, args)}\n")
+            return 1
+    except BrokenPipeError:
+        # The reader went away (`concordia sessions list | head -1`): stop quietly, as a Unix tool
+        # killed by SIGPIPE would. stdout goes to /dev/null so that the interpreter's last flush
+        # does not report the same broken pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
     except KeyboardInterrupt:
         sys.stderr.write("concordia: interrupted\n")
         return 130
