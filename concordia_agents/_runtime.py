@@ -40,7 +40,7 @@ from typing import Any
 from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
-from ._catalog import Catalog, SessionInfo, redact_url
+from ._catalog import LEASE_ONLY, Catalog, SessionInfo, redact_url
 from ._home import (
     bind_catalog,
     catalog_missing,
@@ -187,8 +187,10 @@ class Runtime:
                                                   backend=kind, create=create, log=False)
         lease = Lease(session_id, token, self.owner)
         try:
-            if labels:
-                self.catalog.set_labels(session_id, token, dict(labels))
+            if created or labels:
+                # LEASE_ONLY: session() refuses to give this session a region log.
+                self.catalog.set_labels(session_id, token, {**(labels or {}), LEASE_ONLY: True} if created
+                                        else dict(labels or {}))
         except BaseException:
             self._give_back(session_id, token, prior)
             raise
@@ -249,6 +251,7 @@ class Runtime:
         """Delete a session: catalog rows, segments and ring (refused while another
         process owns it), and the task sessions bound to it (``id#task:...``, see
         ``_names``) first: a deleted graph thread leaves no orphaned generation logs."""
+        check_session_id(session_id)
         for child in self.catalog.list(prefix=session_id + TASK_SEP):
             self.delete(child.id)
         with self._lock:

@@ -382,7 +382,6 @@ def test_a_nul_in_a_session_id_is_the_same_error_on_every_catalog(home: Path, ca
             assert str(e.value) == expected, call
 
 
-@pytest.mark.xfail(strict=True, reason="Runtime.delete does not call check_session_id yet (PostgreSQL: CatalogError)")
 def test_deleting_a_nul_id_is_the_same_error_on_every_catalog(home: Path, catalog_url: str):
     """rt.delete of an ID with a NUL raises the ID check's ConcordiaError on SQLite and PostgreSQL alike."""
     with (Runtime.open(home=home, catalog_url=catalog_url, backend="host") as rt,

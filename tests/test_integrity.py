@@ -331,6 +331,20 @@ def test_a_graph_lease_on_a_region_session_is_refused_and_relabels_nothing(home:
         assert (after.status, after.backend, after.labels) == (before.status, before.backend, before.labels)
 
 
+def test_a_region_log_on_a_graph_thread_is_refused(home: Path, catalog_url: str):
+    """(4) The mirror case: opening a bare lease (a graph thread made by hold) as a region session raises
+    a ConcordiaError and gives it no directory, ring or segment; its labels stay."""
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as rt:
+        rt.let_go(rt.hold("thread", kind="langgraph", labels={"kind": "graph"}))
+        before = rt.info("thread")
+        with pytest.raises(ConcordiaError, match="bare lease"):
+            rt.session("thread")
+        after = rt.info("thread")
+        assert (after.status, after.backend, after.labels) == (before.status, before.backend, before.labels)
+        assert not rt.session_dir("thread").exists()
+        assert not ring_path(rt.config, session_tag("thread")).exists()
+
+
 # -- 5. a full disk ----------------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,11 @@ from ..errors import (
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
 from ._models import CatalogIdRow, EpochRow, LeaseRow, RegionRow, SchemaVersionRow, SegmentRow, SessionRow
 
-__all__ = ["Catalog", "PriorState", "SegmentInfo", "SessionInfo", "redact_url"]
+__all__ = ["LEASE_ONLY", "Catalog", "PriorState", "SegmentInfo", "SessionInfo", "redact_url"]
+
+#: label of a session made by ``Runtime.hold`` (a bare lease, e.g. a graph thread), which
+#: ``Runtime.session`` refuses to give a region log ("kind": "graph" marks older ones)
+LEASE_ONLY = "lease_only"
 
 
 def redact_url(url: str) -> str:
@@ -375,6 +379,10 @@ class Catalog:
                                      durable_offset=0, log_bytes=0, labels={}))
                     s.flush()
                 else:
+                    if log is True and ((row.labels or {}).get(LEASE_ONLY) or (row.labels or {}).get("kind") == "graph"):
+                        raise ConcordiaError(
+                            f"session {session_id!r} is a bare lease (a graph thread: labels {row.labels}); expected "
+                            "a session with a region log: open its task sessions, or use a new session ID")
                     if log is False and row.last_epoch > 0 and s.scalar(
                             select(RegionRow.name).where(RegionRow.session_id == session_id).limit(1)) is not None:
                         raise ConcordiaError(
