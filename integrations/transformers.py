@@ -448,6 +448,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         if meta.get("done"):
             cache.set_length(session.regions["kv"].length)
             seq = tokens[:, :n_tokens].clone()
+            session.cancel()  # nothing ran: the finished session is left exactly as it was
             return _dict_output(seq, cache, steps) if as_dict else seq
         if n_tokens:  # resume
             cache.set_length(session.regions["kv"].length)
@@ -487,9 +488,15 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         session.flush()
         if os.environ.get("CONCORDIA_TEST_KILL_AFTER_DONE"):
             os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash after the last token was made durable
+        session.close()
         # Rebuilt, not generate's own: a resumed call's would hold only the steps since the resume.
         return _dict_output(sequences, cache, steps) if as_dict else sequences
+    except BaseException:
+        # A call that fails (a mismatched resume, a region that does not fit, an error
+        # in generate) leaves the session as it found it, or, after this call's
+        # commits, released and resumable: never marked closed.
+        session.cancel()
+        raise
     finally:
-        session.close()
         if own_runtime:
             rt.close()

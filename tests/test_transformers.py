@@ -103,8 +103,12 @@ def test_resume_with_other_prompt_or_arguments_is_refused(tmp_path):
     ids, mask = prompt(1, False)
     with Runtime.open(home=tmp_path, backend="host") as rt:
         durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=5)
+        files = sorted(p.name for p in rt.session_dir("x").iterdir())
         with pytest.raises(ResumeMismatchError, match="prompt"):
             durable_generate(model, ids[:, 1:], "x", runtime=rt, max_new_tokens=5)
+        # A refused resume leaves the session as it was: closed, the same files (issue 15, item 4).
+        assert rt.info("x").status == "closed"
+        assert sorted(p.name for p in rt.session_dir("x").iterdir()) == files
         with pytest.raises(ResumeMismatchError, match="generation"):
             durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=6)
         other = build("qwen2")
@@ -117,6 +121,36 @@ def test_resume_with_other_prompt_or_arguments_is_refused(tmp_path):
         again = durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=5,
                                  stopping_criteria=StoppingCriteriaList([]))
         assert torch.equal(first, again)
+
+
+def test_an_error_inside_generate_leaves_the_session_resumable_not_closed(tmp_path):
+    """A durable_generate call that fails mid-generation (an error in a user's stopping criterion) does
+    not mark the session closed: it is released idle, and the next call continues from the last
+    committed token to the uninterrupted result."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+    from tests._gen_child import build, prompt
+
+    class Boom(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # type: ignore[no-untyped-def]
+            if input_ids.shape[1] >= ids.shape[1] + 6:
+                raise RuntimeError("boom")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model = build("llama")
+    ids, mask = prompt(1, False)
+    with Runtime.open(home=tmp_path / "ref", backend="host") as rt:
+        want = durable_generate(model, ids, "r", runtime=rt, attention_mask=mask, max_new_tokens=12)
+    with Runtime.open(home=tmp_path / "h", backend="host") as rt:
+        with pytest.raises(RuntimeError, match="boom"):
+            durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=12,
+                             stopping_criteria=StoppingCriteriaList([Boom()]))
+        info = rt.info("x")
+        assert info.status == "idle" and info.last_epoch >= 5
+        got = durable_generate(model, ids, "x", runtime=rt, attention_mask=mask, max_new_tokens=12)
+        assert torch.equal(got, want)
 
 
 def test_durable_cache_is_a_transformers_cache():
