@@ -3,19 +3,24 @@
 Workload: an append-only conversation of ``turns`` turns on one thread; each
 turn invokes a one-node graph that appends the user message and a ~400-byte
 reply to a ``messages`` channel (``operator.add``) and bumps a counter; a
-2 KiB ``system`` channel never changes. Every turn makes two checkpoints
-(input and node step), so 100 turns are 200 ``put`` calls.
+2 KiB ``system`` channel never changes. Every turn makes three checkpoints
+(input, start, node step), so 100 turns are 300 ``put`` calls.
 
 Figures per saver, each baseline measured in the same run on the same
 database server or disk:
 
 * ``put`` latency: every ``put`` call timed (wall clock around the saver's own
   method), over ``repeats`` conversations after one discarded warm-up
-  conversation; median, p10, p90.
+  conversation per saver; median, p10, p90. The savers' conversations
+  alternate (ConcordiaSaver, baseline, baseline, ConcordiaSaver, ...), so a
+  change in the machine's load during the run falls on both.
 * catalog bytes after one conversation: SQLite — the database file after a WAL
-  checkpoint (each saver in its own file); PostgreSQL — the total relation
-  size (tables, indexes, TOAST) of the saver's tables, each saver in its own
-  schema.
+  checkpoint (each conversation in its own file); PostgreSQL — the total
+  relation size (tables, indexes, TOAST) of the saver's tables, each
+  conversation in its own schema.
+
+Every saver is closed after its conversation (ConcordiaSaver lets its lease go
+and stops its runtime's threads).
 
     python bench/bench_langgraph_cpu.py [--turns 100] [--repeats 3] [--postgres URL]
 """
@@ -80,18 +85,31 @@ def conversation(saver: Any, turns: int, thread: str) -> None:
         app.invoke({"messages": [f"user {t}: " + "question " * 10]}, cfg, durability="sync")
 
 
-def run_saver(make: Any, size: Any, turns: int, repeats: int) -> dict[str, Any]:
-    """Warm-up conversation, ``repeats`` timed ones (fresh saver each), size after the last."""
-    conversation(make(), 5, "warmup")
-    puts: list[float] = []
+def run_pair(savers: dict[str, Any], turns: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """``savers``: name -> ``make()`` returning ``(saver, size(), close())``. A warm-up
+    conversation each, then ``repeats`` timed ones each (a fresh saver every time), in
+    alternating order; the size is of each saver's last conversation."""
+    for make in savers.values():
+        saver, _, close = make()
+        conversation(saver, 5, "warmup")
+        close()
+    puts: dict[str, list[float]] = {name: [] for name in savers}
+    sizes: dict[str, int] = {}
+    names = list(savers)
     for r in range(repeats):
-        saver = make()
-        _timed(saver, puts)
-        conversation(saver, turns, f"conv-{r}-{uuid.uuid4().hex[:6]}")
-    puts.sort()
-    q = statistics.quantiles(puts, n=10)
-    return {"put_median_ms": statistics.median(puts) * 1e3, "put_p10_ms": q[0] * 1e3, "put_p90_ms": q[-1] * 1e3,
-            "puts": len(puts), "catalog_bytes": size()}
+        for name in (names if r % 2 == 0 else names[::-1]):
+            saver, size, close = savers[name]()
+            _timed(saver, puts[name])
+            conversation(saver, turns, f"conv-{r}-{uuid.uuid4().hex[:6]}")
+            close()
+            sizes[name] = size()
+    out = {}
+    for name, times in puts.items():
+        times.sort()
+        q = statistics.quantiles(times, n=10)
+        out[name] = {"put_median_ms": statistics.median(times) * 1e3, "put_p10_ms": q[0] * 1e3,
+                     "put_p90_ms": q[-1] * 1e3, "puts": len(times), "catalog_bytes": sizes[name]}
+    return out
 
 
 def sqlite_pair(tmp: Path, turns: int, repeats: int) -> dict[str, Any]:
@@ -99,35 +117,29 @@ def sqlite_pair(tmp: Path, turns: int, repeats: int) -> dict[str, Any]:
 
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    from concordia_agents import Runtime
     from integrations.langgraph import ConcordiaSaver
 
-    out: dict[str, Any] = {}
-    # Each timed conversation gets a fresh database so the size is of one conversation.
-    paths: list[Path] = []
+    def file_size(p: Path) -> Any:
+        def size() -> int:
+            con = sqlite3.connect(str(p))
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            con.close()
+            return p.stat().st_size
+        return size
 
     def make_concordia() -> Any:
         d = tmp / f"concordia-{uuid.uuid4().hex[:6]}"
-        paths.append(d / "catalog.db")
-        return ConcordiaSaver(runtime=Runtime.open(home=d, catalog_url=f"sqlite:///{d / 'catalog.db'}",
-                                                   backend="host"))
+        saver = ConcordiaSaver.from_conn_string(f"sqlite:///{d / 'catalog.db'}", home=str(d))
+        return saver, file_size(d / "catalog.db"), saver.close
 
     def make_sqlite() -> Any:
         p = tmp / f"sqlitesaver-{uuid.uuid4().hex[:6]}.db"
-        paths.append(p)
-        return SqliteSaver(sqlite3.connect(str(p), check_same_thread=False))
+        conn = sqlite3.connect(str(p), check_same_thread=False)
+        return SqliteSaver(conn), file_size(p), conn.close
 
-    def size_of_last() -> int:
-        p = paths[-1]
-        con = sqlite3.connect(str(p))
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        con.close()
-        return p.stat().st_size
-
-    out["concordia"] = run_saver(make_concordia, size_of_last, turns, repeats)
-    out["sqlitesaver"] = run_saver(make_sqlite, size_of_last, turns, repeats)
-    out["settings"] = ("ConcordiaSaver: SQLAlchemy, WAL, synchronous=NORMAL, BEGIN IMMEDIATE, lease check per "
-                       "write; SqliteSaver: sqlite3 defaults as shipped (rollback journal unless set)")
+    out: dict[str, Any] = run_pair({"concordia": make_concordia, "sqlitesaver": make_sqlite}, turns, repeats)
+    out["settings"] = ("ConcordiaSaver: raw sqlite3 connection, WAL, synchronous=NORMAL, BEGIN IMMEDIATE, lease "
+                       "check per write; SqliteSaver: sqlite3 defaults as shipped (rollback journal unless set)")
     return out
 
 
@@ -137,7 +149,6 @@ def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
     from psycopg.rows import dict_row
     from sqlalchemy import create_engine, text
 
-    from concordia_agents import Runtime
     from integrations.langgraph import ConcordiaSaver
 
     admin = create_engine(url)
@@ -151,22 +162,26 @@ def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
         schemas.append(name)
         return name
 
-    def size_of_last() -> int:
-        with admin.begin() as c:
-            return int(c.execute(text(
-                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :s AND c.relkind = 'r' "
-                "AND c.relname NOT LIKE '%migrations' AND c.relname NOT LIKE '%schema' "
-                "AND c.relname NOT IN ('concordia_sessions', 'concordia_leases', 'concordia_regions', "
-                "'concordia_epochs', 'concordia_segments')"), {"s": schemas[-1]}).scalar_one())
+    def schema_size(schema: str) -> Any:
+        def size() -> int:
+            with admin.begin() as c:
+                return int(c.execute(text(
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :s AND c.relkind = 'r' "
+                    "AND c.relname NOT LIKE '%migrations' AND c.relname NOT LIKE '%schema' "
+                    "AND c.relname NOT IN ('concordia_sessions', 'concordia_leases', 'concordia_regions', "
+                    "'concordia_epochs', 'concordia_segments', 'concordia_catalog_id')"), {"s": schema}).scalar_one())
+        return size
 
     homes = tempfile.mkdtemp()
+    ours: list[str] = []
 
     def make_concordia() -> Any:
         s = fresh_schema()
+        ours.append(s)
         sep = "&" if "?" in url else "?"
-        scoped = f"{url}{sep}options=-csearch_path%3D{s}"
-        return ConcordiaSaver(runtime=Runtime.open(home=Path(homes) / s, catalog_url=scoped, backend="host"))
+        saver = ConcordiaSaver.from_conn_string(f"{url}{sep}options=-csearch_path%3D{s}", home=str(Path(homes) / s))
+        return saver, schema_size(s), saver.close
 
     def make_pg() -> Any:
         s = fresh_schema()
@@ -174,11 +189,18 @@ def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
                                   options=f"-csearch_path={s}")
         saver = PostgresSaver(conn)
         saver.setup()
-        return saver
+        return saver, schema_size(s), conn.close
 
-    out = {"concordia": run_saver(make_concordia, size_of_last, turns, repeats),
-           "postgressaver": run_saver(make_pg, size_of_last, turns, repeats)}
+    out: dict[str, Any] = run_pair({"concordia": make_concordia, "postgressaver": make_pg}, turns, repeats)
+    out["settings"] = ("ConcordiaSaver: psycopg, autocommit, one statement per put checking the lease token under "
+                       "FOR SHARE, blobs TOAST-compressed with lz4 where the server has it; PostgresSaver: one "
+                       "autocommit connection, prepare_threshold=0 (as its from_conn_string), pglz")
     with admin.begin() as c:
+        out["server"] = c.execute(text("SELECT version()")).scalar_one()
+        method = c.execute(text(
+            "SELECT attcompression FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) AND attname = 'blob'"),
+            {"t": f"{ours[-1]}.concordia_lg_blobs"}).scalar_one()
+        out["concordia_blob_compression"] = {"l": "lz4", "p": "pglz"}.get(method, "server default")
         for s in schemas:
             c.execute(text(f"DROP SCHEMA {s} CASCADE"))
     admin.dispose()

@@ -95,6 +95,7 @@ def test_channel_values_are_stored_once_per_version(rt: Runtime):
         checkpoints = s.execute(select(func.count()).select_from(CHECKPOINTS)
                                 .where(CHECKPOINTS.c.session_id == "chat")).scalar_one()
     assert per_channel["system"] == 1, per_channel
+    assert "turns" not in per_channel  # a small int rides inside each checkpoint instead of a blob row
     assert checkpoints >= 60  # input + step per turn: many checkpoints, one stored `system`
     ours = [(s.values, s.next, s.metadata["step"]) for s in app.get_state_history("chat")]
     theirs = [(s.values, s.next, s.metadata["step"])
@@ -171,6 +172,66 @@ def test_stale_owner_put_is_fenced_by_token(home: Path, catalog_url: str):
         assert new.get_tuple(stored).pending_writes == []
 
 
+def test_takeover_during_concurrent_writes_lets_no_stale_write_land(home: Path, catalog_url: str):
+    """While 4 threads of owner A put checkpoints and writes as fast as they can, B takes the thread over:
+    every write of A that returned is visible to B at once, each of A's threads then gets OwnershipError,
+    and nothing of A's lands after the takeover."""
+    import threading
+
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+    from sqlalchemy import func, select
+
+    from integrations.langgraph._schema import WRITES
+
+    def stored(r: Runtime) -> tuple[list, int]:
+        with r.catalog.read() as s:
+            ids = s.execute(select(CHECKPOINTS.c.checkpoint_ns, CHECKPOINTS.c.checkpoint_id)
+                            .where(CHECKPOINTS.c.session_id == "race")).all()
+            writes = s.execute(select(func.count()).select_from(WRITES).where(WRITES.c.session_id == "race"))
+            return sorted(ids), writes.scalar_one()
+
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as a, \
+            Runtime.open(home=home, catalog_url=catalog_url, backend="host") as b:
+        old, new = ConcordiaSaver(runtime=a), ConcordiaSaver(runtime=b)
+        old.acquire("race")
+        stop, errors, fenced, done = threading.Event(), [], [], [0] * 4
+
+        def writer(w: int) -> None:
+            c = empty_checkpoint()
+            while not stop.is_set():
+                c = create_checkpoint(c, None, done[w])
+                c["channel_values"], c["channel_versions"] = {"v": [w] * 50}, {"v": f"{w}.{done[w]}"}
+                try:
+                    cfg = old.put({"configurable": {"thread_id": "race", "checkpoint_ns": f"w{w}"}}, c,
+                                  {"step": done[w]}, {"v": f"{w}.{done[w]}"})
+                    old.put_writes(cfg, [("v", done[w])], "task")
+                except OwnershipError:
+                    fenced.append(w)
+                    return
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+                    return
+                done[w] += 1
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        expire_lease(catalog_url, "race")  # A stalled past its lease (as far as the catalog knows)
+        new.acquire("race")
+        seen = stored(b)
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert errors == [] and sorted(fenced) == [0, 1, 2, 3], (errors, fenced)
+        # each thread's last put may have landed before the takeover and its put_writes not
+        assert min(done) > 0 and sum(done) <= len(seen[0]) <= sum(done) + 4, (done, len(seen[0]))
+        assert stored(b) == seen
+        old.close()
+        new.close()
+
+
 def test_two_resume_writes_at_one_index_in_one_put_writes(rt: Runtime):
     """Two `__resume__` writes (one write index) in one put_writes, as LangGraph sends for a node with two
     interrupt() calls: accepted, and the last one is kept, as LangGraph's InMemorySaver keeps it."""
@@ -206,6 +267,101 @@ def test_opening_and_writing_draw_nothing_from_uuid4(home: Path, catalog_url: st
         assert saver.get_tuple(stored) is not None
         saver.close()
     assert calls == []
+
+
+def test_deleting_a_thread_session_deletes_its_checkpoints(rt: Runtime):
+    """Runtime.delete of a graph thread (what `concordia sessions rm` does) removes its checkpoints,
+    blobs and writes and no other thread's."""
+    from sqlalchemy import func, select
+
+    from integrations.langgraph._schema import WRITES
+
+    saver = ConcordiaSaver(runtime=rt)
+    for thread in ("gone", "kept"):
+        stored = _three_steps(saver, thread)
+        saver.put_writes(stored, [("messages", ["w"])], "task-1")
+        saver.release(thread)
+    rt.delete("gone")
+    with rt.catalog.read() as s:
+        left = {t.name: dict(s.execute(select(t.c.session_id, func.count()).group_by(t.c.session_id)).all())
+                for t in (CHECKPOINTS, BLOBS, WRITES)}
+    assert all(set(rows) == {"kept"} for rows in left.values()), left
+    assert saver.get_tuple({"configurable": {"thread_id": "gone"}}) is None
+    saver.close()
+
+
+def _three_steps(saver: ConcordiaSaver, thread: str) -> RunnableConfig:
+    """Three checkpoints of a chat-like state through the saver; the last one's config."""
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+
+    cfg: RunnableConfig = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    c = empty_checkpoint()
+    for step in range(3):
+        c = create_checkpoint(c, None, step)
+        c["channel_values"] = {"messages": [f"m{i}" for i in range(step + 1)], "system": "s" * 500, "turns": step}
+        new = {"messages": step + 1, "turns": step + 1, **({"system": 1} if step == 0 else {})}
+        c["channel_versions"] = {"messages": step + 1, "system": 1, "turns": step + 1}
+        cfg = saver.put(cfg, c, {"step": step}, new)
+    return cfg
+
+
+def test_version_1_tables_are_migrated_and_stay_readable(home: Path, catalog_url: str):
+    """Graph tables of schema version 1 (a JSON copy of the versions, "empty" blob rows) are migrated
+    to version 2 when a saver opens them: the old checkpoints load as they were stored, and the
+    thread continues on top of them."""
+    import time as _time
+
+    from langgraph.checkpoint.base import create_checkpoint, empty_checkpoint
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+    from sqlalchemy import MetaData, Table, insert
+
+    from integrations.langgraph import _schema
+
+    serde = JsonPlusSerializer()
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as r:
+        lease = r.hold("old")
+        with r.catalog.write() as s:
+            conn = s.connection()
+            _schema.SCHEMA.create(conn)
+            _schema.MIGRATIONS[0](conn)
+            conn.execute(_schema.SCHEMA.insert().values(id=1, version=1, updated_at=_time.time()))
+            tables = {n: Table(n, MetaData(), autoload_with=conn)
+                      for n in ("concordia_lg_checkpoints", "concordia_lg_blobs", "concordia_lg_writes")}
+            c = create_checkpoint(empty_checkpoint(), None, 1)
+            c["channel_versions"] = {"messages": "2", "gone": "1"}
+            ckpt = {k: v for k, v in c.items() if k != "channel_values"}
+            conn.execute(insert(tables["concordia_lg_checkpoints"]).values(
+                session_id="old", checkpoint_ns="", checkpoint_id=c["id"], parent_checkpoint_id=None,
+                type="msgpack", checkpoint=serde.dumps_typed(ckpt)[1], metadata_type="msgpack",
+                metadata=serde.dumps_typed({"step": 1})[1], channel_versions={"messages": "2", "gone": "1"},
+                run_id=None, uses_delta=False, created_at=_time.time()))
+            conn.execute(insert(tables["concordia_lg_blobs"]), [
+                {"session_id": "old", "checkpoint_ns": "", "channel": "messages", "version": "2", "type": "msgpack",
+                 "blob": serde.dumps_typed(["hello"])[1]},
+                {"session_id": "old", "checkpoint_ns": "", "channel": "gone", "version": "1", "type": "empty",
+                 "blob": None}])
+            conn.execute(insert(tables["concordia_lg_writes"]).values(
+                session_id="old", checkpoint_ns="", checkpoint_id=c["id"], task_id="t1", idx=0, channel="messages",
+                type="msgpack", blob=serde.dumps_typed(["w"])[1], task_path=""))
+        r.let_go(lease)
+
+        saver = ConcordiaSaver(runtime=r)
+        with r.catalog.read() as s:
+            assert s.execute(select(_schema.SCHEMA.c.version)).scalar_one() == _schema.LG_SCHEMA_VERSION == 2
+        cfg = {"configurable": {"thread_id": "old", "checkpoint_ns": ""}}
+        old = saver.get_tuple(cfg)
+        assert old.checkpoint["channel_values"] == {"messages": ["hello"]}
+        assert old.checkpoint["channel_versions"] == {"messages": "2", "gone": "1"}
+        assert old.metadata == {"step": 1} and old.pending_writes == [("t1", "messages", ["w"])]
+        c2 = create_checkpoint(old.checkpoint, None, 2)
+        c2["channel_values"] = {"messages": ["hello", "again"]}
+        c2["channel_versions"] = {"messages": "3", "gone": "1"}
+        saver.put(old.config, c2, {"step": 2}, {"messages": "3"})
+        assert [t.checkpoint["channel_values"] for t in saver.list(cfg)] == [{"messages": ["hello", "again"]},
+                                                                              {"messages": ["hello"]}]
+        saver.prune(["old"], strategy="keep_latest")
+        assert saver.get_tuple(cfg).checkpoint["channel_values"] == {"messages": ["hello", "again"]}
+        saver.close()
 
 
 def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):

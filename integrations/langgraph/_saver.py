@@ -6,9 +6,10 @@ Contract (``langgraph.checkpoint.base.BaseCheckpointSaver``; who calls what):
   finishes and ``put`` at each step boundary — the sync methods from worker
   threads, the ``a*`` methods under ``ainvoke``, possibly concurrently. Every
   method here is thread-safe; the async ones run the sync ones in a thread.
-* ``put`` stores the checkpoint without its channel values, plus one blob per
-  channel listed in ``new_versions``: a value is stored once per (channel,
-  version), never once per step (see ``_schema``).
+* ``put`` stores the checkpoint with only its small scalar channel values
+  (a counter, a flag: they ride along in every checkpoint), plus one blob per
+  other channel listed in ``new_versions``: such a value is stored once per
+  (channel, version), never once per step (see ``_schema``).
 * Single writer. A graph thread is a Concordia session. The first write to a
   thread takes its ownership lease (``Runtime.hold``; the runtime heartbeats
   it) unless the caller took it already (``acquire``, which ``wrap`` does before
@@ -17,8 +18,9 @@ Contract (``langgraph.checkpoint.base.BaseCheckpointSaver``; who calls what):
   gets ``OwnershipError`` instead of forking the thread's history. A live
   owner elsewhere makes ``acquire`` and the first write fail the same way.
   ``release(thread_id)`` (or ``close()``) lets the lease go.
-  On PostgreSQL the check and the inserts are one autocommitted statement
-  (``_pg``): one round trip per put.
+  The writes go to the DBAPI driver directly: on SQLite one ``BEGIN
+  IMMEDIATE`` transaction (``_sqlite``), on PostgreSQL one autocommitted
+  statement, one round trip (``_pg``).
 * Reads (``get_tuple``, ``list``) take no lease.
 * Administrative deletes (``delete_thread``, ``delete_for_runs``, ``prune``)
   refuse threads that another live process owns.
@@ -47,19 +49,19 @@ from langgraph.checkpoint.base import (
     get_checkpoint_metadata,
     writes_sort_key,
 )
-from sqlalchemy import and_, create_engine, delete, select, tuple_, update
+from sqlalchemy import and_, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
 from concordia_agents import ConcordiaError, OwnershipError, Runtime, SessionNotFound
 from concordia_agents._lease import Lease
 from concordia_agents._logging import get_logger
 
-from ._pg import fenced_put, fenced_writes
-from ._schema import BLOBS, CHECKPOINTS, WRITES, migrate
+from ._pg import PgWriter
+from ._schema import BLOBS, CHECKPOINTS, INLINE_STR, INLINE_TYPES, WRITES, migrate, pack, unpack
+from ._sqlite import SqliteWriter
 from ._task import TASK_SEP
 
 __all__ = ["ConcordiaSaver", "GRAPH_KIND"]
@@ -100,16 +102,10 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
         self._lock = threading.Lock()
         self._upserts: dict[tuple[str, bool], Any] = {}
         self._taken: set[str] = set()  #: threads whose lease this saver took (let go on close)
-        # PostgreSQL fast path: autocommit connections (a fenced write is one statement), no
-        # pre-ping round trip; a connection found dead is retried once (the statement is idempotent).
-        self._autocommit = (create_engine(self.catalog.url, isolation_level="AUTOCOMMIT", pool_size=5,
-                                          max_overflow=5, pool_recycle=1800,
-                                          connect_args={"application_name": "concordia-langgraph"})
-                            if self.catalog.dialect == "postgresql" else None)
-        if self._autocommit is not None:
-            self.catalog.configure_postgres(self._autocommit)
         with self.catalog.write() as s:
             migrate(s.connection(), self.catalog.dialect)
+        #: the fenced write path of put/put_writes, one per dialect (same methods)
+        self._writer = PgWriter(self.catalog) if self.catalog.dialect == "postgresql" else SqliteWriter(self.catalog)
 
     @classmethod
     def from_conn_string(cls, conn_string: str, *, home: str | None = None, **options: Any) -> ConcordiaSaver:
@@ -125,8 +121,7 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             taken, self._taken = sorted(self._taken), set()
         for thread_id in taken:
             self.release(thread_id)
-        if self._autocommit is not None:
-            self._autocommit.dispose()
+        self._writer.close()
         if self._owns_runtime:
             self.runtime.close()
 
@@ -181,24 +176,15 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             self._check(s, thread_id, lease)
             yield s
 
-    def _pg_fenced(self, thread_id: str, write: Any, *args: Any) -> None:
-        """Run a one-statement fenced write (``_pg``) in autocommit mode; on a
-        token mismatch, name the current owner and raise OwnershipError."""
+    def _fenced(self, thread_id: str, write: Any, *args: Any) -> None:
+        """Run a fenced write of ``self._writer``; on a token mismatch (nothing
+        was written), name the current owner and raise OwnershipError."""
         lease = self.acquire(thread_id)
-        assert self._autocommit is not None
-        for attempt in (1, 2):
-            try:
-                with self._autocommit.connect() as conn:
-                    done = write(conn, lease.token, *args)
-                break
-            except (OperationalError, DBAPIError) as e:
-                if attempt == 1 and e.connection_invalidated:
-                    continue  # a pooled connection the server closed: once more on a fresh one
-                raise self.catalog.failure("write", e) from e
-        if not done:
-            with self.catalog.write_core() as s:
-                self._check(s, thread_id, lease)  # raises, naming the owner that took over
-            raise OwnershipError(f"thread {thread_id!r}: the fenced write did not find lease token {lease.token}")
+        if write(thread_id, lease.token, *args):
+            return
+        with self.catalog.write_core() as s:
+            self._check(s, thread_id, lease)  # raises, naming the owner that took over
+        raise OwnershipError(f"thread {thread_id!r}: the fenced write did not find lease token {lease.token}")
 
     def _refuse_foreign(self, s: OrmSession, thread_ids: Sequence[str]) -> None:
         """OwnershipError if another live process owns any of these threads."""
@@ -229,12 +215,15 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             self._upserts[(table.name, replace)] = stmt
         s.execute(stmt, rows)
 
+    def _versions(self, row: Any) -> dict[str, Any]:
+        return unpack(self.serde, row.type, row.checkpoint).get("channel_versions") or {}
+
     def _gc_blobs(self, s: OrmSession, thread_id: str, ns: str) -> None:
         """Delete blobs of (thread, ns) that no remaining checkpoint references."""
         live: set[tuple[str, str]] = set()
-        for (versions,) in s.execute(select(CHECKPOINTS.c.channel_versions).where(
+        for row in s.execute(select(CHECKPOINTS.c.type, CHECKPOINTS.c.checkpoint).where(
                 CHECKPOINTS.c.session_id == thread_id, CHECKPOINTS.c.checkpoint_ns == ns)):
-            live.update((ch, v) for ch, v in (versions or {}).items())
+            live.update((ch, str(v)) for ch, v in self._versions(row).items())
         stale = [(ch, v) for ch, v in s.execute(select(BLOBS.c.channel, BLOBS.c.version).where(
             BLOBS.c.session_id == thread_id, BLOBS.c.checkpoint_ns == ns)) if (ch, v) not in live]
         for i in range(0, len(stale), 500):
@@ -242,25 +231,26 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
                                           tuple_(BLOBS.c.channel, BLOBS.c.version).in_(stale[i:i + 500])))
 
     def _tuple(self, s: OrmSession, row: Any) -> CheckpointTuple:
-        checkpoint = self.serde.loads_typed((row.type, row.checkpoint))
-        versions: dict[str, str] = row.channel_versions or {}
-        values: dict[str, Any] = {}
-        if versions:
+        checkpoint = unpack(self.serde, row.type, row.checkpoint)
+        versions: dict[str, Any] = checkpoint.get("channel_versions") or {}
+        values = {ch: v for ch, v in (checkpoint.get("channel_values") or {}).items() if ch in versions}
+        missing = [(ch, str(v)) for ch, v in versions.items() if ch not in values]
+        if missing:
             for b in s.execute(select(BLOBS.c.channel, BLOBS.c.type, BLOBS.c.blob).where(
                     BLOBS.c.session_id == row.session_id, BLOBS.c.checkpoint_ns == row.checkpoint_ns,
-                    tuple_(BLOBS.c.channel, BLOBS.c.version).in_(list(versions.items())))):
-                if b.type != "empty":
-                    values[b.channel] = self.serde.loads_typed((b.type, b.blob))
+                    tuple_(BLOBS.c.channel, BLOBS.c.version).in_(missing))):
+                if b.type != "empty":  # version 1 stored a row for a channel without a value
+                    values[b.channel] = unpack(self.serde, b.type, b.blob)
         writes = sorted(s.execute(select(WRITES).where(
             WRITES.c.session_id == row.session_id, WRITES.c.checkpoint_ns == row.checkpoint_ns,
             WRITES.c.checkpoint_id == row.checkpoint_id)), key=lambda w: writes_sort_key(w.task_path, w.task_id, w.idx))
         return CheckpointTuple(
             config=_config(row.session_id, row.checkpoint_ns, row.checkpoint_id),
             checkpoint={**checkpoint, "channel_values": values},
-            metadata=self.serde.loads_typed((row.metadata_type, row.metadata)),
+            metadata=unpack(self.serde, row.metadata_type, row.metadata),
             parent_config=(_config(row.session_id, row.checkpoint_ns, row.parent_checkpoint_id)
                            if row.parent_checkpoint_id else None),
-            pending_writes=[(w.task_id, w.channel, self.serde.loads_typed((w.type, w.blob))) for w in writes],
+            pending_writes=[(w.task_id, w.channel, unpack(self.serde, w.type, w.blob)) for w in writes],
         )
 
     # -- reads ------------------------------------------------------------------------------
@@ -328,29 +318,19 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
     ) -> RunnableConfig:
         thread_id, ns = _ids(config)
         parent = get_checkpoint_id(config)
-        c = dict(checkpoint)
-        values: dict[str, Any] = c.pop("channel_values", None) or {}
-        blobs = []
-        for channel, version in new_versions.items():
-            btype, blob = self.serde.dumps_typed(values[channel]) if channel in values else ("empty", None)
-            blobs.append({"session_id": thread_id, "checkpoint_ns": ns, "channel": channel,
-                          "version": str(version), "type": btype, "blob": blob})
-        ctype, cbytes = self.serde.dumps_typed(c)
+        values: dict[str, Any] = checkpoint.get("channel_values") or {}
+        versions = checkpoint.get("channel_versions") or {}
+        inline = {ch: v for ch, v in values.items() if ch in versions and (
+            type(v) in INLINE_TYPES or (type(v) is str and len(v) <= INLINE_STR))}
+        blobs = [(thread_id, ns, ch, str(version), *self.serde.dumps_typed(values[ch]))
+                 for ch, version in new_versions.items() if ch in values and ch not in inline]
+        ctype, cbytes = pack(self.serde, {**checkpoint, "channel_values": inline})
         md = get_checkpoint_metadata(config, metadata)
         mtype, mbytes = self.serde.dumps_typed(md)
         run_id = md.get("run_id")
-        row = {"session_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": str(checkpoint["id"]),
-               "parent_checkpoint_id": str(parent) if parent else None, "type": ctype, "checkpoint": cbytes,
-               "metadata_type": mtype, "metadata": mbytes,
-               "channel_versions": {ch: str(v) for ch, v in checkpoint.get("channel_versions", {}).items()},
-               "run_id": None if run_id is None else str(run_id),
-               "uses_delta": any(k in md for k in _DELTA_KEYS), "created_at": time.time()}
-        if self.catalog.dialect == "postgresql":
-            self._pg_fenced(thread_id, fenced_put, row, blobs)
-        else:
-            with self._owned(thread_id) as s:
-                self._upsert(s, BLOBS, blobs, replace=True)
-                self._upsert(s, CHECKPOINTS, [row], replace=True)
+        row = (thread_id, ns, str(checkpoint["id"]), str(parent) if parent else None, ctype, cbytes, mtype, mbytes,
+               None if run_id is None else str(run_id), any(k in md for k in _DELTA_KEYS))
+        self._fenced(thread_id, self._writer.put, row, blobs)
         return _config(thread_id, ns, str(checkpoint["id"]))
 
     def put_writes(
@@ -373,19 +353,11 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
                 by_idx[idx] = (channel, value)
         plain, special = [], []
         for idx, (channel, value) in by_idx.items():
-            wtype, blob = self.serde.dumps_typed(value)
-            row = {"session_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": str(checkpoint_id),
-                   "task_id": str(task_id), "idx": idx, "channel": channel, "type": wtype, "blob": blob,
-                   "task_path": task_path}
+            row = (thread_id, ns, str(checkpoint_id), str(task_id), idx, channel, *self.serde.dumps_typed(value),
+                   task_path)
             (special if idx < 0 else plain).append(row)
-        if not plain and not special:
-            return
-        if self.catalog.dialect == "postgresql":
-            self._pg_fenced(thread_id, fenced_writes, plain + special)
-            return
-        with self._owned(thread_id) as s:
-            self._upsert(s, WRITES, plain, replace=False)
-            self._upsert(s, WRITES, special, replace=True)
+        if plain or special:
+            self._fenced(thread_id, self._writer.put_writes, plain, special)
 
     def delete_thread(self, thread_id: str) -> None:
         """Delete the thread's checkpoints and its session, with the generation
