@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +39,8 @@ from operator import add
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_device, versions, write  # noqa: E402
 
@@ -207,6 +209,15 @@ def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def code_version() -> str:
+    """The commit of the saver measured, ``+modified`` if its files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("+modified" if git("status", "--porcelain", "--", "integrations/langgraph") else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--turns", type=int, default=100)
@@ -224,7 +235,8 @@ def main() -> None:
             c, b = results[db]["concordia"], results[db][base]
             ratios[db] = {"put_latency_concordia_over_baseline": c["put_median_ms"] / b["put_median_ms"],
                           "bytes_baseline_over_concordia": b["catalog_bytes"] / c["catalog_bytes"]}
-    payload = {"benchmark": "langgraph_cpu", "device": cpu_device(), "turns": args.turns, "repeats": args.repeats,
+    payload = {"benchmark": "langgraph_cpu", "device": cpu_device(), "code": code_version(), "turns": args.turns,
+               "repeats": args.repeats,
                "versions": versions("langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite",
                                     "langgraph-checkpoint-postgres", "psycopg"),
                "results": results, "ratios": ratios}

@@ -19,9 +19,11 @@ benchmark's calls overlapped, each waiting for the other's lock.
 The statements go to psycopg directly (prepared by psycopg after a few
 executions on each connection, every parameter in binary format) on
 autocommit connections with the catalog's lock and idle timeouts. Through
-SQLAlchemy, with text-format parameters, binding them was half of a ``put``: a
-``bytea[]`` in text format is hex-escaped, then escaped again as an array
-literal by a regular expression (cProfile of ``bench/bench_langgraph_cpu.py``).
+SQLAlchemy, with text-format parameters, binding them was a quarter of a
+``put`` (cProfile of ``bench/bench_langgraph_cpu.py``): a ``bytea[]`` in text
+format is hex-escaped, then escaped again as an array literal by a regular
+expression. The benchmark's puts replayed outside the graph took 0.76 ms
+before, 0.53 ms with binary parameters.
 A connection the server closed is replaced and the statement run once more (it
 is idempotent).
 
