@@ -34,7 +34,9 @@ from .errors import (
     RegionError,
     SchemaVersionError,
     SessionClosedError,
+    SessionKindError,
     SessionNotFound,
+    StorageError,
 )
 
 __all__ = [
@@ -58,7 +60,9 @@ __all__ = [
     "Session",
     "SessionClosedError",
     "SessionInfo",
+    "SessionKindError",
     "SessionNotFound",
+    "StorageError",
     "configure_logging",
 ]
 __version__ = "0.1.0"

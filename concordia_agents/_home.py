@@ -13,7 +13,8 @@ Marker files, format version 1 (JSON objects)::
 
     concordia-home.json   {"format": 1, "catalog_id": "<hex>", "catalog": "<URL, password hidden>",
                            "created_at": <unix seconds>}
-    session.json          {"format": 1, "session_id": "<ID>", "catalog_id": "<hex>"}
+    session.json          {"format": 1, "session_id": "<ID>", "catalog_id": "<hex>",
+                           "created_at": <the session row's created_at: which incarnation>}
 
 Why: the catalog says which sessions exist. Opened with the wrong catalog (a
 typo in ``--catalog``, a forgotten ``CONCORDIA_CATALOG_URL``), every session
@@ -21,7 +22,8 @@ directory of a home would look orphaned, and ``gc`` would delete them all. So
 a home records the ID of its catalog (``Catalog.catalog_id``), and opening it
 with another is refused (:class:`CatalogMismatchError`) before anything is
 read or deleted; ``gc`` deletes a session directory only if its own marker
-names this catalog and the catalog no longer lists the session.
+names this catalog and the catalog holds a tombstone of that very
+incarnation of the session (``Catalog.deleted``).
 
 Protocol (``Runtime.open``; ``bind_catalog`` is the only writer of the home
 marker):
@@ -191,6 +193,14 @@ def bind_catalog(home: Path, catalog: Catalog, marker: HomeMarker | None, *, wri
                 f"home {home} holds {len(dirs)} session directories and no marker naming its catalog; catalog "
                 f"{url} knows none of them, so it is most likely not this home's catalog. Pass the right "
                 "catalog (--catalog / CONCORDIA_CATALOG_URL) or another home; nothing was read or deleted")
+    default = home / "catalog.db"
+    if default.exists() and not _is_sqlite_file(url, default):
+        # An unmarked home whose own default catalog is not the one opened (graph
+        # threads live only in the catalog: no session directory would tell).
+        raise CatalogMismatchError(
+            f"home {home} has its own catalog {default} and no marker naming its catalog; it was opened with "
+            f"catalog {url}. Pass --catalog sqlite:///{default} (or move that file away if the home really "
+            "belongs to the other catalog); nothing was read or deleted")
     if not write:
         return
     data = {"format": MARKER_FORMAT, "catalog_id": catalog.catalog_id, "catalog": url, "created_at": time.time()}
@@ -199,12 +209,30 @@ def bind_catalog(home: Path, catalog: Catalog, marker: HomeMarker | None, *, wri
         bind_catalog(home, catalog, read_home_marker(home))
 
 
-def write_session_marker(directory: Path, session_id: str, catalog_id: str) -> None:
-    """Name the session and catalog a session directory belongs to (once)."""
+def _is_sqlite_file(url: str, path: Path) -> bool:
+    """Whether catalog ``url`` is the SQLite database file ``path``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL is not that file
+        return False
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return False
+    try:
+        return Path(parsed.database).resolve() == path.resolve()
+    except OSError:
+        return False
+
+
+def write_session_marker(directory: Path, session_id: str, catalog_id: str, created_at: float) -> None:
+    """Name the session, its incarnation (its catalog row's ``created_at``) and
+    the catalog a session directory belongs to (once: a directory is never
+    reused by a later incarnation, see ``SessionLog.open``)."""
     path = directory / SESSION_MARKER
     if not path.exists():
-        write_private_json(path, {"format": MARKER_FORMAT, "session_id": session_id, "catalog_id": catalog_id},
-                           exclusive=True)
+        write_private_json(path, {"format": MARKER_FORMAT, "session_id": session_id, "catalog_id": catalog_id,
+                                  "created_at": created_at}, exclusive=True)
 
 
 def read_session_marker(directory: Path) -> dict[str, Any] | None:

@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,13 @@ from gpu_runtime.records import (
     HEADER_SIZE,
     FramingError,
     RecordFlags,
+    RecordHeader,
     RecordType,
     decode_header,
     encode_record,
     payload_sum,
 )
+from gpu_runtime.records import session_tag as session_tag_of
 
 from ._catalog import Catalog, SegmentInfo
 from ._home import make_private_dir, write_session_marker
@@ -64,9 +67,9 @@ from ._segments import (
     new_header,
 )
 from .config import RuntimeConfig
-from .errors import CorruptLogError, LogFullError, OwnershipError, SessionNotFound
+from .errors import CorruptLogError, LogFullError, OwnershipError, StorageError
 
-__all__ = ["Rollback", "SessionLog", "ring_holds_unflushed", "ring_path", "session_dir_name"]
+__all__ = ["LogCheck", "Rollback", "SessionLog", "check_log", "ring_holds_unflushed", "ring_path", "session_dir_name"]
 
 _COPY_CHUNK = 8 << 20
 
@@ -94,6 +97,7 @@ class Rollback:
     missing: tuple[str, ...]  #: segment files the catalog lists that are gone
     damage: str | None  #: the first damaged record or gap the salvage stopped at
     skipped_ring_bytes: int = 0  #: bytes of the host ring after a damaged record
+    quarantined: tuple[str, ...] = ()  #: files moved to quarantine-<token>/ (kept, no longer history)
 
     def __str__(self) -> str:
         parts = [f"resumed at epoch {self.epoch}; the catalog had recorded epoch {self.recorded_epoch} as durable"]
@@ -105,6 +109,8 @@ class Rollback:
             parts.append(f"stopped at: {self.damage}")
         if self.skipped_ring_bytes:
             parts.append(f"dropped {self.skipped_ring_bytes} bytes of the host ring after a damaged record")
+        if self.quarantined:
+            parts.append(f"moved to quarantine: {', '.join(self.quarantined)}")
         return "; ".join(parts)
 
 
@@ -132,8 +138,9 @@ class SessionLog:
         self.catalog = catalog
         self.lock = threading.RLock()  # flusher vs. flush()/close()
         self.durable = threading.Condition(self.lock)
+        # reported_epoch=epoch: an open reports nothing until this owner flushes something
         self.state = FlushState(copied_epoch=epoch, copied_offset=ring.base, durable_epoch=epoch,
-                                durable_offset=ring.base)
+                                durable_offset=ring.base, reported_epoch=epoch)
         self.fenced: str | None = None  #: why this owner lost the session
         self.closed = False
         self.error: BaseException | None = None  #: last flusher error (e.g. disk full)
@@ -144,18 +151,25 @@ class SessionLog:
         self.log = get_logger(session=session_id, token=token)
         self.writer = LogWriter(
             ring, session_tag=tag, max_record_bytes=config.max_record_bytes, space_timeout=config.space_timeout,
-            kick=lambda: self.kick and self.kick(), fenced=self.check_writable)
+            kick=lambda: self.kick and self.kick(), fenced=self.check_owner, stalled=self.check_writable)
 
     # -- 1. open ----------------------------------------------------------------
 
     @classmethod
     def open(cls, *, session_id: str, tag: int, token: int, directory: Path, config: RuntimeConfig,
-             catalog: Catalog, allow_rollback: bool = False) -> tuple[SessionLog, LogIndex]:
+             catalog: Catalog, allow_rollback: bool = False, created: bool = False) -> tuple[SessionLog, LogIndex]:
+        """See the module docstring (step 1). ``created``: the catalog row was
+        made by this open, so nothing on disk can belong to this session yet;
+        files found under its name (a deleted session's, left behind) are moved
+        aside, never read into the new session."""
         log = get_logger(session=session_id, token=token)
-        make_private_dir(directory.parent)
-        make_private_dir(directory)
-        write_session_marker(directory, session_id, catalog.catalog_id)
+        info = catalog.get(session_id)
         rpath = ring_path(config, tag)
+        make_private_dir(directory.parent)
+        if created:
+            _set_aside_leftovers(directory, rpath, log)
+        make_private_dir(directory)
+        write_session_marker(directory, session_id, catalog.catalog_id, info.created_at)
         ring: LogRing | None = None
         skipped_ring = 0
         if rpath.exists():
@@ -169,36 +183,42 @@ class SessionLog:
             except BaseException:
                 ring.close()
                 raise
+        quarantined: tuple[str, ...] = ()
         try:
-            index = scan(directory, session_tag=tag, salvage=allow_rollback)
-            rollback = _check_against_catalog(session_id, directory, index, catalog, allow_rollback, skipped_ring)
+            try:
+                index = scan(directory, session_tag=tag, salvage=allow_rollback)
+            except CorruptLogError as e:
+                raise _with_missing(e, session_id, directory, catalog, info.last_epoch) from e
+            rollback = _check_against_catalog(session_id, directory, index, catalog, allow_rollback, skipped_ring,
+                                              info.last_epoch)
+            if rollback is not None:
+                # What the rollback gives up is moved aside (kept, never deleted), before the
+                # catalog records it: later scans must not meet a damaged base image again.
+                quarantined = _quarantine(directory, index, token)
+                rollback = replace(rollback, quarantined=quarantined)
+                catalog.roll_back(session_id, token, epoch=index.epoch, offset=index.end,
+                                  missing=list(rollback.missing) + list(quarantined))
             segment = SegmentWriter.create(directory, new_header(session_tag=tag, token=token, base=index.end))
         except BaseException:
             if ring is not None:
                 ring.close()
             raise
-        created = False
+        ring_created = False
         if ring is not None and ring.capacity != config.ring_bytes:
             ring.unlink()
             ring = None
         if ring is None:
             ring = LogRing.create(rpath, capacity=config.ring_bytes, session_tag=tag, owner_token=token,
                                   base=index.end)
-            created = True
+            ring_created = True
         else:
             ring.reset(base=index.end, owner_token=token)
         self = cls(session_id=session_id, tag=tag, token=token, directory=directory, ring=ring, segment=segment,
                    config=config, catalog=catalog, epoch=index.epoch)
         self.delta_bytes = index.delta_bytes
-        self.ring_created = created
+        self.ring_created = ring_created
         if rollback is not None:
             self.rollback = rollback
-            try:
-                catalog.roll_back(session_id, token, epoch=index.epoch, offset=index.end,
-                                  missing=list(rollback.missing))
-            except BaseException:
-                self.cancel()
-                raise
             log.warning("session resumed with a rollback", detail=str(rollback))
         log.info("log opened", epoch=index.epoch, log_offset=index.end, base=str(index.base) if index.base else None)
         return self, index
@@ -215,70 +235,98 @@ class SessionLog:
             raise OwnershipError(f"session {self.session_id!r}: lost ownership: {self.fenced}")
 
     def check_writable(self) -> None:
-        """``check_owner``, then raise what stopped the flusher (a full disk, a
-        damaged ring record): a commit waiting for ring space gives up at the
-        flusher's next failed pass instead of after the space timeout."""
-        self.check_owner()
-        if isinstance(self.error, (LogFullError, CorruptLogError)):
+        """Raise what stopped the flusher (a full or failing disk, a damaged ring
+        record). Called by a commit before it reserves anything, and while a
+        reservation waits for ring space (``LogWriter``'s ``stalled``): such a
+        commit gives up at the flusher's next failed pass instead of after the
+        space timeout."""
+        if isinstance(self.error, (LogFullError, StorageError, CorruptLogError)):
             raise self.error
 
     # -- 3. flushing ------------------------------------------------------------
 
     def flush_step(self, *, force_sync: bool = False) -> bool:
         """Copy new ring bytes to segments; returns True if anything moved.
-        A disk error or a damaged ring record is kept in ``error`` (the next
-        commit raises it) until a later pass gets through."""
-        try:
-            moved = self._flush_step(force_sync=force_sync)
-        except (LogFullError, CorruptLogError) as e:
-            self.error = e
-            raise
-        self.error = None
-        return moved
+
+        Every record is verified before it is appended; the pass copies, fsyncs
+        and reports the intact records before a damaged one, then raises. Under
+        ``every_commit`` (and a forced flush) the ring keeps bytes until they are
+        fsynced: if the fsync fails, the kernel may have dropped them, so the
+        segment is cut back and they are written again from the ring. A disk
+        error or a damaged record is kept in ``error`` (the next commit raises
+        it) until a later pass gets through."""
+        with self.lock:
+            try:
+                moved = self._flush_step(force_sync=force_sync)
+            except (LogFullError, StorageError, CorruptLogError) as e:
+                self.error = e
+                raise
+            self.error = None
+            return moved
 
     def _flush_step(self, *, force_sync: bool) -> bool:
-        with self.lock:
-            if self.closed or self.fenced is not None or self.ring.owner_token != self.token:
-                return False
-            committed_epoch = self.ring.committed_epoch
-            committed = self.ring.committed
-            written = self.ring.written
-            consumed = self.ring.consumed
-            moved = written > consumed
-            while consumed < written:
-                # Copy whole records only, so that a segment never ends inside a
-                # record we vouched for (consumed) and never splits one in two.
-                end = _verified_boundary(self.ring, self.tag, consumed, written,
-                                         min(_COPY_CHUNK, self.config.segment_bytes))
-                n = end - consumed
-                if self.segment.size > SEGMENT_HEADER_SIZE and self.segment.size + n > self.config.segment_bytes:
-                    self._roll(consumed)
-                self.segment.append_all(self.ring.views(consumed, n))  # LogFullError leaves the ring untouched
-                consumed = end
-                self.delta_bytes += n
-                # Bytes in the page cache survive a process crash, so the ring
-                # may reuse them now; a host crash is what fsync is for.
-                self.ring.publish_consumed(consumed)
-            # written >= committed when sampled in this order, so the copy
-            # above holds everything up to that COMMIT.
-            if committed_epoch > self.state.copied_epoch:
-                self.state.copied_epoch, self.state.copied_offset = committed_epoch, committed
-            now = time.monotonic()
-            policy = self.config.fsync
-            want_sync = force_sync or (
-                self.state.copied_epoch > self.state.durable_epoch
-                and (policy == "every_commit" or (policy == "interval" and now - self.state.last_sync >= self.config.fsync_interval)))
-            if want_sync:
+        if self.closed or self.fenced is not None or self.ring.owner_token != self.token:
+            return False
+        ring, st = self.ring, self.state
+        written, consumed = ring.written, ring.consumed
+        policy = self.config.fsync
+        hold = force_sync or policy == "every_commit"
+        moved = written > consumed
+        damage: CorruptLogError | None = None
+        chunk = min(_COPY_CHUNK, self.config.segment_bytes)
+        while consumed < written:
+            # Whole, verified records only: a segment never ends inside a record we
+            # vouched for (consumed), never splits one, never holds a damaged one.
+            try:
+                end, commit = _verified_span(ring, self.tag, consumed, written, chunk)
+            except CorruptLogError as e:
+                damage = e
+                break
+            n = end - consumed
+            if self.segment.size > SEGMENT_HEADER_SIZE and self.segment.size + n > self.config.segment_bytes:
+                self._roll(consumed)  # fsyncs the segment it closes
+                if hold:
+                    ring.publish_consumed(consumed)
+            self.segment.append_all(ring.views(consumed, n))  # a failed append is cut back, the ring untouched
+            consumed = end
+            self.delta_bytes += n
+            if commit is not None and commit[0] > st.copied_epoch:
+                st.copied_epoch, st.copied_offset = commit
+            if not hold:
+                # Bytes in the page cache survive a process crash, so the ring may
+                # reuse them now; a host crash is what fsync is for.
+                ring.publish_consumed(consumed)
+        now = time.monotonic()
+        want_sync = force_sync or (hold and consumed > ring.consumed) or (
+            st.copied_epoch > st.durable_epoch
+            and (policy == "every_commit"
+                 or (policy == "interval" and now - st.last_sync >= self.config.fsync_interval)))
+        if want_sync:
+            try:
                 self.segment.sync()
-                self.state.last_sync = now
-                if self.state.copied_epoch > self.state.durable_epoch:
-                    self.state.durable_epoch = self.state.copied_epoch
-                    self.state.durable_offset = self.state.copied_offset
-                self.durable.notify_all()
-            if self.config.compact_bytes and self.delta_bytes > self.config.compact_bytes:
-                self.compact()
-            self._report(now, force=force_sync)
-            return moved
+            except (StorageError, LogFullError):
+                # Cut back to what the ring no longer holds; the rest is copied again.
+                keep = SEGMENT_HEADER_SIZE + max(0, ring.consumed - self.segment.header.base)
+                try:
+                    self.segment.truncate(min(keep, self.segment.size))
+                except (StorageError, LogFullError):
+                    pass  # the next pass cannot append either; the error below says why
+                raise
+            st.last_sync = now
+            if hold:
+                ring.publish_consumed(consumed)
+            if st.copied_epoch > st.durable_epoch:
+                st.durable_epoch, st.durable_offset = st.copied_epoch, st.copied_offset
+            self.durable.notify_all()
+        # Compaction rewrites the log: only once this owner has committed (an open
+        # that is cancelled must leave the files as it found them).
+        if (damage is None and self.config.compact_bytes and self.delta_bytes > self.config.compact_bytes
+                and ring.written > ring.base):
+            self.compact()
+        self._report(now, force=force_sync)
+        if damage is not None:
+            raise damage
+        return moved
 
     def _roll(self, at: int) -> None:
         if self.segment.size == SEGMENT_HEADER_SIZE and self.segment.header.base == at:
@@ -416,6 +464,70 @@ class SessionLog:
                 self.ring.close()
 
 
+@dataclass(frozen=True, slots=True)
+class LogCheck:
+    """What ``Runtime.verify`` found: the newest epoch whose records all verify,
+    against the epoch the catalog recorded as durable."""
+
+    session_id: str
+    recorded_epoch: int
+    epoch: int  #: newest intact epoch in the segments
+    damage: str | None  #: the first damaged record or gap, if any
+    missing: tuple[str, ...]  #: segment files the catalog lists that are gone
+    ring_bytes: int  #: bytes a crashed owner left in the host ring (drained at the next open)
+    ring_damage: str | None  #: the first damaged record among them, if any
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost: an open would restore every recorded epoch."""
+        return (self.damage is None and self.ring_damage is None and not self.missing
+                and self.epoch >= self.recorded_epoch)
+
+    def __str__(self) -> str:
+        if self.ok:
+            extra = f", and {self.ring_bytes} bytes in the host ring to drain" if self.ring_bytes else ""
+            return (f"session {self.session_id!r}: log intact, newest epoch {self.epoch} in the segments{extra} "
+                    f"(the catalog recorded epoch {self.recorded_epoch} as durable)")
+        parts = [f"session {self.session_id!r}: the catalog recorded epoch {self.recorded_epoch} as durable, the "
+                 f"newest intact epoch is {self.epoch}"]
+        if self.missing:
+            parts.append(f"missing segment file(s) {', '.join(self.missing)}")
+        if self.damage:
+            parts.append(f"damage: {self.damage}")
+        if self.ring_damage:
+            parts.append(f"host ring damage: {self.ring_damage}")
+        parts.append("resume with allow_rollback=True (concordia sessions recover ID --allow-rollback) to continue "
+                     f"from epoch {self.epoch}")
+        return "; ".join(parts)
+
+
+def check_log(session_id: str, directory: Path, catalog: Catalog, info: Any, rpath: Path) -> LogCheck:
+    """Read-only: verify every record of a session's segments (a salvage scan)
+    and what its ring holds past ``consumed``; compare with the catalog."""
+    tag = session_tag_of(session_id)
+    index = scan(directory, session_tag=tag, salvage=True)
+    ring_bytes, ring_damage = 0, None
+    if rpath.exists():
+        try:
+            ring = LogRing.open(rpath)
+        except CorruptLogError as e:
+            ring_damage = str(e)
+        else:
+            try:
+                pos, end = ring.consumed, ring.written
+                ring_bytes = end - pos
+                while pos < end:
+                    pos += _verified_record(ring, tag, pos, end)
+            except CorruptLogError as e:
+                ring_damage = str(e)
+            finally:
+                ring.close()
+    return LogCheck(session_id=session_id, recorded_epoch=info.last_epoch, epoch=index.epoch,
+                    damage=str(index.damage) if index.damage is not None else None,
+                    missing=_missing_files(session_id, directory, catalog, index.end), ring_bytes=ring_bytes,
+                    ring_damage=ring_damage)
+
+
 def ring_holds_unflushed(path: Path) -> int:
     """Bytes a ring file holds that its flusher has not appended to segments
     (0 for an empty or a fully flushed ring). A ring that cannot be read counts
@@ -433,10 +545,10 @@ def ring_holds_unflushed(path: Path) -> int:
         ring.close()
 
 
-def _verified_record(ring: LogRing, tag: int, pos: int, limit: int) -> int:
-    """The size of the record at log offset ``pos`` of ``ring``, after checking
-    its header, its session and its payload checksum, and that it ends by
-    ``limit``; raises CorruptLogError naming the ring and offset otherwise."""
+def _checked_header(ring: LogRing, tag: int, pos: int, limit: int) -> RecordHeader:
+    """The header of the record at log offset ``pos`` of ``ring``, after checking
+    its checksum, its session and that the record ends by ``limit``; raises
+    CorruptLogError naming the ring and offset otherwise."""
     try:
         header = decode_header(ring.read(pos, HEADER_SIZE))
     except FramingError as e:
@@ -448,31 +560,46 @@ def _verified_record(ring: LogRing, tag: int, pos: int, limit: int) -> int:
     if pos + header.size > limit:
         raise CorruptLogError(f"host ring record at log offset {pos} runs past the published end {limit}",
                               path=str(ring.path), offset=pos)
+    return header
+
+
+def _check_payload(ring: LogRing, pos: int, header: RecordHeader) -> None:
     views = ring.views(pos + HEADER_SIZE, header.length)
     body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
     if payload_sum(body) != header.payload_sum:
         raise CorruptLogError(f"host ring record at log offset {pos} ({header.type.name}, epoch {header.epoch}) "
                               "fails its payload checksum", path=str(ring.path), offset=pos)
+
+
+def _verified_record(ring: LogRing, tag: int, pos: int, limit: int) -> int:
+    """The size of the record at ``pos`` once header and payload are verified."""
+    header = _checked_header(ring, tag, pos, limit)
+    _check_payload(ring, pos, header)
     return header.size
 
 
-def _verified_boundary(ring: LogRing, tag: int, start: int, limit: int, chunk: int) -> int:
-    """The end of the last whole, verified record in ``[start, limit)`` that keeps
-    the span under ``chunk`` bytes (at least one record). ``limit`` is a record
-    boundary. Raises CorruptLogError at a damaged first record: the flusher then
-    copies nothing more and the next commit raises it."""
-    pos = start
+def _verified_span(ring: LogRing, tag: int, start: int, limit: int,
+                   chunk: int) -> tuple[int, tuple[int, int] | None]:
+    """``(end, commit)``: the end of the whole, verified records from ``start``
+    that fit in ``chunk`` bytes (at least one) and stop before ``limit`` or the
+    first damaged record, and ``(epoch, end)`` of the last COMMIT among them
+    (None if none). Raises CorruptLogError only if the first record is damaged.
+    Each header is decoded once."""
+    pos, commit = start, None
     while pos < limit:
-        if pos > start:
-            # Peek at the size only: a record that would not fit the chunk is verified next time.
-            try:
-                size = decode_header(ring.read(pos, HEADER_SIZE)).size
-            except FramingError:
-                break  # verified (and reported) when it is the first record of a span
-            if pos + size - start > chunk:
-                break
-        pos += _verified_record(ring, tag, pos, limit)
-    return pos
+        try:
+            header = _checked_header(ring, tag, pos, limit)
+            if pos > start and pos + header.size - start > chunk:
+                break  # verified as the first record of the next span
+            _check_payload(ring, pos, header)
+        except CorruptLogError:
+            if pos == start:
+                raise
+            break  # copy the intact records before it; the next span starts at the damage and raises
+        pos += header.size
+        if header.type is RecordType.COMMIT:
+            commit = (header.epoch, pos)
+    return pos, commit
 
 
 def _drain(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool = False) -> int:
@@ -537,20 +664,35 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool 
     return dropped
 
 
+def _missing_files(session_id: str, directory: Path, catalog: Catalog, end: int) -> tuple[str, ...]:
+    """Segment files the catalog lists for the session that are gone (base images,
+    and delta segments reaching past log offset ``end``)."""
+    present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    return tuple(seg.name for seg in catalog.segments(session_id)
+                 if seg.name not in present and (seg.kind == "base" or seg.end_offset > end))
+
+
+def _with_missing(e: CorruptLogError, session_id: str, directory: Path, catalog: Catalog,
+                  recorded: int) -> CorruptLogError:
+    """The scan's CorruptLogError, naming the files the catalog lists that are
+    gone (a lost base image shows as an epoch gap) and how to go on."""
+    missing = _missing_files(session_id, directory, catalog, 0)
+    where = f"; missing segment file(s) {', '.join(missing)}" if missing else ""
+    return CorruptLogError(
+        f"session {session_id!r}: {e.reason}{where}; the catalog recorded epoch {recorded} as durable. Restore the "
+        "files, or resume with allow_rollback=True (concordia sessions recover ID --allow-rollback) to continue "
+        "from the newest intact epoch", path=str(directory / missing[0]) if missing else e.path,
+        offset=None if missing else e.offset, orig=e)
+
+
 def _check_against_catalog(session_id: str, directory: Path, index: LogIndex, catalog: Catalog,
-                           allow_rollback: bool, skipped_ring: int) -> Rollback | None:
+                           allow_rollback: bool, skipped_ring: int, recorded: int) -> Rollback | None:
     """Refuse a log that holds less than the catalog recorded as durable (raise
     CorruptLogError naming the missing files and the epochs at stake), or,
     with ``allow_rollback``, describe what is given up. None: nothing is."""
-    try:
-        recorded = catalog.get(session_id).last_epoch
-    except SessionNotFound:
-        recorded = 0
     if index.epoch >= recorded and index.damage is None and not skipped_ring:
         return None
-    present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
-    missing = tuple(seg.name for seg in catalog.segments(session_id)
-                    if seg.name not in present and (seg.kind == "base" or seg.end_offset > index.end))
+    missing = _missing_files(session_id, directory, catalog, index.end)
     if not allow_rollback:
         what = f"missing segment file(s) {', '.join(missing)}" if missing else "a segment file lost or cut short"
         raise CorruptLogError(
@@ -560,6 +702,45 @@ def _check_against_catalog(session_id: str, directory: Path, index: LogIndex, ca
             f"epoch {index.epoch}", path=str(directory / missing[0]) if missing else str(directory))
     return Rollback(recorded_epoch=max(recorded, index.epoch), epoch=index.epoch, missing=missing,
                     damage=str(index.damage) if index.damage is not None else None, skipped_ring_bytes=skipped_ring)
+
+
+def _quarantine(directory: Path, index: LogIndex, token: int) -> tuple[str, ...]:
+    """Move what a rollback gives up out of the log, into ``quarantine-<token>/``
+    (kept for inspection, invisible to scans): every base image other than the
+    one the index starts from (a damaged one would stop every later scan), and
+    the delta segments lying wholly past the new end of history. Segments that
+    straddle it stay: scans read an older chain only up to a later handoff."""
+    bases, deltas = list_segments(directory)
+    doomed = [f.path for f in bases if f.path != index.base]
+    doomed += [f.path for f in deltas if f.base >= index.end]
+    if not doomed:
+        return ()
+    qdir = directory / f"quarantine-{token:010d}"
+    make_private_dir(qdir)
+    for p in doomed:
+        os.replace(p, qdir / p.name)
+    fsync_dir(qdir)
+    fsync_dir(directory)
+    return tuple(p.name for p in doomed)
+
+
+def _set_aside_leftovers(directory: Path, rpath: Path, log: Any) -> None:
+    """A session the catalog has just created owns no files yet. Files under its
+    name are a deleted (or forgotten) session's: move its directory aside as
+    ``<dir>.orphaned-<ns>`` (with its ring, if one is left) instead of reading
+    them into the new session; ``gc`` keeps them (their marker names the old
+    incarnation) for the user to inspect or delete."""
+    if not directory.exists() and not rpath.exists():
+        return
+    aside = directory.with_name(f"{directory.name}.orphaned-{time.time_ns()}")
+    if directory.exists():
+        os.replace(directory, aside)
+    else:
+        make_private_dir(aside)
+    if rpath.exists():
+        shutil.move(str(rpath), str(aside / "ring.orphaned"))
+    fsync_dir(directory.parent)
+    log.warning("files of an earlier session with this ID set aside", moved_to=str(aside))
 
 
 def write_base_image(directory: Path, tag: int, token: int, index: LogIndex) -> Path:

@@ -364,7 +364,8 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool) -> 
                     if limit is not None and logical >= limit:
                         break
                     try:
-                        rec = reader.next(pos, verify_past=verify_past)
+                        # salvage verifies what it may apply: records past the base image
+                        rec = reader.next(pos, verify_past=verify_past if logical >= start else None)
                     except FramingError as e:
                         if e.torn and last_file:
                             break  # torn tail of the newest chain: that epoch never committed

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
@@ -49,18 +51,20 @@ from ._home import (
     read_session_marker,
 )
 from ._lease import Lease
-from ._log import SessionLog, ring_holds_unflushed, ring_path, session_dir_name
+from ._log import LogCheck, SessionLog, check_log, ring_holds_unflushed, ring_path, session_dir_name
 from ._logging import configure_logging, get_logger
 from ._names import TASK_SEP, check_session_id
 from ._owner import new_owner_id
 from ._session import Session
 from .config import RuntimeConfig
 from .errors import (
+    CatalogMismatchError,
     CatalogNotFound,
     ConcordiaError,
     CorruptLogError,
     LogFullError,
     OwnershipError,
+    SessionKindError,
     SessionNotFound,
 )
 
@@ -87,6 +91,19 @@ class GcReport:
         return [i.path for i in self.removed]
 
 
+def _new_sqlite_file(url: str) -> Path | None:
+    """The SQLite file of ``url`` if it does not exist yet (opening will make it)."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - the catalog reports a bad URL
+        return None
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    path = Path(db)
+    return None if path.exists() else path
+
+
 class Runtime:
     def __init__(self, config: RuntimeConfig, *, backend: Backend | None = None, create: bool = True) -> None:
         self.config = config
@@ -94,6 +111,7 @@ class Runtime:
         self.log = get_logger()
         prepare_home(config.home, create=create)
         marker = read_home_marker(config.home)
+        fresh = _new_sqlite_file(config.catalog_url)
         try:
             # A home with a marker already has its catalog: never make a new, empty one for it.
             self.catalog = Catalog(config.catalog_url, create=create and marker is None)
@@ -104,8 +122,11 @@ class Runtime:
         try:
             bind_catalog(config.home, self.catalog, marker, write=create)
             self.backend = backend or open_backend(config.backend, **config.backend_options)
-        except BaseException:
+        except BaseException as e:
             self.catalog.dispose()
+            if fresh is not None and isinstance(e, CatalogMismatchError):
+                for suffix in ("", "-wal", "-shm"):  # the catalog this open made for the wrong home goes again
+                    Path(f"{fresh}{suffix}").unlink(missing_ok=True)
             raise
         self.owner = new_owner_id()
         self._sessions: dict[str, Session] = {}
@@ -153,7 +174,7 @@ class Runtime:
         try:
             slog, index = SessionLog.open(session_id=session_id, tag=tag, token=token,
                                           directory=self.session_dir(session_id), config=self.config,
-                                          catalog=self.catalog, allow_rollback=allow_rollback)
+                                          catalog=self.catalog, allow_rollback=allow_rollback, created=created)
         except BaseException:
             self._give_back(session_id, token, prior)
             raise
@@ -309,16 +330,23 @@ class Runtime:
                         remove(tmp, f"temporary file of an unfinished compaction of session {info.id!r}")
                 continue
             marker = read_session_marker(d)
+            sid = str(marker.get("session_id")) if marker else ""
+            created_at = marker.get("created_at") if marker else None
             if marker is None:
                 report.kept.append(GcItem(d, "no catalog lists it, and it has no session.json naming its catalog: "
                                              "not provably orphaned"))
             elif marker.get("catalog_id") != catalog_id:
                 report.kept.append(GcItem(d, f"belongs to another catalog (ID {marker.get('catalog_id')})"))
-            elif str(marker.get("session_id")) in infos:
-                report.kept.append(GcItem(d, f"its marker names session {marker.get('session_id')!r}, which exists"))
+            elif not isinstance(created_at, (int, float)) or not self.catalog.deleted(sid, float(created_at)):
+                report.kept.append(GcItem(d, f"session {sid!r}: the catalog does not list it and holds no record of "
+                                             "deleting it (a catalog restored from a backup?): not provably orphaned"))
+            elif d.name != self.session_dir(sid).name:
+                # set aside by a later incarnation (".orphaned-..."): nobody opens it again
+                remove(d, f"files of deleted session {sid!r}, set aside when the ID was used again")
             else:
-                remove(d, f"session {marker.get('session_id')!r} is no longer in the catalog")
+                self._gc_deleted_dir(sid, float(created_at), d, remove, report)
         tags = {session_tag(i): info for i, info in infos.items()}
+        deleted_tags = {session_tag(sid) for sid in self.catalog.tombstoned_ids()}
         for rp in rings:
             try:
                 tag = int(rp.name[len(prefix):-len(".ring")], 16)
@@ -326,12 +354,54 @@ class Runtime:
                 continue
             info = tags.get(tag)
             if info is None:
-                remove(rp, "no session of this home's catalog has this ring's tag")
+                unflushed = ring_holds_unflushed(rp)
+                if not unflushed:
+                    remove(rp, "no session of this home's catalog has this ring's tag, and it holds no unflushed bytes")
+                elif tag in deleted_tags:
+                    remove(rp, "ring of a deleted session")
+                else:
+                    report.kept.append(GcItem(rp, f"no session of the catalog has this ring's tag, but it holds "
+                                                  f"{unflushed} unflushed bytes and no deleted session had it"))
             elif info.status == "closed":
                 self._gc_closed_ring(info, rp, remove, report)
         for item in report.removed:
             self.log.info("gc", path=str(item.path), reason=item.reason, dry_run=dry_run)
         return report
+
+    def _gc_deleted_dir(self, sid: str, created_at: float, d: Path, remove: Any, report: GcReport) -> None:
+        """Remove the directory of a deleted session holding the session ID's lease
+        (a catalog row made for the purpose, deleted after): a process creating
+        the session again meanwhile either waits for it or is seen here."""
+        if report.dry_run:
+            remove(d, f"session {sid!r} was deleted from the catalog")
+            return
+        try:
+            token, created, prior = self.catalog.take(sid, owner=self.owner, ttl=self.config.lease_ttl,
+                                                      backend="gc", create=True)
+        except (OwnershipError, SessionKindError):
+            report.kept.append(GcItem(d, f"session {sid!r} is being opened by another process"))
+            return
+        if not created:
+            self._give_back(sid, token, prior)
+            report.kept.append(GcItem(d, f"session {sid!r} was created again meanwhile"))
+            return
+        try:
+            marker = read_session_marker(d)
+            if marker is not None and marker.get("created_at") == created_at:
+                remove(d, f"session {sid!r} was deleted from the catalog")
+            else:
+                report.kept.append(GcItem(d, f"session {sid!r}: its directory changed meanwhile"))
+        finally:
+            self.catalog.delete(sid, owner_token=token)
+
+    def verify(self, session_id: str) -> LogCheck:
+        """Check a session's log without opening it (no lease, nothing written):
+        every record verified, the newest intact epoch against the catalog's
+        durable epoch, missing files, and what a crashed owner left in the ring."""
+        check_session_id(session_id)
+        info = self.catalog.get(session_id)
+        return check_log(session_id, self.session_dir(session_id), self.catalog, info,
+                         ring_path(self.config, session_tag(session_id)))
 
     def _gc_closed_ring(self, info: SessionInfo, rp: Path, remove: Any, report: GcReport) -> None:
         """Remove a closed session's ring if all its bytes are in segments, holding
@@ -413,7 +483,7 @@ class Runtime:
                          if not lease.released]
             for session_id, token, holder in held:  # holder: a SessionLog or a Lease, both with `fenced`
                 try:
-                    if not self.catalog.heartbeat(session_id, token, self.config.lease_ttl):
+                    if not self.catalog.heartbeat(session_id, token, self.config.lease_ttl, owner=self.owner):
                         holder.fenced = "the catalog lease was taken over by a newer owner"
                         self.log.warning("lease lost", session=session_id, token=token)
                 except ConcordiaError as e:

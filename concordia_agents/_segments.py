@@ -38,7 +38,7 @@ from pathlib import Path
 
 from gpu_runtime.records import checksum
 
-from .errors import CorruptLogError, LogFullError
+from .errors import CorruptLogError, LogFullError, StorageError
 
 __all__ = [
     "SEGMENT_HEADER_SIZE",
@@ -141,11 +141,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _disk_error(e: OSError, path: Path) -> Exception:
+def _disk_error(e: OSError, path: Path, what: str = "append to") -> Exception:
+    """The named error for a failed write or fsync: a full disk (LogFullError)
+    or any other failure of the storage (StorageError). Both stop the flusher,
+    and the next commit raises them."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return LogFullError(f"cannot append to {path}: {os.strerror(e.errno)}; committed epochs stay in the "
+        return LogFullError(f"cannot {what} {path}: {os.strerror(e.errno)}; committed epochs stay in the "
                             "host ring until space is freed", orig=e)
-    return e
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    return StorageError(f"cannot {what} {path}: {reason}; committed epochs stay in the host ring until the "
+                        "segment disk works again", orig=e)
 
 
 class SegmentWriter:
@@ -224,7 +229,19 @@ class SegmentWriter:
             raise
 
     def sync(self) -> None:
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise _disk_error(e, self.path, "fsync") from e
+
+    def truncate(self, size: int) -> None:
+        """Cut the file back to ``size`` bytes (bytes whose fsync failed: the
+        kernel may have dropped them, so they are written again from the ring)."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as e:
+            raise _disk_error(e, self.path, "truncate") from e
+        self.size = size
 
     def close(self) -> None:
         if self._fd >= 0:

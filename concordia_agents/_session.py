@@ -49,6 +49,7 @@ from .errors import (
     MetaError,
     RegionError,
     SessionClosedError,
+    StorageError,
 )
 
 if TYPE_CHECKING:
@@ -308,15 +309,17 @@ class Session:
     def _raise_flusher_error(self, err: BaseException) -> None:
         """Raise what stopped the flusher, as an error of this commit (not written)."""
         last = f"epoch {self.epoch} and every one before it"
-        if isinstance(err, LogFullError):
-            raise LogFullError(f"session {self.id!r}: epoch {self.epoch + 1} not committed: the flusher cannot "
-                               f"append to the segments ({err}); {last} stay in the host ring until space is "
-                               "freed, then commits go on", orig=err)
+        if isinstance(err, (LogFullError, StorageError)):
+            raise type(err)(f"session {self.id!r}: epoch {self.epoch + 1} not committed: the flusher cannot "
+                            f"write the segments ({err}); {last} stay in the host ring until the disk takes them "
+                            "again (space freed), then commits go on", orig=err)
         if isinstance(err, CorruptLogError):
-            raise CorruptLogError(f"session {self.id!r}: epoch {self.epoch + 1} not committed: the flusher found a "
-                                  f"damaged record in the host ring and copies nothing past it ({err.reason}); close this "
-                                  "process and resume with allow_rollback=True to continue from the newest intact "
-                                  "epoch", path=err.path, offset=err.offset, orig=err)
+            where = ("a damaged record in the host ring, and copies nothing past it"
+                     if err.path == str(self._log.ring.path) else "a damaged log file while compacting")
+            raise CorruptLogError(f"session {self.id!r}: epoch {self.epoch + 1} not committed: the flusher found "
+                                  f"{where} ({err.reason}); close this process and resume with allow_rollback=True "
+                                  "to continue from the newest intact epoch", path=err.path, offset=err.offset,
+                                  orig=err)
 
     # -- 4. flush / 5. close ----------------------------------------------------
 
@@ -336,9 +339,10 @@ class Session:
         flush fails (a full disk, a damaged ring record), the error is raised
         and the session is released without being marked closed: its ring still
         holds what the segments lack, and a resume picks it up."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # not while a commit of another thread is under way
+            if self._closed:
+                return
+            self._closed = True
         self.runtime._forget(self)
         try:
             self._log.close(clean=True)

@@ -133,23 +133,21 @@ def cmd_sessions_recover(args: argparse.Namespace) -> None:
     """Check a session's log against the catalog; with ``--allow-rollback``,
     open a damaged one at its newest intact epoch and say what was given up.
 
-    Without the flag nothing changes: the session is opened (which verifies
-    that the log holds every epoch the catalog recorded as durable) and given
-    back as found (``Session.cancel``). With it, the rollback is recorded and
-    the session is released idle, resumable from that epoch."""
+    Without the flag nothing changes: ``Runtime.verify`` reads and verifies
+    every record (payloads included) and compares the newest intact epoch with
+    the catalog's. With it, the rollback is recorded and the session is
+    released idle, resumable from that epoch."""
     session_id = _session_id(args)
     with _runtime(args) as rt:
         info = rt.info(session_id)
         if info.labels.get("kind") == "graph":
             raise ConcordiaError(f"session {session_id!r} is a graph thread: its checkpoints are catalog rows, it "
                                  "holds no region log to recover (its task sessions, ID#task:..., do)")
-        recorded = info.last_epoch
         if not args.allow_rollback:
-            s = rt.session(session_id, create=False)
-            epoch = s.epoch
-            s.cancel()
-            _out(f"session {_shown(session_id)}: log intact, newest epoch {epoch} (the catalog recorded epoch "
-                 f"{recorded} as durable); given back as it was found")
+            check = rt.verify(session_id)  # reads and verifies every record; takes no lease, writes nothing
+            if not check.ok:
+                raise CorruptLogError(str(check))
+            _out(str(check))
             return
         s = rt.session(session_id, create=False, allow_rollback=True)
         rollback, epoch = s.rollback, s.epoch

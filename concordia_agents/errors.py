@@ -30,7 +30,9 @@ __all__ = [
     "RegionError",
     "SchemaVersionError",
     "SessionClosedError",
+    "SessionKindError",
     "SessionNotFound",
+    "StorageError",
 ]
 
 
@@ -49,6 +51,17 @@ class OwnershipError(ConcordiaError):
 
 class SessionClosedError(ConcordiaError):
     """The session object was closed; open or resume it again to use it."""
+
+
+class SessionKindError(ConcordiaError):
+    """A session was opened as the other kind: a bare lease (a graph thread) as
+    a region log, or a region log as a bare lease. Nothing was changed."""
+
+
+class StorageError(ConcordiaError):
+    """The disk under the segments failed other than by filling up (an I/O
+    error, a read-only filesystem, a failed fsync). Committed epochs stay in
+    the host ring; the next commit raises this until the flusher gets through."""
 
 
 class CatalogError(ConcordiaError):

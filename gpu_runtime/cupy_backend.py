@@ -338,6 +338,7 @@ class CupyBackend(Backend):
         pending: list[tuple[CupyRegion, list[int], int]] = []  # (region, a0..a7, end offset)
         self._fence_args = self._fence_streams(tasks) if tasks and fence else None
         unpublished = 0
+        filled = start  # log offset up to which every reservation is written or handed to the device
 
         def send(publish_last: tuple[int, int]) -> None:
             for i, (region, head, _end) in enumerate(pending):
@@ -357,6 +358,7 @@ class CupyBackend(Backend):
                                         epoch=epoch, region=region.spec.region_id)
                     at = writer.reserve(len(rec))
                     ring.write_at(at, rec)
+                    filled = at + len(rec)
                     n += 1
                 groups: Iterable[tuple[list[int], int, int, int]] = ()
                 if region.spec.kind == "pages":
@@ -371,6 +373,7 @@ class CupyBackend(Backend):
                         if drain:
                             unpublished = 0
                     pending.append((region, head, end))
+                    filled = end
                     n += nrec
                     unpublished += end - at
             rec = encode_record(RecordType.COMMIT, body, session_tag=writer.session_tag, epoch=epoch,
@@ -383,6 +386,19 @@ class CupyBackend(Backend):
             else:
                 self.executor.enqueue(TaskKind.APPEND_LOG, [self._ring(ring)[0], end, epoch])
         except BaseException:
+            # The epoch is abandoned (ownership lost, the flusher stopped, ...), but
+            # its reservations must not stay holes: a span reserved and never
+            # written would stop the flusher for good once a later epoch publishes
+            # past it. Groups already planned go to the device and are published
+            # as an aborted attempt (no COMMIT names them: replay ignores them);
+            # a reservation made but not planned is given back.
+            try:
+                if pending:
+                    send((pending[-1][2], 0))
+                if writer.position > filled:
+                    writer.release(filled)
+            except Exception:  # noqa: BLE001 - the executor itself failed; the original error says why
+                pass
             self._fence_args = None
             for region in scanned:
                 region.force_full = True  # the device baseline moved without a commit

@@ -43,13 +43,18 @@ class LogWriter:
         space_timeout: float,
         kick: Callable[[], None] | None = None,
         fenced: Callable[[], None] | None = None,
+        stalled: Callable[[], None] | None = None,
     ) -> None:
+        """``fenced`` raises if the writer lost ownership (checked at every
+        reservation); ``stalled`` raises if the ring cannot drain (checked only
+        while a reservation waits for space)."""
         self.ring = ring
         self.session_tag = session_tag
         self.max_record_bytes = max_record_bytes
         self._timeout = space_timeout
         self._kick = kick
         self._fenced = fenced
+        self._stalled = stalled
         self._next = ring.written  # reserved up to here (device writers fill reservations later)
 
     @property
@@ -65,11 +70,23 @@ class LogWriter:
                 f"expected a record of at most the ring capacity ({self.ring.capacity} bytes), found {size} "
                 "bytes; raise CONCORDIA_RING_BYTES or lower CONCORDIA_MAX_RECORD_BYTES")
         end = self._next + size
-        self.ring.wait_for_space(end, timeout=self._timeout, kick=self._kick, fenced=self._fenced)
+        self.ring.wait_for_space(end, timeout=self._timeout, kick=self._kick, fenced=self._while_waiting)
         if self._fenced is not None:
             self._fenced()
         at, self._next = self._next, end
         return at
+
+    def _while_waiting(self) -> None:
+        """Checks made while a reservation waits for ring space: ownership, and
+        (``stalled``) whether the flusher has stopped, so that the wait ends at
+        the flusher's next failed pass instead of after the space timeout. Both
+        raise before this reservation is made; a caller that holds earlier
+        reservations of the epoch must fill or give them back (see
+        ``CupyBackend.commit_epoch``)."""
+        if self._fenced is not None:
+            self._fenced()
+        if self._stalled is not None:
+            self._stalled()
 
     def release(self, end: int) -> None:
         """Give back the reserved bytes past ``end``, the unused tail of the

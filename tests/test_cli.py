@@ -14,6 +14,7 @@ import pytest
 
 from concordia_agents import ConcordiaError, ConfigurationError, Runtime, configure_logging
 from concordia_agents._segments import list_segments
+from gpu_runtime.records import HEADER_SIZE, RecordType, decode_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,11 +123,11 @@ def test_gc_reports(home: Path):
     stranger = home / "sessions" / "stranger-0000000000000000"
     stranger.mkdir()
     out = cli(home, "gc", "--dry-run").stdout
-    assert f"would remove {orphan}: session 'gone' is no longer in the catalog" in out, out
+    assert f"would remove {orphan}: session 'gone' was deleted from the catalog" in out, out
     assert f"kept {stranger}: " in out and "nothing was removed" in out
     assert orphan.exists() and stranger.exists()
     out = cli(home, "gc").stdout
-    assert f"removed {orphan}: session 'gone' is no longer in the catalog" in out, out
+    assert f"removed {orphan}: session 'gone' was deleted from the catalog" in out, out
     assert f"kept {stranger}: " in out and "not provably orphaned" in out
     assert not orphan.exists() and stranger.exists()
 
@@ -178,6 +179,27 @@ def _many_segments(home: Path, epochs: int = 40) -> Path:
     return files[-1]
 
 
+def test_sessions_recover_reads_every_payload(home: Path):
+    """`sessions recover ID` (no flag) verifies data payloads too: a flipped byte in an early epoch's data,
+    which opening the session would only find while restoring, is reported in one line (exit 1), and
+    nothing is changed."""
+    last = _many_segments(home)
+    first = sorted(last.parent.glob("seg-*.log"))[0]
+    data = bytearray(first.read_bytes())
+    pos = 64  # the first PAGES record (after the REGION record): a byte of its payload
+    while decode_header(bytes(data[pos:pos + HEADER_SIZE])).type is not RecordType.PAGES:
+        pos += decode_header(bytes(data[pos:pos + HEADER_SIZE])).size
+    data[pos + HEADER_SIZE + 7] ^= 0x01
+    first.write_bytes(bytes(data))
+    before = first.read_bytes()
+    r = cli(home, "sessions", "recover", "seg", check=False)
+    err = one_error_line(r)
+    assert "newest intact epoch is 0" in err and "payload checksum" in err, err
+    assert first.read_bytes() == before
+    with Runtime.open(home=home, backend="host") as rt:
+        assert rt.info("seg").status == "closed"
+
+
 def test_sessions_recover_checks_a_log_and_rolls_back_only_when_asked(home: Path):
     """`sessions recover ID` refuses a log that lost its last segment file in one line and changes nothing;
     `--allow-rollback` opens it at the newest intact epoch and says what was given up."""
@@ -194,7 +216,7 @@ def test_sessions_recover_checks_a_log_and_rolls_back_only_when_asked(home: Path
         info = rt.info("seg")
         assert info.status == "idle" and 0 < info.last_epoch < 40
     out = cli(home, "sessions", "recover", "seg").stdout
-    assert f"log intact, newest epoch {info.last_epoch}" in out and "given back as it was found" in out
+    assert f"log intact, newest epoch {info.last_epoch} in the segments" in out
     with Runtime.open(home=home, backend="host") as rt:
         s = rt.resume("seg")
         assert s.epoch == info.last_epoch and s.meta == {"e": info.last_epoch} and s.rollback is None

@@ -389,6 +389,48 @@ def test_kv_epoch_larger_than_the_ring_streams_through_it(tmp_path):
         r.close()
 
 
+def test_an_epoch_abandoned_between_reservations_leaves_no_hole(tmp_path):
+    """A commit that raises after some of its epoch's groups were reserved (here the second reservation
+    fails, as when the flusher stops while it waits for ring space) leaves no unfilled span in the ring:
+    the planned groups are published as an aborted attempt, the rest given back. The same epoch then
+    commits, the flusher copies everything (a hole would stop it for good: issue 15 review), and the
+    session resumes bit-exact."""
+    import cupy
+
+    from concordia_agents import LogFullError
+
+    kv = cupy.asarray(np.random.default_rng(4).standard_normal((8, 2, 1024, 64)).astype(np.float32))
+    with Runtime.open(home=tmp_path, backend="cupy", ring_bytes=1 << 20, max_record_bytes=64 << 10,
+                      space_timeout=20) as rt:
+        s = rt.session("hole")
+        s.register("kv", kv, kind="kv", seq_axis=2)
+        s.commit({"n": 100}, rows={"kv": 100})
+        writer = s._log.writer
+        real, calls = writer.reserve, []
+
+        def failing(size: int) -> int:
+            calls.append(size)
+            if len(calls) == 2:
+                raise LogFullError("injected: the flusher stopped")
+            return real(size)
+
+        writer.reserve = failing  # type: ignore[method-assign]
+        with pytest.raises(LogFullError, match="injected"):
+            s.commit({"n": 700}, rows={"kv": 700})
+        writer.reserve = real  # type: ignore[method-assign]
+        assert len(calls) == 2 and s.epoch == 1
+        s.commit({"n": 700}, rows={"kv": 700})
+        s.commit({"n": 1024}, rows={"kv": 1024})
+        assert s.flush(timeout=20) == 3
+        s.close()
+    with Runtime.open(home=tmp_path, backend="cupy") as rt:
+        r = rt.resume("hole")
+        got = r.regions["kv"]
+        assert r.epoch == 3 and got.length == 1024 and r.meta == {"n": 1024}
+        assert bool((got.array == kv).all())
+        r.close()
+
+
 def test_commit_fences_in_flight_torch_work(tmp_path):
     """A commit issued while torch work is still queued logs the values that work
     writes (the executor waits on a device fence; the host never synchronizes)."""

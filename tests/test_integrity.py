@@ -105,6 +105,21 @@ def test_a_home_without_a_marker_is_not_adopted_by_a_catalog_that_knows_none_of_
     assert (home / "concordia-home.json").exists()
 
 
+def test_an_unmarked_home_is_not_bound_to_a_typo_catalog(home: Path, tmp_path: Path):
+    """(1, review) A home made before markers existed whose sessions are all graph threads (no session
+    directory) but which has its own catalog.db is refused by another catalog, and the typo's catalog
+    file that this open made is removed again."""
+    with Runtime.open(home=home, backend="host") as rt:
+        rt.let_go(rt.hold("thread", kind="langgraph", labels={"kind": "graph"}))
+    (home / "concordia-home.json").unlink()
+    typo = tmp_path / "typo.db"
+    with pytest.raises(CatalogMismatchError, match="has its own catalog"):
+        Runtime.open(home=home, catalog_url=f"sqlite:///{typo}", backend="host")
+    assert not typo.exists() and not (home / "concordia-home.json").exists()
+    with Runtime.open(home=home, backend="host") as rt:
+        assert [i.id for i in rt.sessions()] == ["thread"]
+
+
 def test_gc_dry_run_lists_and_keeps(home: Path):
     """(1) `concordia gc --dry-run` lists what gc would remove and removes nothing."""
     with Runtime.open(home=home, backend="host") as rt:
@@ -269,6 +284,37 @@ def test_the_flusher_refuses_a_damaged_ring_record_and_the_next_commit_says_so(h
         with pytest.raises(CorruptLogError, match="epoch 5 not committed"):
             s.commit({"e": 5})
         s._abandon()
+
+
+def test_an_epoch_abandoned_between_reservations_leaves_the_log_usable(home: Path):
+    """(3, review) A commit that raises between two reservations of its epoch (the flusher stopped while it
+    waited for space) leaves the ring without holes: the same epoch commits next, the flusher copies
+    everything, and the session resumes exactly. The GPU variant is in test_gpu.py."""
+    with Runtime.open(home=home, backend="host", ring_bytes=1 << 20, max_record_bytes=64 << 10) as rt:
+        s = rt.session("hole")
+        kv = np.random.default_rng(4).standard_normal((8, 2, 1024, 64)).astype(np.float32)
+        s.register("kv", kv, kind="kv", seq_axis=2)
+        s.commit({"n": 100}, rows={"kv": 100})
+        writer = s._log.writer
+        real, calls = writer.reserve, []
+
+        def failing(size: int) -> int:
+            calls.append(size)
+            if len(calls) == 2:
+                raise LogFullError("injected: the flusher stopped")
+            return real(size)
+
+        writer.reserve = failing  # type: ignore[method-assign]
+        with pytest.raises(LogFullError, match="injected"):
+            s.commit({"n": 700}, rows={"kv": 700})
+        writer.reserve = real  # type: ignore[method-assign]
+        s.commit({"n": 700}, rows={"kv": 700})
+        assert s.flush(timeout=20) == 2
+        s.close()
+        r = rt.resume("hole")
+        assert r.epoch == 2 and r.regions["kv"].length == 700
+        assert np.array_equal(r.regions["kv"].array[:, :, :700], kv[:, :, :700])
+        r.close()
 
 
 # -- 4. a failed resume ----------------------------------------------------------------------------------------
@@ -438,3 +484,193 @@ def test_every_file_concordia_writes_is_private(tmp_path: Path):
         assert mode == (0o700 if p.is_dir() else 0o600), f"{p}: {oct(mode)}"
         seen += 1
     assert seen >= 8
+
+
+# -- review of the first version -------------------------------------------------------------------------------
+
+
+def test_a_rollback_past_a_damaged_base_image_keeps_later_work(home: Path, catalog_url: str):
+    """A salvage that stops at a damaged base image moves it to quarantine (kept), so the epochs committed
+    after the rollback resume normally; the damaged base never stops a scan again."""
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host", compact_bytes=16 << 10) as rt:
+        s = rt.session("b")
+        a = np.zeros(8 * 4096, np.uint8)
+        s.register("a", a)
+        for e in range(1, 6):
+            a[:] = e
+            s.commit({"e": e})
+        s.flush()
+        s.close()
+        d = rt.session_dir("b")
+        base = next(d.glob("base-*.img"))
+        data = bytearray(base.read_bytes())
+        data[200] ^= 0xFF
+        base.write_bytes(bytes(data))
+        with pytest.raises(CorruptLogError, match="allow_rollback"):
+            rt.resume("b")
+        s = rt.resume("b", allow_rollback=True)
+        assert s.rollback is not None and base.name in s.rollback.quarantined and not base.exists()
+        a2 = np.zeros(8 * 4096, np.uint8)
+        if "a" in s.regions:
+            a2 = s.regions["a"].array
+        else:
+            s.register("a", a2)
+        for e in range(1, 4):
+            a2[:] = 100 + e
+            s.commit({"after": e})
+        s.close()
+        r = rt.resume("b")  # no rollback needed: history goes on from the salvage
+        assert r.rollback is None and r.meta == {"after": 3} and int(r.regions["a"].array[0]) == 103
+        r.close()
+        assert (d / f"quarantine-{s.token:010d}" / base.name).exists()
+
+
+def test_the_flusher_copies_the_intact_epochs_before_a_damaged_one(home: Path):
+    """Epochs committed before a damaged ring record are appended, fsynced and reported before the flusher
+    raises (not left in /dev/shm only)."""
+    with Runtime.open(home=home, backend="host", flush_poll=3600.0) as rt:
+        s = rt.session("prefix")
+        a = np.zeros(4 * 4096, np.uint8)
+        s.register("a", a)
+        s.commit({"e": 1})
+        s.flush()
+        for e in range(2, 7):
+            a[e] = e
+            s.commit({"e": e})
+        _flip_payload_of_epoch(ring_path(rt.config, session_tag("prefix")), 6)
+        with pytest.raises(CorruptLogError):
+            s.flush(timeout=2)
+        assert s.durable_epoch == 5 and rt.info("prefix").last_epoch == 5
+        s._abandon()
+
+
+def test_a_failing_disk_other_than_full_reaches_the_committer_and_loses_nothing(home: Path, monkeypatch):
+    """An fsync that fails with EIO (not ENOSPC) stops the flusher: the next commit raises StorageError; the
+    bytes whose fsync failed are written again from the ring once the disk works, and the session resumes
+    with every committed epoch."""
+    import errno
+
+    from concordia_agents import StorageError
+    from concordia_agents._segments import SegmentWriter
+
+    real_sync = SegmentWriter.sync
+    with Runtime.open(home=home, backend="host", flush_poll=3600.0) as rt:
+        s = rt.session("eio")
+        a = np.zeros(4 * 4096, np.uint8)
+        s.register("a", a)
+        s.commit({"e": 1})
+        s.flush()
+
+        def broken(self: SegmentWriter) -> None:
+            raise StorageError("injected", orig=OSError(errno.EIO, "Input/output error"))
+
+        monkeypatch.setattr(SegmentWriter, "sync", broken)
+        a[7] = 2
+        s.commit({"e": 2})
+        with pytest.raises(StorageError):
+            s.flush(timeout=2)
+        with pytest.raises(StorageError, match="epoch 3 not committed"):
+            s.commit({"e": 3})
+        assert s.durable_epoch == 1
+        monkeypatch.setattr(SegmentWriter, "sync", real_sync)
+        assert s.flush(timeout=5) == 2
+        a[8] = 3
+        assert s.commit({"e": 3}) == 3
+        s.close()
+        r = rt.resume("eio")
+        assert r.epoch == 3 and r.meta == {"e": 3}
+        assert np.array_equal(r.regions["a"].array, a)
+        r.close()
+
+
+def test_a_reused_id_does_not_inherit_a_deleted_sessions_files(home: Path):
+    """A session created under the ID of a deleted one whose files were left behind starts empty: the old
+    files are set aside (kept), and gc removes them because the catalog recorded that incarnation's
+    deletion."""
+    with Runtime.open(home=home, backend="host") as rt:
+        s = rt.session("x")
+        s.register("secret", np.full(4096, 7, np.uint8))
+        s.commit({"owner": "alice"})
+        s.close()
+        rt.catalog.delete("x")  # a delete that died before removing the files
+        s = rt.session("x")
+        assert s.epoch == 0 and s.recorded == {} and s.meta is None
+        s.close()
+        aside = [d for d in (home / "sessions").iterdir() if ".orphaned-" in d.name]
+        assert len(aside) == 1
+        report = rt.gc()
+        assert report.paths == aside and not aside[0].exists()
+        assert rt.resume("x").epoch == 0
+
+
+def test_gc_after_a_catalog_restore_keeps_sessions_it_forgot(home: Path):
+    """A catalog restored from a backup forgets sessions made after it; gc must not take their directories
+    for deleted ones (no tombstone of theirs): they are kept and reported."""
+    import shutil as sh
+
+    with Runtime.open(home=home, backend="host") as rt:
+        _make_sessions(rt, ["old"])
+    sh.copy(home / "catalog.db", home / "backup.db")
+    with Runtime.open(home=home, backend="host") as rt:
+        _make_sessions(rt, ["today"])
+        today = rt.session_dir("today")
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"catalog.db{suffix}").unlink(missing_ok=True)
+    sh.copy(home / "backup.db", home / "catalog.db")
+    with Runtime.open(home=home, backend="host") as rt:
+        report = rt.gc()
+        assert report.removed == [] and today in [i.path for i in report.kept] and today.exists()
+
+
+def test_a_failed_resume_does_not_leave_a_heartbeat_able_lease(home: Path, catalog_url: str):
+    """After a failed resume of a crashed session, the lease names its dead owner again: a heartbeat of the
+    failed resumer (one in flight when it gave the session back) cannot revive it."""
+    from .conftest import expire_lease
+
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as rt:
+        s = rt.session("hb")
+        s.register("a", np.zeros(4096, np.uint8))
+        s.commit()
+        old_owner = rt.owner
+        s._abandon()
+    expire_lease(catalog_url, "hb")
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as rt:
+        with pytest.raises(RegionError):
+            rt.resume("hb", {"a": np.zeros(3, np.uint8)})
+        info = rt.info("hb")
+        assert info.status == "crashed" and info.owner == old_owner
+        assert not rt.catalog.heartbeat("hb", info.token, 30.0, owner=rt.owner)
+        assert rt.info("hb").status == "crashed"
+
+
+def test_a_failed_resume_of_a_crashed_owner_keeps_its_ring_epochs(home: Path, catalog_url: str):
+    """A resume that fails after draining a dead owner's ring (wrong arrays) loses nothing: the next
+    resume restores every epoch the ring held."""
+    rfile = _crash_with_ring_tail(home, catalog_url)
+    assert rfile.exists()
+    with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as rt:
+        with pytest.raises(RegionError):
+            rt.resume("r", {"a": np.zeros(3, np.uint8)})
+        assert rt.info("r").status == "crashed" and rfile.exists()
+        s = rt.resume("r")
+        assert s.epoch == 20 and s.meta == {"e": 20}
+        s.close()
+
+
+def test_a_cancelled_open_does_not_compact(home: Path):
+    """An open given back by cancel leaves the files as they were, even when the log is past the
+    compaction threshold (compaction waits for this owner's first commit)."""
+    with Runtime.open(home=home, backend="host", compact_bytes=0) as rt:
+        s = rt.session("c")
+        a = np.zeros(8 * 4096, np.uint8)
+        s.register("a", a)
+        for e in range(1, 6):
+            a[:] = e
+            s.commit({"e": e})
+        s.close()
+        files = _tree(rt.session_dir("c"))
+    with Runtime.open(home=home, backend="host", compact_bytes=16 << 10, flush_poll=0.001) as rt:
+        s = rt.session("c")
+        time.sleep(0.1)  # many flusher passes
+        s.cancel()
+        assert _tree(rt.session_dir("c")) == files

@@ -29,14 +29,23 @@ from .._owner import owner_is_dead
 from ..errors import (
     CatalogError,
     CatalogNotFound,
-    ConcordiaError,
     ConfigurationError,
     OwnershipError,
     SchemaVersionError,
+    SessionKindError,
     SessionNotFound,
 )
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
-from ._models import CatalogIdRow, EpochRow, LeaseRow, RegionRow, SchemaVersionRow, SegmentRow, SessionRow
+from ._models import (
+    CatalogIdRow,
+    EpochRow,
+    LeaseRow,
+    RegionRow,
+    SchemaVersionRow,
+    SegmentRow,
+    SessionRow,
+    TombstoneRow,
+)
 
 __all__ = ["LEASE_ONLY", "Catalog", "PriorState", "SegmentInfo", "SessionInfo", "redact_url"]
 
@@ -72,6 +81,7 @@ class PriorState:
     backend: str
     released: bool = True
     had_lease: bool = False
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +375,7 @@ class Catalog:
         :meth:`give_back` when the opening fails. ``log`` says what the caller
         opens: a region log (True) or a bare lease (False); a bare lease on a
         session that has a region log is refused (``OwnershipError`` is not the
-        point there: ``ConcordiaError`` naming both kinds)."""
+        point there: ``SessionKindError`` naming both kinds)."""
         now = time.time()
         try:
             with self.write() as s:
@@ -380,12 +390,12 @@ class Catalog:
                     s.flush()
                 else:
                     if log is True and ((row.labels or {}).get(LEASE_ONLY) or (row.labels or {}).get("kind") == "graph"):
-                        raise ConcordiaError(
+                        raise SessionKindError(
                             f"session {session_id!r} is a bare lease (a graph thread: labels {row.labels}); expected "
                             "a session with a region log: open its task sessions, or use a new session ID")
                     if log is False and row.last_epoch > 0 and s.scalar(
                             select(RegionRow.name).where(RegionRow.session_id == session_id).limit(1)) is not None:
-                        raise ConcordiaError(
+                        raise SessionKindError(
                             f"session {session_id!r} holds a region log (epoch {row.last_epoch}, backend "
                             f"{row.backend!r}); expected a session without one (a graph thread): resume it with "
                             "Runtime.resume, not as a graph")
@@ -403,7 +413,7 @@ class Catalog:
                         f"token {lease.token} for another {lease.expires_at - now:.1f} s")
                 if prior is not None:
                     prior = PriorState(closed_at=prior.closed_at, backend=prior.backend, released=lease.released,
-                                       had_lease=True)
+                                       had_lease=True, owner=lease.owner)
                 lease.owner, lease.token = owner, lease.token + 1
                 lease.acquired_at = lease.heartbeat_at = now
                 lease.expires_at, lease.released = now + ttl, False
@@ -428,8 +438,12 @@ class Catalog:
             if row is not None:
                 row.closed_at, row.backend = prior.closed_at, prior.backend
             # A crashed session (lease expired, never released) stays crashed:
-            # expired now, not released. Anyone may take it at once.
+            # expired now, not released, its dead owner named again (so that a
+            # heartbeat of ours already in flight cannot extend it). Anyone may
+            # take it at once.
             lease.released = prior.released if prior.had_lease else True
+            if prior.had_lease and prior.owner is not None:
+                lease.owner = prior.owner
             lease.expires_at = now
 
     def roll_back(self, session_id: str, token: int, *, epoch: int, offset: int, missing: list[str]) -> None:
@@ -448,14 +462,15 @@ class Catalog:
                 s.execute(delete(SegmentRow).where(SegmentRow.session_id == session_id,
                                                    SegmentRow.name.in_(missing)))
 
-    def heartbeat(self, session_id: str, token: int, ttl: float) -> bool:
-        """Extend the lease; False if ``token`` is no longer the owner's."""
+    def heartbeat(self, session_id: str, token: int, ttl: float, owner: str | None = None) -> bool:
+        """Extend the lease; False if ``token`` (held by ``owner``, when given)
+        is no longer the owner's, or was given back."""
         now = time.time()
+        cond = [LeaseRow.session_id == session_id, LeaseRow.token == token, LeaseRow.released.is_(False)]
+        if owner is not None:
+            cond.append(LeaseRow.owner == owner)
         with self.write() as s:
-            res = s.execute(
-                update(LeaseRow)
-                .where(LeaseRow.session_id == session_id, LeaseRow.token == token, LeaseRow.released.is_(False))
-                .values(heartbeat_at=now, expires_at=now + ttl))
+            res = s.execute(update(LeaseRow).where(*cond).values(heartbeat_at=now, expires_at=now + ttl))
             return res.rowcount == 1
 
     def release(self, session_id: str, token: int, *, closed: bool) -> None:
@@ -530,7 +545,18 @@ class Catalog:
                     f"(token {lease.token}, {lease.expires_at - now:.1f} s left)")
             for model in (SegmentRow, EpochRow, RegionRow, LeaseRow):
                 s.execute(delete(model).where(model.session_id == session_id))  # type: ignore[attr-defined]
+            s.merge(TombstoneRow(session_id=session_id, created_at=row.created_at, deleted_at=now))
             s.delete(row)
+
+    def tombstoned_ids(self) -> set[str]:
+        """IDs of which some incarnation was deleted."""
+        with self.read() as s:
+            return set(s.scalars(select(TombstoneRow.session_id)))
+
+    def deleted(self, session_id: str, created_at: float) -> bool:
+        """Whether the incarnation of ``session_id`` created at ``created_at`` was deleted."""
+        with self.read() as s:
+            return s.get(TombstoneRow, (session_id, created_at)) is not None
 
     # -- regions and durable progress (owner writes, fenced) ----------------------
 

@@ -81,15 +81,25 @@ def _v1(conn: Connection) -> None:
 
 
 def _v2(conn: Connection) -> None:
-    """The catalog's identity: one row with a random ID, made once. A Concordia
-    home records the ID of the catalog it belongs to (``_home``), so that a home
-    opened with another catalog (a typo in a URL, a forgotten environment
-    variable) is refused instead of looking empty to ``gc``."""
+    """The catalog's identity, and tombstones of deleted sessions.
+
+    * ``concordia_catalog_id``: one row with a random ID, made once. A
+      Concordia home records the ID of the catalog it belongs to (``_home``),
+      so that a home opened with another catalog (a typo in a URL, a forgotten
+      environment variable) is refused instead of looking empty to ``gc``.
+    * ``concordia_tombstones``: (session ID, its row's ``created_at``) of every
+      deleted session. ``gc`` removes a session directory only if a tombstone
+      matches the incarnation its marker names: "the catalog does not list it"
+      is no proof (a catalog restored from a backup forgets newer sessions)."""
     md = MetaData()
     Table("concordia_catalog_id", md,
           Column("id", Integer, primary_key=True),
           Column("catalog_id", String(64), nullable=False),
           Column("created_at", Float, nullable=False))
+    Table("concordia_tombstones", md,
+          Column("session_id", String(512), primary_key=True),
+          Column("created_at", Float, primary_key=True),
+          Column("deleted_at", Float, nullable=False))
     md.create_all(conn)
     conn.execute(md.tables["concordia_catalog_id"].insert().values(
         id=1, catalog_id=secrets.token_hex(16), created_at=time.time()))

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, St
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "CatalogIdRow", "EpochRow", "LeaseRow", "RegionRow", "SchemaVersionRow", "SegmentRow", "SessionRow"]
+__all__ = ["Base", "CatalogIdRow", "EpochRow", "LeaseRow", "RegionRow", "SchemaVersionRow", "SegmentRow", "SessionRow", "TombstoneRow"]
 
 JsonType = JSONB().with_variant(JSON(), "sqlite")
 
@@ -37,6 +37,15 @@ class CatalogIdRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     catalog_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class TombstoneRow(Base):
+    """A deleted session: its ID and the ``created_at`` of the row that went (migration 2)."""
+
+    __tablename__ = "concordia_tombstones"
+    session_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float, primary_key=True)
+    deleted_at: Mapped[float] = mapped_column(Float)
 
 
 class SessionRow(Base):
