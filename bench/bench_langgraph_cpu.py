@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def sqlite_pair(tmp: Path, turns: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
+def postgres_pair(url: str, turns: int, repeats: int, tmp: Path) -> dict[str, Any]:
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg import Connection
     from psycopg.rows import dict_row
@@ -175,14 +176,14 @@ def postgres_pair(url: str, turns: int, repeats: int) -> dict[str, Any]:
                     "'concordia_epochs', 'concordia_segments', 'concordia_catalog_id')"), {"s": schema}).scalar_one())
         return size
 
-    homes = tempfile.mkdtemp()
+    homes = tmp / "homes"
     ours: list[str] = []
 
     def make_concordia() -> Any:
         s = fresh_schema()
         ours.append(s)
         sep = "&" if "?" in url else "?"
-        saver = ConcordiaSaver.from_conn_string(f"{url}{sep}options=-csearch_path%3D{s}", home=str(Path(homes) / s))
+        saver = ConcordiaSaver.from_conn_string(f"{url}{sep}options=-csearch_path%3D{s}", home=str(homes / s))
         return saver, schema_size(s), saver.close
 
     def make_pg() -> Any:
@@ -226,9 +227,12 @@ def main() -> None:
                    help="postgresql+psycopg:// URL (default: $CONCORDIA_TEST_POSTGRES_URL); omit to skip")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-lg-"))
-    results: dict[str, Any] = {"sqlite": sqlite_pair(tmp, args.turns, args.repeats)}
-    if args.postgres:
-        results["postgres"] = postgres_pair(args.postgres, args.turns, args.repeats)
+    try:
+        results: dict[str, Any] = {"sqlite": sqlite_pair(tmp, args.turns, args.repeats)}
+        if args.postgres:
+            results["postgres"] = postgres_pair(args.postgres, args.turns, args.repeats, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     ratios = {}
     for db, base in (("sqlite", "sqlitesaver"), ("postgres", "postgressaver")):
         if db in results:
