@@ -636,3 +636,22 @@ def test_async_runs_take_and_release_the_lease_like_the_sync_ones(rt: Runtime):
             await app.aresume("nope")
 
     asyncio.run(scenario())
+
+
+def test_the_binding_works_on_sqlite_without_the_postgres_driver(tmp_path):
+    """`pip install concordia-agents` (no postgres extra) has no psycopg: the LangGraph binding imports and
+    a graph runs on the SQLite catalog all the same (the PostgreSQL writer imports psycopg only when used)."""
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from typing import TypedDict\n"
+        "from langgraph.graph import END, START, StateGraph\n"
+        "from concordia_agents import Runtime\n"
+        "from integrations.langgraph import wrap\n"
+        "class S(TypedDict):\n    n: int\n"
+        "b = StateGraph(S); b.add_node('inc', lambda s: {'n': s['n'] + 1})\n"
+        "b.add_edge(START, 'inc'); b.add_edge('inc', END)\n"
+        f"rt = Runtime.open(home={str(tmp_path)!r}, backend='host')\n"
+        "print(wrap(b, runtime=rt).invoke({'n': 1}, session_id='t')['n']); rt.close()\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "2"

@@ -34,9 +34,8 @@ having written nothing, when the token no longer owns the thread) → ``close``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 from sqlalchemy import create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
@@ -44,6 +43,9 @@ from sqlalchemy.pool import NullPool
 from concordia_agents._catalog import Catalog
 
 from ._schema import CHECKPOINT_COLUMNS
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["PgWriter"]
 
@@ -139,6 +141,8 @@ class PgWriter:
             "w_blob": [r[7] for r in rows]})
 
     def _run(self, sql: str, params: dict[str, Any]) -> bool:
+        import psycopg  # here, not at import: SQLite users need not install the postgres extra
+
         for attempt in (1, 2):
             try:
                 pooled = self._idle.pop()
