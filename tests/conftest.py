@@ -16,7 +16,9 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,6 +130,25 @@ def expire_lease(catalog_url: str, session_id: str) -> None:
     with cat.write() as s:
         s.execute(update(LeaseRow).where(LeaseRow.session_id == session_id).values(expires_at=0.0))
     cat.dispose()
+
+
+@contextmanager
+def failing_reservation(writer: Any, nth: int, error: BaseException) -> Iterator[list[int]]:
+    """Make ``writer``'s ``nth`` reservation from now raise ``error`` (as when the flusher stops while a
+    commit waits for ring space); yields the sizes asked for. The writer is restored afterwards."""
+    real, calls = writer.reserve, []
+
+    def reserve(size: int) -> int:
+        calls.append(size)
+        if len(calls) == nth:
+            raise error
+        return real(size)
+
+    writer.reserve = reserve
+    try:
+        yield calls
+    finally:
+        writer.reserve = real
 
 
 def needs(capability: Capability, backend_name: str) -> None:

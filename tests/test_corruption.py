@@ -74,6 +74,17 @@ def _resume_copy(src_home: Path, work: Path, **resume: bool):  # type: ignore[no
     return out
 
 
+def _flip_a_bit(rnd: random.Random, files: list[Path]) -> tuple[Path, bytes]:
+    """Flip one random bit of one of ``files``; returns the file and its pristine bytes."""
+    f = rnd.choice(files)
+    pristine = f.read_bytes()
+    bit = rnd.randrange(len(pristine) * 8)
+    damaged = bytearray(pristine)
+    damaged[bit // 8] ^= 1 << (bit % 8)
+    f.write_bytes(bytes(damaged))
+    return f, pristine
+
+
 def _assert_state(states, got) -> None:  # type: ignore[no-untyped-def]
     epoch, a, kv, length = got
     want = states[epoch]
@@ -126,12 +137,7 @@ def test_random_bit_flips_never_give_wrong_data(tmp_path: Path):
     rnd = random.Random(7)
     raised = restored = 0
     for _ in range(120):
-        f = rnd.choice(files)
-        pristine = f.read_bytes()
-        bit = rnd.randrange(len(pristine) * 8)
-        damaged = bytearray(pristine)
-        damaged[bit // 8] ^= 1 << (bit % 8)
-        f.write_bytes(bytes(damaged))
+        f, pristine = _flip_a_bit(rnd, files)
         try:
             got = _resume_copy(home, tmp_path / "work")
         except CorruptLogError as e:
@@ -192,12 +198,7 @@ def test_random_bit_flips_salvage_the_newest_intact_epoch(tmp_path: Path):
     rnd = random.Random(11)
     older = 0
     for _ in range(60):
-        f = rnd.choice(files)
-        pristine = f.read_bytes()
-        bit = rnd.randrange(len(pristine) * 8)
-        damaged = bytearray(pristine)
-        damaged[bit // 8] ^= 1 << (bit % 8)
-        f.write_bytes(bytes(damaged))
+        f, pristine = _flip_a_bit(rnd, files)
         try:
             got = _resume_copy(home, tmp_path / "work", allow_rollback=True)
         finally:

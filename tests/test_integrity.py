@@ -290,24 +290,17 @@ def test_an_epoch_abandoned_between_reservations_leaves_the_log_usable(home: Pat
     """(3, review) A commit that raises between two reservations of its epoch (the flusher stopped while it
     waited for space) leaves the ring without holes: the same epoch commits next, the flusher copies
     everything, and the session resumes exactly. The GPU variant is in test_gpu.py."""
+    from .conftest import failing_reservation
+
     with Runtime.open(home=home, backend="host", ring_bytes=1 << 20, max_record_bytes=64 << 10) as rt:
         s = rt.session("hole")
         kv = np.random.default_rng(4).standard_normal((8, 2, 1024, 64)).astype(np.float32)
         s.register("kv", kv, kind="kv", seq_axis=2)
         s.commit({"n": 100}, rows={"kv": 100})
-        writer = s._log.writer
-        real, calls = writer.reserve, []
-
-        def failing(size: int) -> int:
-            calls.append(size)
-            if len(calls) == 2:
-                raise LogFullError("injected: the flusher stopped")
-            return real(size)
-
-        writer.reserve = failing  # type: ignore[method-assign]
-        with pytest.raises(LogFullError, match="injected"):
-            s.commit({"n": 700}, rows={"kv": 700})
-        writer.reserve = real  # type: ignore[method-assign]
+        with failing_reservation(s._log.writer, 2, LogFullError("injected: the flusher stopped")) as calls:
+            with pytest.raises(LogFullError, match="injected"):
+                s.commit({"n": 700}, rows={"kv": 700})
+        assert len(calls) == 2 and s.epoch == 1
         s.commit({"n": 700}, rows={"kv": 700})
         assert s.flush(timeout=20) == 2
         s.close()
