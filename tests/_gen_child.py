@@ -20,8 +20,14 @@ __all__ = ["build", "build_1b", "describe_output", "gen_kwargs", "prompt"]
 
 
 def build(name: str):  # type: ignore[no-untyped-def]
-    from transformers import (GPT2Config, GPT2LMHeadModel, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=None,
