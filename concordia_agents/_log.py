@@ -69,7 +69,16 @@ from ._segments import (
 from .config import RuntimeConfig
 from .errors import CorruptLogError, LogFullError, OwnershipError, StorageError
 
-__all__ = ["LogCheck", "Rollback", "SessionLog", "check_log", "ring_holds_unflushed", "ring_path", "session_dir_name"]
+__all__ = [
+    "LogCheck",
+    "Rollback",
+    "SessionLog",
+    "check_log",
+    "ring_files",
+    "ring_holds_unflushed",
+    "ring_path",
+    "session_dir_name",
+]
 
 _COPY_CHUNK = 8 << 20
 
@@ -85,6 +94,19 @@ def ring_path(config: RuntimeConfig, tag: int) -> Path:
 
     home_tag = hashlib.blake2b(str(config.home.resolve()).encode(), digest_size=4).hexdigest()
     return (config.ring_dir or default_ring_dir(config.home)) / f"concordia-{home_tag}-{tag:016x}.ring"
+
+
+def ring_files(config: RuntimeConfig) -> dict[int, Path]:
+    """The ring files of this home (``ring_path``'s names), by session tag."""
+    sample = ring_path(config, 0)
+    prefix = sample.name.rsplit("-", 1)[0] + "-"
+    found: dict[int, Path] = {}
+    for p in sample.parent.glob(prefix + "*.ring") if sample.parent.is_dir() else ():
+        try:
+            found[int(p.name[len(prefix):-len(".ring")], 16)] = p
+        except ValueError:
+            pass  # not a name ring_path makes
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +205,6 @@ class SessionLog:
             except BaseException:
                 ring.close()
                 raise
-        quarantined: tuple[str, ...] = ()
         try:
             try:
                 index = scan(directory, session_tag=tag, salvage=allow_rollback)
@@ -194,10 +215,9 @@ class SessionLog:
             if rollback is not None:
                 # What the rollback gives up is moved aside (kept, never deleted), before the
                 # catalog records it: later scans must not meet a damaged base image again.
-                quarantined = _quarantine(directory, index, token)
-                rollback = replace(rollback, quarantined=quarantined)
+                rollback = replace(rollback, quarantined=_quarantine(directory, index, token))
                 catalog.roll_back(session_id, token, epoch=index.epoch, offset=index.end,
-                                  missing=list(rollback.missing) + list(quarantined))
+                                  missing=list(rollback.missing + rollback.quarantined))
             segment = SegmentWriter.create(directory, new_header(session_tag=tag, token=token, base=index.end))
         except BaseException:
             if ring is not None:
@@ -514,12 +534,9 @@ def check_log(session_id: str, directory: Path, catalog: Catalog, info: Any, rpa
             ring_damage = str(e)
         else:
             try:
-                pos, end = ring.consumed, ring.written
-                ring_bytes = end - pos
-                while pos < end:
-                    pos += _verified_record(ring, tag, pos, end)
-            except CorruptLogError as e:
-                ring_damage = str(e)
+                ring_bytes = ring.written - ring.consumed
+                _, damage = _intact_end(ring, tag, ring.consumed, ring.written)
+                ring_damage = None if damage is None else str(damage)
             finally:
                 ring.close()
     return LogCheck(session_id=session_id, recorded_epoch=info.last_epoch, epoch=index.epoch,
@@ -571,11 +588,19 @@ def _check_payload(ring: LogRing, pos: int, header: RecordHeader) -> None:
                               "fails its payload checksum", path=str(ring.path), offset=pos)
 
 
-def _verified_record(ring: LogRing, tag: int, pos: int, limit: int) -> int:
-    """The size of the record at ``pos`` once header and payload are verified."""
-    header = _checked_header(ring, tag, pos, limit)
-    _check_payload(ring, pos, header)
-    return header.size
+def _intact_end(ring: LogRing, tag: int, start: int, end: int) -> tuple[int, CorruptLogError | None]:
+    """Walk the records of ``[start, end)``, verifying each (header and payload):
+    the end of the intact ones, and the error of the first damaged one (None if
+    all are intact)."""
+    pos = start
+    while pos < end:
+        try:
+            header = _checked_header(ring, tag, pos, end)
+            _check_payload(ring, pos, header)
+        except CorruptLogError as e:
+            return pos, e
+        pos += header.size
+    return pos, None
 
 
 def _verified_span(ring: LogRing, tag: int, start: int, limit: int,
@@ -628,17 +653,13 @@ def _drain(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool 
             f"expected the ring to hold log offsets from {start}, found [{ring.base}, {ring.written})",
             path=str(ring.path), offset=80)
     # Verify before changing anything: a refused open leaves ring and segments as they were.
-    end, pos, dropped = ring.written, start, 0
-    while pos < end:
-        try:
-            pos += _verified_record(ring, tag, pos, end)
-        except CorruptLogError as e:
-            if not salvage:
-                raise CorruptLogError(f"{e.reason}; resume with allow_rollback=True to continue from the newest intact "
-                                      "epoch", path=str(ring.path), offset=pos) from e
-            log.warning("host ring damaged; dropping its tail", offset=pos, bytes=end - pos, error=str(e))
-            end, dropped = pos, end - pos
-            break
+    end, damage = _intact_end(ring, tag, start, ring.written)
+    dropped = ring.written - end
+    if damage is not None:
+        if not salvage:
+            raise CorruptLogError(f"{damage.reason}; resume with allow_rollback=True to continue from the newest "
+                                  "intact epoch", path=str(ring.path), offset=end) from damage
+        log.warning("host ring damaged; dropping its tail", offset=end, bytes=dropped, error=str(damage))
     if mine and valid != mine[-1].size:
         # A torn append by the dead flusher. ``consumed`` never passes a
         # whole record, so the ring still holds every byte cut off here.

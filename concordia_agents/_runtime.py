@@ -51,7 +51,15 @@ from ._home import (
     read_session_marker,
 )
 from ._lease import Lease
-from ._log import LogCheck, SessionLog, check_log, ring_holds_unflushed, ring_path, session_dir_name
+from ._log import (
+    LogCheck,
+    SessionLog,
+    check_log,
+    ring_files,
+    ring_holds_unflushed,
+    ring_path,
+    session_dir_name,
+)
 from ._logging import configure_logging, get_logger
 from ._names import TASK_SEP, check_session_id
 from ._owner import new_owner_id
@@ -207,11 +215,11 @@ class Runtime:
         token, created, prior = self.catalog.take(session_id, owner=self.owner, ttl=self.config.lease_ttl,
                                                   backend=kind, create=create, log=False)
         lease = Lease(session_id, token, self.owner)
+        # LEASE_ONLY, on a session made here: session() refuses to give it a region log.
+        labels = {**(labels or {}), **({LEASE_ONLY: True} if created else {})}
         try:
-            if created or labels:
-                # LEASE_ONLY: session() refuses to give this session a region log.
-                self.catalog.set_labels(session_id, token, {**(labels or {}), LEASE_ONLY: True} if created
-                                        else dict(labels or {}))
+            if labels:
+                self.catalog.set_labels(session_id, token, labels)
         except BaseException:
             self._give_back(session_id, token, prior)
             raise
@@ -292,24 +300,25 @@ class Runtime:
         orphaned (``dry_run``: report without removing):
 
         * a session directory the catalog does not list, whose own marker
-          (``session.json``) names this catalog: its session was deleted. A
-          directory without a marker, or naming another catalog, is kept;
+          (``session.json``) names this catalog and an incarnation of the
+          session that the catalog recorded as deleted (a tombstone). A
+          directory without a marker, naming another catalog, or of a session
+          with no tombstone (a catalog restored from a backup) is kept;
         * the host ring of a closed session whose bytes are all in segments (a
           ring still holding unflushed bytes is kept: resume the session to
-          flush them), and a ring of this home that no session has;
+          flush them), and a ring of this home that no session has, if it holds
+          nothing unflushed or its session was deleted;
         * a compaction's temporary file in a session that no process owns.
 
         The home is bound to its catalog (``Runtime.open`` refuses another one),
         so a wrong ``--catalog`` never gets here."""
         report = GcReport(dry_run=dry_run)
         root = self.config.home / "sessions"
-        ring_dir = ring_path(self.config, 0).parent
-        prefix = ring_path(self.config, 0).name.rsplit("-", 1)[0] + "-"
         # Files first, then the catalog: a session's row is committed before its
         # directory and ring are made, so every file listed here that belongs to a
         # live session is in the catalog listing that follows.
         dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-        rings = sorted(ring_dir.glob(prefix + "*.ring")) if ring_dir.is_dir() else []
+        rings = sorted(ring_files(self.config).items())
         infos = {i.id: i for i in self.catalog.list()}
         by_dir = {self.session_dir(i).name: info for i, info in infos.items()}
         catalog_id = self.catalog.catalog_id
@@ -347,11 +356,7 @@ class Runtime:
                 self._gc_deleted_dir(sid, float(created_at), d, remove, report)
         tags = {session_tag(i): info for i, info in infos.items()}
         deleted_tags = {session_tag(sid) for sid in self.catalog.tombstoned_ids()}
-        for rp in rings:
-            try:
-                tag = int(rp.name[len(prefix):-len(".ring")], 16)
-            except ValueError:
-                continue
+        for tag, rp in rings:
             info = tags.get(tag)
             if info is None:
                 unflushed = ring_holds_unflushed(rp)

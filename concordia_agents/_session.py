@@ -18,8 +18,9 @@ Call protocol (the user, or an integration, calls each step):
    fit, a run that does not match): leave it as this process found it.
 
 Errors of the flusher reach the committer: after the flusher failed to append
-(a full disk) or refused a damaged ring record, the next ``commit`` raises
-that error (``LogFullError``, ``CorruptLogError``) instead of writing; every
+or fsync (a full or failing disk) or refused a damaged ring record, the next
+``commit`` raises that error (``LogFullError``, ``StorageError``,
+``CorruptLogError``) instead of writing; every
 epoch committed before stays in the ring, and commits go on once the flusher
 has caught up (space freed).
 
@@ -104,7 +105,6 @@ class Session:
                  *, prior: Any = None) -> None:
         self.runtime = runtime
         self._prior = prior  #: the catalog's state before this open (for cancel)
-        self._committed_here = False
         self.id = session_id
         self.token = token
         self._log = log
@@ -296,7 +296,6 @@ class Session:
             if wait:
                 self.runtime.backend.wait_visible(self._log.writer, epoch)
             self.epoch, self.meta, self._lengths = epoch, meta, lengths
-            self._committed_here = True
             for name, region in self.regions.items():
                 region._marked = None
                 if region.kind == "kv":
@@ -339,18 +338,8 @@ class Session:
         flush fails (a full disk, a damaged ring record), the error is raised
         and the session is released without being marked closed: its ring still
         holds what the segments lack, and a resume picks it up."""
-        with self._lock:  # not while a commit of another thread is under way
-            if self._closed:
-                return
-            self._closed = True
-        self.runtime._forget(self)
-        try:
-            self._log.close(clean=True)
-        except BaseException:
-            self.runtime._release(self, closed=False)
-            raise
-        self.runtime._release(self, closed=True)
-        self.log.info("session closed", epoch=self.epoch)
+        if self._end(closed=True):
+            self.log.info("session closed", epoch=self.epoch)
 
     def cancel(self) -> None:
         """Give the session back as this process found it, after opening it
@@ -361,7 +350,7 @@ class Session:
         committed stays, flushed, and the status is idle."""
         if self._closed:
             return
-        if self._committed_here or self.rollback is not None:
+        if self.epoch > self._index.epoch or self.rollback is not None:  # committed here, or rolled back
             # A rollback is a decision already recorded (catalog, new chain): keep it.
             self.release()
             return
@@ -377,15 +366,24 @@ class Session:
         """Flush, release the lease and keep the session resumable (status
         idle, not closed): for a process that stops using a session it has not
         finished, e.g. after a failure it cannot handle itself."""
-        if self._closed:
-            return
-        self._closed = True
+        if self._end(closed=False):
+            self.log.info("session released", epoch=self.epoch)
+
+    def _end(self, *, closed: bool) -> bool:
+        """``close`` (``closed``) or ``release``: a last flush, then the lease goes,
+        marked closed only if the flush got through. False if already ended."""
+        with self._lock:  # not while a commit of another thread is under way
+            if self._closed:
+                return False
+            self._closed = True
         self.runtime._forget(self)
         try:
-            self._log.close(clean=False)
-        finally:
+            self._log.close(clean=closed)
+        except BaseException:
             self.runtime._release(self, closed=False)
-        self.log.info("session released", epoch=self.epoch)
+            raise
+        self.runtime._release(self, closed=closed)
+        return True
 
     def _abandon(self) -> None:
         """Stop using the session without closing it (its lease is kept until it

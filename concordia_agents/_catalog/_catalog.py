@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -412,8 +412,7 @@ class Catalog:
                         f"session {session_id!r}: expected no live owner, found {lease.owner} holding fencing "
                         f"token {lease.token} for another {lease.expires_at - now:.1f} s")
                 if prior is not None:
-                    prior = PriorState(closed_at=prior.closed_at, backend=prior.backend, released=lease.released,
-                                       had_lease=True, owner=lease.owner)
+                    prior = replace(prior, released=lease.released, had_lease=True, owner=lease.owner)
                 lease.owner, lease.token = owner, lease.token + 1
                 lease.acquired_at = lease.heartbeat_at = now
                 lease.expires_at, lease.released = now + ttl, False
