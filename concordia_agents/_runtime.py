@@ -410,13 +410,16 @@ class Runtime:
 
     def _gc_closed_ring(self, info: SessionInfo, rp: Path, remove: Any, report: GcReport) -> None:
         """Remove a closed session's ring if all its bytes are in segments, holding
-        the session's lease meanwhile so that no process reopens it under us."""
-        try:
-            token, _, prior = self.catalog.take(info.id, owner=self.owner, ttl=self.config.lease_ttl,
-                                                backend=info.backend, create=False)
-        except (OwnershipError, SessionNotFound):
-            report.kept.append(GcItem(rp, f"session {info.id!r} was reopened meanwhile"))
-            return
+        the session's lease meanwhile so that no process reopens it under us (a
+        dry run only looks: it takes no lease, so it writes nothing)."""
+        taken = None
+        if not report.dry_run:
+            try:
+                taken = self.catalog.take(info.id, owner=self.owner, ttl=self.config.lease_ttl,
+                                          backend=info.backend, create=False)
+            except (OwnershipError, SessionNotFound):
+                report.kept.append(GcItem(rp, f"session {info.id!r} was reopened meanwhile"))
+                return
         try:
             unflushed = ring_holds_unflushed(rp)
             if unflushed:
@@ -425,7 +428,9 @@ class Runtime:
             else:
                 remove(rp, f"ring of closed session {info.id!r}; every byte is in its segments")
         finally:
-            self._give_back(info.id, token, prior)
+            if taken is not None:
+                token, _, prior = taken
+                self._give_back(info.id, token, prior)
 
     # -- internals ----------------------------------------------------------------
 

@@ -120,6 +120,23 @@ def test_an_unmarked_home_is_not_bound_to_a_typo_catalog(home: Path, tmp_path: P
         assert [i.id for i in rt.sessions()] == ["thread"]
 
 
+def test_gc_dry_run_writes_nothing_to_the_catalog(home: Path):
+    """(1, review) `gc(dry_run=True)` judging a closed session's leftover ring takes no lease: the session's
+    fencing token and status are as before, and the ring is still there."""
+    with Runtime.open(home=home, backend="host", flush_poll=3600.0) as rt:
+        s = rt.session("r")
+        s.register("a", np.zeros(4096, np.uint8))
+        s.commit()
+        s.close()
+        rfile = ring_path(rt.config, session_tag("r"))
+        LogRing.create(rfile, capacity=1 << 20, session_tag=session_tag("r"), owner_token=1, base=0).close()
+        before = rt.info("r")
+        report = rt.gc(dry_run=True)
+        assert [i.path for i in report.removed] == [rfile] and rfile.exists()
+        after = rt.info("r")
+        assert (after.token, after.status, after.owner) == (before.token, before.status, before.owner)
+
+
 def test_gc_dry_run_lists_and_keeps(home: Path):
     """(1) `concordia gc --dry-run` lists what gc would remove and removes nothing."""
     with Runtime.open(home=home, backend="host") as rt:
