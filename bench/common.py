@@ -73,14 +73,3 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
 
-
-def write_out(name: str, payload: dict[str, Any], *dists: str) -> Path | None:
-    """A diagnostic script's JSON as ``$OUT/<name>.json`` (the device tool brings
-    $OUT back), with the date and library versions (``dists`` beyond the
-    defaults) added where the payload lacks them; None when $OUT is not set."""
-    if not os.environ.get("OUT"):
-        return None
-    payload = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "versions": versions(*dists), **payload}
-    path = Path(os.environ["OUT"]) / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1))
-    return path
