@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_device, measure, versions, write  # noqa: E402
-from concordia_agents import Runtime  # noqa: E402
+from bench.common import cpu_device, measure, versions, write
+from concordia_agents import Runtime
 
 
 def np_save_fsync(path: Path, array: np.ndarray) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure, versions, write  # noqa: E402
+from bench.common import measure, versions, write
 
 
 def _events_ms(fn, repeats: int, warmup: int = 2) -> float:  # type: ignore[no-untyped-def]
@@ -57,8 +57,8 @@ def ceilings(q: bool) -> dict:
 
 def page_scan(backend, q: bool, d2d: float) -> dict:  # type: ignore[no-untyped-def]
     import cupy
-
     from gpu_runtime.executor import TaskKind
+
     from gpu_runtime.regions import RegionSpec
 
     n = (256 if q else 1024) << 20
@@ -130,11 +130,11 @@ def pages_figures(home: Path, q: bool, pinned_d2h: float, blocks: int | None) ->
         for k in (1, 8, 32):
             idx = cupy.asarray(np.random.default_rng(k).choice(n // 4096, k, replace=False) * 4096)
 
-            def dirty() -> None:
+            def dirty(idx=idx) -> None:  # type: ignore[no-untyped-def]
                 a[idx] += 1
                 cupy.cuda.Device().synchronize()
 
-            def step() -> None:
+            def step(idx=idx) -> None:  # type: ignore[no-untyped-def]
                 a[idx] += 1
                 s.commit()
 
@@ -231,7 +231,6 @@ def session_figures(home: Path, q: bool, pinned_d2h: float) -> dict:
 
 def ring_latency(backend, q: bool) -> dict:  # type: ignore[no-untyped-def]
     import cupy
-
     from gpu_runtime.executor import TaskKind
 
     ex = backend.executor
@@ -265,7 +264,7 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     import cupy
 
-    from gpu_runtime.cupy_backend import CupyBackend
+    from gpu_runtime import open_backend
 
     props = cupy.cuda.runtime.getDeviceProperties(0)
     result: dict = {
@@ -284,7 +283,7 @@ def main() -> None:
     d2h = sections["ceilings"].get("pinned_d2h_GBps", float("nan"))
     # Ring and scan figures with the executor on every SM (what a scan-heavy
     # deployment would configure); session figures with the default (a few SMs).
-    backend = CupyBackend(blocks=result["sm_count"])
+    backend = open_backend("cupy", blocks=result["sm_count"])
     for name, fn in [("ring", lambda: ring_latency(backend, args.quick)),
                      ("page_scan", lambda: page_scan(backend, args.quick, d2d))]:
         if only and name not in only:

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure, versions, write  # noqa: E402
+from bench.common import measure, versions, write
 
 EMPTY = 'extern "C" __global__ void {name}(int* y) {{ }}'
 COPY = ('extern "C" __global__ void {name}(const float* x, float* y, long n) {{'
@@ -153,13 +153,13 @@ def quiesce_figures(ins, quick: bool) -> dict:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
     import cupy
 
     from gpu_runtime import instrument as ins
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
     launches, pairs = (300, 6) if args.quick else (2000, 30)
     ins.enable()
     results: dict[str, dict] = {}

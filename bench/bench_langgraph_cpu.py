@@ -43,7 +43,7 @@ from typing import Annotated, Any, TypedDict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_device, versions, write  # noqa: E402
+from bench.common import cpu_device, versions, write
 
 
 class Chat(TypedDict):

@@ -14,13 +14,13 @@ the median over repeats of each variant's run over the plain run of the same
 repeat. Measuring inside the generation keeps the per-call costs (session
 open, prefill) out. Whole steps vary between runs by more than the goal:
 eager decoding is host-bound, and on the lent machines a run lands at random
-in a fast or a ~1.6x slower mode of the host (``scripts/decode_variance_gpu.py``:
-not the garbage collector, not the core), so the cost of a checkpoint is also
-measured paired within one run: ``checkpoint_every=2`` alternates steps with
-and without a commit; per run, the median step with a commit over the median
-step without, minus one, is the overhead of a checkpoint every token; the
-median over the runs (``--paired-new`` tokens each) is reported with its
-range.
+in a fast or a ~1.6x slower mode of the host (not the garbage collector, not
+the core: ``bench/results/decode_variance_gpu-20261127T2122Z.json``), so the
+cost of a checkpoint is also measured paired within one run:
+``checkpoint_every=2`` alternates steps with and without a commit; per run,
+the median step with a commit over the median step without, minus one, is
+the overhead of a checkpoint every token; the median over the runs
+(``--paired-new`` tokens each) is reported with its range.
 
 Recovery: a child process runs ``durable_generate`` on an 8k- or 32k-token
 prompt, makes the epoch holding the prompt's KV durable and SIGKILLs itself.
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -60,16 +61,18 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import versions, write  # noqa: E402
+from bench.common import versions, write
 
 SHAPES = {
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "llama-3.2-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "tie_word_embeddings": True},
+    "llama-3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "tie_word_embeddings": False},
 }
-RT_OPTIONS: dict[str, Any] = dict(backend="cupy", fsync="none", ring_bytes=256 << 20, segment_bytes=1 << 30,
-                                  max_record_bytes=4 << 20, compact_bytes=0)
+RT_OPTIONS: dict[str, Any] = {"backend": "cupy", "fsync": "none", "ring_bytes": 256 << 20, "segment_bytes": 1 << 30,
+                              "max_record_bytes": 4 << 20, "compact_bytes": 0}
 
 
 def build(shape: str):  # type: ignore[no-untyped-def]
@@ -242,7 +245,7 @@ def paired_commit_ms(times: list[float], commits: list[float]) -> tuple[float, f
     right after call i, so its commit falls inside step i); the first three
     steps are warm-up."""
     with_, without = [], []
-    for a, b in list(zip(times, times[1:], strict=False))[3:]:
+    for a, b in list(itertools.pairwise(times))[3:]:
         (with_ if any(a <= c < b for c in commits) else without).append(b - a)
     if not with_ or not without:
         raise ValueError(f"expected steps with and without a commit, found {len(with_)} and {len(without)}")
@@ -316,7 +319,7 @@ def recovery_section(model, shape: str, n: int, repeats: int, engines: list[str]
     env = dict(os.environ, CONCORDIA_RING_DIR=str(Path("/dev/shm") / f"{work.name}-child"))
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", shape, str(n), str(crashed)], env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)  # its exit is checked below
     child_s = time.perf_counter() - t
     if proc.returncode != -signal.SIGKILL or "CHILD durable" not in proc.stdout:
         raise RuntimeError(f"child exited {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}")
