@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Self
 
 from sqlalchemy.engine import make_url
 
@@ -63,6 +63,7 @@ from ._log import (
 from ._logging import configure_logging, get_logger
 from ._names import TASK_SEP, check_session_id
 from ._owner import new_owner_id
+from ._services import SessionServices
 from ._session import Session
 from .config import RuntimeConfig
 from .errors import (
@@ -97,6 +98,14 @@ class GcReport:
     @property
     def paths(self) -> list[Path]:
         return [i.path for i in self.removed]
+
+
+class _Open(NamedTuple):
+    """A session open in this runtime and its log (which the flusher and the
+    heartbeat walk; the Session keeps its own reference, private to it)."""
+
+    session: Session
+    log: SessionLog
 
 
 def _new_sqlite_file(url: str) -> Path | None:
@@ -137,7 +146,7 @@ class Runtime:
                     Path(f"{fresh}{suffix}").unlink(missing_ok=True)
             raise
         self.owner = new_owner_id()
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, _Open] = {}
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -146,6 +155,9 @@ class Runtime:
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="concordia-heartbeat", daemon=True)
         self._flusher.start()
         self._heartbeat.start()
+        # All a Session sees of this runtime (``_services``): Session never calls the Runtime.
+        self._services = SessionServices(backend=self.backend, catalog=self.catalog, detach=self._forget,
+                                         release=self._release, give_back=self._give_back)
         self._finalizer = weakref.finalize(self, Runtime._shutdown_threads, self._stop, self._wake)
         self.log.info("runtime opened", home=str(config.home), backend=self.backend.name,
                       catalog=self.catalog._redacted())
@@ -187,9 +199,9 @@ class Runtime:
             self._give_back(session_id, token, prior)
             raise
         slog.kick = self._kick
-        session = Session(self, session_id, token, slog, index, prior=prior)
+        session = Session(self._services, session_id, token, slog, index, prior=prior)
         with self._lock:
-            self._sessions[session_id] = session
+            self._sessions[session_id] = _Open(session, slog)
         self.log.info("session opened", session=session_id, token=token, created=created, epoch=index.epoch)
         return session
 
@@ -287,7 +299,7 @@ class Runtime:
             mine = self._sessions.get(session_id)
             lease = self._leases.get(session_id)
         if mine is not None:
-            mine.close()
+            mine.session.close()
         if lease is not None:
             self.let_go(lease)
         self.catalog.delete(session_id)
@@ -437,21 +449,24 @@ class Runtime:
     def _kick(self) -> None:
         self._wake.set()
 
-    def _forget(self, session: Session) -> None:
-        """Stop flushing and heart-beating a session."""
+    def _forget(self, session_id: str, token: int) -> None:
+        """Stop flushing and heart-beating the session opened with ``token``
+        (``SessionServices.detach``: a session calls it as it ends)."""
         with self._lock:
-            if self._sessions.get(session.id) is session:
-                del self._sessions[session.id]
+            mine = self._sessions.get(session_id)
+            if mine is not None and mine.session.token == token:
+                del self._sessions[session_id]
 
-    def _release(self, session: Session, *, closed: bool) -> None:
+    def _release(self, session_id: str, token: int, closed: bool) -> None:
+        """``SessionServices.release``: end a session's lease, logging a failure."""
         try:
-            self.catalog.release(session.id, session.token, closed=closed)
+            self.catalog.release(session_id, token, closed=closed)
         except ConcordiaError as e:
-            self.log.warning("lease release failed", session=session.id, error=str(e))
+            self.log.warning("lease release failed", session=session_id, error=str(e))
 
     def _open_logs(self) -> list[SessionLog]:
         with self._lock:
-            return [s._log for s in self._sessions.values()]
+            return [mine.log for mine in self._sessions.values()]
 
     def _flush_loop(self) -> None:
         warned: set[str] = set()
@@ -462,7 +477,7 @@ class Runtime:
             try:
                 self.backend.poll()  # e.g. relaunch an executor that parked with a task pending
                 poll_error = ""
-            except Exception as e:  # noqa: BLE001 - the flusher must survive and say why
+            except Exception as e:  # the flusher must survive and say why
                 if repr(e) != poll_error:
                     self.log.exception("backend poll failed")
                 poll_error = repr(e)
@@ -478,7 +493,7 @@ class Runtime:
                         self.log.error("flusher stopped; the next commit raises this", session=slog.session_id,
                                        error=str(e))
                         warned.add(slog.session_id)
-                except Exception as e:  # noqa: BLE001 - the flusher must survive and say why
+                except Exception as e:  # the flusher must survive and say why
                     slog.error = e
                     if slog.session_id not in warned:
                         self.log.exception("flusher error", session=slog.session_id)
@@ -488,7 +503,7 @@ class Runtime:
         period = self.config.lease_ttl / 3
         while not self._stop.wait(period):
             with self._lock:
-                held = [(s.id, s.token, s._log) for s in self._sessions.values()]
+                held = [(m.session.id, m.session.token, m.log) for m in self._sessions.values()]
                 held += [(lease.session_id, lease.token, lease) for lease in self._leases.values()
                          if not lease.released]
             for session_id, token, holder in held:  # holder: a SessionLog or a Lease, both with `fenced`
@@ -507,7 +522,7 @@ class Runtime:
     def close(self) -> None:
         """Close every open session cleanly and stop the threads."""
         with self._lock:
-            sessions = list(self._sessions.values())
+            sessions = [mine.session for mine in self._sessions.values()]
             leases = list(self._leases.values())
         for lease in leases:
             self.let_go(lease)
@@ -523,7 +538,7 @@ class Runtime:
         self.backend.close()
         self.catalog.dispose()
 
-    def __enter__(self) -> Runtime:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask
 from gpu_runtime.records import RecordType
@@ -42,6 +42,7 @@ from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 from ._log import Rollback, SessionLog
 from ._logging import get_logger
 from ._replay import LogIndex, PayloadReader
+from ._services import SessionServices
 from .errors import (
     ConcordiaError,
     ConfigurationError,
@@ -52,9 +53,6 @@ from .errors import (
     SessionClosedError,
     StorageError,
 )
-
-if TYPE_CHECKING:
-    from ._runtime import Runtime
 
 # The commit body's encoder, made once: json.dumps with arguments builds one per
 # call (a few microseconds of the per-token commit). Same bytes as json.dumps.
@@ -101,9 +99,13 @@ class Region:
 
 
 class Session:
-    def __init__(self, runtime: Runtime, session_id: str, token: int, log: SessionLog, index: LogIndex,
+    """A session opened by ``Runtime.session`` / ``Runtime.resume`` (see the
+    module docs for the call protocol); it reaches the runtime only through
+    ``services`` (``_services``)."""
+
+    def __init__(self, services: SessionServices, session_id: str, token: int, log: SessionLog, index: LogIndex,
                  *, prior: Any = None) -> None:
-        self.runtime = runtime
+        self._services = services
         self._prior = prior  #: the catalog's state before this open (for cancel)
         self.id = session_id
         self.token = token
@@ -137,7 +139,7 @@ class Session:
 
     @property
     def backend(self) -> str:
-        return self.runtime.backend.name
+        return self._services.backend.name
 
     def _check_open(self) -> None:
         if self._closed:
@@ -156,7 +158,7 @@ class Session:
         info = describe(array)
         if not info.contiguous:
             raise RegionError(f"region {name!r}: expected a C-contiguous array, found a strided view")
-        if info.on_device and Capability.DEVICE_MEMORY not in self.runtime.backend.capabilities:
+        if info.on_device and Capability.DEVICE_MEMORY not in self._services.backend.capabilities:
             raise RegionError(
                 f"region {name!r}: the {self.backend!r} backend serves host memory, found an array on {info.device}; "
                 "open the runtime with backend='cupy' (or 'auto' on a GPU machine)")
@@ -171,14 +173,14 @@ class Session:
                            f"found kind={kind!r} page_size={page_size} seq_axis={seq_axis}")
             if problem:
                 raise RegionError(f"region {name!r} of session {self.id!r} cannot be restored into this array: {problem}")
-        handle = self.runtime.backend.attach(spec, array)
+        handle = self._services.backend.attach(spec, array)
         region = Region(handle)
         if recorded is not None and restore:
             self._restore_into(region)
             # Re-describe only if the array now lives elsewhere (library/device).
             handle.described = recorded == spec
         if recorded is None or spec != recorded:
-            self.runtime.catalog.record_region(self.id, self.token, spec, self.epoch + 1)
+            self._services.catalog.record_region(self.id, self.token, spec, self.epoch + 1)
         self._next_region_id = max(self._next_region_id, region_id + 1)
         self.regions[name] = region
         self._recorded[name] = spec
@@ -187,7 +189,7 @@ class Session:
 
     def _restore_into(self, region: Region) -> None:
         spec = region.spec
-        backend = self.runtime.backend
+        backend = self._services.backend
         locs = self._index.records.get(spec.region_id, [])
         for loc in locs:
             h = loc.header
@@ -213,7 +215,7 @@ class Session:
             raise RegionError(f"session {self.id!r} holds no region {name!r}; it has {sorted(self._recorded)}")
         if into is None:
             dev = device or spec.device
-            if dev != "cpu" and Capability.DEVICE_MEMORY not in self.runtime.backend.capabilities:
+            if dev != "cpu" and Capability.DEVICE_MEMORY not in self._services.backend.capabilities:
                 raise RegionError(
                     f"region {name!r} was recorded on {spec.device}, and the {self.backend!r} backend serves host "
                     "memory only; pass device='cpu' to restore it into host memory")
@@ -292,9 +294,9 @@ class Session:
             except (TypeError, ValueError) as e:
                 raise MetaError(f"commit meta must be JSON-serializable, found {type(meta).__name__}: {e}") from e
             epoch = self.epoch + 1
-            self.runtime.backend.commit_epoch(self._log.writer, epoch, tasks, body, fence=fence)
+            self._services.backend.commit_epoch(self._log.writer, epoch, tasks, body, fence=fence)
             if wait:
-                self.runtime.backend.wait_visible(self._log.writer, epoch)
+                self._services.backend.wait_visible(self._log.writer, epoch)
             self.epoch, self.meta, self._lengths = epoch, meta, lengths
             for name, region in self.regions.items():
                 region._marked = None
@@ -325,12 +327,12 @@ class Session:
     def wait_visible(self, epoch: int | None = None, timeout: float = 30.0) -> None:
         """Wait until ``epoch`` (default: the newest) is in the host ring."""
         self._check_open()
-        self.runtime.backend.wait_visible(self._log.writer, self.epoch if epoch is None else epoch, timeout)
+        self._services.backend.wait_visible(self._log.writer, self.epoch if epoch is None else epoch, timeout)
 
     def flush(self, timeout: float = 60.0) -> int:
         """Wait until the newest committed epoch is fsynced; returns it."""
         self._check_open()
-        self.runtime.backend.wait_visible(self._log.writer, self.epoch, timeout)
+        self._services.backend.wait_visible(self._log.writer, self.epoch, timeout)
         return self._log.wait_durable(self.epoch, timeout)
 
     def close(self) -> None:
@@ -355,11 +357,11 @@ class Session:
             self.release()
             return
         self._closed = True
-        self.runtime._forget(self)
+        self._services.detach(self.id, self.token)
         try:
             self._log.cancel()
         finally:
-            self.runtime._give_back(self.id, self.token, self._prior)
+            self._services.give_back(self.id, self.token, self._prior)
         self.log.info("session open cancelled", epoch=self.epoch)
 
     def release(self) -> None:
@@ -376,26 +378,26 @@ class Session:
             if self._closed:
                 return False
             self._closed = True
-        self.runtime._forget(self)
+        self._services.detach(self.id, self.token)
         try:
             self._log.close(clean=closed)
         except BaseException:
-            self.runtime._release(self, closed=False)
+            self._services.release(self.id, self.token, False)
             raise
-        self.runtime._release(self, closed=closed)
+        self._services.release(self.id, self.token, closed)
         return True
 
     def _abandon(self) -> None:
         """Stop using the session without closing it (its lease is kept until it
         expires: the state is as after a crash). For tests and shutdown paths."""
         self._closed = True
-        self.runtime._forget(self)
+        self._services.detach(self.id, self.token)
         try:
             self._log.close(clean=False)
         except ConcordiaError as e:  # as after a crash: what the flush could not copy stays in the ring
             self.log.warning("abandoned session's last flush failed", error=str(e))
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
