@@ -17,16 +17,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from concordia_agents import Runtime  # noqa: E402
-from integrations.langgraph.demo_agent import QUESTION, Trace, build_model, make_app  # noqa: E402
+from concordia_agents import Runtime
+from integrations.langgraph.demo_agent import QUESTION, Trace, build_model, make_app
+from integrations.transformers import GenerateEvent
+
+
+def crash_after(n: int) -> Callable[[GenerateEvent], None]:
+    """An ``on_event`` callback for the LLM node's generation that SIGKILLs this
+    process (a real crash: no cleanup) right after its ``n``-th token is committed."""
+
+    def on_event(e: GenerateEvent) -> None:
+        if e.phase == "token_committed" and e.n_generated >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_event
 
 
 def main() -> None:
@@ -43,11 +57,10 @@ def main() -> None:
     if gpu:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if args.crash_after:
-        os.environ["CONCORDIA_TEST_KILL_AFTER_TOKENS"] = str(args.crash_after)
     rt = Runtime.open(home=args.home, backend="cupy" if gpu else "host")
     trace = Trace()
-    app = make_app(rt, model=build_model(args.device), new_tokens=args.new_tokens, trace=trace)
+    app = make_app(rt, model=build_model(args.device), new_tokens=args.new_tokens, trace=trace,
+                   on_generate_event=crash_after(args.crash_after) if args.crash_after else None)
     t = time.perf_counter()
     if args.resume:
         state = app.resume(args.session)

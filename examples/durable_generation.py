@@ -13,18 +13,31 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from concordia_agents import Runtime  # noqa: E402
-from integrations.transformers import durable_generate  # noqa: E402
-from integrations.testing import llama_1b, tiny_llama  # noqa: E402
-from tests._gen_child import prompt  # noqa: E402
+from concordia_agents import Runtime
+from integrations.testing import llama_1b, tiny_llama
+from integrations.transformers import GenerateEvent, durable_generate
+from tests._gen_child import prompt
+
+
+def crash_after(n: int) -> Callable[[GenerateEvent], None]:
+    """An ``on_event`` callback that SIGKILLs this process (a real crash: no
+    cleanup) right after the epoch holding the ``n``-th new token is committed."""
+
+    def on_event(e: GenerateEvent) -> None:
+        if e.phase == "token_committed" and e.n_generated >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_event
 
 
 def main() -> None:
@@ -39,8 +52,6 @@ def main() -> None:
     if gpu:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if args.crash_after:
-        os.environ["CONCORDIA_TEST_KILL_AFTER_TOKENS"] = str(args.crash_after)
     model = llama_1b(args.device) if gpu else tiny_llama()
     ids, mask = prompt(1, False, 300 if gpu else 24, model.config.vocab_size)
     ids, mask = ids.to(args.device), mask.to(args.device)
@@ -50,7 +61,8 @@ def main() -> None:
                                               else a[0]).shape[1])), with_kwargs=True)
     rt = Runtime.open(home=args.home, backend="cupy" if gpu else "host", lease_ttl=2.0)
     t = time.perf_counter()
-    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, max_new_tokens=args.new_tokens)
+    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, max_new_tokens=args.new_tokens,
+                           on_event=crash_after(args.crash_after) if args.crash_after else None)
     dt = time.perf_counter() - t
     computed = len(forwards)
     reused = args.new_tokens - computed

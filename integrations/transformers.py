@@ -26,6 +26,23 @@ Protocol of one call ``durable_generate(model, input_ids, session_id=...)``:
    call returns, so its scores/logits cover every token, not only those since
    the resume).
 
+Observing a call: ``durable_generate(..., on_event=f)`` calls ``f`` with a
+:class:`GenerateEvent` at three points: ``"opened"`` (the session is open and
+its lease held; nothing committed by this call yet), ``"token_committed"``
+(after each epoch holding new tokens) and ``"done"`` (the final epoch is
+durable; the session is not closed yet). It runs on the calling thread, inside
+``generate`` for ``"token_committed"``. An exception it raises ends the call as
+any failure does: the session is given back, or released resumable after this
+call's commits, never marked closed.
+
+Why a callback, and not environment variables or a test-only hook module: it is
+an argument of one call, visible in the signature and typed, so no process-wide
+switch lives in library code and no other call or thread is affected. Crash
+tests and demo workers pass one that SIGKILLs the process at the point they
+test (``os.kill(os.getpid(), signal.SIGKILL)`` at ``"token_committed"`` with
+``n_generated >= N``, at ``"opened"``, or at ``"done"``); anyone else can use it
+for progress, metrics or a supervisor's heartbeat.
+
 The cache works with ``model.generate`` directly too (``DurableCache.for_model``;
 to persist it, register ``cache.storage`` as a kv region with ``seq_axis=3``),
 beam search included: build it with ``batch_size = batch * num_beams`` (the
@@ -39,10 +56,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import signal
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,12 +67,39 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from concordia_agents import ConcordiaError, Runtime, Session
 
-__all__ = ["DurableCache", "DurableLayer", "ResumeMismatchError", "durable_generate"]
+__all__ = ["DurableCache", "DurableLayer", "GenerateEvent", "GeneratePhase", "ResumeMismatchError",
+           "durable_generate"]
+
+#: where a ``durable_generate`` call is when it calls ``on_event`` (see the module docs)
+GeneratePhase = Literal["opened", "token_committed", "done"]
 
 
 class ResumeMismatchError(ConcordiaError):
     """``durable_generate`` was called again for a session recorded with another
     model, prompt or generation arguments."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerateEvent:
+    """One point of a ``durable_generate`` call, passed to its ``on_event``.
+
+    * ``"opened"``: the session is open and its lease held, before the call
+      checks, restores or commits anything;
+    * ``"token_committed"``: an epoch holding tokens up to ``n_generated`` was
+      committed (every ``checkpoint_every`` tokens). On the host backend it is
+      in the host ring; on a GPU it was handed to the executor, which may
+      still be copying it (``durable_generate`` does not wait there);
+    * ``"done"``: the final epoch is durable (flushed); the session is closed
+      right after. Not called when the session had already finished and the
+      call returns the stored result.
+    """
+
+    phase: GeneratePhase
+    session_id: str
+    #: the session's newest committed epoch (0: none yet)
+    epoch: int
+    #: tokens generated per sequence so far, those restored from the log included
+    n_generated: int
 
 
 class DurableLayer(DynamicLayer):
@@ -335,11 +378,12 @@ class _Checkpointer(StoppingCriteria):
 
     def __init__(self, session: Session, cache: DurableCache, tokens: torch.Tensor, meta: dict[str, Any],
                  every: int, rng: torch.Tensor | None, cuda_rng: torch.Tensor | None,
-                 steps: _StepOutputs | None = None) -> None:
+                 steps: _StepOutputs | None = None,
+                 on_event: Callable[[GenerateEvent], None] | None = None) -> None:
         self.session, self.cache, self.tokens, self.meta = session, cache, tokens, meta
         self.every, self.rng, self.cuda_rng, self.steps = every, rng, cuda_rng, steps
+        self.on_event = on_event
         self.committed = meta["n_tokens"]
-        self._kill_at = int(os.environ.get("CONCORDIA_TEST_KILL_AFTER_TOKENS", "0"))
 
     def commit(self, input_ids: torch.Tensor, *, done: bool = False) -> None:
         n = input_ids.shape[1]
@@ -367,8 +411,9 @@ class _Checkpointer(StoppingCriteria):
             self.steps.record(n - self.meta["prompt_len"], scores)
         if n - self.committed >= self.every:
             self.commit(input_ids)
-            if self._kill_at and n - self.meta["prompt_len"] >= self._kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)  # tests: a real crash right after a commit
+            if self.on_event is not None:
+                self.on_event(GenerateEvent("token_committed", self.session.id, self.session.epoch,
+                                            n - self.meta["prompt_len"]))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -397,7 +442,8 @@ def _check_supported(model: Any, kwargs: dict[str, Any]) -> tuple[bool, bool, bo
 
 def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runtime: Runtime | None = None,
                      attention_mask: torch.Tensor | None = None, checkpoint_every: int = 1,
-                     max_cache_len: int | None = None, **generate_kwargs: Any) -> Any:
+                     max_cache_len: int | None = None, on_event: Callable[[GenerateEvent], None] | None = None,
+                     **generate_kwargs: Any) -> Any:
     """``model.generate`` that survives a crash: call it again with the same
     ``session_id`` to continue from the last committed token (see module docs).
 
@@ -406,7 +452,11 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
     ``scores`` / ``logits`` (when asked for) cover every generated token, across
     crashes, and whose cache field is the ``DurableCache``. ``output_attentions``
     and ``output_hidden_states`` are refused with ``return_dict_in_generate``
-    (not stored), as are beam search and ``num_return_sequences > 1``."""
+    (not stored), as are beam search and ``num_return_sequences > 1``.
+
+    ``on_event`` is called with a :class:`GenerateEvent` when the session is
+    opened, after each committed token epoch and when the final epoch is
+    durable (see the module docs); it is not part of the run's fingerprint."""
     if checkpoint_every < 1:
         raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
     as_dict, want_scores, want_logits = _check_supported(model, generate_kwargs)
@@ -420,11 +470,12 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
     fp = _fingerprint(model, input_ids, mask, generate_kwargs, stored)
     sampling = bool(generate_kwargs.get("do_sample", False))
     session = rt.session(session_id)
-    if os.environ.get("CONCORDIA_TEST_KILL_BEFORE_FIRST_EPOCH"):
-        os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash before anything was committed
     steps: _StepOutputs | None = None
     try:
         meta = dict(session.meta or {})
+        if on_event is not None:
+            on_event(GenerateEvent("opened", session_id, session.epoch,
+                                   int(meta.get("n_tokens", 0)) - int(meta.get("prompt_len", 0))))
         if meta:
             diff = [k for k in fp if meta.get("fingerprint", {}).get(k) != fp[k]]
             if diff:
@@ -467,7 +518,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             session.commit(dict(meta), rows={"tokens": prompt_len})
         full_mask = torch.cat([mask, torch.ones(batch, seq.shape[1] - prompt_len, dtype=mask.dtype,
                                                 device=mask.device)], dim=1)
-        hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng, steps)
+        hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng, steps, on_event)
         kwargs = dict(generate_kwargs)
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
         criteria = StoppingCriteriaList(list(kwargs.pop("stopping_criteria", []) or []) + [hook])
@@ -489,8 +540,8 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         sequences = out.sequences if hasattr(out, "sequences") else out
         hook.commit(sequences, done=True)
         session.flush()
-        if os.environ.get("CONCORDIA_TEST_KILL_AFTER_DONE"):
-            os.kill(os.getpid(), signal.SIGKILL)  # tests: a crash after the last token was made durable
+        if on_event is not None:
+            on_event(GenerateEvent("done", session_id, session.epoch, sequences.shape[1] - prompt_len))
         session.close()
         # Rebuilt, not generate's own: a resumed call's would hold only the steps since the resume.
         return _dict_output(sequences, cache, steps) if as_dict else sequences

@@ -23,21 +23,21 @@ def main() -> None:
     p.add_argument("--home", required=True)
     p.add_argument("--catalog", default=None)
     p.add_argument("--session", required=True)
-    p.add_argument("--crash-after", type=int, default=0)
+    p.add_argument("--crash-after", type=int, default=0, help="SIGKILL after N tokens of the llm node")
     p.add_argument("--new-tokens", type=int, default=240)
     p.add_argument("--go-file", default=None)
     p.add_argument("--trace", default=None, help="keep what ran in this JSON file while running")
     args = p.parse_args()
-    if args.crash_after:
-        os.environ["CONCORDIA_TEST_KILL_AFTER_TOKENS"] = str(args.crash_after)
     from concordia_agents import OwnershipError, Runtime
     from integrations.langgraph.demo_agent import QUESTION, Trace, make_app
+    from tests._gen_child import kill_switch
 
     rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend="host")
     from pathlib import Path
 
     trace = Trace(path=Path(args.trace) if args.trace else None)
-    app = make_app(rt, new_tokens=args.new_tokens, trace=trace)
+    app = make_app(rt, new_tokens=args.new_tokens, trace=trace,
+                   on_generate_event=kill_switch(after_tokens=args.crash_after))
     if args.go_file:
         print("ready", flush=True)
         deadline = time.monotonic() + 120

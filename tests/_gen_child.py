@@ -3,20 +3,33 @@
 Prints one JSON line: the returned sequences and the input lengths of every
 forward call the model made (to prove that a resume does not re-prefill).
 ``--extra`` adds generate arguments (JSON); ``--save`` writes what was returned
-(its type, every output field, the cache's K/V) with ``torch.save``."""
+(its type, every output field, the cache's K/V) with ``torch.save``.
+
+A crash test picks where the child dies by SIGKILL: ``--kill-after-tokens N``
+(right after the first commit holding N or more new tokens),
+``--kill-before-first-epoch`` (the session open, nothing committed) or
+``--kill-after-done`` (the final epoch durable, the session not closed). The
+child passes ``durable_generate`` an ``on_event`` callback (``kill_switch``)
+that kills it there."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import os
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from integrations.testing import llama_1b as build_1b
 from integrations.testing import tiny_llama
 
-__all__ = ["build", "build_1b", "describe_output", "gen_kwargs", "prompt"]
+if TYPE_CHECKING:
+    from integrations.transformers import GenerateEvent
+
+__all__ = ["build", "build_1b", "describe_output", "gen_kwargs", "kill_switch", "prompt"]
 
 
 def build(name: str):  # type: ignore[no-untyped-def]
@@ -29,9 +42,9 @@ def build(name: str):  # type: ignore[no-untyped-def]
         Qwen2ForCausalLM,
     )
 
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=None,
-                  pad_token_id=0)
+    common = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 1,
+              "eos_token_id": None, "pad_token_id": 0}
     torch.manual_seed(0)
     if name == "llama":
         return tiny_llama()
@@ -57,8 +70,9 @@ def prompt(batch: int, left_pad: bool, length: int = 12, vocab: int = 256) -> tu
 
 
 def gen_kwargs(sample: bool, new_tokens: int = 30) -> dict:
-    return dict(max_new_tokens=new_tokens, do_sample=sample, top_k=0, temperature=1.0) if sample else dict(
-        max_new_tokens=new_tokens, do_sample=False)
+    if sample:
+        return {"max_new_tokens": new_tokens, "do_sample": True, "top_k": 0, "temperature": 1.0}
+    return {"max_new_tokens": new_tokens, "do_sample": False}
 
 
 def describe_output(out: Any) -> dict[str, Any]:
@@ -76,6 +90,21 @@ def describe_output(out: Any) -> dict[str, Any]:
     return d
 
 
+def kill_switch(*, after_tokens: int = 0, before_first_epoch: bool = False, after_done: bool = False
+                ) -> Callable[[GenerateEvent], None] | None:
+    """A ``durable_generate`` ``on_event`` that SIGKILLs this process at the
+    chosen point (a real crash: no cleanup, no flush), or None if none is chosen."""
+    if not (after_tokens or before_first_epoch or after_done):
+        return None
+
+    def on_event(e: GenerateEvent) -> None:
+        if ((e.phase == "token_committed" and after_tokens and e.n_generated >= after_tokens)
+                or (e.phase == "opened" and before_first_epoch) or (e.phase == "done" and after_done)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_event
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -90,6 +119,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--extra", default="{}", help="more generate arguments, JSON")
     p.add_argument("--save", help="torch.save describe_output(result) here")
+    p.add_argument("--kill-after-tokens", type=int, default=0, help="SIGKILL after the commit reaching N new tokens")
+    p.add_argument("--kill-before-first-epoch", action="store_true", help="SIGKILL once the session is open")
+    p.add_argument("--kill-after-done", action="store_true", help="SIGKILL once the final epoch is durable")
     args = p.parse_args()
     if args.device != "cpu":
         torch.use_deterministic_algorithms(True)  # token identity on a GPU (notes: transformers item 7)
@@ -104,7 +136,9 @@ def main() -> None:
     ids, mask = ids.to(args.device), mask.to(args.device)
     torch.manual_seed(1234)
     rt = Runtime.open(home=args.home, backend=args.backend)
-    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask,
+    kill = kill_switch(after_tokens=args.kill_after_tokens, before_first_epoch=args.kill_before_first_epoch,
+                       after_done=args.kill_after_done)
+    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, on_event=kill,
                            **gen_kwargs(args.sample, args.new_tokens), **json.loads(args.extra))
     if args.save:
         torch.save(describe_output(out), args.save)

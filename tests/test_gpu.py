@@ -663,8 +663,7 @@ def test_durable_generate_1b_bf16_resumes_token_identical(tmp_path):
     flags = ("--backend", "cupy", "--device", "cuda", "--prompt-len", "300", "--new-tokens", "40")
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     ref = run_child(tmp_path / "ref", "llama-1b", *flags, env=env)
-    assert run_child(tmp_path / "crash", "llama-1b", *flags,
-                     env={**env, "CONCORDIA_TEST_KILL_AFTER_TOKENS": "20"}) is None
+    assert run_child(tmp_path / "crash", "llama-1b", *flags, "--kill-after-tokens", "20", env=env) is None
     out = run_child(tmp_path / "crash", "llama-1b", *flags, env=env)
     assert out["tokens"] == ref["tokens"]
     assert out["forward_inputs"][0] == 1 and len(out["forward_inputs"]) == 20

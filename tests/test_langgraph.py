@@ -6,6 +6,7 @@ owner fenced after a takeover."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -447,22 +448,38 @@ def test_agent_killed_in_llm_node_resumes_without_reprefill(home: Path, catalog_
         assert [t.status for t in r.catalog.list(prefix="agent#task:")] == ["closed"]
 
 
+_TRACED_AGENT = """
+from pathlib import Path
+
+from integrations.langgraph.demo_agent import Trace, make_app as _make_app
+
+
+def make_app(runtime):
+    return _make_app(runtime, trace=Trace(path=Path({path!r})))
+"""
+
+
 @pytest.mark.slow
-def test_cli_resume_finishes_a_crashed_agent(home: Path, reference: dict):
+def test_cli_resume_finishes_a_crashed_agent(home: Path, tmp_path: Path, reference: dict):
     """`concordia resume ID --app module:factory` finishes a crashed agent with the uninterrupted result."""
     catalog = f"sqlite:///{home / 'c.db'}"
     _crash_agent(home, catalog, "cli-agent", crash_after=50)
     trace = home / "trace.json"
+    # The demo agent, keeping what ran in `trace`, as a factory --app can name.
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "traced_agent.py").write_text(_TRACED_AGENT.format(path=str(trace)))
     r = subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--catalog", catalog,
-                        "resume", "cli-agent", "--app", "integrations.langgraph.demo_agent:make_app"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "CONCORDIA_TEST_TRACE": str(trace)})
+                        "resume", "cli-agent", "--app", "traced_agent:make_app"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           filter(None, [str(tmp_path / "mods"), os.environ.get("PYTHONPATH")]))})
     assert r.returncode == 0, r.stderr
     assert "finished cli-agent: closed" in r.stdout and reference["state"]["report"] in r.stdout
     ran = json.loads(trace.read_text())
     assert ran["nodes"] == ["llm", "report"] and ran["forwards"][0] == 1 and len(ran["forwards"]) == 190
     listing = subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--catalog",
-                              catalog, "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                              catalog, "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             check=False)
     lines = listing.stdout.splitlines()
     thread_line = next(i for i, l in enumerate(lines) if l.startswith("cli-agent "))
     assert "graph" in lines[thread_line] and "closed" in lines[thread_line]
@@ -548,7 +565,7 @@ def test_saver_is_thread_safe_under_concurrent_writers(rt: Runtime):
         assert all(t.checkpoint["channel_values"] == {"v": [w, t.metadata["step"]]} for t in tups)
         assert all(len(t.pending_writes) == 2 for t in tups)
         assert all(t.parent_config["configurable"]["checkpoint_id"] == p.checkpoint["id"]
-                   for t, p in zip(tups, tups[1:], strict=False))
+                   for t, p in itertools.pairwise(tups))
     assert sorted(i.id for i in rt.sessions()) == ["t0", "t1", "t2", "t3"]
     assert all(rt.held(f"t{k}") is not None for k in range(4))
     saver.close()  # lets the leases it took go (the runtime is the caller's and stays open)
@@ -652,6 +669,7 @@ def test_the_binding_works_on_sqlite_without_the_postgres_driver(tmp_path):
         "b.add_edge(START, 'inc'); b.add_edge('inc', END)\n"
         f"rt = Runtime.open(home={str(tmp_path)!r}, backend='host')\n"
         "print(wrap(b, runtime=rt).invoke({'n': 1}, session_id='t')['n']); rt.close()\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "2"

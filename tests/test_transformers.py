@@ -21,7 +21,8 @@ def run_child(home: Path, model: str, *flags: str, env: dict[str, str] | None = 
     """Run one durable_generate call in a child; None if it died by SIGKILL."""
     e = {**os.environ, "CONCORDIA_LEASE_TTL": "0.5", **(env or {})}
     r = subprocess.run([sys.executable, "-m", "tests._gen_child", "--model", model, "--home", str(home),
-                        "--session", "gen", *flags], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+                        "--session", "gen", *flags], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300,
+                       check=False)
     if r.returncode == -9:
         time.sleep(0.6)  # the dead owner's lease expires
         return None
@@ -52,7 +53,7 @@ def test_sigkill_mid_generation_then_rerun_equals_uninterrupted(tmp_path, refere
     the uninterrupted tokens; its first forward receives one token per sequence."""
     ref = references(model)
     k = random.Random(model).randint(1, 25)
-    assert run_child(tmp_path, model, env={"CONCORDIA_TEST_KILL_AFTER_TOKENS": str(k)}) is None
+    assert run_child(tmp_path, model, "--kill-after-tokens", str(k)) is None
     out = run_child(tmp_path, model)
     assert out["tokens"] == ref["tokens"]
     assert out["forward_inputs"][0] == 1, out["forward_inputs"]  # no re-prefill
@@ -61,7 +62,7 @@ def test_sigkill_mid_generation_then_rerun_equals_uninterrupted(tmp_path, refere
 
 def test_crash_before_the_first_epoch_starts_over(tmp_path, references):
     """A crash before anything was committed: the rerun generates everything, same result."""
-    assert run_child(tmp_path, "llama", env={"CONCORDIA_TEST_KILL_BEFORE_FIRST_EPOCH": "1"}) is None
+    assert run_child(tmp_path, "llama", "--kill-before-first-epoch") is None
     out = run_child(tmp_path, "llama")
     assert out["tokens"] == references("llama")["tokens"]
     assert out["forward_inputs"][0] == 12  # the prompt, once
@@ -69,7 +70,7 @@ def test_crash_before_the_first_epoch_starts_over(tmp_path, references):
 
 def test_crash_after_the_last_token_returns_stored_result(tmp_path, references):
     """After a crash past the final commit, the rerun returns the stored tokens without the model."""
-    assert run_child(tmp_path, "llama", env={"CONCORDIA_TEST_KILL_AFTER_DONE": "1"}) is None
+    assert run_child(tmp_path, "llama", "--kill-after-done") is None
     out = run_child(tmp_path, "llama")
     assert out["tokens"] == references("llama")["tokens"] and out["forward_inputs"] == []
 
@@ -79,7 +80,7 @@ def test_batch_of_three_with_left_padding(tmp_path, references):
     """A left-padded batch of 3 resumes to the uninterrupted tokens."""
     ref = references("llama", "--batch", "3", "--left-pad")
     assert run_child(tmp_path, "llama", "--batch", "3", "--left-pad",
-                     env={"CONCORDIA_TEST_KILL_AFTER_TOKENS": "9"}) is None
+                     "--kill-after-tokens", "9") is None
     out = run_child(tmp_path, "llama", "--batch", "3", "--left-pad")
     assert out["tokens"] == ref["tokens"] and out["forward_inputs"][0] == 1
 
@@ -88,7 +89,7 @@ def test_batch_of_three_with_left_padding(tmp_path, references):
 def test_sampling_with_a_seed_resumes_identically(tmp_path, references):
     """Sampling resumes with the persisted RNG state: the same tokens as uninterrupted."""
     ref = references("qwen2", "--sample")
-    assert run_child(tmp_path, "qwen2", "--sample", env={"CONCORDIA_TEST_KILL_AFTER_TOKENS": "11"}) is None
+    assert run_child(tmp_path, "qwen2", "--sample", "--kill-after-tokens", "11") is None
     out = run_child(tmp_path, "qwen2", "--sample")
     assert out["tokens"] == ref["tokens"]
 

@@ -19,12 +19,12 @@ DICT_ARGS = {"return_dict_in_generate": True, "output_scores": True, "output_log
 FLAGS = ("--sample", "--batch", "3", "--left-pad")
 
 
-def child(tmp_path, name: str, extra: dict,  # type: ignore[no-untyped-def]
-          env: dict[str, str] | None = None) -> dict | None:
-    """One durable_generate call in a child (home tmp_path/home); what it returned, or None if killed."""
+def child(tmp_path, name: str, extra: dict, *kill: str) -> dict | None:  # type: ignore[no-untyped-def]
+    """One durable_generate call in a child (home tmp_path/home); what it returned, or None if killed
+    (``kill``: the child's --kill-* flags)."""
     path = tmp_path / f"{name}.pt"
     if run_child(tmp_path / "home", "llama", *FLAGS, "--extra", json.dumps(extra), "--save", str(path),
-                 env=env) is None:
+                 *kill) is None:
         return None
     return torch.load(path, weights_only=False)
 
@@ -53,7 +53,7 @@ def reference(tmp_path_factory) -> dict:  # type: ignore[no-untyped-def]
 def test_sigkill_mid_generation_then_resume_returns_the_uninterrupted_output(tmp_path, reference):
     """Killed after 11 of 30 tokens, the resumed call returns the uninterrupted type, sequences,
     all 30 steps' scores and logits (bit-equal) and the cache."""
-    assert child(tmp_path, "killed", DICT_ARGS, env={"CONCORDIA_TEST_KILL_AFTER_TOKENS": "11"}) is None
+    assert child(tmp_path, "killed", DICT_ARGS, "--kill-after-tokens", "11") is None
     assert_same_output(child(tmp_path, "resumed", DICT_ARGS), reference)
 
 
@@ -61,13 +61,13 @@ def test_sigkill_with_commits_every_four_tokens_resumes_the_same_output(tmp_path
     """With checkpoint_every=4 a kill loses the uncommitted steps; the resume recomputes them and
     returns the uninterrupted output."""
     extra = {**DICT_ARGS, "checkpoint_every": 4}
-    assert child(tmp_path, "killed", extra, env={"CONCORDIA_TEST_KILL_AFTER_TOKENS": "9"}) is None
+    assert child(tmp_path, "killed", extra, "--kill-after-tokens", "9") is None
     assert_same_output(child(tmp_path, "resumed", extra), reference)
 
 
 def test_call_after_a_crash_past_the_last_token_returns_the_same_output(tmp_path, reference):
     """A crash after the final commit: the next call returns the same type and fields without the model."""
-    assert child(tmp_path, "killed", DICT_ARGS, env={"CONCORDIA_TEST_KILL_AFTER_DONE": "1"}) is None
+    assert child(tmp_path, "killed", DICT_ARGS, "--kill-after-done") is None
     assert_same_output(child(tmp_path, "stored", DICT_ARGS), reference)
 
 

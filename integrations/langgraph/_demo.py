@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from sqlalchemy import func, select
 from concordia_agents import ConcordiaError, Runtime
 from concordia_agents._demo import run_killed_worker
 
+from ..transformers import GenerateEvent
 from ._schema import BLOBS, CHECKPOINTS, WRITES
 from .demo_agent import QUESTION, Trace, make_app
 
@@ -31,11 +33,16 @@ NEW_TOKENS = 240
 
 
 def agent_worker(home: str, catalog: str | None, session_id: str, crash_at: int) -> None:
-    """The crashing process (``concordia demo --agent-worker``)."""
-    os.environ["CONCORDIA_TEST_KILL_AFTER_TOKENS"] = str(crash_at)
+    """The crashing process (``concordia demo --agent-worker``): SIGKILLed from
+    the llm node's ``on_event`` right after its ``crash_at``-th token is committed."""
+
+    def crash(e: GenerateEvent) -> None:
+        if e.phase == "token_committed" and e.n_generated >= crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     rt = Runtime.open(home=home, catalog_url=catalog, backend="host")
     trace = Trace()
-    app = make_app(rt, new_tokens=NEW_TOKENS, trace=trace)
+    app = make_app(rt, new_tokens=NEW_TOKENS, trace=trace, on_generate_event=crash)
     print(f"  worker: running the agent on thread {session_id!r}", flush=True)
     app.invoke({"question": QUESTION}, session_id=session_id)
     raise ConcordiaError("the demo worker was meant to die inside the llm node")

@@ -11,14 +11,17 @@
 The model is a Llama with random weights built from a config (no download):
 tiny on the CPU, Llama-3.2-1B-shaped in bf16 on a GPU. ``Trace`` records which
 nodes ran and the input length of every forward call, so a caller can show what
-a resume reused and what it recomputed.
+a resume reused and what it recomputed; a ``Trace`` with a ``path`` keeps that
+in a JSON file while it runs (pass it to ``make_app``). ``make_app``'s
+``on_generate_event`` is the ``llm`` node's ``durable_generate`` ``on_event``:
+the demo worker and the crash tests SIGKILL the process from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -29,7 +32,7 @@ from langgraph.graph import END, START, StateGraph
 
 from concordia_agents import Runtime
 from integrations.testing import llama_1b, tiny_llama
-from integrations.transformers import durable_generate
+from integrations.transformers import GenerateEvent, durable_generate
 
 from ._app import DurableGraph, wrap
 from ._task import task_session_id
@@ -82,12 +85,13 @@ def _encode(text: str, vocab: int) -> list[int]:
 
 
 def make_app(runtime: Runtime, *, model: Any = None, device: str = "cpu", new_tokens: int = 240,
-             trace: Trace | None = None) -> DurableGraph:
-    """The agent graph, wrapped for durable runs on ``runtime``."""
+             trace: Trace | None = None,
+             on_generate_event: Callable[[GenerateEvent], None] | None = None) -> DurableGraph:
+    """The agent graph, wrapped for durable runs on ``runtime``; ``on_generate_event``
+    observes the ``llm`` node's generation (``durable_generate``'s ``on_event``)."""
     model = model if model is not None else build_model(device)
-    if trace is None:  # tests and `concordia resume` read what ran from this file
-        path = os.environ.get("CONCORDIA_TEST_TRACE")
-        trace = Trace(path=Path(path) if path else None)
+    if trace is None:
+        trace = Trace()
 
     def count_forward(_module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
@@ -105,7 +109,7 @@ def make_app(runtime: Runtime, *, model: Any = None, device: str = "cpu", new_to
         text = state["question"] + "\n" + "\n".join(state["plan"])
         ids = torch.tensor([_encode(text, model.config.vocab_size)], device=model.device)
         out = durable_generate(model, ids, session_id=task_session_id(config), runtime=runtime,
-                               max_new_tokens=new_tokens, do_sample=False)
+                               max_new_tokens=new_tokens, do_sample=False, on_event=on_generate_event)
         return {"tokens": out[0, ids.shape[1]:].tolist()}
 
     def report(state: AgentState) -> AgentState:
