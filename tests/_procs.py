@@ -1,7 +1,10 @@
 """Child processes for crash and ownership tests (run as ``python -m tests._procs``).
 
 Each subcommand prints one line per event to stdout, flushed, so the parent can
-act on it (kill, stop, continue) at real moments.
+act on it (kill, stop, continue) at real moments. ``--backend`` and ``--memory``
+name the conformance substrate (tests/conformance/substrate.py): the child
+makes and changes its arrays there, so a device substrate's child commits
+device arrays.
 """
 
 from __future__ import annotations
@@ -9,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
+from tests.conformance.substrate import Substrate
 
 BIG = 64 << 20
 KV_SHAPE = (2, 4, 4096, 16)  # [layers*2, heads, seq, dim], seq axis 2
@@ -23,15 +30,26 @@ def fresh_state() -> dict[str, np.ndarray]:
     return {"big": big, "kv": np.zeros(KV_SHAPE, np.float32), "table": np.zeros(TABLE, np.float64)}
 
 
-def mutate(state: dict[str, np.ndarray], seed: int, epoch: int) -> None:
+def _assign(array: Any, index: Any, value: Any) -> None:
+    array[index] = value
+
+
+def mutate(state: dict[str, Any], seed: int, epoch: int, put: Callable[[Any, Any, Any], None] = _assign) -> None:
     """The deterministic change that epoch ``epoch`` commits (a pure function of
-    seed, epoch and the state before it)."""
+    seed, epoch and the state before it). ``put(array, index, value)`` writes
+    NumPy values at NumPy indices (``Substrate.put`` for device arrays)."""
     rng = np.random.default_rng([seed, epoch])
-    big = state["big"]
-    pos = rng.integers(0, BIG - 8, 32)
-    big[pos] = rng.integers(0, 256, 32, dtype=np.uint8)
-    big[pos + 1] = big[pos] ^ 0x5A
-    state["kv"][:, :, epoch - 1, :] = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    pos = rng.integers(0, BIG - 8, 32).tolist()
+    vals = rng.integers(0, 256, 32, dtype=np.uint8).tolist()
+    # big[pos] = vals; big[pos + 1] = big[pos] ^ 0x5A, resolved here to one value per
+    # byte (later writes win, as NumPy assigns): a device scatter of repeated indices
+    # keeps any one of their values.
+    final = dict(zip(pos, vals, strict=True))
+    first = dict(final)
+    for p in pos:
+        final[p + 1] = first[p] ^ 0x5A
+    put(state["big"], np.fromiter(final, np.int64, len(final)), np.fromiter(final.values(), np.uint8, len(final)))
+    put(state["kv"], np.s_[:, :, epoch - 1, :], rng.standard_normal((2, 4, 16)).astype(np.float32))
     state["table"][epoch % TABLE] += epoch
 
 
@@ -53,16 +71,18 @@ def open_or_create(rt, session_id: str, place):  # type: ignore[no-untyped-def]
 
 
 def crash_child(args: argparse.Namespace) -> None:
+    """Commit epoch after epoch of ``mutate`` on the substrate's arrays until killed."""
     from concordia_agents import Runtime
 
+    sub = Substrate.of(args.backend, args.memory)
     rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend,
                       lease_ttl=args.ttl, compact_bytes=96 << 20)
-    s, state = open_or_create(rt, args.session, lambda a: a)
+    s, state = open_or_create(rt, args.session, sub.array)
     print(f"start {s.epoch}", flush=True)
     epoch = s.epoch
     while epoch < KV_SHAPE[2]:
         epoch += 1
-        mutate(state, args.seed, epoch)
+        mutate(state, args.seed, epoch, sub.put)
         got = s.commit({"e": epoch}, rows={"kv": (epoch - 1, epoch)})
         assert got == epoch
         print(f"epoch {got}", flush=True)
@@ -99,7 +119,7 @@ def owner(args: argparse.Namespace) -> None:
 
     rt = Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend, lease_ttl=args.ttl)
     s = rt.session(args.session)
-    a = np.zeros(4096, np.uint8)
+    a = Substrate.of(args.backend, args.memory).zeros(4096, np.uint8)
     s.register("a", a)
     s.commit({"by": "owner"})
     s.flush()
@@ -135,6 +155,7 @@ def main() -> None:
     p.add_argument("--home", required=True)
     p.add_argument("--catalog", required=True)
     p.add_argument("--backend", default="host")
+    p.add_argument("--memory", default=None, help="a Capability value; default: the first memory the backend serves")
     p.add_argument("--session", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttl", type=float, default=1.0)

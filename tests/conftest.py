@@ -3,8 +3,11 @@
 * ``catalog_url`` runs a test against every catalog available: SQLite always,
   PostgreSQL when ``CONCORDIA_TEST_POSTGRES_URL`` is set (each test gets its own
   schema, dropped afterwards). CI sets it, so Postgres tests run for real there.
-* ``backend`` runs a test against every backend usable here; a test that needs
-  more than the shared protocol asks for a capability, never a backend name.
+* ``backend`` runs a host-only test against every usable backend that serves host
+  memory; a test that needs more asks for a capability, never a backend name. The
+  tests every backend runs, in the memory it serves, are the conformance suite
+  (``tests/conformance``: its ``substrate`` fixture, and ``backend`` overridden there).
+* ``make_runtime`` opens runtimes of the test's ``backend`` on one home and catalog.
 """
 
 from __future__ import annotations
@@ -22,27 +25,35 @@ from typing import Any
 
 import pytest
 
-from gpu_runtime.backend import Capability, open_backend
+from gpu_runtime.backend import BACKENDS as REGISTERED
+from gpu_runtime.backend import Capability, _load, open_backend
 from gpu_runtime.errors import BackendUnavailableError
 
 PG_URL = os.environ.get("CONCORDIA_TEST_POSTGRES_URL")
 
 
 def _backends() -> list[str]:
-    names = ["host"]
-    try:
-        open_backend("cupy").close()
-        names.append("cupy")
-    except BackendUnavailableError:
-        pass
+    """The registered backends that open here (the CuPy backend only with a usable GPU)."""
+    names = []
+    for name in REGISTERED:
+        try:
+            open_backend(name).close()
+        except BackendUnavailableError:
+            continue
+        names.append(name)
     return names
 
 
 BACKENDS = _backends()
 
 
+def with_capability(capability: Capability) -> list[str]:
+    """The usable backends that have ``capability``."""
+    return [name for name in BACKENDS if capability in _load(name).capabilities]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "cupy" in BACKENDS:
+    if with_capability(Capability.DEVICE_MEMORY):
         return
     skip = pytest.mark.skip(reason="no usable CUDA GPU with CuPy on this machine (GPU tests run on the H100)")
     for item in items:
@@ -50,12 +61,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=with_capability(Capability.HOST_MEMORY))
 def backend(request: pytest.FixtureRequest) -> str:
-    """Every backend usable here, for tests that register host arrays (NumPy, CPU
-    torch): those need the HOST_MEMORY capability, and backends without it are
-    skipped with that reason. Device-array tests live in test_gpu.py."""
-    needs(Capability.HOST_MEMORY, request.param)
+    """Every usable backend that serves host memory, for host-only tests (they register
+    NumPy arrays or CPU torch tensors); backends without HOST_MEMORY are not
+    parametrized. tests/conformance overrides this fixture with its substrate's backend."""
     return request.param
 
 
@@ -90,15 +100,20 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
+def remove_rings(home: Path) -> None:
+    """Remove the rings a home left in /dev/shm (a session not closed keeps its ring)."""
+    tag = hashlib.blake2b(str(home.resolve()).encode(), digest_size=4).hexdigest()
+    for p in glob.glob(f"/dev/shm/concordia-{tag}-*"):
+        os.unlink(p)
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     """A Concordia home; rings it leaves in /dev/shm are removed afterwards."""
     h = tmp_path / "home"
     h.mkdir(mode=0o700)
     yield h
-    tag = hashlib.blake2b(str(h.resolve()).encode(), digest_size=4).hexdigest()
-    for p in glob.glob(f"/dev/shm/concordia-{tag}-*"):
-        os.unlink(p)
+    remove_rings(h)
 
 
 @pytest.fixture
@@ -153,8 +168,6 @@ def failing_reservation(writer: Any, nth: int, error: BaseException) -> Iterator
 
 def needs(capability: Capability, backend_name: str) -> None:
     """Skip unless the backend has ``capability`` (decided by capability, never by name)."""
-    from gpu_runtime.backend import _load
-
     if capability not in _load(backend_name).capabilities:
         pytest.skip(f"backend {backend_name!r} lacks capability {capability.value!r} that this test needs")
 
