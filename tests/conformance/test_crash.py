@@ -1,4 +1,5 @@
-"""Real processes, real SIGKILL: crash recovery and ownership across processes."""
+"""Real processes, real SIGKILL: crash recovery and ownership across processes, on every
+backend; the children make their arrays in the substrate's memory (tests._procs)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import pytest
 
 from concordia_agents import Runtime
 
-from ._procs import fresh_state, mutate
-from .conftest import freeze_between_catalog_writes
+from .._procs import fresh_state, mutate
+from ..conftest import freeze_between_catalog_writes
+from .substrate import Substrate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 _children: list[Child] = []
@@ -73,23 +75,25 @@ class Child:
         self.proc.wait(timeout=30)
 
 
-def _args(cmd: str, home: Path, catalog_url: str, backend: str, session: str, **kw: object) -> list[str]:
-    out = [cmd, "--home", str(home), "--catalog", catalog_url, "--backend", backend, "--session", session]
+def _args(cmd: str, home: Path, catalog_url: str, sub: Substrate, session: str, **kw: object) -> list[str]:
+    out = [cmd, "--home", str(home), "--catalog", catalog_url, "--backend", sub.backend, "--memory", sub.memory.value,
+           "--session", session]
     for k, v in kw.items():
         out += [f"--{k}", str(v)]
     return out
 
 
 @pytest.mark.slow
-def test_sigkill_mid_commit_stream_resumes_to_a_committed_epoch(home, catalog_url, backend):
+def test_sigkill_mid_commit_stream_resumes_to_a_committed_epoch(home, catalog_url, substrate):
     """20 SIGKILLs at random moments of a commit loop: each resume restores exactly one
     committed epoch, never older than the last one reported, never torn or mixed."""
+    sub = substrate
     rnd = random.Random(2606)
     model = fresh_state()
     model_epoch = 0
     seed = 11
     for it in range(20):
-        child = Child(*_args("crash-child", home, catalog_url, backend, "crashy", seed=seed, ttl=0.5))
+        child = Child(*_args("crash-child", home, catalog_url, sub, "crashy", seed=seed, ttl=0.5))
         start = int(child.expect("start").split()[1])
         assert start == model_epoch
         reported = start
@@ -108,7 +112,7 @@ def test_sigkill_mid_commit_stream_resumes_to_a_committed_epoch(home, catalog_ur
                 reported = int(line.split()[1])
         time.sleep(0.6)  # the 0.5 s lease expires for real
 
-        with Runtime.open(home=home, catalog_url=catalog_url, backend=backend) as rt:
+        with Runtime.open(home=home, catalog_url=catalog_url, backend=sub.backend) as rt:
             s = rt.resume("crashy")
             assert s.epoch >= reported, f"run {it}: resumed epoch {s.epoch} < reported {reported}"
             assert s.meta == {"e": s.epoch} or s.epoch == 0
@@ -116,7 +120,8 @@ def test_sigkill_mid_commit_stream_resumes_to_a_committed_epoch(home, catalog_ur
                 model_epoch += 1
                 mutate(model, seed, model_epoch)
             for name, expected in model.items():
-                got = s.regions[name].array
+                assert sub.serves(s.regions[name].array), f"run {it}: region {name} restored outside {sub.id}'s memory"
+                got = sub.to_host(s.regions[name].array)
                 if name == "kv":
                     assert s.regions["kv"].length == s.epoch
                     got, expected = got[:, :, : s.epoch], expected[:, :, : s.epoch]
@@ -125,31 +130,31 @@ def test_sigkill_mid_commit_stream_resumes_to_a_committed_epoch(home, catalog_ur
     assert model_epoch > 20  # the loop really committed through the kills
 
 
-def test_two_processes_one_owner(home, catalog_url, backend):
+def test_two_processes_one_owner(home, catalog_url, substrate):
     """A second process is refused while the owner lives; after SIGKILL and lease
     expiry it resumes with a larger fencing token."""
-    owner = Child(*_args("owner", home, catalog_url, backend, "shared", ttl=1.0), stdin=True)
+    owner = Child(*_args("owner", home, catalog_url, substrate, "shared", ttl=1.0), stdin=True)
     token = int(owner.expect("ready").split()[1])
-    second = Child(*_args("opener", home, catalog_url, backend, "shared", ttl=1.0))
+    second = Child(*_args("opener", home, catalog_url, substrate, "shared", ttl=1.0))
     assert second.expect("refused").startswith("refused")
     assert second.proc.wait(timeout=60) == 0
     owner.kill()
     time.sleep(1.2)
-    third = Child(*_args("opener", home, catalog_url, backend, "shared", ttl=1.0))
+    third = Child(*_args("opener", home, catalog_url, substrate, "shared", ttl=1.0))
     _, new_token, epoch, committed = third.expect("opened").split()
     assert int(new_token) > token and (int(epoch), int(committed)) == (1, 2)
     assert third.proc.wait(timeout=60) == 0
 
 
-def test_stale_owner_commit_is_rejected(home, catalog_url, backend):
+def test_stale_owner_commit_is_rejected(home, catalog_url, substrate):
     """An owner frozen past its lease (SIGSTOP) is taken over; when it wakes, its
     commit raises OwnershipError and the new owner's history stands."""
-    owner = Child(*_args("owner", home, catalog_url, backend, "frozen", ttl=1.0), stdin=True)
+    owner = Child(*_args("owner", home, catalog_url, substrate, "frozen", ttl=1.0), stdin=True)
     owner.expect("ready")
     freeze_between_catalog_writes(owner.proc.pid, catalog_url)
     try:
         time.sleep(1.2)
-        taker = Child(*_args("opener", home, catalog_url, backend, "frozen", ttl=1.0))
+        taker = Child(*_args("opener", home, catalog_url, substrate, "frozen", ttl=1.0))
         assert taker.expect("opened").split()[3] == "2"
         assert taker.proc.wait(timeout=60) == 0  # closed: lease released
     finally:
@@ -157,7 +162,8 @@ def test_stale_owner_commit_is_rejected(home, catalog_url, backend):
     owner.send("commit")
     assert owner.expect("fenced").startswith("fenced")
     owner.kill()
-    with Runtime.open(home=home, catalog_url=catalog_url, backend=backend) as rt:
+    with Runtime.open(home=home, catalog_url=catalog_url, backend=substrate.backend) as rt:
         s = rt.resume("frozen")
         assert s.meta == {"by": "opener"} and s.epoch == 2
-        assert s.regions["a"].array[0] == 0 and s.regions["a"].array[1] == 42
+        a = substrate.to_host(s.regions["a"].array)
+        assert a[0] == 0 and a[1] == 42
