@@ -15,6 +15,7 @@
 | CONCORDIA_LEASE_TTL           | 30                                | seconds a lease lives without a heartbeat |
 | CONCORDIA_LOG_FORMAT          | console                           | console or json |
 | CONCORDIA_LOG_LEVEL           | warning                           | critical, error, warning, info or debug (any case; checked) |
+| CONCORDIA_DEBUG               | unset                             | the CLI shows tracebacks (any non-empty value) |
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Literal
 from ._logging import LOG_FORMATS, LOG_LEVELS, log_level_number
 from .errors import ConfigurationError
 
-__all__ = ["FsyncPolicy", "RuntimeConfig", "locate"]
+__all__ = ["FsyncPolicy", "RuntimeConfig", "locate", "show_tracebacks"]
 
 FsyncPolicy = Literal["every_commit", "interval", "none"]
 _FSYNC = ("every_commit", "interval", "none")
@@ -105,21 +106,21 @@ class RuntimeConfig:
         """Defaults, then environment variables, then explicit arguments."""
         home_path, url = locate(home=home, catalog_url=catalog_url)
         ring_dir = os.environ.get("CONCORDIA_RING_DIR")
-        values: dict[str, Any] = dict(
-            home=home_path,
-            catalog_url=url,
-            backend=os.environ.get("CONCORDIA_BACKEND") or "auto",
-            fsync=os.environ.get("CONCORDIA_FSYNC") or "every_commit",
-            fsync_interval=_env_float("CONCORDIA_FSYNC_INTERVAL_MS", 50.0) / 1000.0,
-            ring_dir=Path(ring_dir) if ring_dir else None,
-            ring_bytes=_env_int("CONCORDIA_RING_BYTES", 64 << 20),
-            segment_bytes=_env_int("CONCORDIA_SEGMENT_BYTES", 64 << 20),
-            max_record_bytes=_env_int("CONCORDIA_MAX_RECORD_BYTES", 1 << 20),
-            compact_bytes=_env_int("CONCORDIA_COMPACT_BYTES", 256 << 20),
-            lease_ttl=_env_float("CONCORDIA_LEASE_TTL", 30.0),
-            log_format=os.environ.get("CONCORDIA_LOG_FORMAT") or "console",
-            log_level=os.environ.get("CONCORDIA_LOG_LEVEL") or "warning",
-        )
+        values: dict[str, Any] = {
+            "home": home_path,
+            "catalog_url": url,
+            "backend": os.environ.get("CONCORDIA_BACKEND") or "auto",
+            "fsync": os.environ.get("CONCORDIA_FSYNC") or "every_commit",
+            "fsync_interval": _env_float("CONCORDIA_FSYNC_INTERVAL_MS", 50.0) / 1000.0,
+            "ring_dir": Path(ring_dir) if ring_dir else None,
+            "ring_bytes": _env_int("CONCORDIA_RING_BYTES", 64 << 20),
+            "segment_bytes": _env_int("CONCORDIA_SEGMENT_BYTES", 64 << 20),
+            "max_record_bytes": _env_int("CONCORDIA_MAX_RECORD_BYTES", 1 << 20),
+            "compact_bytes": _env_int("CONCORDIA_COMPACT_BYTES", 256 << 20),
+            "lease_ttl": _env_float("CONCORDIA_LEASE_TTL", 30.0),
+            "log_format": os.environ.get("CONCORDIA_LOG_FORMAT") or "console",
+            "log_level": os.environ.get("CONCORDIA_LOG_LEVEL") or "warning",
+        }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:
@@ -138,3 +139,10 @@ def locate(*, home: str | os.PathLike[str] | None = None, catalog_url: str | Non
     home_path = Path(home or os.environ.get("CONCORDIA_HOME") or Path.home() / ".concordia").expanduser()
     url = catalog_url or os.environ.get("CONCORDIA_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
     return home_path, url
+
+
+def show_tracebacks() -> bool:
+    """Whether the ``concordia`` command line lets an error's traceback through
+    instead of its one-line message (``CONCORDIA_DEBUG`` set, to any non-empty
+    value). Read on each call: the CLI asks only once an error happened."""
+    return bool(os.environ.get("CONCORDIA_DEBUG"))

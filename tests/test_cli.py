@@ -23,7 +23,7 @@ def cli(home: Path, *args: str, check: bool = True, env: dict[str, str] | None =
         ) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, "CONCORDIA_HOME": str(home), **(env or {})}
     e.pop("CONCORDIA_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "concordia_agents.cli", *args], cwd=ROOT, env=e,
+    r = subprocess.run([sys.executable, "-m", "concordia_cli", *args], cwd=ROOT, env=e,
                        capture_output=True, text=True, timeout=300, check=False)
     if check:
         assert r.returncode == 0, r.stderr
@@ -184,7 +184,7 @@ def test_sessions_recover_reads_every_payload(home: Path):
     which opening the session would only find while restoring, is reported in one line (exit 1), and
     nothing is changed."""
     last = _many_segments(home)
-    first = sorted(last.parent.glob("seg-*.log"))[0]
+    first = min(last.parent.glob("seg-*.log"))
     data = bytearray(first.read_bytes())
     pos = 64  # the first PAGES record (after the REGION record): a byte of its payload
     while decode_header(bytes(data[pos:pos + HEADER_SIZE])).type is not RecordType.PAGES:
@@ -310,7 +310,7 @@ def test_sessions_list_stops_quietly_when_its_reader_goes_away(home: Path):
             rt.let_go(rt.hold(f"{n:03d}-" + "x" * 400))
     env = {**os.environ, "CONCORDIA_HOME": str(home)}
     env.pop("CONCORDIA_DEBUG", None)
-    r = subprocess.run(f"{sys.executable} -m concordia_agents.cli sessions list | head -1", shell=True, cwd=ROOT,
+    r = subprocess.run(f"{sys.executable} -m concordia_cli sessions list | head -1", shell=True, cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.stdout.startswith("SESSION") and r.stdout.count("\n") == 1
     assert r.stderr == ""

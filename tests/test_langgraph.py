@@ -468,7 +468,7 @@ def test_cli_resume_finishes_a_crashed_agent(home: Path, tmp_path: Path, referen
     # The demo agent, keeping what ran in `trace`, as a factory --app can name.
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods" / "traced_agent.py").write_text(_TRACED_AGENT.format(path=str(trace)))
-    r = subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--catalog", catalog,
+    r = subprocess.run([sys.executable, "-m", "concordia_cli", "--home", str(home), "--catalog", catalog,
                         "resume", "cli-agent", "--app", "traced_agent:make_app"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -477,7 +477,7 @@ def test_cli_resume_finishes_a_crashed_agent(home: Path, tmp_path: Path, referen
     assert "finished cli-agent: closed" in r.stdout and reference["state"]["report"] in r.stdout
     ran = json.loads(trace.read_text())
     assert ran["nodes"] == ["llm", "report"] and ran["forwards"][0] == 1 and len(ran["forwards"]) == 190
-    listing = subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), "--catalog",
+    listing = subprocess.run([sys.executable, "-m", "concordia_cli", "--home", str(home), "--catalog",
                               catalog, "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                              check=False)
     lines = listing.stdout.splitlines()

@@ -1,7 +1,9 @@
 """``concordia demo``: an agent killed inside its LLM node, resumed by session ID.
 
 1. A worker process runs the demo agent (plan → llm → report, see
-   ``demo_agent``) and SIGKILLs itself after ``crash_at`` tokens of the LLM node.
+   ``integrations.langgraph.demo_agent``) and SIGKILLs itself after
+   ``crash_at`` tokens of the LLM node, from ``durable_generate``'s
+   ``on_event``.
 2. This process resumes the thread by its ID: the plan node does not run again,
    and the LLM node's generation continues from its last durable token.
 3. The result is checked against an uninterrupted run of the same agent, and
@@ -21,11 +23,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from concordia_agents import ConcordiaError, Runtime
-from concordia_agents._demo import run_killed_worker
+from integrations.langgraph._schema import BLOBS, CHECKPOINTS, WRITES
+from integrations.langgraph.demo_agent import QUESTION, Trace, make_app
+from integrations.transformers import GenerateEvent
 
-from ..transformers import GenerateEvent
-from ._schema import BLOBS, CHECKPOINTS, WRITES
-from .demo_agent import QUESTION, Trace, make_app
+from ._demo import run_killed_worker
 
 __all__ = ["agent_worker", "run_agent_demo"]
 

@@ -1,4 +1,4 @@
-"""The ``concordia`` command line.
+"""The ``concordia`` command line (``concordia_cli.main``; ``python -m concordia_cli``).
 
     concordia sessions list [--json]
     concordia sessions show ID
@@ -11,7 +11,8 @@
 
 Global options (before the command): ``--home``, ``--catalog``, ``--backend``;
 they default to the environment (see README). Errors print one line and exit
-with status 1; no tracebacks unless ``CONCORDIA_DEBUG=1``.
+with status 1; no tracebacks unless ``CONCORDIA_DEBUG`` is set
+(``concordia_agents.config.show_tracebacks``).
 
 Only ``demo`` creates a home or a catalog. Every other command opens them with
 ``create=False``: a mistyped ``--home`` or ``--catalog`` is reported as not
@@ -31,10 +32,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._names import TASK_SEP, check_session_id, parent_of
-from .errors import ConcordiaError, CorruptLogError
+from concordia_agents import CatalogNotFound, ConcordiaError, CorruptLogError, Runtime, RuntimeConfig
+from concordia_agents._names import TASK_SEP, check_session_id, parent_of
+from concordia_agents.config import locate, show_tracebacks
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _out(line: str = "") -> None:
@@ -46,11 +48,9 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _runtime(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _runtime(args: argparse.Namespace) -> Runtime:
     """An existing home and catalog: a command that finds none says so and
     creates nothing (only ``demo`` creates them)."""
-    from ._runtime import Runtime
-
     return Runtime.open(home=args.home, catalog_url=args.catalog, backend=args.backend or "host", create=False)
 
 
@@ -272,13 +272,10 @@ def doctor_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """``(report, problems)``: every check's line, and the names of those that
     make Concordia unusable here (the backend asked for, the configuration, the
     home, the ring directory, the catalog). Read-only: it creates nothing."""
+    from concordia_agents._catalog import SCHEMA_VERSION, Catalog, redact_url
+    from concordia_agents._home import bind_catalog, catalog_missing, read_home_marker
     from gpu_runtime.backend import open_backend
     from gpu_runtime.logring import default_ring_dir
-
-    from ._catalog import SCHEMA_VERSION, Catalog, redact_url
-    from ._home import bind_catalog, catalog_missing, read_home_marker
-    from .config import RuntimeConfig, locate
-    from .errors import CatalogNotFound
 
     problems: list[str] = []
     home, url = locate(home=args.home, catalog_url=args.catalog)
@@ -361,11 +358,9 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .config import RuntimeConfig
-
     cfg = RuntimeConfig.from_env(home=Path(args.home) if args.home else None, catalog_url=args.catalog)
     if args.agent_worker:
-        from integrations.langgraph._demo import agent_worker
+        from ._agent_demo import agent_worker
 
         agent_worker(str(cfg.home), args.catalog, args.session, args.crash_at or 100)
         return
@@ -380,7 +375,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         run_demo(home=cfg.home, catalog=args.catalog, backend=args.backend or cfg.backend,
                  crash_at=args.crash_at or 300, say=_out)
         return
-    from integrations.langgraph._demo import run_agent_demo
+    from ._agent_demo import run_agent_demo
 
     run_agent_demo(home=cfg.home, catalog=args.catalog, crash_at=args.crash_at or 100, say=_out)
 
@@ -450,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.func(args)
         except (ConcordiaError, OSError) as e:
-            if os.environ.get("CONCORDIA_DEBUG") or isinstance(e, BrokenPipeError):
+            if show_tracebacks() or isinstance(e, BrokenPipeError):
                 raise
             sys.stderr.write(f"concordia: error: {_one_line(e, args)}\n")
             return 1
@@ -465,6 +460,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``concordia demo``: a real crash and a resume by session ID, in under a minute.
+"""``concordia demo --synthetic``: a real crash and a resume by session ID, in under a minute.
 
 A worker process runs a simulated decode loop: every step appends one token's
 K/V rows to a ``kv`` region and touches a few pages of a ``pages`` region
@@ -8,7 +8,8 @@ restored state bit for bit against a deterministic recomputation, and finishes
 the loop, reporting what was restored and what had to be recomputed (nothing).
 
 The workload is synthetic NumPy on purpose: it shows the runtime's protocol on
-any machine. The transformers and LangGraph demos use real models.
+any machine. The agent demo (``_agent_demo``, plain ``concordia demo``) uses a
+real model and graph. ``run_killed_worker`` runs either demo's worker.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConcordiaError
+from concordia_agents import ConcordiaError, Runtime
 
 __all__ = ["run_demo", "run_killed_worker", "worker"]
 
@@ -55,8 +56,6 @@ def _step(kv: np.ndarray, scratch: np.ndarray, step: int) -> None:
 
 def worker(home: str, catalog: str | None, session_id: str, crash_at: int, backend: str) -> None:
     """The crashing process (``concordia demo --worker``)."""
-    from ._runtime import Runtime
-
     rt = Runtime.open(home=home, catalog_url=catalog, backend=backend, lease_ttl=1.0)
     s = rt.session(session_id)
     kv, scratch = _fresh()
@@ -76,10 +75,10 @@ def run_killed_worker(home: Path, catalog: str | None, global_args: list[str], d
     """Run ``concordia [global_args] demo [demo_args]`` as a child process that
     must die by SIGKILL; relay its output. Raises ConcordiaError otherwise."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "concordia_agents.cli", "--home", str(home), *global_args]
+    cmd = [sys.executable, "-m", "concordia_cli", "--home", str(home), *global_args]
     if catalog:
         cmd += ["--catalog", catalog]
-    proc = subprocess.run([*cmd, "demo", *demo_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([*cmd, "demo", *demo_args], capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         say(line)
     if proc.returncode != -signal.SIGKILL:
@@ -89,8 +88,6 @@ def run_killed_worker(home: Path, catalog: str | None, global_args: list[str], d
 
 def run_demo(*, home: Path, catalog: str | None, backend: str, crash_at: int = 300,
              total: int = 400, say: Callable[[str], Any] = print) -> dict[str, Any]:
-    from ._runtime import Runtime
-
     session_id = f"demo-{uuid.uuid4().hex[:8]}"
     say(f"Concordia demo: session {session_id!r}, home {home}")
     say(f"1. A worker process decodes {crash_at} steps, committing one epoch per step, then is SIGKILLed.")
