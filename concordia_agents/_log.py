@@ -21,47 +21,43 @@ so a damaged ring never reaches a segment (the flusher stops at the damage and
 the next commit raises it); a log that holds fewer epochs than the catalog
 recorded as durable (a lost segment file) is refused at open with the files
 and epochs it would lose, unless the caller allows a rollback.
+
+Parts in their own modules: the verified ring walks and the drain
+(``_ring_verify.py``), the checks against the catalog and rollbacks
+(``_log_check.py``), compaction's base images (``_base_image.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from gpu_runtime.host import HostBackend, HostRegion
 from gpu_runtime.logring import LogRing
 from gpu_runtime.logwriter import LogWriter
-from gpu_runtime.records import (
-    HEADER_SIZE,
-    FramingError,
-    RecordFlags,
-    RecordHeader,
-    RecordType,
-    decode_header,
-    encode_record,
-    payload_sum,
-)
-from gpu_runtime.records import session_tag as session_tag_of
 
+from ._base_image import write_base_image
 from ._catalog import Catalog, SegmentInfo
 from ._home import make_private_dir, write_session_marker
+from ._log_check import (
+    LogCheck,
+    Rollback,
+    check_against_catalog,
+    check_log,
+    quarantine,
+    set_aside_leftovers,
+    with_missing,
+)
 from ._logging import get_logger
-from ._replay import LogIndex, PayloadReader, scan, valid_size
+from ._replay import LogIndex, scan
+from ._ring_verify import drain_ring, ring_holds_unflushed, verified_span
 from ._segments import (
-    KIND_BASE,
     KIND_DELTA,
     SEGMENT_HEADER_SIZE,
     SegmentWriter,
-    base_name,
     fsync_dir,
     list_segments,
     new_header,
@@ -107,33 +103,6 @@ def ring_files(config: RuntimeConfig) -> dict[int, Path]:
         except ValueError:
             pass  # not a name ring_path makes
     return found
-
-
-@dataclass(frozen=True, slots=True)
-class Rollback:
-    """What an open with ``allow_rollback`` gave up: the catalog had recorded
-    ``recorded_epoch`` as durable, the log held intact epochs up to ``epoch``."""
-
-    recorded_epoch: int
-    epoch: int
-    missing: tuple[str, ...]  #: segment files the catalog lists that are gone
-    damage: str | None  #: the first damaged record or gap the salvage stopped at
-    skipped_ring_bytes: int = 0  #: bytes of the host ring after a damaged record
-    quarantined: tuple[str, ...] = ()  #: files moved to quarantine-<token>/ (kept, no longer history)
-
-    def __str__(self) -> str:
-        parts = [f"resumed at epoch {self.epoch}; the catalog had recorded epoch {self.recorded_epoch} as durable"]
-        if self.recorded_epoch > self.epoch:
-            parts.append(f"gave up epochs {self.epoch + 1}..{self.recorded_epoch}")
-        if self.missing:
-            parts.append(f"missing segment files: {', '.join(self.missing)}")
-        if self.damage:
-            parts.append(f"stopped at: {self.damage}")
-        if self.skipped_ring_bytes:
-            parts.append(f"dropped {self.skipped_ring_bytes} bytes of the host ring after a damaged record")
-        if self.quarantined:
-            parts.append(f"moved to quarantine: {', '.join(self.quarantined)}")
-        return "; ".join(parts)
 
 
 @dataclass(slots=True)
@@ -189,7 +158,7 @@ class SessionLog:
         rpath = ring_path(config, tag)
         make_private_dir(directory.parent)
         if created:
-            _set_aside_leftovers(directory, rpath, log)
+            set_aside_leftovers(directory, rpath, log)
         make_private_dir(directory)
         write_session_marker(directory, session_id, catalog.catalog_id, info.created_at)
         ring: LogRing | None = None
@@ -201,7 +170,7 @@ class SessionLog:
                     raise CorruptLogError(f"expected ring of session tag {tag:016x}, found {ring.session_tag:016x}",
                                           path=str(rpath), offset=24)
                 ring.set_owner(token)  # fences a stale writer on this host before we read
-                skipped_ring = _drain(ring, directory, tag, log, salvage=allow_rollback)
+                skipped_ring = drain_ring(ring, directory, tag, log, salvage=allow_rollback)
             except BaseException:
                 ring.close()
                 raise
@@ -209,13 +178,13 @@ class SessionLog:
             try:
                 index = scan(directory, session_tag=tag, salvage=allow_rollback)
             except CorruptLogError as e:
-                raise _with_missing(e, session_id, directory, catalog, info.last_epoch) from e
-            rollback = _check_against_catalog(session_id, directory, index, catalog, allow_rollback, skipped_ring,
+                raise with_missing(e, session_id, directory, catalog, info.last_epoch) from e
+            rollback = check_against_catalog(session_id, directory, index, catalog, allow_rollback, skipped_ring,
                                               info.last_epoch)
             if rollback is not None:
                 # What the rollback gives up is moved aside (kept, never deleted), before the
                 # catalog records it: later scans must not meet a damaged base image again.
-                rollback = replace(rollback, quarantined=_quarantine(directory, index, token))
+                rollback = replace(rollback, quarantined=quarantine(directory, index, token))
                 catalog.roll_back(session_id, token, epoch=index.epoch, offset=index.end,
                                   missing=list(rollback.missing + rollback.quarantined))
             segment = SegmentWriter.create(directory, new_header(session_tag=tag, token=token, base=index.end))
@@ -298,7 +267,7 @@ class SessionLog:
             # Whole, verified records only: a segment never ends inside a record we
             # vouched for (consumed), never splits one, never holds a damaged one.
             try:
-                end, commit = _verified_span(ring, self.tag, consumed, written, chunk)
+                end, commit = verified_span(ring, self.tag, consumed, written, chunk)
             except CorruptLogError as e:
                 damage = e
                 break
@@ -484,325 +453,3 @@ class SessionLog:
                 self.ring.close()
 
 
-@dataclass(frozen=True, slots=True)
-class LogCheck:
-    """What ``Runtime.verify`` found: the newest epoch whose records all verify,
-    against the epoch the catalog recorded as durable."""
-
-    session_id: str
-    recorded_epoch: int
-    epoch: int  #: newest intact epoch in the segments
-    damage: str | None  #: the first damaged record or gap, if any
-    missing: tuple[str, ...]  #: segment files the catalog lists that are gone
-    ring_bytes: int  #: bytes a crashed owner left in the host ring (drained at the next open)
-    ring_damage: str | None  #: the first damaged record among them, if any
-
-    @property
-    def ok(self) -> bool:
-        """Nothing lost: an open would restore every recorded epoch."""
-        return (self.damage is None and self.ring_damage is None and not self.missing
-                and self.epoch >= self.recorded_epoch)
-
-    def __str__(self) -> str:
-        if self.ok:
-            extra = f", and {self.ring_bytes} bytes in the host ring to drain" if self.ring_bytes else ""
-            return (f"session {self.session_id!r}: log intact, newest epoch {self.epoch} in the segments{extra} "
-                    f"(the catalog recorded epoch {self.recorded_epoch} as durable)")
-        parts = [f"session {self.session_id!r}: the catalog recorded epoch {self.recorded_epoch} as durable, the "
-                 f"newest intact epoch is {self.epoch}"]
-        if self.missing:
-            parts.append(f"missing segment file(s) {', '.join(self.missing)}")
-        if self.damage:
-            parts.append(f"damage: {self.damage}")
-        if self.ring_damage:
-            parts.append(f"host ring damage: {self.ring_damage}")
-        parts.append("resume with allow_rollback=True (concordia sessions recover ID --allow-rollback) to continue "
-                     f"from epoch {self.epoch}")
-        return "; ".join(parts)
-
-
-def check_log(session_id: str, directory: Path, catalog: Catalog, info: Any, rpath: Path) -> LogCheck:
-    """Read-only: verify every record of a session's segments (a salvage scan)
-    and what its ring holds past ``consumed``; compare with the catalog."""
-    tag = session_tag_of(session_id)
-    index = scan(directory, session_tag=tag, salvage=True)
-    ring_bytes, ring_damage = 0, None
-    if rpath.exists():
-        try:
-            ring = LogRing.open(rpath)
-        except CorruptLogError as e:
-            ring_damage = str(e)
-        else:
-            try:
-                ring_bytes = ring.written - ring.consumed
-                _, damage = _intact_end(ring, tag, ring.consumed, ring.written)
-                ring_damage = None if damage is None else str(damage)
-            finally:
-                ring.close()
-    return LogCheck(session_id=session_id, recorded_epoch=info.last_epoch, epoch=index.epoch,
-                    damage=str(index.damage) if index.damage is not None else None,
-                    missing=_missing_files(session_id, directory, catalog, index.end), ring_bytes=ring_bytes,
-                    ring_damage=ring_damage)
-
-
-def ring_holds_unflushed(path: Path) -> int:
-    """Bytes a ring file holds that its flusher has not appended to segments
-    (0 for an empty or a fully flushed ring). A ring that cannot be read counts
-    as holding everything: never delete what cannot be checked."""
-    try:
-        ring = LogRing.open(path)
-    except (OSError, CorruptLogError):
-        try:
-            return max(1, path.stat().st_size)
-        except OSError:
-            return 0
-    try:
-        return ring.written - ring.consumed
-    finally:
-        ring.close()
-
-
-def _checked_header(ring: LogRing, tag: int, pos: int, limit: int) -> RecordHeader:
-    """The header of the record at log offset ``pos`` of ``ring``, after checking
-    its checksum, its session and that the record ends by ``limit``; raises
-    CorruptLogError naming the ring and offset otherwise."""
-    try:
-        header = decode_header(ring.read(pos, HEADER_SIZE))
-    except FramingError as e:
-        raise CorruptLogError(f"host ring holds a bad record header at log offset {pos}: {e.reason}",
-                              path=str(ring.path), offset=pos) from None
-    if header.session_tag != tag:
-        raise CorruptLogError(f"host ring holds a record of another session (tag {header.session_tag:016x}) at "
-                              f"log offset {pos}", path=str(ring.path), offset=pos)
-    if pos + header.size > limit:
-        raise CorruptLogError(f"host ring record at log offset {pos} runs past the published end {limit}",
-                              path=str(ring.path), offset=pos)
-    return header
-
-
-def _check_payload(ring: LogRing, pos: int, header: RecordHeader) -> None:
-    views = ring.views(pos + HEADER_SIZE, header.length)
-    body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
-    if payload_sum(body) != header.payload_sum:
-        raise CorruptLogError(f"host ring record at log offset {pos} ({header.type.name}, epoch {header.epoch}) "
-                              "fails its payload checksum", path=str(ring.path), offset=pos)
-
-
-def _intact_end(ring: LogRing, tag: int, start: int, end: int) -> tuple[int, CorruptLogError | None]:
-    """Walk the records of ``[start, end)``, verifying each (header and payload):
-    the end of the intact ones, and the error of the first damaged one (None if
-    all are intact)."""
-    pos = start
-    while pos < end:
-        try:
-            header = _checked_header(ring, tag, pos, end)
-            _check_payload(ring, pos, header)
-        except CorruptLogError as e:
-            return pos, e
-        pos += header.size
-    return pos, None
-
-
-def _verified_span(ring: LogRing, tag: int, start: int, limit: int,
-                   chunk: int) -> tuple[int, tuple[int, int] | None]:
-    """``(end, commit)``: the end of the whole, verified records from ``start``
-    that fit in ``chunk`` bytes (at least one) and stop before ``limit`` or the
-    first damaged record, and ``(epoch, end)`` of the last COMMIT among them
-    (None if none). Raises CorruptLogError only if the first record is damaged.
-    Each header is decoded once."""
-    pos, commit = start, None
-    while pos < limit:
-        try:
-            header = _checked_header(ring, tag, pos, limit)
-            if pos > start and pos + header.size - start > chunk:
-                break  # verified as the first record of the next span
-            _check_payload(ring, pos, header)
-        except CorruptLogError:
-            if pos == start:
-                raise
-            break  # copy the intact records before it; the next span starts at the damage and raises
-        pos += header.size
-        if header.type is RecordType.COMMIT:
-            commit = (header.epoch, pos)
-    return pos, commit
-
-
-def _drain(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool = False) -> int:
-    """Move what a previous owner left in the ring into its own chain, after
-    verifying every record. A damaged record raises CorruptLogError before
-    anything is changed; with ``salvage`` the records before it are moved and
-    the rest of the ring is dropped. Returns the bytes dropped."""
-    if ring.written <= ring.consumed:
-        return 0
-    chain = ring.chain_token
-    _, deltas = list_segments(directory)
-    mine = [f for f in deltas if f.token == chain]
-    start = ring.consumed
-    tail_end = -1
-    valid = -1
-    if mine:
-        tail = mine[-1]
-        # What the dead flusher published as consumed was written whole; only the
-        # bytes after it can be a torn append (restore verifies the rest).
-        valid = valid_size(tail.path, session_tag=tag,
-                           verify_from=max(0, ring.consumed - tail.base) + SEGMENT_HEADER_SIZE)
-        tail_end = tail.base + valid - SEGMENT_HEADER_SIZE
-        start = max(start, tail_end)
-    if start < ring.base or start > ring.written:
-        raise CorruptLogError(
-            f"expected the ring to hold log offsets from {start}, found [{ring.base}, {ring.written})",
-            path=str(ring.path), offset=80)
-    # Verify before changing anything: a refused open leaves ring and segments as they were.
-    end, damage = _intact_end(ring, tag, start, ring.written)
-    dropped = ring.written - end
-    if damage is not None:
-        if not salvage:
-            raise CorruptLogError(f"{damage.reason}; resume with allow_rollback=True to continue from the newest "
-                                  "intact epoch", path=str(ring.path), offset=end) from damage
-        log.warning("host ring damaged; dropping its tail", offset=end, bytes=dropped, error=str(damage))
-    if mine and valid != mine[-1].size:
-        # A torn append by the dead flusher. ``consumed`` never passes a
-        # whole record, so the ring still holds every byte cut off here.
-        with open(mine[-1].path, "r+b") as f:
-            f.truncate(valid)
-            os.fsync(f.fileno())
-    if start < end:
-        if mine and start == tail_end:
-            seg = SegmentWriter.reopen(mine[-1].path, session_tag=tag)  # continue the dead flusher's segment
-        else:
-            seg = SegmentWriter.create(directory, new_header(session_tag=tag, token=chain, base=start))
-        try:
-            pos = start
-            while pos < end:
-                n = min(_COPY_CHUNK, end - pos)
-                seg.append(ring.read(pos, n))
-                pos += n
-            seg.sync()
-        finally:
-            seg.close()
-        log.info("drained host ring of the previous owner", bytes=end - start, chain=chain)
-    ring.publish_consumed(end)
-    return dropped
-
-
-def _missing_files(session_id: str, directory: Path, catalog: Catalog, end: int) -> tuple[str, ...]:
-    """Segment files the catalog lists for the session that are gone (base images,
-    and delta segments reaching past log offset ``end``)."""
-    present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
-    return tuple(seg.name for seg in catalog.segments(session_id)
-                 if seg.name not in present and (seg.kind == "base" or seg.end_offset > end))
-
-
-def _with_missing(e: CorruptLogError, session_id: str, directory: Path, catalog: Catalog,
-                  recorded: int) -> CorruptLogError:
-    """The scan's CorruptLogError, naming the files the catalog lists that are
-    gone (a lost base image shows as an epoch gap) and how to go on."""
-    missing = _missing_files(session_id, directory, catalog, 0)
-    where = f"; missing segment file(s) {', '.join(missing)}" if missing else ""
-    return CorruptLogError(
-        f"session {session_id!r}: {e.reason}{where}; the catalog recorded epoch {recorded} as durable. Restore the "
-        "files, or resume with allow_rollback=True (concordia sessions recover ID --allow-rollback) to continue "
-        "from the newest intact epoch", path=str(directory / missing[0]) if missing else e.path,
-        offset=None if missing else e.offset, orig=e)
-
-
-def _check_against_catalog(session_id: str, directory: Path, index: LogIndex, catalog: Catalog,
-                           allow_rollback: bool, skipped_ring: int, recorded: int) -> Rollback | None:
-    """Refuse a log that holds less than the catalog recorded as durable (raise
-    CorruptLogError naming the missing files and the epochs at stake), or,
-    with ``allow_rollback``, describe what is given up. None: nothing is."""
-    if index.epoch >= recorded and index.damage is None and not skipped_ring:
-        return None
-    missing = _missing_files(session_id, directory, catalog, index.end)
-    if not allow_rollback:
-        what = f"missing segment file(s) {', '.join(missing)}" if missing else "a segment file lost or cut short"
-        raise CorruptLogError(
-            f"session {session_id!r}: the catalog recorded epoch {recorded} as durable, the log holds epochs up to "
-            f"{index.epoch} ({what}); resuming would lose epochs {index.epoch + 1}..{recorded}. Restore the files, "
-            "or resume with allow_rollback=True (concordia sessions recover ID --allow-rollback) to continue from "
-            f"epoch {index.epoch}", path=str(directory / missing[0]) if missing else str(directory))
-    return Rollback(recorded_epoch=max(recorded, index.epoch), epoch=index.epoch, missing=missing,
-                    damage=str(index.damage) if index.damage is not None else None, skipped_ring_bytes=skipped_ring)
-
-
-def _quarantine(directory: Path, index: LogIndex, token: int) -> tuple[str, ...]:
-    """Move what a rollback gives up out of the log, into ``quarantine-<token>/``
-    (kept for inspection, invisible to scans): every base image other than the
-    one the index starts from (a damaged one would stop every later scan), and
-    the delta segments lying wholly past the new end of history. Segments that
-    straddle it stay: scans read an older chain only up to a later handoff."""
-    bases, deltas = list_segments(directory)
-    doomed = [f.path for f in bases if f.path != index.base]
-    doomed += [f.path for f in deltas if f.base >= index.end]
-    if not doomed:
-        return ()
-    qdir = directory / f"quarantine-{token:010d}"
-    make_private_dir(qdir)
-    for p in doomed:
-        os.replace(p, qdir / p.name)
-    fsync_dir(qdir)
-    fsync_dir(directory)
-    return tuple(p.name for p in doomed)
-
-
-def _set_aside_leftovers(directory: Path, rpath: Path, log: Any) -> None:
-    """A session the catalog has just created owns no files yet. Files under its
-    name are a deleted (or forgotten) session's: move its directory aside as
-    ``<dir>.orphaned-<ns>`` (with its ring, if one is left) instead of reading
-    them into the new session; ``gc`` keeps them (their marker names the old
-    incarnation) for the user to inspect or delete."""
-    if not directory.exists() and not rpath.exists():
-        return
-    aside = directory.with_name(f"{directory.name}.orphaned-{time.time_ns()}")
-    if directory.exists():
-        os.replace(directory, aside)
-    else:
-        make_private_dir(aside)
-    if rpath.exists():
-        shutil.move(str(rpath), str(aside / "ring.orphaned"))
-    fsync_dir(directory.parent)
-    log.warning("files of an earlier session with this ID set aside", moved_to=str(aside))
-
-
-def write_base_image(directory: Path, tag: int, token: int, index: LogIndex) -> Path:
-    """Materialize the state of ``index`` (on the host) and write it as a base image."""
-    host = HostBackend()
-    lengths = index.lengths
-    tmp_name = f".base-{index.end:016x}.tmp{os.getpid()}"
-    header = new_header(session_tag=tag, token=token, base=index.end, kind=KIND_BASE, epoch=index.epoch)
-    w = SegmentWriter.create(directory, header, final_name=tmp_name)
-    read = PayloadReader()
-    try:
-        n = 0
-        for rid, spec in sorted(index.specs.items()):
-            image = HostRegion(spec, np.zeros(spec.nbytes, dtype=np.uint8))
-            for loc in index.records.get(rid, []):
-                host.apply(image, loc.header, read(loc))
-            w.append(encode_record(RecordType.REGION, spec.to_json(), session_tag=tag, epoch=index.epoch, region=rid))
-            n += 1
-            chunk = max(1, (1 << 20) // max(spec.page_size, 1))
-            if spec.kind == "pages":
-                step = chunk * spec.page_size
-                for a in range(0, spec.nbytes, step):
-                    w.append(encode_record(RecordType.PAGES, image.bytes[a:a + step], session_tag=tag,
-                                           epoch=index.epoch, region=rid, offset=a))
-                    n += 1
-            else:
-                length = int(lengths.get(spec.name, 0))
-                per = max(1, (1 << 20) // max(spec.outer * spec.row_bytes, 1))
-                view = image.rows_view()
-                for r in range(0, length, per):
-                    r1 = min(r + per, length)
-                    w.append(encode_record(RecordType.ROWS, np.ascontiguousarray(view[:, r:r1, :]), session_tag=tag,
-                                           epoch=index.epoch, region=rid, offset=r, aux=r1 - r))
-                    n += 1
-        w.append(encode_record(RecordType.COMMIT, json.dumps(index.body).encode(), session_tag=tag,
-                               epoch=index.epoch, flags=RecordFlags.BASE, aux=n))
-        w.sync()
-    finally:
-        read.close()
-        w.close()
-    final = directory / base_name(index.end)
-    os.replace(directory / tmp_name, final)
-    fsync_dir(directory)
-    return final

@@ -1,7 +1,7 @@
 """The host backend: the backend protocol run by the CPU on host memory.
 
 It writes exactly the records the GPU handlers write for the same inputs (same
-framing, same chunking, same order), so the flusher, replay and compaction
+framing, the planner's chunking (``planner.py``), same order), so the flusher, replay and compaction
 cannot tell the two apart. It is what CI runs and what users without a GPU get.
 """
 
@@ -16,6 +16,7 @@ from .backend import Backend, BackendRegion, Capability, CheckpointTask
 from .errors import RegionError
 from .logwriter import LogWriter
 from .pagehash import dirty_runs, page_hashes
+from .planner import page_spans, pages_per_record, row_spans, rows_per_record
 from .records import RecordHeader, RecordType
 from .regions import RegionSpec, describe, host_bytes
 
@@ -33,11 +34,6 @@ class HostRegion(BackendRegion):
     def rows_view(self) -> np.ndarray:
         s = self.spec
         return self.bytes.reshape(s.outer, s.rows, s.row_bytes)
-
-
-def plan_chunks(unit: int, max_bytes: int) -> int:
-    """Units per record so that a record stays under ``max_bytes`` (at least one)."""
-    return max(1, max_bytes // max(unit, 1))
 
 
 class HostBackend(Backend):
@@ -87,14 +83,12 @@ class HostBackend(Backend):
             runs = [(0, spec.npages)] if spec.npages else []
         else:
             runs = dirty_runs(region.hashes, new)
-        per = plan_chunks(spec.page_size, writer.max_record_bytes)
-        n = 0
-        for p0, p1 in runs:
-            for q in range(p0, p1, per):
-                a, b = q * spec.page_size, min(min(q + per, p1) * spec.page_size, spec.nbytes)
-                writer.append(RecordType.PAGES, region.bytes[a:b], epoch=epoch, region=spec.region_id, offset=a)
-                n += 1
-        return n, new
+        spans = page_spans(runs, pages_per_record(spec.page_size, writer.max_record_bytes), spec.page_size,
+                           spec.nbytes)
+        for s in spans:
+            writer.append(RecordType.PAGES, region.bytes[s.offset:s.offset + s.length], epoch=epoch,
+                          region=spec.region_id, offset=s.offset)
+        return len(spans), new
 
     def _rows(self, writer: LogWriter, epoch: int, region: HostRegion, rows: tuple[int, int]) -> int:
         spec = region.spec
@@ -102,14 +96,12 @@ class HostBackend(Backend):
         if not 0 <= t0 <= t1 <= spec.rows:
             raise RegionError(f"region {spec.name!r}: expected a row range within [0, {spec.rows}], found [{t0}, {t1})")
         view = region.rows_view()
-        per = plan_chunks(spec.outer * spec.row_bytes, writer.max_record_bytes)
-        n = 0
-        for r in range(t0, t1, per):
-            r1 = min(r + per, t1)
-            block = np.ascontiguousarray(view[:, r:r1, :])  # the gather: [outer, rows, inner]
-            writer.append(RecordType.ROWS, block, epoch=epoch, region=spec.region_id, offset=r, aux=r1 - r)
-            n += 1
-        return n
+        unit = spec.outer * spec.row_bytes
+        spans = row_spans(t0, t1, rows_per_record(unit, writer.max_record_bytes), unit)
+        for s in spans:
+            block = np.ascontiguousarray(view[:, s.offset:s.offset + s.aux, :])  # the gather: [outer, rows, inner]
+            writer.append(RecordType.ROWS, block, epoch=epoch, region=spec.region_id, offset=s.offset, aux=s.aux)
+        return len(spans)
 
     def apply(self, region: BackendRegion, header: RecordHeader, payload: memoryview) -> None:
         assert isinstance(region, HostRegion)
