@@ -57,8 +57,8 @@ def ceilings(q: bool) -> dict:
 
 def page_scan(backend, q: bool, d2d: float) -> dict:  # type: ignore[no-untyped-def]
     import cupy
-    from gpu_runtime.executor import TaskKind
 
+    from gpu_runtime.cuda.tasks import LAYOUTS, TaskKind
     from gpu_runtime.regions import RegionSpec
 
     n = (256 if q else 1024) << 20
@@ -69,7 +69,7 @@ def page_scan(backend, q: bool, d2d: float) -> dict:  # type: ignore[no-untyped-
     ex = backend.executor
 
     def scan() -> None:
-        ex.wait(ex.enqueue(TaskKind.SCAN, [0] + [0] * 12 + [r.index], handler=r.handler))
+        ex.wait(ex.enqueue(TaskKind.SCAN, LAYOUTS["SCAN"].pack(all_dirty=0, region=r.index), handler=r.handler))
 
     scan()
     npages = n // 4096
@@ -231,7 +231,8 @@ def session_figures(home: Path, q: bool, pinned_d2h: float) -> dict:
 
 def ring_latency(backend, q: bool) -> dict:  # type: ignore[no-untyped-def]
     import cupy
-    from gpu_runtime.executor import TaskKind
+
+    from gpu_runtime.cuda.tasks import TaskKind
 
     ex = backend.executor
     out_arr = cupy.zeros(1 << 16, dtype=cupy.uint64)
@@ -277,7 +278,7 @@ def main() -> None:
     sections = {}
     try:
         sections["ceilings"] = ceilings(args.quick)
-    except Exception:  # noqa: BLE001 - record and go on: one figure must not hide the others
+    except Exception:
         sections["ceilings"] = {"error": traceback.format_exc()}
     d2d = sections["ceilings"].get("d2d_GBps_read_plus_write", float("nan"))
     d2h = sections["ceilings"].get("pinned_d2h_GBps", float("nan"))
@@ -290,7 +291,7 @@ def main() -> None:
             continue
         try:
             sections[name] = fn()
-        except Exception:  # noqa: BLE001
+        except Exception:
             sections[name] = {"error": traceback.format_exc()}
     backend.close()
     runs = [("session", lambda home: session_figures(home, args.quick, d2h)),
@@ -302,7 +303,7 @@ def main() -> None:
         home = Path(tempfile.mkdtemp())
         try:
             sections[name] = fn(home)
-        except Exception:  # noqa: BLE001
+        except Exception:
             sections[name] = {"error": traceback.format_exc()}
         finally:
             shutil.rmtree(home, ignore_errors=True)

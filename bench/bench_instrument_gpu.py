@@ -158,7 +158,7 @@ def main() -> None:
     args = p.parse_args()
     import cupy
 
-    from gpu_runtime import instrument as ins
+    from gpu_runtime.cuda import instrument as ins
 
     launches, pairs = (300, 6) if args.quick else (2000, 30)
     ins.enable()
@@ -168,7 +168,7 @@ def main() -> None:
     plain_fn = kernel(EMPTY, False, ins)
     ins.enable(single_block=False)  # every launch through a launch slot (the general path)
     slot = paired(plain_fn, kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, pairs)
-    ins.enable(single_block=True)  # the default: one-block launches take the fast path (gpu_runtime/ptx.py)
+    ins.enable(single_block=True)  # the default: one-block launches take the fast path (gpu_runtime/cuda/ptx.py)
     fast = paired(plain_fn, kernel(EMPTY, True, ins), (1,), (32,), (y,), launches, pairs)
     results["empty_kernel"] = {
         "plain_us": fast["plain"] * 1e6, "instrumented_us": fast["hooked"] * 1e6,
@@ -202,7 +202,7 @@ def main() -> None:
         "instrumented_ms": statistics.median(loads["instrumented"]) * 1e3,
         "note": "plain: NVRTC to cubin + load; instrumented: NVRTC to PTX + parse/rewrite + driver JIT + load"}
     t = time.perf_counter()
-    from gpu_runtime.compiler import compile_cubin
+    from gpu_runtime.cuda.compiler import compile_cubin
 
     ptx = compile_cubin(COPY_STRIDE.format(name="k_rewrite"), arch="sm_90", ptx=True).cubin
     t = time.perf_counter()

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, Self
 
 from sqlalchemy.engine import make_url
 
+from gpu_runtime import set_kernel_cache_dir
 from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
@@ -138,6 +139,7 @@ class Runtime:
             raise
         try:
             bind_catalog(config.home, self.catalog, marker, write=create)
+            set_kernel_cache_dir(config.home / "kernel-cache")  # process-wide, content-addressed (compiler.py)
             self.backend = backend or open_backend(config.backend, **config.backend_options)
         except BaseException as e:
             self.catalog.dispose()

@@ -238,7 +238,7 @@ class Session:
         (decode never waits); ``wait_visible(epoch)`` or ``flush()`` wait for
         it. The host backend always copies before returning.
 
-        ``quiesce=True`` (GPU, with ``gpu_runtime.instrument`` enabled) takes a
+        ``quiesce=True`` (GPU, with ``gpu_runtime.cuda.instrument`` enabled) takes a
         checkpoint at a safe point between instrumented kernels instead of
         after a stream fence: it sets the pause word (new instrumented blocks
         wait at their entry gate), waits until no block is inside an
@@ -246,19 +246,19 @@ class Session:
         releases the gates. Work queued behind a paused kernel on a stream is
         not waited for (that is the point: it has not run). Precompiled
         library kernels are not paused; order them with a stream fence
-        (``gpu_runtime.instrument.stream_completion``) if they write the
+        (``gpu_runtime.cuda.instrument.stream_completion``) if they write the
         regions. Cost: two small host-device copies plus polling for the drain,
         plus the copy itself (the commit always waits); on the H100, 0.16-0.22 ms
         for a 4 MiB region on an idle GPU against 0.11-0.12 ms for ``commit()``,
         ~0.7 ms while 20 us instrumented launches run (docs/gpu.md)."""
         self._check_open()
         if quiesce:
-            from gpu_runtime import instrument
+            from gpu_runtime.cuda import instrument
 
             if not instrument.is_enabled():
                 raise ConfigurationError(
                     "commit(quiesce=True): expected GPU instrumentation to be enabled "
-                    "(gpu_runtime.instrument.enable()), found it disabled")
+                    "(gpu_runtime.cuda.instrument.enable()), found it disabled")
             with instrument.paused(timeout=quiesce_timeout):
                 return self._commit(meta, rows, wait=True, fence=False)
         return self._commit(meta, rows, wait=wait, fence=True)

@@ -3,7 +3,8 @@
 Knows nothing of sessions, SQL or LangGraph (see DESIGN.md, "Layers").
 """
 
-from .backend import BACKENDS, Backend, BackendRegion, Capability, CheckpointTask, open_backend
+from .backend import BACKENDS, Backend, BackendRegion, Capability, CheckpointTask, backend_class, open_backend
+from .cuda.compiler import set_default_cache_dir as set_kernel_cache_dir
 from .errors import (
     BackendUnavailableError,
     ConcordiaError,
@@ -37,7 +38,9 @@ __all__ = [
     "RegionError",
     "RegionSpec",
     "allocate",
+    "backend_class",
     "default_ring_dir",
     "describe",
     "open_backend",
+    "set_kernel_cache_dir",
 ]

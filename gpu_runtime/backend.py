@@ -43,6 +43,7 @@ __all__ = [
     "BackendRegion",
     "Capability",
     "CheckpointTask",
+    "backend_class",
     "open_backend",
 ]
 
@@ -90,7 +91,7 @@ class Backend(abc.ABC):
         ``fence=False``: do not order the copy after work queued on the regions'
         streams (the caller quiesced the device instead; see ``Session.commit``)."""
 
-    def wait_visible(self, writer: LogWriter, epoch: int, timeout: float = 30.0) -> None:
+    def wait_visible(self, writer: LogWriter, epoch: int, timeout: float = 30.0) -> None:  # noqa: B027 - optional
         """Block until ``epoch``'s COMMIT is published in the ring. Backends whose
         ``commit_epoch`` returns before that (the GPU executor) override this."""
 
@@ -137,8 +138,17 @@ class Backend(abc.ABC):
 #: name -> "module:Class"; modules are imported only when chosen.
 BACKENDS = {
     "host": "gpu_runtime.host:HostBackend",
-    "cupy": "gpu_runtime.cupy_backend:CupyBackend",
+    "cupy": "gpu_runtime.cuda.backend:CupyBackend",
 }
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class registered as ``name`` (imported on first use), to read its
+    ``capabilities`` without opening it; BackendUnavailableError if it cannot
+    be imported here."""
+    if name not in BACKENDS:
+        raise ConfigurationError(f"expected backend {', '.join(map(repr, BACKENDS))}; found {name!r}")
+    return _load(name)
 
 
 def _load(name: str) -> type[Backend]:

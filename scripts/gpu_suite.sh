@@ -8,8 +8,9 @@
 #   scripts/gpu_suite.sh [--tests "FILES" | --no-tests] [--bench "NAME [ARGS]"]... [--agent]
 #                        [--test-timeout S] [--timeout S]
 #
-#   --tests FILES       test files to run (default: tests/test_gpu.py tests/test_instrument_gpu.py
-#                       tests/test_transformers_gpu.py)
+#   --tests FILES       test files to run, their GPU-marked tests only (default: tests/test_gpu.py
+#                       tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/conformance,
+#                       the last being the backend conformance suite's CuPy variants)
 #   --no-tests          run no tests
 #   --bench "NAME ARGS" run a GPU benchmark with ARGS, repeatable; NAME: gpu (bench/bench_gpu.py),
 #                       instrument (bench/bench_instrument_gpu.py), transformers (bench/bench_transformers_gpu.py)
@@ -27,7 +28,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 
-TESTS="tests/test_gpu.py tests/test_instrument_gpu.py tests/test_transformers_gpu.py"
+TESTS="tests/test_gpu.py tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/conformance"
 BENCHES=()
 AGENT=""
 TEST_TIMEOUT=240
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
     --agent) AGENT=1; shift ;;
     --test-timeout) TEST_TIMEOUT="$2"; shift 2 ;;
     --timeout) STEP_TIMEOUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -75,7 +76,7 @@ PY
 
 if [ -n "$TESTS" ]; then
   # shellcheck disable=SC2086  # TESTS is a list of paths
-  step "tests" gpu_tests.log python3 -m pytest -q -p no:cacheprovider --timeout "$TEST_TIMEOUT" $TESTS
+  step "tests" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu -rs --timeout "$TEST_TIMEOUT" $TESTS
 fi
 
 MARK=$(mktemp)

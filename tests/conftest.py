@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from gpu_runtime.backend import BACKENDS as REGISTERED
-from gpu_runtime.backend import Capability, _load, open_backend
+from gpu_runtime.backend import Capability, backend_class, open_backend
 from gpu_runtime.errors import BackendUnavailableError
 
 PG_URL = os.environ.get("CONCORDIA_TEST_POSTGRES_URL")
@@ -49,7 +49,7 @@ BACKENDS = _backends()
 
 def with_capability(capability: Capability) -> list[str]:
     """The usable backends that have ``capability``."""
-    return [name for name in BACKENDS if capability in _load(name).capabilities]
+    return [name for name in BACKENDS if capability in backend_class(name).capabilities]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -168,7 +168,7 @@ def failing_reservation(writer: Any, nth: int, error: BaseException) -> Iterator
 
 def needs(capability: Capability, backend_name: str) -> None:
     """Skip unless the backend has ``capability`` (decided by capability, never by name)."""
-    if capability not in _load(backend_name).capabilities:
+    if capability not in backend_class(backend_name).capabilities:
         pytest.skip(f"backend {backend_name!r} lacks capability {capability.value!r} that this test needs")
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def executor():  # type: ignore[no-untyped-def]
-    from gpu_runtime.executor import Executor
+    from gpu_runtime.cuda.executor import Executor
 
     ex = Executor(nslots=4096, idle_ms=5, max_life_ms=300)
     yield ex
@@ -36,7 +36,7 @@ def test_executor_round_trip(executor):
     """One NOP task runs once and its completion is seen by the host."""
     import cupy
 
-    from gpu_runtime.executor import TaskKind
+    from gpu_runtime.cuda.tasks import TaskKind
 
     out = cupy.zeros(4, dtype=cupy.uint64)
     t = executor.enqueue(TaskKind.NOP, [int(out.data.ptr), 2])
@@ -48,7 +48,7 @@ def test_hundred_thousand_tasks_wrap_around_exactly_once(executor):
     """10^5 tasks through a 4096-slot ring (24 wraps): each runs exactly once."""
     import cupy
 
-    from gpu_runtime.executor import TaskKind
+    from gpu_runtime.cuda.tasks import TaskKind
 
     n = 100_000
     out = cupy.zeros(n, dtype=cupy.uint64)
@@ -66,7 +66,8 @@ def test_hot_swap_under_load(executor):
     the new handler serves a region afterwards."""
     import cupy
 
-    from gpu_runtime.executor import Handler, TaskKind
+    from gpu_runtime.cuda.executor import Handler
+    from gpu_runtime.cuda.tasks import TaskKind
 
     n = 20_000
     out = cupy.zeros(n, dtype=cupy.uint64)
@@ -85,7 +86,7 @@ def test_hot_swap_under_load(executor):
     executor.handler_id(Handler("pages", 8192))
     executor.handler_id(Handler("kv", 24))
     th.join()
-    executor.wait(executor._tail - 1, timeout=120)
+    executor.wait_all(timeout=120)
     assert executor.swaps == swaps + 2
     assert out.get().min() == 1 and out.get().max() == 1
 
@@ -97,7 +98,8 @@ def test_fence_wait_yields_then_runs_once(executor):
     behind it. Its timeout counts from the first wait, across yields."""
     import cupy
 
-    from gpu_runtime.executor import PARKED, ExecutorError, TaskKind
+    from gpu_runtime.cuda.executor import PARKED, ExecutorError
+    from gpu_runtime.cuda.tasks import TaskKind
 
     word = cupy.zeros(1, dtype=cupy.uint64)
     out = cupy.zeros(2, dtype=cupy.uint64)
@@ -157,7 +159,7 @@ def test_resident_keeps_the_executor_between_commits_then_parks(tmp_path):
     window."""
     import cupy
 
-    from gpu_runtime.executor import PARKED, RUNNING
+    from gpu_runtime.cuda.executor import PARKED, RUNNING
 
     with Runtime.open(home=tmp_path, backend="cupy") as rt:
         be, ex = rt.backend, rt.backend.executor
@@ -466,7 +468,7 @@ def test_commit_fence_waits_for_every_caller_stream(tmp_path):
     import cupy
     import torch
 
-    from gpu_runtime.executor import PinnedBuffer
+    from gpu_runtime.cuda.memory import PinnedBuffer
 
     hold = cupy.RawKernel(r"""
     extern "C" __global__ void hold(volatile unsigned long long* flag, float* b) {
@@ -623,7 +625,7 @@ def test_compute_ops_run_in_the_executor(executor):
     """The elementwise COMPUTE tasks (fill, axpy, scale) give the same results as CuPy."""
     import cupy
 
-    from gpu_runtime.executor import TaskKind
+    from gpu_runtime.cuda.tasks import TaskKind
 
     n = 1 << 20
     x = cupy.random.default_rng(4).standard_normal(n, dtype=cupy.float32)
@@ -644,7 +646,8 @@ def test_bad_task_kind_is_reported_not_hung(executor):
     """An unknown task kind raises ExecutorError naming the ticket; the executor keeps serving."""
     import cupy
 
-    from gpu_runtime.executor import ExecutorError, TaskKind
+    from gpu_runtime.cuda.executor import ExecutorError
+    from gpu_runtime.cuda.tasks import TaskKind
 
     t = executor.enqueue(99)
     with pytest.raises(ExecutorError, match=f"task {t} failed: unknown task kind"):

@@ -21,7 +21,7 @@ def ins(request):  # type: ignore[no-untyped-def]
     first keep its rewrite)."""
     import cupy  # noqa: F401
 
-    from gpu_runtime import instrument
+    from gpu_runtime.cuda import instrument
 
     instrument.enable(gate_timeout=10.0, single_block=request.param)
     yield instrument
@@ -129,7 +129,7 @@ def test_ptx_file_and_cubin_bytes_paths(ins, tmp_path):
     reported as a pass-through binary, not as covered."""
     import cupy
 
-    from gpu_runtime.compiler import compile_cubin
+    from gpu_runtime.cuda.compiler import compile_cubin
 
     src = 'extern "C" __global__ void cc_from_file(float* y) { y[threadIdx.x] = threadIdx.x; }'
     ptx = compile_cubin(src, arch="sm_90", ptx=True).cubin.rstrip(b"\0 ")
@@ -190,12 +190,11 @@ def test_pause_gate_holds_a_launch_until_release_and_times_out_with_an_error(ins
 
     ins.set_gate_timeout(0.2)
     try:
-        with pytest.raises(ins.GateTimeoutError, match="past the gate timeout"):
-            with ins.paused():
-                with s:
-                    fn((64,), (128,), (y, np.int32(1)))
-                time.sleep(0.6)
-                assert _peek(y).sum() == 128  # it ran after the timeout instead of hanging
+        with pytest.raises(ins.GateTimeoutError, match="past the gate timeout"), ins.paused():
+            with s:
+                fn((64,), (128,), (y, np.int32(1)))
+            time.sleep(0.6)
+            assert _peek(y).sum() == 128  # it ran after the timeout instead of hanging
     finally:
         ins.set_gate_timeout(10.0)
     s.synchronize()
@@ -223,7 +222,7 @@ def test_host_pause_writes_and_device_admission_atomics_lose_nothing(ins):
     ends at exactly 0."""
     import cupy
 
-    from gpu_runtime.ptx import CTL_ADMIT, CTL_PAUSE
+    from gpu_runtime.cuda.ptx import CTL_ADMIT, CTL_PAUSE
 
     ins.disable()  # the hammer itself must not pass a gate
     try:
@@ -382,7 +381,7 @@ def test_a_launch_waits_while_its_slot_is_held_by_a_launch_1024_grid_ids_older(i
     once and is counted (the grid IDs in between are taken by uninstrumented launches)."""
     import cupy
 
-    from gpu_runtime.ptx import CTL_SLOT_COUNT
+    from gpu_runtime.cuda.ptx import CTL_SLOT_COUNT
 
     mod = cupy.RawModule(code=HELD)
     hold, mark = mod.get_function("cc_hold"), mod.get_function("cc_mark")

@@ -36,7 +36,7 @@ def _cli(home: Path, *args: str, env: dict[str, str] | None = None) -> subproces
     e = {**os.environ, **(env or {})}
     e.pop("CONCORDIA_DEBUG", None)
     e.pop("CONCORDIA_CATALOG_URL", None)
-    return subprocess.run([sys.executable, "-m", "concordia_agents.cli", "--home", str(home), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "concordia_cli", "--home", str(home), *args], cwd=ROOT,
                           env=e, capture_output=True, text=True, timeout=300)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_runtime.compile_all import OTHER_KERNELS, VARIANTS, compile_everything, nvjitlink_assemble
-from gpu_runtime.compiler import KernelCompileError, compile_cubin, kernel_source
+from gpu_runtime.cuda.compile_all import OTHER_KERNELS, VARIANTS, compile_everything, nvjitlink_assemble
+from gpu_runtime.cuda.compiler import KernelCompileError, compile_cubin, kernel_source
 
 
 def test_every_specialization_compiles_for_sm90(tmp_path: Path):
@@ -50,24 +50,30 @@ def test_compile_error_carries_source_options_and_log(tmp_path: Path):
 def test_nvjitlink_rejects_invalid_ptx():
     """nvJitLink refuses PTX with an invalid instruction (so the check is real)."""
     bad = b".version 8.0\n.target sm_90\n.address_size 64\n.visible .entry k() { frobnicate.u32 %r1; ret; }\n"
-    with pytest.raises(Exception):
+    from cuda.bindings.nvjitlink import nvJitLinkError
+
+    with pytest.raises(nvJitLinkError, match="PTX_COMPILE"):
         nvjitlink_assemble(bad, "sm_90")
 
 
 def test_device_layout_constants_match_the_python_side():
-    """concordia.cuh spells out, for device code, layouts the Python side defines too (record
+    """layout.cuh (included by concordia.cuh) spells out, for device code, layouts the Python side defines too (record
     header, ring header words, task kinds, executor states, per-task record limit): every value
     there equals its Python twin, so a change on one side only fails here, not on a GPU."""
     import re
 
-    from gpu_runtime import executor, logring, records
-    from gpu_runtime.cupy_backend import _MAX_RECORDS_PER_TASK
+    from gpu_runtime import logring, records
+    from gpu_runtime.cuda import executor, tasks
+    from gpu_runtime.cuda.region import MAX_RECORDS_PER_TASK
 
-    src = kernel_source("concordia.cuh")
+    assert '#include "layout.cuh"' in kernel_source("concordia.cuh")
+    src = kernel_source("layout.cuh")
     defines = {m[1]: int(m[2], 0) for m in re.finditer(r"#define (CNC_\w+) (0x[0-9A-Fa-f]+|\d+)(?:u|ull)?\b", src)}
-    enum = src[src.index("enum CncTaskKind"):]
+    generated = kernel_source("tasks.cuh")
+    enum = generated[generated.index("enum CncTaskKind"):]
     kinds = {m[1]: int(m[2]) for m in re.finditer(r"CNC_T_(\w+) = (\d+)", enum[:enum.index("};")])}
-    assert kinds == {k: v for k, v in vars(executor.TaskKind).items() if not k.startswith("_")}
+    assert kinds == {k: v for k, v in vars(tasks.TaskKind).items() if not k.startswith("_")}
+    assert '#include "tasks.cuh"' in src
     assert defines["CNC_REC_MAGIC"] == int.from_bytes(records.RECORD_MAGIC, "little")
     assert defines["CNC_REC_VERSION"] == records.RECORD_VERSION
     assert defines["CNC_REC_HEADER"] == records.HEADER_SIZE
@@ -79,4 +85,4 @@ def test_device_layout_constants_match_the_python_side():
         logring._OWNER_TOKEN, logring._WRITTEN, logring._COMMITTED, logring._COMMITTED_EPOCH, logring._CONSUMED]
     assert [defines[f"CNC_{s}"] for s in ("PARKED", "RUNNING", "PARKING", "LAUNCHED")] == [
         executor.PARKED, executor.RUNNING, executor.PARKING, executor.LAUNCHED]
-    assert defines["CNC_MAX_RECORDS_PER_TASK"] == _MAX_RECORDS_PER_TASK
+    assert defines["CNC_MAX_RECORDS_PER_TASK"] == MAX_RECORDS_PER_TASK

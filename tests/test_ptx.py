@@ -11,20 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from gpu_runtime.ptx import CTL_ADMIT, CTL_COMPLETIONS, CTL_SLOT_COUNT, CTL_WORD, PtxError, instrument, parse
+from gpu_runtime.cuda.ptx import CTL_ADMIT, CTL_COMPLETIONS, CTL_SLOT_COUNT, CTL_WORD, PtxError, instrument, parse
 from tests.ptx_corpus import CORPUS
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
 
 
 def _ptx(source: str) -> str:
-    from gpu_runtime.compiler import compile_cubin
+    from gpu_runtime.cuda.compiler import compile_cubin
 
     return compile_cubin(source, arch="sm_90", ptx=True).cubin.rstrip(b"\0 ").decode()
 
 
 def _assemble(ptx: str) -> bytes:
-    from gpu_runtime.compile_all import nvjitlink_assemble
+    from gpu_runtime.cuda.compile_all import nvjitlink_assemble
 
     return nvjitlink_assemble(ptx.encode() + b"\0", "sm_90")
 
@@ -149,9 +149,9 @@ def test_refusals_name_what_was_expected():
     once = instrument(MINIMAL, lambda name: 0).ptx
     with pytest.raises(PtxError, match=f"already instrumented.*{CTL_WORD}"):
         instrument(once, lambda name: 0)
-    with pytest.raises(PtxError, match="ISA version >= 7.0.*found 6.4"):
+    with pytest.raises(PtxError, match=r"ISA version >= 7\.0.*found 6\.4"):
         instrument(MINIMAL.replace(".version 8.0", ".version 6.4"), lambda name: 0)
-    with pytest.raises(PtxError, match="sm_70 or newer.*'sm_61'"):
+    with pytest.raises(PtxError, match=r"sm_70 or newer.*'sm_61'"):
         instrument(MINIMAL.replace(".target sm_90", ".target sm_61"), lambda name: 0)
     with pytest.raises(PtxError, match="never closed"):
         parse(MINIMAL.rstrip().rstrip("}"))
@@ -298,8 +298,8 @@ def test_instrument_api_without_a_gpu():
     what it instrumented, and asking for a counter before enable() says what is missing."""
     import zlib
 
-    from gpu_runtime import instrument as ins
-    from gpu_runtime.ptx import CTL_MAX_KERNELS
+    from gpu_runtime.cuda import instrument as ins
+    from gpu_runtime.cuda.ptx import CTL_MAX_KERNELS
 
     assert ins.kernel_id("copy") == zlib.crc32(b"copy") % CTL_MAX_KERNELS
     before = ins.stats()["instrumented_entries"]
@@ -308,7 +308,7 @@ def test_instrument_api_without_a_gpu():
     assert ins.stats()["kernels"]["axpy"] == ins.kernel_id("axpy")
     # A process that never enabled instrumentation has no control block to count in (this one may
     # have one: the GPU tests enable it, and it lives as long as the process).
-    probe = ("from gpu_runtime import instrument as ins\nfrom gpu_runtime.errors import ConfigurationError\n"
+    probe = ("from gpu_runtime.cuda import instrument as ins\nfrom gpu_runtime.errors import ConfigurationError\n"
              "try:\n    ins.completion('axpy', launches=1)\n"
              "except ConfigurationError as exc:\n    print('refused:', exc)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,

@@ -4,6 +4,7 @@ error a failed device check raises)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from hypothesis import strategies as st
 from concordia_agents import CorruptLogError
 from concordia_agents._replay import PayloadReader, RecordLoc
 from gpu_runtime.checksum import payload_sum
+from gpu_runtime.cuda.restore import spans
 from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
-from gpu_runtime.restore import spans
 
 
 def _loc(path: Path, at: int, n: int, psum: int = 0) -> RecordLoc:
@@ -37,7 +38,7 @@ def test_spans_keep_order_group_only_adjacent_records_and_respect_the_limit(recs
     assert [loc for _, _, _, g in out for loc in g] == locs
     for path, start, nbytes, group in out:
         assert all(loc.path == path for loc in group) and group[0].file_offset == start
-        for a, b in zip(group, group[1:], strict=False):
+        for a, b in itertools.pairwise(group):
             assert a.file_offset + a.header.size == b.file_offset
         assert nbytes == sum(loc.header.size for loc in group)
         assert nbytes <= limit or len(group) == 1

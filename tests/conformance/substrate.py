@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_runtime.backend import Capability, _load
+from gpu_runtime.backend import Capability, backend_class
 from gpu_runtime.regions import describe
 
 __all__ = ["MEMORIES", "Substrate", "memories"]
@@ -30,7 +30,7 @@ MEMORIES = (Capability.HOST_MEMORY, Capability.DEVICE_MEMORY)
 
 def memories(backend: str) -> list[Capability]:
     """The memories ``backend`` registers arrays in, from its class's capabilities (not opened)."""
-    caps = _load(backend).capabilities
+    caps = backend_class(backend).capabilities
     return [m for m in MEMORIES if m in caps]
 
 
@@ -54,7 +54,7 @@ class Substrate:
         memory = Capability(memory)
         if memory not in served:
             raise ValueError(f"backend {backend!r} serves {[m.value for m in served]}, not {memory.value!r}")
-        return cls(backend, memory, frozenset(_load(backend).capabilities))
+        return cls(backend, memory, frozenset(backend_class(backend).capabilities))
 
     @property
     def id(self) -> str:

@@ -171,7 +171,7 @@ def test_damaged_data_of_an_uncommitted_tail_is_never_read(tmp_path: Path, subst
     last_commit = max(off for off, _ in recs if decode_header(pristine[off:off + HEADER_SIZE]).type.name == "COMMIT")
     data_off, data_size = next((o, n) for o, n in reversed(recs) if o < last_commit
                                and decode_header(pristine[o:o + HEADER_SIZE]).type.name in ("PAGES", "ROWS"))
-    assert HEADER_SIZE + 3 < data_size  # the flip lands in that record's payload
+    assert data_size > HEADER_SIZE + 3  # the flip lands in that record's payload
     damaged = bytearray(pristine[:last_commit])
     damaged[data_off + HEADER_SIZE + 3] ^= 0x40
     seg.write_bytes(bytes(damaged))

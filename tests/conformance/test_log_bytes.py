@@ -120,7 +120,9 @@ def _per_token_appends(s: Any, sub: Substrate) -> dict[str, Any]:
         n = min(n + (30 if step == 200 else 1 + step % 3), 1600)
         rows = {"tokens": n} if step % 17 == 0 else {"kv": n, "tokens": n}
         s.commit({"step": step, "pad": pad}, rows=rows, wait=step % 50 == 0)
-    return {"epochs": step + 1, "data_bytes": 2 << 20}  # the ring wrapped around twice
+    # the ring wrapped around twice; all but 3 epochs (the first, step 200's 30 rows, step 300's 100 kB body)
+    # are small appends: the per-token path on a backend with a persistent executor
+    return {"epochs": step + 1, "data_bytes": 2 << 20, "paths": {"per_token": step + 1 - 3, "general": 3}}
 
 
 def _general(s: Any, sub: Substrate) -> dict[str, Any]:
@@ -154,7 +156,8 @@ def _general(s: Any, sub: Substrate) -> dict[str, Any]:
     _touch(sub, pages, pages_h, list(range(0, pages_h.size, 4096)), 0x55)  # every page
     s.commit({"e": 8, "pad": "n" * 70_000}, rows={"kv": (1024, 1024)})
     assert np.array_equal(sub.to_host(pages), pages_h) and np.array_equal(sub.to_host(table), table_h)
-    return {"epochs": 8, "data_bytes": 1 << 20}  # more than the ring holds
+    # more than the ring holds; every epoch has pages regions: the general path, never the per-token one
+    return {"epochs": 8, "data_bytes": 1 << 20, "paths": {"general": 8, "per_token": 0, "fused_pages": 0}}
 
 
 def _fused_pages(nbytes: int, ps: int) -> Callable[[Any, Substrate], dict[str, Any]]:
@@ -197,7 +200,7 @@ def _larger_than_the_ring(s: Any, sub: Substrate) -> dict[str, Any]:
     big_h += np.uint8(1)
     sub.put(big, np.s_[:], big_h)
     s.commit({"n": 1024}, rows={"kv": 1024})
-    return {"epochs": 2, "data_bytes": 9 << 20}
+    return {"epochs": 2, "data_bytes": 9 << 20, "paths": {"general": 2, "per_token": 0}}
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,9 @@ def test_log_bytes_equal_the_host_backends(tmp_path: Path, substrate: Substrate,
     got, _, facts = _run(tmp_path / "under-test", substrate, case)
     assert _data_bytes(want) > expect["data_bytes"]
     assert sum(r[1] == "COMMIT" for r in want) == expect["epochs"]
+    if Capability.PERSISTENT_EXECUTOR in substrate.capabilities and "paths" in expect:
+        # the commit paths the case aims at ran, as many times as the driver says
+        assert {k: facts["commit_paths"][k] for k in expect["paths"]} == expect["paths"], facts
     if Capability.PERSISTENT_EXECUTOR in substrate.capabilities and "fused_commits" in expect:
         # the fused path ran (and fell back where an epoch's records did not fit its span)
         assert facts["fused_pages_commits"] >= expect["fused_commits"], facts

@@ -385,7 +385,7 @@ def test_session_id_validation(make_runtime):
 
 
 def test_quiesced_commit_without_instrumentation_is_refused(make_runtime, substrate):
-    """commit(quiesce=True) without gpu_runtime.instrument enabled raises ConfigurationError, commits nothing."""
+    """commit(quiesce=True) without gpu_runtime.cuda.instrument enabled raises ConfigurationError, commits nothing."""
     s = make_runtime().session("q")
     s.register("a", substrate.zeros(4096, np.uint8))
     with pytest.raises(ConfigurationError, match="instrumentation to be enabled"):

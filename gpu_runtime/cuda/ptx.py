@@ -18,7 +18,7 @@ Rewrite of each ``.entry`` (``instrument(ptx, kernel_ids)``):
 2. Entry (pause gate), per *launch*: thread (0,0,0) of each block zeroes the
    block's exit counter and finds its launch's slot: ``%gridid`` mod 1024 (its
    index is kept in shared memory for the exit). Grid IDs number the context's
-   launches in order (checked on the H100: ``scripts/gridid_gpu.py``), so
+   launches in order (checked on the H100: ``bench/results/gridid_gpu-20261127T2353Z.json``), so
    launches in flight together get different slots unless one is 1024 launches
    older than the other; a block that finds its slot held by such a launch
    waits until it finishes (counting a gate timeout every timeout period). The
@@ -98,7 +98,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import ConcordiaError
+from ..errors import ConcordiaError
 
 __all__ = [
     "CTL_ADMIT",

@@ -21,9 +21,16 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConcordiaError
+from ..errors import ConcordiaError
 
-__all__ = ["KernelCompileError", "compile_cubin", "kernel_source", "nvrtc_version", "default_cache_dir"]
+__all__ = [
+    "KernelCompileError",
+    "compile_cubin",
+    "default_cache_dir",
+    "kernel_source",
+    "nvrtc_version",
+    "set_default_cache_dir",
+]
 
 _MAGIC = b"CNCRCUBN"
 _VERSION = 1
@@ -51,7 +58,7 @@ class Compiled:
 
 
 def kernels_dir() -> Path:
-    return Path(str(resources.files("gpu_runtime") / "kernels"))
+    return Path(str(resources.files("gpu_runtime.cuda") / "kernels"))
 
 
 def kernel_source(name: str) -> str:
@@ -66,9 +73,21 @@ def nvrtc_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+_cache_dir: Path | None = None
+
+
+def set_default_cache_dir(path: Path | None) -> None:
+    """Where ``compile_cubin`` caches by default from now on (process-wide, like
+    CuPy's kernel cache): the runtime points it at ``<home>/kernel-cache``
+    (``concordia_agents.config`` reads the home); None restores the default.
+    Entries are content-addressed, so runtimes of two homes in one process
+    share correct entries whichever directory they land in."""
+    global _cache_dir
+    _cache_dir = path
+
+
 def default_cache_dir() -> Path:
-    home = os.environ.get("CONCORDIA_HOME") or str(Path.home() / ".concordia")
-    return Path(home) / "kernel-cache"
+    return _cache_dir or Path.home() / ".concordia" / "kernel-cache"
 
 
 def _check(err: object, what: str) -> None:
@@ -84,7 +103,7 @@ def _headers() -> dict[str, str]:
 
 def _key(source: str, options: tuple[str, ...], arch: str) -> str:
     h = hashlib.sha256()
-    for part in (source, "\0".join(options), arch, "%d.%d" % nvrtc_version()):
+    for part in (source, "\0".join(options), arch, "{}.{}".format(*nvrtc_version())):
         h.update(part.encode())
         h.update(b"\0")
     for name, text in _headers().items():

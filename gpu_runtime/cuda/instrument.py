@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from .errors import ConcordiaError, ConfigurationError
+from ..errors import ConcordiaError, ConfigurationError
 from .ptx import (
     CTL_ADMIT,
     CTL_BYTES,
@@ -69,14 +69,13 @@ __all__ = [
     "Completion",
     "GateTimeoutError",
     "QuiesceTimeoutError",
-    "gate_timeouts",
-    "set_gate_timeout",
     "active_launches",
     "completion",
     "completion_count",
     "disable",
     "enable",
     "enabled",
+    "gate_timeouts",
     "hold",
     "is_enabled",
     "kernel_id",
@@ -84,6 +83,7 @@ __all__ = [
     "paused",
     "release",
     "rewrite",
+    "set_gate_timeout",
     "stats",
     "stream_completion",
 ]
@@ -205,7 +205,7 @@ def _attach(module_handle: int) -> None:
     import cupy
     from cuda.bindings import driver
 
-    err, ptr, size = driver.cuModuleGetGlobal(driver.CUmodule(module_handle), CTL_WORD.encode())
+    err, ptr, _size = driver.cuModuleGetGlobal(driver.CUmodule(module_handle), CTL_WORD.encode())
     if err != driver.CUresult.CUDA_SUCCESS:
         return
     st = _state()
@@ -286,7 +286,7 @@ def _patch_cupy() -> None:
     def with_cache(source, options, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not is_enabled():
             return orig_cache(source, options, *args, **kwargs)
-        mod = orig_cache(source, tuple(options) + (_option(),), *args, **kwargs)
+        mod = orig_cache(source, (*tuple(options), _option()), *args, **kwargs)
         if hasattr(mod, "ptr"):
             _attach(int(mod.ptr))
         return mod
@@ -502,9 +502,10 @@ class Completion:
 
     def wait_on(self, executor: Any, timeout: float = 30.0) -> int:
         """Enqueue a FENCE_WAIT on the persistent executor (no host sync); returns its ticket."""
-        from .executor import TaskKind
+        from .tasks import LAYOUTS, TaskKind
 
-        return int(executor.enqueue(TaskKind.FENCE_WAIT, [self.address, self.target, int(timeout * 1e9)]))
+        return int(executor.enqueue(TaskKind.FENCE_WAIT, LAYOUTS["FENCE_WAIT"].pack(
+            word=self.address, value=self.target, timeout_ns=int(timeout * 1e9))))
 
 
 def completion(kernel: str, launches: int | None = None) -> Completion:

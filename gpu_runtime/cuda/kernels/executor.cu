@@ -1,6 +1,6 @@
 // The persistent executor: one cooperative grid that consumes a ring of tasks
 // in mapped pinned host memory, runs each task with every block, and parks
-// itself when idle or old (see gpu_runtime/executor.py for the host protocol).
+// itself when idle or old (see gpu_runtime/cuda/executor.py for the host protocol).
 //
 // Handlers are specialized at compile time: the host passes
 // -DCNC_HANDLER_CASES="CNC_KV(0, 256ull) CNC_PAGES(1, 4096ull) ..." so that each
@@ -8,6 +8,7 @@
 // -DCNC_FUSED_PAGES compiles the SCAN_COMMIT task in (CupyBackend(fused_pages=True)).
 // A region with a new size recompiles this module with one more case (hot swap).
 #include "concordia.cuh"
+#include "plan.cuh"
 
 #ifndef CNC_HANDLER_CASES
 #define CNC_HANDLER_CASES
@@ -87,18 +88,21 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
         // rows are spread over all SMs (PCIe-bound, not SM-bound); checksums
         // are summed per record across blocks (the sum is associative), then
         // block 0 writes the headers.
-        u8* data = (u8*)t.a[0];
-        // Low halves: the high ones carry a CHECKPOINT_COMMIT's epoch fields.
-        const u64 cap = t.a[1], epoch = t.a[2], log0 = t.a[6];
-        const u64 t0 = t.a[3] & 0xFFFFFFFFull, t1 = t.a[4] & 0xFFFFFFFFull, per = t.a[5] & 0xFFFFFFFFull;
-        const u64 nrec = (t1 - t0 + per - 1) / per;
-        const u64 full_size = CNC_REC_HEADER + r.outer * per * RB;
+        // CHECKPOINT_KV fields (a CHECKPOINT_COMMIT has the same ones, plus its
+        // epoch's fields in the high halves).
+        u8* data = (u8*)CNC_CHECKPOINT_KV_DATA(t);
+        const u64 cap = CNC_CHECKPOINT_KV_CAPACITY(t), epoch = CNC_CHECKPOINT_KV_EPOCH(t),
+                  log0 = CNC_CHECKPOINT_KV_LOG0(t);
+        const u64 t0 = CNC_CHECKPOINT_KV_T0(t), t1 = CNC_CHECKPOINT_KV_T1(t), per = CNC_CHECKPOINT_KV_PER(t);
+        // Records as plan.cuh (the planner's rules) lays them out.
+        const u64 nrec = cnc_rows_records(t0, t1, per);
+        const u64 full_size = cnc_rows_full_size(r.outer, per, RB);
         for (u64 rec = 0; rec < nrec; ++rec) {
-            const u64 r0 = t0 + rec * per;
-            const u64 n = min(per, t1 - r0);
+            const u64 r0 = cnc_rows_first(t0, per, rec);
+            const u64 n = cnc_rows_count(t1, per, r0);
             const u64 span_words = n * RB / 8;
             const u64 total = r.outer * span_words;
-            const u64 pos = (log0 + rec * full_size + CNC_REC_HEADER) % cap;
+            const u64 pos = (cnc_rows_at(log0, full_size, rec) + CNC_REC_HEADER) % cap;
             u64 acc = 0;
             for (u64 k = cnc_gtid(); k < total; k += cnc_gthreads()) {
                 const u64 o = k / span_words, w = k - o * span_words;
@@ -113,19 +117,20 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
         cnc_grid_sync(c.grid);
         if (blockIdx.x == 0) {
             for (u64 rec = threadIdx.x; rec < nrec; rec += blockDim.x) {
-                const u64 r0 = t0 + rec * per;
-                const u64 n = min(per, t1 - r0);
+                const u64 r0 = cnc_rows_first(t0, per, rec);
+                const u64 n = cnc_rows_count(t1, per, r0);
                 const u64 len = r.outer * n * RB;
                 const u64 sum = c.grid->acc[rec];
                 c.grid->acc[rec] = 0;
-                cnc_write_header(c.crc_table, data, cap, log0 + rec * full_size, CNC_REC_ROWS, t.a[7], epoch,
-                                 (u32)r.region_id, r0, len, n, cnc_splitmix64(sum ^ len));
+                cnc_write_header(c.crc_table, data, cap, cnc_rows_at(log0, full_size, rec), CNC_REC_ROWS,
+                                 CNC_CHECKPOINT_KV_TAG(t), epoch, (u32)r.region_id, r0, len, n,
+                                 cnc_splitmix64(sum ^ len));
             }
         }
     } else if (kind == CNC_T_RECOVER) {
-        // a0 src, a1 type, a2 first row, a3 rows, a4 length
-        const u64* src = (const u64*)t.a[0];
-        const u64 r0 = t.a[2], n = t.a[3];
+        // ROWS record: offset = first row, aux = rows
+        const u64* src = (const u64*)CNC_RECOVER_SRC(t);
+        const u64 r0 = CNC_RECOVER_OFFSET(t), n = CNC_RECOVER_AUX(t);
         const u64 span_words = n * RB / 8;
         const u64 total = r.outer * span_words;
         for (u64 k = cnc_gtid(); k < total; k += cnc_gthreads()) {
@@ -148,26 +153,7 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
 // words), a12 result (mapped pinned u64[2]: status 1 = committed, 2 = did not
 // fit; log offset past the COMMIT).
 // The device bitmap (u32 words) follows the region's hashes in device memory.
-#define CNC_FUSED_CHUNK_WORDS 2048ull  // 16 KiB: the unit of copy work a block takes
 __shared__ u64 cnc_smem[1024];         // 8 KiB: the bitmap tile, then the record table
-
-// Thread 0 of block 0: the records of dirty pages [p0, p1), cut every `per`
-// pages from p0 (the host backend's chunking); false when they do not fit.
-template <u64 PS>
-__device__ bool cnc_fused_emit(const CncRegion& r, u64* scratch, u64 p0, u64 p1, u64 per, u64 limit, u64& n,
-                               u64& pos, u64& chunks) {
-    for (u64 q = p0; q < p1; q += per) {
-        const u64 off = q * PS;
-        const u64 len = min(min(q + per, p1) * PS, r.nbytes) - off;
-        if (n == CNC_MAX_RECORDS_PER_TASK || pos + CNC_REC_HEADER + len > limit) return false;
-        u64* e = scratch + 8 + 4 * n;
-        e[0] = off; e[1] = len; e[2] = pos; e[3] = chunks;
-        chunks += (len / 8 + CNC_FUSED_CHUNK_WORDS - 1) / CNC_FUSED_CHUNK_WORDS;
-        pos += CNC_REC_HEADER + len;  // len is a multiple of 16: no padding
-        ++n;
-    }
-    return true;
-}
 
 // Block 0: walk the device bitmap for run boundaries (bit changes), tile by
 // tile through shared memory; threads flag their words, thread 0 visits only
@@ -207,7 +193,7 @@ __device__ void cnc_fused_plan(const CncRegion& r, const u32* dbits, u64* scratc
                             if ((tile[j] >> b) & 1u) {
                                 run0 = page;
                             } else {
-                                ok = cnc_fused_emit<PS>(r, scratch, run0, page, per, limit, n, pos, chunks);
+                                ok = cnc_plan_pages(r, PS, scratch, run0, page, per, limit, n, pos, chunks);
                                 run0 = ~0ull;
                             }
                         }
@@ -221,7 +207,9 @@ __device__ void cnc_fused_plan(const CncRegion& r, const u32* dbits, u64* scratc
     }
     if (threadIdx.x == 0) {
         bool ok = !s_over;
-        if (ok && run0 != ~0ull) ok = cnc_fused_emit<PS>(r, scratch, run0, r.npages, per, limit, n, pos, chunks);
+        if (ok && run0 != ~0ull) {
+            ok = cnc_plan_pages(r, PS, scratch, run0, r.npages, per, limit, n, pos, chunks);
+        }
         scratch[0] = n;
         scratch[1] = pos;
         scratch[2] = ok ? 0 : 1;
@@ -297,14 +285,15 @@ template <u64 PS>
 __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c) {
     static_assert(PS % 16 == 0, "page size must be a multiple of 16 bytes");
     if (kind == CNC_T_SCAN) {
-        cnc_pages_scan<PS>(r, t.a[0] != 0, nullptr);
+        cnc_pages_scan<PS>(r, CNC_SCAN_ALL_DIRTY(t) != 0, nullptr);
 #ifdef CNC_FUSED_PAGES
     } else if (kind == CNC_T_SCAN_COMMIT) {
-        u8* data = (u8*)t.a[0];
-        const u64 cap = t.a[1], epoch = t.a[2], log0 = t.a[3], span = t.a[4], tag = t.a[5];
-        const u64 per = t.a[6] & 0xFFFFFFFFull, nbody = t.a[6] >> 32;
-        u64* scratch = (u64*)t.a[7];
-        volatile u64* result = (volatile u64*)t.a[12];
+        u8* data = (u8*)CNC_SCAN_COMMIT_DATA(t);
+        const u64 cap = CNC_SCAN_COMMIT_CAPACITY(t), epoch = CNC_SCAN_COMMIT_EPOCH(t), log0 = CNC_SCAN_COMMIT_LOG0(t),
+                  span = CNC_SCAN_COMMIT_SPAN(t), tag = CNC_SCAN_COMMIT_TAG(t);
+        const u64 per = CNC_SCAN_COMMIT_PER(t), nbody = CNC_SCAN_COMMIT_BODY_LEN(t);
+        u64* scratch = (u64*)CNC_SCAN_COMMIT_SCRATCH(t);
+        volatile u64* result = (volatile u64*)CNC_SCAN_COMMIT_RESULT(t);
         u32* dbits = (u32*)((u64*)r.hashes + r.npages);
         const u64 commit_size = CNC_REC_HEADER + ((nbody + 7) & ~7ull);
         // 1. scan (every block), 2. plan the records (block 0), 3. copy (every block)
@@ -350,7 +339,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
                                  cnc_splitmix64(sum ^ table[4 * i + 1]));
             }
             const u64 at = vs[1], end = at + commit_size;
-            const volatile u64* body = (const volatile u64*)t.a[11];
+            const volatile u64* body = (const volatile u64*)CNC_SCAN_COMMIT_BODY(t);
             u64 acc = 0;
             for (u64 k = threadIdx.x; k < (nbody + 7) / 8; k += blockDim.x) {
                 const u64 x = body[k];
@@ -374,12 +363,12 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
     } else if (kind == CNC_T_CHECKPOINT) {
         // Each run (one record) is spread over the whole grid, like kv rows:
         // PCIe stores from every SM, checksums summed per record.
-        u8* data = (u8*)t.a[0];
-        const u64 cap = t.a[1], epoch = t.a[2];
-        const u64* runs = (const u64*)t.a[3];
-        const u64 nruns = t.a[4];
-        if (t.a[6]) {
-            // Small runs (a6 = 1): one block per run, no grid-wide step per record.
+        u8* data = (u8*)CNC_CHECKPOINT_PAGES_DATA(t);
+        const u64 cap = CNC_CHECKPOINT_PAGES_CAPACITY(t), epoch = CNC_CHECKPOINT_PAGES_EPOCH(t);
+        const u64* runs = (const u64*)CNC_CHECKPOINT_PAGES_RUNS(t);
+        const u64 nruns = CNC_CHECKPOINT_PAGES_NRUNS(t);
+        if (CNC_CHECKPOINT_PAGES_SMALL(t)) {
+            // Small runs: one block per run, no grid-wide step per record.
             for (u64 i = blockIdx.x; i < nruns; i += gridDim.x) {
                 const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
                 const u64* src = (const u64*)(r.base + off);
@@ -387,7 +376,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
                                                  threadIdx.x, blockDim.x);
                 const u64 sum = cnc_block_sum(acc);
                 if (threadIdx.x == 0) {
-                    cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, t.a[5], epoch,
+                    cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, CNC_CHECKPOINT_PAGES_TAG(t), epoch,
                                      (u32)r.region_id, off, len, 0, cnc_splitmix64(sum ^ len));
                 }
                 __syncthreads();
@@ -413,39 +402,42 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
                 const u64 off = runs[3 * i], len = runs[3 * i + 1], at = runs[3 * i + 2];
                 const u64 sum = c.grid->acc[i];
                 c.grid->acc[i] = 0;
-                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, t.a[5], epoch,
+                cnc_write_header(c.crc_table, data, cap, at, CNC_REC_PAGES, CNC_CHECKPOINT_PAGES_TAG(t), epoch,
                                  (u32)r.region_id, off, len, 0, cnc_splitmix64(sum ^ len));
             }
         }
     } else if (kind == CNC_T_RECOVER) {
-        const u64* src = (const u64*)t.a[0];
-        u64* dst = (u64*)(r.base + t.a[2]);
-        for (u64 k = cnc_gtid(); k < t.a[4] / 8; k += cnc_gthreads()) dst[k] = src[k];
+        const u64* src = (const u64*)CNC_RECOVER_SRC(t);
+        u64* dst = (u64*)(r.base + CNC_RECOVER_OFFSET(t));
+        for (u64 k = cnc_gtid(); k < CNC_RECOVER_LENGTH(t) / 8; k += cnc_gthreads()) dst[k] = src[k];
     } else {
         cnc_fail(c, CNC_ERR_BAD_TASK);
     }
 }
 
 // Handler ID = specialization (one per distinct row or page size); the region
-// (operator-table entry) is the task's last argument, a[13].
+// (operator-table entry) is the task's CNC_TASK_REGION field.
 #define CNC_KV(ID, RB) \
-    case ID: cnc_kv<RB>(t.kind == CNC_T_CHECKPOINT_COMMIT ? (u32)CNC_T_CHECKPOINT : t.kind, t, regions[t.a[13]], c); break;
-#define CNC_PAGES(ID, PS) case ID: cnc_pages<PS>(t.kind, t, regions[t.a[13]], c); break;
+    case ID:                                                                                           \
+        cnc_kv<RB>(t.kind == CNC_T_CHECKPOINT_COMMIT ? (u32)CNC_T_CHECKPOINT : t.kind, t,              \
+                   regions[CNC_TASK_REGION(t)], c);                                                    \
+        break;
+#define CNC_PAGES(ID, PS) case ID: cnc_pages<PS>(t.kind, t, regions[CNC_TASK_REGION(t)], c); break;
 
 // ---- generic tasks --------------------------------------------------------------
 __device__ void cnc_compute(const CncTask& t, CncCtx& c) {
-    const u64 op = t.a[0], n = t.a[1];
-    if (op == 0) {  // fill u32: a2 ptr, a3 value
-        u32* p = (u32*)t.a[2];
-        for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) p[k] = (u32)t.a[3];
-    } else if (op == 1) {  // axpy f32: y = alpha * x + y; a2 alpha bits, a3 x, a4 y
-        const float alpha = __uint_as_float((u32)t.a[2]);
-        const float* x = (const float*)t.a[3];
-        float* y = (float*)t.a[4];
+    const u64 op = CNC_COMPUTE_OP(t), n = CNC_COMPUTE_N(t);
+    if (op == 0) {  // fill u32: x ptr, y value
+        u32* p = (u32*)CNC_COMPUTE_X(t);
+        for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) p[k] = (u32)CNC_COMPUTE_Y(t);
+    } else if (op == 1) {  // axpy f32: y = alpha * x + y; x alpha bits, y x, z y
+        const float alpha = __uint_as_float((u32)CNC_COMPUTE_X(t));
+        const float* x = (const float*)CNC_COMPUTE_Y(t);
+        float* y = (float*)CNC_COMPUTE_Z(t);
         for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) y[k] = alpha * x[k] + y[k];
-    } else if (op == 2) {  // scale f32: a2 alpha bits, a3 ptr
-        const float alpha = __uint_as_float((u32)t.a[2]);
-        float* p = (float*)t.a[3];
+    } else if (op == 2) {  // scale f32: x alpha bits, y ptr
+        const float alpha = __uint_as_float((u32)CNC_COMPUTE_X(t));
+        float* p = (float*)CNC_COMPUTE_Y(t);
         for (u64 k = cnc_gtid(); k < n; k += cnc_gthreads()) p[k] *= alpha;
     } else {
         cnc_fail(c, CNC_ERR_BAD_TASK);
@@ -554,17 +546,18 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
         if (s_action != 0) break;
         c.ticket = ticket;
 
-        // Fused prologue of data tasks (a8 = fence word, a9 = value, a10 = timeout):
+        // Fused prologue of data tasks (the FENCE fields):
         // wait until the work queued before the commit on the caller's stream is done.
         // Yield: a fence not reached within fence_yield_ns parks the generation
         // without retiring the task (the next one starts at it again), because
         // what holds the stream back may itself wait for no kernel to be
         // resident (a lazily loaded module's first launch).
         if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT || t.kind == CNC_T_SCAN ||
-             t.kind == CNC_T_SCAN_COMMIT) && t.a[9] != 0) {
+             t.kind == CNC_T_SCAN_COMMIT) && CNC_FENCE_VALUE(t) != 0) {
             __shared__ u64 s_yield;
             if (blockIdx.x == 0 && threadIdx.x == 0) {
-                grid->fence_yield = cnc_fence_wait(c, (const u64*)t.a[8], t.a[9], t.a[10]);
+                grid->fence_yield = cnc_fence_wait(c, (const u64*)CNC_FENCE_WORD(t), CNC_FENCE_VALUE(t),
+                                                   CNC_FENCE_TIMEOUT_NS(t));
                 __threadfence();
             }
             cnc_grid_sync(grid);
@@ -576,29 +569,33 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
         // 2. every block runs its share of the task.
         switch (t.kind) {
             case CNC_T_NOP:
-                if (cnc_gtid() == 0) atomicAdd((u64*)t.a[0] + t.a[1], 1ull);
+                if (cnc_gtid() == 0) atomicAdd((u64*)CNC_NOP_OUT(t) + CNC_NOP_INDEX(t), 1ull);
                 break;
             case CNC_T_FENCE_WAIT:  // yields like the prologue (checked after the barrier below)
                 if (cnc_gtid() == 0) {
-                    grid->fence_yield = cnc_fence_wait(c, (const u64*)t.a[0], t.a[1], t.a[2]);
+                    grid->fence_yield = cnc_fence_wait(c, (const u64*)CNC_FENCE_WAIT_WORD(t), CNC_FENCE_WAIT_VALUE(t),
+                                                       CNC_FENCE_WAIT_TIMEOUT_NS(t));
                 }
                 break;
             case CNC_T_APPEND_LOG:
                 // The host already stored the record bytes beyond `written`
-                // (a COMMIT record's header, when a4 != 0, is made here: the
+                // (a COMMIT record's header, when it has a body length, is made here: the
                 // host's commit path then skips the checksums); publishing after
                 // all earlier tasks makes them visible in order.
-                if (blockIdx.x == 0 && t.a[4] != 0) {
-                    // a0 is the ring header; its data area follows 4 KiB later
-                    cnc_commit_header(c, (u8*)t.a[0] + CNC_RING_DATA_START, t.a[8], t.a[3], t.a[4], t.a[7], t.a[2], t.a[5], t.a[6]);
+                if (blockIdx.x == 0 && CNC_APPEND_LOG_BODY_LEN(t) != 0) {
+                    // the ring field is the ring header; its data area follows 4 KiB later
+                    cnc_commit_header(c, (u8*)CNC_APPEND_LOG_RING(t) + CNC_RING_DATA_START, CNC_APPEND_LOG_CAPACITY(t),
+                                      CNC_APPEND_LOG_COMMIT_AT(t), CNC_APPEND_LOG_BODY_LEN(t), CNC_APPEND_LOG_TAG(t),
+                                      CNC_APPEND_LOG_EPOCH(t), CNC_APPEND_LOG_EPOCH_START(t),
+                                      CNC_APPEND_LOG_NRECORDS(t));
                 }
                 if (cnc_gtid() == 0) {
-                    volatile u64* words = (volatile u64*)t.a[0];
+                    volatile u64* words = (volatile u64*)CNC_APPEND_LOG_RING(t);
                     __threadfence_system();
-                    words[CNC_RING_WRITTEN] = t.a[1];
-                    if (t.a[2] != 0) {
-                        words[CNC_RING_COMMITTED_EPOCH] = t.a[2];
-                        words[CNC_RING_COMMITTED] = t.a[1];
+                    words[CNC_RING_WRITTEN] = CNC_APPEND_LOG_WRITTEN(t);
+                    if (CNC_APPEND_LOG_EPOCH(t) != 0) {
+                        words[CNC_RING_COMMITTED_EPOCH] = CNC_APPEND_LOG_EPOCH(t);
+                        words[CNC_RING_COMMITTED] = CNC_APPEND_LOG_WRITTEN(t);
                     }
                 }
                 break;
@@ -631,21 +628,24 @@ cnc_executor(CncTask* ring, CncControl* ctl, CncGrid* grid, const CncRegion* reg
             if (s_wait_yield != 0) break;
         }
         if (t.kind == CNC_T_CHECKPOINT_COMMIT && blockIdx.x == 0) {
-            // The COMMIT record ends at a11: its body length and offset, and the
-            // epoch's start and record count, come in the high halves of a3..a5.
-            const u64 len = t.a[5] >> 32, at = t.a[11] - CNC_REC_HEADER - ((len + 7) & ~7ull);
-            cnc_commit_header(c, (u8*)t.a[0], t.a[1], at, len, t.a[7], t.a[12], at - (t.a[4] >> 32), t.a[3] >> 32);
+            // The COMMIT record ends at the published `written`; its body
+            // length, and the epoch's start and record count, come in the high halves.
+            const u64 len = CNC_CHECKPOINT_COMMIT_BODY_LEN(t),
+                      at = CNC_PUBLISH_WRITTEN(t) - CNC_REC_HEADER - ((len + 7) & ~7ull);
+            cnc_commit_header(c, (u8*)CNC_CHECKPOINT_COMMIT_DATA(t), CNC_CHECKPOINT_COMMIT_CAPACITY(t), at, len,
+                              CNC_CHECKPOINT_COMMIT_TAG(t), CNC_PUBLISH_EPOCH(t),
+                              at - CNC_CHECKPOINT_COMMIT_COMMIT_OFFSET(t), CNC_CHECKPOINT_COMMIT_COMMIT_RECORDS(t));
         }
         if (blockIdx.x == 0 && threadIdx.x == 0) {
-            // Fused epilogue of CHECKPOINT tasks (a11 = new `written`, a12 = commit
-            // epoch or 0): publish the log once every block's records are visible.
-            // The ring header sits right before its data area (a0).
-            if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT) && t.a[11] != 0) {
-                volatile u64* words = (volatile u64*)(t.a[0] - CNC_RING_DATA_START);
-                words[CNC_RING_WRITTEN] = t.a[11];
-                if (t.a[12] != 0) {
-                    words[CNC_RING_COMMITTED_EPOCH] = t.a[12];
-                    words[CNC_RING_COMMITTED] = t.a[11];
+            // Fused epilogue of CHECKPOINT tasks (the PUBLISH fields): publish the
+            // log once every block's records are visible. The ring header sits
+            // right before its data area (the data field, word 0 of both layouts).
+            if ((t.kind == CNC_T_CHECKPOINT || t.kind == CNC_T_CHECKPOINT_COMMIT) && CNC_PUBLISH_WRITTEN(t) != 0) {
+                volatile u64* words = (volatile u64*)(CNC_CHECKPOINT_KV_DATA(t) - CNC_RING_DATA_START);
+                words[CNC_RING_WRITTEN] = CNC_PUBLISH_WRITTEN(t);
+                if (CNC_PUBLISH_EPOCH(t) != 0) {
+                    words[CNC_RING_COMMITTED_EPOCH] = CNC_PUBLISH_EPOCH(t);
+                    words[CNC_RING_COMMITTED] = CNC_PUBLISH_WRITTEN(t);
                 }
             }
             ctl->head = ticket + 1;

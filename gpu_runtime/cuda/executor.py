@@ -24,13 +24,12 @@ Protocol, in order, with who does each step:
    module, and relaunch on the same ring: queued tasks run once, in order.
 
 Task slot layout (TASK_VERSION 1, 128 bytes): ``u64 seq, u32 kind, u32
-handler, u64 args[14]``; control block (CONTROL_VERSION 2, 128 bytes): see
-``kernels/concordia.cuh``.
+handler, u64 args[14]``, the arguments of each kind defined in ``tasks.py``;
+control block (CONTROL_VERSION 2, 128 bytes): see ``kernels/concordia.cuh``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import struct
 import threading
 import time
@@ -40,10 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConcordiaError
 from .compiler import compile_cubin, kernel_source
-from .errors import ConcordiaError
+from .memory import PinnedBuffer
+from .tasks import TASK_ARGS
 
-__all__ = ["Executor", "ExecutorError", "TaskKind", "PinnedBuffer"]
+__all__ = ["Executor", "ExecutorError", "Handler", "module_options"]
 
 TASK_VERSION = 1
 CONTROL_VERSION = 2  # 2: fence_yield_ns, fence_ticket, fence_since
@@ -58,64 +59,12 @@ DEFAULT_BLOCK = 512  # threads per block (CNC_BLOCK)
 MAX_REGIONS = 1024
 _SLOT_BODY = struct.Struct("<15Q")  # kind | handler << 32, a0..a13
 _SEQ = struct.Struct("<Q")
-_NO_ARGS = (0,) * 14
+_NO_ARGS = (0,) * TASK_ARGS
 _ERRORS = {1: "fence wait timed out", 2: "log ring full", 3: "unknown task kind", 4: "no handler for the task"}
-
-
-class TaskKind:
-    NOP = 0
-    FENCE_WAIT = 1
-    CHECKPOINT = 2
-    APPEND_LOG = 3
-    RECOVER = 4
-    SCAN = 5
-    COMPUTE = 6
-    CHECKPOINT_COMMIT = 7  #: a kv CHECKPOINT that also makes its epoch's COMMIT header (kernels/concordia.cuh)
-    SCAN_COMMIT = 8  #: a whole pages epoch on the device: scan, dirty-run records, COMMIT, publish
 
 
 class ExecutorError(ConcordiaError):
     """The persistent executor reported an error for a task, or did not finish it in time."""
-
-
-class PinnedBuffer:
-    """Mapped, page-locked host memory with a NumPy view; the device uses the
-    same address (unified addressing)."""
-
-    def __init__(self, nbytes: int) -> None:
-        import cupy
-
-        self.nbytes = max(nbytes, 8)
-        self.ptr = cupy.cuda.runtime.hostAlloc(self.nbytes, cupy.cuda.runtime.hostAllocMapped)
-        self.device_ptr = _device_pointer(self.ptr)
-        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr))
-        self._free = cupy.cuda.runtime.freeHost
-
-    def view(self, dtype: Any) -> np.ndarray:
-        return self.array.view(dtype)
-
-    def close(self) -> None:
-        if self.ptr:
-            del self.array
-            self._free(self.ptr)
-            self.ptr = 0
-
-
-def _device_pointer(host_ptr: int) -> int:
-    from cuda.bindings import runtime as cudart
-
-    err, dptr = cudart.cudaHostGetDevicePointer(host_ptr, 0)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise ExecutorError(f"cudaHostGetDevicePointer failed: {err}")
-    return int(dptr)
-
-
-def register_host_memory(ptr: int, nbytes: int) -> int:
-    """Page-lock and map existing host memory (e.g. a /dev/shm ring); returns the device address."""
-    import cupy
-
-    cupy.cuda.runtime.hostRegister(ptr, nbytes, 2)  # cudaHostRegisterMapped
-    return _device_pointer(ptr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,8 +247,8 @@ class Executor:
         Never launches per task in steady state: only a parked executor is
         relaunched. On the commit path: one ``struct`` pack per slot."""
         n = len(args)
-        if n > 14:
-            raise ValueError("a task has at most 14 arguments")
+        if n > TASK_ARGS:
+            raise ValueError(f"a task has at most {TASK_ARGS} arguments, found {n}")
         with self._lock:
             ticket = self._tail
             if ticket - self._ctlq[HEAD] >= self.nslots:
@@ -347,6 +296,11 @@ class Executor:
             ticket = int(self.ctl[ERROR_TICKET])
             self.ctl[ERROR] = 0
             raise ExecutorError(f"executor task {ticket} failed: {_ERRORS.get(code, code)}")
+
+    def wait_all(self, timeout: float = 30.0) -> None:
+        """Block until every task enqueued so far has run."""
+        if self._tail:
+            self.wait(self._tail - 1, timeout)
 
     @property
     def pending(self) -> int:

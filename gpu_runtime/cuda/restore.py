@@ -1,4 +1,6 @@
-"""The CuPy backend's restore pipelines (``CupyBackend.apply_records``).
+"""The CuPy backend's restore pipelines (``CupyBackend.apply_records``), with
+what they need: pinned buffers, a restore stream, and the two ways a verified
+record reaches a region (a copy-engine copy or a RECOVER task).
 
 Both read a region's records in spans of back-to-back records (at most
 ``restore_span`` bytes) with reader threads that ``pread`` straight into the
@@ -30,19 +32,102 @@ reading it (and a staging buffer only after its scatter finished); when
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .checksum import payload_sum_finish
-from .records import HEADER_SIZE, RecordHeader
+from ..checksum import payload_sum_finish
+from ..errors import RegionError
+from ..records import HEADER_SIZE, RecordHeader, RecordType
+from .memory import PinnedBuffer, device_ptr
+from .tasks import LAYOUTS, TaskKind
 
-__all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "spans"]
+__all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "spans"]
 
 Span = tuple[Any, int, int, list[Any]]  #: (path, file offset, bytes, records)
 _BLOCK = 256  # threads per block of cnc_payload_sums (its __launch_bounds__)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreOptions:
+    """The backend's restore options (docs/gpu.md, "Options")."""
+
+    engine: str = "copy"  #: who scatters verified records: "copy" (copy engine) or "executor" (RECOVER tasks)
+    verify: str = "device"  #: where payloads are summed: "device" (kernels/verify.cu) or "host" (reader threads)
+    span: int = 16 << 20  #: bytes per pinned buffer
+    depth: int = 8  #: pinned buffers in flight (at least 2)
+    threads: int | None = None  #: reader threads (default min(8, cores - 1))
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("executor", "copy"):
+            raise RegionError(f"restore_engine: expected 'executor' or 'copy', found {self.engine!r}")
+        if self.verify not in ("host", "device"):
+            raise RegionError(f"restore_verify: expected 'host' or 'device', found {self.verify!r}")
+
+    @property
+    def reader_threads(self) -> int:
+        return self.threads or max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class RestoreResources:
+    """What both pipelines (and the backend's one-record ``apply``) use: the
+    executor, a pool of pinned buffers (allocated on first use and kept until
+    ``close``: pinning is slow, and freeing pinned memory synchronizes the
+    device), a non-blocking restore stream, and the two scatter routes."""
+
+    _RECOVER = LAYOUTS["RECOVER"]
+
+    def __init__(self, executor: Any, options: RestoreOptions) -> None:
+        import cupy
+
+        self._cupy = cupy
+        self.executor = executor
+        self.options = options
+        self.depth = max(2, options.depth)
+        self._buffers: list[PinnedBuffer] = []
+        self._stream: Any = None
+
+    def pool(self, need: int) -> list[PinnedBuffer]:
+        """Pinned buffers of at least ``need`` bytes, ``depth`` of them."""
+        if not self._buffers or self._buffers[0].nbytes < need:
+            for buf in self._buffers:
+                buf.close()
+            self._buffers = [PinnedBuffer(need) for _ in range(self.depth)]
+        return self._buffers
+
+    def stream(self) -> Any:
+        if self._stream is None:
+            self._stream = self._cupy.cuda.Stream(non_blocking=True)
+        return self._stream
+
+    def recover(self, region: Any, h: RecordHeader, src: int) -> int:
+        """A RECOVER task applying the record whose payload is at device address
+        ``src`` (mapped pinned or device memory); returns its ticket."""
+        return self.executor.enqueue(
+            TaskKind.RECOVER, self._RECOVER.pack(src=src, type=int(h.type), offset=h.offset, aux=h.aux,
+                                                 length=h.length, region=region.index), handler=region.handler)
+
+    def copy_record(self, region: Any, h: RecordHeader, src: int, stream: Any, *, from_device: bool = False) -> None:
+        """One record to the device on the copy engine, from pinned host memory
+        or (``from_device``) a device staging buffer."""
+        spec, rt = region.spec, self._cupy.cuda.runtime
+        base = device_ptr(region.array)
+        kind = rt.memcpyDeviceToDevice if from_device else rt.memcpyHostToDevice
+        if h.type is RecordType.ROWS:
+            width = h.aux * spec.row_bytes
+            rt.memcpy2DAsync(base + h.offset * spec.row_bytes, spec.rows * spec.row_bytes, src, width, width,
+                             spec.outer, kind, stream.ptr)
+        else:
+            rt.memcpyAsync(base + h.offset, src, h.length, kind, stream.ptr)
+
+    def close(self) -> None:
+        for buf in self._buffers:
+            buf.close()
+        self._buffers = []
 
 
 def spans(locs: Sequence[Any], limit: int) -> list[Span]:
@@ -82,16 +167,16 @@ def _mark(ticket: int | None, stream: Any) -> Any:
     return ev
 
 
-def _settle(backend: Any, busy: list[Any], i: int) -> None:
+def _settle(res: RestoreResources, busy: list[Any], i: int) -> None:
     """Wait until no device operation reads buffer ``i`` any more."""
     mark, busy[i] = busy[i], None
     if isinstance(mark, int):
-        backend.executor.wait(mark)
+        res.executor.wait(mark)
     elif mark is not None:
         mark.synchronize()
 
 
-def _drain(backend: Any, loads: dict[int, Future[None]], busy: list[Any]) -> None:
+def _drain(res: RestoreResources, loads: dict[int, Future[None]], busy: list[Any]) -> None:
     """On the way out (normal or not): cancel queued reads, let running ones
     finish, and wait for every device read of a buffer, so the pool can be reused."""
     for f in loads.values():
@@ -100,27 +185,27 @@ def _drain(backend: Any, loads: dict[int, Future[None]], busy: list[Any]) -> Non
         if not f.cancelled():
             f.exception()
     for i in range(len(busy)):
-        _settle(backend, busy, i)
+        _settle(res, busy, i)
 
 
 class DeviceVerifiedRestore:
     """Restores a region's records, checksums on the device; owned by one
     backend, one ``run`` at a time."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, res: RestoreResources) -> None:
         import cupy
 
         from .compiler import compile_cubin, kernel_source
 
         self._cupy = cupy
-        self.backend = backend  # its pinned pool, restore stream, copy and RECOVER helpers are shared
+        self.res = res
         self._stage: list[Any] = []  # device staging buffers, one per pinned pool buffer
         self._sum_buffers: list[Any] = []
         self._most = 0
         # Loaded now, before the backend's executor first runs: a module load
         # waits while any kernel is resident.
         module = cupy.cuda.function.Module()
-        module.load(compile_cubin(kernel_source("verify.cu"), arch=backend.executor.arch, name="verify.cu").cubin)
+        module.load(compile_cubin(kernel_source("verify.cu"), arch=res.executor.arch, name="verify.cu").cubin)
         self._module = module
         self._sums_fn = module.get_function("cnc_payload_sums")
 
@@ -138,8 +223,6 @@ class DeviceVerifiedRestore:
         by the kernel through the mapping) and sums, for at least ``most``
         records a span in each of ``depth`` slots (a run indexes them with its
         own ``most``); kept and grown (a pinned free synchronizes the device)."""
-        from .executor import PinnedBuffer
-
         if self._most < most:
             for buf in self._sum_buffers:
                 buf.close()
@@ -155,24 +238,24 @@ class DeviceVerifiedRestore:
     def _scatter(self, region: Any, h: RecordHeader, src: int) -> int | None:
         """One verified record from a staging buffer into the region; returns the
         executor ticket (executor engine) or None (copy engine, restore stream)."""
-        if self.backend._restore_engine == "executor":
-            return int(self.backend._recover(region, h, src))
-        self.backend._copy_record(region, h, src, self.backend._restore_stream(), from_device=True)
+        if self.res.options.engine == "executor":
+            return int(self.res.recover(region, h, src))
+        self.res.copy_record(region, h, src, self.res.stream(), from_device=True)
         return None
 
     # -- run ----------------------------------------------------------------------------
 
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
-        groups = spans(locs, self.backend._restore_span)
-        pool = self.backend._restore_pool(max(n for _, _, n, _ in groups))
-        with ThreadPoolExecutor(self.backend._restore_threads) as threads:
+        groups = spans(locs, self.res.options.span)
+        pool = self.res.pool(max(n for _, _, n, _ in groups))
+        with ThreadPoolExecutor(self.res.options.reader_threads) as threads:
             self._run(region, groups, pool, self._staging(pool), reader, threads)
 
     def _run(self, region: Any, groups: list[Span], pool: list[Any], stage: list[Any], reader: Any,
              threads: ThreadPoolExecutor) -> None:
         cp, rt = self._cupy, self._cupy.cuda.runtime
-        stream = self.backend._restore_stream()
+        stream = self.res.stream()
         depth = len(pool)
         most = max(len(g) for _, _, _, g in groups)
         tables, host_sums = self._tables(depth, most)
@@ -187,7 +270,7 @@ class DeviceVerifiedRestore:
             """Stage span k on the device and sum its records there."""
             i = k % depth
             _, start, nbytes, group = groups[k]
-            _settle(self.backend, busy, i)  # the executor engine reads the staging buffer outside the stream's order
+            _settle(self.res, busy, i)  # the executor engine reads the staging buffer outside the stream's order
             table = tables.view(np.uint64)[2 * most * i:2 * most * (i + 1)]
             for r, loc in enumerate(group):
                 table[2 * r] = loc.file_offset - start + HEADER_SIZE
@@ -234,7 +317,7 @@ class DeviceVerifiedRestore:
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             check_and_scatter(len(groups) - 1)
         finally:
-            _drain(self.backend, loads, busy)
+            _drain(self.res, loads, busy)
             stream.synchronize()  # no sum, copy or scatter still reads the tables or the pool
 
 
@@ -249,19 +332,19 @@ class HostVerifiedRestore:
     pinned buffer. A buffer is refilled only after the device finished reading
     it; a failed checksum raises before its span reaches the region."""
 
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
+    def __init__(self, res: RestoreResources) -> None:
+        self.res = res
 
     def close(self) -> None:
-        """Nothing of its own to free (the pool and stream are the backend's)."""
+        """Nothing of its own to free (the pool and stream are the resources')."""
 
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
-        backend = self.backend
-        groups = spans(locs, backend._restore_span)
-        pool = backend._restore_pool(max(n for _, _, n, _ in groups))
-        copy = backend._restore_engine == "copy"
-        stream = backend._restore_stream() if copy else None
+        res = self.res
+        groups = spans(locs, res.options.span)
+        pool = res.pool(max(n for _, _, n, _ in groups))
+        copy = res.options.engine == "copy"
+        stream = res.stream() if copy else None
         busy: list[Any] = [None] * len(pool)  # per buffer: executor ticket or CUDA event still reading it
 
         def load(i: int, span: Span) -> None:
@@ -271,7 +354,7 @@ class HostVerifiedRestore:
 
         depth = len(pool)
         loads: dict[int, Future[None]] = {}
-        with ThreadPoolExecutor(backend._restore_threads) as threads:
+        with ThreadPoolExecutor(res.options.reader_threads) as threads:
             try:
                 for k in range(min(depth - 1, len(groups))):
                     loads[k] = threads.submit(load, k, groups[k])
@@ -282,15 +365,15 @@ class HostVerifiedRestore:
                     for loc in group:
                         at = loc.file_offset - start + HEADER_SIZE
                         if copy:
-                            backend._copy_record(region, loc.header, pool[i].ptr + at, stream)
+                            res.copy_record(region, loc.header, pool[i].ptr + at, stream)
                         else:
-                            ticket = backend._recover(region, loc.header, pool[i].device_ptr + at)
+                            ticket = res.recover(region, loc.header, pool[i].device_ptr + at)
                     busy[i] = _mark(ticket, stream)
                     # Refill the buffer of span k - 1 (span k stays queued, so the
                     # device does not idle while we wait for it).
                     nxt = k + depth - 1
                     if nxt < len(groups):
-                        _settle(backend, busy, nxt % depth)
+                        _settle(res, busy, nxt % depth)
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             finally:
-                _drain(backend, loads, busy)  # no device read of a pool buffer outlives this call
+                _drain(res, loads, busy)  # no device read of a pool buffer outlives this call
