@@ -278,7 +278,7 @@ def main() -> None:
     sections = {}
     try:
         sections["ceilings"] = ceilings(args.quick)
-    except Exception:
+    except Exception:  # noqa: BLE001 - record and go on: one figure must not hide the others
         sections["ceilings"] = {"error": traceback.format_exc()}
     d2d = sections["ceilings"].get("d2d_GBps_read_plus_write", float("nan"))
     d2h = sections["ceilings"].get("pinned_d2h_GBps", float("nan"))
@@ -291,7 +291,7 @@ def main() -> None:
             continue
         try:
             sections[name] = fn()
-        except Exception:
+        except Exception:  # noqa: BLE001
             sections[name] = {"error": traceback.format_exc()}
     backend.close()
     runs = [("session", lambda home: session_figures(home, args.quick, d2h)),
@@ -303,7 +303,7 @@ def main() -> None:
         home = Path(tempfile.mkdtemp())
         try:
             sections[name] = fn(home)
-        except Exception:
+        except Exception:  # noqa: BLE001
             sections[name] = {"error": traceback.format_exc()}
         finally:
             shutil.rmtree(home, ignore_errors=True)

@@ -23,7 +23,7 @@ def check_session_id(session_id: object) -> None:
     ok = isinstance(session_id, str) and 0 < len(session_id) <= MAX_ID_LENGTH and "\0" not in session_id
     if ok:
         try:
-            session_id.encode("utf-8")  # type: ignore[union-attr]
+            str(session_id).encode("utf-8")
         except UnicodeEncodeError:
             ok = False
     if not ok:

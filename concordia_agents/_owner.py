@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 from functools import cache
+from pathlib import Path
 
 __all__ = ["machine_id", "new_owner_id", "owner_is_dead"]
 
@@ -23,7 +24,7 @@ __all__ = ["machine_id", "new_owner_id", "owner_is_dead"]
 @cache
 def machine_id() -> str:
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip().replace("-", "")[:16]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:16]
         pidns = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return ""  # no /proc: never judge anyone dead

@@ -137,7 +137,7 @@ class PayloadReader:
             raise ValueError(f"expected an output of {n} bytes, found {out.size}")
         fd, pos, base = self._fd(loc.path), 0, loc.file_offset + HEADER_SIZE
         while pos < n:
-            got = os.preadv(fd, [memoryview(out[pos:pos + min(piece, n - pos)])], base + pos)
+            got = os.preadv(fd, [out[pos:pos + min(piece, n - pos)].data], base + pos)
             if got <= 0:
                 raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} is cut "
                                       f"short ({pos} of {n} bytes)", path=str(loc.path), offset=loc.file_offset)
@@ -247,7 +247,7 @@ def valid_size(path: Path, *, session_tag: int, verify_from: int = 0) -> int:
 def _spec(payload: bytes, path: Path, pos: int) -> RegionSpec:
     try:
         return RegionSpec.from_json(payload)
-    except Exception as e:  # noqa: BLE001 - any decode failure is corruption here
+    except Exception as e:  # any decode failure is corruption here
         raise CorruptLogError(f"REGION record holds no valid descriptor ({e})", path=str(path), offset=pos) from e
 
 
@@ -256,7 +256,7 @@ def _body(payload: bytes, path: Path, pos: int) -> dict[str, Any]:
         body = json.loads(payload)
         assert isinstance(body, dict)
         return body
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CorruptLogError(f"COMMIT record holds no valid body ({e})", path=str(path), offset=pos) from e
 
 

@@ -505,7 +505,8 @@ class Runtime:
         period = self.config.lease_ttl / 3
         while not self._stop.wait(period):
             with self._lock:
-                held = [(m.session.id, m.session.token, m.log) for m in self._sessions.values()]
+                held: list[tuple[str, int, SessionLog | Lease]] = [
+                    (m.session.id, m.session.token, m.log) for m in self._sessions.values()]
                 held += [(lease.session_id, lease.token, lease) for lease in self._leases.values()
                          if not lease.released]
             for session_id, token, holder in held:  # holder: a SessionLog or a Lease, both with `fenced`

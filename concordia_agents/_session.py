@@ -168,11 +168,14 @@ class Session:
                           library=info.library, device=info.device, page_size=page_size, seq_axis=seq_axis)
         if recorded is not None and restore:
             problem = recorded.compatible_with(info)
-            if problem is None and (recorded.kind, recorded.page_size, recorded.seq_axis) != (kind, page_size, seq_axis):
-                problem = (f"expected kind={recorded.kind!r} page_size={recorded.page_size} seq_axis={recorded.seq_axis}, "
-                           f"found kind={kind!r} page_size={page_size} seq_axis={seq_axis}")
+            was = (recorded.kind, recorded.page_size, recorded.seq_axis)
+            if problem is None and was != (kind, page_size, seq_axis):
+                problem = (f"expected kind={recorded.kind!r} page_size={recorded.page_size} "
+                           f"seq_axis={recorded.seq_axis}, found kind={kind!r} page_size={page_size} "
+                           f"seq_axis={seq_axis}")
             if problem:
-                raise RegionError(f"region {name!r} of session {self.id!r} cannot be restored into this array: {problem}")
+                raise RegionError(
+                    f"region {name!r} of session {self.id!r} cannot be restored into this array: {problem}")
         handle = self._services.backend.attach(spec, array)
         region = Region(handle)
         if recorded is not None and restore:
@@ -273,8 +276,9 @@ class Session:
             for name, r in (rows or {}).items():
                 region = self.regions.get(name)
                 if region is None or region.kind != "kv":
+                    kv = sorted(n for n, g in self.regions.items() if g.kind == "kv")
                     raise RegionError(f"rows given for {name!r}, which is not a registered kv region of session "
-                                      f"{self.id!r} (kv regions: {sorted(n for n, g in self.regions.items() if g.kind == 'kv')})")
+                                      f"{self.id!r} (kv regions: {kv})")
                 rng = (region.length, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
                 if not 0 <= rng[0] <= rng[1] <= region.rows:
                     raise RegionError(f"region {name!r}: expected rows within [0, {region.rows}], found {rng}")
@@ -282,13 +286,13 @@ class Session:
             tasks = []
             lengths = dict(self._lengths)
             for name, region in self.regions.items():
-                rng = ranges.get(name)
+                span: tuple[int, int] | None = ranges.get(name)
                 if region._marked is not None:
                     m = region._marked
-                    rng = m if rng is None else (min(rng[0], m[0]), max(rng[1], m[1]))
-                tasks.append(CheckpointTask(region._handle, rng))
+                    span = m if span is None else (min(span[0], m[0]), max(span[1], m[1]))
+                tasks.append(CheckpointTask(region._handle, span))
                 if region.kind == "kv":
-                    lengths[name] = rng[1] if rng is not None else region.length
+                    lengths[name] = span[1] if span is not None else region.length
             try:
                 body = _BODY.encode({"lengths": lengths, "meta": meta}).encode()
             except (TypeError, ValueError) as e:

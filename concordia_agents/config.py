@@ -1,21 +1,21 @@
 """Typed configuration. Environment variables are read here and nowhere else.
 
-| variable                      | default                           | meaning |
-|-------------------------------|-----------------------------------|---------|
-| CONCORDIA_HOME                | ~/.concordia                      | segments, catalog, rings (if no /dev/shm) |
-| CONCORDIA_CATALOG_URL         | sqlite:///<home>/catalog.db       | SQLAlchemy URL of the catalog |
-| CONCORDIA_BACKEND             | auto                              | auto, host or cupy |
-| CONCORDIA_FSYNC               | every_commit                      | every_commit, interval or none |
-| CONCORDIA_FSYNC_INTERVAL_MS   | 50                                | fsync period under ``interval`` |
-| CONCORDIA_RING_DIR            | /dev/shm (else <home>/rings)      | where host log rings live |
-| CONCORDIA_RING_BYTES          | 67108864 (64 MiB)                 | data bytes of each session's ring |
-| CONCORDIA_SEGMENT_BYTES       | 67108864 (64 MiB)                 | segment size before rolling over |
-| CONCORDIA_MAX_RECORD_BYTES    | 1048576 (1 MiB)                   | payload bytes per record (chunking) |
-| CONCORDIA_COMPACT_BYTES       | 268435456 (256 MiB)               | delta bytes since the last base that trigger compaction; 0 = never |
-| CONCORDIA_LEASE_TTL           | 30                                | seconds a lease lives without a heartbeat |
-| CONCORDIA_LOG_FORMAT          | console                           | console or json |
-| CONCORDIA_LOG_LEVEL           | warning                           | critical, error, warning, info or debug (any case; checked) |
-| CONCORDIA_DEBUG               | unset                             | the CLI shows tracebacks (any non-empty value) |
+| variable                    | default                      | meaning |
+|-----------------------------|------------------------------|---------|
+| CONCORDIA_HOME              | ~/.concordia                 | segments, catalog, rings (if no /dev/shm) |
+| CONCORDIA_CATALOG_URL       | sqlite:///<home>/catalog.db  | SQLAlchemy URL of the catalog |
+| CONCORDIA_BACKEND           | auto                         | auto, host or cupy |
+| CONCORDIA_FSYNC             | every_commit                 | every_commit, interval or none |
+| CONCORDIA_FSYNC_INTERVAL_MS | 50                           | fsync period under ``interval`` |
+| CONCORDIA_RING_DIR          | /dev/shm (else <home>/rings) | where host log rings live |
+| CONCORDIA_RING_BYTES        | 67108864 (64 MiB)            | data bytes of each session's ring |
+| CONCORDIA_SEGMENT_BYTES     | 67108864 (64 MiB)            | segment size before rolling over |
+| CONCORDIA_MAX_RECORD_BYTES  | 1048576 (1 MiB)              | payload bytes per record (chunking) |
+| CONCORDIA_COMPACT_BYTES     | 268435456 (256 MiB)          | delta bytes that start compaction (0: never) |
+| CONCORDIA_LEASE_TTL         | 30                           | seconds a lease lives without a heartbeat |
+| CONCORDIA_LOG_FORMAT        | console                      | console or json |
+| CONCORDIA_LOG_LEVEL         | warning                      | critical, error, warning, info, debug (any case) |
+| CONCORDIA_DEBUG             | unset                        | the CLI shows tracebacks (any non-empty value) |
 """
 
 from __future__ import annotations
@@ -81,13 +81,16 @@ class RuntimeConfig:
         if self.fsync not in _FSYNC:
             raise ConfigurationError(f"fsync: expected one of {_FSYNC}, found {self.fsync!r}")
         if self.ring_bytes < 1 << 20 or self.ring_bytes % 4096:
-            raise ConfigurationError(f"ring_bytes: expected a multiple of 4096 of at least 1 MiB, found {self.ring_bytes}")
+            raise ConfigurationError(
+                f"ring_bytes: expected a multiple of 4096 of at least 1 MiB, found {self.ring_bytes}")
         if not 4096 <= self.max_record_bytes <= self.ring_bytes // 4:
             raise ConfigurationError(
-                f"max_record_bytes: expected 4096 .. ring_bytes/4 ({self.ring_bytes // 4}), found {self.max_record_bytes}")
+                f"max_record_bytes: expected 4096 .. ring_bytes/4 ({self.ring_bytes // 4}), "
+                f"found {self.max_record_bytes}")
         if self.segment_bytes < self.max_record_bytes:
             raise ConfigurationError(
-                f"segment_bytes: expected at least max_record_bytes ({self.max_record_bytes}), found {self.segment_bytes}")
+                f"segment_bytes: expected at least max_record_bytes ({self.max_record_bytes}), "
+                f"found {self.segment_bytes}")
         if self.lease_ttl <= 0:
             raise ConfigurationError(f"lease_ttl: expected a positive number of seconds, found {self.lease_ttl}")
         if self.log_format not in LOG_FORMATS:

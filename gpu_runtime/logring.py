@@ -56,7 +56,7 @@ import numpy as np
 from .errors import CorruptLogError, LogFullError
 from .records import checksum
 
-__all__ = ["RING_MAGIC", "RING_VERSION", "DATA_START", "LogRing", "default_ring_dir"]
+__all__ = ["DATA_START", "RING_MAGIC", "RING_VERSION", "LogRing", "default_ring_dir"]
 
 RING_MAGIC = b"CNCRRING"
 RING_VERSION = 1
@@ -127,7 +127,8 @@ class LogRing:
             head = os.pread(fd, 36, 0)
             size = os.fstat(fd).st_size
             if len(head) < 36:
-                raise CorruptLogError(f"expected a {DATA_START}-byte ring header, found {size} bytes", path=str(path), offset=0)
+                raise CorruptLogError(f"expected a {DATA_START}-byte ring header, found {size} bytes", path=str(path),
+                                      offset=0)
             magic, version, data_start, capacity, tag = _STATIC.unpack(head[:32])
             if magic != RING_MAGIC:
                 raise CorruptLogError(f"expected ring magic {RING_MAGIC!r}, found {magic!r}", path=str(path), offset=0)
@@ -213,7 +214,8 @@ class LogRing:
             if pos + n <= self.capacity:
                 self._bytes[pos:pos + n] = data
                 return
-        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        src = (np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray)
+               else data.reshape(-1).view(np.uint8))
         n = src.size
         if n > self.capacity:
             raise LogFullError(f"expected at most {self.capacity} bytes per write into the ring, found {n}")
@@ -237,9 +239,9 @@ class LogRing:
         """Zero-copy views of ``n`` bytes from a logical offset (two if they wrap)."""
         pos = logical % self.capacity
         first = min(n, self.capacity - pos)
-        out = [memoryview(self._data[pos:pos + first])]
+        out = [self._data[pos:pos + first].data]
         if first < n:
-            out.append(memoryview(self._data[: n - first]))
+            out.append(self._data[: n - first].data)
         return out
 
     def wait_for_space(

@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["page_hashes", "dirty_runs"]
+__all__ = ["dirty_runs", "page_hashes"]
 
 _BLOCK_BYTES = 32 << 20
 
@@ -49,7 +49,7 @@ def page_hashes(data: np.ndarray, page_size: int, out: np.ndarray | None = None)
     if npages > full:
         tail = data[full * page_size:]
         whole = tail.size // 8
-        out[full] = zlib.crc32(tail[whole * 8:]) | (tail.size << 32)
+        out[full] = zlib.crc32(tail[whole * 8:].data) | (tail.size << 32)
         if whole:
             head = tail[: whole * 8].view(np.uint64)
             out[full:] += np.einsum("j,j->", head, _weights(words)[:whole], dtype=np.uint64)

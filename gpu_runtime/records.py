@@ -45,6 +45,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from .checksum import payload_sum
 
 __all__ = [
@@ -59,9 +61,9 @@ __all__ = [
     "checked_record_size",
     "checksum",
     "decode_header",
-    "payload_sum",
     "encode_header",
     "encode_record",
+    "payload_sum",
     "record_size",
     "session_tag",
 ]
@@ -160,7 +162,7 @@ def _header_crc(raw: bytes) -> int:
 
 def encode_record(
     type: RecordType,
-    payload: bytes | bytearray | memoryview,
+    payload: bytes | bytearray | memoryview | np.ndarray,
     *,
     session_tag: int,
     epoch: int,
@@ -170,7 +172,8 @@ def encode_record(
     aux: int = 0,
 ) -> bytes:
     """A whole record (header, payload, padding) as one bytes object."""
-    payload = memoryview(payload).cast("B")  # len() of an ndarray would be its first dimension
+    # bytes of any shape: len() of an ndarray would be its first dimension
+    payload = (payload.data if isinstance(payload, np.ndarray) else memoryview(payload)).cast("B")
     n = len(payload)
     header = encode_header(
         type, session_tag=session_tag, epoch=epoch, region=region, flags=flags,

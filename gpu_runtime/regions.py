@@ -79,9 +79,11 @@ class RegionSpec:
         if self.kind not in ("pages", "kv"):
             raise RegionError(f"region {self.name!r}: expected kind 'pages' or 'kv', found {self.kind!r}")
         if self.dtype not in _ITEMSIZE:
-            raise RegionError(f"region {self.name!r}: unsupported dtype {self.dtype!r}; expected one of {sorted(_ITEMSIZE)}")
+            raise RegionError(
+                f"region {self.name!r}: unsupported dtype {self.dtype!r}; expected one of {sorted(_ITEMSIZE)}")
         if self.kind == "pages" and (self.page_size <= 0 or self.page_size % 8):
-            raise RegionError(f"region {self.name!r}: expected a page size that is a positive multiple of 8, found {self.page_size}")
+            raise RegionError(
+                f"region {self.name!r}: expected a page size that is a positive multiple of 8, found {self.page_size}")
         if self.kind == "kv":
             if not self.shape:
                 raise RegionError(f"region {self.name!r}: a kv region needs at least one dimension")

@@ -18,7 +18,7 @@ def _build(config: Any, device: str, dtype: torch.dtype) -> Any:
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config)
+        model: Any = LlamaForCausalLM(config)
     return model.to(dtype).eval()
 
 

@@ -211,8 +211,8 @@ class DurableCache(Cache):
         self.storage = torch.zeros(2 * num_layers, batch_size, kv_heads, max_cache_len, head_dim,
                                    dtype=dtype, device=device)
         self.lengths = [0] * num_layers
-        layers = [DurableLayer(self.storage, i, self) for i in range(num_layers)]
-        super().__init__(layers=layers)
+        self.durable_layers = [DurableLayer(self.storage, i, self) for i in range(num_layers)]
+        super().__init__(layers=list[Any](self.durable_layers))
 
     @classmethod
     def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableCache:
@@ -228,7 +228,7 @@ class DurableCache(Cache):
         return self.lengths[0]
 
     def set_length(self, n: int) -> None:
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.durable_layers):
             self.lengths[i] = n
             layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
 
@@ -241,7 +241,7 @@ _NOT_FINGERPRINTED = frozenset({"stopping_criteria", "streamer"})
 # time per step on the H100 host. Its lifetime is the backend's default, 500 ms
 # (it was 50 ms: a relaunch every ~4 tokens of a 1B-shaped decode, every ~20
 # with 500 ms; whether that lowers the per-token cost was not settled by
-# scripts/paired_knobs_gpu.py — one run 0.61 -> 0.28 ms a checkpoint with a 1 s
+# bench/results/paired_knobs_gpu-*.json (H100) — one run 0.61 -> 0.28 ms a checkpoint with a 1 s
 # lifetime, another 0.40 -> 0.37 ms with 500 ms). It parks that often, so a
 # kernel module that generate loads for the first time meanwhile (the first
 # decode steps in a process) or a device-wide synchronize in a user's streamer
@@ -257,8 +257,8 @@ def _fingerprint(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         return hashlib.blake2b(data, digest_size=12).hexdigest()
 
     cfg = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else repr(model.config)
-    gen = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in sorted(kwargs.items())
-           if k not in _NOT_FINGERPRINTED}
+    gen: dict[str, Any] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                           for k, v in sorted(kwargs.items()) if k not in _NOT_FINGERPRINTED}
     if stored:
         # The per-step outputs the log keeps, however they were asked for (the
         # model's generation_config too): a run that stored none cannot resume
@@ -369,8 +369,9 @@ def _dict_output(sequences: torch.Tensor, cache: DurableCache, steps: _StepOutpu
     names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
     cache_field = "cache" if "cache" in names else "past_key_values"
     per_step = steps.tuples(sequences.shape[1] - steps.prompt_len) if steps is not None else {}
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_step.get("scores"),
-                                     logits=per_step.get("logits"), **{cache_field: cache})
+    fields: dict[str, Any] = {"sequences": sequences, "scores": per_step.get("scores"),
+                              "logits": per_step.get("logits"), cache_field: cache}
+    return GenerateDecoderOnlyOutput(**fields)
 
 
 class _Checkpointer(StoppingCriteria):
@@ -521,7 +522,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng, steps, on_event)
         kwargs = dict(generate_kwargs)
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
-        criteria = StoppingCriteriaList(list(kwargs.pop("stopping_criteria", []) or []) + [hook])
+        criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", []) or []), hook])
         if kwargs["max_new_tokens"] > 0:
             if steps is not None:
                 steps.attach(model, seq.shape[1] - prompt_len)

@@ -173,7 +173,7 @@ def test_lease_tokens_grow_and_fence(catalog_url):
     cat = Catalog(catalog_url)
     t1, created = cat.acquire("s", owner="a", ttl=0.2, backend="host", create=True)
     assert (t1, created) == (1, True)
-    with pytest.raises(OwnershipError, match="held by|holding"):
+    with pytest.raises(OwnershipError, match=r"held by|holding"):
         cat.acquire("s", owner="b", ttl=0.2, backend="host", create=True)
     time.sleep(0.25)
     t2, created = cat.acquire("s", owner="b", ttl=5, backend="host", create=True)

@@ -381,14 +381,14 @@ def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
     assert rt.info("th2").status == "idle"
     assert app.resume("th2")["turns"] == 1
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0].startswith("th2#task:")
-    with pytest.raises(ConcordiaError, match="inside a LangGraph node|running node"):
+    with pytest.raises(ConcordiaError, match=r"inside a LangGraph node|running node"):
         task_session_id({"configurable": {"thread_id": "x"}})
 
 
 def test_bad_input_gets_clear_errors(rt: Runtime):
     """Missing thread_id, a str to prune, an unknown prune strategy: named errors saying what was expected."""
     saver = ConcordiaSaver(runtime=rt)
-    with pytest.raises(ConcordiaError, match="expected configurable.thread_id"):
+    with pytest.raises(ConcordiaError, match=r"expected configurable\.thread_id"):
         saver.get_tuple({"configurable": {}})
     with pytest.raises(TypeError, match="sequence of thread IDs"):
         saver.prune("abc")
@@ -409,7 +409,7 @@ def _child(home: Path, catalog: str, *args: str, env: dict | None = None) -> sub
 
 def _result(p: subprocess.Popen[str], timeout: float = 300) -> tuple[int, dict]:
     out, err = p.communicate(timeout=timeout)
-    lines = [l for l in out.splitlines() if l.startswith("{")]
+    lines = [line for line in out.splitlines() if line.startswith("{")]
     return p.returncode, (json.loads(lines[-1]) if lines else {"stderr": err[-3000:]})
 
 
@@ -481,7 +481,7 @@ def test_cli_resume_finishes_a_crashed_agent(home: Path, tmp_path: Path, referen
                               catalog, "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                              check=False)
     lines = listing.stdout.splitlines()
-    thread_line = next(i for i, l in enumerate(lines) if l.startswith("cli-agent "))
+    thread_line = next(i for i, line in enumerate(lines) if line.startswith("cli-agent "))
     assert "graph" in lines[thread_line] and "closed" in lines[thread_line]
     assert lines[thread_line + 1].lstrip().startswith("└ #task:") and "closed" in lines[thread_line + 1]
 

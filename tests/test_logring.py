@@ -41,7 +41,8 @@ def test_reopen_sees_counters_and_data(tmp_path: Path):
     ring.write_at(100, b"hello")
     ring.publish_commit(105, 7)
     other = LogRing.open(path)
-    assert (other.base, other.written, other.committed, other.committed_epoch, other.owner_token) == (100, 105, 105, 7, 3)
+    assert (other.base, other.written, other.committed, other.committed_epoch,
+            other.owner_token) == (100, 105, 105, 7, 3)
     assert other.read(100, 5) == b"hello"
     other.set_owner(4)
     assert ring.owner_token == 4  # one shared mapping: the fence is visible at once
@@ -68,7 +69,7 @@ def test_open_rejects_bad_header(tmp_path: Path):
     with open(path, "r+b") as f:
         f.seek(17)
         f.write(b"\xff")
-    with pytest.raises(CorruptLogError, match="r.ring"):
+    with pytest.raises(CorruptLogError, match=r"r\.ring"):
         LogRing.open(path)
 
 

@@ -13,8 +13,8 @@ from gpu_runtime.records import (
     RecordType,
     checked_record_size,
     decode_header,
-    payload_sum,
     encode_record,
+    payload_sum,
     record_size,
     session_tag,
 )

@@ -25,15 +25,15 @@ def test_durable_generate_1b_dict_output_resumes_equal(tmp_path):
              "--extra", json.dumps(DICT_ARGS))
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
-    def run(home: str, name: str, **extra_env: str) -> dict | None:
+    def run(home: str, name: str, *extra: str) -> dict | None:
         path = tmp_path / f"{name}.pt"
-        if run_child(tmp_path / home, "llama-1b", *flags, "--save", str(path), env={**env, **extra_env}) is None:
+        if run_child(tmp_path / home, "llama-1b", *flags, *extra, "--save", str(path), env=env) is None:
             return None
         return torch.load(path, weights_only=False, map_location="cpu")
 
     ref = run("ref", "ref")
     assert ref is not None
-    assert run("crash", "killed", CONCORDIA_TEST_KILL_AFTER_TOKENS="20") is None
+    assert run("crash", "killed", "--kill-after-tokens", "20") is None
     assert_same_output(run("crash", "resumed"), ref, new_tokens=40)
 
 

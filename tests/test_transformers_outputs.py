@@ -35,7 +35,7 @@ def assert_same_output(got: dict, ref: dict, new_tokens: int = 30) -> None:
     assert torch.equal(got["sequences"], ref["sequences"])
     for field in ("scores", "logits"):
         assert len(got[field]) == len(ref[field]) == new_tokens, field
-        for step, (a, b) in enumerate(zip(got[field], ref[field])):
+        for step, (a, b) in enumerate(zip(got[field], ref[field], strict=True)):
             assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), (field, step)
     assert got["attentions"] is None and got["hidden_states"] is None
     assert got["cache_type"] == ref["cache_type"] == "DurableCache"
@@ -90,7 +90,8 @@ def test_call_after_the_session_finished_returns_the_same_type_and_fields(tmp_pa
             assert torch.equal(a["kv"], b["kv"])
             for field in ("scores", "logits"):
                 if f"output_{field}" in extra:
-                    assert len(b[field]) == 8 and all(torch.equal(x, y) for x, y in zip(a[field], b[field]))
+                    assert len(b[field]) == 8
+                    assert all(torch.equal(x, y) for x, y in zip(a[field], b[field], strict=True))
                 else:
                     assert a[field] is None and b[field] is None
 

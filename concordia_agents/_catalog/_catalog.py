@@ -12,17 +12,18 @@ refused with ``OwnershipError`` if the lease row holds another token.
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, create_engine, delete, event, inspect, select, update
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy import Table, bindparam, create_engine, delete, event, inspect, select, update
+from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session as OrmSession
 
 from .._owner import owner_is_dead
@@ -151,7 +152,7 @@ class Catalog:
         self.idle_tx_timeout_s = idle_tx_timeout_s
         try:
             parsed = make_url(url)
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy raises several kinds
+        except Exception as e:  # any kind: SQLAlchemy raises several
             raise ConfigurationError(f"catalog URL: expected an SQLAlchemy URL, found {url!r}", orig=e) from e
         self.dialect = parsed.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
@@ -234,7 +235,7 @@ class Catalog:
 
     # -- transactions -------------------------------------------------------------
 
-    def failure(self, what: str, e: DBAPIError) -> CatalogError:
+    def failure(self, what: str, e: StatementError) -> CatalogError:
         """The CatalogError for a driver error during a catalog ``what`` ("read", "write")."""
         found = " ".join(str(e.orig or e).split())  # one line: drivers break theirs with tabs and newlines
         # Lock failures a user can act on without a DBA: say who can hold a lock this long.
@@ -330,7 +331,7 @@ class Catalog:
                 # Serialize concurrent first-time migrations across processes.
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(260623521)")
             if not inspect(conn).has_table(SchemaVersionRow.__tablename__):
-                SchemaVersionRow.__table__.create(conn)
+                cast(Table, SchemaVersionRow.__table__).create(conn)
             row = s.get(SchemaVersionRow, 1)
             current = row.version if row else 0
             self._refuse_newer(current)
@@ -389,7 +390,9 @@ class Catalog:
                                      durable_offset=0, log_bytes=0, labels={}))
                     s.flush()
                 else:
-                    if log is True and ((row.labels or {}).get(LEASE_ONLY) or (row.labels or {}).get("kind") == "graph"):
+                    assert row is not None  # not created: the row exists
+                    labels = row.labels or {}
+                    if log is True and (labels.get(LEASE_ONLY) or labels.get("kind") == "graph"):
                         raise SessionKindError(
                             f"session {session_id!r} is a bare lease (a graph thread: labels {row.labels}); expected "
                             "a session with a region log: open its task sessions, or use a new session ID")
@@ -470,7 +473,7 @@ class Catalog:
             cond.append(LeaseRow.owner == owner)
         with self.write() as s:
             res = s.execute(update(LeaseRow).where(*cond).values(heartbeat_at=now, expires_at=now + ttl))
-            return res.rowcount == 1
+            return cast(CursorResult[Any], res).rowcount == 1
 
     def release(self, session_id: str, token: int, *, closed: bool) -> None:
         """Give the lease up. ``closed`` marks a clean close of the session."""
@@ -500,8 +503,9 @@ class Catalog:
     def live_leases(self, s: OrmSession, session_ids: list[str]) -> list[tuple[str, str, int, float]]:
         """``(session_id, owner, token, expires_at)`` of each live lease among these sessions."""
         now = time.time()
-        return [(l.session_id, l.owner, l.token, l.expires_at)
-                for l in s.scalars(select(LeaseRow).where(LeaseRow.session_id.in_(session_ids))) if _live(l, now)]
+        return [(lease.session_id, lease.owner, lease.token, lease.expires_at)
+                for lease in s.scalars(select(LeaseRow).where(LeaseRow.session_id.in_(session_ids)))
+                if _live(lease, now)]
 
     def get(self, session_id: str) -> SessionInfo:
         with self.read() as s:
@@ -519,7 +523,7 @@ class Catalog:
             q = q.where(SessionRow.id.startswith(prefix, autoescape=True))
             lq = lq.where(LeaseRow.session_id.startswith(prefix, autoescape=True))
         with self.read() as s:
-            leases = {l.session_id: l for l in s.scalars(lq)}
+            leases = {lease.session_id: lease for lease in s.scalars(lq)}
             return [self._info(r, leases.get(r.id), now) for r in s.scalars(q)]
 
     @staticmethod
@@ -538,12 +542,12 @@ class Catalog:
             if row is None:
                 raise SessionNotFound(session_id)
             lease = self._lock_lease(s, session_id)
-            if _live(lease, now) and lease.token != owner_token:
+            if lease is not None and _live(lease, now) and lease.token != owner_token:
                 raise OwnershipError(
                     f"session {session_id!r}: expected no live owner to delete it, found {lease.owner} "
                     f"(token {lease.token}, {lease.expires_at - now:.1f} s left)")
             for model in (SegmentRow, EpochRow, RegionRow, LeaseRow):
-                s.execute(delete(model).where(model.session_id == session_id))  # type: ignore[attr-defined]
+                s.execute(delete(model).where(model.session_id == session_id))
             s.merge(TombstoneRow(session_id=session_id, created_at=row.created_at, deleted_at=now))
             s.delete(row)
 
@@ -567,14 +571,14 @@ class Catalog:
                 dtype=spec.dtype, shape=list(spec.shape), library=spec.library, device=spec.device,
                 page_size=spec.page_size, seq_axis=spec.seq_axis, registered_epoch=epoch))
 
-    def regions(self, session_id: str) -> list[RegionRow]:
+    def regions(self, session_id: str) -> builtins.list[RegionRow]:
         with self.read() as s:
             return list(s.scalars(select(RegionRow).where(RegionRow.session_id == session_id)
                                   .order_by(RegionRow.region_id)))
 
     def record_progress(
         self, session_id: str, token: int, *, epoch: int, offset: int, log_bytes: int,
-        segments: list[SegmentInfo], removed: list[str] = (),  # type: ignore[assignment]
+        segments: builtins.list[SegmentInfo], removed: builtins.list[str] = (),  # type: ignore[assignment]
     ) -> None:
         """The flusher's batch: newest durable epoch, segment files, their sizes."""
         now = time.time()
@@ -599,7 +603,7 @@ class Catalog:
         with self.write() as s:
             s.execute(delete(EpochRow).where(EpochRow.session_id == session_id, EpochRow.epoch < below))
 
-    def segments(self, session_id: str) -> list[SegmentInfo]:
+    def segments(self, session_id: str) -> builtins.list[SegmentInfo]:
         with self.read() as s:
             rows = s.scalars(select(SegmentRow).where(SegmentRow.session_id == session_id)
                              .order_by(SegmentRow.base_offset))

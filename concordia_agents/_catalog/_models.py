@@ -14,7 +14,17 @@ from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, St
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "CatalogIdRow", "EpochRow", "LeaseRow", "RegionRow", "SchemaVersionRow", "SegmentRow", "SessionRow", "TombstoneRow"]
+__all__ = [
+    "Base",
+    "CatalogIdRow",
+    "EpochRow",
+    "LeaseRow",
+    "RegionRow",
+    "SchemaVersionRow",
+    "SegmentRow",
+    "SessionRow",
+    "TombstoneRow",
+]
 
 JsonType = JSONB().with_variant(JSON(), "sqlite")
 

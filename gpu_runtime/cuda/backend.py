@@ -57,7 +57,7 @@ class CupyBackend(Backend):
             from cuda.bindings import driver  # noqa: F401
 
             return cupy.cuda.runtime.getDeviceCount() > 0
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means "not usable here"
             return False
 
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
@@ -153,7 +153,7 @@ class CupyBackend(Backend):
             self._staging.append((ticket, buf))
 
     def apply_records(self, region: BackendRegion, locs: Sequence[Any], reader: Any) -> None:
-        """Restore pipeline (``gpu_runtime/restore.py``): reader threads ``pread``
+        """Restore pipeline (``gpu_runtime/cuda/restore.py``): reader threads ``pread``
         runs of adjacent records into pinned buffers; their checksums are summed
         on the GPU (``restore_verify="device"``, the default) or by the reader
         threads (``"host"``); verified records reach the region in log order by

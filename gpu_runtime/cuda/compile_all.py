@@ -1,6 +1,6 @@
 """Compile every kernel and handler specialization Concordia ships, without a GPU.
 
-    python -m gpu_runtime.compile_all [--arch sm_90]
+    python -m gpu_runtime.cuda.compile_all [--arch sm_90]
 
 Specializations: the executor with no handlers, each kv row size of the
 common model shapes (head dim 64/128/256 in fp16/bf16/fp32; 8-byte minimum)

@@ -106,11 +106,11 @@ class Executor:
         self._slots_mem = PinnedBuffer(nslots * SLOT_WORDS * 8)
         self.slots = self._slots_mem.view(np.uint64).reshape(nslots, SLOT_WORDS)
         self.slots[:] = 0
-        self._slot_bytes = memoryview(self._slots_mem.array)  # enqueue packs slots with struct (cheapest)
+        self._slot_bytes = self._slots_mem.array.data  # enqueue packs slots with struct (cheapest)
         self._ctl_mem = PinnedBuffer(128)
         self.ctl = self._ctl_mem.view(np.uint64)
         self.ctl[:] = 0
-        self._ctlq = memoryview(self._ctl_mem.array).cast("Q")  # word reads as Python ints, no NumPy scalar
+        self._ctlq = self._ctl_mem.array.data.cast("Q")  # word reads as Python ints, no NumPy scalar
         self.ctl[IDLE_NS] = int(idle_ms * 1e6)
         self.ctl[MAX_LIFE_NS] = int(max_life_ms * 1e6)
         self.ctl[NSLOTS] = nslots

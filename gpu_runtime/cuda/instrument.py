@@ -1,5 +1,5 @@
 """Module-load interposition: CuPy modules loaded while enabled carry the pause
-gate and the completion hook of :mod:`gpu_runtime.ptx`.
+gate and the completion hook of :mod:`gpu_runtime.cuda.ptx`.
 
 Call protocol::
 
@@ -110,7 +110,7 @@ def kernel_id(name: str) -> int:
 
 
 def rewrite(ptx: str | bytes) -> str:
-    """The instrumented PTX (``gpu_runtime.ptx.instrument`` with name-derived IDs)."""
+    """The instrumented PTX (``gpu_runtime.cuda.ptx.instrument`` with name-derived IDs)."""
     out = instrument(ptx, kernel_id, single_block=_state().single_block)
     if out.funcs_with_exit:
         _state().log.warning("functions end threads with `exit`: such exits are not counted",
@@ -140,7 +140,7 @@ class _State:
     names: dict[str, int] = field(default_factory=dict)
     saved: dict[str, Any] = field(default_factory=dict)
     tmpdir: Path | None = None
-    single_block: bool = True  #: rewrite with the single-block fast path (see gpu_runtime/ptx.py)
+    single_block: bool = True  #: rewrite with the single-block fast path (see gpu_runtime/cuda/ptx.py)
 
 
 _LOCK = threading.RLock()
@@ -274,8 +274,8 @@ def _patch_cupy() -> None:
             return orig_arch(arch)
         return f"-arch=compute_{arch if arch is not None else compiler._get_arch()}", "ptx"
 
-    def nvrtc(source, options=(), arch=None, filename="kern.cu", name_expressions=None, log_stream=None,
-              cache_in_memory=False, jitify=None, method=None):  # type: ignore[no-untyped-def]
+    def nvrtc(source, options=(), arch=None, filename="kern.cu", name_expressions=None,  # type: ignore[no-untyped-def]
+              log_stream=None, cache_in_memory=False, jitify=None, method=None):
         binary, mapping = orig_nvrtc(source, options, arch, filename, name_expressions, log_stream,
                                      cache_in_memory, jitify, method)
         if not is_enabled() or _option() not in options or method == "lto":
@@ -311,8 +311,8 @@ def _path_raw_module(orig_raw: Any, st: _State) -> Any:
 
 
 def _make_raw_module(orig_raw: Any, st: _State) -> Any:
-    class RawModule(orig_raw):  # type: ignore[misc, valid-type]
-        """cupy.RawModule whose ``path=`` modules are instrumented (see gpu_runtime.instrument)."""
+    class RawModule(orig_raw):
+        """cupy.RawModule whose ``path=`` modules are instrumented (see gpu_runtime.cuda.instrument)."""
 
         def __init__(self, *args: Any, path: str | None = None, **kwargs: Any) -> None:
             self._cc_hooked = False

@@ -129,7 +129,7 @@ class TaskLayout:
         params = ", ".join(["*", *required, *optional])
         src = f"def pack({params}):\n{check}    return ({', '.join(words)},)\n"
         namespace: dict[str, Any] = {"_too_wide": _too_wide}
-        exec(compile(src, f"<task layout {self.name}>", "exec"), namespace)
+        exec(compile(src, f"<task layout {self.name}>", "exec"), namespace)  # source made from the fields above
         pack = namespace["pack"]
         pack.__doc__ = f"Pack a {self.name} task: {', '.join(f.name for f in self.fields)}."
         return pack

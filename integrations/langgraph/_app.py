@@ -45,6 +45,7 @@ def wrap(graph: Any, *, runtime: Runtime | None = None, saver: ConcordiaSaver | 
     saver = saver if saver is not None else ConcordiaSaver(runtime=runtime)
     if isinstance(graph, DurableGraph):
         graph = graph.graph
+    compiled: Pregel[Any, Any, Any, Any]
     if isinstance(graph, StateGraph):
         compiled = graph.compile(checkpointer=saver, **compile_kwargs)
     elif isinstance(graph, Pregel):

@@ -148,9 +148,11 @@ class PgWriter:
                 pooled = self._idle.pop()
             except IndexError:
                 pooled = self._engine.raw_connection()
-            conn: psycopg.Connection = pooled.driver_connection  # type: ignore[assignment]
+            conn: psycopg.Connection = pooled.driver_connection
             try:
-                done = bool(conn.execute(sql, params).fetchone()[0])  # type: ignore[index]
+                row = conn.execute(sql, params).fetchone()
+                assert row is not None  # the statement always returns its one row
+                done = bool(row[0])
             except psycopg.Error as e:
                 if conn.closed:
                     pooled.invalidate()  # the server closed it: drop it, and once more on a fresh one

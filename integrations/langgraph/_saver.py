@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -64,7 +64,7 @@ from ._schema import BLOBS, CHECKPOINTS, INLINE_STR, INLINE_TYPES, WRITES, migra
 from ._sqlite import SqliteWriter
 from ._task import TASK_SEP
 
-__all__ = ["ConcordiaSaver", "GRAPH_KIND"]
+__all__ = ["GRAPH_KIND", "ConcordiaSaver"]
 
 #: the ``backend`` column and ``kind`` label of a graph thread's session
 GRAPH_KIND = "langgraph"
@@ -246,7 +246,7 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             WRITES.c.checkpoint_id == row.checkpoint_id)), key=lambda w: writes_sort_key(w.task_path, w.task_id, w.idx))
         return CheckpointTuple(
             config=_config(row.session_id, row.checkpoint_ns, row.checkpoint_id),
-            checkpoint={**checkpoint, "channel_values": values},
+            checkpoint=cast(Checkpoint, {**checkpoint, "channel_values": values}),
             metadata=unpack(self.serde, row.metadata_type, row.metadata),
             parent_config=(_config(row.session_id, row.checkpoint_ns, row.parent_checkpoint_id)
                            if row.parent_checkpoint_id else None),
@@ -351,7 +351,8 @@ class ConcordiaSaver(BaseCheckpointSaver[str]):
             idx = WRITES_IDX_MAP.get(channel, i)
             if idx < 0 or idx not in by_idx:
                 by_idx[idx] = (channel, value)
-        plain, special = [], []
+        plain: list[tuple[Any, ...]] = []
+        special: list[tuple[Any, ...]] = []
         for idx, (channel, value) in by_idx.items():
             row = (thread_id, ns, str(checkpoint_id), str(task_id), idx, channel, *self.serde.dumps_typed(value),
                    task_path)

@@ -240,7 +240,8 @@ def _v2(conn: Connection) -> None:
           Column("uses_delta", Boolean, nullable=False)).create(conn)
     keep = ("session_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, type, checkpoint, metadata_type, "
             "metadata, run_id, uses_delta")
-    conn.exec_driver_sql(f"INSERT INTO concordia_lg_checkpoints_v2 ({keep}) SELECT {keep} FROM concordia_lg_checkpoints")
+    conn.exec_driver_sql(
+        f"INSERT INTO concordia_lg_checkpoints_v2 ({keep}) SELECT {keep} FROM concordia_lg_checkpoints")
     conn.exec_driver_sql("DROP TABLE concordia_lg_checkpoints")
     conn.exec_driver_sql("ALTER TABLE concordia_lg_checkpoints_v2 RENAME TO concordia_lg_checkpoints")
     conn.exec_driver_sql("CREATE INDEX ix_concordia_lg_checkpoints_run_id ON concordia_lg_checkpoints (run_id)")

@@ -94,7 +94,7 @@ def make_app(runtime: Runtime, *, model: Any = None, device: str = "cpu", new_to
         trace = Trace()
 
     def count_forward(_module: Any, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        ids: Any = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
         trace.add_forward(int(ids.shape[1]))
 
     model.register_forward_pre_hook(count_forward, with_kwargs=True)

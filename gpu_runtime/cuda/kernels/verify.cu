@@ -1,4 +1,4 @@
-// Payload checksums of restore spans on the device (gpu_runtime/restore.py,
+// Payload checksums of restore spans on the device (gpu_runtime/cuda/restore.py,
 // restore_verify="device"). The host reads log records into pinned memory
 // without summing them and copies each span to a device staging buffer; this
 // kernel sums every record's whole payload words there (the definition of
