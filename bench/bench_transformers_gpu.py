@@ -145,7 +145,7 @@ def decode_section(rts: dict[str, Any], model, shape: str, batch: int, prompt_le
         tokens = new if every == 1 else (paired_new or new)
 
         def run(steps: Steps) -> None:
-            from integrations.transformers import _Checkpointer
+            from integrations.transformers._generate import _Checkpointer
 
             counter[0] += 1
             sid = f"bench-{shape}-{batch}-{counter[0]}"

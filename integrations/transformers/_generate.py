@@ -1,55 +1,5 @@
-"""transformers: a durable KV cache and ``durable_generate``.
-
-Protocol of one call ``durable_generate(model, input_ids, session_id=...)``:
-
-1. Open (or create) the session; if it holds a previous run, check its
-   fingerprint (model config and dtype, prompt, attention mask, generation
-   arguments) and raise ``ResumeMismatchError`` naming what differs.
-2. Preallocate one KV storage tensor ``[2 * layers, batch, kv_heads, max_len,
-   head_dim]`` and a token buffer ``[batch, max_len]`` and register both as
-   ``kv`` regions; on resume they are restored in place (no re-prefill: the
-   cache holds ``len(tokens) - 1`` positions and ``generate`` feeds only the
-   last token). With ``return_dict_in_generate`` and ``output_scores`` /
-   ``output_logits``, also ``scores`` / ``logits`` regions ``[batch,
-   max_new_tokens, vocab]`` (float32), one row per generated token.
-3. ``model.generate(..., past_key_values=cache)`` with a stopping-criteria hook
-   that, after each sampled token, commits an epoch every
-   ``checkpoint_every`` tokens: the new KV rows, the new tokens, the RNG states
-   (sampling resumes identically), the new score/logit rows if kept, and the
-   token count. The invariant at that point is ``cache length == len(tokens) -
-   1``. On the GPU the commit returns once its tasks are queued (the executor
-   copies during the next step), and the executor stays resident across steps
-   while ``generate`` runs (``Backend.resident``).
-4. A final epoch marks the run done; calling again returns the stored result
-   without running the model, as the same type: a tensor, or a
-   ``GenerateDecoderOnlyOutput`` rebuilt from the regions (also what a resumed
-   call returns, so its scores/logits cover every token, not only those since
-   the resume).
-
-Observing a call: ``durable_generate(..., on_event=f)`` calls ``f`` with a
-:class:`GenerateEvent` at three points: ``"opened"`` (the session is open and
-its lease held; nothing committed by this call yet), ``"token_committed"``
-(after each epoch holding new tokens) and ``"done"`` (the final epoch is
-durable; the session is not closed yet). It runs on the calling thread, inside
-``generate`` for ``"token_committed"``. An exception it raises ends the call as
-any failure does: the session is given back, or released resumable after this
-call's commits, never marked closed.
-
-Why a callback, and not environment variables or a test-only hook module: it is
-an argument of one call, visible in the signature and typed, so no process-wide
-switch lives in library code and no other call or thread is affected. Crash
-tests and demo workers pass one that SIGKILLs the process at the point they
-test (``os.kill(os.getpid(), signal.SIGKILL)`` at ``"token_committed"`` with
-``n_generated >= N``, at ``"opened"``, or at ``"done"``); anyone else can use it
-for progress, metrics or a supervisor's heartbeat.
-
-The cache works with ``model.generate`` directly too (``DurableCache.for_model``;
-to persist it, register ``cache.storage`` as a kv region with ``seq_axis=3``),
-beam search included: build it with ``batch_size = batch * num_beams`` (the
-batch ``generate`` runs); ``reorder_cache`` permutes the storage's rows in
-place. A cache used with another batch size raises ``ConcordiaError`` at the
-first forward, naming both.
-"""
+"""``durable_generate``: the call protocol of the package docstring, its
+events, the run fingerprint and the per-token checkpointer."""
 
 from __future__ import annotations
 
@@ -63,12 +13,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.cache_utils import Cache, DynamicLayer
 
 from concordia_agents import ConcordiaError, Runtime, Session
 
-__all__ = ["DurableCache", "DurableLayer", "GenerateEvent", "GeneratePhase", "ResumeMismatchError",
-           "durable_generate"]
+from ._cache import DurableCache
+from ._outputs import _dict_output, _StepOutputs
+
+__all__ = ["GenerateEvent", "GeneratePhase", "ResumeMismatchError", "durable_generate"]
 
 #: where a ``durable_generate`` call is when it calls ``on_event`` (see the module docs)
 GeneratePhase = Literal["opened", "token_committed", "done"]
@@ -100,137 +51,6 @@ class GenerateEvent:
     epoch: int
     #: tokens generated per sequence so far, those restored from the log included
     n_generated: int
-
-
-class DurableLayer(DynamicLayer):
-    """One layer's K/V as views into the shared preallocated storage: written in
-    place, never reallocated (fixed addresses for the GPU executor)."""
-
-    def __init__(self, storage: torch.Tensor, index: int, cache: DurableCache) -> None:
-        super().__init__()
-        self._k = storage[2 * index]
-        self._v = storage[2 * index + 1]
-        self._cache = cache
-        self._i = index
-        self.device = storage.device
-        self.is_initialized = True
-        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        t0 = self._cache.lengths[self._index]
-        n = key_states.shape[-2]
-        if t0 + n > self._k.shape[-2]:
-            raise ConcordiaError(f"durable cache full: expected at most {self._k.shape[-2]} positions, "
-                                 f"found {t0 + n}; pass a larger max_cache_len")
-        # copy_ broadcasts: without this check a batch of 1 would silently fill
-        # every row of a cache built for more, and other mismatches would surface
-        # as torch shape errors deep inside attention. Every layer shares the
-        # storage's shape, so the first layer of each forward checks for all
-        # (this runs per layer per token: ~0.2 us a check on the CI machine).
-        if self._i == 0:
-            b, h, _, d = key_states.shape
-            if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
-                raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
-        self._k[:, :, t0:t0 + n].copy_(key_states)
-        self._v[:, :, t0:t0 + n].copy_(value_states)
-        self._cache.lengths[self._index] = t0 + n
-        self.keys, self.values = self._k[:, :, :t0 + n], self._v[:, :, :t0 + n]
-        return self.keys, self.values
-
-    @property
-    def _index(self) -> int:
-        return self._i
-
-    def get_seq_length(self) -> int:
-        return self._cache.lengths[self._index]
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop() takes a negative count of tokens to remove")
-        i = self._index
-        self._cache.lengths[i] = max(0, self._cache.lengths[i] + tokens_to_remove)
-        n = self._cache.lengths[i]
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-
-    def reset(self) -> None:
-        self._cache.lengths[self._index] = 0
-        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place.
-
-        The inherited method rebinds ``keys``/``values`` to new tensors, which
-        ``update`` never reads (it writes and returns the storage): beam search
-        then ran on the unreordered rows and returned wrong beams silently."""
-        batch = self._k.shape[0]
-        if beam_idx.shape != (batch,):
-            raise ConcordiaError(f"durable cache reorder: expected {batch} beam indices (the cache's batch size), "
-                                 f"found shape {list(beam_idx.shape)}")
-        n = self.get_seq_length()
-        if n > 0:
-            idx = beam_idx.to(self._k.device)
-            # index_select makes a new tensor, so no source row is overwritten
-            # before it is read; copy_ then keeps the storage's address.
-            self._k[:, :, :n].copy_(self._k[:, :, :n].index_select(0, idx))
-            self._v[:, :, :n].copy_(self._v[:, :, :n].index_select(0, idx))
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
-                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
-                             "batch size instead")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
-                             f"found a request to keep {len(indices)} rows")
-
-
-def _shape_mismatch(expected: torch.Size, found: torch.Size) -> str:
-    b, h, _, d = expected
-    msg = (f"durable cache: expected key/value states of shape [batch={b}, kv_heads={h}, *, head_dim={d}] "
-           f"(the shape it was built with), found {list(found)}")
-    if found[0] != b:
-        msg += (f"; it was built for batch_size={b} and generate runs {found[0]} sequences (generate expands the "
-                "batch num_beams * num_return_sequences times: build the cache with that batch size)")
-    return msg
-
-
-class DurableCache(Cache):
-    """A transformers ``Cache`` whose K/V live in one preallocated tensor
-    ``storage[2 * layer + (0: K, 1: V)] = [batch, kv_heads, max_len, head_dim]``."""
-
-    def __init__(self, *, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, max_cache_len: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        self.storage = torch.zeros(2 * num_layers, batch_size, kv_heads, max_cache_len, head_dim,
-                                   dtype=dtype, device=device)
-        self.lengths = [0] * num_layers
-        self.durable_layers = [DurableLayer(self.storage, i, self) for i in range(num_layers)]
-        super().__init__(layers=list[Any](self.durable_layers))
-
-    @classmethod
-    def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableCache:
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(num_layers=cfg.num_hidden_layers, batch_size=batch_size, kv_heads=kv_heads, head_dim=head_dim,
-                   max_cache_len=max_cache_len, dtype=model.dtype, device=model.device)
-
-    @property
-    def length(self) -> int:
-        return self.lengths[0]
-
-    def set_length(self, n: int) -> None:
-        for i, layer in enumerate(self.durable_layers):
-            self.lengths[i] = n
-            layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
 
 
 #: generate() arguments that do not change which tokens come out (callbacks that
@@ -281,97 +101,6 @@ def _option(model: Any, kwargs: dict[str, Any], name: str, default: Any) -> Any:
     cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     value = getattr(cfg, name, None)
     return default if value is None else value
-
-
-def _vocab_size(model: Any) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is not None:
-        return int(weight.shape[0])
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(cfg.vocab_size)
-
-
-class _StepOutputs:
-    """The per-step ``scores`` / ``logits`` of ``generate``'s dict output, kept in
-    kv regions ``[batch, max_new_tokens, vocab]`` (float32, as ``generate``
-    returns them) and committed with each token's epoch, so that a resumed or
-    finished call returns every step's, not only those computed since the
-    resume. Only made when the caller asks for them: vocab-sized floats per
-    token and sequence (513 KB for a 128k vocabulary) go into the log.
-
-    ``scores`` come from the tuple ``generate`` passes to stopping criteria (the
-    processed scores of this call's steps). Raw ``logits`` are not passed there,
-    so a forward hook copies the last position's logits of each forward into the
-    row of the token that forward produces (``generate`` converts them with the
-    same ``.to(float32)``, so the stored values are bit-equal)."""
-
-    def __init__(self, model: Any, session: Session, *, batch: int, max_new: int, prompt_len: int,
-                 device: torch.device, scores: bool, logits: bool) -> None:
-        vocab = _vocab_size(model)
-        self.prompt_len = prompt_len
-        self.buffers: dict[str, torch.Tensor] = {}
-        for name, wanted in (("scores", scores), ("logits", logits)):
-            if wanted:
-                buf = torch.zeros(batch, max_new, vocab, dtype=torch.float32, device=device)
-                session.register(name, buf, kind="kv", seq_axis=1)
-                self.buffers[name] = buf
-        self.scores, self.logits = self.buffers.get("scores"), self.buffers.get("logits")
-        self._row = 0  # the generated-token index the next forward produces
-        self._call_start = 0  # generated tokens before this generate call
-        self._hook: Any = None
-
-    def attach(self, model: Any, n_generated: int) -> None:
-        self._row = self._call_start = n_generated
-        if self.logits is not None:
-            self._hook = model.register_forward_hook(self._on_forward)
-
-    def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _on_forward(self, module: Any, args: Any, output: Any) -> None:
-        assert self.logits is not None
-        last = output.logits[:, -1]
-        if self._row >= self.logits.shape[1] or last.shape != self.logits[:, 0].shape:
-            raise ConcordiaError(f"durable_generate logits: expected step < {self.logits.shape[1]} of shape "
-                                 f"{list(self.logits[:, 0].shape)}, found step {self._row} of shape {list(last.shape)}")
-        self.logits[:, self._row].copy_(last)
-
-    def record(self, n_generated: int, scores: Any) -> None:
-        """After token ``n_generated - 1`` was appended (stopping-criteria time)."""
-        if self.scores is not None:
-            step = n_generated - self._call_start
-            if not isinstance(scores, tuple) or len(scores) != step or scores[-1].shape != self.scores[:, 0].shape:
-                found = (f"{type(scores).__name__} of {len(scores)}" if isinstance(scores, tuple)
-                         else type(scores).__name__)
-                raise ConcordiaError(f"durable_generate scores: expected generate to pass stopping criteria the "
-                                     f"tuple of this call's {step} score tensors, found {found}")
-            self.scores[:, n_generated - 1].copy_(scores[-1])
-        self._row = n_generated
-
-    def tuples(self, n_generated: int) -> dict[str, tuple[torch.Tensor, ...] | None]:
-        """Each requested field as ``generate`` returns it: one ``[batch, vocab]``
-        tensor per generated token (copies: the buffers stay the session's)."""
-        out: dict[str, tuple[torch.Tensor, ...] | None] = {"scores": None, "logits": None}
-        for name, buf in self.buffers.items():
-            out[name] = tuple(buf[:, :n_generated].transpose(0, 1).contiguous().unbind(0))
-        return out
-
-
-def _dict_output(sequences: torch.Tensor, cache: DurableCache, steps: _StepOutputs | None) -> Any:
-    """``GenerateDecoderOnlyOutput`` as an uninterrupted ``generate`` returns it.
-    Its cache field is ``past_key_values`` in transformers 5.17 and ``cache``
-    in 5.24+."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
-    cache_field = "cache" if "cache" in names else "past_key_values"
-    per_step = steps.tuples(sequences.shape[1] - steps.prompt_len) if steps is not None else {}
-    fields: dict[str, Any] = {"sequences": sequences, "scores": per_step.get("scores"),
-                              "logits": per_step.get("logits"), cache_field: cache}
-    return GenerateDecoderOnlyOutput(**fields)
 
 
 class _Checkpointer(StoppingCriteria):

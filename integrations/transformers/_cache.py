@@ -1,0 +1,144 @@
+"""A transformers ``Cache`` whose K/V live in one preallocated tensor (fixed
+addresses, registered as a kv region by ``durable_generate``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from concordia_agents import ConcordiaError
+
+__all__ = ["DurableCache", "DurableLayer"]
+
+
+class DurableLayer(DynamicLayer):
+    """One layer's K/V as views into the shared preallocated storage: written in
+    place, never reallocated (fixed addresses for the GPU executor)."""
+
+    def __init__(self, storage: torch.Tensor, index: int, cache: DurableCache) -> None:
+        super().__init__()
+        self._k = storage[2 * index]
+        self._v = storage[2 * index + 1]
+        self._cache = cache
+        self._i = index
+        self.device = storage.device
+        self.is_initialized = True
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = self._cache.lengths[self._index]
+        n = key_states.shape[-2]
+        if t0 + n > self._k.shape[-2]:
+            raise ConcordiaError(f"durable cache full: expected at most {self._k.shape[-2]} positions, "
+                                 f"found {t0 + n}; pass a larger max_cache_len")
+        # copy_ broadcasts: without this check a batch of 1 would silently fill
+        # every row of a cache built for more, and other mismatches would surface
+        # as torch shape errors deep inside attention. Every layer shares the
+        # storage's shape, so the first layer of each forward checks for all
+        # (this runs per layer per token: ~0.2 us a check on the CI machine).
+        if self._i == 0:
+            b, h, _, d = key_states.shape
+            if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
+                raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
+        self._k[:, :, t0:t0 + n].copy_(key_states)
+        self._v[:, :, t0:t0 + n].copy_(value_states)
+        self._cache.lengths[self._index] = t0 + n
+        self.keys, self.values = self._k[:, :, :t0 + n], self._v[:, :, :t0 + n]
+        return self.keys, self.values
+
+    @property
+    def _index(self) -> int:
+        return self._i
+
+    def get_seq_length(self) -> int:
+        return self._cache.lengths[self._index]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop() takes a negative count of tokens to remove")
+        i = self._index
+        self._cache.lengths[i] = max(0, self._cache.lengths[i] + tokens_to_remove)
+        n = self._cache.lengths[i]
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def reset(self) -> None:
+        self._cache.lengths[self._index] = 0
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place.
+
+        The inherited method rebinds ``keys``/``values`` to new tensors, which
+        ``update`` never reads (it writes and returns the storage): beam search
+        then ran on the unreordered rows and returned wrong beams silently."""
+        batch = self._k.shape[0]
+        if beam_idx.shape != (batch,):
+            raise ConcordiaError(f"durable cache reorder: expected {batch} beam indices (the cache's batch size), "
+                                 f"found shape {list(beam_idx.shape)}")
+        n = self.get_seq_length()
+        if n > 0:
+            idx = beam_idx.to(self._k.device)
+            # index_select makes a new tensor, so no source row is overwritten
+            # before it is read; copy_ then keeps the storage's address.
+            self._k[:, :, :n].copy_(self._k[:, :, :n].index_select(0, idx))
+            self._v[:, :, :n].copy_(self._v[:, :, :n].index_select(0, idx))
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
+                             "batch size instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to keep {len(indices)} rows")
+
+
+def _shape_mismatch(expected: torch.Size, found: torch.Size) -> str:
+    b, h, _, d = expected
+    msg = (f"durable cache: expected key/value states of shape [batch={b}, kv_heads={h}, *, head_dim={d}] "
+           f"(the shape it was built with), found {list(found)}")
+    if found[0] != b:
+        msg += (f"; it was built for batch_size={b} and generate runs {found[0]} sequences (generate expands the "
+                "batch num_beams * num_return_sequences times: build the cache with that batch size)")
+    return msg
+
+
+class DurableCache(Cache):
+    """A transformers ``Cache`` whose K/V live in one preallocated tensor
+    ``storage[2 * layer + (0: K, 1: V)] = [batch, kv_heads, max_len, head_dim]``."""
+
+    def __init__(self, *, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, max_cache_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.storage = torch.zeros(2 * num_layers, batch_size, kv_heads, max_cache_len, head_dim,
+                                   dtype=dtype, device=device)
+        self.lengths = [0] * num_layers
+        self.durable_layers = [DurableLayer(self.storage, i, self) for i in range(num_layers)]
+        super().__init__(layers=list[Any](self.durable_layers))
+
+    @classmethod
+    def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableCache:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(num_layers=cfg.num_hidden_layers, batch_size=batch_size, kv_heads=kv_heads, head_dim=head_dim,
+                   max_cache_len=max_cache_len, dtype=model.dtype, device=model.device)
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    def set_length(self, n: int) -> None:
+        for i, layer in enumerate(self.durable_layers):
+            self.lengths[i] = n
+            layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
