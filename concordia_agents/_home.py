@@ -185,7 +185,7 @@ def bind_catalog(home: Path, catalog: Catalog, marker: HomeMarker | None, *, wri
     if dirs:
         from gpu_runtime.records import session_tag
 
-        from ._log import session_dir_name
+        from ._names import session_dir_name
 
         known = {session_dir_name(i.id, session_tag(i.id)) for i in catalog.list()}
         if not any(d.name in known for d in dirs):

@@ -52,6 +52,7 @@ from ._log_check import (
     with_missing,
 )
 from ._logging import get_logger
+from ._names import session_dir_name
 from ._replay import LogIndex, scan
 from ._ring_verify import drain_ring, ring_holds_unflushed, verified_span
 from ._segments import (
@@ -77,12 +78,6 @@ __all__ = [
 ]
 
 _COPY_CHUNK = 8 << 20
-
-
-def session_dir_name(session_id: str, tag: int) -> str:
-    """A filesystem-safe directory name that still shows the ID to a human."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in session_id)[:48]
-    return f"{safe}-{tag:016x}"
 
 
 def ring_path(config: RuntimeConfig, tag: int) -> Path:

@@ -1,4 +1,4 @@
-"""Session naming: tasks bound to a parent session.
+"""Session naming: IDs, their directory names, and tasks bound to a parent session.
 
 A session whose ID is ``parent + TASK_SEP + task`` belongs to ``parent``: the
 LangGraph binding names a node's generation session this way
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .errors import ConcordiaError
 
-__all__ = ["MAX_ID_LENGTH", "TASK_SEP", "check_session_id", "parent_of"]
+__all__ = ["MAX_ID_LENGTH", "TASK_SEP", "check_session_id", "parent_of", "session_dir_name"]
 
 TASK_SEP = "#task:"
 MAX_ID_LENGTH = 512  #: the catalog's column width
@@ -35,3 +35,9 @@ def parent_of(session_id: str) -> str | None:
     """The session ``session_id`` is bound to, or None."""
     parent, sep, _ = session_id.rpartition(TASK_SEP)
     return parent if sep and parent else None
+
+
+def session_dir_name(session_id: str, tag: int) -> str:
+    """A filesystem-safe directory name that still shows the ID to a human."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in session_id)[:48]
+    return f"{safe}-{tag:016x}"

@@ -33,7 +33,6 @@ import shutil
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Self
 
@@ -44,20 +43,18 @@ from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
 from ._catalog import LEASE_ONLY, Catalog, SessionInfo, redact_url
+from ._gc import GcContext, GcItem, GcReport, collect
 from ._home import (
     bind_catalog,
     catalog_missing,
     prepare_home,
     read_home_marker,
-    read_session_marker,
 )
 from ._lease import Lease
 from ._log import (
     LogCheck,
     SessionLog,
     check_log,
-    ring_files,
-    ring_holds_unflushed,
     ring_path,
     session_dir_name,
 )
@@ -74,31 +71,9 @@ from .errors import (
     CorruptLogError,
     LogFullError,
     OwnershipError,
-    SessionKindError,
-    SessionNotFound,
 )
 
 __all__ = ["GcItem", "GcReport", "Runtime"]
-
-
-@dataclass(frozen=True, slots=True)
-class GcItem:
-    path: Path
-    reason: str
-
-
-@dataclass(slots=True)
-class GcReport:
-    """What :meth:`Runtime.gc` removed (or, in a dry run, would remove) and what
-    it kept although no session refers to it, each with the reason."""
-
-    dry_run: bool
-    removed: list[GcItem] = field(default_factory=list)
-    kept: list[GcItem] = field(default_factory=list)
-
-    @property
-    def paths(self) -> list[Path]:
-        return [i.path for i in self.removed]
 
 
 class _Open(NamedTuple):
@@ -311,107 +286,11 @@ class Runtime:
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove files that no session refers to, and only what can be proven
-        orphaned (``dry_run``: report without removing):
-
-        * a session directory the catalog does not list, whose own marker
-          (``session.json``) names this catalog and an incarnation of the
-          session that the catalog recorded as deleted (a tombstone). A
-          directory without a marker, naming another catalog, or of a session
-          with no tombstone (a catalog restored from a backup) is kept;
-        * the host ring of a closed session whose bytes are all in segments (a
-          ring still holding unflushed bytes is kept: resume the session to
-          flush them), and a ring of this home that no session has, if it holds
-          nothing unflushed or its session was deleted;
-        * a compaction's temporary file in a session that no process owns.
-
-        The home is bound to its catalog (``Runtime.open`` refuses another one),
-        so a wrong ``--catalog`` never gets here."""
-        report = GcReport(dry_run=dry_run)
-        root = self.config.home / "sessions"
-        # Files first, then the catalog: a session's row is committed before its
-        # directory and ring are made, so every file listed here that belongs to a
-        # live session is in the catalog listing that follows.
-        dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-        rings = sorted(ring_files(self.config).items())
-        infos = {i.id: i for i in self.catalog.list()}
-        by_dir = {self.session_dir(i).name: info for i, info in infos.items()}
-        catalog_id = self.catalog.catalog_id
-
-        def remove(path: Path, reason: str) -> None:
-            if not dry_run:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-            report.removed.append(GcItem(path, reason))
-
-        for d in dirs:
-            info = by_dir.get(d.name)
-            if info is not None:
-                if info.status != "running":
-                    for tmp in sorted(d.glob(".base-*.tmp*")):
-                        remove(tmp, f"temporary file of an unfinished compaction of session {info.id!r}")
-                continue
-            marker = read_session_marker(d)
-            sid = str(marker.get("session_id")) if marker else ""
-            created_at = marker.get("created_at") if marker else None
-            if marker is None:
-                report.kept.append(GcItem(d, "no catalog lists it, and it has no session.json naming its catalog: "
-                                             "not provably orphaned"))
-            elif marker.get("catalog_id") != catalog_id:
-                report.kept.append(GcItem(d, f"belongs to another catalog (ID {marker.get('catalog_id')})"))
-            elif not isinstance(created_at, (int, float)) or not self.catalog.deleted(sid, float(created_at)):
-                report.kept.append(GcItem(d, f"session {sid!r}: the catalog does not list it and holds no record of "
-                                             "deleting it (a catalog restored from a backup?): not provably orphaned"))
-            elif d.name != self.session_dir(sid).name:
-                # set aside by a later incarnation (".orphaned-..."): nobody opens it again
-                remove(d, f"files of deleted session {sid!r}, set aside when the ID was used again")
-            else:
-                self._gc_deleted_dir(sid, float(created_at), d, remove, report)
-        tags = {session_tag(i): info for i, info in infos.items()}
-        deleted_tags = {session_tag(sid) for sid in self.catalog.tombstoned_ids()}
-        for tag, rp in rings:
-            info = tags.get(tag)
-            if info is None:
-                unflushed = ring_holds_unflushed(rp)
-                if not unflushed:
-                    remove(rp, "no session of this home's catalog has this ring's tag, and it holds no unflushed bytes")
-                elif tag in deleted_tags:
-                    remove(rp, "ring of a deleted session")
-                else:
-                    report.kept.append(GcItem(rp, f"no session of the catalog has this ring's tag, but it holds "
-                                                  f"{unflushed} unflushed bytes and no deleted session had it"))
-            elif info.status == "closed":
-                self._gc_closed_ring(info, rp, remove, report)
-        for item in report.removed:
-            self.log.info("gc", path=str(item.path), reason=item.reason, dry_run=dry_run)
-        return report
-
-    def _gc_deleted_dir(self, sid: str, created_at: float, d: Path, remove: Any, report: GcReport) -> None:
-        """Remove the directory of a deleted session holding the session ID's lease
-        (a catalog row made for the purpose, deleted after): a process creating
-        the session again meanwhile either waits for it or is seen here."""
-        if report.dry_run:
-            remove(d, f"session {sid!r} was deleted from the catalog")
-            return
-        try:
-            token, created, prior = self.catalog.take(sid, owner=self.owner, ttl=self.config.lease_ttl,
-                                                      backend="gc", create=True)
-        except (OwnershipError, SessionKindError):
-            report.kept.append(GcItem(d, f"session {sid!r} is being opened by another process"))
-            return
-        if not created:
-            self._give_back(sid, token, prior)
-            report.kept.append(GcItem(d, f"session {sid!r} was created again meanwhile"))
-            return
-        try:
-            marker = read_session_marker(d)
-            if marker is not None and marker.get("created_at") == created_at:
-                remove(d, f"session {sid!r} was deleted from the catalog")
-            else:
-                report.kept.append(GcItem(d, f"session {sid!r}: its directory changed meanwhile"))
-        finally:
-            self.catalog.delete(sid, owner_token=token)
+        orphaned (``dry_run``: report without removing). The rules and the
+        protocol are ``_gc.collect``'s."""
+        return collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
+                                 session_dir=self.session_dir, give_back=self._give_back, log=self.log),
+                       dry_run=dry_run)
 
     def verify(self, session_id: str) -> LogCheck:
         """Check a session's log without opening it (no lease, nothing written):
@@ -421,30 +300,6 @@ class Runtime:
         info = self.catalog.get(session_id)
         return check_log(session_id, self.session_dir(session_id), self.catalog, info,
                          ring_path(self.config, session_tag(session_id)))
-
-    def _gc_closed_ring(self, info: SessionInfo, rp: Path, remove: Any, report: GcReport) -> None:
-        """Remove a closed session's ring if all its bytes are in segments, holding
-        the session's lease meanwhile so that no process reopens it under us (a
-        dry run only looks: it takes no lease, so it writes nothing)."""
-        taken = None
-        if not report.dry_run:
-            try:
-                taken = self.catalog.take(info.id, owner=self.owner, ttl=self.config.lease_ttl,
-                                          backend=info.backend, create=False)
-            except (OwnershipError, SessionNotFound):
-                report.kept.append(GcItem(rp, f"session {info.id!r} was reopened meanwhile"))
-                return
-        try:
-            unflushed = ring_holds_unflushed(rp)
-            if unflushed:
-                report.kept.append(GcItem(rp, f"closed session {info.id!r}, but the ring holds {unflushed} bytes "
-                                              "not in its segments; resume the session to flush them"))
-            else:
-                remove(rp, f"ring of closed session {info.id!r}; every byte is in its segments")
-        finally:
-            if taken is not None:
-                token, _, prior = taken
-                self._give_back(info.id, token, prior)
 
     # -- internals ----------------------------------------------------------------
 

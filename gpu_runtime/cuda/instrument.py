@@ -31,6 +31,10 @@ What is interposed (CuPy 14):
 Each kernel's completion counter is chosen by its name (CRC32 modulo
 ``CTL_MAX_KERNELS``), so an instrumented binary from CuPy's disk cache counts
 into the same slot in every process; two kernels with one name share it.
+
+Size (slightly over the project's ~500 lines): the interposer patches several
+CuPy entry points that share one control block and one state object; split,
+each part would reach into the others' state.
 """
 
 from __future__ import annotations
