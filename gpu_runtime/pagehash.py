@@ -20,6 +20,8 @@ import zlib
 
 import numpy as np
 
+from .planner import runs_from_bits
+
 __all__ = ["dirty_runs", "page_hashes"]
 
 _BLOCK_BYTES = 32 << 20
@@ -57,11 +59,6 @@ def page_hashes(data: np.ndarray, page_size: int, out: np.ndarray | None = None)
 
 
 def dirty_runs(old: np.ndarray, new: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs ``[p0, p1)`` of pages whose hashes differ."""
-    idx = np.flatnonzero(old != new)
-    if idx.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1)
-    starts = np.concatenate(([idx[0]], idx[breaks + 1]))
-    ends = np.concatenate((idx[breaks], [idx[-1]])) + 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+    """Maximal runs ``[p0, p1)`` of pages whose hashes differ (the planner's
+    run finding, as the GPU backend applies it to the device's dirty bitmap)."""
+    return runs_from_bits(old != new)
