@@ -17,6 +17,7 @@ __all__ = [
     "ConcordiaError",
     "ConfigurationError",
     "CorruptLogError",
+    "ExecutorError",
     "LogFullError",
     "RegionError",
 ]
@@ -36,6 +37,11 @@ class ConfigurationError(ConcordiaError):
 
 class BackendUnavailableError(ConfigurationError):
     """A backend was asked for explicitly but cannot run here (no GPU, no CuPy, …)."""
+
+
+class ExecutorError(ConcordiaError):
+    """The GPU executor (or the device memory it runs on) reported an error for
+    a task, or did not finish it in time."""
 
 
 class RegionError(ConcordiaError):

@@ -113,6 +113,9 @@ class CupyBackend(Backend):
             if spec.row_bytes % 8:
                 raise RegionError(f"region {spec.name!r}: the GPU handlers need rows of a multiple of 8 bytes, "
                                   f"found {spec.row_bytes}")
+            if spec.rows > 0xFFFFFFFF:  # row indices travel in 32-bit task fields (tasks.py)
+                raise RegionError(f"region {spec.name!r}: the GPU handlers take at most 2**32 - 1 rows along "
+                                  f"the sequence axis, found {spec.rows}")
             handler = Handler("kv", spec.row_bytes)
             hashes, bitmap = None, None
         else:

@@ -368,9 +368,12 @@ class CommitPaths:
             try:
                 if pending:
                     send(pending[-1][4], 0)
+            except Exception:  # noqa: BLE001 - the executor itself failed; the original error says why
+                pass
+            try:
                 if writer.position > filled:
                     writer.release(filled)
-            except Exception:  # noqa: BLE001 - the executor itself failed; the original error says why
+            except Exception:  # noqa: BLE001 - as above: the original error is the one to raise
                 pass
             for region in scanned:
                 region.force_full = True  # the device baseline moved without a commit

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConcordiaError
+from ..errors import ExecutorError
 from .compiler import compile_cubin, kernel_source
 from .memory import PinnedBuffer
 from .tasks import TASK_ARGS
@@ -61,10 +61,6 @@ _SLOT_BODY = struct.Struct("<15Q")  # kind | handler << 32, a0..a13
 _SEQ = struct.Struct("<Q")
 _NO_ARGS = (0,) * TASK_ARGS
 _ERRORS = {1: "fence wait timed out", 2: "log ring full", 3: "unknown task kind", 4: "no handler for the task"}
-
-
-class ExecutorError(ConcordiaError):
-    """The persistent executor reported an error for a task, or did not finish it in time."""
 
 
 @dataclass(frozen=True, slots=True)

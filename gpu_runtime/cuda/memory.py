@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RegionError
+from ..errors import ExecutorError, RegionError
 
 __all__ = ["PinnedArena", "PinnedBuffer", "device_ptr", "register_host_memory"]
 
@@ -52,7 +52,7 @@ def _device_pointer(host_ptr: int) -> int:
 
     err, dptr = cudart.cudaHostGetDevicePointer(host_ptr, 0)
     if err != cudart.cudaError_t.cudaSuccess:
-        raise RegionError(f"cudaHostGetDevicePointer failed: {err}")
+        raise ExecutorError(f"cudaHostGetDevicePointer failed: {err}")
     return int(dptr)
 
 
@@ -62,8 +62,6 @@ def register_host_memory(ptr: int, nbytes: int) -> int:
 
     cupy.cuda.runtime.hostRegister(ptr, nbytes, 2)  # cudaHostRegisterMapped
     return _device_pointer(ptr)
-
-
 
 
 class PinnedArena:
