@@ -55,8 +55,8 @@ scores/logits regions and the dict output), ``_generate`` (the events, the
 fingerprint, the per-token checkpointer and ``durable_generate``).
 """
 
-from ._cache import DurableCache, DurableLayer
+from ._cache import DurableCache, DurableLayer, DurableStaticCache, DurableStaticLayer
 from ._generate import GenerateEvent, GeneratePhase, ResumeMismatchError, durable_generate
 
-__all__ = ["DurableCache", "DurableLayer", "GenerateEvent", "GeneratePhase", "ResumeMismatchError",
-           "durable_generate"]
+__all__ = ["DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticLayer", "GenerateEvent",
+           "GeneratePhase", "ResumeMismatchError", "durable_generate"]

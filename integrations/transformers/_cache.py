@@ -1,16 +1,19 @@
-"""A transformers ``Cache`` whose K/V live in one preallocated tensor (fixed
-addresses, registered as a kv region by ``durable_generate``)."""
+"""transformers ``Cache``s whose K/V live in one preallocated tensor (fixed
+addresses, registered as a kv region by ``durable_generate``): a dynamic-style
+one (``DurableCache``, eager ``generate``) and a static one
+(``DurableStaticCache``, which ``generate`` compiles on a GPU)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.utils import is_torchdynamo_compiling
 
 from concordia_agents import ConcordiaError
 
-__all__ = ["DurableCache", "DurableLayer"]
+__all__ = ["DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticLayer"]
 
 
 class DurableLayer(DynamicLayer):
@@ -113,6 +116,16 @@ def _shape_mismatch(expected: torch.Size, found: torch.Size) -> str:
     return msg
 
 
+def _geometry(model: Any) -> dict[str, Any]:
+    """Layers, KV heads, head size, dtype and device of ``model``'s cache."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {"num_layers": cfg.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": model.dtype,
+            "device": model.device}
+
+
 class DurableCache(Cache):
     """A transformers ``Cache`` whose K/V live in one preallocated tensor
     ``storage[2 * layer + (0: K, 1: V)] = [batch, kv_heads, max_len, head_dim]``."""
@@ -127,12 +140,7 @@ class DurableCache(Cache):
 
     @classmethod
     def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableCache:
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(num_layers=cfg.num_hidden_layers, batch_size=batch_size, kv_heads=kv_heads, head_dim=head_dim,
-                   max_cache_len=max_cache_len, dtype=model.dtype, device=model.device)
+        return cls(**_geometry(model), batch_size=batch_size, max_cache_len=max_cache_len)
 
     @property
     def length(self) -> int:
@@ -142,3 +150,92 @@ class DurableCache(Cache):
         for i, layer in enumerate(self.durable_layers):
             self.lengths[i] = n
             layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
+
+
+class DurableStaticLayer(StaticLayer):
+    """transformers' ``StaticLayer`` on a slice of the shared storage: the same
+    update (``index_copy_`` at ``cumulative_length``, a device tensor, then
+    ``add_``), compileable, but its keys/values are views of
+    ``storage[2 * index + (0: K, 1: V)]`` bound at construction instead of
+    tensors allocated at the first update, so the addresses are fixed before
+    any forward and registered as one region. The position lives in
+    ``cumulative_length`` in both supported transformers versions (5.17, 5.24+),
+    so restoring a session sets it (``DurableStaticCache.set_length``)."""
+
+    def __init__(self, storage: torch.Tensor, index: int) -> None:
+        super().__init__(max_cache_len=int(storage.shape[-2]))
+        self._k, self._v, self._i = storage[2 * index], storage[2 * index + 1], index
+        self.device = storage.device
+        self.dtype = storage.dtype  # 5.17 reads it in update paths; 5.24+ ignores it
+        self.batch_size, self.num_heads = int(storage.shape[1]), int(storage.shape[2])
+        self.k_head_dim = self.v_head_dim = int(storage.shape[-1])
+        self.keys, self.values = self._k, self._v
+        self.cumulative_length = torch.zeros((), dtype=torch.int64, device=storage.device)
+        if not is_torchdynamo_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True  # bound at construction: nothing to allocate
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Shapes are Python ints (no device sync, nothing for a compiled graph to
+        # guard on beyond what StaticLayer does); the first layer checks for all.
+        if self._i == 0:
+            b, h, _, d = key_states.shape
+            if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
+                raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place (the
+        inherited method would rebind keys/values to new tensors, losing the
+        storage)."""
+        batch = self._k.shape[0]
+        if beam_idx.shape != (batch,):
+            raise ConcordiaError(f"durable static cache reorder: expected {batch} beam indices (the cache's batch "
+                                 f"size), found shape {list(beam_idx.shape)}")
+        idx = beam_idx.to(self._k.device)
+        self._k.copy_(self._k.index_select(0, idx))
+        self._v.copy_(self._v.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
+                             "batch size instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to keep {len(indices)} rows")
+
+
+class DurableStaticCache(Cache):
+    """The static (compileable) form of :class:`DurableCache`: the same storage
+    layout ``[2 * layers, batch, kv_heads, max_len, head_dim]`` (so the same kv
+    region and log), with ``DurableStaticLayer`` layers. ``generate`` compiles
+    its decode step with it on a GPU, as with transformers' ``StaticCache``;
+    on a CPU it runs eager. ``durable_generate(..., cache_implementation=
+    "static")`` uses it."""
+
+    def __init__(self, *, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, max_cache_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.storage = torch.zeros(2 * num_layers, batch_size, kv_heads, max_cache_len, head_dim,
+                                   dtype=dtype, device=device)
+        self.durable_layers = [DurableStaticLayer(self.storage, i) for i in range(num_layers)]
+        super().__init__(layers=list[Any](self.durable_layers))
+
+    @classmethod
+    def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableStaticCache:
+        return cls(**_geometry(model), batch_size=batch_size, max_cache_len=max_cache_len)
+
+    @property
+    def length(self) -> int:
+        """Positions held (a device read: one sync per call on a GPU)."""
+        return int(self.durable_layers[0].cumulative_length)
+
+    def set_length(self, n: int) -> None:
+        for layer in self.durable_layers:
+            layer.cumulative_length.fill_(n)

@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from concordia_agents import ConcordiaError, Runtime, Session
 
-from ._cache import DurableCache
+from ._cache import DurableCache, DurableStaticCache
 from ._outputs import _dict_output, _StepOutputs
 
 __all__ = ["GenerateEvent", "GeneratePhase", "ResumeMismatchError", "durable_generate"]
@@ -106,7 +106,8 @@ def _option(model: Any, kwargs: dict[str, Any], name: str, default: Any) -> Any:
 class _Checkpointer(StoppingCriteria):
     """Commits an epoch at token boundaries; never stops generation itself."""
 
-    def __init__(self, session: Session, cache: DurableCache, tokens: torch.Tensor, meta: dict[str, Any],
+    def __init__(self, session: Session, cache: DurableCache | DurableStaticCache, tokens: torch.Tensor,
+                 meta: dict[str, Any],
                  every: int, rng: torch.Tensor | None, cuda_rng: torch.Tensor | None,
                  steps: _StepOutputs | None = None,
                  on_event: Callable[[GenerateEvent], None] | None = None) -> None:
@@ -186,10 +187,21 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
 
     ``on_event`` is called with a :class:`GenerateEvent` when the session is
     opened, after each committed token epoch and when the final epoch is
-    durable (see the module docs); it is not part of the run's fingerprint."""
+    durable (see the module docs); it is not part of the run's fingerprint.
+
+    ``cache_implementation="static"`` keeps the K/V in a
+    :class:`DurableStaticCache` (compileable: on a GPU ``generate`` compiles its
+    decode step, as with transformers' ``StaticCache``; eager on a CPU); the
+    default is the dynamic-style :class:`DurableCache`. The choice is part of
+    the fingerprint: a run resumes with the cache it started with."""
     if checkpoint_every < 1:
         raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
     as_dict, want_scores, want_logits = _check_supported(model, generate_kwargs)
+    implementation = generate_kwargs.get("cache_implementation")
+    if implementation not in (None, "dynamic", "static"):
+        raise ConcordiaError(f"durable_generate: expected cache_implementation None, 'dynamic' or 'static', found "
+                             f"{implementation!r}")
+    cache_class = DurableStaticCache if implementation == "static" else DurableCache
     own_runtime = runtime is None
     rt = runtime or Runtime.open()
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -212,7 +224,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                 raise ResumeMismatchError(
                     f"session {session_id!r} was recorded with a different {', '.join(diff)}; expected the same "
                     "model, prompt and generation arguments to resume it (or use a new session ID)")
-        cache = DurableCache.for_model(model, batch_size=batch, max_cache_len=max_len)
+        cache = cache_class.for_model(model, batch_size=batch, max_cache_len=max_len)
         tokens = torch.zeros(batch, max_len, dtype=input_ids.dtype, device=input_ids.device)
         # RNG states live next to the KV (device memory on a GPU) so that every
         # backend can register them; they are copied in at each commit.
@@ -250,6 +262,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                                                 device=mask.device)], dim=1)
         hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng, steps, on_event)
         kwargs = dict(generate_kwargs)
+        kwargs.pop("cache_implementation", None)  # the cache is passed in: generate refuses both
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
         criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", []) or []), hook])
         if kwargs["max_new_tokens"] > 0:

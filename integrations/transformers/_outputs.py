@@ -10,7 +10,7 @@ import torch
 
 from concordia_agents import ConcordiaError, Session
 
-from ._cache import DurableCache
+from ._cache import DurableCache, DurableStaticCache
 
 __all__: list[str] = []  # private to the package
 
@@ -92,7 +92,8 @@ class _StepOutputs:
         return out
 
 
-def _dict_output(sequences: torch.Tensor, cache: DurableCache, steps: _StepOutputs | None) -> Any:
+def _dict_output(sequences: torch.Tensor, cache: DurableCache | DurableStaticCache, steps: _StepOutputs | None
+                 ) -> Any:
     """``GenerateDecoderOnlyOutput`` as an uninterrupted ``generate`` returns it.
     Its cache field is ``past_key_values`` in transformers 5.17 and ``cache``
     in 5.24+."""

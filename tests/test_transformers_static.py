@@ -1,0 +1,130 @@
+"""The durable static cache (``DurableStaticCache``, ``durable_generate(..., cache_implementation="static")``)
+on the CPU: the same tokens as transformers' own ``StaticCache``, fixed storage, and crash/resume with real
+SIGKILLs equal to the uninterrupted run (eager here; a GPU compiles it)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from tests._gen_child import build, prompt
+from tests.test_transformers import run_child
+
+STATIC = ("--extra", json.dumps({"cache_implementation": "static"}))
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+
+
+def _plain_static(model_name: str, batch: int, new_tokens: int, **kw: object) -> torch.Tensor:
+    """transformers' own StaticCache run of the child's model and prompt (the fastest path a user picks)."""
+    from transformers import StaticCache
+
+    model = build(model_name)
+    ids, mask = prompt(batch, batch > 1)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens + 1)
+    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens, **kw)
+
+
+def test_durable_static_cache_equals_static_cache_and_keeps_its_storage():
+    """model.generate with a DurableStaticCache returns StaticCache's tokens, writes into the one storage
+    tensor it was built with (same address), is compileable, and holds prompt + new - 1 positions."""
+    from transformers import StaticCache
+
+    from integrations.transformers import DurableStaticCache
+
+    model = build("llama")
+    ids, mask = prompt(2, True)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                         past_key_values=StaticCache(config=model.config, max_cache_len=ids.shape[1] + 12))
+    cache = DurableStaticCache.for_model(model, batch_size=2, max_cache_len=ids.shape[1] + 12)
+    ptr = cache.storage.data_ptr()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert torch.equal(out, ref)
+    assert cache.is_compileable and cache.storage.data_ptr() == ptr
+    assert cache.length == ids.shape[1] + 10 - 1
+    assert cache.storage.abs().sum() > 0  # the K/V went into the storage, not into tensors of the layers' own
+
+
+def test_a_static_cache_of_another_batch_size_is_refused_by_name():
+    """A DurableStaticCache built for batch 1 used with a batch of 2 raises ConcordiaError naming both sizes."""
+    from concordia_agents import ConcordiaError
+    from integrations.transformers import DurableStaticCache
+
+    model = build("llama")
+    ids, mask = prompt(2, True)
+    cache = DurableStaticCache.for_model(model, batch_size=1, max_cache_len=32)
+    with pytest.raises(ConcordiaError, match=r"batch_size=1 and generate runs 2"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_static_sigkill_mid_generation_then_rerun_equals_uninterrupted(tmp_path, model):
+    """Killed by SIGKILL after a random token of a static-cache durable_generate, the same call finishes with
+    the uninterrupted tokens (which are transformers' StaticCache tokens), its first forward one token."""
+    ref = run_child(tmp_path / "ref", model, *STATIC)
+    assert ref is not None
+    assert ref["tokens"] == _plain_static(model, 1, 30, do_sample=False).tolist()
+    k = random.Random(f"static-{model}").randint(1, 25)
+    assert run_child(tmp_path / "crash", model, *STATIC, "--kill-after-tokens", str(k)) is None
+    out = run_child(tmp_path / "crash", model, *STATIC)
+    assert out is not None and out["tokens"] == ref["tokens"]
+    assert out["forward_inputs"][0] == 1, out["forward_inputs"]  # no re-prefill
+    assert len(out["forward_inputs"]) == 30 - k
+
+
+def test_static_sampling_with_a_seed_and_a_padded_batch_resumes_identically(tmp_path):
+    """Seeded sampling on a left-padded batch of 3 with the static cache: killed and resumed, the same
+    tokens as uninterrupted (the RNG state and every row of the batch restored)."""
+    flags = (*STATIC, "--sample", "--batch", "3", "--left-pad")
+    ref = run_child(tmp_path / "ref", "llama", *flags)
+    assert run_child(tmp_path / "crash", "llama", *flags, "--kill-after-tokens", "13") is None
+    out = run_child(tmp_path / "crash", "llama", *flags)
+    assert ref is not None and out is not None
+    assert out["tokens"] == ref["tokens"] and out["forward_inputs"][0] == 1
+
+
+def test_a_run_resumes_only_with_the_cache_it_started_with(tmp_path):
+    """A session started with the static cache and resumed without it (or with an unknown implementation)
+    is refused: ResumeMismatchError naming the generation arguments / ConcordiaError naming the choices;
+    the session stays resumable with the right one."""
+    from concordia_agents import ConcordiaError, Runtime
+    from integrations.transformers import ResumeMismatchError, durable_generate
+
+    model = build("llama")
+    ids, mask = prompt(1, False)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        def stop_at_5(event: Any) -> None:
+            if event.phase == "token_committed" and event.n_generated >= 5:
+                raise RuntimeError("stop here")
+
+        with pytest.raises(RuntimeError, match="stop here"):
+            durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=12,
+                             cache_implementation="static", on_event=stop_at_5)
+        with pytest.raises(ResumeMismatchError, match="generation"):
+            durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=12)
+        with pytest.raises(ConcordiaError, match="expected cache_implementation None, 'dynamic' or 'static'"):
+            durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=12,
+                             cache_implementation="offloaded")
+        out = durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=12,
+                               cache_implementation="static")
+    assert out.tolist() == _plain_static("llama", 1, 12, do_sample=False).tolist()
+
+
+def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
+    """num_beams=4 with a static durable cache built for batch * beams: DynamicCache's beams and scores, the
+    beams reordered in place in the same storage."""
+    from integrations.transformers import DurableStaticCache
+
+    model = build("llama")
+    ids, mask = prompt(2, True)
+    args = {"attention_mask": mask, "num_beams": 4, "max_new_tokens": 12, "do_sample": False,
+            "return_dict_in_generate": True, "output_scores": True}
+    ref = model.generate(ids, **args)
+    cache = DurableStaticCache.for_model(model, batch_size=8, max_cache_len=ids.shape[1] + 14)
+    ptr = cache.storage.data_ptr()
+    out = model.generate(ids, past_key_values=cache, **args)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.beam_indices, ref.beam_indices)
+    assert cache.storage.data_ptr() == ptr
