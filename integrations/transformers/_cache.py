@@ -16,7 +16,23 @@ from concordia_agents import ConcordiaError
 __all__ = ["DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticLayer"]
 
 
-class DurableLayer(DynamicLayer):
+class _FixedBatch:
+    """What both durable layers refuse: the storage's batch size is fixed (its
+    address is registered), so generate may not grow or shrink it."""
+
+    _k: torch.Tensor
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
+                             "batch size instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
+                             f"found a request to keep {len(indices)} rows")
+
+
+class DurableLayer(_FixedBatch, DynamicLayer):
     """One layer's K/V as views into the shared preallocated storage: written in
     place, never reallocated (fixed addresses for the GPU executor)."""
 
@@ -96,15 +112,6 @@ class DurableLayer(DynamicLayer):
             self._v[:, :, :n].copy_(self._v[:, :, :n].index_select(0, idx))
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
-                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
-                             "batch size instead")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
-                             f"found a request to keep {len(indices)} rows")
-
 
 def _shape_mismatch(expected: torch.Size, found: torch.Size) -> str:
     b, h, _, d = expected
@@ -152,7 +159,7 @@ class DurableCache(Cache):
             layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
 
 
-class DurableStaticLayer(StaticLayer):
+class DurableStaticLayer(_FixedBatch, StaticLayer):
     """transformers' ``StaticLayer`` on a slice of the shared storage: the same
     update (``index_copy_`` at ``cumulative_length``, a device tensor, then
     ``add_``), compileable, but its keys/values are views of
@@ -201,15 +208,6 @@ class DurableStaticLayer(StaticLayer):
         idx = beam_idx.to(self._k.device)
         self._k.copy_(self._k.index_select(0, idx))
         self._v.copy_(self._v.index_select(0, idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
-                             f"found a request to repeat it {repeats} times; build the cache with the expanded "
-                             "batch size instead")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise ConcordiaError(f"a durable cache has a fixed batch size: expected it to stay {self._k.shape[0]}, "
-                             f"found a request to keep {len(indices)} rows")
 
 
 class DurableStaticCache(Cache):
