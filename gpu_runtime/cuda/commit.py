@@ -187,8 +187,8 @@ class CommitPaths:
             t0, t1 = task.rows
             if t0 == t1:
                 continue
-            if not 0 <= t0 < t1 <= min(region.rows, 0xFFFFFFFF):
-                return None  # the general path names the error (or takes rows past 32 bits)
+            if not 0 <= t0 < t1 <= region.rows:
+                return None  # the general path names the error (attach refused rows past 32 bits)
             if t1 - t0 > region.kv_plan(cap, limit)[0]:
                 return None
             size = record_size(region.unit * (t1 - t0))  # the planner's one record: Span.size
