@@ -95,6 +95,15 @@ class Backend(abc.ABC):
         """Block until ``epoch``'s COMMIT is published in the ring. Backends whose
         ``commit_epoch`` returns before that (the GPU executor) override this."""
 
+    def step_committer(self, writer: LogWriter, *, owner_token: int, kv: BackendRegion, tokens: BackendRegion,
+                       template: bytes, slots: int, every: int, space_timeout_s: float) -> Any | None:
+        """An in-step producer for ``kv`` and ``tokens`` (a kernel a CUDA graph
+        can capture, committing with no host work per step;
+        ``gpu_runtime/cuda/step_commit.py``), or None where this backend has
+        none: the caller then commits each step on the host, with the same
+        records."""
+        return None
+
     @abc.abstractmethod
     def apply(self, region: BackendRegion, header: RecordHeader, payload: memoryview) -> None: ...
 

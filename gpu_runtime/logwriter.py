@@ -98,6 +98,14 @@ class LogWriter:
                              f"[{self.ring.written}, {self._next}], found {end}")
         self._next = end
 
+    def adopt(self, end: int) -> None:
+        """Take the position back from a device producer that reserved and
+        published the log up to ``end`` itself (``written`` must be there)."""
+        if not (self._next <= end == self.ring.written):
+            raise ValueError(f"adopt: expected the device to have published from {self._next} up to {end}, found "
+                             f"written={self.ring.written}")
+        self._next = end
+
     def append(
         self,
         type: RecordType,

@@ -86,3 +86,18 @@ def test_device_layout_constants_match_the_python_side():
     assert [defines[f"CNC_{s}"] for s in ("PARKED", "RUNNING", "PARKING", "LAUNCHED")] == [
         executor.PARKED, executor.RUNNING, executor.PARKING, executor.LAUNCHED]
     assert defines["CNC_MAX_RECORDS_PER_TASK"] == MAX_RECORDS_PER_TASK
+
+
+def test_step_producer_words_match_the_python_side():
+    """kernels/step_commit.cu's state and parameter words and limits equal step_commit.py's."""
+    import re
+
+    from gpu_runtime.cuda import step_commit
+
+    src = kernel_source("step_commit.cu")
+    d = {m[1]: int(m[2]) for m in re.finditer(r"#define ((?:S|P|CNC_STEP)_\w+) (\d+)", src)}
+    assert [d[f"S_{n}"] for n in step_commit.STATE_WORDS] == list(range(len(step_commit.STATE_WORDS)))
+    assert [d[f"P_{n}"] for n in step_commit.PARAM_WORDS] == list(range(len(step_commit.PARAM_WORDS)))
+    assert (d["S_ACC"], d["P_TEMPLATE"]) == (step_commit._ACC, step_commit._P_TEMPLATE)
+    assert d["P_TEMPLATE"] >= len(step_commit.PARAM_WORDS) and d["S_ACC"] >= len(step_commit.STATE_WORDS)
+    assert (d["CNC_STEP_MAX_RECORDS"], d["CNC_STEP_MAX_BODY"]) == (step_commit.MAX_RECORDS, step_commit.MAX_BODY)

@@ -37,6 +37,7 @@ from .executor import Executor, Handler
 from .memory import PinnedBuffer, device_ptr
 from .region import CupyRegion
 from .restore import DeviceVerifiedRestore, HostVerifiedRestore, RestoreOptions, RestoreResources
+from .step_commit import StepCommitter
 from .tasks import LAYOUTS, TaskKind
 
 __all__ = ["CupyBackend", "CupyRegion"]
@@ -143,6 +144,17 @@ class CupyBackend(Backend):
                      fence: bool = True) -> int:
         """Enqueue the epoch on one of the commit paths (``commit.py``)."""
         return self.commits.commit(writer, epoch, tasks, body, fence=fence)
+
+    def step_committer(self, writer: LogWriter, *, owner_token: int, kv: BackendRegion, tokens: BackendRegion,
+                       template: bytes, slots: int, every: int, space_timeout_s: float) -> StepCommitter:
+        """The in-step producer (``step_commit.py``) writing ``writer``'s ring."""
+        assert isinstance(kv, CupyRegion) and isinstance(tokens, CupyRegion)
+        header, _ = self.commits.ring(writer.ring)
+        props = self._cupy.cuda.runtime.getDeviceProperties(self._cupy.cuda.Device().id)
+        return StepCommitter(arch=self.executor.arch, sms=int(props["multiProcessorCount"]), ring=writer.ring,
+                             ring_header=header, session_tag=writer.session_tag, owner_token=owner_token,
+                             max_record_bytes=writer.max_record_bytes, kv=kv, tokens=tokens, template=template,
+                             slots=slots, every=every, space_timeout_s=space_timeout_s)
 
     # -- recovery -------------------------------------------------------------------
 

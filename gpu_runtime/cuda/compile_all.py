@@ -6,7 +6,7 @@ Specializations: the executor with no handlers, each kv row size of the
 common model shapes (head dim 64/128/256 in fp16/bf16/fp32; 8-byte minimum)
 and each supported page size, alone and all together in one module (the
 operator table after several hot swaps); then the other kernels (the
-restore checksum kernel). Each is compiled to a cubin by
+restore checksum kernel, the in-step producer). Each is compiled to a cubin by
 NVRTC, and to PTX that nvJitLink assembles for the same architecture. Exits
 non-zero on the first failure.
 """
@@ -25,7 +25,7 @@ __all__ = ["OTHER_KERNELS", "SPECIALIZATIONS", "VARIANTS", "compile_everything"]
 KV_ROW_BYTES = (8, 24, 64, 128, 256, 512, 1024)
 PAGE_SIZES = (4096, 16384, 65536)
 #: kernels outside the executor, each one module without specializations
-OTHER_KERNELS = ("verify.cu",)
+OTHER_KERNELS = ("verify.cu", "step_commit.cu")
 SPECIALIZATIONS: list[list[Handler]] = (
     [[]]
     + [[Handler("kv", rb)] for rb in KV_ROW_BYTES]
