@@ -18,6 +18,7 @@ from ._catalog import SCHEMA_VERSION, SessionInfo
 from ._logging import configure_logging
 from ._runtime import Runtime
 from ._session import Region, Session
+from ._step_commits import StepCommits
 from .config import RuntimeConfig
 from .errors import (
     BackendUnavailableError,
@@ -62,6 +63,7 @@ __all__ = [
     "SessionInfo",
     "SessionKindError",
     "SessionNotFound",
+    "StepCommits",
     "StorageError",
     "configure_logging",
 ]

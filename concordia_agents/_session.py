@@ -43,6 +43,7 @@ from ._log import Rollback, SessionLog
 from ._logging import get_logger
 from ._replay import LogIndex, PayloadReader
 from ._services import SessionServices
+from ._step_commits import StepCommits
 from .errors import (
     ConcordiaError,
     ConfigurationError,
@@ -119,6 +120,7 @@ class Session:
         self._next_region_id = max(index.specs, default=0) + 1
         self._lock = threading.Lock()
         self._closed = False
+        self._stepping = False  #: an in-step producer holds the log (StepCommits armed)
         self.log = get_logger(session=session_id, token=token)
 
     # -- introspection ------------------------------------------------------------
@@ -269,6 +271,9 @@ class Session:
     def _commit(self, meta: Any, rows: Mapping[str, tuple[int, int] | int] | None, *, wait: bool,
                 fence: bool) -> int:
         with self._lock:
+            if self._stepping:
+                raise ConcordiaError(f"session {self.id!r}: the in-step producer holds the log (step commits armed); "
+                                     "close the StepCommits before committing on the host")
             self._log.check_owner()
             if (err := self._log.error) is not None:
                 self._raise_flusher_error(err)
@@ -284,7 +289,7 @@ class Session:
                     raise RegionError(f"region {name!r}: expected rows within [0, {region.rows}], found {rng}")
                 ranges[name] = rng
             tasks = []
-            lengths = dict(self._lengths)
+            lengths = self._current_lengths()
             for name, region in self.regions.items():
                 span: tuple[int, int] | None = ranges.get(name)
                 if region._marked is not None:
@@ -293,10 +298,7 @@ class Session:
                 tasks.append(CheckpointTask(region._handle, span))
                 if region.kind == "kv":
                     lengths[name] = span[1] if span is not None else region.length
-            try:
-                body = _BODY.encode({"lengths": lengths, "meta": meta}).encode()
-            except (TypeError, ValueError) as e:
-                raise MetaError(f"commit meta must be JSON-serializable, found {type(meta).__name__}: {e}") from e
+            body = self._commit_body(meta, lengths)
             epoch = self.epoch + 1
             self._services.backend.commit_epoch(self._log.writer, epoch, tasks, body, fence=fence)
             if wait:
@@ -310,6 +312,60 @@ class Session:
         # fsyncs of all commits in between. Waking it here made it contend for
         # the GIL with the caller's next step (measured on the decode path).
         return epoch
+
+    def _current_lengths(self) -> dict[str, int]:
+        """Every kv region's committed length: those recorded, and the
+        registered ones (a COMMIT body names them all)."""
+        lengths = dict(self._lengths)
+        lengths.update((name, r.length) for name, r in self.regions.items() if r.kind == "kv")
+        return lengths
+
+    @staticmethod
+    def _commit_body(meta: Any, lengths: dict[str, int]) -> bytes:
+        try:
+            return _BODY.encode({"lengths": lengths, "meta": meta}).encode()
+        except (TypeError, ValueError) as e:
+            raise MetaError(f"commit meta must be JSON-serializable, found {type(meta).__name__}: {e}") from e
+
+    def step_commits(self, *, kv: str, tokens: str, meta: Mapping[str, Any], length_key: str, every: int = 1,
+                     device: bool = True) -> StepCommits:
+        """Commits at model steps: rows of kv regions ``kv`` and ``tokens`` up
+        to each step's length, with ``meta`` whose ``length_key`` is that
+        length, every ``every`` rows; on the GPU by a kernel inside the step
+        (``device=True`` and a backend that has one). See
+        ``_step_commits.py`` for the protocol."""
+        self._check_open()
+        handles = []
+        for name in (kv, tokens):
+            region = self.regions.get(name)
+            if region is None or region.kind != "kv":
+                raise RegionError(f"step commits: {name!r} is not a registered kv region of session {self.id!r}")
+            handles.append(region._handle)
+        producer = None
+        if device:
+            template, slots = StepCommits.template(self._commit_body, dict(meta), length_key, self._current_lengths(),
+                                                   (kv, tokens))
+            producer = self._services.backend.step_committer(
+                self._log.writer, owner_token=self.token, kv=handles[0], tokens=handles[1], template=template,
+                slots=slots, every=every, space_timeout_s=self._log.config.space_timeout)
+
+        def stepping(on: bool) -> None:
+            self._stepping = on
+
+        return StepCommits(self, kv=self.regions[kv], tokens=self.regions[tokens], meta=dict(meta),
+                           length_key=length_key, every=every, writer=self._log.writer, adopt=self._adopt_steps,
+                           stepping=stepping, device=producer)
+
+    def _adopt_steps(self, epoch: int, meta: Any, lengths: dict[str, int], position: int) -> None:
+        """Make epochs an in-step producer committed the session's own: its
+        log position (published up to there), epoch, meta and lengths."""
+        with self._lock:
+            self._log.writer.adopt(position)
+            merged = self._current_lengths()
+            merged.update(lengths)
+            self.epoch, self.meta, self._lengths = epoch, meta, merged
+            for name, n in lengths.items():
+                self.regions[name].length = n
 
     def _raise_flusher_error(self, err: BaseException) -> None:
         """Raise what stopped the flusher, as an error of this commit (not written)."""

@@ -1,0 +1,85 @@
+"""Step commits on the host (``concordia_agents/_step_commits.py``): the epochs a model's
+steps commit, every ``every`` rows, and the COMMIT body template the GPU's in-step producer
+fills (its bytes checked here against the body the host writes; the device side is
+tests/test_step_commit_gpu.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from concordia_agents import ConcordiaError, RegionError, Runtime, Session
+from concordia_agents._step_commits import StepCommits, body_template
+
+META = {"fingerprint": {"model": "abc", "prompt": "0123456789"}, "prompt_len": 4, "n_tokens": 4, "done": False}
+
+
+def _session(rt: Runtime, sid: str = "s") -> tuple[Session, np.ndarray, np.ndarray]:
+    s = rt.session(sid)
+    kv = np.arange(2 * 3 * 64 * 4, dtype=np.float32).reshape(2, 3, 64, 4)
+    tokens = np.zeros((3, 64), np.int64)
+    s.register("kv", kv, kind="kv", seq_axis=2)
+    s.register("tokens", tokens, kind="kv", seq_axis=1)
+    return s, kv, tokens
+
+
+def test_body_template_marks_every_place_of_the_value_and_refuses_a_wrong_count():
+    body = b'{"lengths":{"kv":98765,"t":98765},"meta":{"n":98765,"x":"a98765b"}}'
+    assert body_template(body, 98765, 4) == b'{"lengths":{"kv":\0,"t":\0},"meta":{"n":\0,"x":"a\0b"}}'
+    with pytest.raises(ValueError, match=r"expected 98765 3 times .* found it 4 times"):
+        body_template(body, 98765, 3)
+    with pytest.raises(ValueError, match="no 0 byte"):
+        body_template(b'{"a":"\0",98765}', 98765, 1)
+
+
+def test_the_template_filled_with_a_length_is_the_body_a_host_commit_writes(make_runtime):
+    """What the device formats (the template with the decimal of L in its places) is byte for
+    byte the COMMIT body Session.commit writes for that step, for lengths of 1 to 20 digits."""
+    rt = make_runtime()
+    s, _, _ = _session(rt)
+    s.register("other", np.zeros((2, 8), np.int64), kind="kv", seq_axis=1)  # a kv region the steps leave alone
+    template, slots = StepCommits.template(s._commit_body, META, "n_tokens", s._current_lengths(), ("kv", "tokens"))
+    assert slots == 3 and template.count(b"\0") == 3
+    for length in (1, 9, 10, 12345, 10**19 - 1, 2**64 - 1):
+        lengths = {**s._current_lengths(), "kv": length, "tokens": length}
+        want = s._commit_body({**META, "n_tokens": length}, lengths)
+        assert template.replace(b"\0", str(length).encode()) == want
+
+
+def test_host_steps_commit_every_n_rows_and_resume_at_the_last_one(make_runtime):
+    """every=3 from a committed prompt of 4: a forced first step commits, then one epoch per 3
+    new rows; a new process resumes with both regions at the last epoch's length."""
+    rt = make_runtime()
+    s, kv, tokens = _session(rt)
+    tokens[:, :4] = 7
+    s.commit(dict(META), rows={"tokens": 4})
+    steps = s.step_commits(kv="kv", tokens="tokens", meta=META, length_key="n_tokens", every=3, device=False)
+    assert steps.device is None
+    assert steps.host_step(4, force=True) == 2  # the prompt's KV (tokens already committed)
+    committed = []
+    for n in range(5, 15):
+        tokens[:, n - 1] = n
+        if steps.host_step(n) is not None:
+            committed.append(n)
+    assert committed == [7, 10, 13] and steps.host_commits == 4
+    assert (s.epoch, s.meta["n_tokens"], s.regions["kv"].length, s.regions["tokens"].length) == (5, 13, 13, 13)
+    steps.arm(0)  # no device producer: nothing to hand over
+    assert steps.close() is None
+    s.close()
+    s2, kv2, tokens2 = _session(make_runtime())
+    assert s2.epoch == 5 and s2.meta == {**META, "n_tokens": 13}
+    assert np.array_equal(tokens2[:, :13], tokens[:, :13]) and not tokens2[:, 13:].any()
+    assert np.array_equal(kv2[:, :, :13], kv[:, :, :13])
+    s2.close()
+
+
+def test_step_commits_need_two_registered_kv_regions_and_every_of_at_least_one(make_runtime):
+    rt = make_runtime()
+    s, _, _ = _session(rt)
+    s.register("blob", np.zeros(64, np.uint8))
+    with pytest.raises(RegionError, match="'blob' is not a registered kv region"):
+        s.step_commits(kv="blob", tokens="tokens", meta=META, length_key="n_tokens", device=False)
+    with pytest.raises(RegionError, match="'nope' is not a registered kv region"):
+        s.step_commits(kv="kv", tokens="nope", meta=META, length_key="n_tokens", device=False)
+    with pytest.raises(ConcordiaError, match="expected every >= 1, found 0"):
+        s.step_commits(kv="kv", tokens="tokens", meta=META, length_key="n_tokens", every=0, device=False)
