@@ -13,7 +13,8 @@
 #                       the last being the backend conformance suite's CuPy variants)
 #   --no-tests          run no tests
 #   --bench "NAME ARGS" run a GPU benchmark with ARGS, repeatable; NAME: gpu (bench/bench_gpu.py),
-#                       instrument (bench/bench_instrument_gpu.py), transformers (bench/bench_transformers_gpu.py)
+#                       instrument (bench/bench_instrument_gpu.py), transformers (bench/bench_transformers_gpu.py),
+#                       compiled (bench/bench_compiled_decode_gpu.py)
 #   --agent             examples/durable_agent.py with a 1B-shaped model: SIGKILL inside the LLM
 #                       node, resume, compare with an uninterrupted run ($OUT/agent_*.json)
 #   --test-timeout S    pytest's per-test timeout (default 240)
@@ -85,7 +86,8 @@ for spec in "${BENCHES[@]}"; do
   case "$name" in
     gpu) script=bench/bench_gpu.py ;;
     instrument|transformers) script="bench/bench_${name}_gpu.py" ;;
-    *) echo "== bench $name: unknown (gpu, instrument, transformers)" | tee -a "$OUT/steps.txt"; FAILED=1; continue ;;
+    compiled) script=bench/bench_compiled_decode_gpu.py ;;
+    *) echo "== bench $name: unknown (gpu, instrument, transformers, compiled)" | tee -a "$OUT/steps.txt"; FAILED=1; continue ;;
   esac
   # shellcheck disable=SC2086  # args are the benchmark's own options
   step "bench $spec" "bench_$name.log" python3 "$script" $args

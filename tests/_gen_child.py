@@ -122,28 +122,79 @@ def main() -> None:
     p.add_argument("--kill-after-tokens", type=int, default=0, help="SIGKILL after the commit reaching N new tokens")
     p.add_argument("--kill-before-first-epoch", action="store_true", help="SIGKILL once the session is open")
     p.add_argument("--kill-after-done", action="store_true", help="SIGKILL once the final epoch is durable")
+    p.add_argument("--kill-at-token", type=int, default=0,
+                   help="SIGKILL at a token boundary once N new tokens exist (a stopping criterion: compiled "
+                        "steps commit with no host callback)")
+    p.add_argument("--every", type=int, default=1, help="checkpoint_every")
+    p.add_argument("--plain-static", action="store_true",
+                   help="plain model.generate(cache_implementation='static'), no Concordia: the reference")
+    p.add_argument("--report", action="store_true", help="add the backend's commit paths and the call's facts")
+    p.add_argument("--twice", action="store_true",
+                   help="then a second call in this process (a new session): its tokens as 'tokens2'")
     args = p.parse_args()
     if args.device != "cpu":
         torch.use_deterministic_algorithms(True)  # token identity on a GPU (notes: transformers item 7)
     from concordia_agents import Runtime
     from integrations.transformers import durable_generate
 
-    model = build_1b(args.device) if args.model == "llama-1b" else build(args.model)
+    model = build_1b(args.device) if args.model == "llama-1b" else build(args.model).to(args.device)
     calls: list[int] = []
-    model.register_forward_pre_hook(lambda m, a, kw: calls.append(int((kw.get("input_ids") if kw.get(
-        "input_ids") is not None else a[0]).shape[1])), with_kwargs=True)
+    extra = json.loads(args.extra)
+
+    def count(m: Any, a: Any, kw: Any) -> None:
+        calls.append(int((kw.get("input_ids") if kw.get("input_ids") is not None else a[0]).shape[1]))
+        if extra.get("cache_implementation") == "static" and args.device != "cpu":
+            hook.remove()  # the first (eager) forward only: a hook would be traced into the compiled step
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
     ids, mask = prompt(args.batch, args.left_pad, args.prompt_len, model.config.vocab_size)
     ids, mask = ids.to(args.device), mask.to(args.device)
     torch.manual_seed(1234)
+    if args.plain_static:
+        out = model.generate(ids, attention_mask=mask, **gen_kwargs(args.sample, args.new_tokens), **extra)
+        print(json.dumps({"tokens": out.tolist(), "forward_inputs": calls}), flush=True)
+        return
     rt = Runtime.open(home=args.home, backend=args.backend)
     kill = kill_switch(after_tokens=args.kill_after_tokens, before_first_epoch=args.kill_before_first_epoch,
                        after_done=args.kill_after_done)
-    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, on_event=kill,
-                           **gen_kwargs(args.sample, args.new_tokens), **json.loads(args.extra))
+    events: list[GenerateEvent] = []
+
+    def on_event(e: GenerateEvent) -> None:
+        events.append(e)
+        if kill is not None:
+            kill(e)
+
+    if args.kill_at_token:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class KillAt(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+                if input_ids.shape[1] - ids.shape[1] >= args.kill_at_token:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        extra["stopping_criteria"] = StoppingCriteriaList([KillAt()])
+    if args.every != 1:
+        extra["checkpoint_every"] = args.every
+    out = durable_generate(model, ids, args.session, runtime=rt, attention_mask=mask, on_event=on_event,
+                           **gen_kwargs(args.sample, args.new_tokens), **extra)
     if args.save:
         torch.save(describe_output(out), args.save)
     seqs = out if isinstance(out, torch.Tensor) else out.sequences
-    print(json.dumps({"tokens": seqs.tolist(), "forward_inputs": calls}), flush=True)
+    result: dict[str, Any] = {"tokens": seqs.tolist(), "forward_inputs": calls}
+    if args.twice:  # the compiled graph of the first call may be replayed by the second (same cache addresses)
+        extra.pop("stopping_criteria", None)
+        again = durable_generate(model, ids, args.session + "-2", runtime=rt, attention_mask=mask,
+                                 **gen_kwargs(args.sample, args.new_tokens), **extra)
+        result["tokens2"] = (again if isinstance(again, torch.Tensor) else again.sequences).tolist()
+    if args.report:
+        done = [e for e in events if e.phase == "done"]
+        result["report"] = {
+            "commit_paths": rt.backend.describe().get("commit_paths"),
+            "device_commits": done[-1].in_step_epochs if done else None,
+            "compiled": bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+        }
+    print(json.dumps(result), flush=True)
     rt.close()
 
 

@@ -3,11 +3,13 @@ events, the run fingerprint and the per-token checkpointer."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +20,7 @@ from concordia_agents import ConcordiaError, Runtime, Session
 
 from ._cache import DurableCache, DurableStaticCache
 from ._outputs import _dict_output, _StepOutputs
+from ._steps import StepCheckpointer
 
 __all__ = ["GenerateEvent", "GeneratePhase", "ResumeMismatchError", "durable_generate"]
 
@@ -51,6 +54,9 @@ class GenerateEvent:
     epoch: int
     #: tokens generated per sequence so far, those restored from the log included
     n_generated: int
+    #: epochs of this call committed by the in-step producer inside the model step (the static cache
+    #: on a GPU), which calls no ``token_committed`` for them; set on ``"done"``
+    in_step_epochs: int = 0
 
 
 #: generate() arguments that do not change which tokens come out (callbacks that
@@ -146,6 +152,65 @@ class _Checkpointer(StoppingCriteria):
                 self.on_event(GenerateEvent("token_committed", self.session.id, self.session.epoch,
                                             n - self.meta["prompt_len"]))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _stepper(session: Session, cache: DurableStaticCache, tokens: torch.Tensor, meta: dict[str, Any], every: int,
+             rng: torch.Tensor | None, on_event: Callable[[GenerateEvent], None] | None, prompt_len: int, *,
+             device: bool) -> StepCheckpointer:
+    """The per-step checkpointer of the static path (``_steps.py``)."""
+    steps = session.step_commits(kv="kv", tokens="tokens", meta=meta, length_key="n_tokens", every=every,
+                                 device=device)
+
+    def committed(length: int) -> None:
+        if on_event is not None:
+            on_event(GenerateEvent("token_committed", session.id, session.epoch, length - prompt_len))
+
+    return StepCheckpointer(steps, cache, tokens, rng, committed)
+
+
+@contextlib.contextmanager
+def _compiled_first_step(model: Any) -> Iterator[None]:
+    """Route ``generate``'s first forward through its compiled decode step
+    while the uncached input is one token (a resume of the static path).
+
+    ``generate`` runs its first forward (``_prefill``) eagerly and every later
+    one through ``get_compiled_call``; eager and compiled kernels round
+    differently, so a resume whose first forward were eager could pick another
+    token than the uninterrupted compiled run did at that position. With one
+    uncached token the first forward is a decode step: this shadows the
+    model's ``_prefill`` (transformers 5.17 and 5.24+: ``_prefill(input_ids,
+    generation_config, model_kwargs, is_first_iteration)``) for the call, and
+    prepares and runs it as the decode loop does. Anything else, or where
+    ``generate`` would not compile, goes to the original."""
+    original = model._prefill
+
+    def prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
+                is_first_iteration: bool = True) -> Any:
+        cache = model_kwargs.get("past_key_values")
+        if (cache is None or model_kwargs.get("inputs_embeds") is not None
+                or input_ids.shape[1] - int(cache.get_seq_length()) != 1
+                or not model._valid_auto_compile_criteria(model_kwargs, generation_config)):
+            return original(input_ids, generation_config, model_kwargs, is_first_iteration=is_first_iteration)
+        inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+        return model.get_compiled_call(generation_config.compile_config)(**inputs, return_dict=True)
+
+    model._prefill = prefill
+    try:
+        yield
+    finally:
+        del model._prefill
+
+
+def _detach(stepper: StepCheckpointer) -> None:
+    """Take the log back from the device; while another error is on its way
+    out, log (not raise) what stopped the producer."""
+    if sys.exc_info()[1] is None:
+        stepper.detach()
+        return
+    try:
+        stepper.detach()
+    except ConcordiaError as e:
+        warnings.warn(f"durable_generate: the in-step producer also stopped: {e}", RuntimeWarning, stacklevel=3)
 
 
 def _check_supported(model: Any, kwargs: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -247,7 +312,10 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             session.cancel()  # nothing ran: the finished session is left exactly as it was
             return _dict_output(seq, cache, steps) if as_dict else seq
         if n_tokens:  # resume
-            cache.set_length(session.regions["kv"].length)
+            # An epoch of a step (the static path) holds the KV of every token it
+            # holds: the last one is re-run as the one-token first forward, for
+            # its logits (module docs of _steps.py).
+            cache.set_length(min(session.regions["kv"].length, n_tokens - 1))
             seq = tokens[:, :n_tokens].clone()
             if rng is not None:
                 torch.set_rng_state(rng.cpu())
@@ -264,27 +332,57 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         kwargs = dict(generate_kwargs)
         kwargs.pop("cache_implementation", None)  # the cache is passed in: generate refuses both
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
-        criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", []) or []), hook])
+        user_criteria = list(kwargs.pop("stopping_criteria", []) or [])
+        # The static cache without stored outputs commits at model steps (inside
+        # the compiled step on a GPU); sampling on a GPU keeps the token-boundary
+        # commits, which copy the CUDA generator's state (host state).
+        stepper = None
+        if isinstance(cache, DurableStaticCache) and steps is None and cuda_rng is None:
+            stepper = _stepper(session, cache, tokens, meta, checkpoint_every, rng, on_event, prompt_len,
+                               device=input_ids.is_cuda)
+        criteria = StoppingCriteriaList(user_criteria if stepper is not None else [*user_criteria, hook])
         if kwargs["max_new_tokens"] > 0:
             if steps is not None:
                 steps.attach(model, seq.shape[1] - prompt_len)
+            if stepper is not None:
+                stepper.attach(model)
             try:
                 with warnings.catch_warnings():
                     # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
                     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-                    with rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
+                    # The executor stays resident between token-boundary commits; the
+                    # in-step producer needs none (it would only hold SMs).
+                    resident = (rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS) if stepper is None
+                                else contextlib.nullcontext())
+                    first_step: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+                    regions = session.regions
+                    if (isinstance(cache, DurableStaticCache) and input_ids.is_cuda
+                            and seq.shape[1] - cache.length == 1
+                            and (stepper is None or regions["kv"].length == regions["tokens"].length)):
+                        # A resume: its one-token first forward runs through the compiled
+                        # step, as the uninterrupted run computed that position; the
+                        # device producer is armed before it (no eager step will arm it).
+                        first_step = _compiled_first_step(model)
+                        if stepper is not None:
+                            stepper.arm_now()
+                    with resident, first_step:
                         out = model.generate(seq, attention_mask=full_mask, past_key_values=cache,
                                              stopping_criteria=criteria, **kwargs)
             finally:
                 if steps is not None:
                     steps.detach()
+                if stepper is not None:
+                    _detach(stepper)
         else:
             out = seq
         sequences = out.sequences if hasattr(out, "sequences") else out
+        if stepper is not None:
+            hook.committed = session.regions["tokens"].length  # the final epoch adds the tokens after it
         hook.commit(sequences, done=True)
         session.flush()
         if on_event is not None:
-            on_event(GenerateEvent("done", session_id, session.epoch, sequences.shape[1] - prompt_len))
+            on_event(GenerateEvent("done", session_id, session.epoch, sequences.shape[1] - prompt_len,
+                                   stepper.in_step_epochs if stepper is not None else 0))
         session.close()
         # Rebuilt, not generate's own: a resumed call's would hold only the steps since the resume.
         return _dict_output(sequences, cache, steps) if as_dict else sequences

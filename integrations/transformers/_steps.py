@@ -1,0 +1,127 @@
+"""Per-step checkpoints of ``durable_generate`` with a ``DurableStaticCache``:
+a forward hook on the model that commits each step's KV rows and input tokens
+(``concordia_agents``' ``StepCommits``).
+
+Where ``generate`` compiles the decode step (a GPU), the hook is traced into
+the compiled forward and calls the ``concordia::step_commit`` custom op, whose
+body launches the in-step producer kernel; CUDA graphs capture that launch,
+so graph replays commit every step with no host work (the op's Python body
+runs only while compiling and recording). Eager steps — the prefill, the
+first step of a resumed call, every step on a CPU — commit on the host
+(``StepCommits.host_step``) and then arm the device producer.
+
+An epoch after a step of length ``L`` holds the KV rows and tokens ``[0, L)``
+and ``meta["n_tokens"] = L``: the token sampled from that step's logits is
+not in it yet (it is the next step's input). A resume therefore re-runs the
+last committed token as its one-token first forward, which rewrites its KV
+row and yields the logits to sample from (the same values in deterministic
+mode) — that re-written row is committed again by the first eager step.
+
+The custom op declares a small device ``sink`` tensor as mutated: an op with
+no outputs and no mutated inputs may be dropped from the graph, and a sink
+marked as a static address keeps CUDA graphs on
+(``../shared/notes/compiled-decode.md``). The producer is looked up when the
+op's body runs (compiling, recording, eager), not baked into the graph as a
+constant, so a new call does not recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from concordia_agents import ConcordiaError, StepCommits
+
+from ._cache import DurableStaticCache
+
+__all__ = ["StepCheckpointer"]
+
+# The producer the op's body launches: set while a StepCheckpointer is attached.
+_current: list[Any] = []
+
+
+@torch.library.custom_op("concordia::step_commit", mutates_args=("sink",))
+def _step_commit(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor, sink: torch.Tensor) -> None:
+    """Launch the in-step producer on the current stream. ``kv`` are the
+    layers' key/value tensors (inputs so that the launch follows their
+    writes), ``length`` the new length (device int64), ``ids`` the step's
+    input tokens ``[batch, n]``."""
+    if not _current:
+        raise ConcordiaError("concordia::step_commit ran with no durable_generate step producer attached")
+    producer = _current[-1]
+    producer.launch(torch.cuda.current_stream(ids.device).cuda_stream, length.data_ptr(), ids.data_ptr(),
+                    int(ids.shape[1]), int(ids.stride(0)))
+
+
+@_step_commit.register_fake
+def _(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor, sink: torch.Tensor) -> None:
+    return None
+
+
+class StepCheckpointer:
+    """The forward hook (see the module docs). ``attach`` registers it,
+    ``detach`` removes it and takes the log back from the device (raising
+    what stopped the producer, if anything)."""
+
+    def __init__(self, steps: StepCommits, cache: DurableStaticCache, tokens: torch.Tensor,
+                 rng: torch.Tensor | None, committed: Callable[[int], None] | None = None) -> None:
+        """``committed(length)`` is called after each host step's epoch (device
+        steps call nothing: that is their point)."""
+        self.steps, self.cache, self.tokens, self.rng = steps, cache, tokens, rng
+        self._committed = committed
+        self._length = cache.durable_layers[-1].cumulative_length  # after the last layer's update: L
+        self._kv = [t for layer in cache.durable_layers for t in (layer.keys, layer.values)]
+        self._sink = None
+        self._handle: Any = None
+        self.in_step_epochs = 0  #: epochs the device producer committed (known after detach)
+        self.first = True  #: the next host step commits whatever is new (the prefill, a resume's first step)
+        if steps.device is not None:
+            self._sink = torch.zeros(1, dtype=torch.int64, device=tokens.device)
+            torch._dynamo.mark_static_address(self._sink)
+
+    def attach(self, model: Any) -> None:
+        if self.steps.device is not None:
+            _current.append(self.steps.device)
+        self._handle = model.register_forward_hook(self, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.steps.device is not None and self.steps.device in _current:
+            _current.remove(self.steps.device)
+        state = self.steps.close()
+        if state is not None:
+            self.in_step_epochs = state.commits
+
+    def arm_now(self) -> None:
+        """Arm the device producer before ``generate`` (a resume whose first
+        forward is compiled: no eager step will arm it)."""
+        if self.steps.device is not None:
+            self.steps.arm(torch.cuda.current_stream(self.tokens.device).cuda_stream)
+            self.first = False
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            raise ConcordiaError("durable_generate with a static cache: expected the model's forward to receive "
+                                 "input_ids, found none (inputs_embeds are not supported)")
+        if self.steps.device is not None and (torch.compiler.is_compiling() or self.steps.armed):
+            torch.ops.concordia.step_commit(self._kv, self._length, ids, self._sink)
+            return
+        # A host step: store the step's tokens, commit, then arm the device.
+        length = int(self._length)
+        n = ids.shape[1]
+        self.tokens.narrow(1, length - n, n).copy_(ids)
+        if self.rng is not None:
+            self.rng.copy_(torch.get_rng_state())
+        epoch = self.steps.host_step(length, force=self.first)
+        self.first = False
+        if epoch is not None and self._committed is not None:
+            self._committed(length)
+        if self.steps.device is not None:
+            self.steps.arm(torch.cuda.current_stream(ids.device).cuda_stream)
