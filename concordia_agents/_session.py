@@ -151,9 +151,14 @@ class Session:
 
     def register(
         self, name: str, array: Any, kind: RegionKind = "pages", *,
-        page_size: int = 4096, seq_axis: int = 0, restore: bool = True,
+        page_size: int = 4096, seq_axis: int = 0, restore: bool = True, assume_restored: bool = False,
     ) -> Region:
-        """Register ``array`` as region ``name``; restore its logged state into it."""
+        """Register ``array`` as region ``name``; restore its logged state into it.
+
+        ``assume_restored=True``: the array already holds the state of the
+        session's newest epoch (this process committed it and kept the array,
+        and the caller checked that nothing committed since): nothing is read
+        from the log; the recorded length is taken."""
         self._check_open()
         if name in self.regions:
             raise RegionError(f"region {name!r} is already registered in session {self.id!r}")
@@ -168,7 +173,7 @@ class Session:
         region_id = recorded.region_id if recorded else self._next_region_id
         spec = RegionSpec(name=name, region_id=region_id, kind=kind, dtype=info.dtype, shape=info.shape,
                           library=info.library, device=info.device, page_size=page_size, seq_axis=seq_axis)
-        if recorded is not None and restore:
+        if recorded is not None and (restore or assume_restored):
             problem = recorded.compatible_with(info)
             was = (recorded.kind, recorded.page_size, recorded.seq_axis)
             if problem is None and was != (kind, page_size, seq_axis):
@@ -180,7 +185,11 @@ class Session:
                     f"region {name!r} of session {self.id!r} cannot be restored into this array: {problem}")
         handle = self._services.backend.attach(spec, array)
         region = Region(handle)
-        if recorded is not None and restore:
+        if recorded is not None and assume_restored:
+            self._services.backend.after_restore(handle)  # the backend's view of the state (page hashes)
+            region.length = int(self._lengths.get(name, 0))
+            handle.described = recorded == spec
+        elif recorded is not None and restore:
             self._restore_into(region)
             # Re-describe only if the array now lives elsewhere (library/device).
             handle.described = recorded == spec

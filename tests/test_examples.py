@@ -38,3 +38,16 @@ def test_durable_agent_example_crashes_in_llm_node_then_resumes(tmp_path):
     assert "forward passes here: 140; first input length 1" in r.stdout
     r = _run(tmp_path, "--session", "ex", "--resume", example="durable_agent.py")
     assert "nodes run in this process: none (already finished)" in r.stdout
+
+
+def test_conversation_agent_example_crashes_mid_turn_then_resumes(tmp_path):
+    """4 turns of 100-token user messages and 30-token replies, SIGKILLed mid-reply of turn 3: --resume
+    continues that reply (its KV from the log, one token re-forwarded) and turn 4 prefills only its new
+    message and the last reply token, reusing the rest from memory."""
+    flags = ("--session", "chat", "--turns", "4", "--user-tokens", "100", "--reply-tokens", "30")
+    assert _run(tmp_path, *flags, "--crash-in-turn", "3", example="conversation_agent.py").returncode == -9
+    r = _run(tmp_path, *flags, "--resume", example="conversation_agent.py")
+    assert r.returncode == 0, r.stderr
+    assert "4 turns, conversation of 520 tokens" in r.stdout
+    assert "prompt    360 tokens, reused    360 (log), prefilled     1, new 30, retried: continued" in r.stdout
+    assert "prompt    490 tokens, reused    389 (resident), prefilled   101, new 30" in r.stdout

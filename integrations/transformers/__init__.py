@@ -50,13 +50,22 @@ batch ``generate`` runs); ``reorder_cache`` permutes the storage's rows in
 place. A cache used with another batch size raises ``ConcordiaError`` at the
 first forward, naming both.
 
-Modules: ``_cache`` (DurableCache, DurableLayer), ``_outputs`` (the per-step
-scores/logits regions and the dict output), ``_generate`` (the events, the
-fingerprint, the per-token checkpointer and ``durable_generate``).
+With ``cache_implementation="static"`` (``DurableStaticCache``) the epochs are
+committed at model steps instead, on a GPU from inside the compiled step
+(``_steps``). ``conversation_generate`` keeps one durable cache per
+conversation across calls (``_conversation``).
+
+Modules: ``_cache`` (DurableCache, DurableLayer, the static forms),
+``_outputs`` (the per-step scores/logits regions and the dict output),
+``_generate`` (the events, the fingerprint, the per-token checkpointer and
+``durable_generate``), ``_steps`` (the per-step checkpointer and its custom
+op), ``_conversation`` (conversations).
 """
 
 from ._cache import DurableCache, DurableLayer, DurableStaticCache, DurableStaticLayer
+from ._conversation import ConversationCall, ResidentConversations, conversation_generate
 from ._generate import GenerateEvent, GeneratePhase, ResumeMismatchError, durable_generate
 
-__all__ = ["DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticLayer", "GenerateEvent",
-           "GeneratePhase", "ResumeMismatchError", "durable_generate"]
+__all__ = ["ConversationCall", "DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticLayer",
+           "GenerateEvent", "GeneratePhase", "ResidentConversations", "ResumeMismatchError", "conversation_generate",
+           "durable_generate"]

@@ -1,0 +1,293 @@
+"""Conversations: one durable KV cache per conversation (a LangGraph thread, a
+chat), reused by its successive ``generate`` calls and across crashes.
+
+An agent's calls in one conversation send prompts that start with everything
+said so far. ``conversation_generate`` keeps that conversation's KV in one
+session (ID ``"conversation:" + conversation_id``) and prefills only what a
+prompt adds to the longest prefix the conversation already holds: from GPU
+memory when this process still holds it (``ResidentConversations``), else
+restored from the log (a new process, after a crash, after eviction).
+
+Session layout: kv regions ``kv`` (a ``DurableCache`` storage of one
+sequence, ``max_cache_len`` positions, fixed at the conversation's first call)
+and ``tokens`` (``[1, max_cache_len]``), the RNG states when sampling, and
+meta ``{"fingerprint": {"model"}, "n_tokens": N, "call": {...}, "calls":
+[...]}`` where ``call`` is the newest call (its ``id``, prompt hash and
+length ``start``, generation arguments' hash, ``max_new``, ``done`` and, once
+done, ``end``) and ``calls`` the last 32 finished calls whose results the
+conversation still holds (a later crop below a call's ``end`` forgets it).
+
+Protocol of a call ``conversation_generate(model, ids, conversation_id, call_id)``:
+
+1. Open the session (lease). Its regions come from the resident copy if this
+   process holds one at the session's epoch, else from the log.
+2. The ``call_id`` of the newest call or of a remembered finished one: a
+   retry. Its prompt and arguments must match (``ResumeMismatchError``);
+   finished, it returns the stored result (``tokens[:end]``); interrupted, it
+   continues from the last committed token (no re-prefill, the RNG
+   restored). A call the conversation no longer remembers runs as a new one.
+3. A new call: ``p`` = the longest common prefix of the held tokens and the
+   prompt, at most ``len(prompt) - 1`` (the last prompt token is always
+   forwarded, for its logits) and at most the KV held. The first epoch crops
+   both regions to ``p`` and appends the prompt's new tokens (durable: a
+   crash after it resumes the call from there); ``generate`` then prefills
+   ``len(prompt) - p`` tokens.
+4. One epoch per token (every ``checkpoint_every``) as ``durable_generate``
+   commits them, the final one ``done``; the session is closed and its
+   regions stay resident (LRU within the budget).
+
+Returns the sequences (prompt and new tokens) like ``model.generate``; the
+call's :class:`ConversationCall` (reused and prefilled token counts, where the
+KV came from) is passed to ``on_call``. Greedy or sampled decoding, batch 1;
+the dynamic-style cache (eager ``generate``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from transformers import StoppingCriteriaList
+
+from concordia_agents import ConcordiaError, Runtime
+
+from ._cache import DurableCache
+from ._generate import _DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS, ResumeMismatchError, _Checkpointer, _fingerprint
+
+__all__ = ["ConversationCall", "ResidentConversations", "conversation_generate"]
+
+_FINISHED_CALLS = 32  #: finished calls a conversation remembers for retries (their results it still holds)
+
+#: where a call's reused KV came from
+KvSource = Literal["none", "resident", "log"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConversationCall:
+    """What one ``conversation_generate`` call reused and computed."""
+
+    conversation_id: str
+    call_id: str
+    prompt_tokens: int
+    #: prompt tokens whose KV came from the conversation (not recomputed)
+    reused: int
+    #: tokens the first forward computed (the prefill of the new suffix)
+    prefilled: int
+    #: where the reused KV came from: this process's memory, the log, or nowhere (nothing reused)
+    source: KvSource
+    #: the call had finished before (its stored result returned), or continued after a crash
+    retried: Literal["no", "finished", "continued"]
+    new_tokens: int
+
+
+@dataclasses.dataclass
+class _Resident:
+    cache: DurableCache
+    tokens: torch.Tensor
+    epoch: int
+    key: tuple[Any, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.storage.numel() * self.cache.storage.element_size() + self.tokens.numel() * 8
+
+
+class ResidentConversations:
+    """Conversations' KV kept in device memory between calls, least recently
+    used first out past ``budget_bytes`` (``None``: unbounded). Evicting
+    only drops this process's copy: the KV is in the log, and the next call
+    restores it. Not shared between threads for one conversation."""
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
+        self.evictions = 0  #: conversations dropped to stay within the budget
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._items.values())
+
+    def __contains__(self, conversation_id: str) -> bool:
+        return conversation_id in self._items
+
+    def take(self, conversation_id: str, key: tuple[Any, ...]) -> _Resident | None:
+        """The resident copy of a conversation, removed (the caller puts it back)."""
+        item = self._items.pop(conversation_id, None)
+        return item if item is not None and item.key == key else None
+
+    def put(self, conversation_id: str, item: _Resident) -> None:
+        self._items[conversation_id] = item
+        if self.budget_bytes is not None:
+            while len(self._items) > 1 and self.nbytes > self.budget_bytes:
+                self._items.popitem(last=False)
+                self.evictions += 1
+            if self.nbytes > self.budget_bytes:  # one conversation larger than the budget: not kept
+                self._items.popitem(last=False)
+                self.evictions += 1
+
+    def drop(self, conversation_id: str) -> None:
+        self._items.pop(conversation_id, None)
+
+
+_default_resident = ResidentConversations()
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(a.shape[-1], b.shape[-1])
+    if n == 0:
+        return 0
+    diff = (a[..., :n] != b[..., :n]).reshape(-1).nonzero()
+    return int(diff[0]) if diff.numel() else n
+
+
+def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: str, call_id: str, *,
+                          runtime: Runtime | None = None, max_cache_len: int | None = None,
+                          checkpoint_every: int = 1, resident: ResidentConversations | None = None,
+                          on_call: Callable[[ConversationCall], None] | None = None,
+                          **generate_kwargs: Any) -> torch.Tensor:
+    """``model.generate(input_ids, **generate_kwargs)`` for one call of a
+    conversation, reusing the KV of the prompt's prefix the conversation holds
+    (see the module docs). ``input_ids`` is ``[1, prompt_len]`` (no padding);
+    ``max_cache_len`` (default: the model's ``max_position_embeddings``) is
+    fixed at the conversation's first call."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ConcordiaError(f"conversation_generate: expected input_ids of shape [1, prompt_len] (one "
+                             f"conversation), found {list(input_ids.shape)}")
+    for name, allowed in (("attention_mask", ()), ("past_key_values", ()), ("cache_implementation", ()),
+                          ("num_beams", (1,)), ("num_return_sequences", (1,))):
+        value = generate_kwargs.get(name)
+        if value is not None and not (isinstance(value, int) and value in allowed):
+            raise ConcordiaError(f"conversation_generate: {name} is not supported (one unpadded sequence, the "
+                                 f"conversation's own cache, greedy or sampled decoding); found {name}="
+                                 f"{type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)}")
+    if checkpoint_every < 1:
+        raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
+    pool = resident if resident is not None else _default_resident
+    own_runtime = runtime is None
+    rt = runtime or Runtime.open()
+    sid = "conversation:" + conversation_id
+    prompt_len = int(input_ids.shape[1])
+    max_new = int(generate_kwargs.get("max_new_tokens") or 20)
+    sampling = bool(generate_kwargs.get("do_sample", False))
+    device = input_ids.device
+    fp = _fingerprint(model, input_ids, torch.ones_like(input_ids), generate_kwargs)
+    session = rt.session(sid)
+    item: _Resident | None = None
+    try:
+        meta = dict(session.meta or {})
+        if meta and meta.get("fingerprint", {}).get("model") != fp["model"]:
+            raise ResumeMismatchError(f"conversation {conversation_id!r} was recorded with another model; expected "
+                                      "the same model (or use a new conversation ID)")
+        recorded = session.recorded.get("kv")
+        max_len = int(recorded.shape[3]) if recorded is not None else int(
+            max_cache_len or getattr(model.config, "max_position_embeddings", 0) or prompt_len + max_new + 1)
+        if prompt_len + max_new > max_len:
+            raise ConcordiaError(f"conversation {conversation_id!r}: expected the prompt ({prompt_len}) and "
+                                 f"max_new_tokens ({max_new}) to fit its cache of {max_len} positions, found "
+                                 f"{prompt_len + max_new}")
+        key = (id(model), max_len, str(device), str(model.dtype))
+        item = pool.take(conversation_id, key)
+        source: KvSource = "log"
+        if item is not None and item.epoch == session.epoch and session.epoch > 0:
+            cache, tokens, source = item.cache, item.tokens, "resident"
+            session.register("kv", cache.storage, kind="kv", seq_axis=3, assume_restored=True)
+            session.register("tokens", tokens, kind="kv", seq_axis=1, assume_restored=True)
+        else:
+            cache = item.cache if item is not None else DurableCache.for_model(model, batch_size=1,
+                                                                              max_cache_len=max_len)
+            tokens = item.tokens if item is not None else torch.zeros(1, max_len, dtype=torch.int64, device=device)
+            session.register("kv", cache.storage, kind="kv", seq_axis=3)
+            session.register("tokens", tokens, kind="kv", seq_axis=1)
+        item = _Resident(cache, tokens, 0, key)
+        rng = torch.zeros_like(torch.get_rng_state(), device=device) if sampling else None
+        cuda_rng = (torch.zeros_like(torch.cuda.get_rng_state(device), device=device)
+                    if sampling and input_ids.is_cuda else None)
+        for name, state in (("rng", rng), ("cuda_rng", cuda_rng)):
+            if state is not None:
+                session.register(name, state)
+        held = int(meta.get("n_tokens", 0))
+        kv_held = min(session.regions["kv"].length, held)
+        call = dict(meta.get("call") or {})
+        finished = {c["id"]: c for c in meta.get("calls", [])}
+        call_fp = {"prompt": fp["prompt"], "generation": fp["generation"], "start": prompt_len, "max_new": max_new}
+        earlier = finished.get(call_id) if call.get("id") != call_id else None
+        if call.get("id") == call_id or earlier is not None:  # a retry of the newest call, or of a finished one
+            if earlier is not None:
+                call = {**earlier, "done": True}
+            if {k: call.get(k) for k in call_fp} != call_fp:
+                raise ResumeMismatchError(f"conversation {conversation_id!r}: call {call_id!r} was made with another "
+                                          "prompt or generation arguments; expected the same to retry it")
+            if call.get("done"):
+                held = int(call.get("end", held))
+                out = tokens[:, :held].clone()
+                session.cancel()
+                _report(on_call, conversation_id, call_id, prompt_len, prompt_len, 0, source, "finished",
+                        held - prompt_len)
+                pool.put(conversation_id, dataclasses.replace(item, epoch=session.epoch))
+                return out
+            retried: Literal["no", "finished", "continued"] = "continued"
+            reuse = min(kv_held, held - 1)
+            seq = tokens[:, :held].clone()
+            for name, state in (("rng", rng), ("cuda_rng", cuda_rng)):
+                if state is not None and name in session.regions:
+                    (torch.set_rng_state(state.cpu()) if name == "rng"
+                     else torch.cuda.set_rng_state(state.cpu(), device))
+        else:
+            retried = "no"
+            common = _common_prefix(tokens[:, :held], input_ids)
+            reuse = min(common, kv_held, prompt_len - 1)
+            seq = input_ids
+            tokens[:, reuse:prompt_len].copy_(input_ids[:, reuse:])
+            # Finished calls whose result the conversation still holds (a retry returns it).
+            kept = [c for c in meta.get("calls", []) if c["end"] <= common][-_FINISHED_CALLS:]
+            meta = {"fingerprint": {"model": fp["model"]}, "n_tokens": prompt_len, "calls": kept,
+                    "call": {"id": call_id, **call_fp, "done": False}}
+            # Crop to the reused prefix and take the prompt's new tokens: one epoch.
+            session.commit(dict(meta), rows={"kv": (reuse, reuse), "tokens": (reuse, prompt_len)})
+        if reuse == 0:
+            source = "none"
+        cache.set_length(reuse)
+        hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng)
+        hook.committed = int(seq.shape[1])
+        kwargs = dict(generate_kwargs)
+        kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
+        criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", []) or []), hook])
+        if kwargs["max_new_tokens"] > 0:
+            with warnings.catch_warnings(), rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
+                # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                out = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache,
+                                     stopping_criteria=criteria, **kwargs)
+        else:
+            out = seq
+        done_call = {**hook.meta["call"], "done": True, "end": int(out.shape[1])}
+        hook.meta["call"] = done_call
+        hook.meta["calls"] = [*hook.meta.get("calls", []), {k: v for k, v in done_call.items() if k != "done"}]
+        hook.commit(out, done=False)
+        session.flush()
+        session.close()
+        pool.put(conversation_id, dataclasses.replace(item, epoch=session.epoch))
+        item = None
+        _report(on_call, conversation_id, call_id, prompt_len, reuse if retried == "no" else prompt_len,
+                int(seq.shape[1]) - reuse, source, retried, int(out.shape[1]) - prompt_len)
+        return out
+    except BaseException:
+        session.cancel()
+        if item is not None:
+            pool.drop(conversation_id)  # its contents may be ahead of (or behind) the log now
+        raise
+    finally:
+        if own_runtime:
+            rt.close()
+
+
+def _report(on_call: Callable[[ConversationCall], None] | None, conversation_id: str, call_id: str,
+            prompt_len: int, reused: int, prefilled: int, source: KvSource,
+            retried: Literal["no", "finished", "continued"], new_tokens: int) -> None:
+    if on_call is not None:
+        on_call(ConversationCall(conversation_id, call_id, prompt_len, reused, prefilled, source, retried,
+                                 new_tokens))

@@ -1,0 +1,156 @@
+"""Conversations (issue 18) on the CPU: successive calls of one conversation reuse the KV of
+the prefix it holds (from this process's memory or from the log), crop a diverging prompt
+durably, survive a SIGKILL mid-call (real child processes), and every call returns what plain
+``model.generate`` returns on its full prompt (greedy and seeded sampling)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from concordia_agents import ConcordiaError, Runtime
+from integrations.transformers import (
+    ConversationCall,
+    ResidentConversations,
+    ResumeMismatchError,
+    conversation_generate,
+)
+from tests._gen_child import build
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    return build("llama")
+
+
+def _tokens(seed: int, n: int) -> torch.Tensor:
+    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _plain(model, prompt: torch.Tensor, **kw) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+
+
+def test_turns_reuse_the_held_prefix_and_equal_plain_generate(tmp_path, model):
+    """Four turns, each prompt the last output plus new tokens: every call equals plain generate;
+    from turn 2 on only the new suffix (and the last output token) is prefilled, from memory."""
+    calls: list[ConversationCall] = []
+    out = torch.zeros(1, 0, dtype=torch.int64)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        pool = ResidentConversations()
+        for turn in range(4):
+            prompt = torch.cat([out, _tokens(turn, 9)], dim=1)
+            out = conversation_generate(model, prompt, "c", f"t{turn}", runtime=rt, resident=pool,
+                                        max_new_tokens=8, do_sample=False, on_call=calls.append)
+            assert torch.equal(out, _plain(model, prompt, max_new_tokens=8, do_sample=False)), turn
+            assert calls[-1].new_tokens == 8 and calls[-1].prompt_tokens == prompt.shape[1]
+    assert [c.source for c in calls] == ["none", "resident", "resident", "resident"]
+    assert [c.prefilled for c in calls] == [9, 10, 10, 10]  # 9 new tokens + the previous output's last token
+    assert [c.reused for c in calls] == [0, 16, 33, 50]
+
+
+def test_a_diverging_prompt_keeps_the_common_prefix_durably(tmp_path, model):
+    """A prompt that shares only its first 7 tokens with the conversation reuses 7 and crops the
+    rest in the log: a later call in a fresh process state (KV from the log) continues the
+    cropped conversation and still equals plain generate."""
+    calls: list[ConversationCall] = []
+    first = _tokens(1, 12)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        out1 = conversation_generate(model, first, "c", "a", runtime=rt, max_new_tokens=6, do_sample=False,
+                                     resident=ResidentConversations(), on_call=calls.append)
+        second = torch.cat([first[:, :7], _tokens(2, 6)], dim=1)
+        out2 = conversation_generate(model, second, "c", "b", runtime=rt, max_new_tokens=6, do_sample=False,
+                                     resident=ResidentConversations(), on_call=calls.append)
+        third = torch.cat([out2, _tokens(3, 4)], dim=1)
+        out3 = conversation_generate(model, third, "c", "c", runtime=rt, max_new_tokens=6, do_sample=False,
+                                     resident=ResidentConversations(), on_call=calls.append)
+    assert torch.equal(out1, _plain(model, first, max_new_tokens=6, do_sample=False))
+    assert torch.equal(out2, _plain(model, second, max_new_tokens=6, do_sample=False))
+    assert torch.equal(out3, _plain(model, third, max_new_tokens=6, do_sample=False))
+    assert [(c.reused, c.source) for c in calls] == [(0, "none"), (7, "log"), (out2.shape[1] - 1, "log")]
+
+
+def test_seeded_sampling_turns_equal_plain_generate(tmp_path, model):
+    out = torch.zeros(1, 0, dtype=torch.int64)
+    kw = {"max_new_tokens": 7, "do_sample": True, "top_k": 0, "temperature": 1.0}
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        for turn in range(3):
+            prompt = torch.cat([out, _tokens(10 + turn, 5)], dim=1)
+            torch.manual_seed(turn)
+            out = conversation_generate(model, prompt, "s", f"t{turn}", runtime=rt, **kw)
+            torch.manual_seed(turn)
+            assert torch.equal(out, _plain(model, prompt, **kw)), turn
+
+
+def test_least_recently_used_conversations_are_evicted_and_restored_from_the_log(tmp_path, model):
+    """A budget of one conversation's KV with two conversations alternating: each call finds the
+    other's KV evicted, restores its own from the log, and still equals plain generate."""
+    calls: list[ConversationCall] = []
+    outs = {"x": torch.zeros(1, 0, dtype=torch.int64), "y": torch.zeros(1, 0, dtype=torch.int64)}
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        pool = ResidentConversations()
+        for turn in range(3):
+            for conv in ("x", "y"):
+                prompt = torch.cat([outs[conv], _tokens(turn + ord(conv), 6)], dim=1)
+                outs[conv] = conversation_generate(model, prompt, conv, f"t{turn}", runtime=rt, resident=pool,
+                                                   max_new_tokens=5, do_sample=False, max_cache_len=128,
+                                                   on_call=calls.append)
+                assert torch.equal(outs[conv], _plain(model, prompt, max_new_tokens=5, do_sample=False))
+                if pool.budget_bytes is None:
+                    pool.budget_bytes = pool.nbytes  # one conversation's worth, from now on
+    assert pool.evictions >= 4
+    assert [c.source for c in calls[2:]] == ["log"] * 4
+
+
+def test_a_retried_call_returns_its_result_and_a_changed_prompt_is_refused(tmp_path, model):
+    calls: list[ConversationCall] = []
+    prompt = _tokens(4, 10)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        out = conversation_generate(model, prompt, "r", "once", runtime=rt, max_new_tokens=5, do_sample=False)
+        again = conversation_generate(model, prompt, "r", "once", runtime=rt, max_new_tokens=5, do_sample=False,
+                                      on_call=calls.append)
+        assert torch.equal(out, again) and calls[-1].retried == "finished" and calls[-1].prefilled == 0
+        with pytest.raises(ResumeMismatchError, match="call 'once' was made with another prompt"):
+            conversation_generate(model, _tokens(5, 10), "r", "once", runtime=rt, max_new_tokens=5,
+                                  do_sample=False)
+        with pytest.raises(ConcordiaError, match=r"expected input_ids of shape \[1, prompt_len\]"):
+            conversation_generate(model, torch.cat([prompt, prompt]), "r", "two", runtime=rt, max_new_tokens=5)
+        with pytest.raises(ConcordiaError, match="attention_mask is not supported"):
+            conversation_generate(model, prompt, "r", "mask", runtime=rt, attention_mask=torch.ones_like(prompt))
+
+
+def _child(home: Path, *flags: str) -> list[dict] | None:
+    r = subprocess.run([sys.executable, "-m", "tests._conv_child", "--home", str(home), *flags], cwd=ROOT,
+                       env={**os.environ, "CONCORDIA_LEASE_TTL": "0.5"}, capture_output=True, text=True,
+                       timeout=300, check=False)
+    if r.returncode == -9:
+        time.sleep(0.6)  # the dead owner's lease expires
+        return None
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_sigkill_mid_turn_then_rerun_equals_plain_generate(tmp_path, sample):
+    """A 3-turn conversation SIGKILLed at token 4 of turn 2; rerun with the same call IDs, turn 1
+    returns its stored result, turn 2 continues (no re-prefill), turn 3 reuses the conversation:
+    every turn equals plain generate on its full prompt."""
+    flags = ("--sample",) if sample else ()
+    ref = _child(tmp_path / "plain", "--plain", *flags)
+    assert _child(tmp_path / "conv", "--kill-turn", "2", "--kill-at", "4", *flags) is None
+    got = _child(tmp_path / "conv", *flags)
+    assert ref is not None and got is not None
+    assert [t["tokens"] for t in got] == [t["tokens"] for t in ref]
+    calls = [t["call"] for t in got]
+    assert [c["retried"] for c in calls] == ["finished", "continued", "no"]
+    assert calls[1]["prefilled"] == 1 and calls[2]["source"] == "resident" and calls[2]["prefilled"] == 6
