@@ -9,12 +9,13 @@
 #                        [--test-timeout S] [--timeout S]
 #
 #   --tests FILES       test files to run, their GPU-marked tests only (default: tests/test_gpu.py
-#                       tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/conformance,
-#                       the last being the backend conformance suite's CuPy variants)
+#                       tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/test_step_commit_gpu.py
+#                       tests/test_conversation_gpu.py tests/conformance, the last being the backend
+#                       conformance suite's CuPy variants)
 #   --no-tests          run no tests
 #   --bench "NAME ARGS" run a GPU benchmark with ARGS, repeatable; NAME: gpu (bench/bench_gpu.py),
 #                       instrument (bench/bench_instrument_gpu.py), transformers (bench/bench_transformers_gpu.py),
-#                       compiled (bench/bench_compiled_decode_gpu.py)
+#                       compiled (bench/bench_compiled_decode_gpu.py), conversation (bench/bench_conversation_gpu.py)
 #   --agent             examples/durable_agent.py with a 1B-shaped model: SIGKILL inside the LLM
 #                       node, resume, compare with an uninterrupted run ($OUT/agent_*.json)
 #   --test-timeout S    pytest's per-test timeout (default 240)
@@ -29,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 
-TESTS="tests/test_gpu.py tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/conformance"
+TESTS="tests/test_gpu.py tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/test_step_commit_gpu.py tests/test_conversation_gpu.py tests/conformance"
 BENCHES=()
 AGENT=""
 TEST_TIMEOUT=240
@@ -87,7 +88,8 @@ for spec in "${BENCHES[@]}"; do
     gpu) script=bench/bench_gpu.py ;;
     instrument|transformers) script="bench/bench_${name}_gpu.py" ;;
     compiled) script=bench/bench_compiled_decode_gpu.py ;;
-    *) echo "== bench $name: unknown (gpu, instrument, transformers, compiled)" | tee -a "$OUT/steps.txt"; FAILED=1; continue ;;
+    conversation) script=bench/bench_conversation_gpu.py ;;
+    *) echo "== bench $name: unknown (gpu, instrument, transformers, compiled, conversation)" | tee -a "$OUT/steps.txt"; FAILED=1; continue ;;
   esac
   # shellcheck disable=SC2086  # args are the benchmark's own options
   step "bench $spec" "bench_$name.log" python3 "$script" $args

@@ -1,0 +1,228 @@
+"""Conversations on the GPU (issue 18): what reusing a conversation's KV saves.
+
+Random bf16 weights in the Llama-3-8B shape (``--shape``), CuPy backend.
+
+Turns: a conversation of ``--turns`` turns, each a ``--user-tokens`` user
+message and a ``--reply-tokens`` greedy reply, growing to about 32k tokens.
+Per turn, ``conversation_generate`` (prefills only the new suffix; KV
+resident) against plain ``model.generate`` on the same full prompt (a
+re-prefill every turn), alternating which runs first: time to first token
+(a stopping criterion's first call, after the stream is synchronized) and the
+call's total time.
+
+Resume: a child process builds a conversation of ``N`` tokens (8k, 32k),
+starts the next call and SIGKILLs itself after that call's first token is
+durable; here, the time from the retried call to its first new token (the KV
+restored from the log into the GPU, one token re-forwarded) against plain
+``generate`` of one token on the same prompt (the re-prefill), ``--repeats``
+times each on a fresh copy of the child's home. Also the conversation's GPU
+memory (its cache) and the restore's share of the resume.
+
+    python bench/bench_conversation_gpu.py [--shape llama-3-8b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, build
+from bench.common import versions, write
+
+_OPTIONS = {**RT_OPTIONS, "ring_bytes": 3 << 30}
+
+
+class FirstToken(StoppingCriteria):
+    """Records when generate has its first new token (stream synchronized)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        if self.at is None:
+            torch.cuda.current_stream().synchronize()
+            self.at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _message(turn: int, n: int) -> torch.Tensor:
+    return torch.randint(3, 30000, (1, n), generator=torch.Generator().manual_seed(turn)).cuda()
+
+
+def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int) -> dict[str, Any]:
+    from concordia_agents import Runtime
+    from integrations.transformers import ConversationCall, ResidentConversations, conversation_generate
+
+    home = Path(tempfile.mkdtemp())
+    rows = []
+    try:
+        with Runtime.open(home=home, **_OPTIONS) as rt:
+            pool = ResidentConversations()
+            out = torch.zeros(1, 0, dtype=torch.int64, device="cuda")
+            max_len = turns * (user_tokens + reply_tokens) + 16
+            for turn in range(turns):
+                prompt = torch.cat([out, _message(turn, user_tokens)], dim=1)
+                row: dict[str, Any] = {"turn": turn + 1, "prompt_tokens": int(prompt.shape[1])}
+
+                def durable(prompt: torch.Tensor = prompt, turn: int = turn, row: dict[str, Any] = row) -> torch.Tensor:
+                    first, calls = FirstToken(), []
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    res = conversation_generate(model, prompt, "bench", f"t{turn}", runtime=rt, resident=pool,
+                                                max_cache_len=max_len, max_new_tokens=reply_tokens, do_sample=False,
+                                                stopping_criteria=StoppingCriteriaList([first]),
+                                                on_call=lambda c: calls.append(c))
+                    torch.cuda.synchronize()
+                    call: ConversationCall = calls[-1]
+                    row.update(durable_ttft_s=first.at - t, durable_total_s=time.perf_counter() - t,
+                               reused=call.reused, prefilled=call.prefilled, source=call.source)
+                    return res
+
+                def plain(prompt: torch.Tensor = prompt, row: dict[str, Any] = row) -> None:
+                    first = FirstToken()
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=reply_tokens,
+                                   do_sample=False, stopping_criteria=StoppingCriteriaList([first]))
+                    torch.cuda.synchronize()
+                    row.update(plain_ttft_s=first.at - t, plain_total_s=time.perf_counter() - t)
+
+                if turn % 2:
+                    plain()
+                    out = durable()
+                else:
+                    out = durable()
+                    plain()
+                row["ttft_speedup"] = row["plain_ttft_s"] / row["durable_ttft_s"]
+                rows.append(row)
+                print("turn", json.dumps(row), flush=True)
+            cache_bytes = pool.nbytes
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return {"turns": rows, "conversation_gpu_bytes": cache_bytes,
+            "ttft_speedup_from_8k": min((r["ttft_speedup"] for r in rows if r["prompt_tokens"] >= 8192), default=None)}
+
+
+def child(shape: str, n: int, home: str) -> None:
+    """Build a conversation of ``n`` tokens, start the next call, SIGKILL after its first durable token."""
+    from concordia_agents import Runtime
+    from integrations.transformers import conversation_generate
+
+    model = build(shape)
+    rt = Runtime.open(home=home, **_OPTIONS)
+    first = conversation_generate(model, _message(0, n - 1), "resume", "build", runtime=rt, max_cache_len=n + 64,
+                                  max_new_tokens=1, do_sample=False)
+
+    class Kill(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+            if input_ids.shape[1] > first.shape[1] + 16 + 1:  # the first new token's epoch was handed over
+                time.sleep(0.5)  # the executor publishes it meanwhile
+                os.kill(os.getpid(), signal.SIGKILL)
+            return torch.zeros(1, dtype=torch.bool, device=input_ids.device)
+
+    conversation_generate(model, torch.cat([first, _message(1, 16)], dim=1), "resume", "next", runtime=rt,
+                          max_cache_len=n + 64, max_new_tokens=8, do_sample=False,
+                          stopping_criteria=StoppingCriteriaList([Kill()]))
+
+
+def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, Any]:
+    from concordia_agents import Runtime
+    from integrations.transformers import ConversationCall, ResidentConversations, conversation_generate
+
+    src = Path(tempfile.mkdtemp())
+    r = subprocess.run([sys.executable, __file__, "--child", shape, str(n), str(src)], check=False,
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"child ended with {r.returncode}: {r.stderr[-2000:]}")
+    resumed, recompute, calls = [], [], []
+    try:
+        for _ in range(repeats):
+            home = Path(tempfile.mkdtemp())
+            shutil.copytree(src, home, dirs_exist_ok=True)
+            with Runtime.open(home=home, **{**_OPTIONS, "lease_ttl": 0.5}) as rt:
+                time.sleep(0.6)  # the dead owner's lease expires
+                s = rt.resume("conversation:resume")
+                held = int(s.meta["call"]["start"])
+                prompt = s.restore("tokens").array[:, :held].clone()  # the interrupted call's prompt
+                s.release()
+                got: list[ConversationCall] = []
+                ft = FirstToken()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                conversation_generate(model, prompt, "resume", "next", runtime=rt, resident=ResidentConversations(),
+                                      max_cache_len=n + 64, max_new_tokens=8, do_sample=False,
+                                      stopping_criteria=StoppingCriteriaList([ft]), on_call=got.append)
+                resumed.append(ft.at - t)
+                calls.append(got[-1])
+            shutil.rmtree(home, ignore_errors=True)
+            ft = FirstToken()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                           stopping_criteria=StoppingCriteriaList([ft]))
+            recompute.append(ft.at - t)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    return {"tokens": n, "resume_first_token_s": statistics.median(resumed),
+            "reprefill_first_token_s": statistics.median(recompute),
+            "speedup": statistics.median(recompute) / statistics.median(resumed),
+            "runs": {"resume_s": resumed, "reprefill_s": recompute},
+            "calls": [{"retried": c.retried, "prefilled": c.prefilled, "source": c.source} for c in calls]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", nargs=3, metavar=("SHAPE", "N", "HOME"))
+    p.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
+    p.add_argument("--turns", type=int, default=20)
+    p.add_argument("--user-tokens", type=int, default=1500)
+    p.add_argument("--reply-tokens", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="6 turns, resume at 8k only, 2 repeats")
+    p.add_argument("--only", choices=["turns", "resume"])
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.child[2])
+        return
+    torch.use_deterministic_algorithms(False)
+    result: dict[str, Any] = {"benchmark": "conversation_gpu", "device": torch.cuda.get_device_name(0),
+                              "versions": versions("transformers", "cupy-cuda13x"), "shape": args.shape,
+                              "runtime_options": _OPTIONS, "quick": args.quick}
+    model = build(args.shape)
+    turns = 6 if args.quick else args.turns
+    if args.only != "resume":
+        try:
+            result["turns"] = turns_section(model, turns, args.user_tokens, args.reply_tokens)
+        except Exception:  # noqa: BLE001 - record and go on
+            result["turns"] = {"error": traceback.format_exc()[-3000:]}
+    if args.only != "turns":
+        for n in (8192,) if args.quick else (8192, 32768):
+            key = f"resume_{n // 1024}k"
+            try:
+                result[key] = resume_section(model, args.shape, n, 2 if args.quick else args.repeats)
+            except Exception:  # noqa: BLE001
+                result[key] = {"error": traceback.format_exc()[-3000:]}
+            print(key, json.dumps({k: v for k, v in result[key].items() if k != "runs"}), flush=True)
+    path = write("conversation_gpu" + ("-quick" if args.quick else ""), result)
+    if os.environ.get("OUT"):
+        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
