@@ -145,19 +145,22 @@ class StepCommits:
         try:
             state = self.device.state()
         finally:
-            self.device.disarm()  # whatever happened: no later launch may use this producer
-            self._stepping(False)
+            try:
+                self.device.disarm()  # whatever happened: no later launch may use this producer
+            finally:
+                self._stepping(False)
+        sid = self._session.id
+        if state.error == "fenced":  # the ring is another owner's now: nothing here to take back
+            raise OwnershipError(f"session {sid!r}: in-step commits stopped after epoch {state.epoch}: lost "
+                                 f"ownership: the host ring now belongs to fencing token {state.error_info}")
         if state.epoch > self._armed_epoch:
             n = state.committed
             self._adopt(state.epoch, {**self.meta, self.length_key: n}, {self.kv.name: n, self.tokens.name: n},
                         state.position)
         if state.error is not None:
-            sid = self._session.id
             what = {
                 "ring_full": (LogFullError, f"the host ring stayed full (the flusher had consumed up to log offset "
                                             f"{state.error_info}); is the flusher stuck or the disk full?"),
-                "fenced": (OwnershipError, f"lost ownership: the host ring now belongs to fencing token "
-                                           f"{state.error_info}"),
                 "rows": (RegionError, f"a step's length {state.error_info} is outside the regions or behind the "
                                       f"committed length {state.committed}"),
                 "too_big": (LogFullError, f"a step's epoch of {state.error_info} bytes exceeds the in-step "

@@ -83,3 +83,62 @@ def test_step_commits_need_two_registered_kv_regions_and_every_of_at_least_one(m
         s.step_commits(kv="kv", tokens="nope", meta=META, length_key="n_tokens", device=False)
     with pytest.raises(ConcordiaError, match="expected every >= 1, found 0"):
         s.step_commits(kv="kv", tokens="tokens", meta=META, length_key="n_tokens", every=0, device=False)
+
+
+class _ReportingProducer:
+    """Stands in for the GPU's in-step producer at the handover (arm / state / disarm), reporting a
+    given final state: the host side of the protocol is what is tested here; the kernel is tested
+    on the GPU (tests/test_step_commit_gpu.py)."""
+
+    def __init__(self, state) -> None:  # type: ignore[no-untyped-def]
+        self.final, self.armed_with, self.disarmed = state, None, False
+
+    def arm(self, stream: int, **kw: int) -> None:
+        self.armed_with = kw
+
+    def disarm(self) -> None:
+        self.disarmed = True
+
+    def state(self):  # type: ignore[no-untyped-def]
+        return self.final(self.armed_with)
+
+
+def test_close_adopts_the_devices_epochs_and_a_fenced_producer_raises_ownership_error(make_runtime):
+    """close() makes the producer's epochs the session's (epoch, meta, lengths, log position) and
+    refuses host commits while armed; a producer that lost the ring to another owner raises
+    OwnershipError (not a position error), the session's state left as the host knew it."""
+    from concordia_agents import OwnershipError
+    from gpu_runtime.cuda.step_commit import StepState
+    from gpu_runtime.records import RecordType, encode_record
+
+    rt = make_runtime()
+    s, _, tokens = _session(rt)
+    tokens[:, :4] = 7
+    s.commit(dict(META), rows={"tokens": 4})
+    steps = s.step_commits(kv="kv", tokens="tokens", meta=META, length_key="n_tokens", device=False)
+    steps.host_step(4, force=True)
+    writer, ring = s._log.writer, s._log.ring
+    # The "device" publishes one epoch (a COMMIT record) itself, as the kernel does.
+    body = s._commit_body({**META, "n_tokens": 6}, {"kv": 6, "tokens": 6})
+    at = writer.position
+    record = encode_record(RecordType.COMMIT, body, session_tag=writer.session_tag, epoch=s.epoch + 1, offset=at)
+    steps.device = _ReportingProducer(lambda armed: StepState(True, at + len(record), armed["epoch"] + 1, 6, None,
+                                                              0, 1, 2))
+    steps.arm(0)
+    assert steps.device.armed_with == {"position": at, "epoch": 2, "committed": 4}
+    with pytest.raises(ConcordiaError, match="in-step producer holds the log"):
+        s.commit({"x": 1})
+    ring.write_at(at, record)
+    ring.publish_commit(at + len(record), 3)
+    state = steps.close()
+    assert steps.device.disarmed and state.commits == 1
+    assert (s.epoch, s.meta["n_tokens"], s.regions["kv"].length, writer.position) == (3, 6, 6, at + len(record))
+    assert s.commit({**META, "n_tokens": 6}) == 4  # the host commits again after close
+
+    steps.device = _ReportingProducer(lambda armed: StepState(True, writer.position, armed["epoch"], 6, "fenced",
+                                                              99, 0, 1))
+    steps.arm(0)
+    ring.set_owner(99)  # another owner took the ring over
+    with pytest.raises(OwnershipError, match="fencing token 99"):
+        steps.close()
+    assert s.epoch == 4 and not s._stepping

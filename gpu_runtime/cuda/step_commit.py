@@ -174,10 +174,10 @@ class StepCommitter:
         """Later launches (a graph replayed outside a durable_generate call)
         do nothing. Call after ``state`` (the device is idle)."""
         if _armed and _armed[0] is self:
+            _armed.clear()  # first: a failing device below must not keep the process's slot taken
             _the_slot().fill(0)
             self._state[_ARMED:_ARMED + 1].fill(0)
             self._cupy.cuda.runtime.deviceSynchronize()
-            _armed.clear()
 
     def __del__(self) -> None:
         try:

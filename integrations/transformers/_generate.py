@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -186,7 +185,8 @@ def _compiled_first_step(model: Any) -> Iterator[None]:
 
     def prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
                 is_first_iteration: bool = True) -> Any:
-        cache = model_kwargs.get("past_key_values")
+        # generate's keyword: `cache` in 5.24+ (it renames `past_key_values`), `past_key_values` in 5.17
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if (cache is None or model_kwargs.get("inputs_embeds") is not None
                 or input_ids.shape[1] - int(cache.get_seq_length()) != 1
                 or not model._valid_auto_compile_criteria(model_kwargs, generation_config)):
@@ -201,15 +201,12 @@ def _compiled_first_step(model: Any) -> Iterator[None]:
         del model._prefill
 
 
-def _detach(stepper: StepCheckpointer) -> None:
-    """Take the log back from the device; while another error is on its way
-    out, log (not raise) what stopped the producer."""
-    if sys.exc_info()[1] is None:
-        stepper.detach()
-        return
+def _detach_quietly(stepper: StepCheckpointer) -> None:
+    """Take the log back from the device while another error is on its way
+    out: what stopped the producer too is a warning, not a new exception."""
     try:
         stepper.detach()
-    except ConcordiaError as e:
+    except Exception as e:  # noqa: BLE001 - the error on its way out is the one to raise
         warnings.warn(f"durable_generate: the in-step producer also stopped: {e}", RuntimeWarning, stacklevel=3)
 
 
@@ -315,7 +312,10 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             # An epoch of a step (the static path) holds the KV of every token it
             # holds: the last one is re-run as the one-token first forward, for
             # its logits (module docs of _steps.py).
-            cache.set_length(min(session.regions["kv"].length, n_tokens - 1))
+            # Before any generated token (the prefill's epoch) the prompt is prefilled
+            # again: its last position computed alone would round otherwise than in
+            # the uninterrupted run's whole-prompt forward.
+            cache.set_length(0 if n_tokens <= prompt_len else min(session.regions["kv"].length, n_tokens - 1))
             seq = tokens[:, :n_tokens].clone()
             if rng is not None:
                 torch.set_rng_state(rng.cpu())
@@ -357,7 +357,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                     first_step: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
                     regions = session.regions
                     if (isinstance(cache, DurableStaticCache) and input_ids.is_cuda
-                            and seq.shape[1] - cache.length == 1
+                            and seq.shape[1] - cache.length == 1 and cache.length >= prompt_len
                             and (stepper is None or regions["kv"].length == regions["tokens"].length)):
                         # A resume: its one-token first forward runs through the compiled
                         # step, as the uninterrupted run computed that position; the
@@ -368,11 +368,16 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                     with resident, first_step:
                         out = model.generate(seq, attention_mask=full_mask, past_key_values=cache,
                                              stopping_criteria=criteria, **kwargs)
+            except BaseException:
+                if stepper is not None:
+                    _detach_quietly(stepper)
+                raise
+            else:
+                if stepper is not None:
+                    stepper.detach()  # raises what stopped the in-step producer, if anything
             finally:
                 if steps is not None:
                     steps.detach()
-                if stepper is not None:
-                    _detach(stepper)
         else:
             out = seq
         sequences = out.sequences if hasattr(out, "sequences") else out

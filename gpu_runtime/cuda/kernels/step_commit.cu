@@ -130,6 +130,11 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
     }
     if (tid == 0) S[S_STEPS] += 1;
     // 2. Commit only every `every` rows (the same decision in every block).
+    // Stopped by an earlier failure: nothing more (its committed length no
+    // longer moves, so the rows it would plan grow without bound). A block of
+    // this launch seeing a failure another one just set returns too; the
+    // arrival count then never completes, which only this dead producer used.
+    if (S[S_ERROR] != 0) return;
     const bool armed = S[S_ARMED] != 0;
     if (armed && L <= c + P[P_EVERY] - 1 && L >= c) return;
     if (!armed || L < c || L > P[P_KV_ROWS] || L > P[P_TOK_ROWS]) {
@@ -158,6 +163,10 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
         if (ok && end - ring[CNC_RING_CONSUMED] > cap) {
             const u64 t0 = cnc_now();
             while (end - ring[CNC_RING_CONSUMED] > cap) {
+                if (ring[CNC_RING_OWNER_TOKEN] != P[P_OWNER]) {  // taken over: its flusher no longer drains
+                    ok = 0;
+                    break;
+                }
                 if (cnc_now() - t0 > P[P_TIMEOUT_NS]) {
                     S[S_ERROR_INFO] = ring[CNC_RING_CONSUMED];
                     atomicCAS((unsigned long long*)&S[S_ERROR], 0ull, ERR_RING_FULL);
@@ -289,5 +298,5 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
         }
         S[S_ARRIVED] = 0;
     }
-    for (u64 rec = threadIdx.x; rec < nrec; rec += blockDim.x) S[S_ACC + rec] = 0;
+    for (u64 rec = threadIdx.x; rec < nrec && rec < CNC_STEP_MAX_RECORDS; rec += blockDim.x) S[S_ACC + rec] = 0;
 }
