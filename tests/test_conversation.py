@@ -154,3 +154,22 @@ def test_sigkill_mid_turn_then_rerun_equals_plain_generate(tmp_path, sample):
     calls = [t["call"] for t in got]
     assert [c["retried"] for c in calls] == ["finished", "continued", "no"]
     assert calls[1]["prefilled"] == 1 and calls[2]["source"] == "resident" and calls[2]["prefilled"] == 6
+
+
+def test_a_conversation_full_for_a_call_says_so_and_keeps_its_log(tmp_path, model):
+    """The cache's length is fixed at the first call (here 40): a call whose prompt and new tokens
+    would pass it raises ConcordiaError naming both, and the conversation is left as it was."""
+    first = _tokens(6, 20)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        out = conversation_generate(model, first, "full", "a", runtime=rt, max_cache_len=40, max_new_tokens=5,
+                                    do_sample=False)
+        s = rt.session("conversation:full")
+        epoch = s.epoch
+        s.cancel()
+        longer = torch.cat([out, _tokens(7, 14)], dim=1)
+        with pytest.raises(ConcordiaError, match=r"expected the prompt \(39\) and max_new_tokens \(5\) to fit its "
+                                                 r"cache of 40 positions, found 44"):
+            conversation_generate(model, longer, "full", "b", runtime=rt, max_new_tokens=5, do_sample=False)
+        s = rt.session("conversation:full")
+        assert s.epoch == epoch and s.meta["call"]["id"] == "a"
+        s.cancel()

@@ -58,8 +58,9 @@ from concordia_agents import ConcordiaError, Runtime
 from ._cache import DurableCache
 from ._generate import _DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS, ResumeMismatchError, _Checkpointer, _fingerprint
 
-__all__ = ["ConversationCall", "ResidentConversations", "conversation_generate"]
+__all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "ResidentConversations", "conversation_generate"]
 
+DEFAULT_MAX_CACHE_LEN = 32768  #: positions of a conversation's cache when neither the caller nor the model says less
 _FINISHED_CALLS = 32  #: finished calls a conversation remembers for retries (their results it still holds)
 
 #: where a call's reused KV came from
@@ -152,8 +153,10 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
     """``model.generate(input_ids, **generate_kwargs)`` for one call of a
     conversation, reusing the KV of the prompt's prefix the conversation holds
     (see the module docs). ``input_ids`` is ``[1, prompt_len]`` (no padding);
-    ``max_cache_len`` (default: the model's ``max_position_embeddings``) is
-    fixed at the conversation's first call."""
+    ``max_cache_len`` is fixed at the conversation's first call (default: the
+    model's ``max_position_embeddings``, at most ``DEFAULT_MAX_CACHE_LEN``:
+    the whole window of a 128k-context model would hold 16 GiB of KV per
+    conversation on an 8B shape)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ConcordiaError(f"conversation_generate: expected input_ids of shape [1, prompt_len] (one "
                              f"conversation), found {list(input_ids.shape)}")
@@ -184,7 +187,8 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
                                       "the same model (or use a new conversation ID)")
         recorded = session.recorded.get("kv")
         max_len = int(recorded.shape[3]) if recorded is not None else int(
-            max_cache_len or getattr(model.config, "max_position_embeddings", 0) or prompt_len + max_new + 1)
+            max_cache_len or min(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_CACHE_LEN,
+                                 DEFAULT_MAX_CACHE_LEN))
         if prompt_len + max_new > max_len:
             raise ConcordiaError(f"conversation {conversation_id!r}: expected the prompt ({prompt_len}) and "
                                  f"max_new_tokens ({max_new}) to fit its cache of {max_len} positions, found "
