@@ -385,6 +385,25 @@ def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
         task_session_id({"configurable": {"thread_id": "x"}})
 
 
+def test_conversation_ids_are_the_thread_and_the_stable_task_session(rt: Runtime):
+    """conversation_ids(config) in a node: the thread ID and the same call ID when the node is re-run."""
+    from integrations.langgraph import conversation_ids
+
+    seen: list[tuple[str, str]] = []
+
+    def flaky(state: Chat, config: RunnableConfig) -> dict:
+        seen.append(conversation_ids(config))
+        if len(seen) == 1:
+            raise RuntimeError("transient")
+        return {"turns": 1}
+
+    app = wrap(_one_node("flaky", flaky), runtime=rt)
+    with pytest.raises(RuntimeError, match="transient"):
+        app.invoke({"messages": [], "system": "", "turns": 0}, session_id="th3")
+    assert app.resume("th3")["turns"] == 1
+    assert seen[0] == seen[1] and seen[0][0] == "th3" and seen[0][1].startswith("th3#task:")
+
+
 def test_bad_input_gets_clear_errors(rt: Runtime):
     """Missing thread_id, a str to prune, an unknown prune strategy: named errors saying what was expected."""
     saver = ConcordiaSaver(runtime=rt)

@@ -19,10 +19,14 @@
   ``durability="sync"``, ``resume(session_id)`` from the last checkpoint.
 * ``task_session_id(config)`` — a node's session ID, stable across crash and
   resume, so an interrupted ``durable_generate`` continues instead of restarting.
+* ``conversation_ids(config)`` — ``(thread ID, task session ID)``: the
+  conversation and call IDs of ``conversation_generate`` in a node (one KV
+  cache per thread, reused by every LLM call of the thread).
 """
 
 from ._app import DurableGraph, wrap
 from ._saver import GRAPH_KIND, ConcordiaSaver
-from ._task import TASK_SEP, task_session_id, thread_of
+from ._task import TASK_SEP, conversation_ids, task_session_id, thread_of
 
-__all__ = ["GRAPH_KIND", "TASK_SEP", "ConcordiaSaver", "DurableGraph", "task_session_id", "thread_of", "wrap"]
+__all__ = ["GRAPH_KIND", "TASK_SEP", "ConcordiaSaver", "DurableGraph", "conversation_ids", "task_session_id",
+           "thread_of", "wrap"]

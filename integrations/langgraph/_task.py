@@ -15,7 +15,7 @@ from typing import Any
 from concordia_agents import ConcordiaError
 from concordia_agents._names import TASK_SEP, parent_of
 
-__all__ = ["TASK_SEP", "task_session_id", "thread_of"]
+__all__ = ["TASK_SEP", "conversation_ids", "task_session_id", "thread_of"]
 _TASK_ID_KEY = "__pregel_task_id"  # langgraph._internal._constants.CONFIG_KEY_TASK_ID
 _MAX_ID = 512
 
@@ -36,6 +36,15 @@ def task_session_id(config: Any) -> str:
             f"task_session_id: thread ID of {len(str(thread_id))} characters is too long to bind task sessions "
             f"(at most {_MAX_ID - len(TASK_SEP) - 64}); hash it, e.g. {digest!r}")
     return sid
+
+
+
+def conversation_ids(config: Any) -> tuple[str, str]:
+    """``(conversation_id, call_id)`` for ``conversation_generate`` inside a
+    node: the graph's thread ID (one conversation per thread) and the task's
+    session ID (the same call when LangGraph re-runs the node after a crash)."""
+    call_id = task_session_id(config)
+    return str(config["configurable"]["thread_id"]), call_id
 
 
 #: the graph thread a task session belongs to, or None (the core's naming rule)

@@ -34,7 +34,7 @@ from integrations.testing import llama_1b, tiny_llama
 from integrations.transformers import ConversationCall, conversation_generate
 
 from ._app import DurableGraph, wrap
-from ._task import task_session_id
+from ._task import conversation_ids
 
 __all__ = ["ChatState", "Turns", "build_chat_model", "make_chat_app"]
 
@@ -85,12 +85,12 @@ def make_chat_app(runtime: Runtime, *, model: Any, turns: int, user_tokens: int,
                 "conversation": state.get("conversation", []) + _user_message(turn, user_tokens, vocab)}
 
     def llm(state: ChatState, config: RunnableConfig) -> ChatState:
-        conversation_id = config["configurable"]["thread_id"]
+        conversation_id, call_id = conversation_ids(config)
         ids = torch.tensor([state["conversation"]], device=model.device)
         extra: dict[str, Any] = {}
         if stopping is not None and (criteria := stopping(state["turn"])) is not None:
             extra["stopping_criteria"] = criteria
-        out = conversation_generate(model, ids, conversation_id, task_session_id(config), runtime=runtime,
+        out = conversation_generate(model, ids, conversation_id, call_id, runtime=runtime,
                                     max_cache_len=max_cache_len, max_new_tokens=reply_tokens, do_sample=False,
                                     on_call=trace.add, **extra)
         return {"conversation": out[0].tolist(), "replies": [*state.get("replies", []), out.shape[1] - ids.shape[1]]}
