@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -153,8 +152,6 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     path = write("compiled_decode_gpu", result)
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     print("wrote", path)
 
 

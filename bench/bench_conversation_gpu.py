@@ -219,8 +219,6 @@ def main() -> None:
                 result[key] = {"error": traceback.format_exc()[-3000:]}
             print(key, json.dumps({k: v for k, v in result[key].items() if k != "runs"}), flush=True)
     path = write("conversation_gpu" + ("-quick" if args.quick else ""), result)
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     print("wrote", path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -309,9 +308,7 @@ def main() -> None:
             shutil.rmtree(home, ignore_errors=True)
     result.update(sections)
     result["only"] = sorted(only)
-    path = write("gpu" + ("-quick" if args.quick else "") + ("-" + "-".join(sorted(only)) if only else ""), result)
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    write("gpu" + ("-quick" if args.quick else "") + ("-" + "-".join(sorted(only)) if only else ""), result)
     prof = {k: result.get("session", {}).pop(k, "") for k in ("profile_kv_commits",)}
     print(json.dumps(result, indent=1, default=str)[-5000:])
     for k, v in prof.items():

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -71,5 +72,7 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     payload = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **payload}
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    if os.environ.get("OUT"):  # the device tool brings back what is under $OUT
+        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     return path
 

@@ -298,7 +298,7 @@ class Session:
                     raise RegionError(f"region {name!r}: expected rows within [0, {region.rows}], found {rng}")
                 ranges[name] = rng
             tasks = []
-            lengths = self._current_lengths()
+            lengths = dict(self._lengths)  # the loop below adds every registered kv region's
             for name, region in self.regions.items():
                 span: tuple[int, int] | None = ranges.get(name)
                 if region._marked is not None:

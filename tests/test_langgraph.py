@@ -366,11 +366,16 @@ def test_version_1_tables_are_migrated_and_stay_readable(home: Path, catalog_url
 
 
 def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
-    """A node that fails and is resumed gets the same task_session_id; outside a node it raises."""
+    """A node that fails and is resumed gets the same task_session_id, and conversation_ids the thread
+    and that ID; outside a node it raises."""
+    from integrations.langgraph import conversation_ids
+
     seen: list[str] = []
+    pairs: list[tuple[str, str]] = []
 
     def flaky(state: Chat, config: RunnableConfig) -> dict:
         seen.append(task_session_id(config))
+        pairs.append(conversation_ids(config))
         if len(seen) == 1:
             raise RuntimeError("transient")
         return {"turns": 1}
@@ -381,27 +386,9 @@ def test_task_session_id_is_stable_when_a_failed_node_is_rerun(rt: Runtime):
     assert rt.info("th2").status == "idle"
     assert app.resume("th2")["turns"] == 1
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0].startswith("th2#task:")
+    assert pairs[0] == pairs[1] and pairs[0][0] == "th2" and pairs[0][1].startswith("th2#task:")
     with pytest.raises(ConcordiaError, match=r"inside a LangGraph node|running node"):
         task_session_id({"configurable": {"thread_id": "x"}})
-
-
-def test_conversation_ids_are_the_thread_and_the_stable_task_session(rt: Runtime):
-    """conversation_ids(config) in a node: the thread ID and the same call ID when the node is re-run."""
-    from integrations.langgraph import conversation_ids
-
-    seen: list[tuple[str, str]] = []
-
-    def flaky(state: Chat, config: RunnableConfig) -> dict:
-        seen.append(conversation_ids(config))
-        if len(seen) == 1:
-            raise RuntimeError("transient")
-        return {"turns": 1}
-
-    app = wrap(_one_node("flaky", flaky), runtime=rt)
-    with pytest.raises(RuntimeError, match="transient"):
-        app.invoke({"messages": [], "system": "", "turns": 0}, session_id="th3")
-    assert app.resume("th3")["turns"] == 1
-    assert seen[0] == seen[1] and seen[0][0] == "th3" and seen[0][1].startswith("th3#task:")
 
 
 def test_bad_input_gets_clear_errors(rt: Runtime):

@@ -163,10 +163,9 @@ class StepCommitter:
                               "with a static cache on the GPU?); one runs at a time")
         words = np.frombuffer(self._arm, np.uint64, 4)
         words[:] = (1, position, epoch, committed)
-        with self._stream(stream):
-            self._state[:4].set(words, stream=self._stream(stream))  # from the pinned words
-            _the_slot().set(np.array([self._params.data.ptr, self._state.data.ptr], np.uint64),
-                            stream=self._stream(stream))
+        s = self._stream(stream)
+        self._state[:4].set(words, stream=s)  # from the pinned words
+        _the_slot().set(np.array([self._params.data.ptr, self._state.data.ptr], np.uint64), stream=s)
         self._stream(stream).synchronize()  # the pinned words may be rewritten by the next arm
         _armed[:] = [self]
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -56,7 +55,16 @@ from transformers import StoppingCriteriaList
 from concordia_agents import ConcordiaError, Runtime
 
 from ._cache import DurableCache
-from ._generate import _DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS, ResumeMismatchError, _Checkpointer, _fingerprint
+from ._generate import (
+    _DECODE_IDLE_MS,
+    _DECODE_MAX_LIFE_MS,
+    ResumeMismatchError,
+    _cache_keyword_quiet,
+    _Checkpointer,
+    _fingerprint,
+    _restore_rng,
+    _rng_regions,
+)
 
 __all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "ResidentConversations", "conversation_generate"]
 
@@ -112,9 +120,6 @@ class ResidentConversations:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self._items.values())
 
-    def __contains__(self, conversation_id: str) -> bool:
-        return conversation_id in self._items
-
     def take(self, conversation_id: str, key: tuple[Any, ...]) -> _Resident | None:
         """The resident copy of a conversation, removed (the caller puts it back)."""
         item = self._items.pop(conversation_id, None)
@@ -129,9 +134,6 @@ class ResidentConversations:
             if self.nbytes > self.budget_bytes:  # one conversation larger than the budget: not kept
                 self._items.popitem(last=False)
                 self.evictions += 1
-
-    def drop(self, conversation_id: str) -> None:
-        self._items.pop(conversation_id, None)
 
 
 _default_resident = ResidentConversations()
@@ -179,7 +181,6 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
     device = input_ids.device
     fp = _fingerprint(model, input_ids, torch.ones_like(input_ids), generate_kwargs)
     session = rt.session(sid)
-    item: _Resident | None = None
     try:
         meta = dict(session.meta or {})
         if meta and meta.get("fingerprint", {}).get("model") != fp["model"]:
@@ -207,12 +208,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             session.register("kv", cache.storage, kind="kv", seq_axis=3)
             session.register("tokens", tokens, kind="kv", seq_axis=1)
         item = _Resident(cache, tokens, 0, key)
-        rng = torch.zeros_like(torch.get_rng_state(), device=device) if sampling else None
-        cuda_rng = (torch.zeros_like(torch.cuda.get_rng_state(device), device=device)
-                    if sampling and input_ids.is_cuda else None)
-        for name, state in (("rng", rng), ("cuda_rng", cuda_rng)):
-            if state is not None:
-                session.register(name, state)
+        rng, cuda_rng = _rng_regions(session, device, sampling)
         held = int(meta.get("n_tokens", 0))
         kv_held = min(session.regions["kv"].length, held)
         call = dict(meta.get("call") or {})
@@ -236,10 +232,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             retried: Literal["no", "finished", "continued"] = "continued"
             reuse = min(kv_held, held - 1)
             seq = tokens[:, :held].clone()
-            for name, state in (("rng", rng), ("cuda_rng", cuda_rng)):
-                if state is not None and name in session.regions:
-                    (torch.set_rng_state(state.cpu()) if name == "rng"
-                     else torch.cuda.set_rng_state(state.cpu(), device))
+            _restore_rng(rng, cuda_rng, device)
         else:
             retried = "no"
             common = _common_prefix(tokens[:, :held], input_ids)
@@ -261,9 +254,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
         criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", []) or []), hook])
         if kwargs["max_new_tokens"] > 0:
-            with warnings.catch_warnings(), rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
-                # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
-                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            with _cache_keyword_quiet(), rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
                 out = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache,
                                      stopping_criteria=criteria, **kwargs)
         else:
@@ -275,14 +266,11 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
         session.flush()
         session.close()
         pool.put(conversation_id, dataclasses.replace(item, epoch=session.epoch))
-        item = None
         _report(on_call, conversation_id, call_id, prompt_len, reuse if retried == "no" else prompt_len,
                 int(seq.shape[1]) - reuse, source, retried, int(out.shape[1]) - prompt_len)
         return out
     except BaseException:
-        session.cancel()
-        if item is not None:
-            pool.drop(conversation_id)  # its contents may be ahead of (or behind) the log now
+        session.cancel()  # the resident copy, taken out of the pool, is not put back: it may not match the log
         raise
     finally:
         if own_runtime:

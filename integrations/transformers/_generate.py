@@ -153,6 +153,40 @@ class _Checkpointer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _rng_regions(session: Session, device: torch.device, sampling: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """When sampling, the CPU and (on a GPU) CUDA generator states as regions
+    ``rng`` / ``cuda_rng``, restored from the log if it holds them. They live
+    next to the KV (device memory on a GPU) so that every backend can
+    register them; the checkpointer copies the states in at each commit."""
+    if not sampling:
+        return None, None
+    rng = torch.zeros_like(torch.get_rng_state(), device=device)
+    session.register("rng", rng)
+    cuda_rng = None
+    if device.type == "cuda":
+        cuda_rng = torch.zeros_like(torch.cuda.get_rng_state(device), device=device)
+        session.register("cuda_rng", cuda_rng)
+    return rng, cuda_rng
+
+
+def _restore_rng(rng: torch.Tensor | None, cuda_rng: torch.Tensor | None, device: torch.device) -> None:
+    """Set the generators to the states restored into the regions (a resume)."""
+    if rng is not None:
+        torch.set_rng_state(rng.cpu())
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng.cpu(), device)
+
+
+@contextlib.contextmanager
+def _cache_keyword_quiet() -> Iterator[None]:
+    """Silence transformers' deprecation of ``past_key_values``: 5.24 renames
+    it ``cache``, which 5.17 rejects, so the old name is the one both take."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        yield
+
+
 def _stepper(session: Session, cache: DurableStaticCache, tokens: torch.Tensor, meta: dict[str, Any], every: int,
              rng: torch.Tensor | None, on_event: Callable[[GenerateEvent], None] | None, prompt_len: int, *,
              device: bool) -> StepCheckpointer:
@@ -288,17 +322,9 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                     "model, prompt and generation arguments to resume it (or use a new session ID)")
         cache = cache_class.for_model(model, batch_size=batch, max_cache_len=max_len)
         tokens = torch.zeros(batch, max_len, dtype=input_ids.dtype, device=input_ids.device)
-        # RNG states live next to the KV (device memory on a GPU) so that every
-        # backend can register them; they are copied in at each commit.
-        rng = torch.zeros_like(torch.get_rng_state(), device=input_ids.device) if sampling else None
-        cuda_rng = (torch.zeros_like(torch.cuda.get_rng_state(input_ids.device), device=input_ids.device)
-                    if sampling and input_ids.is_cuda else None)
         session.register("kv", cache.storage, kind="kv", seq_axis=3)
         session.register("tokens", tokens, kind="kv", seq_axis=1)
-        if rng is not None:
-            session.register("rng", rng)
-        if cuda_rng is not None:
-            session.register("cuda_rng", cuda_rng)
+        rng, cuda_rng = _rng_regions(session, input_ids.device, sampling)
         if stored:
             steps = _StepOutputs(model, session, batch=batch, max_new=max_new, prompt_len=prompt_len,
                                  device=input_ids.device, scores=want_scores, logits=want_logits)
@@ -317,10 +343,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             # the uninterrupted run's whole-prompt forward.
             cache.set_length(0 if n_tokens <= prompt_len else min(session.regions["kv"].length, n_tokens - 1))
             seq = tokens[:, :n_tokens].clone()
-            if rng is not None:
-                torch.set_rng_state(rng.cpu())
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng.cpu(), input_ids.device)
+            _restore_rng(rng, cuda_rng, input_ids.device)
         else:
             seq = input_ids
             tokens[:, :prompt_len].copy_(input_ids)
@@ -347,9 +370,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             if stepper is not None:
                 stepper.attach(model)
             try:
-                with warnings.catch_warnings():
-                    # 5.24 renames `past_key_values` to `cache`, which 5.17 rejects: the old name works on both.
-                    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                with _cache_keyword_quiet():
                     # The executor stays resident between token-boundary commits; the
                     # in-step producer needs none (it would only hold SMs).
                     resident = (rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS) if stepper is None
