@@ -21,7 +21,12 @@ One pytest run per catalog runs every module below:
 
 A ConcordiaSaver failure fails its module's test unless the same test (same
 other parameters) also fails on a LangGraph saver of the run (that one is not
-ours: it is reported as a warning). The modules are every module of langgraph
+ours: it is reported as a warning). A few upstream tests assert wall-clock
+bounds (``FloatBetween`` on ``perf_counter`` readings, e.g. a stream chunk within
+0.1 s of the start): one that fails only on ConcordiaSaver is run twice more in
+a run of its own, and counts as passed (with a warning naming it) only if both
+reruns pass; a scheduling stall of a loaded CI machine is not a saver's fault,
+a saver that is slow every time still fails. The modules are every module of langgraph
 1.2.24's suite whose tests take ``sync_checkpointer`` or
 ``async_checkpointer`` — the Pregel loop (sync and async), interrupts and
 resume, time travel, subgraph persistence, checkpoint migration, the large
@@ -122,15 +127,16 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run(root: Path, catalog: str, report: Path) -> dict[str, Any]:
-    """One pytest run of every module in a subprocess (upstream's ``tests`` package
-    must be the ``tests`` it imports); returns the plugin's report."""
+def _run(root: Path, catalog: str, report: Path, targets: list[str] | None = None) -> dict[str, Any]:
+    """One pytest run of every module (or of ``targets``, node IDs) in a subprocess
+    (upstream's ``tests`` package must be the ``tests`` it imports); returns the
+    plugin's report."""
     env = {**os.environ, "NO_DOCKER": "true",  # upstream's switch: no Redis cache, no PostgreSQL store
            "CONCORDIA_UPSTREAM_CHECKPOINTERS": ",".join(RUNS[catalog]), "CONCORDIA_UPSTREAM_REPORT": str(report),
            # this checkout's Concordia (not whatever is installed), and the fixture and plugin modules
            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("PYTEST_ADDOPTS", None)
-    cmd = [sys.executable, "-m", "pytest", *(f"tests/{m}.py" for m in MODULES), "-c", "pyproject.toml",
+    cmd = [sys.executable, "-m", "pytest", *(targets or [f"tests/{m}.py" for m in MODULES]), "-c", "pyproject.toml",
            "--rootdir", ".", "-p", "concordia_upstream_plugin", "-p", "no:cacheprovider", "-q",
            "--timeout", "300", "--tb=short"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3000)
@@ -152,6 +158,33 @@ def upstream_run(upstream: Path, tmp_path_factory: pytest.TempPathFactory):  # t
         return res
 
     return run
+
+
+#: a test body that reads the wall clock and bounds it (upstream's stream-timing tests)
+_WALL_CLOCK = re.compile(r"perf_counter\(\)[\s\S]*FloatBetween\(")
+
+
+def _wall_clock_tests(root: Path, nodeids: list[str]) -> list[str]:
+    """Those of ``nodeids`` whose test function asserts wall-clock bounds."""
+    chosen = []
+    for nodeid in nodeids:
+        path, name = nodeid.split("::")[0], nodeid.split("::")[-1].split("[")[0]
+        body = re.search(rf"^(?:async )?def {re.escape(name)}\(.*?(?=^(?:async )?def |^class |\Z)",
+                         (root / path).read_text(), re.S | re.M)
+        if body and _WALL_CLOCK.search(body.group(0)):
+            chosen.append(nodeid)
+    return chosen
+
+
+def _rerun_passes(root: Path, catalog: str, nodeids: list[str], report_dir: Path) -> set[str]:
+    """The node IDs that pass in each of two further runs of their own."""
+    passed = set(nodeids)
+    for i in range(2):
+        if not passed:
+            break
+        res = _run(root, catalog, report_dir / f"rerun-{i}.json", targets=sorted(passed))
+        passed = {n for n in passed if res["tests"].get(n, {}).get("outcome") == "passed"}
+    return passed
 
 
 def _save_summary(catalog: str, res: dict[str, Any]) -> None:
@@ -178,7 +211,8 @@ def test_modules_cover_every_checkpointer_module(upstream: Path):
 @pytest.mark.timeout(3600)  # the first test of a catalog waits for that catalog's whole run
 @pytest.mark.parametrize("catalog", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 @pytest.mark.parametrize("module", MODULES)
-def test_upstream_module_passes_on_concordia_as_on_langgraphs_savers(upstream_run, module: str, catalog: str):
+def test_upstream_module_passes_on_concordia_as_on_langgraphs_savers(upstream, upstream_run, module: str,
+                                                                    catalog: str, tmp_path: Path):
     """Every test of the module that passes on LangGraph's own savers passes on ConcordiaSaver."""
     if catalog == "postgres" and not PG_URL:
         pytest.skip("CONCORDIA_TEST_POSTGRES_URL is not set: no PostgreSQL to test against")
@@ -201,5 +235,11 @@ def test_upstream_module_passes_on_concordia_as_on_langgraphs_savers(upstream_ru
         warnings.warn(f"{module} on {catalog}: {len(not_ours)} failing on ConcordiaSaver also fail on LangGraph's "
                       "savers: " + "; ".join(f"{t['nodeid']} (also {', '.join(a)})" for t, a in not_ours),
                       stacklevel=1)
+    timing = _wall_clock_tests(upstream, [t["nodeid"] for t, _ in only_ours])
+    stalled = _rerun_passes(upstream, catalog, timing, tmp_path) if timing else set()
+    if stalled:
+        warnings.warn(f"{module} on {catalog}: wall-clock test(s) failed once on ConcordiaSaver and passed twice "
+                      "when rerun alone: " + "; ".join(sorted(stalled)), stacklevel=1)
+        only_ours = [(t, a) for t, a in only_ours if t["nodeid"] not in stalled]
     assert not only_ours, f"{module}: {len(only_ours)} of {len(mine)} fail only on ConcordiaSaver ({catalog}):\n" + \
         "\n\n".join(f"{t['nodeid']}: {t['outcome']}\n{t['message'][-1500:]}" for t, _ in only_ours)
