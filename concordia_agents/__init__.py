@@ -15,6 +15,7 @@ the session by its ID::
 """
 
 from ._catalog import SCHEMA_VERSION, SessionInfo
+from ._durability import Durability
 from ._logging import configure_logging
 from ._runtime import Runtime
 from ._session import Region, Session
@@ -33,6 +34,7 @@ from .errors import (
     MetaError,
     OwnershipError,
     RegionError,
+    RemoteStoreError,
     SchemaVersionError,
     SessionClosedError,
     SessionKindError,
@@ -49,12 +51,14 @@ __all__ = [
     "ConcordiaError",
     "ConfigurationError",
     "CorruptLogError",
+    "Durability",
     "HomeNotFound",
     "LogFullError",
     "MetaError",
     "OwnershipError",
     "Region",
     "RegionError",
+    "RemoteStoreError",
     "Runtime",
     "RuntimeConfig",
     "SchemaVersionError",

@@ -30,7 +30,7 @@ __all__ = ["GcContext", "GcItem", "GcReport", "collect"]
 
 @dataclass(frozen=True, slots=True)
 class GcItem:
-    path: Path
+    path: Path | str  #: a file of the home, or an object's ``s3://bucket/key``
     reason: str
 
 
@@ -44,7 +44,7 @@ class GcReport:
     kept: list[GcItem] = field(default_factory=list)
 
     @property
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[Path | str]:
         return [i.path for i in self.removed]
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,8 @@ class SessionLog:
         self.rollback: Rollback | None = None  #: set by an open that rolled back
         self.ring_created = False  #: this open made the ring file (cancel removes it)
         self.kick: Any = None  #: set by the flusher: wakes it
+        #: durability level: "local" leaves fsync to the kernel (the ring survives the process), else per config
+        self.level = "disk"
         self.log = get_logger(session=session_id, token=token)
         self.writer = LogWriter(
             ring, session_tag=tag, max_record_bytes=config.max_record_bytes, space_timeout=config.space_timeout,
@@ -143,11 +146,15 @@ class SessionLog:
 
     @classmethod
     def open(cls, *, session_id: str, tag: int, token: int, directory: Path, config: RuntimeConfig,
-             catalog: Catalog, allow_rollback: bool = False, created: bool = False) -> tuple[SessionLog, LogIndex]:
+             catalog: Catalog, allow_rollback: bool = False, created: bool = False,
+             fetch: Callable[[str, Path], int] | None = None) -> tuple[SessionLog, LogIndex]:
         """See the module docstring (step 1). ``created``: the catalog row was
         made by this open, so nothing on disk can belong to this session yet;
         files found under its name (a deleted session's, left behind) are moved
-        aside, never read into the new session."""
+        aside, never read into the new session. ``fetch``: the runtime has a
+        remote; on a host with no segment file of the session (another host
+        wrote it), ``fetch(session_id, directory)`` downloads the remote
+        objects first, and the open goes on as if they had been written here."""
         log = get_logger(session=session_id, token=token)
         info = catalog.get(session_id)
         rpath = ring_path(config, tag)
@@ -155,6 +162,10 @@ class SessionLog:
         if created:
             set_aside_leftovers(directory, rpath, log)
         make_private_dir(directory)
+        if fetch is not None and not created and not any(list_segments(directory)):
+            fetched = fetch(session_id, directory)
+            if fetched:
+                log.info("log fetched from the remote", bytes=fetched)
         write_session_marker(directory, session_id, catalog.catalog_id, info.created_at)
         ring: LogRing | None = None
         skipped_ring = 0
@@ -253,7 +264,7 @@ class SessionLog:
             return False
         ring, st = self.ring, self.state
         written, consumed = ring.written, ring.consumed
-        policy = self.config.fsync
+        policy = "none" if self.level == "local" else self.config.fsync
         hold = force_sync or policy == "every_commit"
         moved = written > consumed
         damage: CorruptLogError | None = None
@@ -311,6 +322,18 @@ class SessionLog:
         if damage is not None:
             raise damage
         return moved
+
+    def seal(self) -> None:
+        """Flush with fsync and start a new segment, so that every committed
+        epoch lies in sealed files (the uploader's step 1). Nothing happens to
+        an empty segment."""
+        with self.lock:
+            if self.closed or self.fenced is not None:
+                return
+            self.flush_step(force_sync=True)
+            if self.segment.size > SEGMENT_HEADER_SIZE:
+                self._roll(self.ring.consumed)
+                self._report(time.monotonic(), force=True)
 
     def _roll(self, at: int) -> None:
         if self.segment.size == SEGMENT_HEADER_SIZE and self.segment.header.base == at:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -303,11 +303,12 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | Non
     index.end = f.base
 
 
-def scan(directory: Path, *, session_tag: int, salvage: bool = False) -> LogIndex:
-    """Scan a session directory; see the module docstring."""
+def scan(directory: Path, *, session_tag: int, salvage: bool = False, only: Collection[str] | None = None) -> LogIndex:
+    """Scan a session directory; see the module docstring. ``only``: the log
+    made of just these files (what a host holding only the remote objects sees)."""
     index = LogIndex()
     try:
-        _scan(directory, session_tag, index, salvage)
+        _scan(directory, session_tag, index, salvage, only)
     except CorruptLogError as e:
         if not salvage:
             raise
@@ -315,12 +316,12 @@ def scan(directory: Path, *, session_tag: int, salvage: bool = False) -> LogInde
     return index
 
 
-def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool) -> None:
+def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, only: Collection[str] | None) -> None:
     """The scan proper. ``index`` changes only at whole commits (``_commit``,
     ``_read_base``), so after a CorruptLogError it holds the newest epoch before
     the damage."""
     verify_past = 0 if salvage else None  # salvage: read and verify every payload
-    bases, deltas = list_segments(directory)
+    bases, deltas = list_segments(directory, only)
     if bases:
         _read_base(bases[-1], session_tag, index, verify_past)
     start = index.end

@@ -43,7 +43,12 @@ from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
 from ._catalog import LEASE_ONLY, Catalog, SessionInfo, redact_url
+from ._catalog._objects import DurabilityInfo, roll_back_remote, set_level
+from ._catalog._objects import durability as durability_of
+from ._catalog._objects import objects as objects_of
+from ._durability import check_level
 from ._gc import GcContext, GcItem, GcReport, collect
+from ._gc_remote import collect_remote
 from ._home import (
     bind_catalog,
     catalog_missing,
@@ -63,14 +68,18 @@ from ._names import TASK_SEP, check_session_id
 from ._owner import new_owner_id
 from ._services import SessionServices
 from ._session import Session
+from ._store import open_store
+from ._uploader import Uploader
 from .config import RuntimeConfig
 from .errors import (
     CatalogMismatchError,
     CatalogNotFound,
     ConcordiaError,
+    ConfigurationError,
     CorruptLogError,
     LogFullError,
     OwnershipError,
+    RemoteStoreError,
 )
 
 __all__ = ["GcItem", "GcReport", "Runtime"]
@@ -130,11 +139,25 @@ class Runtime:
         self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="concordia-flusher", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="concordia-heartbeat", daemon=True)
+        self._uploader: Uploader | None = None
+        if config.remote is not None:
+            try:
+                self._uploader = Uploader(open_store(config.remote, endpoint_url=config.remote_endpoint,
+                                                     **config.remote_options),
+                                          self.catalog, config)
+            except BaseException:
+                self.backend.close()
+                self.catalog.dispose()
+                raise
+            self._uploader.start()
         self._flusher.start()
         self._heartbeat.start()
         # All a Session sees of this runtime (``_services``): Session never calls the Runtime.
+        up = self._uploader
         self._services = SessionServices(backend=self.backend, catalog=self.catalog, detach=self._forget,
-                                         release=self._release, give_back=self._give_back)
+                                         release=self._release, give_back=self._give_back,
+                                         wait_remote=up.wait_remote if up else None,
+                                         remote_status=up.status if up else None)
         self._finalizer = weakref.finalize(self, Runtime._shutdown_threads, self._stop, self._wake)
         self.log.info("runtime opened", home=str(config.home), backend=self.backend.name,
                       catalog=self.catalog._redacted())
@@ -154,7 +177,8 @@ class Runtime:
     def session_dir(self, session_id: str) -> Path:
         return self.config.home / "sessions" / session_dir_name(session_id, session_tag(session_id))
 
-    def session(self, session_id: str, *, create: bool = True, allow_rollback: bool = False) -> Session:
+    def session(self, session_id: str, *, create: bool = True, allow_rollback: bool = False,
+                durability: str | None = None) -> Session:
         """Create or open a session and take its lease (OwnershipError if another
         live process holds it). An existing session's log is recovered, not yet
         restored: ``register``/``restore`` bring regions back.
@@ -163,24 +187,57 @@ class Runtime:
         file lost, a damaged record) raises ``CorruptLogError`` naming what is
         missing, and the session is left as it was. ``allow_rollback=True``
         opens it at the newest intact epoch instead, verifying every record;
-        ``session.rollback`` then says what was given up."""
+        ``session.rollback`` then says what was given up.
+
+        ``durability``: ``"local"`` (the host ring: survives the process),
+        ``"disk"`` (fsynced segments: survives the machine's power) or
+        ``"remote"`` (uploaded to the runtime's object store: survives the
+        host). None keeps the session's recorded level, or for a new session
+        the configured default. On a host with no local file of a session
+        whose objects are remote, the open fetches them first (see
+        ``_uploader``); what only the lost host had fsynced is missing then,
+        and the open asks for ``allow_rollback`` as for any lost segment."""
         self._check_id(session_id)
+        recorded = durability_of(self.catalog, session_id)
+        level = self._choose_level(session_id, durability, recorded)
         token, created, prior = self.catalog.take(session_id, owner=self.owner, ttl=self.config.lease_ttl,
                                                   backend=self.backend.name, create=create, log=True)
         tag = session_tag(session_id)
+        slog: SessionLog | None = None
         try:
             slog, index = SessionLog.open(session_id=session_id, tag=tag, token=token,
                                           directory=self.session_dir(session_id), config=self.config,
-                                          catalog=self.catalog, allow_rollback=allow_rollback, created=created)
+                                          catalog=self.catalog, allow_rollback=allow_rollback, created=created,
+                                          fetch=self._uploader.fetch if self._uploader else None)
+            slog.level = level
+            remote_epoch, remote_offset = (recorded.remote_epoch, recorded.remote_offset) if recorded else (0, 0)
+            if slog.rollback is not None and index.epoch < remote_epoch:
+                roll_back_remote(self.catalog, session_id, token, epoch=index.epoch, offset=index.end)
+                remote_epoch, remote_offset = index.epoch, index.end
+            if recorded is None or recorded.level != level:
+                set_level(self.catalog, session_id, token, level)
         except BaseException:
+            if slog is not None:
+                slog.cancel()
             self._give_back(session_id, token, prior)
             raise
+        if level == "remote" and self._uploader is not None:
+            self._uploader.attach(slog, remote_epoch=remote_epoch, remote_offset=remote_offset)
         slog.kick = self._kick
         session = Session(self._services, session_id, token, slog, index, prior=prior)
         with self._lock:
             self._sessions[session_id] = _Open(session, slog)
         self.log.info("session opened", session=session_id, token=token, created=created, epoch=index.epoch)
         return session
+
+    def _choose_level(self, session_id: str, asked: str | None, recorded: DurabilityInfo | None) -> str:
+        level = check_level(asked or (recorded.level if recorded else self.config.default_level))
+        if level == "remote" and self._uploader is None:
+            how = "asked for" if asked else "recorded for"
+            raise ConfigurationError(f"session {session_id!r}: durability 'remote' {how} it, but this runtime has "
+                                     "no remote; set CONCORDIA_REMOTE=s3://bucket/prefix (or pass remote=...), or "
+                                     "open it with durability='disk'")
+        return level
 
     def _give_back(self, session_id: str, token: int, prior: Any) -> None:
         try:
@@ -279,18 +336,36 @@ class Runtime:
             mine.session.close()
         if lease is not None:
             self.let_go(lease)
+        self._delete_remote(session_id)
         self.catalog.delete(session_id)
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
         ring_path(self.config, session_tag(session_id)).unlink(missing_ok=True)
         self.log.info("session deleted", session=session_id)
 
+    def _delete_remote(self, session_id: str) -> None:
+        """A deleted session's objects (before its rows go). One the store
+        refuses now is left to ``gc``, which removes objects of deleted sessions."""
+        if self._uploader is None:
+            return
+        for o in objects_of(self.catalog, session_id):
+            try:
+                self._uploader.store.delete(o.key)
+            except RemoteStoreError as e:
+                self.log.warning("could not delete a remote object of a deleted session; gc removes it later",
+                                 session=session_id, object=o.key, error=str(e))
+
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove files that no session refers to, and only what can be proven
         orphaned (``dry_run``: report without removing). The rules and the
-        protocol are ``_gc.collect``'s."""
-        return collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
-                                 session_dir=self.session_dir, give_back=self._give_back, log=self.log),
-                       dry_run=dry_run)
+        protocol are ``_gc.collect``'s, and for the object store (with a
+        remote) ``_gc_remote.collect_remote``'s."""
+        report = collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
+                                   session_dir=self.session_dir, give_back=self._give_back, log=self.log),
+                         dry_run=dry_run)
+        if self._uploader is not None:
+            collect_remote(self._uploader.store, self.catalog, lambda sid: self.session_dir(sid).name, report,
+                           self.log)
+        return report
 
     def verify(self, session_id: str) -> LogCheck:
         """Check a session's log without opening it (no lease, nothing written):
@@ -313,6 +388,8 @@ class Runtime:
             mine = self._sessions.get(session_id)
             if mine is not None and mine.session.token == token:
                 del self._sessions[session_id]
+        if self._uploader is not None:
+            self._uploader.ended(session_id, token)
 
     def _release(self, session_id: str, token: int, closed: bool) -> None:
         """``SessionServices.release``: end a session's lease, logging a failure."""
@@ -389,6 +466,12 @@ class Runtime:
                 s.close()
             except ConcordiaError as e:
                 self.log.warning("session close failed", session=s.id, error=str(e))
+        if self._uploader is not None:
+            behind = self._uploader.drain(timeout=max(30.0, 2 * self.config.remote_interval))
+            if behind:
+                self.log.warning("closing with sessions not yet remote; their files are on this host's disk and "
+                                 "go up when the sessions are opened again with a remote", sessions=behind)
+            self._uploader.close()
         self._stop.set()
         self._wake.set()
         self._flusher.join(timeout=10)

@@ -33,6 +33,7 @@ import os
 import re
 import struct
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ __all__ = [
     "SegmentWriter",
     "fsync_dir",
     "list_segments",
+    "parse_segment_name",
     "read_segment_header",
 ]
 
@@ -97,12 +99,24 @@ def base_name(covers: int) -> str:
     return f"base-{covers:016x}.img"
 
 
-def list_segments(directory: Path) -> tuple[list[SegmentFile], list[SegmentFile]]:
-    """``(bases, deltas)`` found by name, bases by offset, deltas by (token, base)."""
+def parse_segment_name(name: str) -> tuple[str, int, int] | None:
+    """``(kind, token, base)`` of a segment or base image name ("delta" or "base"), else None."""
+    if m := _DELTA_RE.match(name):
+        return "delta", int(m.group(1)), int(m.group(2), 16)
+    if m := _BASE_RE.match(name):
+        return "base", 0, int(m.group(1), 16)
+    return None
+
+
+def list_segments(directory: Path, only: Collection[str] | None = None) -> tuple[list[SegmentFile], list[SegmentFile]]:
+    """``(bases, deltas)`` found by name, bases by offset, deltas by (token, base);
+    ``only``: just the files of these names (the uploader's view of what is remote)."""
     bases, deltas = [], []
     if not directory.is_dir():
         return [], []
     for p in directory.iterdir():
+        if only is not None and p.name not in only:
+            continue
         if m := _DELTA_RE.match(p.name):
             deltas.append(SegmentFile(p, KIND_DELTA, int(m.group(1)), int(m.group(2), 16)))
         elif m := _BASE_RE.match(p.name):

@@ -51,3 +51,7 @@ class SessionServices:
     release: Callable[[str, int, bool], None]
     #: ``give_back(session_id, token, prior)``: put back the catalog state the open found
     give_back: Callable[[str, int, Any], None]
+    #: ``wait_remote(session_id, epoch, timeout)``: seal and upload until ``epoch`` is remote (None: no remote)
+    wait_remote: Callable[[str, int, float], int] | None = None
+    #: ``remote_status(session_id)``: ``(remote epoch, last upload failure)``, None if not uploaded
+    remote_status: Callable[[str], tuple[int, BaseException | None] | None] | None = None

@@ -39,6 +39,7 @@ from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask
 from gpu_runtime.records import RecordType
 from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 
+from ._durability import Durability, check_level
 from ._log import Rollback, SessionLog
 from ._logging import get_logger
 from ._replay import LogIndex, PayloadReader
@@ -59,7 +60,7 @@ from .errors import (
 # call (a few microseconds of the per-token commit). Same bytes as json.dumps.
 _BODY = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
-__all__ = ["Region", "Session"]
+__all__ = ["Durability", "Region", "Session"]
 
 
 class Region:
@@ -398,11 +399,37 @@ class Session:
         self._check_open()
         self._services.backend.wait_visible(self._log.writer, self.epoch if epoch is None else epoch, timeout)
 
-    def flush(self, timeout: float = 60.0) -> int:
-        """Wait until the newest committed epoch is fsynced; returns it."""
+    def flush(self, timeout: float = 60.0, *, level: str | None = None) -> int:
+        """Wait until the newest committed epoch has reached ``level`` (default:
+        the session's level, ``durability().level``); returns it.
+
+        * ``"local"``: in the host ring (survives this process);
+        * ``"disk"``: fsynced in a segment (survives a power loss);
+        * ``"remote"``: sealed, uploaded and verified by the object store
+          (survives the host); RemoteStoreError after ``timeout`` seconds,
+          naming the lag and the last failure. Needs a session of level remote."""
         self._check_open()
+        level = check_level(level or self._log.level)
         self._services.backend.wait_visible(self._log.writer, self.epoch, timeout)
-        return self._log.wait_durable(self.epoch, timeout)
+        if level == "local":
+            return self.epoch
+        durable = self._log.wait_durable(self.epoch, timeout)
+        if level == "disk":
+            return durable
+        if self._log.level != "remote" or self._services.wait_remote is None:
+            raise ConfigurationError(f"session {self.id!r} is at durability level {self._log.level!r}; flush("
+                                     "level='remote') needs a session opened with durability='remote' on a runtime "
+                                     "with a remote")
+        self._services.wait_remote(self.id, self.epoch, timeout)
+        return self.epoch
+
+    def durability(self) -> Durability:
+        """Where the session's epochs are now: its level, the newest committed,
+        fsynced and remote epochs, and the last upload failure (the lag's cause)."""
+        status = self._services.remote_status(self.id) if self._services.remote_status else None
+        remote, error = status if status is not None else (None, None)
+        return Durability(level=self._log.level, committed=self.epoch, disk=self._log.state.durable_epoch,
+                          remote=remote, remote_error=None if error is None else str(error))
 
     def close(self) -> None:
         """Flush, release the lease and mark the session closed. If the last

@@ -13,6 +13,10 @@
 | CONCORDIA_MAX_RECORD_BYTES  | 1048576 (1 MiB)              | payload bytes per record (chunking) |
 | CONCORDIA_COMPACT_BYTES     | 268435456 (256 MiB)          | delta bytes that start compaction (0: never) |
 | CONCORDIA_LEASE_TTL         | 30                           | seconds a lease lives without a heartbeat |
+| CONCORDIA_REMOTE            | unset                        | s3://bucket/prefix: sealed segments go there too |
+| CONCORDIA_REMOTE_ENDPOINT   | unset (AWS)                  | the S3-compatible server (MinIO, Ceph RGW, GCS) |
+| CONCORDIA_DURABILITY        | remote with a remote, else disk | level of new sessions: local, disk, remote |
+| CONCORDIA_REMOTE_INTERVAL_S | 5                            | most seconds a commit waits to be uploaded |
 | CONCORDIA_LOG_FORMAT        | console                      | console or json |
 | CONCORDIA_LOG_LEVEL         | warning                      | critical, error, warning, info, debug (any case) |
 | CONCORDIA_DEBUG             | unset                        | the CLI shows tracebacks (any non-empty value) |
@@ -73,6 +77,18 @@ class RuntimeConfig:
     space_timeout: float = 60.0
     #: flusher poll period when nobody kicks it
     flush_poll: float = 0.01
+    #: ``s3://bucket/prefix``: the object store for sealed segments and base images (None: local only)
+    remote: str | None = None
+    #: the S3-compatible server (None: AWS, or boto3's own configuration)
+    remote_endpoint: str | None = None
+    #: the level a session opens with unless it asks for another (None: "remote" with a remote, else "disk")
+    durability: str | None = None
+    #: at most this many seconds between a commit and the upload of the segment holding it
+    remote_interval: float = 5.0
+    #: the uploader's first retry delay after a failure (doubling up to 30 s)
+    remote_retry: float = 0.5
+    #: keyword arguments of the store (``S3Store``: multipart_bytes, part_bytes, concurrency, max_attempts, ...)
+    remote_options: dict[str, Any] = field(default_factory=dict)
     log_format: Literal["console", "json"] = "console"
     log_level: str = "warning"
     backend_options: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +109,18 @@ class RuntimeConfig:
                 f"found {self.segment_bytes}")
         if self.lease_ttl <= 0:
             raise ConfigurationError(f"lease_ttl: expected a positive number of seconds, found {self.lease_ttl}")
+        if self.remote is not None:
+            from ._store import parse_remote_url
+
+            parse_remote_url(self.remote)
+        if self.durability is not None and self.durability not in ("local", "disk", "remote"):
+            raise ConfigurationError(f"durability (CONCORDIA_DURABILITY): expected local, disk or remote, "
+                                     f"found {self.durability!r}")
+        if self.durability == "remote" and self.remote is None:
+            raise ConfigurationError("durability 'remote' needs a remote (CONCORDIA_REMOTE=s3://bucket/prefix)")
+        if self.remote_interval <= 0:
+            raise ConfigurationError(f"remote_interval: expected a positive number of seconds, "
+                                     f"found {self.remote_interval}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigurationError(f"log_format (CONCORDIA_LOG_FORMAT): expected one of {', '.join(LOG_FORMATS)}, "
                                      f"found {self.log_format!r}")
@@ -121,6 +149,10 @@ class RuntimeConfig:
             "max_record_bytes": _env_int("CONCORDIA_MAX_RECORD_BYTES", 1 << 20),
             "compact_bytes": _env_int("CONCORDIA_COMPACT_BYTES", 256 << 20),
             "lease_ttl": _env_float("CONCORDIA_LEASE_TTL", 30.0),
+            "remote": os.environ.get("CONCORDIA_REMOTE") or None,
+            "remote_endpoint": os.environ.get("CONCORDIA_REMOTE_ENDPOINT") or None,
+            "durability": os.environ.get("CONCORDIA_DURABILITY") or None,
+            "remote_interval": _env_float("CONCORDIA_REMOTE_INTERVAL_S", 5.0),
             "log_format": os.environ.get("CONCORDIA_LOG_FORMAT") or "console",
             "log_level": os.environ.get("CONCORDIA_LOG_LEVEL") or "warning",
         }
@@ -130,6 +162,11 @@ class RuntimeConfig:
             raise ConfigurationError(f"unknown configuration keys {sorted(unknown)}; expected some of {sorted(known)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def default_level(self) -> str:
+        """The durability level of an open that names none."""
+        return self.durability or ("remote" if self.remote else "disk")
 
     def with_(self, **changes: Any) -> RuntimeConfig:
         return replace(self, **changes)

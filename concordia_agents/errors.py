@@ -28,6 +28,7 @@ __all__ = [
     "MetaError",
     "OwnershipError",
     "RegionError",
+    "RemoteStoreError",
     "SchemaVersionError",
     "SessionClosedError",
     "SessionKindError",
@@ -62,6 +63,12 @@ class StorageError(ConcordiaError):
     """The disk under the segments failed other than by filling up (an I/O
     error, a read-only filesystem, a failed fsync). Committed epochs stay in
     the host ring; the next commit raises this until the flusher gets through."""
+
+
+class RemoteStoreError(ConcordiaError):
+    """The object store (``remote``) failed or is unreachable after retries.
+    Commits go on locally; the uploader tries again with backoff, and
+    ``session.durability()`` reports the remote lag until it gets through."""
 
 
 class CatalogError(ConcordiaError):

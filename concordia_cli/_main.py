@@ -103,6 +103,8 @@ def cmd_sessions_list(args: argparse.Namespace) -> None:
 
 
 def cmd_sessions_show(args: argparse.Namespace) -> None:
+    from concordia_agents._catalog._objects import durability, objects
+
     session_id = _session_id(args)
     with _runtime(args) as rt:
         i = rt.info(session_id)
@@ -118,6 +120,13 @@ def cmd_sessions_show(args: argparse.Namespace) -> None:
             _out(f"region      {r.name}: {r.kind} {r.dtype}{list(r.shape)} on {r.device} ({r.library})")
         for seg in rt.catalog.segments(i.id):
             _out(f"file        {seg.name}: {seg.kind}, offsets {seg.base_offset}..{seg.end_offset}, {seg.bytes} bytes")
+        level = durability(rt.catalog, i.id)
+        if level is not None:
+            remote = (f"; remote epoch {level.remote_epoch} ({i.last_epoch - level.remote_epoch} behind the durable "
+                      f"epoch), as of {_when(level.remote_at)}") if level.level == "remote" else ""
+            _out(f"durability  {level.level}{remote}")
+        for o in objects(rt.catalog, i.id):
+            _out(f"object      {o.key}: {o.kind}, {o.state}, {o.bytes} bytes, sha256 {o.sha256[:16]}...")
         if i.labels:
             _out(f"labels      {json.dumps(i.labels)}")
 
@@ -268,6 +277,19 @@ def _home_state(home: Path) -> tuple[str, bool]:
     return f"{home}: does not exist, and {parent} is not writable to create it", False
 
 
+def _remote_state(cfg: RuntimeConfig) -> str:
+    """The remote's URL and whether its bucket answers (a HEAD request, nothing written)."""
+    from concordia_agents._store import open_store
+
+    assert cfg.remote is not None
+    where = f"{cfg.remote}{f' at {cfg.remote_endpoint}' if cfg.remote_endpoint else ''}"
+    try:
+        open_store(cfg.remote, endpoint_url=cfg.remote_endpoint, **{**cfg.remote_options, "max_attempts": 1}).ping()
+    except ConcordiaError as e:
+        return f"{where}: unreachable: {e}"
+    return f"{where}: reachable"
+
+
 def doctor_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """``(report, problems)``: every check's line, and the names of those that
     make Concordia unusable here (the backend asked for, the configuration, the
@@ -312,6 +334,10 @@ def doctor_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         report["nvrtc"] = f"{major}.{minor}" if int(err) == 0 else f"error {err}"
     except Exception as e:  # noqa: BLE001
         report["nvrtc"] = f"unavailable: {type(e).__name__}: {e}"
+    if cfg is not None and cfg.remote:
+        report["remote"] = _remote_state(cfg)
+        if not report["remote"].endswith("reachable"):
+            problems.append("remote")
     report["home"], usable = _home_state(home)
     if not usable:
         problems.append("home")

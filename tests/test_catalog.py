@@ -22,6 +22,35 @@ def test_fresh_catalog_is_at_the_code_version(catalog_url):
     assert Catalog(catalog_url).schema_version == SCHEMA_VERSION
 
 
+def test_a_version_2_catalog_is_upgraded_in_place_and_keeps_its_sessions(catalog_url):
+    """A catalog made by the version-2 code (before remote storage) gets the migration-3 tables when a newer
+    Concordia opens it; its sessions and leases are still there, and its schema equals a fresh catalog's."""
+    from sqlalchemy import create_engine, inspect
+
+    from concordia_agents._catalog._migrations import MIGRATIONS
+    from concordia_agents._catalog._objects import durability, set_level
+
+    eng = create_engine(catalog_url)
+    with eng.begin() as conn:
+        for m in MIGRATIONS[:2]:
+            m(conn)
+        SchemaVersionRow.__table__.create(conn)  # type: ignore[attr-defined]
+        conn.execute(SchemaVersionRow.__table__.insert().values(id=1, version=2, updated_at=0.0))  # type: ignore[attr-defined]
+        assert not inspect(conn).has_table("concordia_objects")
+    cat = Catalog(catalog_url)
+    token, created = cat.acquire("old", owner="o", ttl=30, backend="host", create=True)
+    assert created and cat.schema_version == SCHEMA_VERSION == 3
+    set_level(cat, "old", token, "disk")
+    assert durability(cat, "old").level == "disk"  # type: ignore[union-attr]
+    with eng.connect() as conn:
+        cols = {t: sorted(c["name"] for c in inspect(conn).get_columns(t))
+                for t in ("concordia_objects", "concordia_durability")}
+    assert cols["concordia_durability"] == ["level", "remote_at", "remote_epoch", "remote_offset", "session_id"]
+    assert "sha256" in cols["concordia_objects"] and "state" in cols["concordia_objects"]
+    eng.dispose()
+    cat.dispose()
+
+
 def test_newer_catalog_is_refused(catalog_url):
     """A catalog written by a newer Concordia raises SchemaVersionError naming both versions."""
     cat = Catalog(catalog_url)

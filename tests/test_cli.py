@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from concordia_agents import ConcordiaError, ConfigurationError, Runtime, configure_logging
+from concordia_agents import SCHEMA_VERSION, ConcordiaError, ConfigurationError, Runtime, configure_logging
 from concordia_agents._segments import list_segments
 from gpu_runtime.records import HEADER_SIZE, RecordType, decode_header
 
@@ -107,7 +107,7 @@ def test_doctor_reports_catalog_and_nvrtc(home: Path):
     """doctor names the backend, the NVRTC version (or why not) and the catalog schema."""
     Runtime.open(home=home, backend="host").close()
     out = cli(home, "doctor").stdout
-    assert "backend (auto)" in out and "nvrtc" in out and "(schema 2, code 2)" in out
+    assert "backend (auto)" in out and "nvrtc" in out and f"(schema {SCHEMA_VERSION}, code {SCHEMA_VERSION})" in out
 
 
 def test_gc_reports(home: Path):

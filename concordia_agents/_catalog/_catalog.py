@@ -43,8 +43,10 @@ from ..errors import (
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
 from ._models import (
     CatalogIdRow,
+    DurabilityRow,
     EpochRow,
     LeaseRow,
+    ObjectRow,
     RegionRow,
     SchemaVersionRow,
     SegmentRow,
@@ -550,7 +552,7 @@ class Catalog:
                 raise OwnershipError(
                     f"session {session_id!r}: expected no live owner to delete it, found {lease.owner} "
                     f"(token {lease.token}, {lease.expires_at - now:.1f} s left)")
-            for model in (SegmentRow, EpochRow, RegionRow, LeaseRow):
+            for model in (SegmentRow, EpochRow, RegionRow, ObjectRow, DurabilityRow, LeaseRow):
                 s.execute(delete(model).where(model.session_id == session_id))
             s.merge(TombstoneRow(session_id=session_id, created_at=row.created_at, deleted_at=now))
             s.delete(row)

@@ -105,5 +105,40 @@ def _v2(conn: Connection) -> None:
         id=1, catalog_id=secrets.token_hex(16), created_at=time.time()))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+def _v3(conn: Connection) -> None:
+    """Remote storage: the objects of each session in the object store, and
+    each session's durability level and remote progress.
+
+    * ``concordia_objects``: one row per sealed segment or base image the
+      uploader handles, made (state ``uploading``) *before* the upload starts,
+      so an object in the bucket without a row is never one in flight;
+      ``remote`` once the server verified it; ``deleting`` once compaction
+      made it unnecessary (the row goes after the object).
+    * ``concordia_durability``: the session's level (``local``, ``disk``,
+      ``remote``) and the newest epoch restorable from the ``remote`` objects
+      alone (``remote_epoch``, its log offset and when it got there)."""
+    md = MetaData()
+    sid = lambda: Column(  # noqa: E731 - a column factory for the snapshot
+        "session_id", String(512), ForeignKey("concordia_sessions.id", ondelete="CASCADE"), primary_key=True)
+    Table("concordia_sessions", md, Column("id", String(512), primary_key=True))  # the FK's target, not created
+    Table("concordia_objects", md, sid(),
+          Column("name", String(128), primary_key=True),
+          Column("key", String(1024), nullable=False),
+          Column("kind", String(8), nullable=False),
+          Column("token", BigInteger, nullable=False),
+          Column("base_offset", BigInteger, nullable=False),
+          Column("state", String(12), nullable=False),
+          Column("bytes", BigInteger, nullable=False),
+          Column("sha256", String(64), nullable=False),
+          Column("created_at", Float, nullable=False),
+          Column("uploaded_at", Float, nullable=True))
+    Table("concordia_durability", md, sid(),
+          Column("level", String(8), nullable=False),
+          Column("remote_epoch", BigInteger, nullable=False),
+          Column("remote_offset", BigInteger, nullable=False),
+          Column("remote_at", Float, nullable=True))
+    md.create_all(conn, tables=[md.tables["concordia_objects"], md.tables["concordia_durability"]])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)

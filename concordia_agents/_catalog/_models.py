@@ -17,8 +17,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "Base",
     "CatalogIdRow",
+    "DurabilityRow",
     "EpochRow",
     "LeaseRow",
+    "ObjectRow",
     "RegionRow",
     "SchemaVersionRow",
     "SegmentRow",
@@ -123,3 +125,34 @@ class SegmentRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sealed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ObjectRow(Base):
+    """A sealed segment or base image in the object store (migration 3)."""
+
+    __tablename__ = "concordia_objects"
+    session_id: Mapped[str] = mapped_column(
+        String(512), ForeignKey("concordia_sessions.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(1024))
+    kind: Mapped[str] = mapped_column(String(8))
+    token: Mapped[int] = mapped_column(BigInteger)
+    base_offset: Mapped[int] = mapped_column(BigInteger)
+    #: "uploading" (row made before the upload), "remote" (verified by the server), "deleting"
+    state: Mapped[str] = mapped_column(String(12))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    uploaded_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class DurabilityRow(Base):
+    """A session's durability level and remote progress (migration 3)."""
+
+    __tablename__ = "concordia_durability"
+    session_id: Mapped[str] = mapped_column(
+        String(512), ForeignKey("concordia_sessions.id", ondelete="CASCADE"), primary_key=True)
+    level: Mapped[str] = mapped_column(String(8))
+    remote_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    remote_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    remote_at: Mapped[float | None] = mapped_column(Float, nullable=True)

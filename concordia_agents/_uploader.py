@@ -1,0 +1,345 @@
+"""The uploader: copies sealed segments and base images of ``remote``-level
+sessions into the object store, and fetches them back on a host that has none.
+
+One thread per runtime (``Uploader.start``). For each attached session, a pass
+(``_step``) does, in order:
+
+1. **Seal** the open segment when it holds a committed epoch that is not yet
+   remote and either ``remote_interval`` seconds have passed since the last
+   seal or a ``flush(level="remote")`` waits (``SessionLog.seal``: fsync, roll).
+2. **Upload** every sealed file not yet ``remote`` in the catalog, oldest chain
+   first: the catalog row is made first (``uploading``), the file goes up
+   (verified by the server), then the row says ``remote``. Files the newest
+   remote base image covers are not uploaded (compaction folded them).
+3. **Advance** the remote epoch: the log made of the ``remote`` files alone is
+   scanned (``_replay.scan(only=...)``, headers only), which is exactly what a
+   host without local files restores; its epoch is recorded (only forward).
+4. **Delete** remote objects the newest remote base image covers (compaction's
+   rule, applied once that base is remote): row ``deleting``, object, row.
+
+Every catalog write is fenced by the session's token: an owner that lost the
+session (another host took over) stops uploading it at its next write. A
+failed pass (the store unreachable, a server error after boto3's retries) is
+kept as the session's ``error`` and retried after a backoff doubling from
+``remote_retry`` to 30 s; commits go on locally meanwhile, and
+``Session.durability()`` reports the lag.
+
+A session that ends (close, release) stays attached until its files are all
+remote (its last segment is sealed by the close), or the runtime closes.
+
+``fetch`` (``SessionLog.open`` on a host with no local file of the session):
+downloads the objects a restore needs (the newest remote base image and the
+delta segments it does not cover), each verified against the catalog's size
+and SHA-256 before it appears under its name, on four threads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._catalog import Catalog
+from ._catalog._objects import (
+    ObjectInfo,
+    begin_upload,
+    finish_upload,
+    forget_objects,
+    mark_deleting,
+    objects,
+    record_remote,
+)
+from ._home import make_private_dir
+from ._log import SessionLog
+from ._logging import get_logger
+from ._replay import scan
+from ._segments import KIND_BASE, SEGMENT_HEADER_SIZE, SegmentFile, fsync_dir, list_segments, read_segment_header
+from ._store import ObjectStore, file_sha256, object_key
+from .config import RuntimeConfig
+from .errors import ConcordiaError, OwnershipError, RemoteStoreError
+
+__all__ = ["Uploader", "covered_by"]
+
+_MAX_BACKOFF = 30.0
+
+
+def covered_by(base: ObjectInfo | None, kind: str, token: int, base_offset: int, end: int) -> bool:
+    """Whether a file is history the base image ``base`` folded in (compaction's
+    rule: older bases, older owners' chains, and the base owner's segments
+    that end at or before the offset it covers)."""
+    if base is None:
+        return False
+    if kind == "base":
+        return base_offset < base.base_offset
+    return token < base.token or end <= base.base_offset
+
+
+def _end(f: SegmentFile) -> int:
+    return f.base if f.kind == KIND_BASE else f.base + f.size - SEGMENT_HEADER_SIZE
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One attached session (its log while open; after it ends, its files)."""
+
+    log: SessionLog
+    open: bool = True
+    remote_epoch: int = 0
+    remote_offset: int = 0
+    last_seal: float = field(default_factory=time.monotonic)
+    error: BaseException | None = None
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    want: int = 0  #: an epoch a flush(level="remote") waits for
+
+
+class Uploader:
+    def __init__(self, store: ObjectStore, catalog: Catalog, config: RuntimeConfig) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.config = config
+        self.log = get_logger(component="uploader")
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)  #: notified after every pass
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="concordia-uploader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def key(self, session_dir: Path, name: str) -> str:
+        return object_key(self.store.location, self.catalog.catalog_id, session_dir.name, name)
+
+    # -- sessions -------------------------------------------------------------------
+
+    def attach(self, log: SessionLog, *, remote_epoch: int, remote_offset: int) -> None:
+        with self._lock:
+            self._entries[log.session_id] = _Entry(log, remote_epoch=remote_epoch, remote_offset=remote_offset)
+        self._wake.set()
+
+    def ended(self, session_id: str, token: int) -> None:
+        """The session's log closed: upload what is left, then let it go."""
+        with self._lock:
+            e = self._entries.get(session_id)
+            if e is not None and e.log.token == token:
+                e.open = False
+        self._wake.set()
+
+    def status(self, session_id: str) -> tuple[int, BaseException | None] | None:
+        """``(remote epoch, last error)`` of an attached session (None: not attached)."""
+        with self._lock:
+            e = self._entries.get(session_id)
+            return None if e is None else (e.remote_epoch, e.error)
+
+    def wait_remote(self, session_id: str, epoch: int, timeout: float) -> int:
+        """Seal and upload until ``epoch`` is remote; returns the remote epoch.
+        RemoteStoreError after ``timeout`` seconds, naming the lag and the last
+        failure."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            e = self._entries.get(session_id)
+            if e is None:
+                raise RemoteStoreError(f"session {session_id!r} is not uploaded to a remote (its level is not "
+                                       "'remote', or the runtime has no remote)")
+            e.want = max(e.want, epoch)
+            e.retry_at = 0.0  # a waiter asks now, not after the backoff
+            self._wake.set()
+            while e.remote_epoch < epoch:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    why = f"; last failure: {e.error}" if e.error is not None else ""
+                    raise RemoteStoreError(f"session {session_id!r}: epoch {epoch} not remote after {timeout:.1f} s "
+                                           f"(remote epoch {e.remote_epoch}, {epoch - e.remote_epoch} behind){why}",
+                                           orig=e.error)
+                if isinstance(e.error, OwnershipError):
+                    raise e.error
+                self._done.wait(min(left, 0.1))
+                self._wake.set()
+            return e.remote_epoch
+
+    def drain(self, timeout: float) -> list[str]:
+        """Wait until every ended session's files are remote (runtime close);
+        returns the sessions still behind."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                behind = [sid for sid, e in self._entries.items() if not e.open]
+                failing = all(self._entries[sid].error is not None for sid in behind)
+                if not behind or failing or time.monotonic() > deadline or not self._thread.is_alive():
+                    return behind
+                self._wake.set()
+                self._done.wait(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(min(0.5, self.config.remote_interval / 2))
+            self._wake.clear()
+            with self._lock:
+                entries = list(self._entries.items())
+            for sid, e in entries:
+                if self._stop.is_set():
+                    break
+                if time.monotonic() < e.retry_at:
+                    continue
+                try:
+                    finished = self._step(e)
+                    e.error, e.backoff = None, 0.0
+                except OwnershipError as err:
+                    self.log.warning("remote upload stopped: the session was taken over", session=sid,
+                                     error=str(err))
+                    e.error = err
+                    finished = True
+                except (ConcordiaError, OSError) as err:
+                    if e.error is None or str(err) != str(e.error):
+                        self.log.warning("remote upload failed; commits go on locally, retrying", session=sid,
+                                         error=str(err))
+                    e.error = err
+                    e.backoff = min(_MAX_BACKOFF, max(self.config.remote_retry, e.backoff * 2))
+                    e.retry_at = time.monotonic() + e.backoff
+                    finished = False
+                except Exception as err:  # the thread must survive and say why
+                    self.log.exception("uploader error", session=sid)
+                    e.error = err
+                    e.retry_at = time.monotonic() + _MAX_BACKOFF
+                    finished = False
+                with self._lock:
+                    if finished and not e.open and self._entries.get(sid) is e:
+                        del self._entries[sid]
+                    self._done.notify_all()
+
+    def _step(self, e: _Entry) -> bool:
+        """One pass over a session (see the module docs); True when an ended
+        session has nothing left to upload."""
+        slog = e.log
+        # Read once: an end that comes during this pass is the next pass's. Ended
+        # means the log is closed too: its last segment is whole, and uploaded here.
+        ended = not e.open and slog.closed
+        if not ended and not slog.closed:
+            committed = slog.state.copied_epoch
+            due = time.monotonic() - e.last_seal >= self.config.remote_interval
+            if committed > e.remote_epoch and (due or e.want > e.remote_epoch):
+                slog.seal()
+                e.last_seal = time.monotonic()
+        rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
+        newest_base = _newest_base(rows.values())
+        current = None if slog.closed else slog.segment.path
+        bases, deltas = list_segments(slog.dir)
+        uploaded = False
+        for f in bases + deltas:  # bases by offset, then chains oldest first
+            row = rows.get(f.path.name)
+            if f.path == current or (row is not None and row.state in ("remote", "deleting")):
+                continue
+            kind = "base" if f.kind == KIND_BASE else "delta"
+            if covered_by(newest_base, kind, f.token, f.base, _end(f)):
+                continue
+            if self._upload(slog, f, kind):  # raises on failure: the pass stops, the order holds
+                uploaded = True
+        if uploaded or e.want > e.remote_epoch or e.remote_epoch == 0:
+            rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
+            self._advance(e, rows)
+            self._delete_covered(e, rows)
+        return ended  # an ended session whose every file went up in this pass
+
+    def _upload(self, slog: SessionLog, f: SegmentFile, kind: str) -> bool:
+        try:
+            size = f.path.stat().st_size
+            digest = file_sha256(f.path)
+        except FileNotFoundError:
+            return False  # compaction folded it into a base image meanwhile
+        # A base image's owner token is in its header (its name has none): the
+        # deletion rule (covered_by) needs it.
+        token = read_segment_header(f.path, session_tag=slog.tag).token if kind == "base" else f.token
+        info = ObjectInfo(slog.session_id, f.path.name, self.key(slog.dir, f.path.name), kind, token, f.base,
+                          "uploading", size, digest)
+        begin_upload(self.catalog, slog.token, info)
+        t0 = time.perf_counter()
+        self.store.put_file(info.key, f.path, sha256=digest)
+        finish_upload(self.catalog, slog.session_id, slog.token, info.name)
+        self.log.info("uploaded", session=slog.session_id, object=info.name, bytes=size,
+                      seconds=round(time.perf_counter() - t0, 3))
+        return True
+
+    def _advance(self, e: _Entry, rows: dict[str, ObjectInfo]) -> None:
+        slog = e.log
+        names = {n for n, o in rows.items() if o.state == "remote"}
+        if not names:
+            return
+        with slog.lock:  # compaction deletes local files under this lock
+            index = scan(slog.dir, session_tag=slog.tag, only=names)
+        if index.epoch > e.remote_epoch:
+            record_remote(self.catalog, slog.session_id, slog.token, epoch=index.epoch, offset=index.end)
+            with self._lock:
+                e.remote_epoch, e.remote_offset = index.epoch, index.end
+            self.log.info("remote", session=slog.session_id, epoch=index.epoch)
+
+    def _delete_covered(self, e: _Entry, rows: dict[str, ObjectInfo]) -> None:
+        slog = e.log
+        base = _newest_base(rows.values())
+        gone = [o for o in rows.values() if o is not base and o.state != "deleting"
+                and covered_by(base, o.kind, o.token, o.base_offset,
+                               o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
+        gone += [o for o in rows.values() if o.state == "deleting"]
+        if not gone:
+            return
+        mark_deleting(self.catalog, slog.session_id, slog.token, [o.name for o in gone])
+        for o in gone:
+            self.store.delete(o.key)
+        forget_objects(self.catalog, slog.session_id, [o.name for o in gone])
+        self.log.info("remote objects compacted away", session=slog.session_id, removed=len(gone))
+
+    # -- fetch (a host with none of the session's files) --------------------------------
+
+    def fetch(self, session_id: str, directory: Path) -> int:
+        """Download what a restore needs into ``directory``; returns the bytes fetched."""
+        return fetch_objects(self.store, self.catalog, session_id, directory)
+
+
+def _newest_base(rows: Any) -> ObjectInfo | None:
+    bases = [o for o in rows if o.kind == "base" and o.state == "remote"]
+    return max(bases, key=lambda o: o.base_offset) if bases else None
+
+
+def fetch_objects(store: ObjectStore, catalog: Catalog, session_id: str, directory: Path) -> int:
+    """See :meth:`Uploader.fetch`."""
+    rows = [o for o in objects(catalog, session_id) if o.state == "remote"]
+    base = _newest_base(rows)
+    need = [o for o in rows if o is base or not covered_by(
+        base, o.kind, o.token, o.base_offset,
+        o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
+    if not need:
+        return 0
+    log = get_logger(session=session_id)
+    t0 = time.perf_counter()
+    # All or nothing: a failed fetch must not leave part of a log under the
+    # session's directory (the next open would take it for the whole log).
+    staging = directory / f".fetch-{os.getpid()}"
+    make_private_dir(staging)
+    try:
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="concordia-fetch") as pool:
+            futures = [pool.submit(store.get_file, o.key, staging / o.name, sha256=o.sha256, size=o.bytes)
+                       for o in need]
+            for fut in futures:
+                fut.result()
+        for o in need:
+            os.replace(staging / o.name, directory / o.name)
+        fsync_dir(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    total = sum(o.bytes for o in need)
+    log.info("fetched from remote", objects=len(need), bytes=total, seconds=round(time.perf_counter() - t0, 3))
+    return total
