@@ -133,6 +133,9 @@ class SessionLog:
         self.error: BaseException | None = None  #: last flusher error (e.g. disk full)
         self.delta_bytes = 0
         self.rollback: Rollback | None = None  #: set by an open that rolled back
+        self._reported_segments: dict[str, SegmentInfo] = {}  #: segment rows as last recorded in the catalog
+        #: sealed segment name -> (epoch, log offset past it) of the newest COMMIT up to its end (``_roll``)
+        self.sealed_commits: dict[str, tuple[int, int]] = {}
         self.ring_created = False  #: this open made the ring file (cancel removes it)
         self.kick: Any = None  #: set by the flusher: wakes it
         #: durability level: "local" leaves fsync to the kernel (the ring survives the process), else per config
@@ -332,14 +335,20 @@ class SessionLog:
                 return
             self.flush_step(force_sync=True)
             if self.segment.size > SEGMENT_HEADER_SIZE:
+                # No catalog report here: the flusher's next one (within 0.5 s) records
+                # the new segment; the uploader goes by the files themselves.
                 self._roll(self.ring.consumed)
-                self._report(time.monotonic(), force=True)
 
     def _roll(self, at: int) -> None:
         if self.segment.size == SEGMENT_HEADER_SIZE and self.segment.header.base == at:
             return  # the current segment already starts here and is empty (its name would collide)
         self.segment.sync()
         self.segment.close()
+        # The newest COMMIT copied so far lies wholly in the segment just sealed
+        # (records are copied in order, whole): the uploader reads it from here
+        # instead of walking the file's records.
+        if self.state.copied_epoch:
+            self.sealed_commits[self.segment.path.name] = (self.state.copied_epoch, self.state.copied_offset)
         self.segment = SegmentWriter.create(self.dir, new_header(session_tag=self.tag, token=self.token, base=at))
 
     def _report(self, now: float, *, force: bool) -> None:
@@ -347,13 +356,19 @@ class SessionLog:
         st = self.state
         if not force and (st.durable_epoch == st.reported_epoch or now - st.last_report < 0.5):
             return
+        infos = self.segment_infos()
+        # Only the rows that changed: a forced report (every flush()) of a session
+        # with many segments (a remote one seals every few seconds) must not
+        # rewrite every row each time.
+        changed = [i for i in infos if self._reported_segments.get(i.name) != i]
         try:
             self.catalog.record_progress(
                 self.session_id, self.token, epoch=st.durable_epoch, offset=st.durable_offset,
-                log_bytes=self.log_bytes(), segments=self.segment_infos())
+                log_bytes=sum(i.bytes for i in infos), segments=changed)
         except OwnershipError as e:
             self.fenced = str(e)
             raise
+        self._reported_segments = {i.name: i for i in infos}
         st.last_report, st.reported_epoch = now, st.durable_epoch
 
     def segment_infos(self) -> list[SegmentInfo]:

@@ -70,7 +70,7 @@ from ._segments import (
 )
 from .errors import CorruptLogError
 
-__all__ = ["LogIndex", "PayloadReader", "RecordLoc", "scan", "valid_size"]
+__all__ = ["LogIndex", "PayloadReader", "RecordLoc", "last_commit", "scan", "valid_size"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +242,30 @@ def valid_size(path: Path, *, session_tag: int, verify_from: int = 0) -> int:
             if rec is None:
                 return pos
             pos += rec[0].size
+
+
+def last_commit(path: Path, *, session_tag: int) -> tuple[int, int] | None:
+    """``(epoch, log offset past it)`` of the last COMMIT record in a sealed delta
+    segment, None if it holds none. Headers only (each checksummed), plus the
+    COMMIT payloads: the uploader's step from one remote segment to the next
+    (``_uploader``), instead of a scan of the whole log per upload."""
+    hdr = read_segment_header(path, session_tag=session_tag)
+    size = path.stat().st_size
+    found = None
+    pos = SEGMENT_HEADER_SIZE
+    with open(path, "rb") as fh:
+        reader = _Reader(path, fh, size)
+        while True:
+            try:
+                rec = reader.next(pos)
+            except FramingError as e:
+                raise CorruptLogError(f"record at log offset {hdr.base + pos - SEGMENT_HEADER_SIZE}: {e.reason}",
+                                      path=str(path), offset=pos) from None
+            if rec is None:
+                return found
+            pos += rec[0].size
+            if rec[0].type is RecordType.COMMIT:
+                found = (rec[0].epoch, hdr.base + pos - SEGMENT_HEADER_SIZE)
 
 
 def _spec(payload: bytes, path: Path, pos: int) -> RegionSpec:

@@ -69,6 +69,7 @@ from ._owner import new_owner_id
 from ._services import SessionServices
 from ._session import Session
 from ._store import open_store
+from ._upload_worker import UploadWorker
 from ._uploader import Uploader
 from .config import RuntimeConfig
 from .errors import (
@@ -142,9 +143,9 @@ class Runtime:
         self._uploader: Uploader | None = None
         if config.remote is not None:
             try:
-                self._uploader = Uploader(open_store(config.remote, endpoint_url=config.remote_endpoint,
-                                                     **config.remote_options),
-                                          self.catalog, config)
+                self._uploader = Uploader(
+                    open_store(config.remote, endpoint_url=config.remote_endpoint, **config.remote_options),
+                    UploadWorker(config.remote, config.remote_endpoint, config.remote_options), self.catalog, config)
             except BaseException:
                 self.backend.close()
                 self.catalog.dispose()

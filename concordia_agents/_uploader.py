@@ -8,9 +8,11 @@ One thread per runtime (``Uploader.start``). For each attached session, a pass
    remote and either ``remote_interval`` seconds have passed since the last
    seal or a ``flush(level="remote")`` waits (``SessionLog.seal``: fsync, roll).
 2. **Upload** every sealed file not yet ``remote`` in the catalog, oldest chain
-   first: the catalog row is made first (``uploading``), the file goes up
-   (verified by the server), then the row says ``remote``. Files the newest
-   remote base image covers are not uploaded (compaction folded them).
+   first: the catalog row is made first (``uploading``), the file is hashed
+   and goes up (verified by the server) in the upload worker process
+   (``_upload_worker``: no byte of it through this process's GIL), then the
+   row says ``remote`` with the size and SHA-256 of what was sent. Files the
+   newest remote base image covers are not uploaded (compaction folded them).
 3. **Advance** the remote epoch: the log made of the ``remote`` files alone is
    scanned (``_replay.scan(only=...)``, headers only), which is exactly what a
    host without local files restores; its epoch is recorded (only forward).
@@ -57,15 +59,25 @@ from ._catalog._objects import (
 from ._home import make_private_dir
 from ._log import SessionLog
 from ._logging import get_logger
-from ._replay import scan
-from ._segments import KIND_BASE, SEGMENT_HEADER_SIZE, SegmentFile, fsync_dir, list_segments, read_segment_header
-from ._store import ObjectStore, file_sha256, object_key
+from ._replay import last_commit, scan
+from ._segments import (
+    KIND_BASE,
+    KIND_DELTA,
+    SEGMENT_HEADER_SIZE,
+    SegmentFile,
+    fsync_dir,
+    list_segments,
+    read_segment_header,
+)
+from ._store import ObjectStore, object_key
+from ._upload_worker import UploadWorker
 from .config import RuntimeConfig
 from .errors import ConcordiaError, OwnershipError, RemoteStoreError
 
 __all__ = ["Uploader", "covered_by"]
 
 _MAX_BACKOFF = 30.0
+_NICE = 10  #: the uploader thread's niceness (Linux: per thread, inherited by the threads it starts)
 
 
 def covered_by(base: ObjectInfo | None, kind: str, token: int, base_offset: int, end: int) -> bool:
@@ -96,11 +108,13 @@ class _Entry:
     retry_at: float = 0.0
     backoff: float = 0.0
     want: int = 0  #: an epoch a flush(level="remote") waits for
+    remote_end: int | None = None  #: log offset where this owner's contiguous remote chain ends (None: unknown)
 
 
 class Uploader:
-    def __init__(self, store: ObjectStore, catalog: Catalog, config: RuntimeConfig) -> None:
+    def __init__(self, store: ObjectStore, worker: UploadWorker, catalog: Catalog, config: RuntimeConfig) -> None:
         self.store = store
+        self.worker = worker
         self.catalog = catalog
         self.config = config
         self.log = get_logger(component="uploader")
@@ -182,10 +196,18 @@ class Uploader:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self.worker.close()
 
     # -- the loop -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # Below the committing threads: uploads are background work, and on a
+        # machine with few cores their hashing and HTTP must not delay a commit.
+        # Threads boto3 starts from here (multipart parts) inherit the niceness.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+            pass
         while not self._stop.is_set():
             self._wake.wait(min(0.5, self.config.remote_interval / 2))
             self._wake.clear()
@@ -237,9 +259,13 @@ class Uploader:
                 e.last_seal = time.monotonic()
         rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
         newest_base = _newest_base(rows.values())
-        current = None if slog.closed else slog.segment.path
         bases, deltas = list_segments(slog.dir)
-        uploaded = False
+        # The open segment, read *after* the listing (under the log's lock, where
+        # the flusher rolls): a roll in between leaves the listing without the new
+        # open segment, never with it under an older "current" name.
+        with slog.lock:
+            current = None if slog.closed else slog.segment.path
+        uploaded: list[SegmentFile] = []
         for f in bases + deltas:  # bases by offset, then chains oldest first
             row = rows.get(f.path.name)
             if f.path == current or (row is not None and row.state in ("remote", "deleting")):
@@ -248,44 +274,83 @@ class Uploader:
             if covered_by(newest_base, kind, f.token, f.base, _end(f)):
                 continue
             if self._upload(slog, f, kind):  # raises on failure: the pass stops, the order holds
-                uploaded = True
-        if uploaded or e.want > e.remote_epoch or e.remote_epoch == 0:
+                uploaded.append(f)
+        if uploaded or e.remote_end is None:
             rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
-            self._advance(e, rows)
+            self._advance(e, rows, uploaded)
             self._delete_covered(e, rows)
         return ended  # an ended session whose every file went up in this pass
 
     def _upload(self, slog: SessionLog, f: SegmentFile, kind: str) -> bool:
         try:
             size = f.path.stat().st_size
-            digest = file_sha256(f.path)
+            # A base image's owner token is in its header (its name has none): the
+            # deletion rule (covered_by) needs it.
+            token = read_segment_header(f.path, session_tag=slog.tag).token if kind == "base" else f.token
         except FileNotFoundError:
             return False  # compaction folded it into a base image meanwhile
-        # A base image's owner token is in its header (its name has none): the
-        # deletion rule (covered_by) needs it.
-        token = read_segment_header(f.path, session_tag=slog.tag).token if kind == "base" else f.token
         info = ObjectInfo(slog.session_id, f.path.name, self.key(slog.dir, f.path.name), kind, token, f.base,
-                          "uploading", size, digest)
+                          "uploading", size, "")
         begin_upload(self.catalog, slog.token, info)
         t0 = time.perf_counter()
-        self.store.put_file(info.key, f.path, sha256=digest)
-        finish_upload(self.catalog, slog.session_id, slog.token, info.name)
+        try:
+            # hashed and sent by the worker process: the bytes it read are the bytes it sent
+            size, digest = self.worker.put(info.key, f.path)
+        except FileNotFoundError:
+            return False
+        finish_upload(self.catalog, slog.session_id, slog.token, info.name, size=size, sha256=digest)
         self.log.info("uploaded", session=slog.session_id, object=info.name, bytes=size,
                       seconds=round(time.perf_counter() - t0, 3))
         return True
 
-    def _advance(self, e: _Entry, rows: dict[str, ObjectInfo]) -> None:
+    def _advance(self, e: _Entry, rows: dict[str, ObjectInfo], uploaded: list[SegmentFile]) -> None:
+        """Move the remote epoch forward. Usually the files just uploaded continue
+        this owner's chain right where the remote prefix ended (``remote_end``):
+        the remote epoch is then the last COMMIT in them (``last_commit``: one
+        walk of their record headers). Anything else (the first pass, an older
+        owner's files, a base image) takes a scan of every remote file."""
+        slog = e.log
+        step = None
+        if e.remote_end is not None and uploaded and all(f.kind == KIND_DELTA for f in uploaded):
+            end, step = e.remote_end, (e.remote_epoch, e.remote_offset)
+            for f in uploaded:
+                if f.token != slog.token or f.base != end:
+                    step = None
+                    break
+                found = slog.sealed_commits.pop(f.path.name, None) or last_commit(f.path, session_tag=slog.tag)
+                end = _end(f)
+                if found is not None:
+                    step = found
+            if step is not None:
+                e.remote_end = end
+        if step is None:
+            step = self._rescan(e, rows)
+            if step is None:
+                return
+        epoch, offset = step
+        if epoch > e.remote_epoch:
+            record_remote(self.catalog, slog.session_id, slog.token, epoch=epoch, offset=offset)
+            with self._lock:
+                e.remote_epoch, e.remote_offset = epoch, offset
+            self.log.info("remote", session=slog.session_id, epoch=epoch)
+
+    def _rescan(self, e: _Entry, rows: dict[str, ObjectInfo]) -> tuple[int, int] | None:
+        """The log of the remote files alone, scanned as a host without local files
+        would (``scan(only=...)``); sets ``remote_end`` to the end of this owner's
+        remote chain (its handoff if none of it is remote yet)."""
         slog = e.log
         names = {n for n, o in rows.items() if o.state == "remote"}
-        if not names:
-            return
         with slog.lock:  # compaction deletes local files under this lock
-            index = scan(slog.dir, session_tag=slog.tag, only=names)
-        if index.epoch > e.remote_epoch:
-            record_remote(self.catalog, slog.session_id, slog.token, epoch=index.epoch, offset=index.end)
-            with self._lock:
-                e.remote_epoch, e.remote_offset = index.epoch, index.end
-            self.log.info("remote", session=slog.session_id, epoch=index.epoch)
+            index = scan(slog.dir, session_tag=slog.tag, only=names) if names else None
+            mine = [f for f in list_segments(slog.dir)[1] if f.token == slog.token]
+        remote_mine = [f for f in mine if f.path.name in names]
+        if remote_mine:
+            e.remote_end = _end(remote_mine[-1])
+        elif mine and mine[0].base == (index.end if index is not None else 0):
+            e.remote_end = mine[0].base  # the remote holds everything before this owner's handoff
+        else:
+            e.remote_end = None
+        return None if index is None else (index.epoch, index.end)
 
     def _delete_covered(self, e: _Entry, rows: dict[str, ObjectInfo]) -> None:
         slog = e.log

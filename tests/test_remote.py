@@ -28,7 +28,7 @@ from concordia_agents import (
     RemoteStoreError,
     Runtime,
 )
-from tests._remote_child import expected, mutate
+from tests._remote_child import expected, fresh, mutate
 from tests._s3 import CREDENTIALS, Relay, S3Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +263,8 @@ def test_object_server_killed_mid_upload_and_restarted_loses_nothing(tmp_path, c
     finally:
         rt.close()
         relay.kill()
-    b = _host(tmp_path, "b", catalog_url, bucket, s3.url)
+    # ranged GETs of 1 MiB for host B's download of the 16 MiB segment (its path for multi-GB base images)
+    b = _host(tmp_path, "b", catalog_url, bucket, s3.url, remote_options={"range_bytes": 1 << 20})
     try:
         shutil.rmtree(tmp_path / "a")
         s = b.resume("big")
@@ -439,3 +440,36 @@ def test_cli_doctor_and_sessions_show_report_the_remote(tmp_path, s3, bucket):
     dead = {**env, "CONCORDIA_REMOTE_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     r = cli(home, "doctor", env=dead, check=False)
     assert "unreachable: cannot reach bucket" in r.stdout and "remote" in one_error_line(r)
+
+
+def test_uploads_racing_segment_rolls_only_ever_take_sealed_files(tmp_path, catalog_url, s3, bucket):
+    """Tiny segments rolled by the flusher while the uploader seals and uploads every 10 ms: every remote
+    object is byte for byte the sealed file, and another host restores the last epoch exactly. (An uploader
+    that read the open segment's name before listing took a just-opened segment for a sealed one.)"""
+    from concordia_agents._catalog._objects import objects
+    from concordia_agents._store import file_sha256
+
+    rt = _host(tmp_path, "a", catalog_url, bucket, s3.url, segment_bytes=16 << 10, max_record_bytes=4096,
+               remote_interval=0.01, compact_bytes=0)
+    try:
+        s = rt.session("rolls", durability="remote")
+        state = fresh()
+        s.register("kv", state["kv"], kind="kv", seq_axis=1)
+        s.register("scratch", state["scratch"], page_size=4096)
+        for e in range(1, 301):
+            mutate(state, 7, e)
+            s.commit(meta={"epoch": e}, rows={"kv": (e - 1, e)})
+        assert s.flush(level="remote", timeout=120) == 300
+        rows = [o for o in objects(rt.catalog, "rolls") if o.state == "remote"]
+        assert len(rows) > 50, "expected many rolled segments"
+        for o in rows:
+            local = rt.session_dir("rolls") / o.name
+            assert (o.bytes, o.sha256) == (local.stat().st_size, file_sha256(local)), o.name
+        s.close()
+    finally:
+        rt.close()
+    b = _host(tmp_path, "b", catalog_url, bucket, s3.url)
+    try:
+        _assert_state(b.resume("rolls"), 7, 300)
+    finally:
+        b.close()

@@ -5,9 +5,11 @@ owner write (``Catalog.check_token``).
 
 Object protocol (the uploader's, ``_uploader``):
 
-1. ``begin_upload`` makes the row (``uploading``) before a byte is sent, so an
-   object in the bucket without a row was never in flight: gc may judge it.
-2. ``finish_upload`` marks it ``remote`` once the server has verified it.
+1. ``begin_upload`` makes the row (``uploading``; size as listed, digest not
+   yet known) before a byte is sent, so an object in the bucket without a row
+   was never in flight: gc may judge it.
+2. ``finish_upload`` marks it ``remote`` once the server has verified it, with
+   the size and SHA-256 of the bytes sent.
 3. ``record_remote`` moves the session's remote epoch forward (never back,
    except through ``Catalog.roll_back``'s explicit rollback).
 4. ``mark_deleting`` (compaction made the object unnecessary) then, after the
@@ -103,11 +105,12 @@ def begin_upload(catalog: Catalog, token: int, obj: ObjectInfo) -> None:
                           created_at=time.time(), uploaded_at=None))
 
 
-def finish_upload(catalog: Catalog, session_id: str, token: int, name: str) -> None:
+def finish_upload(catalog: Catalog, session_id: str, token: int, name: str, *, size: int, sha256: str) -> None:
+    """The object is in the store, verified: ``size`` bytes of SHA-256 ``sha256``."""
     with catalog.write() as s:
         catalog.check_token(s, session_id, token)
         s.execute(update(ObjectRow).where(ObjectRow.session_id == session_id, ObjectRow.name == name)
-                  .values(state="remote", uploaded_at=time.time()))
+                  .values(state="remote", uploaded_at=time.time(), bytes=size, sha256=sha256))
 
 
 def record_remote(catalog: Catalog, session_id: str, token: int, *, epoch: int, offset: int) -> None:
