@@ -93,7 +93,7 @@ def prepare_home(home: Path, *, create: bool) -> None:
         if not create:
             raise HomeNotFound(f"expected a Concordia home at {home}, found no such directory; nothing was created "
                                "(check --home / CONCORDIA_HOME)")
-        home.mkdir(parents=True, mode=0o700)
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)  # another process may make it at the same moment
     if not home.is_dir():
         raise ConfigurationError(f"Concordia home: expected a directory at {home}, found a file")
     st = home.stat()

@@ -47,3 +47,23 @@ def test_runtime_defaults_come_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCORDIA_RING_BYTES", "lots")
     with pytest.raises(ConfigurationError, match="CONCORDIA_RING_BYTES"):
         Runtime.open()
+
+
+def test_processes_opening_a_new_home_at_the_same_moment_all_succeed(tmp_path):
+    """Ranks of a torchrun job open one fresh home at once: each open succeeds and they share one catalog
+    (creating the home directory or the SQLite file raced: FileExistsError)."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\nfrom concordia_agents import Runtime\nt = float(sys.argv[2])\n"
+              "while time.time() < t: pass\nrt = Runtime.open(home=sys.argv[1], backend='host')\n"
+              "print(rt.catalog.catalog_id)\nrt.close()\n")
+    for attempt in range(4):
+        home = tmp_path / f"h{attempt}"
+        start = str(time.time() + 2.0)
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(home), start], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-600:] for _, err in outs]
+        assert len({out.strip() for out, _ in outs}) == 1, "every process opened the same catalog"

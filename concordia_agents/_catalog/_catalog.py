@@ -201,7 +201,10 @@ class Catalog:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # Made here, private to the user: SQLite would create it with the umask's
                 # mode, and makes its -wal and -shm files with the database file's mode.
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                try:
+                    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                except FileExistsError:
+                    pass  # another process made it at the same moment (its migration and ours serialize)
         self.engine = self._sqlite_engine(url, immediate=True, busy_timeout_s=self.busy_timeout_s)
         self._read_engine = self._sqlite_engine(url, immediate=False, busy_timeout_s=self.busy_timeout_s)
 
