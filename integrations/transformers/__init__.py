@@ -50,6 +50,10 @@ batch ``generate`` runs); ``reorder_cache`` permutes the storage's rows in
 place. A cache used with another batch size raises ``ConcordiaError`` at the
 first forward, naming both.
 
+Under tensor parallelism (``tp_plan="auto"``, one process per rank) each rank
+logs its KV shard in its own session, and a resumed job starts every rank at
+the newest token all their logs hold (``_tp``).
+
 With ``cache_implementation="static"`` (``DurableStaticCache``) the epochs are
 committed at model steps instead, on a GPU from inside the compiled step
 (``_steps``). ``conversation_generate`` keeps one durable cache per
@@ -59,7 +63,7 @@ Modules: ``_cache`` (DurableCache, DurableLayer, the static forms),
 ``_outputs`` (the per-step scores/logits regions and the dict output),
 ``_generate`` (the events, the fingerprint, the per-token checkpointer and
 ``durable_generate``), ``_steps`` (the per-step checkpointer and its custom
-op), ``_conversation`` (conversations).
+op), ``_conversation`` (conversations), ``_tp`` (tensor parallelism).
 """
 
 from ._cache import DurableCache, DurableLayer, DurableStaticCache, DurableStaticLayer

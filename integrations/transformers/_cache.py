@@ -129,6 +129,12 @@ def _geometry(model: Any) -> dict[str, Any]:
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    world = getattr(model, "tp_size", None) or 1
+    if world > 1:  # tensor parallel: this rank's shard of the KV heads (_tp.py)
+        if kv_heads % world:
+            raise ConcordiaError(f"durable cache: expected the {kv_heads} KV heads to split evenly over the "
+                                 f"{world} tensor-parallel ranks, found a remainder of {kv_heads % world}")
+        kv_heads //= world
     return {"num_layers": cfg.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": model.dtype,
             "device": model.device}
 

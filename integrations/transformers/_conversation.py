@@ -263,7 +263,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
         hook.meta["call"] = done_call
         hook.meta["calls"] = [*hook.meta.get("calls", []), {k: v for k, v in done_call.items() if k != "done"}]
         hook.commit(out, done=False)
-        session.flush()
+        session.flush(level="disk")  # as durable_generate: the upload of a remote session follows
         session.close()
         pool.put(conversation_id, dataclasses.replace(item, epoch=session.epoch))
         _report(on_call, conversation_id, call_id, prompt_len, reuse if retried == "no" else prompt_len,

@@ -18,18 +18,15 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from concordia_agents import ConcordiaError, Runtime, Session
 
 from ._cache import DurableCache, DurableStaticCache
+from ._errors import ResumeMismatchError
 from ._outputs import _dict_output, _StepOutputs
 from ._steps import StepCheckpointer
+from ._tp import agree, check_layout, rank_session_id, tensor_parallel
 
 __all__ = ["GenerateEvent", "GeneratePhase", "ResumeMismatchError", "durable_generate"]
 
 #: where a ``durable_generate`` call is when it calls ``on_event`` (see the module docs)
 GeneratePhase = Literal["opened", "token_committed", "done"]
-
-
-class ResumeMismatchError(ConcordiaError):
-    """``durable_generate`` was called again for a session recorded with another
-    model, prompt or generation arguments."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -307,7 +304,9 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
     stored = tuple(name for name, wanted in (("scores", want_scores), ("logits", want_logits)) if wanted)
     fp = _fingerprint(model, input_ids, mask, generate_kwargs, stored)
     sampling = bool(generate_kwargs.get("do_sample", False))
-    session = rt.session(session_id)
+    tp = tensor_parallel(model)
+    check_layout(rt, session_id, tp)
+    session = rt.session(rank_session_id(session_id, tp) if tp is not None else session_id)
     steps: _StepOutputs | None = None
     try:
         meta = dict(session.meta or {})
@@ -329,6 +328,19 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             steps = _StepOutputs(model, session, batch=batch, max_new=max_new, prompt_len=prompt_len,
                                  device=input_ids.device, scores=want_scores, logits=want_logits)
         n_tokens = int(meta.get("n_tokens", 0))
+        if tp is not None:  # the newest token every rank holds (_tp.py)
+            agreed, all_done, state = agree(tp, n_tokens, bool(meta.get("done")), rng)
+            if rng is not None and state is not None:
+                rng.copy_(state)
+            if agreed < n_tokens:
+                # Crop to the agreed token, durably (one epoch, as a conversation's crop):
+                # the KV the resume keeps and the tokens before it.
+                keep = 0 if agreed <= prompt_len else min(session.regions["kv"].length, agreed - 1)
+                meta.update(n_tokens=agreed, done=False)
+                session.commit(dict(meta), rows={"kv": (keep, keep), "tokens": (agreed, agreed)})
+                n_tokens = agreed
+            if not all_done:
+                meta["done"] = False
         if meta.get("done"):
             cache.set_length(session.regions["kv"].length)
             seq = tokens[:, :n_tokens].clone()
@@ -405,7 +417,9 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         if stepper is not None:
             hook.committed = session.regions["tokens"].length  # the final epoch adds the tokens after it
         hook.commit(sequences, done=True)
-        session.flush()
+        # fsynced before returning; a remote-level session's upload follows within
+        # CONCORDIA_REMOTE_INTERVAL_S, not on this call's latency
+        session.flush(level="disk")
         if on_event is not None:
             on_event(GenerateEvent("done", session_id, session.epoch, sequences.shape[1] - prompt_len,
                                    stepper.in_step_epochs if stepper is not None else 0))
