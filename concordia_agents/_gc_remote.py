@@ -16,6 +16,12 @@ catalog read afterwards was never in flight. Then, per object:
   does not list again: removed (``Runtime.delete`` could not reach the store);
 * anything else (a session the catalog never heard of: another catalog's
   restore from a backup?): kept, with the reason.
+
+Unfinished multipart uploads under the catalog's prefix (an upload whose
+process or connection died; the store keeps their parts, and bills them)
+are aborted once older than ``upload_age`` seconds (an hour by default, by
+the store's clock), unless a live owner's row says it is uploading that
+object now.
 """
 
 from __future__ import annotations
@@ -33,17 +39,35 @@ from .errors import RemoteStoreError
 __all__ = ["collect_remote"]
 
 
-def collect_remote(store: ObjectStore, catalog: Catalog, session_dir_name: Any, report: Any, log: Any) -> None:
+def collect_remote(store: ObjectStore, catalog: Catalog, session_dir_name: Any, report: Any, log: Any, *,
+                   upload_age: float = 3600.0) -> None:
     """Judge every object of this catalog in ``store``; ``report`` is the
     home's ``GcReport`` (items named ``s3://bucket/key``)."""
     from ._gc import GcItem
 
     root = object_key(store.location, catalog.catalog_id, "", "")
     listed = list(store.list(root.rstrip("/") + "/"))
+    now = time.time()
+    uploads = list(store.multipart_uploads(root.rstrip("/") + "/"))
+    infos = {i.id: i for i in catalog.list()}
+    live = {sid for sid, i in infos.items() if i.status == "running" and (i.expires_at or 0) > now}
+    in_flight = {o.key for o in objects_of_all(catalog) if o.state == "uploading" and o.session_id in live}
+    for key, upload_id, started in uploads:
+        where = f"s3://{store.location.bucket}/{key} (multipart upload {upload_id[:16]}...)"
+        if now - started < upload_age or key in in_flight:
+            continue  # may be in flight: young, or its session's owner is uploading that object
+        reason = f"an unfinished multipart upload started {now - started:.0f} s ago"
+        if not report.dry_run:
+            try:
+                store.abort_upload(key, upload_id)
+            except RemoteStoreError as e:
+                report.kept.append(GcItem(where, f"{reason}, but aborting it failed: {e}"))
+                continue
+        report.removed.append(GcItem(where, reason))
+        log.info("gc", path=where, reason=reason, dry_run=report.dry_run)
     rows: dict[tuple[str, str], ObjectInfo] = {}
     for o in objects_of_all(catalog):
         rows[(session_dir_name(o.session_id), o.name)] = o
-    infos = {i.id: i for i in catalog.list()}
     by_dir = {session_dir_name(sid): sid for sid in infos}
     deleted = {session_dir_name(sid): sid for sid in catalog.tombstoned_ids() if sid not in infos}
     newest_base: dict[str, ObjectInfo] = {}
@@ -51,7 +75,6 @@ def collect_remote(store: ObjectStore, catalog: Catalog, session_dir_name: Any, 
         best = newest_base.get(o.session_id)
         if o.kind == "base" and o.state == "remote" and (best is None or o.base_offset > best.base_offset):
             newest_base[o.session_id] = o
-    now = time.time()
     for obj in listed:
         where = f"s3://{store.location.bucket}/{obj.key}"
         parts = obj.key[len(root):].lstrip("/").split("/")
@@ -74,9 +97,7 @@ def collect_remote(store: ObjectStore, catalog: Catalog, session_dir_name: Any, 
             log.info("gc", path=where, reason=reason, dry_run=report.dry_run)
 
         if row is not None:
-            info = infos.get(row.session_id)
-            live = info is not None and info.status == "running" and (info.expires_at or 0) > now
-            if row.state == "deleting" and not live:
+            if row.state == "deleting" and row.session_id not in live:
                 remove(f"session {row.session_id!r}: compaction made it unnecessary; its deletion was cut short",
                        forget=row)
             continue

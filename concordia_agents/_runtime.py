@@ -355,17 +355,18 @@ class Runtime:
                 self.log.warning("could not delete a remote object of a deleted session; gc removes it later",
                                  session=session_id, object=o.key, error=str(e))
 
-    def gc(self, *, dry_run: bool = False) -> GcReport:
+    def gc(self, *, dry_run: bool = False, upload_age: float = 3600.0) -> GcReport:
         """Remove files that no session refers to, and only what can be proven
         orphaned (``dry_run``: report without removing). The rules and the
         protocol are ``_gc.collect``'s, and for the object store (with a
-        remote) ``_gc_remote.collect_remote``'s."""
+        remote) ``_gc_remote.collect_remote``'s: ``upload_age`` is the age in
+        seconds past which an unfinished multipart upload is aborted."""
         report = collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
                                    session_dir=self.session_dir, give_back=self._give_back, log=self.log),
                          dry_run=dry_run)
         if self._uploader is not None:
             collect_remote(self._uploader.store, self.catalog, lambda sid: self.session_dir(sid).name, report,
-                           self.log)
+                           self.log, upload_age=upload_age)
         return report
 
     def verify(self, session_id: str) -> LogCheck:

@@ -115,6 +115,12 @@ class ObjectStore(Protocol):
     def ping(self) -> None:
         """Raise RemoteStoreError unless the bucket answers."""
 
+    def multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """``(key, upload id, started at, Unix seconds)`` of every unfinished multipart upload under ``prefix``."""
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort an unfinished multipart upload (its parts are freed)."""
+
 
 class S3Store:
     """:class:`ObjectStore` on an S3-compatible server through boto3 (see the module docs).
@@ -230,6 +236,21 @@ class S3Store:
             self._client.head_bucket(Bucket=self.location.bucket)
         except Exception as e:
             raise self._fail("reach bucket", "", e) from e
+
+    def multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        try:
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.location.bucket,
+                                                                                      Prefix=prefix):
+                for u in page.get("Uploads", ()):
+                    yield u["Key"], u["UploadId"], u["Initiated"].timestamp()
+        except Exception as e:
+            raise self._fail("list the multipart uploads under", prefix, e) from e
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.location.bucket, Key=key, UploadId=upload_id)
+        except Exception as e:
+            raise self._fail("abort the multipart upload of", key, e) from e
 
     def head_sha256(self, key: str) -> str | None:
         """The whole-file SHA-256 the object was uploaded with (tests, gc reports)."""

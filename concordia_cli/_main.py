@@ -243,7 +243,7 @@ def cmd_gc(args: argparse.Namespace) -> None:
     """Remove only what ``Runtime.gc`` proves orphaned; print each item removed
     (or, with ``--dry-run``, that would be) and each kept, with the reason."""
     with _runtime(args) as rt:
-        report = rt.gc(dry_run=args.dry_run)
+        report = rt.gc(dry_run=args.dry_run, upload_age=args.upload_age)
     verb = "would remove" if args.dry_run else "removed"
     for item in report.removed:
         _out(f"{verb} {item.path}: {item.reason}")
@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(func=cmd_resume)
     gc = sub.add_parser("gc", help="remove files provably orphaned; list what is kept and why")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed and kept; remove nothing")
+    gc.add_argument("--upload-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="with a remote: abort unfinished multipart uploads older than this (default 3600)")
     gc.set_defaults(func=cmd_gc)
     sub.add_parser("doctor", help="backend, GPU, NVRTC, shm, home and catalog").set_defaults(func=cmd_doctor)
     demo = sub.add_parser("demo", help="kill an agent inside its LLM node with SIGKILL and resume it by ID")
