@@ -348,6 +348,7 @@ class Runtime:
         refuses now is left to ``gc``, which removes objects of deleted sessions."""
         if self._uploader is None:
             return
+        self._uploader.forget(session_id)  # nothing of it goes up after this
         for o in objects_of(self.catalog, session_id):
             try:
                 self._uploader.store.delete(o.key)

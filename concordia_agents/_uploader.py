@@ -109,6 +109,7 @@ class _Entry:
     backoff: float = 0.0
     want: int = 0  #: an epoch a flush(level="remote") waits for
     remote_end: int | None = None  #: log offset where this owner's contiguous remote chain ends (None: unknown)
+    last_listing: tuple[str, ...] = ()  #: the session's files at the end of the last whole pass
 
 
 class Uploader:
@@ -121,6 +122,7 @@ class Uploader:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)  #: notified after every pass
+        self._pass_lock = threading.Lock()  #: held through a pass over one session (``forget`` waits for it)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="concordia-uploader", daemon=True)
@@ -145,6 +147,13 @@ class Uploader:
             if e is not None and e.log.token == token:
                 e.open = False
         self._wake.set()
+
+    def forget(self, session_id: str) -> None:
+        """Stop uploading a session now (it is being deleted), waiting for a pass
+        in progress on it: no object of it is sent after this returns."""
+        with self._pass_lock, self._lock:
+            self._entries.pop(session_id, None)
+            self._done.notify_all()
 
     def status(self, session_id: str) -> tuple[int, BaseException | None] | None:
         """``(remote epoch, last error)`` of an attached session (None: not attached)."""
@@ -219,7 +228,10 @@ class Uploader:
                 if time.monotonic() < e.retry_at:
                     continue
                 try:
-                    finished = self._step(e)
+                    with self._pass_lock:
+                        if self._entries.get(sid) is not e:
+                            continue  # forgotten meanwhile (a delete)
+                        finished = self._step(e)
                     e.error, e.backoff = None, 0.0
                 except OwnershipError as err:
                     self.log.warning("remote upload stopped: the session was taken over", session=sid,
@@ -257,14 +269,17 @@ class Uploader:
             if committed > e.remote_epoch and (due or e.want > e.remote_epoch):
                 slog.seal()
                 e.last_seal = time.monotonic()
-        rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
-        newest_base = _newest_base(rows.values())
         bases, deltas = list_segments(slog.dir)
         # The open segment, read *after* the listing (under the log's lock, where
         # the flusher rolls): a roll in between leaves the listing without the new
         # open segment, never with it under an older "current" name.
         with slog.lock:
             current = None if slog.closed else slog.segment.path
+        listing = (*(f.path.name for f in bases + deltas), current.name if current else "")
+        if listing == e.last_listing and not ended and e.error is None and e.remote_end is not None:
+            return False  # no file sealed since the last whole pass: no catalog read either
+        rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
+        newest_base = _newest_base(rows.values())
         uploaded: list[SegmentFile] = []
         for f in bases + deltas:  # bases by offset, then chains oldest first
             row = rows.get(f.path.name)
@@ -279,6 +294,7 @@ class Uploader:
             rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
             self._advance(e, rows, uploaded)
             self._delete_covered(e, rows)
+        e.last_listing = listing
         return ended  # an ended session whose every file went up in this pass
 
     def _upload(self, slog: SessionLog, f: SegmentFile, kind: str) -> bool:
