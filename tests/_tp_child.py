@@ -34,6 +34,7 @@ def main() -> None:
                     help="rank --kill-rank SIGKILLs itself once it has sampled N tokens, before committing the Nth")
     ap.add_argument("--every", default="", help="R:K: rank R commits every K tokens (the others every token)")
     ap.add_argument("--no-tp", action="store_true", help="load the model on one device (a refused resume)")
+    ap.add_argument("--conversation", action="store_true", help="call conversation_generate (refused under TP)")
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
@@ -79,7 +80,12 @@ def main() -> None:
         kwargs.update(top_k=40, temperature=1.3)
         torch.manual_seed(1234)
     try:
-        out = durable_generate(model, ids, session_id=a.session, runtime=rt, on_event=on_event, **kwargs)
+        if a.conversation:
+            from integrations.transformers import conversation_generate
+
+            out = conversation_generate(model, ids, a.session, "call-1", runtime=rt, max_new_tokens=4)
+        else:
+            out = durable_generate(model, ids, session_id=a.session, runtime=rt, on_event=on_event, **kwargs)
         _say({"rank": rank, "tokens": out[0].tolist(), "first_forward": first[0] if first else None})
     except Exception as e:  # noqa: BLE001 - reported to the test
         _say({"rank": rank, "error": f"{type(e).__name__}: {e}"})

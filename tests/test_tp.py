@@ -82,3 +82,10 @@ def test_a_tensor_parallel_session_refuses_another_layout(model_dir, tmp_path):
     code, single = _job(model_dir, home, "tp2", "--no-tp", nproc=1)
     assert single and "ResumeMismatchError" in single[0].get("error", ""), single
     assert "tensor parallelism over 2 ranks" in single[0]["error"]
+
+
+def test_conversation_generate_refuses_tensor_parallelism(model_dir, tmp_path):
+    """Conversations are one session per conversation: under tensor parallelism every rank would open the
+    same one. Refused with a ConcordiaError saying so, on every rank, before anything is opened."""
+    _, out = _job(model_dir, tmp_path / "home", "chat", "--conversation")
+    assert len(out) == 2 and all("does not support tensor parallelism" in d.get("error", "") for d in out), out

@@ -65,6 +65,7 @@ from ._generate import (
     _restore_rng,
     _rng_regions,
 )
+from ._tp import tensor_parallel
 
 __all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "ResidentConversations", "conversation_generate"]
 
@@ -171,6 +172,10 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
                                  f"{type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)}")
     if checkpoint_every < 1:
         raise ConcordiaError(f"checkpoint_every: expected >= 1, found {checkpoint_every}")
+    if tensor_parallel(model) is not None:
+        raise ConcordiaError("conversation_generate does not support tensor parallelism yet (each rank would open "
+                             "the same conversation session); expected a model on one device, found one sharded "
+                             "with tp_plan (durable_generate supports it)")
     pool = resident if resident is not None else _default_resident
     own_runtime = runtime is None
     rt = runtime or Runtime.open()
