@@ -155,9 +155,10 @@ class SessionLog:
         made by this open, so nothing on disk can belong to this session yet;
         files found under its name (a deleted session's, left behind) are moved
         aside, never read into the new session. ``fetch``: the runtime has a
-        remote; on a host with no segment file of the session (another host
-        wrote it), ``fetch(session_id, directory)`` downloads the remote
-        objects first, and the open goes on as if they had been written here."""
+        remote; ``fetch(session_id, directory)`` first downloads the remote
+        objects a restore needs that this host lacks (all of them on a host that
+        never had the session), and the open goes on as if they had been
+        written here."""
         log = get_logger(session=session_id, token=token)
         info = catalog.get(session_id)
         rpath = ring_path(config, tag)
@@ -165,7 +166,7 @@ class SessionLog:
         if created:
             set_aside_leftovers(directory, rpath, log)
         make_private_dir(directory)
-        if fetch is not None and not created and not any(list_segments(directory)):
+        if fetch is not None and not created:
             fetched = fetch(session_id, directory)
             if fetched:
                 log.info("log fetched from the remote", bytes=fetched)
@@ -331,8 +332,8 @@ class SessionLog:
         epoch lies in sealed files (the uploader's step 1). Nothing happens to
         an empty segment."""
         with self.lock:
-            if self.closed or self.fenced is not None:
-                return
+            if self.closed or self.fenced is not None or self.ring.owner_token != self.token:
+                return  # taken over: rolling here would leave a segment at the new owner's offset
             self.flush_step(force_sync=True)
             if self.segment.size > SEGMENT_HEADER_SIZE:
                 # No catalog report here: the flusher's next one (within 0.5 s) records
@@ -347,7 +348,7 @@ class SessionLog:
         # The newest COMMIT copied so far lies wholly in the segment just sealed
         # (records are copied in order, whole): the uploader reads it from here
         # instead of walking the file's records.
-        if self.state.copied_epoch:
+        if self.level == "remote" and self.state.copied_epoch:  # only the uploader reads (and pops) it
             self.sealed_commits[self.segment.path.name] = (self.state.copied_epoch, self.state.copied_offset)
         self.segment = SegmentWriter.create(self.dir, new_header(session_tag=self.tag, token=self.token, base=at))
 

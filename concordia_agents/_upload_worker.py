@@ -12,10 +12,11 @@ Protocol (one JSON object per line; one request at a time):
 
 * request ``{"key": ..., "path": ...}``: the child hashes ``path``, uploads it
   as ``key`` (``S3Store.put_file``: server-verified CRC-32 per part, SHA-256 in
-  the metadata) and answers ``{"ok": true, "bytes": n, "sha256": hex}`` — the
-  size and digest of exactly the bytes it read and sent — or ``{"ok": false,
-  "error": "...", "missing": bool}`` (``missing``: the file was gone, e.g.
-  folded into a base image by compaction meanwhile).
+  the metadata) and answers ``{"key": ..., "ok": true, "bytes": n, "sha256":
+  hex}`` — the size and digest of exactly the bytes it read and sent — or
+  ``{"key": ..., "ok": false, "error": "...", "missing": bool}`` (``missing``:
+  the file was gone, e.g. folded into a base image by compaction meanwhile).
+  A reply for another key, or a line that is not one, ends the child.
 * The child's store is built from the arguments on its command line (the
   runtime's remote URL, endpoint and store options, as JSON); credentials come
   from the environment it inherits, as boto3's own chain reads them.
@@ -77,7 +78,17 @@ class UploadWorker:
                 proc.wait()
                 raise RemoteStoreError(f"the upload worker died while uploading {key} ({why}; exit status "
                                        f"{proc.returncode}); it is started again for the next upload")
-        reply = json.loads(line)
+            try:
+                reply = json.loads(line)
+                if reply.get("key") != key:
+                    raise ValueError(f"a reply for {reply.get('key')!r}")
+            except (ValueError, AttributeError) as e:
+                # Out of step (a stray line on the child's stdout): never take another
+                # object's size and digest for this one; start a fresh child.
+                proc.kill()
+                proc.wait()
+                raise RemoteStoreError(f"the upload worker answered out of step while uploading {key} ({e}: "
+                                       f"{line[:200]!r}); it is started again for the next upload") from None
         if reply["ok"]:
             return int(reply["bytes"]), str(reply["sha256"])
         if reply.get("missing"):
@@ -85,16 +96,26 @@ class UploadWorker:
         raise RemoteStoreError(reply["error"])
 
     def close(self) -> None:
-        with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
-                try:
-                    self._proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+        """End the child: at once if an upload is still running (the runtime is
+        closing; the object is uploaded again by the session's next owner)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        if not self._lock.acquire(timeout=1.0):
+            proc.kill()  # an upload in flight: its put() sees the child die
+            proc.wait()
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             self._proc = None
+        finally:
+            self._lock.release()
 
 
 def _hash(path: Path) -> tuple[int, str]:
@@ -119,11 +140,11 @@ def _serve(args: dict[str, Any]) -> None:
             if path.stat().st_size != size:
                 raise RemoteStoreError(f"{path} changed from {size} to {path.stat().st_size} bytes while it was "
                                        "uploaded (only sealed files are uploaded)")
-            reply: dict[str, Any] = {"ok": True, "bytes": size, "sha256": digest}
+            reply: dict[str, Any] = {"key": req["key"], "ok": True, "bytes": size, "sha256": digest}
         except FileNotFoundError as e:
-            reply = {"ok": False, "error": str(e), "missing": True}
+            reply = {"key": req["key"], "ok": False, "error": str(e), "missing": True}
         except Exception as e:  # noqa: BLE001 - every failure is the parent's to report
-            reply = {"ok": False, "error": str(e) or repr(e), "missing": False}
+            reply = {"key": req["key"], "ok": False, "error": str(e) or repr(e), "missing": False}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 

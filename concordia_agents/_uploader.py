@@ -194,7 +194,9 @@ class Uploader:
         with self._lock:
             while True:
                 behind = [sid for sid, e in self._entries.items() if not e.open]
-                failing = all(self._entries[sid].error is not None for sid in behind)
+                # Stop early only when the store has failed every one of them for a while
+                # (backoff of 4 s: five attempts over ~8 s), not at one transient error.
+                failing = all(self._entries[sid].backoff >= 4.0 for sid in behind)
                 if not behind or failing or time.monotonic() > deadline or not self._thread.is_alive():
                     return behind
                 self._wake.set()
@@ -283,8 +285,10 @@ class Uploader:
         uploaded: list[SegmentFile] = []
         for f in bases + deltas:  # bases by offset, then chains oldest first
             row = rows.get(f.path.name)
-            if f.path == current or (row is not None and row.state in ("remote", "deleting")):
+            if f.path == current or (row is not None and row.state == "deleting"):
                 continue
+            if row is not None and row.state == "remote" and row.bytes == f.size:
+                continue  # uploaded, and not grown since (a resume's drain may append to a sealed file)
             kind = "base" if f.kind == KIND_BASE else "delta"
             if covered_by(newest_base, kind, f.token, f.base, _end(f)):
                 continue
@@ -355,7 +359,7 @@ class Uploader:
         would (``scan(only=...)``); sets ``remote_end`` to the end of this owner's
         remote chain (its handoff if none of it is remote yet)."""
         slog = e.log
-        names = {n for n, o in rows.items() if o.state == "remote"}
+        names = {o.name for o in needed_objects(rows.values())}
         with slog.lock:  # compaction deletes local files under this lock
             index = scan(slog.dir, session_tag=slog.tag, only=names) if names else None
             mine = [f for f in list_segments(slog.dir)[1] if f.token == slog.token]
@@ -386,8 +390,10 @@ class Uploader:
     # -- fetch (a host with none of the session's files) --------------------------------
 
     def fetch(self, session_id: str, directory: Path) -> int:
-        """Download what a restore needs into ``directory``; returns the bytes fetched."""
-        return fetch_objects(self.store, self.catalog, session_id, directory)
+        """Download what a restore needs and ``directory`` lacks; returns the bytes fetched."""
+        from gpu_runtime.records import session_tag
+
+        return fetch_objects(self.store, self.catalog, session_id, directory, session_tag(session_id))
 
 
 def _newest_base(rows: Any) -> ObjectInfo | None:
@@ -395,32 +401,64 @@ def _newest_base(rows: Any) -> ObjectInfo | None:
     return max(bases, key=lambda o: o.base_offset) if bases else None
 
 
-def fetch_objects(store: ObjectStore, catalog: Catalog, session_id: str, directory: Path) -> int:
-    """See :meth:`Uploader.fetch`."""
-    rows = [o for o in objects(catalog, session_id) if o.state == "remote"]
-    base = _newest_base(rows)
-    need = [o for o in rows if o is base or not covered_by(
+def needed_objects(rows: Any) -> list[ObjectInfo]:
+    """The ``remote`` objects a restore from the store alone reads: the newest
+    remote base image and the files it does not cover (what ``fetch_objects``
+    downloads, and what the remote epoch is computed from)."""
+    remote = [o for o in rows if o.state == "remote"]
+    base = _newest_base(remote)
+    return [o for o in remote if o is base or not covered_by(
         base, o.kind, o.token, o.base_offset,
         o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
-    if not need:
+
+
+#: present while a fetch moves files into a session directory; found at the next
+#: open, it means the last fetch died between renames (its files are re-fetched)
+FETCH_MARKER = ".fetch-incomplete"
+
+
+def fetch_objects(store: ObjectStore, catalog: Catalog, session_id: str, directory: Path, session_tag: int) -> int:
+    """See :meth:`Uploader.fetch`: download the needed objects this host lacks
+    (all of them on a host that never had the session; the newer ones on a host
+    whose files another host's owner has since extended). Objects a local base
+    image covers are not fetched."""
+    need = needed_objects(objects(catalog, session_id))
+    marker = directory / FETCH_MARKER
+    if marker.exists():  # the files an interrupted fetch moved in are copies of remote objects: take them again
+        for o in need:
+            (directory / o.name).unlink(missing_ok=True)
+    bases, _ = list_segments(directory)
+    if bases:
+        local = read_segment_header(bases[-1].path, session_tag=session_tag)
+        mine = ObjectInfo(session_id, bases[-1].path.name, "", "base", local.token, local.base, "remote", 0, "")
+        need = [o for o in need if not covered_by(
+            mine, o.kind, o.token, o.base_offset,
+            o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
+    missing = [o for o in need if not (directory / o.name).exists()]
+    if not missing:
+        marker.unlink(missing_ok=True)
         return 0
     log = get_logger(session=session_id)
     t0 = time.perf_counter()
-    # All or nothing: a failed fetch must not leave part of a log under the
-    # session's directory (the next open would take it for the whole log).
+    # Downloaded into a staging directory, then moved in under the marker: a fetch
+    # that fails leaves nothing, one that dies while moving is redone at the next open.
     staging = directory / f".fetch-{os.getpid()}"
     make_private_dir(staging)
     try:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="concordia-fetch") as pool:
             futures = [pool.submit(store.get_file, o.key, staging / o.name, sha256=o.sha256, size=o.bytes)
-                       for o in need]
+                       for o in missing]
             for fut in futures:
                 fut.result()
-        for o in need:
+        marker.touch(mode=0o600)
+        fsync_dir(directory)
+        for o in missing:
             os.replace(staging / o.name, directory / o.name)
+        fsync_dir(directory)
+        marker.unlink()
         fsync_dir(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    total = sum(o.bytes for o in need)
-    log.info("fetched from remote", objects=len(need), bytes=total, seconds=round(time.perf_counter() - t0, 3))
+    total = sum(o.bytes for o in missing)
+    log.info("fetched from remote", objects=len(missing), bytes=total, seconds=round(time.perf_counter() - t0, 3))
     return total

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--home", required=True)
     ap.add_argument("--session", required=True)
     ap.add_argument("--sample", action="store_true")
+    ap.add_argument("--scores", action="store_true", help="return_dict_in_generate with output_scores (stored)")
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-at", type=int, default=0)
     ap.add_argument("--kill-token", type=int, default=0,
@@ -76,6 +77,8 @@ def main() -> None:
         every = k if r == rank else 1
     kwargs = {"max_new_tokens": 24, "do_sample": a.sample, "checkpoint_every": every,
               "stopping_criteria": StoppingCriteriaList([KillAt()])}
+    if a.scores:
+        kwargs.update(return_dict_in_generate=True, output_scores=True)
     if a.sample:
         kwargs.update(top_k=40, temperature=1.3)
         torch.manual_seed(1234)
@@ -86,7 +89,9 @@ def main() -> None:
             out = conversation_generate(model, ids, a.session, "call-1", runtime=rt, max_new_tokens=4)
         else:
             out = durable_generate(model, ids, session_id=a.session, runtime=rt, on_event=on_event, **kwargs)
-        _say({"rank": rank, "tokens": out[0].tolist(), "first_forward": first[0] if first else None})
+        seqs = out.sequences if hasattr(out, "sequences") else out
+        extra = {"scores": [round(float(x.max()), 4) for x in out.scores]} if a.scores else {}
+        _say({"rank": rank, "tokens": seqs[0].tolist(), "first_forward": first[0] if first else None, **extra})
     except Exception as e:  # noqa: BLE001 - reported to the test
         _say({"rank": rank, "error": f"{type(e).__name__}: {e}"})
     finally:

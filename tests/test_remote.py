@@ -107,7 +107,8 @@ def test_host_lost_resume_from_remote_is_bit_exact_and_the_chain_goes_on(tmp_pat
     assert (remote, last) == (40, 47)
     b = _host(tmp_path, "b", catalog_url, bucket, s3.url)
     try:
-        with pytest.raises(CorruptLogError, match=r"recorded epoch 47 as durable.*epoch 40") as refused:
+        with pytest.raises(CorruptLogError, match=r"recorded epoch 47 as durable.*epoch 40.*The object store holds "
+                                                  r"epochs up to 40") as refused:
             b.resume("chat")
         assert "seg-" in str(refused.value), "the refusal names the segment files the lost host had"
         assert b.info("chat").status == "crashed", "a refused resume leaves the session as it was"
@@ -482,3 +483,54 @@ def test_uploads_racing_segment_rolls_only_ever_take_sealed_files(tmp_path, cata
         _assert_state(b.resume("rolls"), 7, 300)
     finally:
         b.close()
+
+
+def test_a_host_with_an_older_copy_of_the_log_fetches_what_another_host_added(tmp_path, catalog_url, s3, bucket):
+    """Host A uploads epochs 1..20 and closes; host B resumes from the bucket, commits 21..300 with compaction
+    (a remote base image) and closes; host A, whose disk still holds its old files, resumes: it fetches B's
+    newer objects instead of asking for a rollback, and restores epoch 300 exactly; so does a third host."""
+    kw = {"segment_bytes": 256 << 10, "compact_bytes": 1 << 20, "remote_interval": 0.2}
+
+    def run(name: str, first: int, last: int) -> None:
+        rt = _host(tmp_path, name, catalog_url, bucket, s3.url, **kw)
+        try:
+            if first == 1:
+                s = rt.session("moving", durability="remote")
+                state = fresh()
+                s.register("kv", state["kv"], kind="kv", seq_axis=1)
+                s.register("scratch", state["scratch"], page_size=4096)
+            else:
+                s = rt.resume("moving")
+                _assert_state(s, 7, first - 1)
+                state = {n: s.regions[n].array for n in ("kv", "scratch")}
+            for e in range(first, last + 1):
+                mutate(state, 7, e)
+                s.commit(meta={"epoch": e}, rows={"kv": (e - 1, e)})
+            assert s.flush(level="remote", timeout=120) == last
+            s.close()
+        finally:
+            rt.close()
+
+    run("a", 1, 20)
+    run("b", 21, 300)
+    from concordia_agents._catalog import Catalog
+    from concordia_agents._catalog._objects import objects
+
+    cat = Catalog(catalog_url)
+    try:
+        assert any(o.kind == "base" and o.state == "remote" for o in objects(cat, "moving")), "B compacted"
+    finally:
+        cat.dispose()
+    a = _host(tmp_path, "a", catalog_url, bucket, s3.url, **kw)
+    try:
+        s = a.resume("moving")  # no rollback: the bucket has what A lacks
+        assert s.rollback is None
+        _assert_state(s, 7, 300)
+        s.close()
+    finally:
+        a.close()
+    c = _host(tmp_path, "c", catalog_url, bucket, s3.url)
+    try:
+        _assert_state(c.resume("moving"), 7, 300)
+    finally:
+        c.close()

@@ -51,12 +51,13 @@ def _tokens_logged(home: Path) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
-def test_a_killed_rank_kills_the_job_and_a_new_job_resumes_every_rank_token_identical(model_dir, tmp_path, sample):
+@pytest.mark.parametrize("flags", [[], ["--sample"], ["--scores"]], ids=["greedy", "sampled", "greedy-scores"])
+def test_a_killed_rank_kills_the_job_and_a_new_job_resumes_every_rank_token_identical(model_dir, tmp_path, flags):
     """Rank 1 commits every 3 tokens and is SIGKILLed at its 8th token, uncommitted, so the ranks' logs end at
     different tokens; the new job agrees on the newest token both hold (rank 0 crops back to it; when
-    sampling, every rank takes rank 1's generator state) and returns exactly the uninterrupted job's tokens."""
-    flag = ["--sample"] if sample else []
+    sampling, every rank takes rank 1's generator state; with stored scores, those are cropped too) and
+    returns exactly the uninterrupted job's tokens (and scores)."""
+    flag = flags
     code, ref = _job(model_dir, tmp_path / "ref", "ref", *flag)
     assert code == 0 and len(ref) == 2 and "tokens" in ref[0], ref
     assert ref[0]["tokens"] == ref[1]["tokens"], "the ranks of one job generate the same tokens"
@@ -71,6 +72,7 @@ def test_a_killed_rank_kills_the_job_and_a_new_job_resumes_every_rank_token_iden
     assert code == 0 and len(resumed) == 2, resumed
     for d in resumed:
         assert d["tokens"] == ref[0]["tokens"], f"rank {d['rank']} resumed to other tokens"
+        assert d.get("scores") == ref[0].get("scores"), f"rank {d['rank']}: the scores differ"
         assert d["first_forward"] == 1, f"rank {d['rank']}: first forward of {d['first_forward']} tokens, expected 1"
 
 

@@ -329,15 +329,20 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                                  device=input_ids.device, scores=want_scores, logits=want_logits)
         n_tokens = int(meta.get("n_tokens", 0))
         if tp is not None:  # the newest token every rank holds (_tp.py)
-            agreed, all_done, state = agree(tp, n_tokens, bool(meta.get("done")), rng)
-            if rng is not None and state is not None:
-                rng.copy_(state)
+            agreed, all_done, states = agree(tp, n_tokens, bool(meta.get("done")), [rng, cuda_rng])
+            for region, state in zip((rng, cuda_rng), states, strict=True):
+                if region is not None and state is not None:
+                    region.copy_(state)
             if agreed < n_tokens:
                 # Crop to the agreed token, durably (one epoch, as a conversation's crop):
-                # the KV the resume keeps and the tokens before it.
+                # the KV the resume keeps, the tokens before it, the stored per-step outputs.
                 keep = 0 if agreed <= prompt_len else min(session.regions["kv"].length, agreed - 1)
+                crop = {"kv": (keep, keep), "tokens": (agreed, agreed)}
+                if steps is not None:
+                    kept_steps = max(agreed - prompt_len, 0)
+                    crop.update({name: (kept_steps, kept_steps) for name in steps.buffers})
                 meta.update(n_tokens=agreed, done=False)
-                session.commit(dict(meta), rows={"kv": (keep, keep), "tokens": (agreed, agreed)})
+                session.commit(dict(meta), rows=crop)
                 n_tokens = agreed
             if not all_done:
                 meta["done"] = False

@@ -72,23 +72,31 @@ def rank_session_id(session_id: str, tp: TensorParallel) -> str:
     return f"{session_id}{TP_SEP}{tp.rank}/{tp.world}"
 
 
-def agree(tp: TensorParallel, n_tokens: int, done: bool, rng: torch.Tensor | None
-          ) -> tuple[int, bool, torch.Tensor | None]:
-    """Step 2 and 3 of the module docs: ``(n, all done, generator state at n)``."""
+def agree(tp: TensorParallel, n_tokens: int, done: bool, states: list[torch.Tensor | None]
+          ) -> tuple[int, bool, list[torch.Tensor | None]]:
+    """Step 2 and 3 of the module docs: ``(n, all done, generator states at n)``;
+    ``states`` are this rank's generator-state regions (CPU, CUDA; None where
+    absent), replaced by those of a rank that holds exactly ``n`` tokens."""
     import torch.distributed as dist
 
+    # NCCL (transformers' backend on GPUs) moves CUDA tensors only; gloo, CPU ones.
+    nccl = dist.get_backend(tp.group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     # One all-reduce: MIN of (n, rank) pairs packed so that the smallest n wins and,
     # among equals, the lowest rank; and MIN of the done flags.
-    packed = torch.tensor([n_tokens * tp.world + tp.rank, int(done)], dtype=torch.int64)
+    packed = torch.tensor([n_tokens * tp.world + tp.rank, int(done)], dtype=torch.int64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=tp.group)
     n, src_rank = divmod(int(packed[0]), tp.world)
-    all_done = bool(packed[1])
-    if rng is not None:
-        state = rng.detach().cpu().clone()
-        src = dist.get_global_rank(tp.group, src_rank) if tp.group is not None else src_rank
-        dist.broadcast(state, src=src, group=tp.group)
-        rng = state
-    return n, all_done, rng
+    src = dist.get_global_rank(tp.group, src_rank) if tp.group is not None else src_rank
+    out: list[torch.Tensor | None] = []
+    for state in states:
+        if state is None:
+            out.append(None)
+            continue
+        buf = state.detach().to(device).clone()
+        dist.broadcast(buf, src=src, group=tp.group)
+        out.append(buf.to(state.device))
+    return n, bool(packed[1]), out
 
 
 def check_layout(rt: Any, session_id: str, tp: TensorParallel | None) -> None:
