@@ -43,10 +43,9 @@ from gpu_runtime.backend import Backend, open_backend
 from gpu_runtime.records import session_tag
 
 from ._catalog import LEASE_ONLY, Catalog, SessionInfo, redact_url
-from ._catalog._objects import DurabilityInfo, ObjectInfo, mark_deleting, roll_back_remote, set_level
 from ._catalog._objects import durability as durability_of
 from ._catalog._objects import objects as objects_of
-from ._durability import check_level
+from ._catalog._objects import roll_back_remote, set_level
 from ._gc import GcContext, GcItem, GcReport, collect
 from ._gc_remote import collect_remote
 from ._home import (
@@ -58,7 +57,6 @@ from ._home import (
 from ._lease import Lease
 from ._log import (
     LogCheck,
-    Rollback,
     SessionLog,
     check_log,
     ring_path,
@@ -67,7 +65,7 @@ from ._log import (
 from ._logging import configure_logging, get_logger
 from ._names import TASK_SEP, check_session_id
 from ._owner import new_owner_id
-from ._replay import LogIndex
+from ._remote_session import abandon_remote, choose_level, delete_remote, store_may_lag
 from ._services import SessionServices
 from ._session import Session
 from ._store import open_store
@@ -78,11 +76,9 @@ from .errors import (
     CatalogMismatchError,
     CatalogNotFound,
     ConcordiaError,
-    ConfigurationError,
     CorruptLogError,
     LogFullError,
     OwnershipError,
-    RemoteStoreError,
 )
 
 __all__ = ["GcItem", "GcReport", "Runtime"]
@@ -202,7 +198,8 @@ class Runtime:
         and the open asks for ``allow_rollback`` as for any lost segment."""
         self._check_id(session_id)
         recorded = durability_of(self.catalog, session_id)
-        level = self._choose_level(session_id, durability, recorded)
+        level = choose_level(session_id, durability, recorded, self.config.default_level,
+                             has_remote=self._uploader is not None)
         token, created, prior = self.catalog.take(session_id, owner=self.owner, ttl=self.config.lease_ttl,
                                                   backend=self.backend.name, create=create, log=True)
         tag = session_tag(session_id)
@@ -215,7 +212,7 @@ class Runtime:
             slog.level = level
             remote_epoch, remote_offset = (recorded.remote_epoch, recorded.remote_offset) if recorded else (0, 0)
             if slog.rollback is not None:
-                self._abandon_remote(session_id, token, slog.rollback, index)
+                abandon_remote(self.catalog, session_id, token, slog.rollback, index, self.log)
                 if index.epoch < remote_epoch:
                     roll_back_remote(self.catalog, session_id, token, epoch=index.epoch, offset=index.end)
                     remote_epoch, remote_offset = index.epoch, index.end
@@ -226,11 +223,7 @@ class Runtime:
                 slog.cancel()
             self._give_back(session_id, token, prior)
             if recorded is not None and recorded.level == "remote" and not allow_rollback and "epoch" in e.reason:
-                # Before the advice to roll back: the object store may only be behind.
-                raise CorruptLogError(
-                    e.reason + f". The object store holds epochs up to {recorded.remote_epoch}; if the session's "
-                    "last owner closed it moments ago, its last segment may still be uploading: retry before "
-                    "rolling back", path=e.path, offset=e.offset, orig=e.orig) from e
+                raise store_may_lag(e, recorded) from e
             raise
         except BaseException:
             if slog is not None:
@@ -245,30 +238,6 @@ class Runtime:
             self._sessions[session_id] = _Open(session, slog)
         self.log.info("session opened", session=session_id, token=token, created=created, epoch=index.epoch)
         return session
-
-    def _abandon_remote(self, session_id: str, token: int, rollback: Rollback, index: LogIndex) -> None:
-        """A rollback gave up history: the remote objects of it are marked
-        ``deleting`` (no fetch or remote epoch counts them again; the uploader or
-        gc deletes them): base images other than the one the log now starts
-        from, segments wholly past its new end, and what the rollback moved aside."""
-        aside = set(rollback.quarantined)
-        base = index.base.name if index.base is not None else None
-        gone = [o.name for o in objects_of(self.catalog, session_id) if o.state != "deleting" and (
-            o.name in aside or (o.kind == "base" and o.name != base)
-            or (o.kind == "delta" and o.base_offset >= index.end))]
-        if gone:
-            mark_deleting(self.catalog, session_id, token, gone)
-            self.log.warning("remote objects of the abandoned history marked for deletion", session=session_id,
-                             objects=gone)
-
-    def _choose_level(self, session_id: str, asked: str | None, recorded: DurabilityInfo | None) -> str:
-        level = check_level(asked or (recorded.level if recorded else self.config.default_level))
-        if level == "remote" and self._uploader is None:
-            how = "asked for" if asked else "recorded for"
-            raise ConfigurationError(f"session {session_id!r}: durability 'remote' {how} it, but this runtime has "
-                                     "no remote; set CONCORDIA_REMOTE=s3://bucket/prefix (or pass remote=...), or "
-                                     "open it with durability='disk'")
-        return level
 
     def _give_back(self, session_id: str, token: int, prior: Any) -> None:
         try:
@@ -371,22 +340,11 @@ class Runtime:
             self._uploader.forget(session_id)  # nothing of it goes up after this
         remote = objects_of(self.catalog, session_id) if self._uploader is not None else []
         self.catalog.delete(session_id)  # refused while another process owns it: nothing deleted then
-        self._delete_remote(session_id, remote)
+        if self._uploader is not None:
+            delete_remote(self._uploader.store, session_id, remote, self.log)
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
         ring_path(self.config, session_tag(session_id)).unlink(missing_ok=True)
         self.log.info("session deleted", session=session_id)
-
-    def _delete_remote(self, session_id: str, remote: list[ObjectInfo]) -> None:
-        """A deleted session's objects (listed before its rows went). One the store
-        refuses now is left to ``gc``, which removes objects of deleted sessions."""
-        if self._uploader is None:
-            return
-        for o in remote:
-            try:
-                self._uploader.store.delete(o.key)
-            except RemoteStoreError as e:
-                self.log.warning("could not delete a remote object of a deleted session; gc removes it later",
-                                 session=session_id, object=o.key, error=str(e))
 
     def gc(self, *, dry_run: bool = False, upload_age: float = 3600.0) -> GcReport:
         """Remove files that no session refers to, and only what can be proven

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ def model_dir(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama().save_pretrained(path)
+    # A first torchrun job without Concordia: in a fresh environment (CI's new virtualenv) the first job
+    # once lost a rank before any Concordia code ran in it (not reproduced since); its outcome is only
+    # reported, the tests below start from a warm environment.
+    code, out = _job(path, tmp_path_factory.mktemp("warmup"), "warmup", "--warmup")
+    if code != 0 or len(out) != 2:
+        warnings.warn(f"tensor-parallel warm-up job failed (exit {code}): {out}", stacklevel=1)
     return path
 
 
@@ -35,6 +42,8 @@ def _job(model_dir: Path, home: Path, session: str, *extra: str, nproc: int = 2)
            "-m", "tests._tp_child", "--model", str(model_dir), "--home", str(home), "--session", session, *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    if not any("kill" in x for x in extra) and (r.returncode != 0 or len(lines) != nproc):
+        lines.append({"rank": nproc, "stderr": "\n".join(x for x in r.stderr.splitlines() if "[rank" in x)[-6000:]})
     return r.returncode, sorted(lines, key=lambda d: d["rank"])
 
 
@@ -65,7 +74,7 @@ def test_a_killed_rank_kills_the_job_and_a_new_job_resumes_every_rank_token_iden
     code, died = _job(model_dir, home, "crash", *flag, "--every", "1:3", "--kill-rank", "1", "--kill-token", "8")
     assert code != 0 and not any("tokens" in d for d in died), f"the job should die with its rank 1: {died}"
     logged = _tokens_logged(home)
-    assert set(logged) == {"crash#tp:0/2", "crash#tp:1/2"}, logged
+    assert set(logged) == {"crash#tp:0/2", "crash#tp:1/2"}, (logged, died)
     assert logged["crash#tp:1/2"] == 8 + 6, f"rank 1 committed tokens 3 and 6: {logged}"
     assert logged["crash#tp:0/2"] > logged["crash#tp:1/2"], f"expected rank 0's log ahead of rank 1's: {logged}"
     code, resumed = _job(model_dir, home, "crash", *flag)

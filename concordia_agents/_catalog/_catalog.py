@@ -184,7 +184,7 @@ class Catalog:
         if self.dialect == "postgresql":
             self._token_q = self._token_q.with_for_update()
         try:
-            self._migrate(create=create)
+            self._migrate_retrying(create=create)
         except BaseException:
             self.dispose()
             raise
@@ -321,6 +321,23 @@ class Catalog:
             raise SchemaVersionError(
                 f"catalog {self._redacted()} has schema version {current}; this Concordia understands "
                 f"versions up to {SCHEMA_VERSION}. Upgrade Concordia (pip install -U concordia-agents).")
+
+    def _migrate_retrying(self, *, create: bool) -> None:
+        """``_migrate``, again after a SQLite "database is locked" that came at
+        once: while another process creates the same new catalog file (turns it
+        to WAL, makes its tables: the ranks of a torchrun job opening one home),
+        SQLite answers a reader busy without waiting for its busy timeout. Up to
+        the busy timeout in all; PostgreSQL never gets here."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                self._migrate(create=create)
+                return
+            except CatalogError as e:
+                locked = self.dialect == "sqlite" and "database is locked" in str(e.orig or "")
+                if not locked or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
     def _migrate(self, *, create: bool = True) -> None:
         # A read first: an up-to-date catalog (the usual case) is opened without a
