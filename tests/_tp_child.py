@@ -36,7 +36,6 @@ def main() -> None:
     ap.add_argument("--every", default="", help="R:K: rank R commits every K tokens (the others every token)")
     ap.add_argument("--no-tp", action="store_true", help="load the model on one device (a refused resume)")
     ap.add_argument("--conversation", action="store_true", help="call conversation_generate (refused under TP)")
-    ap.add_argument("--warmup", action="store_true", help="load the sharded model, run one forward, exit")
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
@@ -47,11 +46,6 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32,
                                                  **({} if a.no_tp else {"tp_plan": "auto"}))
-    if a.warmup:  # no Concordia: the first torchrun job of a fresh environment
-        with torch.no_grad():
-            model(torch.tensor([[1, 2, 3]]))
-        _say({"rank": rank, "warmup": True})
-        return
     first: list[int] = []
 
     def record(_module, args, kwargs):  # type: ignore[no-untyped-def]
