@@ -26,7 +26,6 @@ Protocol (one JSON object per line; one request at a time):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -39,7 +38,6 @@ from .errors import RemoteStoreError
 
 __all__ = ["UploadWorker", "main"]
 
-_READ = 8 << 20
 _NICE = 10
 
 
@@ -118,24 +116,15 @@ class UploadWorker:
             self._lock.release()
 
 
-def _hash(path: Path) -> tuple[int, str]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-            n += len(chunk)
-    return n, h.hexdigest()
-
-
 def _serve(args: dict[str, Any]) -> None:
-    from ._store import open_store
+    from ._store import file_sha256, open_store
 
     store = open_store(args["url"], endpoint_url=args["endpoint_url"], **args["options"])
     for line in sys.stdin:
         req = json.loads(line)
         path = Path(req["path"])
         try:
-            size, digest = _hash(path)
+            size, digest = path.stat().st_size, file_sha256(path)
             store.put_file(req["key"], path, sha256=digest)
             if path.stat().st_size != size:
                 raise RemoteStoreError(f"{path} changed from {size} to {path.stat().st_size} bytes while it was "

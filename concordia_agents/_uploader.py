@@ -91,6 +91,11 @@ def covered_by(base: ObjectInfo | None, kind: str, token: int, base_offset: int,
     return token < base.token or end <= base.base_offset
 
 
+def _object_end(o: ObjectInfo) -> int:
+    """Log offset an object's file ends at (a base image: the offset it covers)."""
+    return o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE
+
+
 def _end(f: SegmentFile) -> int:
     return f.base if f.kind == KIND_BASE else f.base + f.size - SEGMENT_HEADER_SIZE
 
@@ -376,8 +381,7 @@ class Uploader:
         slog = e.log
         base = _newest_base(rows.values())
         gone = [o for o in rows.values() if o is not base and o.state != "deleting"
-                and covered_by(base, o.kind, o.token, o.base_offset,
-                               o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
+                and covered_by(base, o.kind, o.token, o.base_offset, _object_end(o))]
         gone += [o for o in rows.values() if o.state == "deleting"]
         if not gone:
             return
@@ -407,9 +411,7 @@ def needed_objects(rows: Any) -> list[ObjectInfo]:
     downloads, and what the remote epoch is computed from)."""
     remote = [o for o in rows if o.state == "remote"]
     base = _newest_base(remote)
-    return [o for o in remote if o is base or not covered_by(
-        base, o.kind, o.token, o.base_offset,
-        o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
+    return [o for o in remote if o is base or not covered_by(base, o.kind, o.token, o.base_offset, _object_end(o))]
 
 
 #: present while a fetch moves files into a session directory; found at the next
@@ -431,9 +433,7 @@ def fetch_objects(store: ObjectStore, catalog: Catalog, session_id: str, directo
     if bases:
         local = read_segment_header(bases[-1].path, session_tag=session_tag)
         mine = ObjectInfo(session_id, bases[-1].path.name, "", "base", local.token, local.base, "remote", 0, "")
-        need = [o for o in need if not covered_by(
-            mine, o.kind, o.token, o.base_offset,
-            o.base_offset if o.kind == "base" else o.base_offset + o.bytes - SEGMENT_HEADER_SIZE)]
+        need = [o for o in need if not covered_by(mine, o.kind, o.token, o.base_offset, _object_end(o))]
     missing = [o for o in need if not (directory / o.name).exists()]
     if not missing:
         marker.unlink(missing_ok=True)
