@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, build
-from bench.common import versions, write
+from bench.common import versions, written
 
 
 def copy_bandwidth() -> float:
@@ -135,25 +135,23 @@ def main() -> None:
                               "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": args.prompt_len,
                               "lengths": args.lengths, "repeats": args.repeats, "copy_bandwidth_GBps": bw / 1e9,
                               "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30}}
-    for shape in args.shapes:
-        model = build(shape)
-        weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-        roofline_ms = weight_bytes / bw * 1e3
-        for batch in args.batches:
-            key = f"{shape}_b{batch}"
-            try:
-                r = section(model, batch, args.prompt_len, tuple(args.lengths), args.repeats)
-                r["roofline_ms"] = roofline_ms
-                r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
-                result[key] = r
-            except Exception:  # noqa: BLE001 - record and go on
-                result[key] = {"error": traceback.format_exc()[-3000:]}
-            print(key, json.dumps({k: v for k, v in result[key].items() if k != "rounds_ms"}), flush=True)
-        del model
-        torch.cuda.empty_cache()
-    path = write("compiled_decode_gpu", result)
-    print("wrote", path)
-
+    with written("compiled_decode_gpu", result):
+        for shape in args.shapes:
+            model = build(shape)
+            weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+            roofline_ms = weight_bytes / bw * 1e3
+            for batch in args.batches:
+                key = f"{shape}_b{batch}"
+                try:
+                    r = section(model, batch, args.prompt_len, tuple(args.lengths), args.repeats)
+                    r["roofline_ms"] = roofline_ms
+                    r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
+                    result[key] = r
+                except Exception:  # noqa: BLE001 - record and go on
+                    result[key] = {"error": traceback.format_exc()[-3000:]}
+                print(key, json.dumps({k: v for k, v in result[key].items() if k != "rounds_ms"}), flush=True)
+            del model
+            torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()

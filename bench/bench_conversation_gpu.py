@@ -42,7 +42,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, build
-from bench.common import versions, write
+from bench.common import versions, written
 
 _OPTIONS = {**RT_OPTIONS, "ring_bytes": 3 << 30}
 
@@ -205,22 +205,20 @@ def main() -> None:
                               "runtime_options": _OPTIONS, "quick": args.quick}
     model = build(args.shape)
     turns = 6 if args.quick else args.turns
-    if args.only != "resume":
-        try:
-            result["turns"] = turns_section(model, turns, args.user_tokens, args.reply_tokens)
-        except Exception:  # noqa: BLE001 - record and go on
-            result["turns"] = {"error": traceback.format_exc()[-3000:]}
-    if args.only != "turns":
-        for n in (8192,) if args.quick else (8192, 32768):
-            key = f"resume_{n // 1024}k"
+    with written("conversation_gpu" + ("-quick" if args.quick else ""), result):
+        if args.only != "resume":
             try:
-                result[key] = resume_section(model, args.shape, n, 2 if args.quick else args.repeats)
-            except Exception:  # noqa: BLE001
-                result[key] = {"error": traceback.format_exc()[-3000:]}
-            print(key, json.dumps({k: v for k, v in result[key].items() if k != "runs"}), flush=True)
-    path = write("conversation_gpu" + ("-quick" if args.quick else ""), result)
-    print("wrote", path)
-
+                result["turns"] = turns_section(model, turns, args.user_tokens, args.reply_tokens)
+            except Exception:  # noqa: BLE001 - record and go on
+                result["turns"] = {"error": traceback.format_exc()[-3000:]}
+        if args.only != "turns":
+            for n in (8192,) if args.quick else (8192, 32768):
+                key = f"resume_{n // 1024}k"
+                try:
+                    result[key] = resume_section(model, args.shape, n, 2 if args.quick else args.repeats)
+                except Exception:  # noqa: BLE001
+                    result[key] = {"error": traceback.format_exc()[-3000:]}
+                print(key, json.dumps({k: v for k, v in result[key].items() if k != "runs"}), flush=True)
 
 if __name__ == "__main__":
     main()

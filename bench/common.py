@@ -8,15 +8,17 @@ the same run. Results are JSON under ``bench/results/``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,28 @@ def write(name: str, payload: dict[str, Any]) -> Path:
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     return path
 
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a ``timeout`` around the benchmark) arrived: a BaseException, so
+    the sections' ``except Exception`` recording does not swallow it."""
+
+
+@contextlib.contextmanager
+def written(name: str, result: dict[str, Any]) -> Iterator[None]:
+    """Write ``result`` when the block ends, also when it is cut short by
+    SIGTERM: the sections measured so far are kept, and the file says
+    ``"incomplete"``. A device run has a hard time limit; a benchmark of many
+    sections should not lose the finished ones to it."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except _Terminated:
+        result["incomplete"] = "terminated (SIGTERM) before every section ran"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("wrote", write(name, result), flush=True)
