@@ -128,3 +128,18 @@ def test_two_compiled_calls_in_one_process_both_equal_compiled_plain(tmp_path):
     out = _child(tmp_path / "twice", "--twice", "--report", model="llama")
     assert ref is not None and out is not None
     assert out["tokens"] == ref["tokens"] and out["tokens2"] == ref["tokens"]
+
+
+def test_compiled_seeded_sampling_resumes_equal(tmp_path):
+    """Seeded sampling on the compiled path: epochs from the device (no host copy of the CUDA generator per
+    token; its state at a step follows from the length), the same tokens as compiled plain generate with the
+    same seed, and after a SIGKILL at a random token too, the first resumed forward one token."""
+    ref = _child(tmp_path / "ref", "--plain-static", "--sample", model="llama")
+    out = _child(tmp_path / "durable", "--sample", "--report", model="llama")
+    assert ref is not None and out is not None and out["tokens"] == ref["tokens"]
+    assert out["report"]["compiled"] and out["report"]["device_commits"] >= 38, out["report"]
+    k = random.Random().randint(5, 35)
+    assert _child(tmp_path / "crash", "--sample", "--kill-at-token", str(k), model="llama") is None
+    resumed = _child(tmp_path / "crash", "--sample", "--report", model="llama")
+    assert resumed is not None and resumed["tokens"] == ref["tokens"], k
+    assert resumed["forward_inputs"][0] == 1, (k, resumed["forward_inputs"][:3])

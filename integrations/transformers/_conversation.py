@@ -62,9 +62,8 @@ from ._generate import (
     _cache_keyword_quiet,
     _Checkpointer,
     _fingerprint,
-    _restore_rng,
-    _rng_regions,
 )
+from ._rng import restore_rng, rng_regions
 from ._tp import tensor_parallel
 
 __all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "ResidentConversations", "conversation_generate"]
@@ -213,7 +212,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             session.register("kv", cache.storage, kind="kv", seq_axis=3)
             session.register("tokens", tokens, kind="kv", seq_axis=1)
         item = _Resident(cache, tokens, 0, key)
-        rng, cuda_rng = _rng_regions(session, device, sampling)
+        rng, cuda_rng = rng_regions(session, device, sampling)
         held = int(meta.get("n_tokens", 0))
         kv_held = min(session.regions["kv"].length, held)
         call = dict(meta.get("call") or {})
@@ -237,7 +236,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             retried: Literal["no", "finished", "continued"] = "continued"
             reuse = min(kv_held, held - 1)
             seq = tokens[:, :held].clone()
-            _restore_rng(rng, cuda_rng, device)
+            restore_rng(rng, cuda_rng, device)  # the states as copied at the commit
         else:
             retried = "no"
             common = _common_prefix(tokens[:, :held], input_ids)

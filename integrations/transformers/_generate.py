@@ -20,6 +20,7 @@ from concordia_agents import ConcordiaError, Runtime, Session
 from ._cache import DurableCache, DurableStaticCache
 from ._errors import ResumeMismatchError
 from ._outputs import _dict_output, _StepOutputs
+from ._rng import cuda_rng_meta, output_vocab, philox_step, restore_rng, rng_regions
 from ._steps import StepCheckpointer
 from ._tp import agree, check_layout, rank_session_id, tensor_parallel
 
@@ -127,6 +128,8 @@ class _Checkpointer(StoppingCriteria):
             self.rng.copy_(torch.get_rng_state())
         if self.cuda_rng is not None:
             self.cuda_rng.copy_(torch.cuda.get_rng_state(self.tokens.device))
+            if "cuda_rng" in self.meta:  # the region now holds the state before sampling position n (_rng.py)
+                self.meta["cuda_rng"] = cuda_rng_meta(n, self.meta["cuda_rng"]["step"])
         self.meta.update(n_tokens=n, done=done)
         rows = {"kv": self.cache.length, "tokens": n}
         if self.steps is not None:
@@ -148,31 +151,6 @@ class _Checkpointer(StoppingCriteria):
                 self.on_event(GenerateEvent("token_committed", self.session.id, self.session.epoch,
                                             n - self.meta["prompt_len"]))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def _rng_regions(session: Session, device: torch.device, sampling: bool
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """When sampling, the CPU and (on a GPU) CUDA generator states as regions
-    ``rng`` / ``cuda_rng``, restored from the log if it holds them. They live
-    next to the KV (device memory on a GPU) so that every backend can
-    register them; the checkpointer copies the states in at each commit."""
-    if not sampling:
-        return None, None
-    rng = torch.zeros_like(torch.get_rng_state(), device=device)
-    session.register("rng", rng)
-    cuda_rng = None
-    if device.type == "cuda":
-        cuda_rng = torch.zeros_like(torch.cuda.get_rng_state(device), device=device)
-        session.register("cuda_rng", cuda_rng)
-    return rng, cuda_rng
-
-
-def _restore_rng(rng: torch.Tensor | None, cuda_rng: torch.Tensor | None, device: torch.device) -> None:
-    """Set the generators to the states restored into the regions (a resume)."""
-    if rng is not None:
-        torch.set_rng_state(rng.cpu())
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng.cpu(), device)
 
 
 @contextlib.contextmanager
@@ -323,7 +301,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         tokens = torch.zeros(batch, max_len, dtype=input_ids.dtype, device=input_ids.device)
         session.register("kv", cache.storage, kind="kv", seq_axis=3)
         session.register("tokens", tokens, kind="kv", seq_axis=1)
-        rng, cuda_rng = _rng_regions(session, input_ids.device, sampling)
+        rng, cuda_rng = rng_regions(session, input_ids.device, sampling)
         if stored:
             steps = _StepOutputs(model, session, batch=batch, max_new=max_new, prompt_len=prompt_len,
                                  device=input_ids.device, scores=want_scores, logits=want_logits)
@@ -342,6 +320,8 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                     kept_steps = max(agreed - prompt_len, 0)
                     crop.update({name: (kept_steps, kept_steps) for name in steps.buffers})
                 meta.update(n_tokens=agreed, done=False)
+                if "cuda_rng" in meta:  # the states agreed are those before sampling position `agreed`
+                    meta["cuda_rng"] = cuda_rng_meta(agreed, meta["cuda_rng"]["step"])
                 session.commit(dict(meta), rows=crop)
                 n_tokens = agreed
             if not all_done:
@@ -360,11 +340,14 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
             # the uninterrupted run's whole-prompt forward.
             cache.set_length(0 if n_tokens <= prompt_len else min(session.regions["kv"].length, n_tokens - 1))
             seq = tokens[:, :n_tokens].clone()
-            _restore_rng(rng, cuda_rng, input_ids.device)
+            restore_rng(rng, cuda_rng, input_ids.device, meta)
         else:
             seq = input_ids
             tokens[:, :prompt_len].copy_(input_ids)
             meta = {"fingerprint": fp, "prompt_len": prompt_len, "n_tokens": prompt_len, "done": False}
+            if cuda_rng is not None:  # the state generate starts sampling from, and its step per token (_rng.py)
+                cuda_rng.copy_(torch.cuda.get_rng_state(input_ids.device))
+                meta["cuda_rng"] = cuda_rng_meta(prompt_len, philox_step(output_vocab(model), batch, input_ids.device))
             session.commit(dict(meta), rows={"tokens": prompt_len})
         full_mask = torch.cat([mask, torch.ones(batch, seq.shape[1] - prompt_len, dtype=mask.dtype,
                                                 device=mask.device)], dim=1)
@@ -374,10 +357,11 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
         user_criteria = list(kwargs.pop("stopping_criteria", []) or [])
         # The static cache without stored outputs commits at model steps (inside
-        # the compiled step on a GPU); sampling on a GPU keeps the token-boundary
-        # commits, which copy the CUDA generator's state (host state).
+        # the compiled step on a GPU; sampling too: the CUDA generator's state at
+        # a step follows from the length, _rng.py). Tensor parallel sampling on a
+        # GPU keeps the token-boundary commits (its ranks agree on copied states).
         stepper = None
-        if isinstance(cache, DurableStaticCache) and steps is None and cuda_rng is None:
+        if isinstance(cache, DurableStaticCache) and steps is None and (cuda_rng is None or tp is None):
             stepper = _stepper(session, cache, tokens, meta, checkpoint_every, rng, on_event, prompt_len,
                                device=input_ids.is_cuda)
         criteria = StoppingCriteriaList(user_criteria if stepper is not None else [*user_criteria, hook])
