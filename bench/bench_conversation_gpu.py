@@ -140,6 +140,79 @@ def child(shape: str, n: int, home: str) -> None:
                           stopping_criteria=StoppingCriteriaList([Kill()]))
 
 
+def h2d_bandwidth() -> float:
+    """Pinned host-to-device copy bandwidth in bytes/s: 1 GiB, median of 5."""
+    src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return (1 << 30) / statistics.median(times[1:])
+
+
+class _Parts:
+    """Times the parts of a resume inside ``conversation_generate`` (bench only:
+    wraps the runtime's session open and the session's region registration
+    and restore): the fixed costs are the open and the registrations less the
+    restores they contain; the restore rate is the payload bytes read over the
+    restore time (device synchronized)."""
+
+    def __init__(self) -> None:
+        from concordia_agents import _runtime, _session
+
+        self.open_s = self.register_s = self.restore_s = 0.0
+        self.restore_bytes = 0
+        self._targets = [(_runtime.Runtime, "session"), (_session.Session, "register"),
+                         (_session.Session, "_restore_into")]
+        self._saved = [getattr(c, name) for c, name in self._targets]
+
+    def __enter__(self) -> _Parts:
+        (_, open_), (_, register), (_, restore_into) = zip(self._targets, self._saved, strict=True)
+        parts = self
+
+        def session(rt: Any, *a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return open_(rt, *a, **kw)
+            finally:
+                parts.open_s += time.perf_counter() - t
+
+        def reg(s: Any, *a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return register(s, *a, **kw)
+            finally:
+                parts.register_s += time.perf_counter() - t
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+        def restore(s: Any, region: Any) -> None:
+            sync()
+            t = time.perf_counter()
+            restore_into(s, region)
+            sync()
+            parts.restore_s += time.perf_counter() - t
+            parts.restore_bytes += sum(loc.header.length for loc in s._index.records.get(region.spec.region_id, []))
+
+        for (cls, name), fn in zip(self._targets, (session, reg, restore), strict=True):
+            setattr(cls, name, fn)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for (cls, name), fn in zip(self._targets, self._saved, strict=True):
+            setattr(cls, name, fn)
+
+    def report(self) -> dict[str, float]:
+        return {"session_open_s": self.open_s, "register_less_restore_s": self.register_s - self.restore_s,
+                "restore_s": self.restore_s, "restore_bytes": self.restore_bytes,
+                "restore_GBps": self.restore_bytes / self.restore_s / 1e9 if self.restore_s else 0.0}
+
+
 def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, Any]:
     from concordia_agents import Runtime
     from integrations.transformers import ConversationCall, ResidentConversations, conversation_generate
@@ -150,6 +223,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     if r.returncode != -signal.SIGKILL:
         raise RuntimeError(f"child ended with {r.returncode}: {r.stderr[-2000:]}")
     resumed, recompute, calls = [], [], []
+    parts: list[dict[str, float]] = []
     try:
         for _ in range(repeats):
             home = Path(tempfile.mkdtemp())
@@ -163,11 +237,14 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                 got: list[ConversationCall] = []
                 ft = FirstToken()
                 torch.cuda.synchronize()
-                t = time.perf_counter()
-                conversation_generate(model, prompt, "resume", "next", runtime=rt, resident=ResidentConversations(),
-                                      max_cache_len=n + 64, max_new_tokens=8, do_sample=False,
-                                      stopping_criteria=StoppingCriteriaList([ft]), on_call=got.append)
+                with _Parts() as measured:
+                    t = time.perf_counter()
+                    conversation_generate(model, prompt, "resume", "next", runtime=rt,
+                                          resident=ResidentConversations(), max_cache_len=n + 64, max_new_tokens=8,
+                                          do_sample=False, stopping_criteria=StoppingCriteriaList([ft]),
+                                          on_call=got.append)
                 resumed.append(ft.at - t)
+                parts.append(measured.report())
                 calls.append(got[-1])
             shutil.rmtree(home, ignore_errors=True)
             ft = FirstToken()
@@ -182,6 +259,9 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             "reprefill_first_token_s": statistics.median(recompute),
             "speedup": statistics.median(recompute) / statistics.median(resumed),
             "runs": {"resume_s": resumed, "reprefill_s": recompute},
+            "parts": parts,
+            "restore_GBps": statistics.median(p["restore_GBps"] for p in parts),
+            "fixed_costs_s": statistics.median(p["session_open_s"] + p["register_less_restore_s"] for p in parts),
             "calls": [{"retried": c.retried, "prefilled": c.prefilled, "source": c.source} for c in calls]}
 
 
@@ -203,6 +283,7 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "conversation_gpu", "device": torch.cuda.get_device_name(0),
                               "versions": versions("transformers", "cupy-cuda13x"), "shape": args.shape,
                               "runtime_options": _OPTIONS, "quick": args.quick}
+    result["pinned_h2d_GBps"] = h2d_bandwidth() / 1e9
     model = build(args.shape)
     turns = 6 if args.quick else args.turns
     with written("conversation_gpu" + ("-quick" if args.quick else ""), result):
