@@ -232,7 +232,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                 time.sleep(0.6)  # the dead owner's lease expires
                 s = rt.resume("conversation:resume")
                 held = int(s.meta["call"]["start"])
-                prompt = s.restore("tokens").array[:, :held].clone()  # the interrupted call's prompt
+                prompt = s.regions["tokens"].array[:, :held].clone()  # the interrupted call's prompt
                 s.release()
                 got: list[ConversationCall] = []
                 ft = FirstToken()
