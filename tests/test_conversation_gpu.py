@@ -1,7 +1,19 @@
 """Conversations on a real GPU (issue 18): the Llama-3.2-1B-shaped bf16 model on the CuPy
 backend, deterministic mode. Turns reuse the conversation's KV from GPU memory, after eviction
-from the log, and every call equals plain ``model.generate`` on its full prompt. Skipped (with
-the reason) where no CUDA GPU with CuPy is present."""
+from the log, and every call equals plain ``model.generate`` continuing transformers' own cache
+of the previous turn (the same computation: the new suffix prefilled over the kept KV).
+
+Why not plain ``generate`` on the full prompt, as on the CPU (tests/test_conversation.py): on the
+GPU a suffix prefilled over cached KV rounds differently from the same positions inside one
+whole-prompt prefill (cuBLAS picks kernels by the number of rows; the cached rows of generated
+tokens were computed one per decode step). Measured on an H100 (2026-12-06, this test's first
+run): its second turn, the first prefilled over kept KV, diverged from the full-prompt re-prefill
+while the first turn was equal.
+So no KV cache, transformers' own included, can promise the full re-prefill's bits on a GPU; what
+Concordia promises is the bits of keeping the KV in memory, also after eviction and crashes.
+The test reports how many turns also equal the full re-prefill (not asserted).
+
+Skipped (with the reason) where no CUDA GPU with CuPy is present."""
 
 from __future__ import annotations
 
@@ -10,7 +22,7 @@ import pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")]
 
 
-def test_turns_on_the_gpu_reuse_memory_then_the_log_and_equal_plain_generate(tmp_path, monkeypatch):
+def test_turns_on_the_gpu_reuse_memory_then_the_log_and_equal_transformers_cache_reuse(tmp_path, monkeypatch):
     import torch
 
     from concordia_agents import Runtime
@@ -23,6 +35,8 @@ def test_turns_on_the_gpu_reuse_memory_then_the_log_and_equal_plain_generate(tmp
         model = llama_1b("cuda")
         calls: list[ConversationCall] = []
         out = torch.zeros(1, 0, dtype=torch.int64, device="cuda")
+        plain_cache = None  # transformers' own cache of the conversation, kept between turns
+        equal_to_full_reprefill = []
         with Runtime.open(home=tmp_path, backend="cupy") as rt:
             pool = ResidentConversations()
             for turn in range(4):
@@ -34,9 +48,14 @@ def test_turns_on_the_gpu_reuse_memory_then_the_log_and_equal_plain_generate(tmp
                                             max_cache_len=2048, max_new_tokens=24, do_sample=False,
                                             on_call=calls.append)
                 ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                     do_sample=False)
-                assert torch.equal(out, ref), turn
+                                     do_sample=False, past_key_values=plain_cache, return_dict_in_generate=True)
+                plain_cache = ref["cache" if "cache" in ref else "past_key_values"]
+                assert torch.equal(out, ref.sequences), turn
+                full = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                      do_sample=False)
+                equal_to_full_reprefill.append(bool(torch.equal(out, full)))
         assert [c.source for c in calls] == ["none", "resident", "resident", "log"]
         assert [c.prefilled for c in calls] == [300, 301, 301, 301]
+        print("turns equal to a full re-prefill too:", equal_to_full_reprefill)
     finally:
         torch.use_deterministic_algorithms(False)
