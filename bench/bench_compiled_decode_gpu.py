@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,6 +157,115 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     }
 
 
+def _resume_ids(n: int) -> torch.Tensor:
+    return torch.randint(3, 30000, (1, n), generator=torch.Generator().manual_seed(6)).cuda()
+
+
+def resume_child(shape: str, n: int, home: str) -> None:
+    """A compiled durable generation on an ``n``-token prompt, SIGKILLed at a
+    token boundary once 8 new tokens exist (the device committed each step)."""
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+
+    model = build(shape)
+    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
+
+    class Kill(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+            if input_ids.shape[1] >= n + 8:
+                torch.cuda.synchronize()  # the steps' epochs are in the host ring
+                os.kill(os.getpid(), signal.SIGKILL)
+            return torch.zeros(1, dtype=torch.bool, device=input_ids.device)
+
+    durable_generate(model, _resume_ids(n), "resume", runtime=rt, max_new_tokens=16, do_sample=False,
+                     cache_implementation="static", stopping_criteria=StoppingCriteriaList([Kill()]))
+
+
+def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, Any]:
+    """Resume of a SIGKILLed compiled durable generation of ``n`` context
+    tokens to its first new token (session open, KV restored from the log, one
+    token re-forwarded through the compiled step) against a re-prefill (plain
+    compiled ``generate`` of one token on the same prompt). One warm-up resume
+    first (it compiles the step for this cache length, as a long-lived server
+    process would have; a fresh process adds the compilation, reported apart),
+    then ``repeats`` of each on a fresh copy of the child's home."""
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+
+    src = Path(tempfile.mkdtemp())
+    r = subprocess.run([sys.executable, __file__, "--resume-child", shape, str(n), str(src)], check=False,
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"child ended with {r.returncode}: {r.stderr[-2000:]}")
+    ids = _resume_ids(n)
+    resumed: list[float] = []
+    reprefill: list[float] = []
+    first_forward: list[int] = []
+
+    def resume_once() -> float:
+        home = Path(tempfile.mkdtemp())
+        shutil.copytree(src, home, dirs_exist_ok=True)
+        try:
+            time.sleep(0.6)  # the dead owner's lease (lease_ttl 0.5 s) has expired
+            with Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30, "lease_ttl": 0.5}) as rt:
+                first = FirstToken()
+                inputs: list[int] = []
+                hook = model.register_forward_pre_hook(
+                    lambda m, a, kw: inputs.append(int((kw.get("input_ids") if kw.get("input_ids") is not None
+                                                        else a[0]).shape[1])) if not inputs else None,
+                    with_kwargs=True)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                try:
+                    durable_generate(model, ids, "resume", runtime=rt, max_new_tokens=16, do_sample=False,
+                                     cache_implementation="static", stopping_criteria=StoppingCriteriaList([first]))
+                finally:
+                    hook.remove()
+                first_forward.append(inputs[0] if inputs else -1)
+                assert first.at is not None
+                return first.at - t
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+    def reprefill_once() -> float:
+        first = FirstToken()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                       cache_implementation="static", stopping_criteria=StoppingCriteriaList([first]))
+        assert first.at is not None
+        return first.at - t
+
+    try:
+        warm_resume = resume_once()
+        warm_prefill = reprefill_once()
+        first_forward.clear()
+        for i in range(repeats):
+            for fn, out in ((resume_once, resumed), (reprefill_once, reprefill))[:: 1 if i % 2 == 0 else -1]:
+                out.append(fn())
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    return {"tokens": n, "resume_first_token_s": statistics.median(resumed),
+            "reprefill_first_token_s": statistics.median(reprefill),
+            "speedup": statistics.median(reprefill) / statistics.median(resumed),
+            "runs": {"resume_s": resumed, "reprefill_s": reprefill},
+            "first_forward_tokens": first_forward,
+            "warm_up_s": {"resume (compiles this cache length)": warm_resume, "reprefill": warm_prefill}}
+
+
+class FirstToken(StoppingCriteria):
+    """Records when generate has its first new token (stream synchronized)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        if self.at is None:
+            torch.cuda.current_stream().synchronize()
+            self.at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -162,7 +274,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=80)
     p.add_argument("--from", dest="start", type=int, default=16, help="steps timed from this many new tokens on")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resume-tokens", type=int, nargs="*", default=[32768],
+                   help="context lengths of the resume-vs-re-prefill section (on the last shape); none: skip it")
+    p.add_argument("--only", choices=["steps", "resume"])
+    p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.resume_child:
+        resume_child(args.resume_child[0], int(args.resume_child[1]), args.resume_child[2])
+        return
     torch.use_deterministic_algorithms(False)
     torch._dynamo.config.recompile_limit = 64  # plain/durable cache types x batches (module docs)
     bw = copy_bandwidth()
@@ -176,7 +295,7 @@ def main() -> None:
             model = build(shape)
             weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
             roofline_ms = weight_bytes / bw * 1e3
-            for batch in args.batches:
+            for batch in args.batches if args.only != "resume" else ():
                 key = f"{shape}_b{batch}"
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats)
@@ -186,9 +305,17 @@ def main() -> None:
                 except Exception:  # noqa: BLE001 - record and go on
                     result[key] = {"error": traceback.format_exc()[-3000:]}
                 print(key, json.dumps({k: v for k, v in result[key].items() if k != "rounds_ms"}), flush=True)
+            for n in args.resume_tokens if args.only != "steps" and shape == args.shapes[-1] else ():
+                key = f"{shape}_resume_{n // 1024}k"
+                try:
+                    result[key] = resume_section(model, shape, n, args.repeats)
+                except Exception:  # noqa: BLE001 - record and go on
+                    result[key] = {"error": traceback.format_exc()[-3000:]}
+                print(key, json.dumps({k: v for k, v in result[key].items() if k != "runs"}), flush=True)
             del model
             torch._dynamo.reset()
             torch.cuda.empty_cache()
+
 
 if __name__ == "__main__":
     main()
