@@ -64,7 +64,22 @@ def _message(turn: int, n: int) -> torch.Tensor:
     return torch.randint(3, 30000, (1, n), generator=torch.Generator().manual_seed(turn)).cuda()
 
 
-def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int) -> dict[str, Any]:
+def _profiled(label: str, fn: Any) -> Any:
+    """Run ``fn`` under torch.profiler and print its 15 costliest CUDA kernels
+    and CPU ops (where a durable turn's time goes: which attention kernel the
+    suffix prefill over kept KV runs, what Concordia's commits cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = fn()
+    print(f"profile of {label}:", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
+    return out
+
+
+def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
+                  profile_turn: int | None = None) -> dict[str, Any]:
     from concordia_agents import Runtime
     from integrations.transformers import ConversationCall, ResidentConversations, conversation_generate
 
@@ -102,7 +117,11 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int) -
                     torch.cuda.synchronize()
                     row.update(plain_ttft_s=first.at - t, plain_total_s=time.perf_counter() - t)
 
-                if turn % 2:
+                if turn + 1 == profile_turn:  # diagnosis only: this turn's times include the profiler
+                    out = _profiled(f"durable turn {turn + 1}", durable)
+                    _profiled(f"plain turn {turn + 1}", plain)
+                    row["profiled"] = True
+                elif turn % 2:
                     plain()
                     out = durable()
                 else:
@@ -275,6 +294,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="6 turns, resume at 8k only, 2 repeats")
     p.add_argument("--only", choices=["turns", "resume"])
+    p.add_argument("--profile-turn", type=int, help="profile this turn (1-based) of both variants; its times are "
+                                                    "marked and not comparable")
     args = p.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
@@ -289,7 +310,8 @@ def main() -> None:
     with written("conversation_gpu" + ("-quick" if args.quick else ""), result):
         if args.only != "resume":
             try:
-                result["turns"] = turns_section(model, turns, args.user_tokens, args.reply_tokens)
+                result["turns"] = turns_section(model, turns, args.user_tokens, args.reply_tokens,
+                                                 args.profile_turn)
             except Exception:  # noqa: BLE001 - record and go on
                 result["turns"] = {"error": traceback.format_exc()[-3000:]}
         if args.only != "turns":
