@@ -128,3 +128,43 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
     out = model.generate(ids, past_key_values=cache, **args)
     assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.beam_indices, ref.beam_indices)
     assert cache.storage.data_ptr() == ptr
+
+
+def test_successive_static_calls_reuse_one_emptied_cache(tmp_path):
+    """A model's static durable calls of one geometry reuse one cache (the same storage address: compiled
+    decode replays its CUDA graphs instead of recording new ones), emptied between calls, so each call's
+    tokens and KV equal a fresh cache's; a call that failed gives it back too; another geometry gets its own."""
+    from concordia_agents import Runtime
+    from integrations.transformers import durable_generate
+
+    model = build("llama")
+    ids, mask = prompt(2, True)
+    want = _plain_static("llama", 2, 12, do_sample=False)
+    seen = []
+
+    def call(sid: str, rt: Runtime, **kw: Any) -> Any:
+        out = durable_generate(model, ids, sid, runtime=rt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               cache_implementation="static", return_dict_in_generate=True, **kw)
+        seen.append(out["cache" if "cache" in out else "past_key_values"])
+        return out
+
+    class Boom(Exception):
+        pass
+
+    def boom(event: Any) -> None:
+        if event.phase == "token_committed" and event.n_generated >= 4:
+            raise Boom
+
+    with Runtime.open(home=tmp_path) as rt:
+        first = call("a", rt)
+        kv_first = seen[0].storage.clone()
+        second = call("b", rt)
+        assert torch.equal(first.sequences, want) and torch.equal(second.sequences, want)
+        assert seen[1] is seen[0] and torch.equal(seen[1].storage, kv_first)
+        with pytest.raises(Boom):
+            call("c", rt, on_event=boom)
+        third = call("d", rt)
+        assert torch.equal(third.sequences, want) and seen[-1] is seen[0]
+        other = durable_generate(model, ids[:1], "e", runtime=rt, attention_mask=mask[:1], max_new_tokens=12,
+                                 do_sample=False, cache_implementation="static", return_dict_in_generate=True)
+        assert (other["cache" if "cache" in other else "past_key_values"]).storage.shape[1] == 1
