@@ -46,7 +46,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, build
+from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, FirstToken, build
 from bench.common import versions, written
 
 
@@ -251,19 +251,6 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             "runs": {"resume_s": resumed, "reprefill_s": reprefill},
             "first_forward_tokens": first_forward,
             "warm_up_s": {"resume (compiles this cache length)": warm_resume, "reprefill": warm_prefill}}
-
-
-class FirstToken(StoppingCriteria):
-    """Records when generate has its first new token (stream synchronized)."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-        if self.at is None:
-            torch.cuda.current_stream().synchronize()
-            self.at = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def main() -> None:

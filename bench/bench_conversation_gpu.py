@@ -41,23 +41,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, build
+from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, FirstToken, build
 from bench.common import versions, written
 
 _OPTIONS = {**RT_OPTIONS, "ring_bytes": 3 << 30}
-
-
-class FirstToken(StoppingCriteria):
-    """Records when generate has its first new token (stream synchronized)."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-        if self.at is None:
-            torch.cuda.current_stream().synchronize()
-            self.at = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _message(turn: int, n: int) -> torch.Tensor:
@@ -193,29 +180,27 @@ class _Parts:
     def __enter__(self) -> _Parts:
         (_, open_), (_, register), (_, restore_into) = zip(self._targets, self._saved, strict=True)
         parts = self
-
-        def session(rt: Any, *a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return open_(rt, *a, **kw)
-            finally:
-                parts.open_s += time.perf_counter() - t
-
-        def reg(s: Any, *a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return register(s, *a, **kw)
-            finally:
-                parts.register_s += time.perf_counter() - t
-
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
+        def timed(fn: Any, field: str, *, synced: bool = False) -> Any:
+            """``fn`` adding its seconds to ``parts.<field>`` (device synchronized around it if ``synced``)."""
+            def wrapper(obj: Any, *a: Any, **kw: Any) -> Any:
+                if synced:
+                    sync()
+                t = time.perf_counter()
+                try:
+                    return fn(obj, *a, **kw)
+                finally:
+                    if synced:
+                        sync()
+                    setattr(parts, field, getattr(parts, field) + time.perf_counter() - t)
+            return wrapper
+
+        session, reg, timed_restore = (timed(open_, "open_s"), timed(register, "register_s"),
+                                       timed(restore_into, "restore_s", synced=True))
+
         def restore(s: Any, region: Any) -> None:
-            sync()
-            t = time.perf_counter()
-            restore_into(s, region)
-            sync()
-            parts.restore_s += time.perf_counter() - t
+            timed_restore(s, region)
             parts.restore_bytes += sum(loc.header.length for loc in s._index.records.get(region.spec.region_id, []))
 
         for (cls, name), fn in zip(self._targets, (session, reg, restore), strict=True):

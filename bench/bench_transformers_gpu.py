@@ -92,6 +92,19 @@ def build(shape: str):  # type: ignore[no-untyped-def]
     return model.eval()
 
 
+class FirstToken(StoppingCriteria):
+    """Records when generate has its first new token (stream synchronized)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        if self.at is None:
+            torch.cuda.current_stream().synchronize()
+            self.at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class Steps(StoppingCriteria):
     """A stopping criterion that only records when it is called."""
 

@@ -272,7 +272,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
     if implementation not in (None, "dynamic", "static"):
         raise ConcordiaError(f"durable_generate: expected cache_implementation None, 'dynamic' or 'static', found "
                              f"{implementation!r}")
-    cache_class = DurableStaticCache if implementation == "static" else DurableCache
+    static = implementation == "static"
     own_runtime = runtime is None
     rt = runtime or Runtime.open()
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -299,7 +299,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                     f"session {session_id!r} was recorded with a different {', '.join(diff)}; expected the same "
                     "model, prompt and generation arguments to resume it (or use a new session ID)")
         cache: DurableCache | DurableStaticCache
-        if cache_class is DurableStaticCache:  # the previous call's, if free: its CUDA graphs replay
+        if static:  # the previous call's, if free: its CUDA graphs replay
             cache = reused = DurableStaticCache.for_model_reused(model, batch_size=batch, max_cache_len=max_len)
         else:
             cache = DurableCache.for_model(model, batch_size=batch, max_cache_len=max_len)

@@ -95,10 +95,11 @@ def restore_rng(rng: torch.Tensor | None, cuda_rng: torch.Tensor | None, device:
     if rng is not None:
         torch.set_rng_state(rng.cpu())
     if cuda_rng is not None:
-        where = (meta or {}).get("cuda_rng")  # absent: a log of token-boundary commits only (the state as copied)
+        meta = meta or {}
+        where = meta.get("cuda_rng")  # absent: a log of token-boundary commits only (the state as copied)
         by = 0
         if where:
-            n = int(meta["n_tokens"])  # type: ignore[index]
+            n = int(meta["n_tokens"])
             if n < int(where["at"]):
                 raise ValueError(f"CUDA generator state: expected the region's position {where['at']} at or before "
                                  f"the resumed length {n}")
