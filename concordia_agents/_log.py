@@ -64,6 +64,7 @@ from ._segments import (
     list_segments,
     new_header,
 )
+from ._warm_rings import WarmRings
 from .config import RuntimeConfig
 from .errors import CorruptLogError, LogFullError, OwnershipError, StorageError
 
@@ -137,6 +138,7 @@ class SessionLog:
         #: sealed segment name -> (epoch, log offset past it) of the newest COMMIT up to its end (``_roll``)
         self.sealed_commits: dict[str, tuple[int, int]] = {}
         self.ring_created = False  #: this open made the ring file (cancel removes it)
+        self.warm: WarmRings | None = None  #: where the ring is kept when the log ends (set by ``open``)
         self.kick: Any = None  #: set by the flusher: wakes it
         #: durability level: "local" leaves fsync to the kernel (the ring survives the process), else per config
         self.level = "disk"
@@ -150,7 +152,8 @@ class SessionLog:
     @classmethod
     def open(cls, *, session_id: str, tag: int, token: int, directory: Path, config: RuntimeConfig,
              catalog: Catalog, allow_rollback: bool = False, created: bool = False,
-             fetch: Callable[[str, Path], int] | None = None) -> tuple[SessionLog, LogIndex]:
+             fetch: Callable[[str, Path], int] | None = None,
+             warm: WarmRings | None = None) -> tuple[SessionLog, LogIndex]:
         """See the module docstring (step 1). ``created``: the catalog row was
         made by this open, so nothing on disk can belong to this session yet;
         files found under its name (a deleted session's, left behind) are moved
@@ -158,7 +161,9 @@ class SessionLog:
         remote; ``fetch(session_id, directory)`` first downloads the remote
         objects a restore needs that this host lacks (all of them on a host that
         never had the session), and the open goes on as if they had been
-        written here."""
+        written here. ``warm``: the runtime's kept rings (``_warm_rings``): the
+        ring is taken from there if this process kept it, and kept there again
+        when the log ends."""
         log = get_logger(session=session_id, token=token)
         info = catalog.get(session_id)
         rpath = ring_path(config, tag)
@@ -171,11 +176,14 @@ class SessionLog:
             if fetched:
                 log.info("log fetched from the remote", bytes=fetched)
         write_session_marker(directory, session_id, catalog.catalog_id, info.created_at)
-        ring: LogRing | None = None
         skipped_ring = 0
-        if rpath.exists():
+        # A ring this process kept mapped after the session's last end (_warm_rings), else the file's.
+        ring: LogRing | None = warm.take(rpath) if warm is not None else None
+        if ring is None and rpath.exists():
             ring = LogRing.open(rpath)
+        if ring is not None:
             try:
+                ring.check_counters()
                 if ring.session_tag != tag:
                     raise CorruptLogError(f"expected ring of session tag {tag:016x}, found {ring.session_tag:016x}",
                                           path=str(rpath), offset=24)
@@ -216,6 +224,7 @@ class SessionLog:
                    config=config, catalog=catalog, epoch=index.epoch)
         self.delta_bytes = index.delta_bytes
         self.ring_created = ring_created
+        self.warm = warm
         if rollback is not None:
             self.rollback = rollback
             log.warning("session resumed with a rollback", detail=str(rollback))
@@ -458,7 +467,9 @@ class SessionLog:
             finally:
                 self.closed = True
                 self.segment.close()
-                if unlink:
+                if self.warm is not None:
+                    self.warm.keep(self.ring, token=self.token, clean=unlink)
+                elif unlink:
                     self.ring.unlink()
                 else:
                     self.ring.close()
@@ -481,7 +492,9 @@ class SessionLog:
                     fsync_dir(self.dir)
             except FileNotFoundError:
                 pass
-            if self.ring_created and empty:
+            if self.warm is not None:
+                self.warm.keep(self.ring, token=self.token, clean=self.ring_created and empty)
+            elif self.ring_created and empty:
                 self.ring.unlink()
             else:
                 self.ring.close()

@@ -71,6 +71,7 @@ from ._session import Session
 from ._store import open_store
 from ._upload_worker import UploadWorker
 from ._uploader import Uploader
+from ._warm_rings import WarmRings
 from .config import RuntimeConfig
 from .errors import (
     CatalogMismatchError,
@@ -133,6 +134,8 @@ class Runtime:
         self.owner = new_owner_id()
         self._sessions: dict[str, _Open] = {}
         self._leases: dict[str, Lease] = {}
+        #: rings of sessions ended in this process, kept mapped (and registered) for their next open
+        self._warm = WarmRings(config.warm_ring_bytes)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -208,7 +211,8 @@ class Runtime:
             slog, index = SessionLog.open(session_id=session_id, tag=tag, token=token,
                                           directory=self.session_dir(session_id), config=self.config,
                                           catalog=self.catalog, allow_rollback=allow_rollback, created=created,
-                                          fetch=self._uploader.fetch if self._uploader else None)
+                                          fetch=self._uploader.fetch if self._uploader else None,
+                                          warm=self._warm)
             slog.level = level
             remote_epoch, remote_offset = (recorded.remote_epoch, recorded.remote_offset) if recorded else (0, 0)
             if slog.rollback is not None:
@@ -343,7 +347,9 @@ class Runtime:
         if self._uploader is not None:
             delete_remote(self._uploader.store, session_id, remote, self.log)
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
-        ring_path(self.config, session_tag(session_id)).unlink(missing_ok=True)
+        rpath = ring_path(self.config, session_tag(session_id))
+        self._warm.forget(rpath)
+        rpath.unlink(missing_ok=True)
         self.log.info("session deleted", session=session_id)
 
     def gc(self, *, dry_run: bool = False, upload_age: float = 3600.0) -> GcReport:
@@ -352,6 +358,8 @@ class Runtime:
         protocol are ``_gc.collect``'s, and for the object store (with a
         remote) ``_gc_remote.collect_remote``'s: ``upload_age`` is the age in
         seconds past which an unfinished multipart upload is aborted."""
+        if not dry_run:
+            self._warm.close()  # no kept mapping holds on to a ring file gc removes (a dry run lists them)
         report = collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
                                    session_dir=self.session_dir, give_back=self._give_back, log=self.log),
                          dry_run=dry_run)
@@ -469,6 +477,7 @@ class Runtime:
         self._wake.set()
         self._flusher.join(timeout=10)
         self._heartbeat.join(timeout=10)
+        self._warm.close()  # before the backend: closing a ring unregisters it there
         self.backend.close()
         self.catalog.dispose()
 

@@ -69,6 +69,9 @@ class RuntimeConfig:
     fsync_interval: float = 0.05
     ring_dir: Path | None = None
     ring_bytes: int = 64 << 20
+    #: ring capacity this process keeps mapped (and registered with the GPU) after its sessions end, for their
+    #: next open (``_warm_rings``: a conversation reopens its session every call); 0 keeps none
+    warm_ring_bytes: int = 1 << 30
     segment_bytes: int = 64 << 20
     max_record_bytes: int = 1 << 20
     compact_bytes: int = 256 << 20
@@ -99,6 +102,8 @@ class RuntimeConfig:
         if self.ring_bytes < 1 << 20 or self.ring_bytes % 4096:
             raise ConfigurationError(
                 f"ring_bytes: expected a multiple of 4096 of at least 1 MiB, found {self.ring_bytes}")
+        if self.warm_ring_bytes < 0:
+            raise ConfigurationError(f"warm_ring_bytes: expected >= 0 (0 keeps no ring), found {self.warm_ring_bytes}")
         if not 4096 <= self.max_record_bytes <= self.ring_bytes // 4:
             raise ConfigurationError(
                 f"max_record_bytes: expected 4096 .. ring_bytes/4 ({self.ring_bytes // 4}), "
@@ -145,6 +150,7 @@ class RuntimeConfig:
             "fsync_interval": _env_float("CONCORDIA_FSYNC_INTERVAL_MS", 50.0) / 1000.0,
             "ring_dir": Path(ring_dir) if ring_dir else None,
             "ring_bytes": _env_int("CONCORDIA_RING_BYTES", 64 << 20),
+            "warm_ring_bytes": _env_int("CONCORDIA_WARM_RING_BYTES", 1 << 30),
             "segment_bytes": _env_int("CONCORDIA_SEGMENT_BYTES", 64 << 20),
             "max_record_bytes": _env_int("CONCORDIA_MAX_RECORD_BYTES", 1 << 20),
             "compact_bytes": _env_int("CONCORDIA_COMPACT_BYTES", 256 << 20),

@@ -145,7 +145,7 @@ class LogRing:
             os.close(fd)
             raise
         ring = cls._map(path, fd, capacity, tag)
-        ring._check_counters()
+        ring.check_counters()
         return ring
 
     @classmethod
@@ -153,7 +153,8 @@ class LogRing:
         mm = mmap.mmap(fd, DATA_START + capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         return cls(path=path, fd=fd, mm=mm, capacity=capacity, session_tag=tag)
 
-    def _check_counters(self) -> None:
+    def check_counters(self) -> None:
+        """Raise CorruptLogError unless the counters are consistent (another process may have written them)."""
         b, c, w, k = self.base, self.consumed, self.written, self.committed
         if not (b <= c <= w and b <= k <= w and w - c <= self.capacity):
             raise CorruptLogError(
@@ -273,6 +274,14 @@ class LogRing:
     def address(self) -> int:
         """Host address of the mapping (header first, data at ``DATA_START``)."""
         return int(self._data.ctypes.data) - DATA_START
+
+    def fileno(self) -> int:
+        """The ring file's descriptor (open while the ring is)."""
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
 
     def close(self) -> None:
         if self._mm is None:
