@@ -10,6 +10,10 @@ re-prefill every turn), alternating which runs first: time to first token
 (a stopping criterion's first call, after the stream is synchronized) and the
 call's total time.
 
+Ring registration: what page-locking a session's host ring for the device
+costs by ring size (a fixed cost of the first commit of a session this process
+has not kept the ring of; ``warm_ring_bytes``).
+
 Resume: a child process builds a conversation of ``N`` tokens (8k, 32k),
 starts the next call and SIGKILLs itself after that call's first token is
 durable; here, the time from the retried call to its first new token (the KV
@@ -165,6 +169,38 @@ def h2d_bandwidth() -> float:
     return (1 << 30) / statistics.median(times[1:])
 
 
+def ring_registration(sizes: tuple[int, ...] = (64 << 20, 512 << 20, 3 << 30)) -> list[dict[str, float]]:
+    """What page-locking a host ring for the device costs (the CuPy backend's
+    first commit of a session whose ring this process has not kept): per ring
+    size, ``cudaHostRegister`` of a new ``/dev/shm`` ring file (its pages not
+    yet faulted in), of the same file again (pages present: a crashed owner's
+    ring), and ``cudaHostUnregister``."""
+    import cupy
+
+    from gpu_runtime.cuda.memory import register_host_memory
+    from gpu_runtime.logring import LogRing
+
+    rows = []
+    for size in sizes:
+        path = Path(tempfile.mkdtemp(dir="/dev/shm")) / "ring"
+        ring = LogRing.create(path, capacity=size, session_tag=1, owner_token=1, base=0)
+        try:
+            row: dict[str, float] = {"ring_bytes": size}
+            for label in ("fresh", "present"):
+                t = time.perf_counter()
+                register_host_memory(ring.address, ring.capacity)
+                row[f"register_{label}_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                cupy.cuda.runtime.hostUnregister(ring.address)
+                row[f"unregister_{label}_s"] = time.perf_counter() - t
+            rows.append(row)
+            print("ring registration", json.dumps(row), flush=True)
+        finally:
+            ring.unlink()
+            shutil.rmtree(path.parent, ignore_errors=True)
+    return rows
+
+
 class _Parts:
     """Times the parts of a resume inside ``conversation_generate`` (bench only:
     wraps the runtime's session open, the session's region registration and
@@ -299,6 +335,7 @@ def main() -> None:
                               "versions": versions("transformers", "cupy-cuda13x"), "shape": args.shape,
                               "runtime_options": _OPTIONS, "quick": args.quick}
     result["pinned_h2d_GBps"] = h2d_bandwidth() / 1e9
+    result["ring_registration"] = ring_registration()
     model = build(args.shape)
     turns = 6 if args.quick else args.turns
     with written("conversation_gpu" + ("-quick" if args.quick else ""), result):

@@ -78,7 +78,7 @@ PY
 
 if [ -n "$TESTS" ]; then
   # shellcheck disable=SC2086  # TESTS is a list of paths
-  step "tests" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu -rs --timeout "$TEST_TIMEOUT" $TESTS
+  step "tests" gpu_tests.log python3 -m pytest -v --durations=0 -p no:cacheprovider -m gpu -rs --timeout "$TEST_TIMEOUT" $TESTS
 fi
 
 MARK=$(mktemp)

@@ -15,6 +15,7 @@ that kills it there."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -106,6 +107,9 @@ def kill_switch(*, after_tokens: int = 0, before_first_epoch: bool = False, afte
 
 
 def main() -> None:
+    # A child that hangs (a device wait that never ends) prints every thread's stack and exits before
+    # run_child's 300 s timeout, so the test's failure shows where it stopped.
+    faulthandler.dump_traceback_later(float(os.environ.get("CONCORDIA_TEST_CHILD_STACKS_S", "240")), exit=True)
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--home", required=True)
