@@ -58,6 +58,10 @@ class GcContext:
     session_dir: Callable[[str], Path]
     give_back: Callable[[str, int, Any], None]  #: hand a lease taken with ``catalog.take`` back
     log: Any
+    #: rings this process keeps mapped for their sessions' next open (``_warm_rings``): left to it while
+    #: the catalog lists their session; ``forget_ring`` drops one whose session it does not
+    kept_rings: frozenset[Path] = frozenset()
+    forget_ring: Callable[[Path], None] = lambda path: None
 
 
 def collect(ctx: GcContext, *, dry_run: bool = False) -> GcReport:
@@ -123,6 +127,13 @@ def collect(ctx: GcContext, *, dry_run: bool = False) -> GcReport:
     deleted_tags = {session_tag(sid) for sid in ctx.catalog.tombstoned_ids()}
     for tag, rp in rings:
         info = tags.get(tag)
+        if rp in ctx.kept_rings:
+            if info is not None:
+                report.kept.append(GcItem(rp, "kept mapped by this process for its session's next open; removed "
+                                              "when the process lets it go, as the session's close would have"))
+                continue
+            if not dry_run:
+                ctx.forget_ring(rp)  # its session is gone: judged below like any ring
         if info is None:
             unflushed = ring_holds_unflushed(rp)
             if not unflushed:

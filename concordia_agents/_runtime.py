@@ -358,10 +358,9 @@ class Runtime:
         protocol are ``_gc.collect``'s, and for the object store (with a
         remote) ``_gc_remote.collect_remote``'s: ``upload_age`` is the age in
         seconds past which an unfinished multipart upload is aborted."""
-        if not dry_run:
-            self._warm.close()  # no kept mapping holds on to a ring file gc removes (a dry run lists them)
         report = collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
-                                   session_dir=self.session_dir, give_back=self._give_back, log=self.log),
+                                   session_dir=self.session_dir, give_back=self._give_back, log=self.log,
+                                   kept_rings=self._warm.paths(), forget_ring=self._warm.forget),
                          dry_run=dry_run)
         if self._uploader is not None:
             collect_remote(self._uploader.store, self.catalog, lambda sid: self.session_dir(sid).name, report,

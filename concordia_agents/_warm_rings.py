@@ -31,7 +31,9 @@ in this process writes to it until ``take`` hands it out. Kept rings hold
 flushed data only or what a released session left (as any ring file would):
 a crash while they are kept leaves their files in ``/dev/shm``, and the next
 open of their session reuses them, or ``concordia gc`` removes those of closed
-sessions whose bytes are all in segments. ``budget_bytes=0`` keeps nothing
+sessions whose bytes are all in segments (gc in the keeping process leaves
+kept rings alone; removed by another process, a kept ring is detected at
+``take`` by its inode). ``budget_bytes=0`` keeps nothing
 (the behaviour before this module).
 """
 
@@ -74,6 +76,11 @@ class WarmRings:
     def nbytes(self) -> int:
         with self._lock:
             return sum(k.ring.capacity for k in self._kept.values())
+
+    def paths(self) -> frozenset[Path]:
+        """The ring files kept now."""
+        with self._lock:
+            return frozenset(self._kept)
 
     def keep(self, ring: LogRing, *, token: int, clean: bool) -> None:
         try:

@@ -96,15 +96,17 @@ def test_retiring_never_removes_a_ring_another_owner_holds(home: Path, catalog_u
         assert _read(rt, "w") == (6, 6)
 
 
-def test_gc_dry_run_keeps_kept_rings_and_gc_removes_them(home: Path, catalog_url: str):
+def test_gc_leaves_kept_rings_to_the_process_and_another_process_gc_is_detected(home: Path, catalog_url: str):
     with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as rt:
         rfile = ring_path(rt.config, session_tag("w"))
         _commit(rt, "w", 4)
-        report = rt.gc(dry_run=True)
-        assert rfile in [i.path for i in report.removed] and rfile.exists() and rt._warm.nbytes
-        rt.gc()
-        assert not rfile.exists() and rt._warm.nbytes == 0
-        assert _read(rt, "w") == (4, 4)
+        for dry_run in (True, False):
+            report = rt.gc(dry_run=dry_run)
+            assert rfile not in [i.path for i in report.removed] and rfile in [i.path for i in report.kept]
+            assert rfile.exists()
+        with Runtime.open(home=home, catalog_url=catalog_url, backend="host") as other:  # another process's gc
+            assert rfile in [i.path for i in other.gc().removed] and not rfile.exists()
+        assert _read(rt, "w") == (4, 4) and rt._warm.hits == 0  # the stale mapping was not reused
 
 
 def test_delete_drops_the_kept_ring(home: Path, catalog_url: str):

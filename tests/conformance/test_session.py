@@ -18,7 +18,9 @@ from concordia_agents import (
     SessionClosedError,
     SessionNotFound,
 )
+from concordia_agents._log import ring_path
 from concordia_agents._segments import list_segments
+from gpu_runtime.records import session_tag
 
 from ..conftest import expire_lease
 
@@ -259,11 +261,14 @@ def test_gc_removes_only_provably_orphaned_directories(make_runtime, substrate):
     foreign = rt.config.home / "sessions" / "other-0000000000000001"
     foreign.mkdir()
     (foreign / "session.json").write_text(json.dumps({"format": 1, "session_id": "other", "catalog_id": "f00"}))
+    # The session's ring, kept mapped by this runtime after the close (warm_ring_bytes), is orphaned with it.
+    ring = ring_path(rt.config, session_tag("gone"))
+    expected = [orphan, ring] if ring.exists() else [orphan]
     dry = rt.gc(dry_run=True)
-    assert [i.path for i in dry.removed] == [orphan] and orphan.exists()
+    assert [i.path for i in dry.removed] == expected and orphan.exists()
     assert {i.path for i in dry.kept} == {stranger, foreign}
     report = rt.gc()
-    assert report.paths == [orphan] and not orphan.exists()
+    assert report.paths == expected and not orphan.exists() and not ring.exists()
     assert stranger.exists() and foreign.exists()
 
 
