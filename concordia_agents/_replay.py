@@ -30,7 +30,8 @@ previous one, and everything the older chains hold past that point is no
 longer history.
 
 What is verified when: the scan checks every header (its own checksum, the
-framing) and the payload checksums of the records it parses (REGION, COMMIT);
+framing) and the payload checksums of the records it parses (REGION, COMMIT;
+of the COMMIT bodies only the newest is decoded, in a salvage scan every one);
 it does not read data payloads (PAGES, ROWS), which can be gigabytes of KV
 cache. Those are verified when they are read to be applied
 (``PayloadReader``), before a byte of them reaches a region: a damaged data
@@ -41,6 +42,7 @@ open, and one of an epoch that never committed is never read at all.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from collections.abc import Collection, Iterator
@@ -95,6 +97,9 @@ class LogIndex:
     base_epoch: int = 0
     delta_bytes: int = 0  #: bytes of delta records after the base (compaction trigger)
     damage: CorruptLogError | None = None  #: where a salvage scan stopped (None: it read everything)
+    #: the newest COMMIT's verified payload, its file and offset, until ``scan`` parses it into ``body``
+    #: (a log of per-token commits holds thousands of bodies, and only the newest is used)
+    _raw_body: tuple[bytes, Path, int] | None = None
 
     @property
     def meta(self) -> Any:
@@ -199,10 +204,21 @@ _PARSED = frozenset({RecordType.REGION, RecordType.COMMIT})
 
 
 class _Reader:
-    """Sequential record reader over one file, verifying every checksum."""
+    """Sequential record reader over one file, verifying every checksum. Reads
+    through a read-only mapping of the file's first ``size`` bytes: a scan
+    walks thousands of small records (a COMMIT per decoded token), and a
+    ``seek`` and ``read`` each cost more than decoding the header."""
 
     def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
-        self.path, self.f, self.size = path, f, size
+        self.path, self.size = path, size
+        self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mm is not None:
+            self._mm.close()
 
     def next(self, pos: int, *, verify_past: int | None = None) -> tuple[RecordHeader, bytes] | None:
         """The record at ``pos``, None at the clean end of the file. Its payload is
@@ -211,14 +227,14 @@ class _Reader:
         FramingError (torn or not) on damage."""
         if pos == self.size:
             return None
-        self.f.seek(pos)
-        raw = self.f.read(HEADER_SIZE)
-        header = decode_header(raw)
+        assert self._mm is not None
+        header = decode_header(self._mm[pos:pos + HEADER_SIZE])
         if pos + header.size > self.size:
             raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
         if header.type not in _PARSED and (verify_past is None or pos + header.size <= verify_past):
             return header, b""
-        payload = self.f.read(header.length)
+        start = pos + HEADER_SIZE
+        payload = self._mm[start:start + header.length]
         if payload_sum(payload) != header.payload_sum:
             raise FramingError("payload checksum mismatch", torn=False)
         return header, payload
@@ -232,8 +248,7 @@ def valid_size(path: Path, *, session_tag: int, verify_from: int = 0) -> int:
     read_segment_header(path, session_tag=session_tag)
     size = path.stat().st_size
     pos = SEGMENT_HEADER_SIZE
-    with open(path, "rb") as fh:
-        reader = _Reader(path, fh, size)
+    with open(path, "rb") as fh, _Reader(path, fh, size) as reader:
         while True:
             try:
                 rec = reader.next(pos, verify_past=verify_from)
@@ -253,8 +268,7 @@ def last_commit(path: Path, *, session_tag: int) -> tuple[int, int] | None:
     size = path.stat().st_size
     found = None
     pos = SEGMENT_HEADER_SIZE
-    with open(path, "rb") as fh:
-        reader = _Reader(path, fh, size)
+    with open(path, "rb") as fh, _Reader(path, fh, size) as reader:
         while True:
             try:
                 rec = reader.next(pos)
@@ -291,8 +305,7 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | Non
     size = f.size
     pending: list[RecordLoc] = []
     specs: dict[int, RegionSpec] = {}
-    with open(f.path, "rb") as fh:
-        reader = _Reader(f.path, fh, size)
+    with open(f.path, "rb") as fh, _Reader(f.path, fh, size) as reader:
         pos = SEGMENT_HEADER_SIZE
         while True:
             try:
@@ -337,6 +350,8 @@ def scan(directory: Path, *, session_tag: int, salvage: bool = False, only: Coll
         if not salvage:
             raise
         index.damage = e  # a damaged base image leaves epoch 0: compaction deleted what it covered
+    if index._raw_body is not None:  # the newest body (a salvage scan parsed every one as it went)
+        index.body, index._raw_body = _body(*index._raw_body), None
     return index
 
 
@@ -382,8 +397,7 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
                 expected = seg_end
                 continue
             pos = SEGMENT_HEADER_SIZE
-            with open(seg.path, "rb") as fh:
-                reader = _Reader(seg.path, fh, size)
+            with open(seg.path, "rb") as fh, _Reader(seg.path, fh, size) as reader:
                 while True:
                     logical = seg.base + pos - SEGMENT_HEADER_SIZE
                     if limit is not None and logical >= limit:
@@ -404,7 +418,7 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
                     if logical >= start:
                         loc = RecordLoc(seg.path, pos, logical, header)
                         if header.type is RecordType.COMMIT:
-                            _commit(index, pending, loc, payload)
+                            _commit(index, pending, loc, payload, parse=salvage)
                             pending = []
                         else:
                             if header.type is RecordType.REGION:
@@ -416,7 +430,10 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
             expected = seg.base + pos - SEGMENT_HEADER_SIZE
 
 
-def _commit(index: LogIndex, pending: list[RecordLoc], loc: RecordLoc, payload: bytes) -> None:
+def _commit(index: LogIndex, pending: list[RecordLoc], loc: RecordLoc, payload: bytes, *, parse: bool) -> None:
+    """Take epoch ``loc.header.epoch`` into ``index``. Its body (checksummed by
+    the reader) is parsed now if ``parse``, else kept raw for ``scan`` to parse
+    if it is the newest."""
     h = loc.header
     recs = [r for r in pending if r.logical >= h.offset]
     first = recs[0].logical if recs else loc.logical
@@ -427,7 +444,7 @@ def _commit(index: LogIndex, pending: list[RecordLoc], loc: RecordLoc, payload: 
     if h.epoch != index.epoch + 1:
         raise CorruptLogError(f"expected the commit of epoch {index.epoch + 1}, found epoch {h.epoch}",
                               path=str(loc.path), offset=loc.file_offset)
-    body = _body(payload, loc.path, loc.file_offset)
+    body = _body(payload, loc.path, loc.file_offset) if parse else None
     for r in recs:
         if r.header.type is RecordType.REGION:
             assert r.spec is not None
@@ -435,5 +452,8 @@ def _commit(index: LogIndex, pending: list[RecordLoc], loc: RecordLoc, payload: 
         else:
             index.records.setdefault(r.header.region, []).append(r)
     index.epoch = h.epoch
-    index.body = body
+    if body is None:
+        index._raw_body = (payload, loc.path, loc.file_offset)
+    else:
+        index.body, index._raw_body = body, None
     index.end = loc.logical + h.size

@@ -684,3 +684,62 @@ def test_a_cancelled_open_does_not_compact(home: Path):
         time.sleep(0.1)  # many flusher passes
         s.cancel()
         assert _tree(rt.session_dir("c")) == files
+
+
+# -- commit bodies decoded at open -----------------------------------------------------------------------------
+
+
+def _rewrite_commit_body(seg: Path, which: int, body: bytes) -> None:
+    """Replace the payload of the ``which``-th COMMIT record of ``seg`` (same length) by ``body``,
+    with valid checksums: damage no checksum can see, as a writer bug would make."""
+    from concordia_agents._segments import SEGMENT_HEADER_SIZE
+    from gpu_runtime.checksum import payload_sum
+    from gpu_runtime.records import encode_header
+
+    raw = bytearray(seg.read_bytes())
+    pos, commits = SEGMENT_HEADER_SIZE, []
+    while pos < len(raw):
+        h = decode_header(raw[pos:pos + HEADER_SIZE])
+        if h.type is RecordType.COMMIT:
+            commits.append((pos, h))
+        pos += h.size
+    pos, h = commits[which]
+    body = body.ljust(h.length)[:h.length]
+    raw[pos:pos + HEADER_SIZE] = encode_header(RecordType.COMMIT, session_tag=h.session_tag, epoch=h.epoch,
+                                               region=h.region, flags=h.flags, offset=h.offset, length=h.length,
+                                               aux=h.aux, payload_sum=payload_sum(body))
+    raw[pos + HEADER_SIZE:pos + HEADER_SIZE + h.length] = body
+    seg.write_bytes(bytes(raw))
+
+
+def _three_epochs(home: Path) -> Path:
+    with Runtime.open(home=home, backend="host", warm_ring_bytes=0) as rt:
+        s = rt.session("b")
+        a = np.zeros(4096, np.uint8)
+        s.register("a", a)
+        for v in (1, 2, 3):
+            a[:] = v
+            s.commit({"v": v})
+        s.close()
+        (seg,) = [f.path for f in list_segments(rt.session_dir("b"))[1]]
+    return seg
+
+
+def test_an_undecodable_newest_commit_body_is_refused(home: Path):
+    """The scan decodes only the newest COMMIT body (a log of per-token commits holds thousands): one
+    that is not JSON, its checksums valid, raises CorruptLogError naming the file and offset."""
+    seg = _three_epochs(home)
+    _rewrite_commit_body(seg, -1, b"\xff not json")
+    with Runtime.open(home=home, backend="host") as rt, pytest.raises(CorruptLogError, match="no valid body"):
+        rt.resume("b")
+
+
+def test_older_commit_bodies_are_not_decoded(home: Path):
+    """An older COMMIT body is never used (the newest epoch's meta and lengths are): its checksum is still
+    verified, but it is not decoded, so the session opens at its newest epoch."""
+    seg = _three_epochs(home)
+    _rewrite_commit_body(seg, 1, b"\xff not json")
+    with Runtime.open(home=home, backend="host") as rt:
+        s = rt.resume("b")
+        assert s.epoch == 3 and s.meta == {"v": 3} and int(s.regions["a"].array[0]) == 3
+        s.close()
