@@ -113,22 +113,28 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         whole["plain"].append(time.perf_counter() - t)
         return clock.ms_per_step()
 
+    # One runtime (one home: its kernel cache compiles the executor's handlers once) for the section; each
+    # call is a new session, deleted after it. A call's whole time includes creating and page-locking its
+    # session's 3 GiB ring (a new session's ring; the batch-8 8B prompt epoch fits it).
+    home = Path(tempfile.mkdtemp())
+    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
+    made = [0]
+
     def durable() -> float:
-        home = Path(tempfile.mkdtemp())
-        rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
+        made[0] += 1
+        sid = f"bench-{made[0]}"
         events: list[Any] = []
         clock = StepClock(prompt_len, start, new_tokens)
         try:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            durable_generate(model, ids, "bench", runtime=rt, max_new_tokens=new_tokens, do_sample=False,
+            durable_generate(model, ids, sid, runtime=rt, max_new_tokens=new_tokens, do_sample=False,
                              cache_implementation="static", on_event=events.append,
                              stopping_criteria=StoppingCriteriaList([clock]))
             torch.cuda.synchronize()
             whole["durable"].append(time.perf_counter() - t)
         finally:
-            rt.close()
-            shutil.rmtree(home, ignore_errors=True)
+            rt.delete(sid)  # no disk writeback of this call carried into the next
         steps_seen.append(events[-1].in_step_epochs)
         return clock.ms_per_step()
 
@@ -145,6 +151,8 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
                 rounds[name].append(variants[name]())
     finally:
         step_commit.StepCommitter.launch = launch  # type: ignore[method-assign]
+        rt.close()
+        shutil.rmtree(home, ignore_errors=True)
     ratios = [d / p for d, p in zip(rounds["durable"], rounds["plain"], strict=True)]
     return {
         "ms_per_step": {k: statistics.median(v) for k, v in rounds.items()},
@@ -174,6 +182,7 @@ def resume_child(shape: str, n: int, home: str) -> None:
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
             if input_ids.shape[1] >= n + 8:
                 torch.cuda.synchronize()  # the steps' epochs are in the host ring
+                time.sleep(0.5)  # the flusher copies them into the segments (the parent copies the home only)
                 os.kill(os.getpid(), signal.SIGKILL)
             return torch.zeros(1, dtype=torch.bool, device=input_ids.device)
 
@@ -193,9 +202,15 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     from integrations.transformers import durable_generate
 
     src = Path(tempfile.mkdtemp())
-    r = subprocess.run([sys.executable, __file__, "--resume-child", shape, str(n), str(src)], check=False,
-                       capture_output=True, text=True, timeout=900)
+    # The child's ring in a directory of its own, removed after it (a SIGKILLed child leaves 3 GiB there).
+    env = dict(os.environ, CONCORDIA_RING_DIR=tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        r = subprocess.run([sys.executable, __file__, "--resume-child", shape, str(n), str(src)], check=False,
+                           capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        shutil.rmtree(env["CONCORDIA_RING_DIR"], ignore_errors=True)
     if r.returncode != -signal.SIGKILL:
+        shutil.rmtree(src, ignore_errors=True)
         raise RuntimeError(f"child ended with {r.returncode}: {r.stderr[-2000:]}")
     ids = _resume_ids(n)
     resumed: list[float] = []
@@ -206,8 +221,10 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
         home = Path(tempfile.mkdtemp())
         shutil.copytree(src, home, dirs_exist_ok=True)
         try:
-            time.sleep(0.6)  # the dead owner's lease (lease_ttl 0.5 s) has expired
-            with Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30, "lease_ttl": 0.5}) as rt:
+            # The child's lease is taken over at once: its owner's PID on this machine is dead (_owner.py).
+            # RT_OPTIONS' 256 MiB ring, not the child's 3 GiB: the copy has no ring, so the resume creates one and
+            # page-locks it (at the step producer's start) inside the timed call; a resumed step's epochs are a row.
+            with Runtime.open(home=home, **{**RT_OPTIONS, "lease_ttl": 0.5}) as rt:
                 first = FirstToken()
                 inputs: list[int] = []
                 hook = model.register_forward_pre_hook(
@@ -245,7 +262,8 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                 out.append(fn())
     finally:
         shutil.rmtree(src, ignore_errors=True)
-    return {"tokens": n, "resume_first_token_s": statistics.median(resumed),
+    return {"tokens": n, "resume_ring_bytes": RT_OPTIONS["ring_bytes"],
+            "resume_first_token_s": statistics.median(resumed),
             "reprefill_first_token_s": statistics.median(reprefill),
             "speedup": statistics.median(reprefill) / statistics.median(resumed),
             "runs": {"resume_s": resumed, "reprefill_s": reprefill},
@@ -266,6 +284,9 @@ def main() -> None:
     p.add_argument("--only", choices=["steps", "resume"])
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeats < 1 or not 0 < args.start < args.new_tokens:
+        p.error(f"expected --repeats >= 1 and 0 < --from < --new-tokens, found {args.repeats}, {args.start}, "
+                f"{args.new_tokens}")
     if args.resume_child:
         resume_child(args.resume_child[0], int(args.resume_child[1]), args.resume_child[2])
         return
