@@ -5,7 +5,6 @@ one (``DurableCache``, eager ``generate``) and a static one
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -217,10 +216,6 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
         self._v.copy_(self._v.index_select(0, idx))
 
 
-# model -> (geometry key, its last DurableStaticCache): for_model_reused
-_REUSED: weakref.WeakKeyDictionary[Any, tuple[Any, DurableStaticCache]] = weakref.WeakKeyDictionary()
-
-
 class DurableStaticCache(Cache):
     """The static (compileable) form of :class:`DurableCache`: the same storage
     layout ``[2 * layers, batch, kv_heads, max_len, head_dim]`` (so the same kv
@@ -235,38 +230,10 @@ class DurableStaticCache(Cache):
                                    dtype=dtype, device=device)
         self.durable_layers = [DurableStaticLayer(self.storage, i) for i in range(num_layers)]
         super().__init__(layers=list[Any](self.durable_layers))
-        self._in_use = False
 
     @classmethod
     def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableStaticCache:
         return cls(**_geometry(model), batch_size=batch_size, max_cache_len=max_cache_len)
-
-    @classmethod
-    def for_model_reused(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableStaticCache:
-        """The cache ``model``'s previous call of this geometry used, emptied
-        (zeros, length 0: the state of a new one), if no call holds it; else a
-        new one, kept for the next call. ``release()`` gives it back.
-
-        Why: compiled decode captures the cache's tensors by address; a new
-        cache every call makes torch record the step's CUDA graphs again (and
-        may recompile), which transformers avoids for its own static cache by
-        keeping ``model._cache`` between calls. As there, a cache returned in
-        a dict output is the one the model's next such call empties."""
-        key = (tuple(sorted((k, str(v)) for k, v in _geometry(model).items())), batch_size, max_cache_len)
-        kept = _REUSED.get(model)
-        if kept is not None and kept[0] == key and not kept[1]._in_use:
-            cache = kept[1]
-            cache.storage.zero_()
-            cache.set_length(0)
-        else:
-            cache = cls.for_model(model, batch_size=batch_size, max_cache_len=max_cache_len)
-            _REUSED[model] = (key, cache)
-        cache._in_use = True
-        return cache
-
-    def release(self) -> None:
-        """The call using this cache ended: the model's next call may reuse it."""
-        self._in_use = False
 
     @property
     def length(self) -> int:

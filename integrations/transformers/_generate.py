@@ -286,7 +286,6 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
     check_layout(rt, session_id, tp)
     session = rt.session(rank_session_id(session_id, tp) if tp is not None else session_id)
     steps: _StepOutputs | None = None
-    reused: DurableStaticCache | None = None
     try:
         meta = dict(session.meta or {})
         if on_event is not None:
@@ -298,11 +297,10 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                 raise ResumeMismatchError(
                     f"session {session_id!r} was recorded with a different {', '.join(diff)}; expected the same "
                     "model, prompt and generation arguments to resume it (or use a new session ID)")
-        cache: DurableCache | DurableStaticCache
-        if static:  # the previous call's, if free: its CUDA graphs replay
-            cache = reused = DurableStaticCache.for_model_reused(model, batch_size=batch, max_cache_len=max_len)
-        else:
-            cache = DurableCache.for_model(model, batch_size=batch, max_cache_len=max_len)
+        # A new cache per call, as transformers' own static path builds a new StaticCache per call
+        # (_prepare_static_cache): the compiled step's CUDA graphs are recorded again for its addresses.
+        cache_class = DurableStaticCache if static else DurableCache
+        cache = cache_class.for_model(model, batch_size=batch, max_cache_len=max_len)
         tokens = torch.zeros(batch, max_len, dtype=input_ids.dtype, device=input_ids.device)
         session.register("kv", cache.storage, kind="kv", seq_axis=3)
         session.register("tokens", tokens, kind="kv", seq_axis=1)
@@ -427,7 +425,5 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
         session.cancel()
         raise
     finally:
-        if reused is not None:
-            reused.release()
         if own_runtime:
             rt.close()
