@@ -78,9 +78,11 @@ class WarmRings:
             return sum(k.ring.capacity for k in self._kept.values())
 
     def paths(self) -> frozenset[Path]:
-        """The ring files kept now."""
+        """The ring files kept now: those whose file is still the kept mapping's
+        (one removed or replaced by another process is not)."""
         with self._lock:
-            return frozenset(self._kept)
+            kept = list(self._kept.items())
+        return frozenset(path for path, k in kept if _file_id(path) == k.inode)
 
     def keep(self, ring: LogRing, *, token: int, clean: bool) -> None:
         try:
