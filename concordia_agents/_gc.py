@@ -21,7 +21,8 @@ from gpu_runtime.records import session_tag
 
 from ._catalog import Catalog, SessionInfo
 from ._home import read_session_marker
-from ._log import ring_files, ring_holds_unflushed
+from ._log import kept_ring_files, ring_files, ring_holds_unflushed
+from ._owner import local_process_gone
 from .config import RuntimeConfig
 from .errors import OwnershipError, SessionKindError, SessionNotFound
 
@@ -58,10 +59,6 @@ class GcContext:
     session_dir: Callable[[str], Path]
     give_back: Callable[[str, int, Any], None]  #: hand a lease taken with ``catalog.take`` back
     log: Any
-    #: rings this process keeps mapped for their sessions' next open (``_warm_rings``): left to it while
-    #: the catalog lists their session; ``forget_ring`` drops one whose session it does not
-    kept_rings: frozenset[Path] = frozenset()
-    forget_ring: Callable[[Path], None] = lambda path: None
 
 
 def collect(ctx: GcContext, *, dry_run: bool = False) -> GcReport:
@@ -77,6 +74,8 @@ def collect(ctx: GcContext, *, dry_run: bool = False) -> GcReport:
       ring still holding unflushed bytes is kept: resume the session to
       flush them), and a ring of this home that no session has, if it holds
       nothing unflushed or its session was deleted;
+    * a ring kept under a private name (``_warm_rings``) by a process of this
+      machine that is gone (it was renamed only once flushed);
     * a compaction's temporary file in a session that no process owns.
 
     The home is bound to its catalog (``Runtime.open`` refuses another one),
@@ -125,15 +124,12 @@ def collect(ctx: GcContext, *, dry_run: bool = False) -> GcReport:
             _deleted_dir(ctx, sid, float(created_at), d, remove, report)
     tags = {session_tag(i): info for i, info in infos.items()}
     deleted_tags = {session_tag(sid) for sid in ctx.catalog.tombstoned_ids()}
+    for rp, host, pid in kept_ring_files(ctx.config):
+        if local_process_gone(host, pid):
+            remove(rp, f"ring kept by process {pid}, which is gone; it was kept only once its bytes were all "
+                       "in segments")
     for tag, rp in rings:
         info = tags.get(tag)
-        if rp in ctx.kept_rings:
-            if info is not None:
-                report.kept.append(GcItem(rp, "kept mapped by this process for its session's next open; removed "
-                                              "when the process lets it go, as the session's close would have"))
-                continue
-            if not dry_run:
-                ctx.forget_ring(rp)  # its session is gone: judged below like any ring
         if info is None:
             unflushed = ring_holds_unflushed(rp)
             if not unflushed:

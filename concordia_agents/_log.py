@@ -73,6 +73,7 @@ __all__ = [
     "Rollback",
     "SessionLog",
     "check_log",
+    "kept_ring_files",
     "ring_files",
     "ring_holds_unflushed",
     "ring_path",
@@ -100,6 +101,18 @@ def ring_files(config: RuntimeConfig) -> dict[int, Path]:
         except ValueError:
             pass  # not a name ring_path makes
     return found
+
+
+def kept_ring_files(config: RuntimeConfig) -> list[tuple[Path, str, int]]:
+    """Rings of this home kept under a private name (``_warm_rings``): path, host and PID of the keeper."""
+    sample = ring_path(config, 0)
+    prefix = sample.name.rsplit("-", 1)[0] + "-"
+    found = []
+    for p in sample.parent.glob(prefix + "*.ring.kept-*") if sample.parent.is_dir() else ():
+        host, _, pid = p.name.rpartition(".kept-")[2].rpartition("-")
+        if host and pid.isdigit():
+            found.append((p, host, int(pid)))
+    return sorted(found)
 
 
 @dataclass(slots=True)
@@ -177,8 +190,10 @@ class SessionLog:
                 log.info("log fetched from the remote", bytes=fetched)
         write_session_marker(directory, session_id, catalog.catalog_id, info.created_at)
         skipped_ring = 0
-        # A ring this process kept mapped after the session's last end (_warm_rings), else the file's.
-        ring: LogRing | None = warm.take(rpath) if warm is not None else None
+        # A ring this process kept mapped after the session's last end (_warm_rings), else the file's. One
+        # kept clean was at no path meanwhile: as a ring this open made (a cancel removes it if still empty).
+        taken = warm.take(rpath) if warm is not None else None
+        ring, ring_created = taken if taken is not None else (None, False)
         if ring is None and rpath.exists():
             ring = LogRing.open(rpath)
         if ring is not None:
@@ -210,7 +225,6 @@ class SessionLog:
             if ring is not None:
                 ring.close()
             raise
-        ring_created = False
         if ring is not None and ring.capacity != config.ring_bytes:
             ring.unlink()
             ring = None
@@ -468,7 +482,7 @@ class SessionLog:
                 self.closed = True
                 self.segment.close()
                 if self.warm is not None:
-                    self.warm.keep(self.ring, token=self.token, clean=unlink)
+                    self.warm.keep(self.ring, clean=unlink)
                 elif unlink:
                     self.ring.unlink()
                 else:
@@ -493,7 +507,7 @@ class SessionLog:
             except FileNotFoundError:
                 pass
             if self.warm is not None:
-                self.warm.keep(self.ring, token=self.token, clean=self.ring_created and empty)
+                self.warm.keep(self.ring, clean=self.ring_created and empty)
             elif self.ring_created and empty:
                 self.ring.unlink()
             else:

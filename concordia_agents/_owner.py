@@ -18,7 +18,7 @@ import socket
 from functools import cache
 from pathlib import Path
 
-__all__ = ["machine_id", "new_owner_id", "owner_is_dead"]
+__all__ = ["local_process_gone", "machine_id", "new_owner_id", "owner_is_dead", "private_suffix"]
 
 
 @cache
@@ -67,3 +67,13 @@ def owner_is_dead(owner: str) -> bool:
     except ValueError:
         return False
     return pid != os.getpid() and not _pid_alive(pid)
+
+
+def local_process_gone(host: str, pid: int) -> bool:
+    """True only if ``host`` is this machine's hostname and process ``pid`` is gone."""
+    return host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
+
+
+def private_suffix() -> str:
+    """``.kept-<host>-<pid>``: the suffix a process's privately named files carry (``_warm_rings``)."""
+    return f".kept-{socket.gethostname()}-{os.getpid()}"

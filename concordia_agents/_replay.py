@@ -42,7 +42,6 @@ open, and one of an epoch that never committed is never read at all.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import threading
 from collections.abc import Collection, Iterator
@@ -204,21 +203,19 @@ _PARSED = frozenset({RecordType.REGION, RecordType.COMMIT})
 
 
 class _Reader:
-    """Sequential record reader over one file, verifying every checksum. Reads
-    through a read-only mapping of the file's first ``size`` bytes: a scan
-    walks thousands of small records (a COMMIT per decoded token), and a
-    ``seek`` and ``read`` each cost more than decoding the header."""
+    """Sequential record reader over one file's first ``size`` bytes, verifying
+    every checksum. Positional reads (``os.pread``: one call per header, not a
+    seek and a read), not a mapping: a file cut back by another process while
+    mapped would kill the process with SIGBUS instead of raising."""
 
     def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
-        self.path, self.size = path, size
-        self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        self.path, self.size, self._fd = path, size, f.fileno()
 
     def __enter__(self) -> _Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._mm is not None:
-            self._mm.close()
+        pass
 
     def next(self, pos: int, *, verify_past: int | None = None) -> tuple[RecordHeader, bytes] | None:
         """The record at ``pos``, None at the clean end of the file. Its payload is
@@ -227,14 +224,14 @@ class _Reader:
         FramingError (torn or not) on damage."""
         if pos == self.size:
             return None
-        assert self._mm is not None
-        header = decode_header(self._mm[pos:pos + HEADER_SIZE])
+        header = decode_header(os.pread(self._fd, HEADER_SIZE, pos))
         if pos + header.size > self.size:
             raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
         if header.type not in _PARSED and (verify_past is None or pos + header.size <= verify_past):
             return header, b""
-        start = pos + HEADER_SIZE
-        payload = self._mm[start:start + header.length]
+        payload = os.pread(self._fd, header.length, pos + HEADER_SIZE)
+        if len(payload) < header.length:
+            raise FramingError(f"expected a {header.length}-byte payload, found {len(payload)} bytes", torn=True)
         if payload_sum(payload) != header.payload_sum:
             raise FramingError("payload checksum mismatch", torn=False)
         return header, payload

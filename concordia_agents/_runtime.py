@@ -359,8 +359,7 @@ class Runtime:
         remote) ``_gc_remote.collect_remote``'s: ``upload_age`` is the age in
         seconds past which an unfinished multipart upload is aborted."""
         report = collect(GcContext(config=self.config, catalog=self.catalog, owner=self.owner,
-                                   session_dir=self.session_dir, give_back=self._give_back, log=self.log,
-                                   kept_rings=self._warm.paths(), forget_ring=self._warm.forget),
+                                   session_dir=self.session_dir, give_back=self._give_back, log=self.log),
                          dry_run=dry_run)
         if self._uploader is not None:
             collect_remote(self._uploader.store, self.catalog, lambda sid: self.session_dir(sid).name, report,

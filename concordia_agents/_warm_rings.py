@@ -10,44 +10,50 @@ as most of a turn's time to first token. Keeping the ring's mapping (and with
 it the backend's registration, which lives until the ring's ``close``) makes
 the next open of the same session in this process find it ready.
 
-Protocol (``SessionLog`` calls both, under its own locks):
+Protocol (``SessionLog`` calls ``keep`` and ``take`` under the session's lease):
 
-* ``keep(ring, token, clean)`` when a session's log ends, instead of closing
-  (``clean``: a clean close of a fully flushed ring, which would have removed
-  the file). The ring file stays where it is. Past ``budget_bytes`` the least
-  recently kept rings are *retired*: closed (the backend unregisters them) and
-  their file removed if ``clean``, the file is still this mapping's (same
-  inode), still owned by ``token`` and still fully flushed; that is exactly
-  what the clean close would have done, later.
-* ``take(path)`` when a session opens: the kept mapping of ``path``, if the
-  file there is still the one it maps (another process or ``concordia gc`` may
-  have removed or replaced it while it was kept: then the mapping is retired
-  and None returned). The caller checks it as a freshly mapped ring (tag,
+* ``keep(ring, token, clean)`` when a session's log ends, instead of closing.
+  ``clean`` (a clean close of a fully flushed ring, or a cancelled open of an
+  empty ring, where the file would have been removed): the file is renamed to
+  a private name (``<ring>.kept-<host>-<pid>``) while the lease is still held,
+  so no other process can find it, open it and write into it; it holds
+  nothing the segments lack. Not clean (a release): the file stays where it
+  is (it may hold bytes the segments lack, which the next owner must drain)
+  and only the mapping is kept.
+* ``take(path)`` when a session opens, under the new lease: a clean kept ring
+  is renamed back to ``path`` and handed out, unless a file exists there
+  (another process opened the session meanwhile and made one, which the
+  caller must read): then the kept one is removed. A kept ring that was not
+  clean is handed out only if the file at ``path`` is still the one it maps
+  (same inode). The caller checks the ring as a freshly mapped one (tag,
   owner fence, drain) and resets it.
-* ``close()`` (runtime close): retire every kept ring.
+* Past ``budget_bytes`` of kept capacity, the least recently kept rings are
+  *retired*: closed (the backend unregisters them), and a clean one's private
+  file removed, as the clean close would have done. ``close()`` (runtime
+  close, and at interpreter exit) retires every kept ring; ``forget(path)``
+  (session delete) one.
 
 Invariants: a kept ring belongs to no open session of this process; nothing
-in this process writes to it until ``take`` hands it out. Kept rings hold
-flushed data only or what a released session left (as any ring file would):
-a crash while they are kept leaves their files in ``/dev/shm``, and the next
-open of their session reuses them, or ``concordia gc`` removes those of closed
-sessions whose bytes are all in segments (gc in the keeping process leaves
-kept rings alone; removed by another process, a kept ring is detected at
-``take`` by its inode). ``budget_bytes=0`` keeps nothing
-(the behaviour before this module).
+writes to it until ``take`` hands it out; a privately named file is never read
+by anyone (it holds only bytes the segments have), so removing it loses
+nothing. A crash leaves privately named files behind: ``concordia gc`` removes
+those whose process is gone. ``budget_bytes=0`` keeps nothing.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_runtime.logring import LogRing
 
 from ._logging import get_logger
+from ._owner import private_suffix
 
 __all__ = ["WarmRings"]
 
@@ -58,8 +64,7 @@ _log = get_logger(component="warm_rings")
 class _Kept:
     ring: LogRing
     inode: tuple[int, int]  #: (st_dev, st_ino) of the file when kept
-    token: int  #: the owner token of the session that kept it
-    clean: bool  #: kept by a clean close of a flushed ring: the file is removed when retired
+    private: bool  #: renamed to a private name (kept clean): the file is removed when retired
 
 
 class WarmRings:
@@ -71,31 +76,35 @@ class WarmRings:
         self._kept: collections.OrderedDict[Path, _Kept] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0  #: opens that found their ring kept here
+        atexit.register(_close_at_exit, weakref.ref(self))  # no privately named file outlives the process
 
     @property
     def nbytes(self) -> int:
         with self._lock:
             return sum(k.ring.capacity for k in self._kept.values())
 
-    def paths(self) -> frozenset[Path]:
-        """The ring files kept now: those whose file is still the kept mapping's
-        (one removed or replaced by another process is not)."""
-        with self._lock:
-            kept = list(self._kept.items())
-        return frozenset(path for path, k in kept if _file_id(path) == k.inode)
-
-    def keep(self, ring: LogRing, *, token: int, clean: bool) -> None:
+    def keep(self, ring: LogRing, *, clean: bool) -> None:
+        """Keep ``ring`` (its session ends; this runs under the session's lease)."""
+        path = ring.path
+        if self.budget_bytes < ring.capacity:
+            _retire(_Kept(ring, (-1, -1), False), unlink_path=clean)
+            return
         try:
             st = os.fstat(ring.fileno())
-        except OSError:
-            _retire(_Kept(ring, (-1, -1), token, False))
+            if clean:
+                private = path.with_name(path.name + private_suffix())
+                os.rename(path, private)
+                ring.path = private
+        except OSError as e:
+            _log.warning("keeping a ring failed; closing it", path=str(path), error=str(e))
+            _retire(_Kept(ring, (-1, -1), False), unlink_path=clean)
             return
         out: list[_Kept] = []
         with self._lock:
-            old = self._kept.pop(ring.path, None)
-            if old is not None and old.ring is not ring:
+            old = self._kept.pop(path, None)
+            if old is not None:
                 out.append(old)
-            self._kept[ring.path] = _Kept(ring, (st.st_dev, st.st_ino), token, clean)
+            self._kept[path] = _Kept(ring, (st.st_dev, st.st_ino), clean)
             total = sum(k.ring.capacity for k in self._kept.values())
             while self._kept and total > self.budget_bytes:
                 _, k = self._kept.popitem(last=False)
@@ -104,24 +113,35 @@ class WarmRings:
         for k in out:
             _retire(k)
 
-    def take(self, path: Path) -> LogRing | None:
+    def take(self, path: Path) -> tuple[LogRing, bool] | None:
+        """The kept ring of ``path`` (see the module docs) and whether it was
+        kept clean (no file was at ``path`` before: as a ring the open made), or None."""
         with self._lock:
             k = self._kept.pop(path, None)
         if k is None:
             return None
-        if _file_id(path) != k.inode:
-            k.clean = False  # the file is not this mapping's any more: close only
+        try:
+            if k.private:
+                if os.path.lexists(path):  # another process made a ring there meanwhile: that one is read
+                    _retire(k)
+                    return None
+                os.rename(k.ring.path, path)
+                k.ring.path = path
+            elif _file_id(path) != k.inode:  # removed or replaced by another process
+                _retire(k)
+                return None
+        except OSError as e:
+            _log.warning("taking a kept ring failed; the file is read instead", path=str(path), error=str(e))
             _retire(k)
             return None
         self.hits += 1
-        return k.ring
+        return k.ring, k.private
 
     def forget(self, path: Path) -> None:
-        """Close the kept mapping of ``path`` (its session is being deleted; the caller removes the file)."""
+        """Retire the kept ring of ``path`` (its session is being deleted)."""
         with self._lock:
             k = self._kept.pop(path, None)
         if k is not None:
-            k.clean = False
             _retire(k)
 
     def close(self) -> None:
@@ -132,6 +152,12 @@ class WarmRings:
             _retire(k)
 
 
+def _close_at_exit(ref: weakref.ref[WarmRings]) -> None:
+    rings = ref()
+    if rings is not None:
+        rings.close()
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -140,16 +166,13 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _retire(k: _Kept) -> None:
-    """Close a kept ring; remove its file only where the clean close would have
-    (see the module docstring), never a file another owner now uses."""
-    ring = k.ring
-    remove = (k.clean and _file_id(ring.path) == k.inode and ring.owner_token == k.token
-              and ring.consumed == ring.written)
+def _retire(k: _Kept, *, unlink_path: bool = False) -> None:
+    """Close a kept ring, removing its file if it is privately named (or, for a
+    ring not kept at all, ``unlink_path``: as the session's close would have)."""
     try:
-        if remove:
-            ring.unlink()
+        if k.private or unlink_path:
+            k.ring.unlink()
         else:
-            ring.close()
+            k.ring.close()
     except Exception as e:  # noqa: BLE001 -- closing a mapping (and unregistering it): nothing committed depends on it
-        _log.warning("closing a kept ring failed", path=str(ring.path), error=str(e))
+        _log.warning("closing a kept ring failed", path=str(k.ring.path), error=str(e))
