@@ -31,7 +31,10 @@ longer history.
 
 What is verified when: the scan checks every header (its own checksum, the
 framing) and the payload checksums of the records it parses (REGION, COMMIT;
-of the COMMIT bodies only the newest is decoded, in a salvage scan every one);
+of the COMMIT bodies only the newest is decoded, in a salvage scan every one:
+``verify`` and ``allow_rollback`` therefore report an older body that checksums
+but does not decode, a writer's bug, as damage, while a plain open uses only
+the newest body and goes on);
 it does not read data payloads (PAGES, ROWS), which can be gigabytes of KV
 cache. Those are verified when they are read to be applied
 (``PayloadReader``), before a byte of them reaches a region: a damaged data
