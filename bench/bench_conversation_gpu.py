@@ -14,6 +14,11 @@ Ring registration: what page-locking a session's host ring for the device
 costs by ring size (a fixed cost of the first commit of a session this process
 has not kept the ring of; ``warm_ring_bytes``).
 
+Then the conversation as the turns left it (every turn's per-token epochs)
+is brought back from the log by a new runtime with nothing resident, for one
+more turn: time to first token and the open/restore parts (the log of a
+multi-turn run, unlike the resume child's single prefill epoch).
+
 Resume: a child process builds a conversation of ``N`` tokens (8k, 32k),
 starts the next call and SIGKILLs itself after that call's first token is
 durable; here, the time from the retried call to its first new token (the KV
@@ -132,9 +137,33 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
                 rows.append(row)
                 print("turn", json.dumps(row), flush=True)
             cache_bytes = pool.nbytes
+        # The conversation as an agent leaves it (a per-token epoch log of every turn), brought back from the
+        # log by a new runtime with nothing resident (after an eviction, in a new process): one more turn.
+        from_log: dict[str, Any] = {}
+        try:
+            pool = ResidentConversations()  # the turns' resident KV let go
+            torch.cuda.empty_cache()
+            with Runtime.open(home=home, **_OPTIONS) as rt:
+                prompt = torch.cat([out, _message(turns, user_tokens)], dim=1)
+                got: list[ConversationCall] = []
+                first = FirstToken()
+                torch.cuda.synchronize()
+                with _Parts() as measured:
+                    t = time.perf_counter()
+                    conversation_generate(model, prompt, "bench", f"t{turns}", runtime=rt,
+                                          resident=ResidentConversations(), max_cache_len=max_len,
+                                          max_new_tokens=reply_tokens, do_sample=False,
+                                          stopping_criteria=StoppingCriteriaList([first]), on_call=got.append)
+                from_log = {"prompt_tokens": int(prompt.shape[1]), "ttft_s": first.at - t,
+                            "reused": got[-1].reused, "source": got[-1].source,
+                            "log_bytes": sum(f.stat().st_size for f in rt.session_dir("conversation:bench").rglob("*")
+                                             if f.is_file()), **measured.report()}
+        except Exception:  # noqa: BLE001 - record and go on
+            from_log = {"error": traceback.format_exc()[-3000:]}
+        print("from log", json.dumps(from_log), flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return {"turns": rows, "conversation_gpu_bytes": cache_bytes,
+    return {"turns": rows, "conversation_gpu_bytes": cache_bytes, "restored_from_log": from_log,
             "ttft_speedup_from_8k": min((r["ttft_speedup"] for r in rows if r["prompt_tokens"] >= 8192), default=None)}
 
 
