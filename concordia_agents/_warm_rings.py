@@ -86,6 +86,10 @@ class WarmRings:
     def keep(self, ring: LogRing, *, clean: bool) -> None:
         """Keep ``ring`` (its session ends; this runs under the session's lease)."""
         path = ring.path
+        with self._lock:  # none in practice (an open takes its kept ring first); retired before the rename below
+            old = self._kept.pop(path, None)  # would reuse its private name
+        if old is not None:
+            _retire(old)
         if self.budget_bytes < ring.capacity:
             _retire(_Kept(ring, (-1, -1), False), unlink_path=clean)
             return
@@ -101,9 +105,6 @@ class WarmRings:
             return
         out: list[_Kept] = []
         with self._lock:
-            old = self._kept.pop(path, None)
-            if old is not None:
-                out.append(old)
             self._kept[path] = _Kept(ring, (st.st_dev, st.st_ino), clean)
             total = sum(k.ring.capacity for k in self._kept.values())
             while self._kept and total > self.budget_bytes:
