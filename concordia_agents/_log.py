@@ -90,12 +90,17 @@ def ring_path(config: RuntimeConfig, tag: int) -> Path:
     return (config.ring_dir or default_ring_dir(config.home)) / f"concordia-{home_tag}-{tag:016x}.ring"
 
 
+def _ring_names(config: RuntimeConfig) -> tuple[Path, str]:
+    """The ring directory of this home and the prefix of its rings' names."""
+    sample = ring_path(config, 0)
+    return sample.parent, sample.name.rsplit("-", 1)[0] + "-"
+
+
 def ring_files(config: RuntimeConfig) -> dict[int, Path]:
     """The ring files of this home (``ring_path``'s names), by session tag."""
-    sample = ring_path(config, 0)
-    prefix = sample.name.rsplit("-", 1)[0] + "-"
+    parent, prefix = _ring_names(config)
     found: dict[int, Path] = {}
-    for p in sample.parent.glob(prefix + "*.ring") if sample.parent.is_dir() else ():
+    for p in parent.glob(prefix + "*.ring") if parent.is_dir() else ():
         try:
             found[int(p.name[len(prefix):-len(".ring")], 16)] = p
         except ValueError:
@@ -105,10 +110,9 @@ def ring_files(config: RuntimeConfig) -> dict[int, Path]:
 
 def kept_ring_files(config: RuntimeConfig) -> list[tuple[Path, str, int]]:
     """Rings of this home kept under a private name (``_warm_rings``): path, host and PID of the keeper."""
-    sample = ring_path(config, 0)
-    prefix = sample.name.rsplit("-", 1)[0] + "-"
+    parent, prefix = _ring_names(config)
     found = []
-    for p in sample.parent.glob(prefix + "*.ring.kept-*") if sample.parent.is_dir() else ():
+    for p in parent.glob(prefix + "*.ring.kept-*") if parent.is_dir() else ():
         host, _, pid = p.name.rpartition(".kept-")[2].rpartition("-")
         if host and pid.isdigit():
             found.append((p, host, int(pid)))

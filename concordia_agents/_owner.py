@@ -66,7 +66,7 @@ def owner_is_dead(owner: str) -> bool:
         pid = int(parts[1])
     except ValueError:
         return False
-    return pid != os.getpid() and not _pid_alive(pid)
+    return local_process_gone(parts[0], pid)
 
 
 def local_process_gone(host: str, pid: int) -> bool:

@@ -214,12 +214,6 @@ class _Reader:
     def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
         self.path, self.size, self._fd = path, size, f.fileno()
 
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
     def next(self, pos: int, *, verify_past: int | None = None) -> tuple[RecordHeader, bytes] | None:
         """The record at ``pos``, None at the clean end of the file. Its payload is
         read and verified if the scan parses it (REGION, COMMIT) or the record ends
@@ -248,7 +242,8 @@ def valid_size(path: Path, *, session_tag: int, verify_from: int = 0) -> int:
     read_segment_header(path, session_tag=session_tag)
     size = path.stat().st_size
     pos = SEGMENT_HEADER_SIZE
-    with open(path, "rb") as fh, _Reader(path, fh, size) as reader:
+    with open(path, "rb") as fh:
+        reader = _Reader(path, fh, size)
         while True:
             try:
                 rec = reader.next(pos, verify_past=verify_from)
@@ -268,7 +263,8 @@ def last_commit(path: Path, *, session_tag: int) -> tuple[int, int] | None:
     size = path.stat().st_size
     found = None
     pos = SEGMENT_HEADER_SIZE
-    with open(path, "rb") as fh, _Reader(path, fh, size) as reader:
+    with open(path, "rb") as fh:
+        reader = _Reader(path, fh, size)
         while True:
             try:
                 rec = reader.next(pos)
@@ -305,7 +301,8 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | Non
     size = f.size
     pending: list[RecordLoc] = []
     specs: dict[int, RegionSpec] = {}
-    with open(f.path, "rb") as fh, _Reader(f.path, fh, size) as reader:
+    with open(f.path, "rb") as fh:
+        reader = _Reader(f.path, fh, size)
         pos = SEGMENT_HEADER_SIZE
         while True:
             try:
@@ -397,7 +394,8 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
                 expected = seg_end
                 continue
             pos = SEGMENT_HEADER_SIZE
-            with open(seg.path, "rb") as fh, _Reader(seg.path, fh, size) as reader:
+            with open(seg.path, "rb") as fh:
+                reader = _Reader(seg.path, fh, size)
                 while True:
                     logical = seg.base + pos - SEGMENT_HEADER_SIZE
                     if limit is not None and logical >= limit:

@@ -89,9 +89,9 @@ class WarmRings:
         with self._lock:  # none in practice (an open takes its kept ring first); retired before the rename below
             old = self._kept.pop(path, None)  # would reuse its private name
         if old is not None:
-            _retire(old)
+            _retire(old.ring, unlink=old.private)
         if self.budget_bytes < ring.capacity:
-            _retire(_Kept(ring, (-1, -1), False), unlink_path=clean)
+            _retire(ring, unlink=clean)
             return
         try:
             st = os.fstat(ring.fileno())
@@ -101,7 +101,7 @@ class WarmRings:
                 ring.path = private
         except OSError as e:
             _log.warning("keeping a ring failed; closing it", path=str(path), error=str(e))
-            _retire(_Kept(ring, (-1, -1), False), unlink_path=clean)
+            _retire(ring, unlink=clean)
             return
         out: list[_Kept] = []
         with self._lock:
@@ -112,7 +112,7 @@ class WarmRings:
                 total -= k.ring.capacity
                 out.append(k)
         for k in out:
-            _retire(k)
+            _retire(k.ring, unlink=k.private)
 
     def take(self, path: Path) -> tuple[LogRing, bool] | None:
         """The kept ring of ``path`` (see the module docs) and whether it was
@@ -124,16 +124,16 @@ class WarmRings:
         try:
             if k.private:
                 if os.path.lexists(path):  # another process made a ring there meanwhile: that one is read
-                    _retire(k)
+                    _retire(k.ring, unlink=k.private)
                     return None
                 os.rename(k.ring.path, path)
                 k.ring.path = path
             elif _file_id(path) != k.inode:  # removed or replaced by another process
-                _retire(k)
+                _retire(k.ring, unlink=k.private)
                 return None
         except OSError as e:
             _log.warning("taking a kept ring failed; the file is read instead", path=str(path), error=str(e))
-            _retire(k)
+            _retire(k.ring, unlink=k.private)
             return None
         self.hits += 1
         return k.ring, k.private
@@ -143,14 +143,14 @@ class WarmRings:
         with self._lock:
             k = self._kept.pop(path, None)
         if k is not None:
-            _retire(k)
+            _retire(k.ring, unlink=k.private)
 
     def close(self) -> None:
         with self._lock:
             kept = list(self._kept.values())
             self._kept.clear()
         for k in kept:
-            _retire(k)
+            _retire(k.ring, unlink=k.private)
 
 
 def _close_at_exit(ref: weakref.ref[WarmRings]) -> None:
@@ -167,13 +167,13 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _retire(k: _Kept, *, unlink_path: bool = False) -> None:
-    """Close a kept ring, removing its file if it is privately named (or, for a
-    ring not kept at all, ``unlink_path``: as the session's close would have)."""
+def _retire(ring: LogRing, *, unlink: bool) -> None:
+    """Close a ring, removing its file if ``unlink`` (a privately named kept
+    ring; a clean one not kept at all, as the session's close would have)."""
     try:
-        if k.private or unlink_path:
-            k.ring.unlink()
+        if unlink:
+            ring.unlink()
         else:
-            k.ring.close()
+            ring.close()
     except Exception as e:  # noqa: BLE001 -- closing a mapping (and unregistering it): nothing committed depends on it
-        _log.warning("closing a kept ring failed", path=str(k.ring.path), error=str(e))
+        _log.warning("closing a kept ring failed", path=str(ring.path), error=str(e))

@@ -279,10 +279,6 @@ class LogRing:
         """The ring file's descriptor (open while the ring is)."""
         return self._fd
 
-    @property
-    def closed(self) -> bool:
-        return self._mm is None
-
     def close(self) -> None:
         if self._mm is None:
             return

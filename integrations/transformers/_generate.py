@@ -272,7 +272,7 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
     if implementation not in (None, "dynamic", "static"):
         raise ConcordiaError(f"durable_generate: expected cache_implementation None, 'dynamic' or 'static', found "
                              f"{implementation!r}")
-    static = implementation == "static"
+    cache_class = DurableStaticCache if implementation == "static" else DurableCache
     own_runtime = runtime is None
     rt = runtime or Runtime.open()
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -299,7 +299,6 @@ def durable_generate(model: Any, input_ids: torch.Tensor, session_id: str, runti
                     "model, prompt and generation arguments to resume it (or use a new session ID)")
         # A new cache per call, as transformers' own static path builds a new StaticCache per call
         # (_prepare_static_cache): the compiled step's CUDA graphs are recorded again for its addresses.
-        cache_class = DurableStaticCache if static else DurableCache
         cache = cache_class.for_model(model, batch_size=batch, max_cache_len=max_len)
         tokens = torch.zeros(batch, max_len, dtype=input_ids.dtype, device=input_ids.device)
         session.register("kv", cache.storage, kind="kv", seq_axis=3)
