@@ -23,7 +23,15 @@ measured device copy bandwidth) and each variant's ratio to it; and the host
 work Concordia does per token in the durable runs: the Python calls of the
 producer's launch (0 when every step is a graph replay).
 
-    python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3]
+``--profile`` adds, per shape and batch, one more call of each variant and of
+``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
+session, no hook — the cache class alone) under ``torch.profiler`` for the
+timed steps only: GPU kernel time and busy time (the union of kernel
+intervals) per step against the window's span, the kernels by time, and the
+CPU ops by self time. It says whether a durable step's extra time is device
+work (which kernels) or the device waiting for the host.
+
+    python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--profile]
 """
 
 from __future__ import annotations
@@ -86,10 +94,60 @@ class StepClock(StoppingCriteria):
         return first.elapsed_time(last) / (self.end - self.start)
 
 
-def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+class ProfileWindow(StoppingCriteria):
+    """Runs ``prof`` while ``generate`` goes from ``start`` to ``end`` new
+    tokens (the same steps ``StepClock`` times); never stops generation."""
+
+    def __init__(self, prof: Any, prompt_len: int, start: int, end: int) -> None:
+        self.prof, self.begin, self.finish = prof, prompt_len + start, prompt_len + end
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        n = input_ids.shape[1]
+        if n == self.begin:
+            self.prof.start()
+        elif n == self.finish:
+            torch.cuda.synchronize()
+            self.prof.stop()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
+    """Per step: kernel time, device busy time (union of kernel intervals) and
+    the span from the first kernel's start to the last one's end, in us; the
+    15 kernels and the 10 CPU ops with the most time."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    for e in kernels:
+        count_us = by_name.setdefault(e.name[:100], [0, 0.0])
+        count_us[0] += 1
+        count_us[1] += e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    cpu = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                 key=lambda e: -e.self_cpu_time_total)[:10]
+    return {
+        "kernel_us_per_step": sum(v[1] for v in by_name.values()) / steps,
+        "busy_us_per_step": busy / steps,
+        "span_us_per_step": (spans[-1][1] - spans[0][0]) / steps if spans else None,
+        "kernels_per_step": len(kernels) / steps,
+        "top_kernels": [{"name": k, "per_step": v[0] / steps, "us_per_step": v[1] / steps} for k, v in top],
+        "top_cpu_ops": [{"name": e.key[:100], "calls_per_step": e.count / steps,
+                         "self_us_per_step": e.self_cpu_time_total / steps} for e in cpu],
+    }
+
+
+def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
+            profile: bool = False) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
-    from integrations.transformers import durable_generate
+    from integrations.transformers import DurableStaticCache, durable_generate
 
     ids = torch.randint(3, 30000, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).cuda()
     calls = {"launch": 0}
@@ -103,12 +161,13 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     steps_seen = []
     whole: dict[str, list[float]] = {"plain": [], "durable": []}
 
-    def plain() -> float:
+    def plain(extra: list[Any] | None = None, cache: Any = None) -> float:
         clock = StepClock(prompt_len, start, new_tokens)
+        how: dict[str, Any] = {"past_key_values": cache} if cache is not None else {"cache_implementation": "static"}
         torch.cuda.synchronize()
         t = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                       stopping_criteria=StoppingCriteriaList([clock]))
+        model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]), **how)
         torch.cuda.synchronize()
         whole["plain"].append(time.perf_counter() - t)
         return clock.ms_per_step()
@@ -120,7 +179,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
     made = [0]
 
-    def durable() -> float:
+    def durable(extra: list[Any] | None = None) -> float:
         made[0] += 1
         sid = f"bench-{made[0]}"
         events: list[Any] = []
@@ -130,7 +189,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             t = time.perf_counter()
             durable_generate(model, ids, sid, runtime=rt, max_new_tokens=new_tokens, do_sample=False,
                              cache_implementation="static", on_event=events.append,
-                             stopping_criteria=StoppingCriteriaList([clock]))
+                             stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]))
             torch.cuda.synchronize()
             whole["durable"].append(time.perf_counter() - t)
         finally:
@@ -149,6 +208,27 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
                 rounds[name].append(variants[name]())
+        profiles: dict[str, Any] = {}
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            def durable_cache() -> Any:
+                return DurableStaticCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new_tokens + 1)
+
+            plain(cache=durable_cache())  # compiles generate's step for this cache class
+            with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
+                torch.ones(1, device="cuda").add_(1)
+                torch.cuda.synchronize()
+            runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
+                    "plain_durable_cache": lambda w: plain([w], cache=durable_cache())}
+            for name, run in runs.items():
+                prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                ms = run(ProfileWindow(prof, prompt_len, start, new_tokens))
+                profiles[name] = {"ms_per_step_profiled": ms, **profile_summary(prof, new_tokens - start)}
+            steps_seen.pop()  # the profiled durable call is not a timed round
+            whole["plain"][len(rounds["plain"]):] = []
+            whole["durable"][len(rounds["durable"]):] = []
     finally:
         step_commit.StepCommitter.launch = launch  # type: ignore[method-assign]
         rt.close()
@@ -162,6 +242,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         "whole_call_s": {k: statistics.median(v) for k, v in whole.items()},
         "host_launch_calls_per_call": calls["launch"] / repeats,
         "device_epochs_per_call": statistics.median(steps_seen) if steps_seen else None,
+        **({"profile": profiles} if profiles else {}),
     }
 
 
@@ -282,6 +363,7 @@ def main() -> None:
     p.add_argument("--resume-tokens", type=int, nargs="*", default=[32768],
                    help="context lengths of the resume-vs-re-prefill section (on the last shape); none: skip it")
     p.add_argument("--only", choices=["steps", "resume"])
+    p.add_argument("--profile", action="store_true", help="also profile one call of each variant (module docs)")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
@@ -297,7 +379,8 @@ def main() -> None:
                               "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": args.prompt_len,
                               "new_tokens": args.new_tokens, "timed_from": args.start, "repeats": args.repeats,
                               "copy_bandwidth_GBps": bw / 1e9,
-                              "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30}}
+                              "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30},
+                              "profiled": args.profile}
     with written("compiled_decode_gpu", result):
         for shape in args.shapes:
             model = build(shape)
@@ -306,13 +389,18 @@ def main() -> None:
             for batch in args.batches if args.only != "resume" else ():
                 key = f"{shape}_b{batch}"
                 try:
-                    r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats)
+                    r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
+                                args.profile)
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r
                 except Exception:  # noqa: BLE001 - record and go on
                     result[key] = {"error": traceback.format_exc()[-3000:]}
-                print(key, json.dumps({k: v for k, v in result[key].items() if k != "rounds_ms"}), flush=True)
+                print(key, json.dumps({k: v for k, v in result[key].items() if k not in ("rounds_ms", "profile")}),
+                      flush=True)
+                for name, prof in result[key].get("profile", {}).items():
+                    print(f"  profile {name}:", json.dumps({k: v for k, v in prof.items() if not k.startswith("top")}),
+                          flush=True)
             for n in args.resume_tokens if args.only != "steps" and shape == args.shapes[-1] else ():
                 key = f"{shape}_resume_{n // 1024}k"
                 try:
