@@ -23,15 +23,22 @@ measured device copy bandwidth) and each variant's ratio to it; and the host
 work Concordia does per token in the durable runs: the Python calls of the
 producer's launch (0 when every step is a graph replay).
 
-``--profile`` adds, per shape and batch, one more call of each variant and of
-``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
+``--eager`` adds the eager variants to the rounds: ``plain_eager``
+(``generate`` with its default dynamic cache) and ``durable_eager``
+(``durable_generate`` with its default ``DurableCache``, a commit per token
+from the host), for the table of issue 17 (each durable variant against the
+fastest plain one, compiled).
+
+``--profile`` adds, per shape and batch, one more call of each variant and
+of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
 session, no hook — the cache class alone) under ``torch.profiler`` for the
 timed steps only: GPU kernel time and busy time (the union of kernel
 intervals) per step against the window's span, the kernels by time, and the
 CPU ops by self time. It says whether a durable step's extra time is device
 work (which kernels) or the device waiting for the host.
 
-    python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--profile]
+    python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--eager] [--profile]
+        [--resume-tokens [N ...]] [--only steps|resume]
 """
 
 from __future__ import annotations
@@ -144,7 +151,7 @@ def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
 
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
-            profile: bool = False) -> dict[str, Any]:
+            profile: bool = False, eager: bool = False) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import DurableStaticCache, durable_generate
@@ -159,17 +166,18 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
 
     step_commit.StepCommitter.launch = counted  # type: ignore[method-assign]
     steps_seen = []
-    whole: dict[str, list[float]] = {"plain": [], "durable": []}
+    whole: dict[str, list[float]] = {}
 
-    def plain(extra: list[Any] | None = None, cache: Any = None) -> float:
+    def plain(extra: list[Any] | None = None, cache: Any = None, *, static: bool = True) -> float:
         clock = StepClock(prompt_len, start, new_tokens)
-        how: dict[str, Any] = {"past_key_values": cache} if cache is not None else {"cache_implementation": "static"}
+        how: dict[str, Any] = ({"past_key_values": cache} if cache is not None
+                               else {"cache_implementation": "static"} if static else {})
         torch.cuda.synchronize()
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
                        stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]), **how)
         torch.cuda.synchronize()
-        whole["plain"].append(time.perf_counter() - t)
+        whole.setdefault("plain" if static else "plain_eager", []).append(time.perf_counter() - t)
         return clock.ms_per_step()
 
     # One runtime (one home: its kernel cache compiles the executor's handlers once) for the section; each
@@ -179,35 +187,41 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
     made = [0]
 
-    def durable(extra: list[Any] | None = None) -> float:
+    def durable(extra: list[Any] | None = None, *, static: bool = True) -> float:
         made[0] += 1
         sid = f"bench-{made[0]}"
         events: list[Any] = []
         clock = StepClock(prompt_len, start, new_tokens)
+        how = {"cache_implementation": "static"} if static else {}
         try:
             torch.cuda.synchronize()
             t = time.perf_counter()
             durable_generate(model, ids, sid, runtime=rt, max_new_tokens=new_tokens, do_sample=False,
-                             cache_implementation="static", on_event=events.append,
-                             stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]))
+                             on_event=events.append, stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]),
+                             **how)
             torch.cuda.synchronize()
-            whole["durable"].append(time.perf_counter() - t)
+            whole.setdefault("durable" if static else "durable_eager", []).append(time.perf_counter() - t)
         finally:
             rt.delete(sid)  # no disk writeback of this call carried into the next
-        steps_seen.append(events[-1].in_step_epochs)
+        if static:
+            steps_seen.append(events[-1].in_step_epochs)
         return clock.ms_per_step()
 
     try:
-        variants = {"plain": plain, "durable": durable}
+        variants: dict[str, Any] = {"plain": plain, "durable": durable}
+        if eager:
+            variants.update(plain_eager=lambda: plain(static=False), durable_eager=lambda: durable(static=False))
         for fn in variants.values():  # warm-up: compile, record
             fn()
         calls["launch"], steps_seen[:] = 0, []
-        whole["plain"][:], whole["durable"][:] = [], []
+        whole.clear()
         rounds: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(repeats):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
                 rounds[name].append(variants[name]())
+        launches = calls["launch"]
+        timed_whole = {k: list(v) for k, v in whole.items()}
         profiles: dict[str, Any] = {}
         if profile:
             from torch.profiler import ProfilerActivity
@@ -218,7 +232,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
 
             plain(cache=durable_cache())  # compiles generate's step for this cache class
             with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
-                torch.ones(1, device="cuda").add_(1)
+                torch.ones(1, device=ids.device).add_(1)
                 torch.cuda.synchronize()
             runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
                     "plain_durable_cache": lambda w: plain([w], cache=durable_cache())}
@@ -227,23 +241,32 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
                 ms = run(ProfileWindow(prof, prompt_len, start, new_tokens))
                 profiles[name] = {"ms_per_step_profiled": ms, **profile_summary(prof, new_tokens - start)}
             steps_seen.pop()  # the profiled durable call is not a timed round
-            whole["plain"][len(rounds["plain"]):] = []
-            whole["durable"][len(rounds["durable"]):] = []
     finally:
         step_commit.StepCommitter.launch = launch  # type: ignore[method-assign]
         rt.close()
         shutil.rmtree(home, ignore_errors=True)
-    ratios = [d / p for d, p in zip(rounds["durable"], rounds["plain"], strict=True)]
-    return {
+
+    def paired(a: str, b: str) -> dict[str, Any]:
+        r = [x / y for x, y in zip(rounds[a], rounds[b], strict=True)]
+        return {"median": statistics.median(r), "range": [min(r), max(r)]}
+
+    ratios = paired("durable", "plain")
+    out: dict[str, Any] = {
         "ms_per_step": {k: statistics.median(v) for k, v in rounds.items()},
         "rounds_ms": rounds,
-        "durable_over_plain_paired": statistics.median(ratios),
-        "paired_range": [min(ratios), max(ratios)],
-        "whole_call_s": {k: statistics.median(v) for k, v in whole.items()},
-        "host_launch_calls_per_call": calls["launch"] / repeats,
+        "durable_over_plain_paired": ratios["median"],
+        "paired_range": ratios["range"],
+        "whole_call_s": {k: statistics.median(v) for k, v in timed_whole.items()},
+        "host_launch_calls_per_call": launches / repeats,
         "device_epochs_per_call": statistics.median(steps_seen) if steps_seen else None,
-        **({"profile": profiles} if profiles else {}),
     }
+    if eager:
+        # The issue's table: each durable variant against the fastest plain one (compiled).
+        out["durable_eager_over_plain_eager_paired"] = paired("durable_eager", "plain_eager")
+        out["durable_eager_over_plain_paired"] = paired("durable_eager", "plain")
+    if profiles:
+        out["profile"] = profiles
+    return out
 
 
 def _resume_ids(n: int) -> torch.Tensor:
@@ -364,6 +387,8 @@ def main() -> None:
                    help="context lengths of the resume-vs-re-prefill section (on the last shape); none: skip it")
     p.add_argument("--only", choices=["steps", "resume"])
     p.add_argument("--profile", action="store_true", help="also profile one call of each variant (module docs)")
+    p.add_argument("--eager", action="store_true",
+                   help="also time plain generate and durable_generate with their default (eager, dynamic) caches")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
@@ -380,7 +405,7 @@ def main() -> None:
                               "new_tokens": args.new_tokens, "timed_from": args.start, "repeats": args.repeats,
                               "copy_bandwidth_GBps": bw / 1e9,
                               "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30},
-                              "profiled": args.profile}
+                              "profiled": args.profile, "eager_variants": args.eager}
     with written("compiled_decode_gpu", result):
         for shape in args.shapes:
             model = build(shape)
@@ -390,7 +415,7 @@ def main() -> None:
                 key = f"{shape}_b{batch}"
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
-                                args.profile)
+                                args.profile, args.eager)
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r
