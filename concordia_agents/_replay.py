@@ -63,6 +63,7 @@ from gpu_runtime.records import (
     RecordType,
     decode_header,
     payload_sum,
+    record_size,
 )
 from gpu_runtime.regions import RegionSpec
 
@@ -222,9 +223,10 @@ class _Reader:
         if pos == self.size:
             return None
         header = decode_header(os.pread(self._fd, HEADER_SIZE, pos))
-        if pos + header.size > self.size:
-            raise FramingError(f"record of {header.size} bytes runs past the end of the file", torn=True)
-        if header.type not in _PARSED and (verify_past is None or pos + header.size <= verify_past):
+        end = pos + record_size(header.length)
+        if end > self.size:
+            raise FramingError(f"record of {end - pos} bytes runs past the end of the file", torn=True)
+        if header.type not in _PARSED and (verify_past is None or end <= verify_past):
             return header, b""
         payload = os.pread(self._fd, header.length, pos + HEADER_SIZE)
         if len(payload) < header.length:
@@ -411,6 +413,7 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
                     if rec is None:
                         break
                     header, payload = rec
+                    rsize = record_size(header.length)
                     if header.session_tag != session_tag:
                         raise CorruptLogError("record of another session", path=str(seg.path), offset=pos)
                     if logical >= start:
@@ -423,8 +426,8 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
                                 # parsed now, applied only if its epoch commits
                                 loc = RecordLoc(seg.path, pos, logical, header, _spec(payload, seg.path, pos))
                             pending.append(loc)
-                            index.delta_bytes += header.size
-                    pos += header.size
+                            index.delta_bytes += rsize
+                    pos += rsize
             expected = seg.base + pos - SEGMENT_HEADER_SIZE
 
 
