@@ -31,7 +31,10 @@ fastest plain one, compiled).
 
 ``--profile`` adds, per shape and batch, one more call of each variant and
 of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
-session, no hook — the cache class alone) under ``torch.profiler`` for the
+session, no hook — the cache class alone), ``durable_every_64`` (a commit
+every 64 steps: the kernel's commit work taken away) and
+``durable_flusher_1s`` (a runtime whose flusher wakes once a second: the host
+threads taken away) under ``torch.profiler`` for the
 timed steps only: GPU kernel time and busy time (the union of kernel
 intervals) per step against the window's span, the kernels by time, and the
 CPU ops by self time. It says whether a durable step's extra time is device
@@ -186,23 +189,28 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     home = Path(tempfile.mkdtemp())
     rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
     made = [0]
+    quiet: list[Any] = []  # the --profile variant's runtime with a slow flusher
 
-    def durable(extra: list[Any] | None = None, *, static: bool = True) -> float:
+    def durable(extra: list[Any] | None = None, *, static: bool = True, every: int = 1,
+                runtime: Any = None) -> float:
         made[0] += 1
         sid = f"bench-{made[0]}"
         events: list[Any] = []
         clock = StepClock(prompt_len, start, new_tokens)
-        how = {"cache_implementation": "static"} if static else {}
+        how: dict[str, Any] = {"cache_implementation": "static"} if static else {}
+        if every != 1:
+            how["checkpoint_every"] = every
+        on = runtime or rt
         try:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            durable_generate(model, ids, sid, runtime=rt, max_new_tokens=new_tokens, do_sample=False,
+            durable_generate(model, ids, sid, runtime=on, max_new_tokens=new_tokens, do_sample=False,
                              on_event=events.append, stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]),
                              **how)
             torch.cuda.synchronize()
             whole.setdefault("durable" if static else "durable_eager", []).append(time.perf_counter() - t)
         finally:
-            rt.delete(sid)  # no disk writeback of this call carried into the next
+            on.delete(sid)  # no disk writeback of this call carried into the next
         if static:
             steps_seen.append(events[-1].in_step_epochs)
         return clock.ms_per_step()
@@ -234,17 +242,28 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
                 torch.ones(1, device=ids.device).add_(1)
                 torch.cuda.synchronize()
+            # Two durable variants that each take one suspect away: a commit every 64 steps (the kernel
+            # launches every step but commits once in the window: its commit work), and a runtime whose
+            # flusher wakes once a second (host threads beside generate's loop, which syncs every step).
+            quiet_home = Path(tempfile.mkdtemp())
+            quiet[:] = [Runtime.open(home=quiet_home, **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0})]
             runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
-                    "plain_durable_cache": lambda w: plain([w], cache=durable_cache())}
+                    "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
+                    "durable_every_64": lambda w: durable([w], every=64),
+                    "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0])}
+            seen = len(steps_seen)
             for name, run in runs.items():
                 prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 ms = run(ProfileWindow(prof, prompt_len, start, new_tokens))
                 profiles[name] = {"ms_per_step_profiled": ms, **profile_summary(prof, new_tokens - start)}
-            steps_seen.pop()  # the profiled durable call is not a timed round
+            del steps_seen[seen:]  # the profiled calls are not timed rounds
     finally:
         step_commit.StepCommitter.launch = launch  # type: ignore[method-assign]
         rt.close()
         shutil.rmtree(home, ignore_errors=True)
+        for q in quiet:
+            q.close()
+            shutil.rmtree(q.config.home, ignore_errors=True)
 
     def paired(a: str, b: str) -> dict[str, Any]:
         r = [x / y for x, y in zip(rounds[a], rounds[b], strict=True)]
