@@ -34,7 +34,9 @@ of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: n
 session, no hook — the cache class alone), ``durable_every_64`` (a commit
 every 64 steps: the kernel's commit work taken away) and
 ``durable_flusher_1s`` (a runtime whose flusher wakes once a second: the host
-threads taken away) under ``torch.profiler`` for the
+threads taken away) and ``durable_hook_on_model`` (the step hook on the model,
+a compiled frame and CUDA graph of its own, instead of on its decoder stack,
+inside the forward's graph) under ``torch.profiler`` for the
 timed steps only: GPU kernel time and busy time (the union of kernel
 intervals) per step against the window's span, the kernels by time, and the
 CPU ops by self time. It says whether a durable step's extra time is device
@@ -250,7 +252,17 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
                     "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
                     "durable_every_64": lambda w: durable([w], every=64),
-                    "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0])}
+                    "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
+                    "durable_hook_on_model": lambda w: on_model(lambda: durable([w]))}
+            def on_model(run: Any) -> float:  # the step hook on the model, as before 2026-12-06 (_steps.py)
+                from integrations.transformers import _steps
+
+                _steps._HOOK_ON_MODEL = True
+                try:
+                    return float(run())
+                finally:
+                    _steps._HOOK_ON_MODEL = False
+
             seen = len(steps_seen)
             for name, run in runs.items():
                 prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

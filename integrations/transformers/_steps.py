@@ -17,6 +17,16 @@ last committed token as its one-token first forward, which rewrites its KV
 row and yields the logits to sample from (the same values in deterministic
 mode) — that re-written row is committed again by the first eager step.
 
+The hook goes on the decoder stack (``model.get_decoder()``, e.g. the
+``LlamaModel`` inside ``LlamaForCausalLM``), not on the model itself: the
+compiled call is the model's ``__call__``, whose hooks dynamo compiles as a
+frame of their own (a second graph, guards and CUDA graph replay per step,
+with Python between them), while a submodule's call — its hooks included —
+is inlined into the forward's graph (checked on the CPU with inductor: the op
+in the one graph, after the last layer's cache write). A model without a
+separate decoder keeps the hook on itself. ``_HOOK_ON_MODEL`` puts it back
+on the model (the benchmark's comparison of the two).
+
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
 marked as a static address keeps CUDA graphs on
@@ -40,6 +50,16 @@ __all__ = ["StepCheckpointer"]
 
 # The producer the op's body launches: set while a StepCheckpointer is attached.
 _current: list[Any] = []
+#: hook the model itself instead of its decoder stack (module docs; for the benchmark's comparison)
+_HOOK_ON_MODEL = False
+
+
+def _step_module(model: Any) -> Any:
+    """The module whose forward hook commits a step (module docs): the
+    decoder stack, else the model."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) and not _HOOK_ON_MODEL else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model
 
 
 @torch.library.custom_op("concordia::step_commit", mutates_args=("sink",))
@@ -84,7 +104,7 @@ class StepCheckpointer:
     def attach(self, model: Any) -> None:
         if self.steps.device is not None:
             _current.append(self.steps.device)
-        self._handle = model.register_forward_hook(self, with_kwargs=True)
+        self._handle = _step_module(model).register_forward_hook(self, with_kwargs=True)
 
     def detach(self) -> None:
         if self._handle is not None:
