@@ -58,7 +58,10 @@ def _step_module(model: Any) -> Any:
     """The module whose forward hook commits a step (module docs): the
     decoder stack, else the model."""
     get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) and not _HOOK_ON_MODEL else None
+    try:
+        decoder = get() if callable(get) and not _HOOK_ON_MODEL else None
+    except (AttributeError, NotImplementedError):  # a model that names no decoder
+        decoder = None
     return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model
 
 
