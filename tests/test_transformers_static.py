@@ -128,3 +128,28 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
     out = model.generate(ids, past_key_values=cache, **args)
     assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.beam_indices, ref.beam_indices)
     assert cache.storage.data_ptr() == ptr
+
+
+def test_step_hook_goes_on_the_decoder_stack() -> None:
+    """The step hook's module (``_steps._step_module``): a hook on the model
+    itself is compiled by dynamo as a frame (a graph) of its own, one on the
+    decoder stack is inlined into the forward's graph; a model without a
+    decoder, or the benchmark's switch, keeps it on the model."""
+    from integrations.transformers import _steps
+
+    model = build("llama")
+    assert _steps._step_module(model) is model.get_decoder() is model.model
+    plain = torch.nn.Linear(2, 2)
+    assert _steps._step_module(plain) is plain
+
+    class Broken(torch.nn.Module):
+        def get_decoder(self) -> Any:
+            raise AttributeError("no decoder")
+
+    broken = Broken()
+    assert _steps._step_module(broken) is broken
+    _steps._HOOK_ON_MODEL = True
+    try:
+        assert _steps._step_module(model) is model
+    finally:
+        _steps._HOOK_ON_MODEL = False
