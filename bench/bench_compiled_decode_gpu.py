@@ -14,7 +14,10 @@ of the per-step figure and are reported apart, as whole-call times. The
 static cache has the same length in every call (no recompilation per call);
 dynamo's recompile limit is raised and reset per shape (plain and durable
 caches are different types, batches different shapes: a first version of
-this benchmark hit the default limit of 8 and fell back to eager).
+this benchmark hit the default limit of 8 and fell back to eager). A
+durable call's whole time is also split by phase (medians): session open,
+to the first commit (the prefill and the prompt's epoch), to the last token,
+and the rest (final commit, flush, close).
 Protocol: one warm-up call of each variant (compilation), then
 ``--repeats`` rounds, variants interleaved in alternating order; median
 over rounds, and the paired ratio (durable over plain of the same round),
@@ -84,6 +87,20 @@ def copy_bandwidth() -> float:
         times.append(time.perf_counter() - t)
     del a, b
     return 2 * (2 << 30) / statistics.median(times[1:])
+
+
+class LastToken(StoppingCriteria):
+    """Notes when ``generate`` holds its last token (device synchronized
+    first); never stops generation."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.at = length, 0.0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        if input_ids.shape[1] == self.length:
+            torch.cuda.synchronize()
+            self.at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class StepClock(StoppingCriteria):
@@ -192,6 +209,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
     made = [0]
     quiet: list[Any] = []  # the --profile variant's runtime with a slow flusher
+    phases: dict[str, list[dict[str, float]]] = {}  # a durable call's time by phase (durable())
 
     def durable(extra: list[Any] | None = None, *, static: bool = True, every: int = 1,
                 runtime: Any = None) -> float:
@@ -203,14 +221,29 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         if every != 1:
             how["checkpoint_every"] = every
         on = runtime or rt
+        stamps: list[tuple[str, float]] = []
+        last = LastToken(prompt_len + new_tokens)
+
+        def noted(e: Any) -> None:
+            events.append(e)
+            stamps.append((e.phase, time.perf_counter()))
+
         try:
             torch.cuda.synchronize()
             t = time.perf_counter()
             durable_generate(model, ids, sid, runtime=on, max_new_tokens=new_tokens, do_sample=False,
-                             on_event=events.append, stopping_criteria=StoppingCriteriaList([clock, *(extra or [])]),
+                             on_event=noted, stopping_criteria=StoppingCriteriaList([clock, *(extra or []), last]),
                              **how)
             torch.cuda.synchronize()
-            whole.setdefault("durable" if static else "durable_eager", []).append(time.perf_counter() - t)
+            end = time.perf_counter()
+            name = "durable" if static else "durable_eager"
+            whole.setdefault(name, []).append(end - t)
+            # Where a call's time goes: session open (lease, ring), then to the first commit (the prompt's
+            # epoch on the host), then to the last token, then the final commit, flush and close.
+            opened = next(at for phase, at in stamps if phase == "opened")
+            first = next((at for phase, at in stamps if phase == "token_committed"), opened)
+            phases.setdefault(name, []).append({"open": opened - t, "to_first_commit": first - opened,
+                                                "to_last_token": last.at - first, "finish": end - last.at})
         finally:
             on.delete(sid)  # no disk writeback of this call carried into the next
         if static:
@@ -225,6 +258,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             fn()
         calls["launch"], steps_seen[:] = 0, []
         whole.clear()
+        phases.clear()
         rounds: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(repeats):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -232,6 +266,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
                 rounds[name].append(variants[name]())
         launches = calls["launch"]
         timed_whole = {k: list(v) for k, v in whole.items()}
+        timed_phases = {k: {p: statistics.median(c[p] for c in v) for p in v[0]} for k, v in phases.items()}
         profiles: dict[str, Any] = {}
         if profile:
             from torch.profiler import ProfilerActivity
@@ -288,6 +323,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         "durable_over_plain_paired": ratios["median"],
         "paired_range": ratios["range"],
         "whole_call_s": {k: statistics.median(v) for k, v in timed_whole.items()},
+        "durable_call_phases_s": timed_phases,
         "host_launch_calls_per_call": launches / repeats,
         "device_epochs_per_call": statistics.median(steps_seen) if steps_seen else None,
     }
