@@ -172,11 +172,54 @@ def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
     }
 
 
+def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int, start: int, new_tokens: int,
+                     plain: Any, durable: Any, quiet: list[Any]) -> dict[str, Any]:
+    """``--profile``: one call of each variant (module docs) under the profiler
+    for the timed steps. ``quiet`` receives the slow-flusher runtime (the
+    caller closes it)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    from concordia_agents import Runtime
+    from integrations.transformers import DurableStaticCache, _steps
+
+    def durable_cache() -> Any:
+        return DurableStaticCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new_tokens + 1)
+
+    def on_model(run: Any) -> float:  # the step hook on the model, as before 2026-12-06 (_steps.py)
+        _steps._HOOK_ON_MODEL = True
+        try:
+            return float(run())
+        finally:
+            _steps._HOOK_ON_MODEL = False
+
+    plain(cache=durable_cache())  # compiles generate's step for this cache class
+    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
+        torch.ones(1, device=ids.device).add_(1)
+        torch.cuda.synchronize()
+    # Durable variants that each take one suspect away: a commit every 64 steps (the kernel launches every
+    # step but commits once in the window: its commit work); a runtime whose flusher wakes once a second
+    # (host threads beside generate's loop, which syncs every step); the hook back on the model.
+    quiet.append(Runtime.open(home=Path(tempfile.mkdtemp()),
+                              **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0}))
+    runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
+            "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
+            "durable_every_64": lambda w: durable([w], every=64),
+            "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
+            "durable_hook_on_model": lambda w: on_model(lambda: durable([w]))}
+    out: dict[str, Any] = {}
+    for name, run in runs.items():
+        prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        ms = run(ProfileWindow(prof, prompt_len, start, new_tokens))
+        out[name] = {"ms_per_step_profiled": ms, **profile_summary(prof, new_tokens - start)}
+    return out
+
+
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
             profile: bool = False, eager: bool = False) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
-    from integrations.transformers import DurableStaticCache, durable_generate
+    from integrations.transformers import durable_generate
 
     ids = torch.randint(3, 30000, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).cuda()
     calls = {"launch": 0}
@@ -269,41 +312,11 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         timed_phases = {k: {p: statistics.median(c[p] for c in v) for p in v[0]} for k, v in phases.items()}
         profiles: dict[str, Any] = {}
         if profile:
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as profiler
-
-            def durable_cache() -> Any:
-                return DurableStaticCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new_tokens + 1)
-
-            plain(cache=durable_cache())  # compiles generate's step for this cache class
-            with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
-                torch.ones(1, device=ids.device).add_(1)
-                torch.cuda.synchronize()
-            # Two durable variants that each take one suspect away: a commit every 64 steps (the kernel
-            # launches every step but commits once in the window: its commit work), and a runtime whose
-            # flusher wakes once a second (host threads beside generate's loop, which syncs every step).
-            quiet_home = Path(tempfile.mkdtemp())
-            quiet[:] = [Runtime.open(home=quiet_home, **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0})]
-            runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
-                    "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
-                    "durable_every_64": lambda w: durable([w], every=64),
-                    "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
-                    "durable_hook_on_model": lambda w: on_model(lambda: durable([w]))}
-            def on_model(run: Any) -> float:  # the step hook on the model, as before 2026-12-06 (_steps.py)
-                from integrations.transformers import _steps
-
-                _steps._HOOK_ON_MODEL = True
-                try:
-                    return float(run())
-                finally:
-                    _steps._HOOK_ON_MODEL = False
-
-            seen = len(steps_seen)
-            for name, run in runs.items():
-                prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-                ms = run(ProfileWindow(prof, prompt_len, start, new_tokens))
-                profiles[name] = {"ms_per_step_profiled": ms, **profile_summary(prof, new_tokens - start)}
-            del steps_seen[seen:]  # the profiled calls are not timed rounds
+            try:
+                profiles = profile_variants(model, batch, ids, prompt_len, start, new_tokens, plain, durable, quiet)
+            except Exception:  # noqa: BLE001 - the timed rounds above stand; say what failed
+                profiles = {"error": traceback.format_exc()[-3000:]}
+            del steps_seen[len(rounds["durable"]):]  # the profiled calls are not timed rounds
     finally:
         step_commit.StepCommitter.launch = launch  # type: ignore[method-assign]
         rt.close()
@@ -491,8 +504,9 @@ def main() -> None:
                 print(key, json.dumps({k: v for k, v in result[key].items() if k not in ("rounds_ms", "profile")}),
                       flush=True)
                 for name, prof in result[key].get("profile", {}).items():
-                    print(f"  profile {name}:", json.dumps({k: v for k, v in prof.items() if not k.startswith("top")}),
-                          flush=True)
+                    brief = ({k: v for k, v in prof.items() if not k.startswith("top")} if isinstance(prof, dict)
+                             else prof)
+                    print(f"  profile {name}:", json.dumps(brief), flush=True)
             for n in args.resume_tokens if args.only != "steps" and shape == args.shapes[-1] else ():
                 key = f"{shape}_resume_{n // 1024}k"
                 try:
