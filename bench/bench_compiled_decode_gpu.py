@@ -37,9 +37,9 @@ of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: n
 session, no hook — the cache class alone), ``durable_every_64`` (a commit
 every 64 steps: the kernel's commit work taken away) and
 ``durable_flusher_1s`` (a runtime whose flusher wakes once a second: the host
-threads taken away) and ``durable_hook_on_model`` (the step hook on the model,
-a compiled frame and CUDA graph of its own, instead of on its decoder stack,
-inside the forward's graph) under ``torch.profiler`` for the
+threads taken away) and ``durable_hook_on_decoder`` (the step hook on the
+decoder stack, inside the forward's graph, instead of on the model, where it
+is a compiled frame and CUDA graph of its own) under ``torch.profiler`` for the
 timed steps only: GPU kernel time and busy time (the union of kernel
 intervals) per step against the window's span, the kernels by time, and the
 CPU ops by self time. It says whether a durable step's extra time is device
@@ -186,12 +186,12 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
     def durable_cache() -> Any:
         return DurableStaticCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new_tokens + 1)
 
-    def on_model(run: Any) -> float:  # the step hook on the model, as before 2026-12-06 (_steps.py)
-        _steps._HOOK_ON_MODEL = True
+    def on_decoder(run: Any) -> float:  # the step hook on the decoder stack (_steps.py)
+        _steps._HOOK_ON_DECODER = True
         try:
             return float(run())
         finally:
-            _steps._HOOK_ON_MODEL = False
+            _steps._HOOK_ON_DECODER = False
 
     plain(cache=durable_cache())  # compiles generate's step for this cache class
     with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
@@ -199,14 +199,15 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
         torch.cuda.synchronize()
     # Durable variants that each take one suspect away: a commit every 64 steps (the kernel launches every
     # step but commits once in the window: its commit work); a runtime whose flusher wakes once a second
-    # (host threads beside generate's loop, which syncs every step); the hook back on the model.
+    # (host threads beside generate's loop, which syncs every step); and one that may remove a cost: the hook on
+    # the decoder stack, inside the forward's graph.
     quiet.append(Runtime.open(home=Path(tempfile.mkdtemp()),
                               **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0}))
     runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
             "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
             "durable_every_64": lambda w: durable([w], every=64),
             "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
-            "durable_hook_on_model": lambda w: on_model(lambda: durable([w]))}
+            "durable_hook_on_decoder": lambda w: on_decoder(lambda: durable([w]))}
     out: dict[str, Any] = {}
     for name, run in runs.items():
         prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

@@ -130,26 +130,46 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
     assert cache.storage.data_ptr() == ptr
 
 
-def test_step_hook_goes_on_the_decoder_stack() -> None:
-    """The step hook's module (``_steps._step_module``): a hook on the model
-    itself is compiled by dynamo as a frame (a graph) of its own, one on the
-    decoder stack is inlined into the forward's graph; a model without a
-    decoder, or the benchmark's switch, keeps it on the model."""
+def test_step_hook_module() -> None:
+    """The step hook's module (``_steps._step_module``): the model; with
+    ``_HOOK_ON_DECODER`` its decoder stack (inlined into the forward's
+    compiled graph), or the model itself when it names no decoder."""
     from integrations.transformers import _steps
 
     model = build("llama")
-    assert _steps._step_module(model) is model.get_decoder() is model.model
-    plain = torch.nn.Linear(2, 2)
-    assert _steps._step_module(plain) is plain
+    assert _steps._step_module(model) is model
 
     class Broken(torch.nn.Module):
         def get_decoder(self) -> Any:
             raise AttributeError("no decoder")
 
-    broken = Broken()
-    assert _steps._step_module(broken) is broken
-    _steps._HOOK_ON_MODEL = True
+    broken, plain = Broken(), torch.nn.Linear(2, 2)
+    _steps._HOOK_ON_DECODER = True
     try:
-        assert _steps._step_module(model) is model
+        assert _steps._step_module(model) is model.get_decoder() is model.model
+        assert _steps._step_module(plain) is plain
+        assert _steps._step_module(broken) is broken
     finally:
-        _steps._HOOK_ON_MODEL = False
+        _steps._HOOK_ON_DECODER = False
+
+
+def test_step_hook_on_the_decoder_commits_every_step(tmp_path):
+    """With the hook on the decoder stack, durable_generate's static path (eager on the CPU: host commits)
+    returns transformers' static-cache tokens and commits an epoch per model step, the prompt's included."""
+    from concordia_agents import Runtime
+    from integrations.transformers import _steps, durable_generate
+
+    model = build("llama")
+    ids, mask = prompt(1, False)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    events: list[Any] = []
+    _steps._HOOK_ON_DECODER = True
+    try:
+        with Runtime.open(home=tmp_path, backend="host") as rt:
+            out = durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=8,
+                                   do_sample=False, cache_implementation="static", on_event=events.append)
+    finally:
+        _steps._HOOK_ON_DECODER = False
+    assert torch.equal(out, ref)
+    committed = [e.n_generated for e in events if e.phase == "token_committed"]
+    assert committed == list(range(0, 8)), committed  # the prefill's step (0 generated), then one per step

@@ -17,15 +17,15 @@ last committed token as its one-token first forward, which rewrites its KV
 row and yields the logits to sample from (the same values in deterministic
 mode) — that re-written row is committed again by the first eager step.
 
-The hook goes on the decoder stack (``model.get_decoder()``, e.g. the
-``LlamaModel`` inside ``LlamaForCausalLM``), not on the model itself: the
-compiled call is the model's ``__call__``, whose hooks dynamo compiles as a
-frame of their own (a second graph, guards and CUDA graph replay per step,
-with Python between them), while a submodule's call — its hooks included —
-is inlined into the forward's graph (checked on the CPU with inductor: the op
-in the one graph, after the last layer's cache write). A model without a
-separate decoder keeps the hook on itself. ``_HOOK_ON_MODEL`` puts it back
-on the model (the benchmark's comparison of the two).
+Where the hook goes: on the model (the placement the GPU tests passed with).
+The compiled call is the model's ``__call__``, whose own hooks dynamo
+compiles as a frame of their own (a second graph, guards and CUDA graph
+replay per step, with Python between them), while a submodule's call — its
+hooks included — is inlined into the forward's graph (checked on the CPU with
+inductor: the op in the one graph, after the last layer's cache write, no
+recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
+stack (``model.get_decoder()``) instead; the benchmark compares the two, and
+it becomes the default once it has passed the GPU tests.
 
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
@@ -50,16 +50,16 @@ __all__ = ["StepCheckpointer"]
 
 # The producer the op's body launches: set while a StepCheckpointer is attached.
 _current: list[Any] = []
-#: hook the model itself instead of its decoder stack (module docs; for the benchmark's comparison)
-_HOOK_ON_MODEL = False
+#: hook the decoder stack instead of the model (module docs; the benchmark's comparison)
+_HOOK_ON_DECODER = False
 
 
 def _step_module(model: Any) -> Any:
-    """The module whose forward hook commits a step (module docs): the
-    decoder stack, else the model."""
+    """The module whose forward hook commits a step (module docs): the model,
+    or with ``_HOOK_ON_DECODER`` its decoder stack if it has one."""
     get = getattr(model, "get_decoder", None)
     try:
-        decoder = get() if callable(get) and not _HOOK_ON_MODEL else None
+        decoder = get() if callable(get) and _HOOK_ON_DECODER else None
     except (AttributeError, NotImplementedError):  # a model that names no decoder
         decoder = None
     return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model
