@@ -64,6 +64,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -183,15 +184,12 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
     from concordia_agents import Runtime
     from integrations.transformers import DurableStaticCache, _steps
 
+    def on_decoder(run: Any, w: Any) -> float:  # the step hook on the decoder stack (_steps.py)
+        with mock.patch.object(_steps, "_HOOK_ON_DECODER", True):
+            return float(run([w]))
+
     def durable_cache() -> Any:
         return DurableStaticCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new_tokens + 1)
-
-    def on_decoder(run: Any) -> float:  # the step hook on the decoder stack (_steps.py)
-        _steps._HOOK_ON_DECODER = True
-        try:
-            return float(run())
-        finally:
-            _steps._HOOK_ON_DECODER = False
 
     plain(cache=durable_cache())  # compiles generate's step for this cache class
     with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):  # CUPTI starts up here
@@ -207,7 +205,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
             "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
             "durable_every_64": lambda w: durable([w], every=64),
             "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
-            "durable_hook_on_decoder": lambda w: on_decoder(lambda: durable([w]))}
+            "durable_hook_on_decoder": lambda w: on_decoder(durable, w)}
     out: dict[str, Any] = {}
     for name, run in runs.items():
         prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

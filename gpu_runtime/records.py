@@ -153,7 +153,9 @@ def encode_header(
     return head[:28] + struct.pack("<I", _header_crc(head)) + head[32:]
 
 
-_TYPES = frozenset(int(t) for t in RecordType)
+_TYPE_OF = {int(t): t for t in RecordType}  #: decode_header's lookups (no enum construction per record)
+_TYPES = frozenset(_TYPE_OF)
+_FLAGS_OF = {int(f): f for f in (RecordFlags.NONE, RecordFlags.BASE)}
 
 
 def _header_crc(raw: bytes) -> int:
@@ -210,7 +212,7 @@ def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         if raw == bytes(HEADER_SIZE):
             raise FramingError("expected a record header, found zero bytes", torn=True)
         raise FramingError(f"expected magic {RECORD_MAGIC!r}, found {magic!r}", torn=False)
-    if checksum(raw[32:64], checksum(raw[:28])) != hcrc:
+    if _header_crc(raw) != hcrc:
         raise FramingError("header checksum mismatch", torn=False)
     if version != RECORD_VERSION:
         raise FramingError(f"expected record format version {RECORD_VERSION}, found {version}", torn=False)
@@ -222,6 +224,3 @@ def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         flag = RecordFlags(flags)
     return RecordHeader(kind, tag, epoch, region, flag, offset, length, aux, psum)
 
-
-_TYPE_OF = {int(t): t for t in RecordType}
-_FLAGS_OF = {int(f): f for f in (RecordFlags.NONE, RecordFlags.BASE)}

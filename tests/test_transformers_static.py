@@ -130,7 +130,7 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
     assert cache.storage.data_ptr() == ptr
 
 
-def test_step_hook_module() -> None:
+def test_step_hook_module(monkeypatch) -> None:
     """The step hook's module (``_steps._step_module``): the model; with
     ``_HOOK_ON_DECODER`` its decoder stack (inlined into the forward's
     compiled graph), or the model itself when it names no decoder."""
@@ -144,16 +144,13 @@ def test_step_hook_module() -> None:
             raise AttributeError("no decoder")
 
     broken, plain = Broken(), torch.nn.Linear(2, 2)
-    _steps._HOOK_ON_DECODER = True
-    try:
-        assert _steps._step_module(model) is model.get_decoder() is model.model
-        assert _steps._step_module(plain) is plain
-        assert _steps._step_module(broken) is broken
-    finally:
-        _steps._HOOK_ON_DECODER = False
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", True)
+    assert _steps._step_module(model) is model.get_decoder() is model.model
+    assert _steps._step_module(plain) is plain
+    assert _steps._step_module(broken) is broken
 
 
-def test_step_hook_on_the_decoder_commits_every_step(tmp_path):
+def test_step_hook_on_the_decoder_commits_every_step(tmp_path, monkeypatch):
     """With the hook on the decoder stack, durable_generate's static path (eager on the CPU: host commits)
     returns transformers' static-cache tokens and commits an epoch per model step, the prompt's included."""
     from concordia_agents import Runtime
@@ -163,13 +160,10 @@ def test_step_hook_on_the_decoder_commits_every_step(tmp_path):
     ids, mask = prompt(1, False)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
     events: list[Any] = []
-    _steps._HOOK_ON_DECODER = True
-    try:
-        with Runtime.open(home=tmp_path, backend="host") as rt:
-            out = durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=8,
-                                   do_sample=False, cache_implementation="static", on_event=events.append)
-    finally:
-        _steps._HOOK_ON_DECODER = False
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", True)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        out = durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=8,
+                               do_sample=False, cache_implementation="static", on_event=events.append)
     assert torch.equal(out, ref)
     committed = [e.n_generated for e in events if e.phase == "token_committed"]
     assert committed == list(range(0, 8)), committed  # the prefill's step (0 generated), then one per step

@@ -57,12 +57,13 @@ _HOOK_ON_DECODER = False
 def _step_module(model: Any) -> Any:
     """The module whose forward hook commits a step (module docs): the model,
     or with ``_HOOK_ON_DECODER`` its decoder stack if it has one."""
-    get = getattr(model, "get_decoder", None)
+    if not _HOOK_ON_DECODER:
+        return model
     try:
-        decoder = get() if callable(get) and _HOOK_ON_DECODER else None
+        decoder = model.get_decoder()
     except (AttributeError, NotImplementedError):  # a model that names no decoder
-        decoder = None
-    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model
+        return model
+    return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
 @torch.library.custom_op("concordia::step_commit", mutates_args=("sink",))
