@@ -6,7 +6,10 @@ meta), so after a few turns its log holds thousands of records, and a
 resume's fixed costs grow with them: the replay scan reads every header and
 verifies every COMMIT checksum. Per log size (``--epochs``): the time to open
 the session (``rt.session``: lease, ring, scan) and to resume it (open plus
-restoring both regions), against the same final state committed as one
+restoring both regions), for the log written with compaction off
+(``per_token``: every epoch's records stay), with the default compaction
+(``folded``: every 256 epochs the tail is folded into a layer on the base
+image, ``_base_image``), and against the same final state committed as one
 epoch (the baseline: what the open costs without the per-token history), in
 the same run. Medians after a warm-up; JSON to ``bench/results/``.
 
@@ -33,10 +36,18 @@ _CALLS = [{"id": f"call-{i}", "prompt": "p" * 64, "generation": "g" * 64, "start
            "end": 1000 * i + 100} for i in range(20)]  #: a conversation's meta of 20 finished calls (~4.5 KB)
 
 
-def build(home: Path, epochs: int, *, one_epoch: bool) -> None:
+#: how each log is written: compaction options, and whether the state is committed as one epoch
+_MODES: dict[str, tuple[dict[str, int], bool]] = {
+    "per_token": ({"compact_bytes": 0}, False),
+    "folded": ({}, False),  # the defaults: compact_bytes 256 MiB, compact_epochs 256
+    "one_epoch": ({"compact_bytes": 0}, True),
+}
+
+
+def build(home: Path, epochs: int, *, one_epoch: bool, options: dict[str, int]) -> None:
     from concordia_agents import Runtime
 
-    with Runtime.open(home=home, backend="host", fsync="none", compact_bytes=0) as rt:
+    with Runtime.open(home=home, backend="host", fsync="none", **options) as rt:
         s = rt.session("conv")
         kv = np.zeros((_OUTER, epochs + 1, _ROW), np.uint16)
         tok = np.zeros((1, epochs + 1), np.int64)
@@ -54,10 +65,10 @@ def run(epochs: int, repeats: int) -> dict[str, Any]:
     from concordia_agents import Runtime
 
     out: dict[str, Any] = {"epochs": epochs}
-    for label, one in (("per_token", False), ("one_epoch", True)):
+    for label, (options, one) in _MODES.items():
         home = Path(tempfile.mkdtemp())
         try:
-            build(home, epochs, one_epoch=one)
+            build(home, epochs, one_epoch=one, options=options)
             rt = Runtime.open(home=home, backend="host", fsync="none", compact_bytes=0, warm_ring_bytes=0)
             try:
                 out[f"{label}_open_s"] = measure(lambda rt=rt: rt.session("conv").release(), warmup=1,
@@ -74,6 +85,8 @@ def run(epochs: int, repeats: int) -> dict[str, Any]:
                                            - out["one_epoch_open_s"]["median_s"]) / records * 1e6
     out["open_ratio"] = out["per_token_open_s"]["median_s"] / out["one_epoch_open_s"]["median_s"]
     out["resume_ratio"] = out["per_token_resume_s"]["median_s"] / out["one_epoch_resume_s"]["median_s"]
+    out["folded_open_ratio"] = out["folded_open_s"]["median_s"] / out["one_epoch_open_s"]["median_s"]
+    out["folded_resume_ratio"] = out["folded_resume_s"]["median_s"] / out["one_epoch_resume_s"]["median_s"]
     return out
 
 

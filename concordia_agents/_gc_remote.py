@@ -33,7 +33,7 @@ from ._catalog import Catalog
 from ._catalog._objects import ObjectInfo, forget_objects, objects_of_all
 from ._segments import SEGMENT_HEADER_SIZE, parse_segment_name
 from ._store import ObjectStore, object_key
-from ._uploader import covered_by
+from ._uploader import covered_by, newest_base
 from .errors import RemoteStoreError
 
 __all__ = ["collect_remote"]
@@ -70,11 +70,10 @@ def collect_remote(store: ObjectStore, catalog: Catalog, session_dir_name: Any, 
         rows[(session_dir_name(o.session_id), o.name)] = o
     by_dir = {session_dir_name(sid): sid for sid in infos}
     deleted = {session_dir_name(sid): sid for sid in catalog.tombstoned_ids() if sid not in infos}
-    newest_base: dict[str, ObjectInfo] = {}
+    of_session: dict[str, list[ObjectInfo]] = {}
     for o in rows.values():
-        best = newest_base.get(o.session_id)
-        if o.kind == "base" and o.state == "remote" and (best is None or o.base_offset > best.base_offset):
-            newest_base[o.session_id] = o
+        of_session.setdefault(o.session_id, []).append(o)
+    newest = {sid: newest_base(objs) for sid, objs in of_session.items()}  # (base, its chain's offsets)
     for obj in listed:
         where = f"s3://{store.location.bucket}/{obj.key}"
         parts = obj.key[len(root):].lstrip("/").split("/")
@@ -104,11 +103,11 @@ def collect_remote(store: ObjectStore, catalog: Catalog, session_dir_name: Any, 
         if dname in by_dir:
             sid = by_dir[dname]
             parsed = parse_segment_name(fname)
-            base = newest_base.get(sid)
+            base, chain = newest.get(sid, (None, frozenset()))
             if parsed is not None and base is not None:
                 kind, token, offset = parsed
                 end = offset if kind == "base" else offset + max(0, obj.bytes - SEGMENT_HEADER_SIZE)
-                if covered_by(base, kind, token, offset, end):
+                if covered_by(base, kind, token, offset, end, chain):
                     remove(f"session {sid!r}: no catalog row, and its remote base image {base.name} covers it")
                     continue
             report.kept.append(GcItem(where, f"session {sid!r} exists but the catalog has no row for this object: "

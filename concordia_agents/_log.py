@@ -40,7 +40,7 @@ from typing import Any
 from gpu_runtime.logring import LogRing
 from gpu_runtime.logwriter import LogWriter
 
-from ._base_image import write_base_image
+from ._base_image import choose_layer, write_base_image
 from ._catalog import Catalog, SegmentInfo
 from ._home import make_private_dir, write_session_marker
 from ._log_check import (
@@ -150,6 +150,7 @@ class SessionLog:
         self.closed = False
         self.error: BaseException | None = None  #: last flusher error (e.g. disk full)
         self.delta_bytes = 0
+        self.base_epoch = 0  #: epoch of the newest base image (compaction's epoch trigger counts from it)
         self.rollback: Rollback | None = None  #: set by an open that rolled back
         self._reported_segments: dict[str, SegmentInfo] = {}  #: segment rows as last recorded in the catalog
         #: sealed segment name -> (epoch, log offset past it) of the newest COMMIT up to its end (``_roll``)
@@ -241,6 +242,7 @@ class SessionLog:
         self = cls(session_id=session_id, tag=tag, token=token, directory=directory, ring=ring, segment=segment,
                    config=config, catalog=catalog, epoch=index.epoch)
         self.delta_bytes = index.delta_bytes
+        self.base_epoch = index.base_epoch
         self.ring_created = ring_created
         self.warm = warm
         if rollback is not None:
@@ -346,8 +348,7 @@ class SessionLog:
             self.durable.notify_all()
         # Compaction rewrites the log: only once this owner has committed (an open
         # that is cancelled must leave the files as it found them).
-        if (damage is None and self.config.compact_bytes and self.delta_bytes > self.config.compact_bytes
-                and ring.written > ring.base):
+        if damage is None and ring.written > ring.base and self._compaction_due():
             self.compact()
         self._report(now, force=force_sync)
         if damage is not None:
@@ -429,23 +430,39 @@ class SessionLog:
 
     # -- compaction ---------------------------------------------------------------
 
+    def _compaction_due(self) -> bool:
+        """Compaction's triggers: ``compact_bytes`` of delta records, or
+        ``compact_epochs`` epochs since the newest base image (a conversation's
+        per-token epochs are small and many: the count, not the bytes, is what
+        a resume pays for)."""
+        cfg = self.config
+        if not cfg.compact_bytes:
+            return False
+        return self.delta_bytes > cfg.compact_bytes or bool(
+            cfg.compact_epochs and self.state.copied_epoch - self.base_epoch > cfg.compact_epochs)
+
     def compact(self) -> Path | None:
-        """Fold the durable log into a base image and delete what it covers.
+        """Fold the durable log into a base image (a layer on the current one
+        where ``choose_layer`` says so) and delete what it covers.
 
         Runs on the flusher thread with the lock held; the ring keeps taking
         commits meanwhile. Crash-safe: the base appears under its final name
-        only when complete, and segments are deleted only after that."""
+        only when complete, and segments (and base images the new one's chain
+        does not hold) are deleted only after that."""
         with self.lock:
             self._roll(self.ring.consumed)
             index = scan(self.dir, session_tag=self.tag)
             if index.epoch == 0 or (index.base is not None and index.base_epoch == index.epoch):
                 self.delta_bytes = 0
+                self.base_epoch = index.epoch
                 return None
-            path = write_base_image(self.dir, self.tag, self.token, index)
+            layer = choose_layer(index)
+            path = write_base_image(self.dir, self.tag, self.token, index, layer=layer)
+            keep = {path, *index.chain} if layer else {path}
             removed = []
             bases, deltas = list_segments(self.dir)
             for f in bases:
-                if f.path != path:
+                if f.path not in keep:
                     f.path.unlink(missing_ok=True)
                     removed.append(f.path.name)
             for f in deltas:
@@ -457,7 +474,8 @@ class SessionLog:
                     removed.append(f.path.name)
             fsync_dir(self.dir)
             self.delta_bytes = 0
-            self.log.info("compacted", epoch=index.epoch, base=path.name, removed=len(removed))
+            self.base_epoch = index.epoch
+            self.log.info("compacted", epoch=index.epoch, base=path.name, layer=layer, removed=len(removed))
             try:
                 self.catalog.record_progress(self.session_id, self.token, epoch=self.state.durable_epoch,
                                              offset=self.state.durable_offset, log_bytes=self.log_bytes(),

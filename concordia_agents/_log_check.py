@@ -176,7 +176,7 @@ def quarantine(directory: Path, index: LogIndex, token: int) -> tuple[str, ...]:
     the delta segments lying wholly past the new end of history. Segments that
     straddle it stay: scans read an older chain only up to a later handoff."""
     bases, deltas = list_segments(directory)
-    doomed = [f.path for f in bases if f.path != index.base]
+    doomed = [f.path for f in bases if f.path not in index.chain]
     doomed += [f.path for f in deltas if f.base >= index.end]
     if not doomed:
         return ()

@@ -4,7 +4,10 @@ every record to restore it lives.
 Algorithm (``scan``):
 
 1. Take the newest base image, if any; its records are the state at its epoch
-   and it *covers* the log up to offset ``start``.
+   and it *covers* the log up to offset ``start``. A layer (``_segments``) is
+   read on top of its chain: the full base image at the chain's root first,
+   then each layer in order, their records applied in that order (a later
+   layer's bytes overwrite an earlier one's, as the epochs they fold did).
 2. Group delta segments by owner token into chains. The first segment of chain
    ``t`` starts at ``t``'s handoff offset; chain ``t`` is read up to the next
    chain's handoff (bytes an old owner wrote after a takeover are ignored:
@@ -68,8 +71,11 @@ from gpu_runtime.records import (
 from gpu_runtime.regions import RegionSpec
 
 from ._segments import (
+    KIND_BASE,
+    KIND_LAYER,
     SEGMENT_HEADER_SIZE,
     SegmentFile,
+    base_name,
     list_segments,
     read_segment_header,
 )
@@ -96,8 +102,11 @@ class LogIndex:
     body: dict[str, Any] = field(default_factory=dict)
     specs: dict[int, RegionSpec] = field(default_factory=dict)
     records: dict[int, list[RecordLoc]] = field(default_factory=dict)
-    base: Path | None = None
+    base: Path | None = None  #: the newest base image or layer the state starts from
     base_epoch: int = 0
+    base_covers: int = 0  #: the log offset ``base`` covers
+    chain: tuple[Path, ...] = ()  #: the base images read, root first (``base`` last)
+    base_specs: dict[int, RegionSpec] = field(default_factory=dict)  #: regions as the chain left them
     delta_bytes: int = 0  #: bytes of delta records after the base (compaction trigger)
     damage: CorruptLogError | None = None  #: where a salvage scan stopped (None: it read everything)
     #: the newest COMMIT's verified payload, its file and offset, until ``scan`` parses it into ``body``
@@ -296,9 +305,64 @@ def _body(payload: bytes, path: Path, pos: int) -> dict[str, Any]:
         raise CorruptLogError(f"COMMIT record holds no valid body ({e})", path=str(path), offset=pos) from e
 
 
-def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | None = None) -> None:
-    """Read a base image into ``index``, which changes only once all of it checked out."""
+#: the longest chain of layers a scan follows (compaction writes a full base image long before)
+MAX_CHAIN = 256
+
+
+def _base_chain(newest: SegmentFile, bases: list[SegmentFile]) -> list[SegmentFile]:
+    """``newest`` and the base images it lies on, root first."""
+    by_covers = {f.base: f for f in bases}
+    chain = [newest]
+    while chain[-1].kind == KIND_LAYER:
+        f = chain[-1]
+        parent = by_covers.get(f.parent)
+        if parent is None or parent.base >= f.base:
+            raise CorruptLogError(f"layer lies on the base image {base_name(f.parent)} (or a layer covering log offset "
+                                  f"{f.parent}), which is missing", path=str(f.path), offset=0)
+        if len(chain) >= MAX_CHAIN:
+            raise CorruptLogError(f"expected a chain of at most {MAX_CHAIN} base images, found a longer one",
+                                  path=str(f.path), offset=0)
+        chain.append(parent)
+    return chain[::-1]
+
+
+def _read_base(newest: SegmentFile, bases: list[SegmentFile], tag: int, index: LogIndex,
+               verify_past: int | None = None) -> None:
+    """Read a base image (a layer: its chain) into ``index``, which changes only
+    once all of it checked out."""
+    epoch, covers = 0, -1
+    body: dict[str, Any] = {}
+    specs: dict[int, RegionSpec] = {}
+    records: dict[int, list[RecordLoc]] = {}
+    chain = _base_chain(newest, bases)
+    for f in chain:
+        e, body, f_specs, pending = _read_image(f, tag, verify_past, parent=covers)
+        if e <= epoch:
+            raise CorruptLogError(f"layer of epoch {e} lies on a base image of epoch {epoch}", path=str(f.path),
+                                  offset=48)
+        epoch, covers = e, f.base
+        specs.update(f_specs)
+        for loc in pending:
+            records.setdefault(loc.header.region, []).append(loc)
+    index.epoch = index.base_epoch = epoch
+    index.body = body
+    index.specs = specs
+    index.base_specs = dict(specs)
+    index.records = records
+    index.base = newest.path
+    index.base_covers = index.end = newest.base
+    index.chain = tuple(f.path for f in chain)
+
+
+def _read_image(f: SegmentFile, tag: int, verify_past: int | None,
+                parent: int) -> tuple[int, dict[str, Any], dict[int, RegionSpec], list[RecordLoc]]:
+    """``(epoch, body, specs, data records)`` of one base image or layer; ``parent``:
+    the offset the image it lies on covers (-1: none, a full base image)."""
     hdr = read_segment_header(f.path, session_tag=tag)
+    want_kind = KIND_BASE if parent < 0 else KIND_LAYER
+    if hdr.kind != want_kind or hdr.base != f.base or (parent >= 0 and f.parent != parent):
+        raise CorruptLogError(f"base image header says kind {hdr.kind} covering {hdr.base}; its name and chain "
+                              f"expect kind {want_kind} covering {f.base}", path=str(f.path), offset=24)
     epoch, body = 0, {}
     size = f.size
     pending: list[RecordLoc] = []
@@ -319,6 +383,9 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | Non
             if header.type is RecordType.COMMIT:
                 if not header.flags & RecordFlags.BASE or header.aux != len(pending) + len(specs):
                     raise CorruptLogError("base image commit does not match its records", path=str(f.path), offset=pos)
+                if header.offset != max(parent, 0):
+                    raise CorruptLogError(f"base image commit names the parent covering {header.offset}, its name "
+                                          f"{max(parent, 0)}", path=str(f.path), offset=pos)
                 epoch, body = header.epoch, _body(payload, f.path, pos)
                 break
             if header.type is RecordType.REGION:
@@ -329,14 +396,7 @@ def _read_base(f: SegmentFile, tag: int, index: LogIndex, verify_past: int | Non
     if hdr.epoch != epoch:
         raise CorruptLogError(f"base image header names epoch {hdr.epoch}, its commit epoch {epoch}",
                               path=str(f.path), offset=48)
-    index.epoch = index.base_epoch = epoch
-    index.body = body
-    index.specs = specs
-    index.records = {}
-    for loc in pending:
-        index.records.setdefault(loc.header.region, []).append(loc)
-    index.base = f.path
-    index.end = f.base
+    return epoch, body, specs, pending
 
 
 def scan(directory: Path, *, session_tag: int, salvage: bool = False, only: Collection[str] | None = None) -> LogIndex:
@@ -361,7 +421,7 @@ def _scan(directory: Path, session_tag: int, index: LogIndex, salvage: bool, onl
     verify_past = 0 if salvage else None  # salvage: read and verify every payload
     bases, deltas = list_segments(directory, only)
     if bases:
-        _read_base(bases[-1], session_tag, index, verify_past)
+        _read_base(bases[-1], bases, session_tag, index, verify_past)
     start = index.end
     chains: dict[int, list[SegmentFile]] = {}
     for seg in deltas:

@@ -11,11 +11,20 @@ A session directory holds two kinds of files:
 * ``base-<covers>.img`` — a *base image* written by compaction: REGION records
   and full region contents, then a COMMIT record flagged BASE, equal to the
   state after the epoch that ends at log offset ``covers``.
+* ``base-<covers>-on-<parent>.img`` — a *layer*: a base image that holds only
+  what the log wrote between the base image ``base-<parent>…`` it lies on and
+  ``covers`` (REGION records of every region, the byte ranges and rows those
+  epochs wrote, merged, then the BASE COMMIT, whose ``offset`` repeats
+  ``parent``). The state at ``covers`` is its parent's state with the layer's
+  records applied on top; a parent is itself a base image or a layer, the
+  chain ending in a full one. Layers let a log of thousands of per-token
+  epochs fold its tail into a few large records at the cost of the tail's
+  bytes, not of the whole state (``_base_image``).
 
 Header, format version 1 (64 bytes, little-endian)::
 
     0  8s magic b"CNCRSEG\\0"      32 u64 base (log offset of the first record;
-    8  u32 version                         for a base image, the offset it covers)
+    8  u32 version (1; 2: a layer)         for a base image, the offset it covers)
     12 u32 header_size (64)         40 u64 created_ns
     16 u64 session_tag              48 u64 epoch (base image: its epoch; else 0)
     24 u64 token                    56 u32 kind (0 delta, 1 base)
@@ -23,7 +32,9 @@ Header, format version 1 (64 bytes, little-endian)::
 
 Both kinds are written and then made durable by ``fsync`` of the file and of
 the directory; base images go through a temporary name and ``os.replace``, so a
-base exists under its final name only when complete.
+base exists under its final name only when complete. A layer's header says
+version 2, so that a reader of version 1, which knows no layers, refuses it
+instead of taking it for a whole state.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ __all__ = [
     "SegmentFile",
     "SegmentHeader",
     "SegmentWriter",
+    "base_chain",
     "fsync_dir",
     "list_segments",
     "parse_segment_name",
@@ -54,12 +66,13 @@ __all__ = [
 
 SEGMENT_MAGIC = b"CNCRSEG\0"
 SEGMENT_VERSION = 1
+LAYER_VERSION = 2  #: the format version of a layer's header (module docstring)
 _HDR = struct.Struct("<8sIIQQQQQII")
 SEGMENT_HEADER_SIZE = _HDR.size
 assert SEGMENT_HEADER_SIZE == 64
-KIND_DELTA, KIND_BASE = 0, 1
+KIND_DELTA, KIND_BASE, KIND_LAYER = 0, 1, 2
 _DELTA_RE = re.compile(r"^seg-(\d{10})-([0-9a-f]{16})\.log$")
-_BASE_RE = re.compile(r"^base-([0-9a-f]{16})\.img$")
+_BASE_RE = re.compile(r"^base-([0-9a-f]{16})(?:-on-([0-9a-f]{16}))?\.img$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +85,8 @@ class SegmentHeader:
     kind: int
 
     def encode(self) -> bytes:
-        raw = _HDR.pack(SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_SIZE, self.session_tag, self.token,
+        version = LAYER_VERSION if self.kind == KIND_LAYER else SEGMENT_VERSION
+        raw = _HDR.pack(SEGMENT_MAGIC, version, SEGMENT_HEADER_SIZE, self.session_tag, self.token,
                         self.base, self.created_ns, self.epoch, self.kind, 0)
         return raw[:60] + struct.pack("<I", checksum(raw[:60]))
 
@@ -85,6 +99,7 @@ class SegmentFile:
     kind: int
     token: int
     base: int
+    parent: int = -1  #: a layer: the offset its parent base image covers (else -1)
 
     @property
     def size(self) -> int:
@@ -95,8 +110,33 @@ def delta_name(token: int, base: int) -> str:
     return f"seg-{token:010d}-{base:016x}.log"
 
 
-def base_name(covers: int) -> str:
+def base_name(covers: int, parent: int = -1) -> str:
+    """A base image's name; with ``parent``, a layer's."""
+    if parent >= 0:
+        return f"base-{covers:016x}-on-{parent:016x}.img"
     return f"base-{covers:016x}.img"
+
+
+def base_chain(newest: str, names: Collection[str]) -> list[str] | None:
+    """The names of base image ``newest`` and of the images it lies on (a
+    layer's chain, from the names alone), newest first; None if one of them is
+    not among ``names``. What must be kept (and, remotely, fetched) with it."""
+    by_covers: dict[int, str] = {}
+    for n in names:
+        if m := _BASE_RE.match(n):
+            by_covers[int(m.group(1), 16)] = n
+    chain, name = [], newest
+    while True:
+        m = _BASE_RE.match(name)
+        if m is None or name not in names:
+            return None
+        chain.append(name)
+        if m.group(2) is None:
+            return chain
+        parent = int(m.group(2), 16)
+        if parent >= int(m.group(1), 16) or parent not in by_covers:
+            return None
+        name = by_covers[parent]
 
 
 def parse_segment_name(name: str) -> tuple[str, int, int] | None:
@@ -120,7 +160,10 @@ def list_segments(directory: Path, only: Collection[str] | None = None) -> tuple
         if m := _DELTA_RE.match(p.name):
             deltas.append(SegmentFile(p, KIND_DELTA, int(m.group(1)), int(m.group(2), 16)))
         elif m := _BASE_RE.match(p.name):
-            bases.append(SegmentFile(p, KIND_BASE, 0, int(m.group(1), 16)))
+            if m.group(2) is None:
+                bases.append(SegmentFile(p, KIND_BASE, 0, int(m.group(1), 16)))
+            else:
+                bases.append(SegmentFile(p, KIND_LAYER, 0, int(m.group(1), 16), int(m.group(2), 16)))
     bases.sort(key=lambda f: f.base)
     deltas.sort(key=lambda f: (f.token, f.base))
     return bases, deltas
@@ -138,9 +181,12 @@ def read_segment_header(path: Path, *, session_tag: int) -> SegmentHeader:
         raise CorruptLogError(f"expected segment magic {SEGMENT_MAGIC!r}, found {magic!r}", path=str(path), offset=0)
     if checksum(raw[:60]) != crc:
         raise CorruptLogError("segment header checksum mismatch", path=str(path), offset=0)
-    if version != SEGMENT_VERSION or hsize != SEGMENT_HEADER_SIZE:
-        raise CorruptLogError(f"expected segment format version {SEGMENT_VERSION}, found {version}",
+    if version not in (SEGMENT_VERSION, LAYER_VERSION) or hsize != SEGMENT_HEADER_SIZE:
+        raise CorruptLogError(f"expected segment format version {SEGMENT_VERSION} or {LAYER_VERSION}, found {version}",
                               path=str(path), offset=8)
+    if (version == LAYER_VERSION) != (kind == KIND_LAYER):
+        raise CorruptLogError(f"segment header of format version {version} names kind {kind}", path=str(path),
+                              offset=56)
     if tag != session_tag:
         raise CorruptLogError(f"expected session tag {session_tag:016x}, found {tag:016x}: a file of another session",
                               path=str(path), offset=16)

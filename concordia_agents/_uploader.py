@@ -41,6 +41,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +62,10 @@ from ._log import SessionLog
 from ._logging import get_logger
 from ._replay import last_commit, scan
 from ._segments import (
-    KIND_BASE,
     KIND_DELTA,
     SEGMENT_HEADER_SIZE,
     SegmentFile,
+    base_chain,
     fsync_dir,
     list_segments,
     read_segment_header,
@@ -74,20 +75,22 @@ from ._upload_worker import UploadWorker
 from .config import RuntimeConfig
 from .errors import ConcordiaError, OwnershipError, RemoteStoreError
 
-__all__ = ["Uploader", "covered_by"]
+__all__ = ["Uploader", "covered_by", "newest_base"]
 
 _MAX_BACKOFF = 30.0
 _NICE = 10  #: the uploader thread's niceness (Linux: per thread, inherited by the threads it starts)
 
 
-def covered_by(base: ObjectInfo | None, kind: str, token: int, base_offset: int, end: int) -> bool:
+def covered_by(base: ObjectInfo | None, kind: str, token: int, base_offset: int, end: int,
+               chain: Collection[int] = ()) -> bool:
     """Whether a file is history the base image ``base`` folded in (compaction's
-    rule: older bases, older owners' chains, and the base owner's segments
-    that end at or before the offset it covers)."""
+    rule: older bases, except those of ``chain``, the offsets covered by the
+    images a layer lies on; older owners' chains; and the base owner's
+    segments that end at or before the offset it covers)."""
     if base is None:
         return False
     if kind == "base":
-        return base_offset < base.base_offset
+        return base_offset < base.base_offset and base_offset not in chain
     return token < base.token or end <= base.base_offset
 
 
@@ -97,7 +100,7 @@ def _object_end(o: ObjectInfo) -> int:
 
 
 def _end(f: SegmentFile) -> int:
-    return f.base if f.kind == KIND_BASE else f.base + f.size - SEGMENT_HEADER_SIZE
+    return f.base if f.kind != KIND_DELTA else f.base + f.size - SEGMENT_HEADER_SIZE
 
 
 @dataclass(slots=True)
@@ -286,7 +289,7 @@ class Uploader:
         if listing == e.last_listing and not ended and e.error is None and e.remote_end is not None:
             return False  # no file sealed since the last whole pass: no catalog read either
         rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
-        newest_base = _newest_base(rows.values())
+        newest, chain = newest_base(rows.values())
         uploaded: list[SegmentFile] = []
         for f in bases + deltas:  # bases by offset, then chains oldest first
             row = rows.get(f.path.name)
@@ -294,8 +297,8 @@ class Uploader:
                 continue
             if row is not None and row.state == "remote" and row.bytes == f.size:
                 continue  # uploaded, and not grown since (a resume's drain may append to a sealed file)
-            kind = "base" if f.kind == KIND_BASE else "delta"
-            if covered_by(newest_base, kind, f.token, f.base, _end(f)):
+            kind = "delta" if f.kind == KIND_DELTA else "base"  # a layer is a base image to the store
+            if covered_by(newest, kind, f.token, f.base, _end(f), chain):
                 continue
             if self._upload(slog, f, kind):  # raises on failure: the pass stops, the order holds
                 uploaded.append(f)
@@ -379,9 +382,9 @@ class Uploader:
 
     def _delete_covered(self, e: _Entry, rows: dict[str, ObjectInfo]) -> None:
         slog = e.log
-        base = _newest_base(rows.values())
+        base, chain = newest_base(rows.values())
         gone = [o for o in rows.values() if o is not base and o.state != "deleting"
-                and covered_by(base, o.kind, o.token, o.base_offset, _object_end(o))]
+                and covered_by(base, o.kind, o.token, o.base_offset, _object_end(o), chain)]
         gone += [o for o in rows.values() if o.state == "deleting"]
         if not gone:
             return
@@ -400,18 +403,26 @@ class Uploader:
         return fetch_objects(self.store, self.catalog, session_id, directory, session_tag(session_id))
 
 
-def _newest_base(rows: Any) -> ObjectInfo | None:
-    bases = [o for o in rows if o.kind == "base" and o.state == "remote"]
-    return max(bases, key=lambda o: o.base_offset) if bases else None
+def newest_base(rows: Any) -> tuple[ObjectInfo | None, frozenset[int]]:
+    """The newest ``remote`` base image whose whole chain is remote (a layer is
+    of no use without the images it lies on), and the offsets its chain's
+    older images cover (kept with it)."""
+    bases = {o.name: o for o in rows if o.kind == "base" and o.state == "remote"}
+    for o in sorted(bases.values(), key=lambda o: o.base_offset, reverse=True):
+        chain = base_chain(o.name, bases.keys())
+        if chain is not None:
+            return o, frozenset(bases[n].base_offset for n in chain[1:])
+    return None, frozenset()
 
 
 def needed_objects(rows: Any) -> list[ObjectInfo]:
     """The ``remote`` objects a restore from the store alone reads: the newest
-    remote base image and the files it does not cover (what ``fetch_objects``
-    downloads, and what the remote epoch is computed from)."""
+    remote base image with its chain and the files it does not cover (what
+    ``fetch_objects`` downloads, and what the remote epoch is computed from)."""
     remote = [o for o in rows if o.state == "remote"]
-    base = _newest_base(remote)
-    return [o for o in remote if o is base or not covered_by(base, o.kind, o.token, o.base_offset, _object_end(o))]
+    base, chain = newest_base(remote)
+    return [o for o in remote
+            if o is base or not covered_by(base, o.kind, o.token, o.base_offset, _object_end(o), chain)]
 
 
 #: present while a fetch moves files into a session directory; found at the next
@@ -433,7 +444,9 @@ def fetch_objects(store: ObjectStore, catalog: Catalog, session_id: str, directo
     if bases:
         local = read_segment_header(bases[-1].path, session_tag=session_tag)
         mine = ObjectInfo(session_id, bases[-1].path.name, "", "base", local.token, local.base, "remote", 0, "")
-        need = [o for o in need if not covered_by(mine, o.kind, o.token, o.base_offset, _object_end(o))]
+        held = {f.path.name: f.base for f in bases}
+        kept = frozenset(held[n] for n in (base_chain(mine.name, held.keys()) or [])[1:])
+        need = [o for o in need if not covered_by(mine, o.kind, o.token, o.base_offset, _object_end(o), kept)]
     missing = [o for o in need if not (directory / o.name).exists()]
     if not missing:
         marker.unlink(missing_ok=True)

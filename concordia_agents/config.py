@@ -12,6 +12,7 @@
 | CONCORDIA_SEGMENT_BYTES     | 67108864 (64 MiB)            | segment size before rolling over |
 | CONCORDIA_MAX_RECORD_BYTES  | 1048576 (1 MiB)              | payload bytes per record (chunking) |
 | CONCORDIA_COMPACT_BYTES     | 268435456 (256 MiB)          | delta bytes that start compaction (0: never) |
+| CONCORDIA_COMPACT_EPOCHS    | 256                          | epochs since the newest base image that start it |
 | CONCORDIA_LEASE_TTL         | 30                           | seconds a lease lives without a heartbeat |
 | CONCORDIA_REMOTE            | unset                        | s3://bucket/prefix: sealed segments go there too |
 | CONCORDIA_REMOTE_ENDPOINT   | unset (AWS)                  | the S3-compatible server (MinIO, Ceph RGW, GCS) |
@@ -75,6 +76,10 @@ class RuntimeConfig:
     segment_bytes: int = 64 << 20
     max_record_bytes: int = 1 << 20
     compact_bytes: int = 256 << 20
+    #: epochs since the newest base image that start a compaction (a layer, usually: ``_base_image``), so
+    #: that a resume scans and restores at most this many per-token epochs one record at a time; 0: bytes
+    #: alone decide; compact_bytes=0 turns compaction off whatever this says
+    compact_epochs: int = 256
     lease_ttl: float = 30.0
     #: how long commit() waits for ring space before LogFullError
     space_timeout: float = 60.0
@@ -112,6 +117,9 @@ class RuntimeConfig:
             raise ConfigurationError(
                 f"segment_bytes: expected at least max_record_bytes ({self.max_record_bytes}), "
                 f"found {self.segment_bytes}")
+        if self.compact_epochs < 0:
+            raise ConfigurationError(f"compact_epochs (CONCORDIA_COMPACT_EPOCHS): expected 0 or more, found "
+                                     f"{self.compact_epochs}")
         if self.lease_ttl <= 0:
             raise ConfigurationError(f"lease_ttl: expected a positive number of seconds, found {self.lease_ttl}")
         if self.remote is not None:
@@ -154,6 +162,7 @@ class RuntimeConfig:
             "segment_bytes": _env_int("CONCORDIA_SEGMENT_BYTES", 64 << 20),
             "max_record_bytes": _env_int("CONCORDIA_MAX_RECORD_BYTES", 1 << 20),
             "compact_bytes": _env_int("CONCORDIA_COMPACT_BYTES", 256 << 20),
+            "compact_epochs": _env_int("CONCORDIA_COMPACT_EPOCHS", 256),
             "lease_ttl": _env_float("CONCORDIA_LEASE_TTL", 30.0),
             "remote": os.environ.get("CONCORDIA_REMOTE") or None,
             "remote_endpoint": os.environ.get("CONCORDIA_REMOTE_ENDPOINT") or None,

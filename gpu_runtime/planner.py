@@ -47,6 +47,7 @@ __all__ = [
     "RegionDelta",
     "Span",
     "base_image_spans",
+    "layer_spans",
     "page_spans",
     "pages_per_record",
     "plan_epoch",
@@ -192,3 +193,29 @@ def base_image_spans(spec: RegionSpec, length: int) -> Iterator[Span]:
     else:
         unit = spec.outer * spec.row_bytes
         yield from row_spans(0, length, rows_per_record(unit, BASE_RECORD_BYTES), unit)
+
+
+def _merged(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs ``[a, b)`` sorted, those that overlap or touch merged into one."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def layer_spans(spec: RegionSpec, written: Iterable[tuple[int, int, int]]) -> list[Span]:
+    """Records of a layer (compaction of a log's tail) of a region: what the
+    tail's data records ``written`` (``(offset, length, aux)`` of each) wrote,
+    merged where it touches, cut at ``BASE_RECORD_BYTES`` like a base image:
+    the pages of a pages region, the rows of a kv region. Bytes no record of
+    the tail wrote are not in the layer (they are its parent's)."""
+    if spec.kind == "pages":
+        ps = spec.page_size
+        runs = _merged((off // ps, -(-(off + length) // ps)) for off, length, _ in written)
+        return page_spans(runs, pages_per_record(ps, BASE_RECORD_BYTES), ps, spec.nbytes)
+    unit = spec.outer * spec.row_bytes
+    per = rows_per_record(unit, BASE_RECORD_BYTES)
+    return [s for t0, t1 in _merged((off, off + aux) for off, _, aux in written) for s in row_spans(t0, t1, per, unit)]

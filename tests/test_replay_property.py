@@ -1,5 +1,7 @@
-"""Property test: any interleaving of commits, crashes, aborted epochs, flushes and
-compactions replays to exactly the last committed state."""
+"""Property test: any interleaving of commits (appends and rewrites of kv rows),
+crashes, aborted epochs, flushes and compactions (full base images and layers
+on them, by the byte and the epoch triggers and asked for) replays to exactly
+the last committed state."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from .conftest import expire_lease
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("commit"), st.lists(st.integers(0, 8 * 1024 - 1), max_size=12), st.integers(0, 3)),
+        st.tuples(st.just("commit"), st.lists(st.integers(0, 8 * 1024 - 1), max_size=12), st.integers(0, 3),
+                  st.integers(0, 3)),
+        st.tuples(st.just("compact")),
         st.tuples(st.just("crash")),
         st.tuples(st.just("orphan"), st.integers(1, 3)),
         st.tuples(st.just("flush")),
@@ -27,13 +31,13 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops)
-def test_replay_matches_the_model(steps):
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops, st.sampled_from([0, 1, 3]))
+def test_replay_matches_the_model(steps, compact_epochs):
     """Resume after the last step equals a model that applies only committed epochs."""
     home = Path(tempfile.mkdtemp())
     url = f"sqlite:///{home / 'catalog.db'}"
-    opts = dict(home=home, catalog_url=url, backend="host", compact_bytes=48 << 10,
+    opts = dict(home=home, catalog_url=url, backend="host", compact_bytes=48 << 10, compact_epochs=compact_epochs,
                 segment_bytes=16 << 10, max_record_bytes=4096, ring_bytes=1 << 20)
     runtimes = [Runtime.open(**opts)]
     try:
@@ -56,16 +60,16 @@ def test_replay_matches_the_model(steps):
         for step in steps:
             kind = step[0]
             if kind == "commit":
-                _, positions, new_rows = step
+                _, positions, new_rows, back = step
                 a, kv = s.regions["a"].array, s.regions["kv"].array
-                length = s.regions["kv"].length
-                new_rows = min(new_rows, 64 - length)
+                t0 = max(0, s.regions["kv"].length - back)  # back > 0: a rewrite (a conversation's crop)
+                t1 = min(t0 + new_rows, 64)
                 for p in positions:
                     a[p] = (int(a[p]) + 1) % 256
-                kv[:, length:length + new_rows] = model_epoch + 1
-                s.commit({"epoch": model_epoch + 1}, rows={"kv": length + new_rows})
+                kv[:, t0:t1] = model_epoch + 1
+                s.commit({"epoch": model_epoch + 1}, rows={"kv": (t0, t1)})
                 model_epoch += 1
-                model_a, model_kv, model_len = a.copy(), kv.copy(), length + new_rows
+                model_a, model_kv, model_len = a.copy(), kv.copy(), t1
             elif kind == "orphan":  # an epoch whose commit never happened
                 for i in range(step[1]):
                     s._log.writer.append(RecordType.PAGES, bytes([9]) * 4096, epoch=model_epoch + 1,
@@ -76,6 +80,9 @@ def test_replay_matches_the_model(steps):
                 s.regions["a"].array[0] ^= 0xFF  # uncommitted change: must vanish
                 s._abandon()
                 s = reopen()
+            elif kind == "compact":
+                s.flush()
+                s._log.compact()
             else:
                 s.flush()
             assert s.epoch == model_epoch

@@ -42,7 +42,7 @@ def _drive(home: Path, backend: str, every: int) -> tuple[list[tuple[Any, ...]],
     tokens = torch.zeros(2, 48, dtype=torch.int64, device=device)
     ids_all = torch.randint(3, 30000, (2, 48), generator=g).to(device)
     try:
-        with Runtime.open(home=home, backend=backend, fsync="none", compact_bytes=1 << 40) as rt:
+        with Runtime.open(home=home, backend=backend, fsync="none", compact_bytes=1 << 40, compact_epochs=0) as rt:
             s = rt.session(SID)
             s.register("kv", storage, kind="kv", seq_axis=3)
             s.register("tokens", tokens, kind="kv", seq_axis=1)

@@ -232,7 +232,8 @@ def _run(home: Path, sub: Substrate, case: Case) -> tuple[list[tuple[Any, ...]],
     try:
         with Runtime.open(home=home, backend=sub.backend, ring_bytes=case.ring_bytes,
                           max_record_bytes=case.max_record_bytes, fsync="none", space_timeout=20,
-                          compact_bytes=1 << 40, backend_options=options) as rt:  # compared: the delta segments
+                          compact_bytes=1 << 40, compact_epochs=0,
+                          backend_options=options) as rt:  # compared: the delta segments
             s = rt.session(SID)
             expect = case.drive(s, sub)
             assert s.flush(timeout=60) == s.epoch == expect["epochs"]
