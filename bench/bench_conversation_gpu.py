@@ -24,7 +24,9 @@ starts the next call and SIGKILLs itself after that call's first token is
 durable; here, the time from the retried call to its first new token (the KV
 restored from the log into the GPU, one token re-forwarded) against plain
 ``generate`` of one token on the same prompt (the re-prefill), ``--repeats``
-times each on a fresh copy of the child's home. Also the conversation's GPU
+times each on a fresh copy of the child's home. The conversation parked in
+pinned host memory and copied back (the host tier's eviction and restore).
+Also the conversation's GPU
 memory (its cache) and the restore's share of the resume.
 
     python bench/bench_conversation_gpu.py [--shape llama-3-8b] [--quick]
@@ -85,6 +87,7 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
 
     home = Path(tempfile.mkdtemp())
     rows = []
+    host_tier: dict[str, Any] = {}
     try:
         with Runtime.open(home=home, **_OPTIONS) as rt:
             pool = ResidentConversations()
@@ -137,6 +140,8 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
                 rows.append(row)
                 print("turn", json.dumps(row), flush=True)
             cache_bytes = pool.nbytes
+            host_tier = _park_and_back(pool)
+            print("host tier", json.dumps(host_tier), flush=True)
         # The conversation as an agent leaves it (a per-token epoch log of every turn), brought back from the
         # log by a new runtime with nothing resident (after an eviction, in a new process): one more turn.
         from_log: dict[str, Any] = {}
@@ -163,8 +168,33 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
         print("from log", json.dumps(from_log), flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return {"turns": rows, "conversation_gpu_bytes": cache_bytes, "restored_from_log": from_log,
+    return {"turns": rows, "conversation_gpu_bytes": cache_bytes, "host_tier": host_tier,
+            "restored_from_log": from_log,
             "ttft_speedup_from_8k": min((r["ttft_speedup"] for r in rows if r["prompt_tokens"] >= 8192), default=None)}
+
+
+def _park_and_back(pool: Any, repeats: int = 3) -> dict[str, Any]:
+    """Eviction to the pinned-host tier and back (``ResidentConversations(host_budget_bytes=...)``): the
+    time to park the conversation's KV in host memory and to copy it back, medians of ``repeats``."""
+    from integrations.transformers._conversation import _Parked
+
+    try:
+        item = pool._items["bench"]
+        park, back = [], []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            parked = _Parked.of(item)
+            park.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            parked.unpark()
+            back.append(time.perf_counter() - t)
+            del parked
+        nbytes, p, b = item.nbytes, statistics.median(park), statistics.median(back)
+        return {"bytes": nbytes, "park_s": p, "unpark_s": b, "park_gb_s": nbytes / p / 1e9,
+                "unpark_gb_s": nbytes / b / 1e9}
+    except Exception:  # noqa: BLE001 - record and go on
+        return {"error": traceback.format_exc()[-2000:]}
 
 
 def child(shape: str, n: int, home: str) -> None:

@@ -112,6 +112,35 @@ def test_least_recently_used_conversations_are_evicted_and_restored_from_the_log
     assert [c.source for c in calls[2:]] == ["log"] * 4
 
 
+def test_evicted_conversations_are_parked_in_host_memory_and_copied_back(tmp_path, model):
+    """With a host budget, the conversation evicted from device memory is parked in
+    host memory; its next call copies it back ("host") instead of reading the log,
+    still equal to plain generate. A host budget too small for one parks nothing."""
+    calls: list[ConversationCall] = []
+    outs = {"x": torch.zeros(1, 0, dtype=torch.int64), "y": torch.zeros(1, 0, dtype=torch.int64)}
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        pool = ResidentConversations(host_budget_bytes=1 << 30)
+        for turn in range(3):
+            for conv in ("x", "y"):
+                prompt = torch.cat([outs[conv], _tokens(turn + ord(conv), 6)], dim=1)
+                outs[conv] = conversation_generate(model, prompt, conv, f"t{turn}", runtime=rt, resident=pool,
+                                                   max_new_tokens=5, do_sample=False, max_cache_len=128,
+                                                   on_call=calls.append)
+                assert torch.equal(outs[conv], _plain(model, prompt, max_new_tokens=5, do_sample=False))
+                if pool.budget_bytes is None:
+                    pool.budget_bytes = pool.nbytes  # one conversation's worth, from now on
+        assert pool.parked >= 4 and pool.host_nbytes == pool.nbytes  # the other conversation, parked
+        assert [c.source for c in calls[2:]] == ["host"] * 4
+        # the new user message, and the last reply token (whose KV no forward computed)
+        assert [c.prefilled for c in calls[2:]] == [7] * 4
+        small = ResidentConversations(budget_bytes=pool.nbytes, host_budget_bytes=pool.nbytes - 1)
+        for conv in ("x", "y", "x"):
+            prompt = torch.cat([outs[conv], _tokens(ord(conv), 3)], dim=1)
+            outs[conv] = conversation_generate(model, prompt, conv, f"s-{len(calls)}", runtime=rt, resident=small,
+                                               max_new_tokens=3, do_sample=False, on_call=calls.append)
+        assert small.parked == 0 and small.host_nbytes == 0 and calls[-1].source == "log"
+
+
 def test_a_retried_call_returns_its_result_and_a_changed_prompt_is_refused(tmp_path, model):
     calls: list[ConversationCall] = []
     prompt = _tokens(4, 10)

@@ -34,7 +34,8 @@ Protocol of a call ``conversation_generate(model, ids, conversation_id, call_id)
    ``len(prompt) - p`` tokens.
 4. One epoch per token (every ``checkpoint_every``) as ``durable_generate``
    commits them, the final one ``done``; the session is closed and its
-   regions stay resident (LRU within the budget).
+   regions stay resident (LRU within the budget; past it, parked in host
+   memory within ``host_budget_bytes``, else dropped: the log holds them).
 
 Returns the sequences (prompt and new tokens) like ``model.generate``; the
 call's :class:`ConversationCall` (reused and prefilled token counts, where the
@@ -66,13 +67,13 @@ from ._generate import (
 from ._rng import restore_rng, rng_regions
 from ._tp import tensor_parallel
 
-__all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "ResidentConversations", "conversation_generate"]
+__all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "KvSource", "ResidentConversations", "conversation_generate"]
 
 DEFAULT_MAX_CACHE_LEN = 32768  #: positions of a conversation's cache when neither the caller nor the model says less
 _FINISHED_CALLS = 32  #: finished calls a conversation remembers for retries (their results it still holds)
 
-#: where a call's reused KV came from
-KvSource = Literal["none", "resident", "log"]
+#: where a call's reused KV came from: nowhere, device memory, host memory (parked), the log
+KvSource = Literal["none", "resident", "host", "log"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +87,8 @@ class ConversationCall:
     reused: int
     #: tokens the first forward computed (the prefill of the new suffix)
     prefilled: int
-    #: where the reused KV came from: this process's memory, the log, or nowhere (nothing reused)
+    #: where the reused KV came from: this process's device memory ("resident"), its host memory (a
+    #: conversation parked there by ``ResidentConversations``), the log, or nowhere (nothing reused)
     source: KvSource
     #: the call had finished before (its stored result returned), or continued after a crash
     retried: Literal["no", "finished", "continued"]
@@ -99,41 +101,106 @@ class _Resident:
     tokens: torch.Tensor
     epoch: int
     key: tuple[Any, ...]
+    source: KvSource = "resident"  #: "host": just brought back from host memory
 
     @property
     def nbytes(self) -> int:
         return self.cache.storage.numel() * self.cache.storage.element_size() + self.tokens.numel() * 8
 
 
-class ResidentConversations:
-    """Conversations' KV kept in device memory between calls, least recently
-    used first out past ``budget_bytes`` (``None``: unbounded). Evicting
-    only drops this process's copy: the KV is in the log, and the next call
-    restores it. Not shared between threads for one conversation."""
+@dataclasses.dataclass
+class _Parked:
+    """A conversation's KV and tokens copied to host memory (page-locked where
+    there is a GPU, so the copies back run at the bus's speed)."""
 
-    def __init__(self, budget_bytes: int | None = None) -> None:
-        self.budget_bytes = budget_bytes
-        self._items: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
-        self.evictions = 0  #: conversations dropped to stay within the budget
+    storage: torch.Tensor
+    tokens: torch.Tensor
+    epoch: int
+    key: tuple[Any, ...]
+    device: torch.device
+
+    @classmethod
+    def of(cls, item: _Resident) -> _Parked:
+        pin = item.cache.storage.is_cuda
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            out.copy_(t)  # synchronous: the device copy is freed after this
+            return out
+
+        return cls(host(item.cache.storage), host(item.tokens), item.epoch, item.key, item.cache.storage.device)
 
     @property
     def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size() + self.tokens.numel() * 8
+
+    def unpark(self) -> _Resident:
+        layers2, batch, kv_heads, max_len, head_dim = self.storage.shape
+        cache = DurableCache(num_layers=layers2 // 2, batch_size=batch, kv_heads=kv_heads, head_dim=head_dim,
+                             max_cache_len=max_len, dtype=self.storage.dtype, device=self.device)
+        cache.storage.copy_(self.storage, non_blocking=True)
+        tokens = self.tokens.to(self.device, non_blocking=True)
+        if cache.storage.is_cuda:  # the pinned buffers are freed when this returns
+            torch.cuda.current_stream(self.device).synchronize()
+        return _Resident(cache, tokens, self.epoch, self.key, "host")
+
+
+class ResidentConversations:
+    """Conversations' KV kept in device memory between calls, least recently
+    used first out past ``budget_bytes`` (``None``: unbounded). A conversation
+    evicted from device memory is parked in host memory while the parked ones
+    fit ``host_budget_bytes`` (0, the default: none is; least recently parked
+    first out), and its next call copies it back instead of reading the log.
+    Evicting only drops this process's copy: the KV is in the log, and the
+    next call restores it from there. A copy is used only at the epoch the
+    log holds (another process may have extended the conversation since).
+    Not shared between threads for one conversation."""
+
+    def __init__(self, budget_bytes: int | None = None, *, host_budget_bytes: int = 0) -> None:
+        self.budget_bytes = budget_bytes
+        self.host_budget_bytes = host_budget_bytes
+        self._items: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
+        self._parked: collections.OrderedDict[str, _Parked] = collections.OrderedDict()
+        self.evictions = 0  #: conversations dropped from device memory to stay within the budget
+        self.parked = 0  #: of those, parked in host memory
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory held."""
         return sum(r.nbytes for r in self._items.values())
 
+    @property
+    def host_nbytes(self) -> int:
+        """Host memory held by parked conversations."""
+        return sum(p.nbytes for p in self._parked.values())
+
     def take(self, conversation_id: str, key: tuple[Any, ...]) -> _Resident | None:
-        """The resident copy of a conversation, removed (the caller puts it back)."""
+        """The resident (or parked, copied back) copy of a conversation, removed
+        (the caller puts it back)."""
         item = self._items.pop(conversation_id, None)
-        return item if item is not None and item.key == key else None
+        if item is not None:
+            return item if item.key == key else None
+        parked = self._parked.pop(conversation_id, None)
+        return parked.unpark() if parked is not None and parked.key == key else None
 
     def put(self, conversation_id: str, item: _Resident) -> None:
+        self._parked.pop(conversation_id, None)  # the device copy is newer
         self._items[conversation_id] = item
-        if self.budget_bytes is not None:
-            while len(self._items) > 1 and self.nbytes > self.budget_bytes:
-                self._items.popitem(last=False)
-                self.evictions += 1
-            if self.nbytes > self.budget_bytes:  # one conversation larger than the budget: not kept
-                self._items.popitem(last=False)
-                self.evictions += 1
+        if self.budget_bytes is None:
+            return
+        # Least recently used first; the conversation just put goes too if it alone exceeds the budget.
+        while self._items and self.nbytes > self.budget_bytes:
+            cid, old = self._items.popitem(last=False)
+            self.evictions += 1
+            self._park(cid, old)
+
+    def _park(self, conversation_id: str, item: _Resident) -> None:
+        if item.nbytes > self.host_budget_bytes:
+            return
+        self._parked[conversation_id] = _Parked.of(item)
+        self.parked += 1
+        while self.host_nbytes > self.host_budget_bytes:
+            self._parked.popitem(last=False)
 
 
 _default_resident = ResidentConversations()
@@ -202,7 +269,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
         item = pool.take(conversation_id, key)
         source: KvSource = "log"
         if item is not None and item.epoch == session.epoch and session.epoch > 0:
-            cache, tokens, source = item.cache, item.tokens, "resident"
+            cache, tokens, source = item.cache, item.tokens, item.source
             session.register("kv", cache.storage, kind="kv", seq_axis=3, assume_restored=True)
             session.register("tokens", tokens, kind="kv", seq_axis=1, assume_restored=True)
         else:
