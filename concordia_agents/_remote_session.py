@@ -35,12 +35,13 @@ def abandon_remote(catalog: Catalog, session_id: str, token: int, rollback: Roll
                    log: Any) -> None:
     """A rollback gave up history: the remote objects of it are marked
     ``deleting`` (no fetch or remote epoch counts them again; the uploader or
-    gc deletes them): base images other than the one the log now starts
-    from, segments wholly past its new end, and what the rollback moved aside."""
+    gc deletes them): base images other than those the log now starts from
+    (the newest and, for a layer, its chain), segments wholly past its new
+    end, and what the rollback moved aside."""
     aside = set(rollback.quarantined)
-    base = index.base.name if index.base is not None else None
+    chain = {p.name for p in index.chain}
     gone = [o.name for o in objects_of(catalog, session_id) if o.state != "deleting" and (
-        o.name in aside or (o.kind == "base" and o.name != base)
+        o.name in aside or (o.kind == "base" and o.name not in chain)
         or (o.kind == "delta" and o.base_offset >= index.end))]
     if gone:
         mark_deleting(catalog, session_id, token, gone)
