@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--ttl", type=float, default=1.0)
     ap.add_argument("--segment-bytes", type=int, default=1 << 20)
     ap.add_argument("--compact-bytes", type=int, default=0)
+    ap.add_argument("--compact-epochs", type=int, default=256)
     ap.add_argument("--then-commit", action="store_true",
                     help="after READY, wait for a line on stdin, then commit and upload more; print the outcome")
     a = ap.parse_args()
@@ -66,7 +67,8 @@ def main() -> None:
 
     rt = Runtime.open(home=a.home, catalog_url=a.catalog, backend="host", remote=a.remote, remote_endpoint=a.endpoint,
                       ring_dir=Path(a.ring_dir), lease_ttl=a.ttl, segment_bytes=a.segment_bytes,
-                      max_record_bytes=64 << 10, compact_bytes=a.compact_bytes, remote_interval=3600.0)
+                      max_record_bytes=64 << 10, compact_bytes=a.compact_bytes, compact_epochs=a.compact_epochs,
+                      remote_interval=3600.0)
     s = rt.session(a.session, durability="remote")
     state = fresh()
     s.register("kv", state["kv"], kind="kv", seq_axis=1)

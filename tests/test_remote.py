@@ -28,6 +28,7 @@ from concordia_agents import (
     RemoteStoreError,
     Runtime,
 )
+from concordia_agents._segments import base_chain
 from tests._remote_child import expected, fresh, mutate
 from tests._s3 import CREDENTIALS, Relay, S3Server, free_port
 
@@ -155,11 +156,16 @@ def test_everything_remote_resumes_without_rollback(tmp_path, catalog_url, s3, b
         b.close()
 
 
-def test_compaction_deletes_covered_objects_and_a_remote_resume_reads_the_base(tmp_path, catalog_url, s3, bucket):
+@pytest.mark.parametrize("compact_epochs", [0, 2], ids=["full-images", "layers"])
+def test_compaction_deletes_covered_objects_and_a_remote_resume_reads_the_base(tmp_path, catalog_url, s3, bucket,
+                                                                                compact_epochs):
     """With compaction on, covered delta objects leave the bucket once the base image that folds them is
-    remote; the bucket holds exactly the catalog's objects; another host resumes from base + deltas."""
+    remote; the bucket holds exactly the catalog's objects; another host resumes from base + deltas. With
+    layers (every 2 epochs, as often as the flusher passes), the images a layer lies on stay remote and the
+    resume fetches and reads the chain (which compaction's timing decides; the uploader's chain rules are
+    tested deterministically in tests/test_base_layers.py)."""
     remote, last = _host_a(tmp_path, catalog_url, bucket, s3.url, "compacted", remote_epochs=300, local_epochs=0,
-                           segment_bytes=256 << 10, compact_bytes=1 << 20)
+                           segment_bytes=256 << 10, compact_bytes=1 << 20, compact_epochs=compact_epochs)
     assert remote == last == 300
     from concordia_agents._catalog import Catalog
     from concordia_agents._catalog._objects import objects
@@ -175,10 +181,14 @@ def test_compaction_deletes_covered_objects_and_a_remote_resume_reads_the_base(t
     base = max((o for o in rows if o.kind == "base"), key=lambda o: o.base_offset)
     covered = [o.name for o in rows if o.kind == "delta" and o.base_offset + o.bytes - 64 <= base.base_offset]
     assert not covered, f"deltas the newest base covers are still remote: {covered}"
+    bases = [o.name for o in rows if o.kind == "base" and o.state == "remote"]
+    assert base_chain(base.name, bases) is not None, "every image the newest lies on is remote"
     b = _host(tmp_path, "b", catalog_url, bucket, s3.url)
     try:
         s = b.resume("compacted")
         _assert_state(s, 7, 300)
+        fetched = [n for n in _session_files(b, "compacted") if n.startswith("base-")]
+        assert sorted(fetched) == sorted(base_chain(base.name, bases) or []), "host B fetched the chain"
         s.close()
     finally:
         b.close()
