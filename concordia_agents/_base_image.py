@@ -30,14 +30,34 @@ from gpu_runtime.planner import Span, base_image_spans, layer_spans
 from gpu_runtime.records import RecordFlags, RecordType, encode_record, record_size
 
 from ._replay import MAX_CHAIN, LogIndex, PayloadReader, RecordLoc
-from ._segments import KIND_BASE, KIND_LAYER, SegmentWriter, base_name, fsync_dir, new_header
+from ._segments import (
+    KIND_BASE,
+    KIND_LAYER,
+    SEGMENT_HEADER_SIZE,
+    SegmentWriter,
+    base_name,
+    fsync_dir,
+    list_segments,
+    new_header,
+)
+from .config import RuntimeConfig
 
-__all__ = ["MAX_LAYERS", "choose_layer", "write_base_image"]
+__all__ = ["MAX_LAYERS", "choose_layer", "compaction_due", "superseded", "write_base_image"]
 
 #: layers a chain may hold before compaction writes a full base image again
 #: (each costs a scan a file open and its records)
 MAX_LAYERS = 64
 assert MAX_LAYERS < MAX_CHAIN
+
+
+def compaction_due(config: RuntimeConfig, delta_bytes: int, epochs: int) -> bool:
+    """Compaction's triggers: ``compact_bytes`` of delta records, or more than
+    ``compact_epochs`` epochs since the newest base image (a conversation's
+    per-token epochs are small and many: their count, not their bytes, is what
+    a resume pays for). ``compact_bytes=0`` turns both off."""
+    if not config.compact_bytes:
+        return False
+    return delta_bytes > config.compact_bytes or bool(config.compact_epochs and epochs > config.compact_epochs)
 
 
 def choose_layer(index: LogIndex) -> bool:
@@ -115,3 +135,17 @@ def write_base_image(directory: Path, tag: int, token: int, index: LogIndex, *, 
     os.replace(directory / tmp_name, final)
     fsync_dir(directory)
     return final
+
+
+def superseded(directory: Path, written: Path, index: LogIndex, *, layer: bool, token: int,
+               current: Path) -> list[Path]:
+    """The files a new base image ``written`` (of ``index``, by the owner of
+    ``token``) makes unnecessary: base images outside its chain; older owners'
+    delta segments (they end before this owner's handoff, which it covers);
+    this owner's segments that end where it covers or before, never the open
+    one (``current``)."""
+    keep = {written, *index.chain} if layer else {written}
+    bases, deltas = list_segments(directory)
+    out = [f.path for f in bases if f.path not in keep]
+    return out + [f.path for f in deltas if f.path != current and (
+        f.token < token or f.base + f.size - SEGMENT_HEADER_SIZE <= index.end)]

@@ -40,7 +40,7 @@ from typing import Any
 from gpu_runtime.logring import LogRing
 from gpu_runtime.logwriter import LogWriter
 
-from ._base_image import choose_layer, write_base_image
+from ._base_image import choose_layer, compaction_due, superseded, write_base_image
 from ._catalog import Catalog, SegmentInfo
 from ._home import make_private_dir, write_session_marker
 from ._log_check import (
@@ -348,7 +348,8 @@ class SessionLog:
             self.durable.notify_all()
         # Compaction rewrites the log: only once this owner has committed (an open
         # that is cancelled must leave the files as it found them).
-        if damage is None and ring.written > ring.base and self._compaction_due():
+        if damage is None and ring.written > ring.base and compaction_due(
+                self.config, self.delta_bytes, self.state.copied_epoch - self.base_epoch):
             self.compact()
         self._report(now, force=force_sync)
         if damage is not None:
@@ -430,25 +431,13 @@ class SessionLog:
 
     # -- compaction ---------------------------------------------------------------
 
-    def _compaction_due(self) -> bool:
-        """Compaction's triggers: ``compact_bytes`` of delta records, or
-        ``compact_epochs`` epochs since the newest base image (a conversation's
-        per-token epochs are small and many: the count, not the bytes, is what
-        a resume pays for)."""
-        cfg = self.config
-        if not cfg.compact_bytes:
-            return False
-        return self.delta_bytes > cfg.compact_bytes or bool(
-            cfg.compact_epochs and self.state.copied_epoch - self.base_epoch > cfg.compact_epochs)
-
     def compact(self) -> Path | None:
         """Fold the durable log into a base image (a layer on the current one
-        where ``choose_layer`` says so) and delete what it covers.
-
-        Runs on the flusher thread with the lock held; the ring keeps taking
-        commits meanwhile. Crash-safe: the base appears under its final name
-        only when complete, and segments (and base images the new one's chain
-        does not hold) are deleted only after that."""
+        where ``choose_layer`` says so) and delete what it covers. Runs on the
+        flusher thread with the lock held; the ring keeps taking commits
+        meanwhile. Crash-safe: the base appears under its final name only when
+        complete, and segments (and base images the new one's chain does not
+        hold) are deleted only after that."""
         with self.lock:
             self._roll(self.ring.consumed)
             index = scan(self.dir, session_tag=self.tag)
@@ -458,20 +447,10 @@ class SessionLog:
                 return None
             layer = choose_layer(index)
             path = write_base_image(self.dir, self.tag, self.token, index, layer=layer)
-            keep = {path, *index.chain} if layer else {path}
             removed = []
-            bases, deltas = list_segments(self.dir)
-            for f in bases:
-                if f.path not in keep:
-                    f.path.unlink(missing_ok=True)
-                    removed.append(f.path.name)
-            for f in deltas:
-                # Older owners' chains end before this owner's handoff, which
-                # the base covers; of our own chain, what the base covers.
-                covered = f.base + f.size - SEGMENT_HEADER_SIZE <= index.end
-                if f.path != self.segment.path and (f.token < self.token or covered):
-                    f.path.unlink(missing_ok=True)
-                    removed.append(f.path.name)
+            for p in superseded(self.dir, path, index, layer=layer, token=self.token, current=self.segment.path):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
             fsync_dir(self.dir)
             self.delta_bytes = 0
             self.base_epoch = index.epoch
