@@ -1,6 +1,6 @@
 """Durable segment files: the on-disk tier of a session's append log.
 
-A session directory holds two kinds of files:
+A session directory holds these files:
 
 * ``seg-<token>-<base>.log`` — a *delta segment*: a header, then records
   exactly as they were framed in the host ring, back to back. ``base`` is the
@@ -21,16 +21,16 @@ A session directory holds two kinds of files:
   epochs fold its tail into a few large records at the cost of the tail's
   bytes, not of the whole state (``_base_image``).
 
-Header, format version 1 (64 bytes, little-endian)::
+Header, format version 1 (a layer: 2, the same layout; 64 bytes, little-endian)::
 
     0  8s magic b"CNCRSEG\\0"      32 u64 base (log offset of the first record;
     8  u32 version (1; 2: a layer)         for a base image, the offset it covers)
     12 u32 header_size (64)         40 u64 created_ns
     16 u64 session_tag              48 u64 epoch (base image: its epoch; else 0)
-    24 u64 token                    56 u32 kind (0 delta, 1 base)
+    24 u64 token                    56 u32 kind (0 delta, 1 base, 2 layer)
                                     60 u32 CRC-32 of bytes [0, 60)
 
-Both kinds are written and then made durable by ``fsync`` of the file and of
+All are written and then made durable by ``fsync`` of the file and of
 the directory; base images go through a temporary name and ``os.replace``, so a
 base exists under its final name only when complete. A layer's header says
 version 2, so that a reader of version 1, which knows no layers, refuses it
