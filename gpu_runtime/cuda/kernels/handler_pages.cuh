@@ -93,11 +93,19 @@ __device__ void cnc_fused_plan(const CncRegion& r, const u32* dbits, u64* scratc
 // SCAN body: hash every page, compare with the committed hashes, write the
 // dirty bitmap (u32 words, bit p % 32 of word p / 32) to mapped host memory
 // and, when `dbits` is not null, to device memory too (for SCAN_COMMIT).
+// Four 32-bit words of a 16-byte load, each times its weight: the page hash
+// sums 32-bit words, not 64-bit ones (gpu_runtime/pagehash.py says why: with
+// 64-bit words two changes confined to the top bits could cancel, e.g. two
+// sign flips of bit 63 always did).
+__device__ __forceinline__ u64 cnc_hash16(ulonglong2 x, u64 w0, u64 w1, u64 w2, u64 w3) {
+    return (x.x & 0xffffffffull) * w0 + (x.x >> 32) * w1 + (x.y & 0xffffffffull) * w2 + (x.y >> 32) * w3;
+}
+
 template <u64 PS>
 __device__ void cnc_pages_scan(const CncRegion& r, bool all, u32* dbits) {
-    // Page-hash weights from a shared table: splitmix64 per word would make
-    // the scan compute-bound (64-bit multiplies are emulated).
-    constexpr u64 NW = PS / 8;
+    // Page-hash weights (one per 32-bit word) from a shared table: splitmix64
+    // per word would make the scan compute-bound (64-bit multiplies are emulated).
+    constexpr u64 NW = PS / 4;
     constexpr bool TABLE = NW <= 2048;
     __shared__ u64 wtab[TABLE ? NW : 1];
     if (TABLE) {
@@ -123,10 +131,12 @@ __device__ void cnc_pages_scan(const CncRegion& r, bool all, u32* dbits) {
             u64 acc0 = 0, acc1 = 0;
 #pragma unroll 4
             for (u64 v = lane; v < PS / 16; v += 32) {
-                const u64 w0 = TABLE ? wtab[2 * v] : cnc_weight(2 * v);
-                const u64 w1 = TABLE ? wtab[2 * v + 1] : cnc_weight(2 * v + 1);
-                if (v < n0) { const ulonglong2 x = page0[v]; acc0 += x.x * w0 + x.y * w1; }
-                if (v < n1) { const ulonglong2 y = page1[v]; acc1 += y.x * w0 + y.y * w1; }
+                const u64 w0 = TABLE ? wtab[4 * v] : cnc_weight(4 * v);
+                const u64 w1 = TABLE ? wtab[4 * v + 1] : cnc_weight(4 * v + 1);
+                const u64 w2 = TABLE ? wtab[4 * v + 2] : cnc_weight(4 * v + 2);
+                const u64 w3 = TABLE ? wtab[4 * v + 3] : cnc_weight(4 * v + 3);
+                if (v < n0) acc0 += cnc_hash16(page0[v], w0, w1, w2, w3);
+                if (v < n1) acc1 += cnc_hash16(page1[v], w0, w1, w2, w3);
             }
             for (int o = 16; o > 0; o >>= 1) {
                 acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
