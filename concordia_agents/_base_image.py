@@ -140,12 +140,13 @@ def write_base_image(directory: Path, tag: int, token: int, index: LogIndex, *, 
 def superseded(directory: Path, written: Path, index: LogIndex, *, layer: bool, token: int,
                current: Path) -> list[Path]:
     """The files a new base image ``written`` (of ``index``, by the owner of
-    ``token``) makes unnecessary: base images outside its chain; older owners'
-    delta segments (they end before this owner's handoff, which it covers);
-    this owner's segments that end where it covers or before, never the open
-    one (``current``)."""
+    ``token``) makes unnecessary, in the order to delete them: base images
+    outside its chain, newest first (a crash midway leaves each remaining
+    layer with the images it lies on); older owners' delta segments (they end
+    before this owner's handoff, which it covers); this owner's segments that
+    end where it covers or before, never the open one (``current``)."""
     keep = {written, *index.chain} if layer else {written}
     bases, deltas = list_segments(directory)
-    out = [f.path for f in bases if f.path not in keep]
+    out = [f.path for f in reversed(bases) if f.path not in keep]
     return out + [f.path for f in deltas if f.path != current and (
         f.token < token or f.base + f.size - SEGMENT_HEADER_SIZE <= index.end)]

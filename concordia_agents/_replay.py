@@ -328,30 +328,30 @@ def _base_chain(newest: SegmentFile, bases: list[SegmentFile]) -> list[SegmentFi
 
 def _read_base(newest: SegmentFile, bases: list[SegmentFile], tag: int, index: LogIndex,
                verify_past: int | None = None) -> None:
-    """Read a base image (a layer: its chain) into ``index``, which changes only
-    once all of it checked out."""
+    """Read a base image (a layer: its chain, root first) into ``index``, which
+    changes only at whole images: after a CorruptLogError it holds the state of
+    the last intact image of the chain (what a salvage scan keeps)."""
+    chain = _base_chain(newest, bases)
     epoch, covers = 0, -1
-    body: dict[str, Any] = {}
     specs: dict[int, RegionSpec] = {}
     records: dict[int, list[RecordLoc]] = {}
-    chain = _base_chain(newest, bases)
-    for f in chain:
+    for i, f in enumerate(chain):
         e, body, f_specs, pending = _read_image(f, tag, verify_past, parent=covers)
         if e <= epoch:
             raise CorruptLogError(f"layer of epoch {e} lies on a base image of epoch {epoch}", path=str(f.path),
                                   offset=48)
         epoch, covers = e, f.base
-        specs.update(f_specs)
+        specs = {**specs, **f_specs}
+        records = {rid: list(locs) for rid, locs in records.items()}
         for loc in pending:
             records.setdefault(loc.header.region, []).append(loc)
-    index.epoch = index.base_epoch = epoch
-    index.body = body
-    index.specs = specs
-    index.base_specs = dict(specs)
-    index.records = records
-    index.base = newest.path
-    index.base_covers = index.end = newest.base
-    index.chain = tuple(f.path for f in chain)
+        index.epoch = index.base_epoch = epoch
+        index.body = body
+        index.specs, index.base_specs = dict(specs), dict(specs)
+        index.records = records
+        index.base = f.path
+        index.base_covers = index.end = f.base
+        index.chain = tuple(g.path for g in chain[:i + 1])
 
 
 def _read_image(f: SegmentFile, tag: int, verify_past: int | None,
@@ -408,7 +408,7 @@ def scan(directory: Path, *, session_tag: int, salvage: bool = False, only: Coll
     except CorruptLogError as e:
         if not salvage:
             raise
-        index.damage = e  # a damaged base image leaves epoch 0: compaction deleted what it covered
+        index.damage = e  # the last intact base image of the chain, or epoch 0 (compaction deleted the rest)
     if index._raw_body is not None:  # the newest body (a salvage scan parsed every one as it went)
         index.body, index._raw_body = _body(*index._raw_body), None
     return index

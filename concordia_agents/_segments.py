@@ -32,9 +32,13 @@ Header, format version 1 (a layer: 2, the same layout; 64 bytes, little-endian):
 
 All are written and then made durable by ``fsync`` of the file and of
 the directory; base images go through a temporary name and ``os.replace``, so a
-base exists under its final name only when complete. A layer's header says
-version 2, so that a reader of version 1, which knows no layers, refuses it
-instead of taking it for a whole state.
+base exists under its final name only when complete.
+
+Older readers: a Concordia that knows no layers does not list them (their
+names do not match its pattern), finds the log short of the epochs the
+catalog recorded as durable, and refuses to resume (``CorruptLogError`` naming
+the lost epochs) instead of restoring an older state; a layer's header says
+version 2, so one read by name is refused too, never taken for a whole state.
 """
 
 from __future__ import annotations

@@ -290,6 +290,9 @@ class Uploader:
             return False  # no file sealed since the last whole pass: no catalog read either
         rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
         newest, chain = newest_base(rows.values())
+        # A layer goes up only with its chain (here or remote): one whose parent a crash of compaction's
+        # deletions took would be of no use there, and a newer base image than any whole chain's
+        have = {f.path.name for f in bases} | {n for n, o in rows.items() if o.kind == "base" and o.state == "remote"}
         uploaded: list[SegmentFile] = []
         for f in bases + deltas:  # bases by offset, then chains oldest first
             row = rows.get(f.path.name)
@@ -299,6 +302,8 @@ class Uploader:
                 continue  # uploaded, and not grown since (a resume's drain may append to a sealed file)
             kind = "delta" if f.kind == KIND_DELTA else "base"  # a layer is a base image to the store
             if covered_by(newest, kind, f.token, f.base, _end(f), chain):
+                continue
+            if kind == "base" and base_chain(f.path.name, have) is None:
                 continue
             if self._upload(slog, f, kind):  # raises on failure: the pass stops, the order holds
                 uploaded.append(f)
@@ -421,8 +426,10 @@ def needed_objects(rows: Any) -> list[ObjectInfo]:
     ``fetch_objects`` downloads, and what the remote epoch is computed from)."""
     remote = [o for o in rows if o.state == "remote"]
     base, chain = newest_base(remote)
-    return [o for o in remote
-            if o is base or not covered_by(base, o.kind, o.token, o.base_offset, _object_end(o), chain)]
+    if base is None:
+        return [o for o in remote if o.kind != "base"]  # a base image without its whole chain is of no use
+    return [o for o in remote if o is base or (o.base_offset in chain if o.kind == "base" else not covered_by(
+        base, o.kind, o.token, o.base_offset, _object_end(o), chain))]
 
 
 #: present while a fetch moves files into a session directory; found at the next

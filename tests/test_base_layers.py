@@ -203,9 +203,13 @@ def test_the_remote_keeps_and_fetches_a_layer_with_its_chain():
     assert base is l2 and chain == {0x100, 0x200}
     assert {o.name for o in needed_objects([old, root, l1, l2, covered, tail])} == {root.name, l1.name, l2.name,
                                                                                      tail.name}
+    orphan = _obj(f"base-{0x900:016x}-on-{0x800:016x}.img", "base", 0x900)  # its parent is nowhere
+    assert newest_base([root, l1, l2, orphan, tail])[0] is l2
+    assert orphan.name not in {o.name for o in needed_objects([root, l1, l2, orphan, tail])}
     l1_up = _obj(l1.name, "base", 0x200, state="uploading")  # the chain is not all remote yet: l2 is of no use
     base, chain = newest_base([root, l1_up, l2, tail])
     assert base is root and chain == frozenset()
+    assert {o.name for o in needed_objects([root, l1_up, l2, tail])} == {root.name, tail.name}
     assert base_chain(l2.name, [root.name, l2.name]) is None
     assert base_chain(l2.name, [root.name, l1.name, l2.name]) == [l2.name, l1.name, root.name]
 
@@ -255,3 +259,64 @@ def test_sigkill_while_layers_are_written_loses_no_committed_epoch(home: Path, c
         expire_lease(catalog_url, "kill")
     assert n > 8
     assert list_segments(_session_dir(home, "kill"))[0], "compaction ran (which kind is last depends on timing)"
+
+
+def test_a_damaged_layer_rolls_back_to_the_images_below_it(home: Path, catalog_url: str):
+    """A flipped byte in a layer: a plain resume refuses with CorruptLogError; one
+    with allow_rollback keeps the intact full image below it (epoch 300, not 0) and
+    moves the damaged layer aside."""
+    with _open(home, catalog_url, compact_epochs=0) as rt:
+        s = rt.session("salv")
+        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
+        s.register("kv", kv, kind="kv", seq_axis=1)
+        s.register("a", a)
+        _commit_tokens(s, kv, a, 0, 300)
+        s.flush()
+        full = s._log.compact()
+        _commit_tokens(s, kv, a, 300, 305)
+        s.flush()
+        layer = s._log.compact()
+        s.close()
+    assert full is not None and layer is not None and "-on-" in layer.name
+    index = scan(layer.parent, session_tag=session_tag("salv"))
+    loc = next(r for recs in index.records.values() for r in recs if r.path == layer)
+    raw = bytearray(layer.read_bytes())
+    raw[loc.file_offset + 64] ^= 0xFF  # the first payload byte of a data record of the layer
+    layer.write_bytes(bytes(raw))
+    with _open(home, catalog_url) as rt:
+        with pytest.raises(CorruptLogError):
+            rt.resume("salv")
+        r = rt.resume("salv", allow_rollback=True)
+        assert r.rollback is not None and r.rollback.epoch == 300
+        _check_state(r, 300)
+        r.close()
+    assert full.exists() and not layer.exists()
+    assert list(layer.parent.glob(f"quarantine-*/{layer.name}"))
+
+
+def test_a_full_image_supersedes_a_chain_newest_first(home: Path, catalog_url: str):
+    """The files a new full image makes unnecessary are deleted layers first, so a
+    crash midway never leaves a layer without the images it lies on."""
+    from concordia_agents._base_image import superseded, write_base_image
+
+    with _open(home, catalog_url, compact_epochs=0) as rt:
+        s = rt.session("order")
+        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
+        s.register("kv", kv, kind="kv", seq_axis=1)
+        s.register("a", a)
+        images = []
+        for first in (0, 100, 103):
+            _commit_tokens(s, kv, a, first, first + (100 if first == 0 else 3))
+            s.flush()
+            images.append(s._log.compact())
+        assert [p is not None and "-on-" in p.name for p in images] == [False, True, True]
+        _commit_tokens(s, kv, a, 106, 107)
+        s.flush()
+        log = s._log
+        with log.lock:
+            log._roll(log.ring.consumed)
+            index = scan(log.dir, session_tag=log.tag)
+            full = write_base_image(log.dir, log.tag, log.token, index)
+            doomed = superseded(log.dir, full, index, layer=False, token=log.token, current=log.segment.path)
+        assert [p.name for p in doomed if p.name.startswith("base-")] == [p.name for p in reversed(images)]
+        s.close()

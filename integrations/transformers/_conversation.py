@@ -54,6 +54,7 @@ import torch
 from transformers import StoppingCriteriaList
 
 from concordia_agents import ConcordiaError, Runtime
+from concordia_agents._logging import get_logger
 
 from ._cache import DurableCache
 from ._generate import (
@@ -197,7 +198,13 @@ class ResidentConversations:
     def _park(self, conversation_id: str, item: _Resident) -> None:
         if item.nbytes > self.host_budget_bytes:
             return
-        self._parked[conversation_id] = _Parked.of(item)
+        try:
+            parked = _Parked.of(item)
+        except (RuntimeError, MemoryError) as e:  # no page-locked memory to be had: the log holds the KV anyway
+            get_logger().warning("conversation not parked in host memory", conversation=conversation_id,
+                                 error=str(e))
+            return
+        self._parked[conversation_id] = parked
         self.parked += 1
         while self.host_nbytes > self.host_budget_bytes:
             self._parked.popitem(last=False)
