@@ -451,7 +451,8 @@ def fetch_objects(store: ObjectStore, catalog: Catalog, session_id: str, directo
     if bases:
         local = read_segment_header(bases[-1].path, session_tag=session_tag)
         mine = ObjectInfo(session_id, bases[-1].path.name, "", "base", local.token, local.base, "remote", 0, "")
-        held = {f.path.name: f.base for f in bases}
+        # the local image's chain, from the images here or in the store (an interrupted fetch's were unlinked)
+        held = {o.name: o.base_offset for o in need if o.kind == "base"} | {f.path.name: f.base for f in bases}
         kept = frozenset(held[n] for n in (base_chain(mine.name, held.keys()) or [])[1:])
         need = [o for o in need if not covered_by(mine, o.kind, o.token, o.base_offset, _object_end(o), kept)]
     missing = [o for o in need if not (directory / o.name).exists()]
