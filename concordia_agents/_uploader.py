@@ -290,8 +290,8 @@ class Uploader:
             return False  # no file sealed since the last whole pass: no catalog read either
         rows = {o.name: o for o in objects(self.catalog, slog.session_id)}
         newest, chain = newest_base(rows.values())
-        # A layer goes up only with its chain (here or remote): one whose parent a crash of compaction's
-        # deletions took would be of no use there, and a newer base image than any whole chain's
+        # A layer goes up only with its chain (here or remote): one whose parent was lost to a crash during
+        # compaction's deletions would be of no use there, yet look newer than every whole chain
         have = {f.path.name for f in bases} | {n for n, o in rows.items() if o.kind == "base" and o.state == "remote"}
         uploaded: list[SegmentFile] = []
         for f in bases + deltas:  # bases by offset, then chains oldest first
