@@ -75,6 +75,7 @@ from ._segments import (
     KIND_LAYER,
     SEGMENT_HEADER_SIZE,
     SegmentFile,
+    base_chain,
     base_name,
     list_segments,
     read_segment_header,
@@ -310,20 +311,17 @@ MAX_CHAIN = 256
 
 
 def _base_chain(newest: SegmentFile, bases: list[SegmentFile]) -> list[SegmentFile]:
-    """``newest`` and the base images it lies on, root first."""
-    by_covers = {f.base: f for f in bases}
-    chain = [newest]
-    while chain[-1].kind == KIND_LAYER:
-        f = chain[-1]
-        parent = by_covers.get(f.parent)
-        if parent is None or parent.base >= f.base:
-            raise CorruptLogError(f"layer lies on the base image {base_name(f.parent)} (or a layer covering log offset "
-                                  f"{f.parent}), which is missing", path=str(f.path), offset=0)
-        if len(chain) >= MAX_CHAIN:
-            raise CorruptLogError(f"expected a chain of at most {MAX_CHAIN} base images, found a longer one",
-                                  path=str(f.path), offset=0)
-        chain.append(parent)
-    return chain[::-1]
+    """``newest`` and the base images it lies on, root first (``_segments.base_chain``)."""
+    by_name = {f.path.name: f for f in bases}
+    names = base_chain(newest.path.name, by_name.keys())
+    if names is None:
+        raise CorruptLogError(f"layer lies on the base image {base_name(newest.parent)} (or a layer covering log "
+                              f"offset {newest.parent}), or that one on another, which is missing",
+                              path=str(newest.path), offset=0)
+    if len(names) > MAX_CHAIN:
+        raise CorruptLogError(f"expected a chain of at most {MAX_CHAIN} base images, found {len(names)}",
+                              path=str(newest.path), offset=0)
+    return [by_name[n] for n in reversed(names)]
 
 
 def _read_base(newest: SegmentFile, bases: list[SegmentFile], tag: int, index: LogIndex,
@@ -340,9 +338,9 @@ def _read_base(newest: SegmentFile, bases: list[SegmentFile], tag: int, index: L
         if e <= epoch:
             raise CorruptLogError(f"layer of epoch {e} lies on a base image of epoch {epoch}", path=str(f.path),
                                   offset=48)
+        # Nothing below can fail: the index takes the whole image or, above, none of it.
         epoch, covers = e, f.base
-        specs = {**specs, **f_specs}
-        records = {rid: list(locs) for rid, locs in records.items()}
+        specs.update(f_specs)
         for loc in pending:
             records.setdefault(loc.header.region, []).append(loc)
         index.epoch = index.base_epoch = epoch

@@ -51,6 +51,22 @@ def _commit_tokens(s, kv: np.ndarray, a: np.ndarray, first: int, last: int, flus
             s.flush()
 
 
+def _new_session(rt: Runtime, sid: str):  # type: ignore[no-untyped-def]
+    """A new session with the tests' two regions: kv rows and a pages region."""
+    s = rt.session(sid)
+    kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
+    s.register("kv", kv, kind="kv", seq_axis=1)
+    s.register("a", a)
+    return s, kv, a
+
+
+def _fold(s, kv: np.ndarray, a: np.ndarray, first: int, last: int) -> Path | None:  # type: ignore[no-untyped-def]
+    """Commit tokens ``[first, last)``, flush, and compact: the image written."""
+    _commit_tokens(s, kv, a, first, last)
+    s.flush()
+    return s._log.compact()
+
+
 def _open(home: Path, url: str, **kw) -> Runtime:  # type: ignore[no-untyped-def]
     return Runtime.open(home=home, catalog_url=url, backend="host", fsync="none", **kw)
 
@@ -74,10 +90,7 @@ def test_per_token_epochs_fold_into_layers_and_resume_exactly(home: Path, catalo
     keeps at most ~32 epochs of per-token records, and restores the state."""
     seen_layers: set[str] = set()
     with _open(home, catalog_url, compact_epochs=32) as rt:
-        s = rt.session("conv")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
-        s.register("kv", kv, kind="kv", seq_axis=1)
-        s.register("a", a)
+        s, kv, a = _new_session(rt, "conv")
         for chunk in range(0, 600, 40):
             _commit_tokens(s, kv, a, chunk, chunk + 40)
             s.flush()
@@ -115,13 +128,8 @@ def test_a_layer_holds_only_the_tail_and_rewrites_stay_exact(home: Path, catalog
     rewrote (a conversation's crop) come back as rewritten, the others as the
     image below holds them."""
     with _open(home, catalog_url, compact_epochs=0) as rt:
-        s = rt.session("crop")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
-        s.register("kv", kv, kind="kv", seq_axis=1)
-        s.register("a", a)
-        _commit_tokens(s, kv, a, 0, 400)
-        s.flush()
-        full = s._log.compact()
+        s, kv, a = _new_session(rt, "crop")
+        full = _fold(s, kv, a, 0, 400)
         kv[:, 100:110] = -1.0  # crop to 100 tokens and write 10 new rows
         s.commit({"t": "cropped"}, rows={"kv": (100, 110)})
         s.flush()
@@ -139,16 +147,9 @@ def test_a_layer_holds_only_the_tail_and_rewrites_stay_exact(home: Path, catalog
 
 def test_a_layer_whose_parent_is_missing_is_named_and_nothing_is_deleted(home: Path, catalog_url: str):
     with _open(home, catalog_url, compact_epochs=0) as rt:
-        s = rt.session("gone")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
-        s.register("kv", kv, kind="kv", seq_axis=1)
-        s.register("a", a)
-        _commit_tokens(s, kv, a, 0, 50)
-        s.flush()
-        full = s._log.compact()
-        _commit_tokens(s, kv, a, 50, 60)
-        s.flush()
-        layer = s._log.compact()
+        s, kv, a = _new_session(rt, "gone")
+        full = _fold(s, kv, a, 0, 50)
+        layer = _fold(s, kv, a, 50, 60)
         s.close()
     assert full is not None and layer is not None
     full.unlink()
@@ -164,16 +165,9 @@ def test_a_version_1_header_naming_a_layer_is_refused(home: Path, catalog_url: s
     """Kind and format version go together: a layer under format 1 (or a full
     image under format 2) is damage, not a state."""
     with _open(home, catalog_url, compact_epochs=0) as rt:
-        s = rt.session("hdr")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
-        s.register("kv", kv, kind="kv", seq_axis=1)
-        s.register("a", a)
-        _commit_tokens(s, kv, a, 0, 20)
-        s.flush()
-        s._log.compact()
-        _commit_tokens(s, kv, a, 20, 30)
-        s.flush()
-        layer = s._log.compact()
+        s, kv, a = _new_session(rt, "hdr")
+        _fold(s, kv, a, 0, 20)
+        layer = _fold(s, kv, a, 20, 30)
         s.close()
     assert layer is not None
     raw = bytearray(layer.read_bytes())
@@ -266,16 +260,9 @@ def test_a_damaged_layer_rolls_back_to_the_images_below_it(home: Path, catalog_u
     with allow_rollback keeps the intact full image below it (epoch 300, not 0) and
     moves the damaged layer aside."""
     with _open(home, catalog_url, compact_epochs=0) as rt:
-        s = rt.session("salv")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
-        s.register("kv", kv, kind="kv", seq_axis=1)
-        s.register("a", a)
-        _commit_tokens(s, kv, a, 0, 300)
-        s.flush()
-        full = s._log.compact()
-        _commit_tokens(s, kv, a, 300, 305)
-        s.flush()
-        layer = s._log.compact()
+        s, kv, a = _new_session(rt, "salv")
+        full = _fold(s, kv, a, 0, 300)
+        layer = _fold(s, kv, a, 300, 305)
         s.close()
     assert full is not None and layer is not None and "-on-" in layer.name
     index = scan(layer.parent, session_tag=session_tag("salv"))
@@ -300,15 +287,10 @@ def test_a_full_image_supersedes_a_chain_newest_first(home: Path, catalog_url: s
     from concordia_agents._base_image import superseded, write_base_image
 
     with _open(home, catalog_url, compact_epochs=0) as rt:
-        s = rt.session("order")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(1 << 16, np.uint8)
-        s.register("kv", kv, kind="kv", seq_axis=1)
-        s.register("a", a)
+        s, kv, a = _new_session(rt, "order")
         images = []
         for first in (0, 100, 103):
-            _commit_tokens(s, kv, a, first, first + (100 if first == 0 else 3))
-            s.flush()
-            images.append(s._log.compact())
+            images.append(_fold(s, kv, a, first, first + (100 if first == 0 else 3)))
         assert [p is not None and "-on-" in p.name for p in images] == [False, True, True]
         _commit_tokens(s, kv, a, 106, 107)
         s.flush()

@@ -92,22 +92,30 @@ def test_seeded_sampling_turns_equal_plain_generate(tmp_path, model):
             assert torch.equal(out, _plain(model, prompt, **kw)), turn
 
 
+def _alternate(model, rt: Runtime, pool: ResidentConversations,  # type: ignore[no-untyped-def]
+               calls: list[ConversationCall]) -> dict[str, torch.Tensor]:
+    """Two conversations, three turns each, alternating; every call equal to plain
+    generate. From the second call on, ``pool`` holds one conversation's KV."""
+    outs = {"x": torch.zeros(1, 0, dtype=torch.int64), "y": torch.zeros(1, 0, dtype=torch.int64)}
+    for turn in range(3):
+        for conv in ("x", "y"):
+            prompt = torch.cat([outs[conv], _tokens(turn + ord(conv), 6)], dim=1)
+            outs[conv] = conversation_generate(model, prompt, conv, f"t{turn}", runtime=rt, resident=pool,
+                                               max_new_tokens=5, do_sample=False, max_cache_len=128,
+                                               on_call=calls.append)
+            assert torch.equal(outs[conv], _plain(model, prompt, max_new_tokens=5, do_sample=False))
+            if pool.budget_bytes is None:
+                pool.budget_bytes = pool.nbytes  # one conversation's worth, from now on
+    return outs
+
+
 def test_least_recently_used_conversations_are_evicted_and_restored_from_the_log(tmp_path, model):
     """A budget of one conversation's KV with two conversations alternating: each call finds the
     other's KV evicted, restores its own from the log, and still equals plain generate."""
     calls: list[ConversationCall] = []
-    outs = {"x": torch.zeros(1, 0, dtype=torch.int64), "y": torch.zeros(1, 0, dtype=torch.int64)}
     with Runtime.open(home=tmp_path, backend="host") as rt:
         pool = ResidentConversations()
-        for turn in range(3):
-            for conv in ("x", "y"):
-                prompt = torch.cat([outs[conv], _tokens(turn + ord(conv), 6)], dim=1)
-                outs[conv] = conversation_generate(model, prompt, conv, f"t{turn}", runtime=rt, resident=pool,
-                                                   max_new_tokens=5, do_sample=False, max_cache_len=128,
-                                                   on_call=calls.append)
-                assert torch.equal(outs[conv], _plain(model, prompt, max_new_tokens=5, do_sample=False))
-                if pool.budget_bytes is None:
-                    pool.budget_bytes = pool.nbytes  # one conversation's worth, from now on
+        _alternate(model, rt, pool, calls)
     assert pool.evictions >= 4
     assert [c.source for c in calls[2:]] == ["log"] * 4
 
@@ -117,18 +125,9 @@ def test_evicted_conversations_are_parked_in_host_memory_and_copied_back(tmp_pat
     host memory; its next call copies it back ("host") instead of reading the log,
     still equal to plain generate. A host budget too small for one parks nothing."""
     calls: list[ConversationCall] = []
-    outs = {"x": torch.zeros(1, 0, dtype=torch.int64), "y": torch.zeros(1, 0, dtype=torch.int64)}
     with Runtime.open(home=tmp_path, backend="host") as rt:
         pool = ResidentConversations(host_budget_bytes=1 << 30)
-        for turn in range(3):
-            for conv in ("x", "y"):
-                prompt = torch.cat([outs[conv], _tokens(turn + ord(conv), 6)], dim=1)
-                outs[conv] = conversation_generate(model, prompt, conv, f"t{turn}", runtime=rt, resident=pool,
-                                                   max_new_tokens=5, do_sample=False, max_cache_len=128,
-                                                   on_call=calls.append)
-                assert torch.equal(outs[conv], _plain(model, prompt, max_new_tokens=5, do_sample=False))
-                if pool.budget_bytes is None:
-                    pool.budget_bytes = pool.nbytes  # one conversation's worth, from now on
+        outs = _alternate(model, rt, pool, calls)
         assert pool.parked >= 4 and pool.host_nbytes == pool.nbytes  # the other conversation, parked
         assert [c.source for c in calls[2:]] == ["host"] * 4
         # the new user message, and the last reply token (whose KV no forward computed)
