@@ -131,12 +131,14 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
 
 
 def test_step_hook_module(monkeypatch) -> None:
-    """The step hook's module (``_steps._step_module``): the model; with
-    ``_HOOK_ON_DECODER`` its decoder stack (inlined into the forward's
-    compiled graph), or the model itself when it names no decoder."""
+    """The step hook's module (``_steps._step_module``): by default
+    (``_HOOK_ON_DECODER``) the decoder stack (inlined into the forward's
+    compiled graph), or the model itself when it names no decoder; with the
+    switch off, the model."""
     from integrations.transformers import _steps
 
     model = build("llama")
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", False)
     assert _steps._step_module(model) is model
 
     class Broken(torch.nn.Module):
@@ -150,9 +152,11 @@ def test_step_hook_module(monkeypatch) -> None:
     assert _steps._step_module(broken) is broken
 
 
-def test_step_hook_on_the_decoder_commits_every_step(tmp_path, monkeypatch):
-    """With the hook on the decoder stack, durable_generate's static path (eager on the CPU: host commits)
-    returns transformers' static-cache tokens and commits an epoch per model step, the prompt's included."""
+@pytest.mark.parametrize("on_decoder", [True, False])
+def test_step_hook_commits_every_step(tmp_path, monkeypatch, on_decoder):
+    """With the hook on the decoder stack (the default) or on the model, durable_generate's static path (eager
+    on the CPU: host commits) returns transformers' static-cache tokens and commits an epoch per model step,
+    the prompt's included."""
     from concordia_agents import Runtime
     from integrations.transformers import _steps, durable_generate
 
@@ -160,7 +164,7 @@ def test_step_hook_on_the_decoder_commits_every_step(tmp_path, monkeypatch):
     ids, mask = prompt(1, False)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
     events: list[Any] = []
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", True)
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", on_decoder)
     with Runtime.open(home=tmp_path, backend="host") as rt:
         out = durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=8,
                                do_sample=False, cache_implementation="static", on_event=events.append)
