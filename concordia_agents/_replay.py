@@ -165,16 +165,16 @@ class PayloadReader:
     def read_verified(self, loc: RecordLoc, out: np.ndarray) -> None:
         """Read ``loc``'s payload into ``out`` and verify it piece by piece, each
         piece summed while it is still in the CPU cache."""
-        n = loc.header.length
+        n, version = loc.header.length, loc.header.version
         whole, s, aligned = n // 8, 0, True
         for a, b in self._pieces(loc, out, _PIECE):
             aligned = aligned and a % 8 == 0 and (b % 8 == 0 or b == n)
             if aligned and min(b, 8 * whole) > a:
-                s += partial_sum(out[a:min(b, 8 * whole)].view(np.uint64), a // 8)
+                s += partial_sum(out[a:min(b, 8 * whole)].view(np.uint64), a // 8, version)
         if aligned:
-            ok = payload_sum_finish(s & _M64, out[8 * whole:].tobytes(), whole, n) == loc.header.payload_sum
+            ok = payload_sum_finish(s & _M64, out[8 * whole:].tobytes(), whole, n, version) == loc.header.payload_sum
         else:  # a read ended mid-word (rare): sum the whole payload again
-            ok = payload_sum(out) == loc.header.payload_sum
+            ok = payload_sum(out, version) == loc.header.payload_sum
         if not ok:
             self.raise_corrupt(loc)
 
@@ -193,7 +193,7 @@ class PayloadReader:
     @classmethod
     def verify(cls, loc: RecordLoc, payload: memoryview | np.ndarray) -> None:
         """Raise CorruptLogError unless ``payload`` is ``loc``'s intact payload."""
-        if len(payload) != loc.header.length or payload_sum(payload) != loc.header.payload_sum:
+        if len(payload) != loc.header.length or payload_sum(payload, loc.header.version) != loc.header.payload_sum:
             cls.raise_corrupt(loc)
 
     def close(self) -> None:
@@ -241,7 +241,7 @@ class _Reader:
         payload = os.pread(self._fd, header.length, pos + HEADER_SIZE)
         if len(payload) < header.length:
             raise FramingError(f"expected a {header.length}-byte payload, found {len(payload)} bytes", torn=True)
-        if payload_sum(payload) != header.payload_sum:
+        if payload_sum(payload, header.version) != header.payload_sum:
             raise FramingError("payload checksum mismatch", torn=False)
         return header, payload
 

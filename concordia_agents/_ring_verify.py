@@ -63,7 +63,7 @@ def checked_header(ring: LogRing, tag: int, pos: int, limit: int) -> RecordHeade
 def check_payload(ring: LogRing, pos: int, header: RecordHeader) -> None:
     views = ring.views(pos + HEADER_SIZE, header.length)
     body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
-    if payload_sum(body) != header.payload_sum:
+    if payload_sum(body, header.version) != header.payload_sum:
         raise CorruptLogError(f"host ring record at log offset {pos} ({header.type.name}, epoch {header.epoch}) "
                               "fails its payload checksum", path=str(ring.path), offset=pos)
 

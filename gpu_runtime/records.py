@@ -1,7 +1,7 @@
 """Log record framing: the one byte format that every writer (host backend, GPU
 handlers) produces and every reader (flusher, replay, compaction) consumes.
 
-Layout, format version 1 (all integers little-endian)::
+Layout, format version 2 (all integers little-endian)::
 
     offset size field
     0      4    magic        b"CNCR"
@@ -17,7 +17,7 @@ Layout, format version 1 (all integers little-endian)::
                              COMMIT: log offset of the epoch's first data record
     40     8    length       payload length in bytes (excluding padding)
     48     8    aux          ROWS: row count; COMMIT: number of data records
-    56     8    payload_sum  checksum of the payload (gpu_runtime.checksum)
+    56     8    payload_sum  checksum of the payload (gpu_runtime.checksum, by version)
     64     …    payload, then zero padding to a multiple of RECORD_ALIGN
 
 The same layout is spelled out for device code in ``kernels/concordia.cuh``.
@@ -34,7 +34,9 @@ Invariants:
 * The header checksum is verified before any length field is trusted, so a
   flipped bit can never make a reader run past the end of a file.
 
-Bump ``RECORD_VERSION`` whenever this layout changes.
+Bump ``RECORD_VERSION`` whenever this layout changes. Version 2 changed only
+the payload checksum (32-bit words: ``checksum.py`` says why); version 1
+records are still read, each verified by its own header's version.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checksum import payload_sum
+from .checksum import SUM_VERSIONS, payload_sum
 
 __all__ = [
     "HEADER_SIZE",
+    "READ_VERSIONS",
     "RECORD_ALIGN",
     "RECORD_MAGIC",
     "RECORD_VERSION",
@@ -69,7 +72,9 @@ __all__ = [
 ]
 
 RECORD_MAGIC = b"CNCR"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+#: versions a reader accepts (each record is verified by the checksum of its own version)
+READ_VERSIONS = frozenset(SUM_VERSIONS)
 RECORD_ALIGN = 8
 _HEADER = struct.Struct("<4sBBHQQIIQQQQ")
 HEADER_SIZE = _HEADER.size
@@ -111,6 +116,7 @@ class RecordHeader:
     length: int
     aux: int
     payload_sum: int
+    version: int = RECORD_VERSION  #: the record's format version: which payload checksum it carries
 
     @property
     def size(self) -> int:
@@ -144,10 +150,12 @@ def encode_header(
     length: int = 0,
     aux: int = 0,
     payload_sum: int = 0,
+    version: int = RECORD_VERSION,
 ) -> bytes:
-    """Pack a header; ``header_crc`` is computed here."""
+    """Pack a header; ``header_crc`` is computed here. ``version`` other than the
+    current one only for tests and tools that make older logs."""
     head = _HEADER.pack(
-        RECORD_MAGIC, RECORD_VERSION, int(type), int(flags), session_tag, epoch, region, 0,
+        RECORD_MAGIC, version, int(type), int(flags), session_tag, epoch, region, 0,
         offset, length, aux, payload_sum,
     )
     return head[:28] + struct.pack("<I", _header_crc(head)) + head[32:]
@@ -172,14 +180,16 @@ def encode_record(
     flags: int = 0,
     offset: int = 0,
     aux: int = 0,
+    version: int = RECORD_VERSION,
 ) -> bytes:
-    """A whole record (header, payload, padding) as one bytes object."""
+    """A whole record (header, payload, padding) as one bytes object, of format
+    ``version`` (any of ``READ_VERSIONS``; writers use the current one)."""
     # bytes of any shape: len() of an ndarray would be its first dimension
     payload = (payload.data if isinstance(payload, np.ndarray) else memoryview(payload)).cast("B")
     n = len(payload)
     header = encode_header(
         type, session_tag=session_tag, epoch=epoch, region=region, flags=flags,
-        offset=offset, length=n, aux=aux, payload_sum=payload_sum(payload),
+        offset=offset, length=n, aux=aux, payload_sum=payload_sum(payload, version), version=version,
     )
     pad = record_size(n) - HEADER_SIZE - n
     return b"".join((header, bytes(payload), b"\0" * pad))
@@ -189,7 +199,7 @@ def checked_record_size(buf: bytes) -> int:
     """``decode_header(buf).size`` without building the header: the flusher's
     walk over the ring checks every header this way (the checks are the same;
     a header that fails one is decoded again to raise its FramingError)."""
-    if (len(buf) >= HEADER_SIZE and buf[:4] == RECORD_MAGIC and buf[4] == RECORD_VERSION and buf[5] in _TYPES
+    if (len(buf) >= HEADER_SIZE and buf[:4] == RECORD_MAGIC and buf[4] in READ_VERSIONS and buf[5] in _TYPES
             and _header_crc(buf) == int.from_bytes(buf[28:32], "little")):
         return record_size(int.from_bytes(buf[40:48], "little"))
     return decode_header(buf).size
@@ -214,13 +224,14 @@ def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         raise FramingError(f"expected magic {RECORD_MAGIC!r}, found {magic!r}", torn=False)
     if _header_crc(raw) != hcrc:
         raise FramingError("header checksum mismatch", torn=False)
-    if version != RECORD_VERSION:
-        raise FramingError(f"expected record format version {RECORD_VERSION}, found {version}", torn=False)
+    if version not in READ_VERSIONS:
+        raise FramingError(f"expected record format version {' or '.join(map(str, sorted(READ_VERSIONS)))}, "
+                           f"found {version}", torn=False)
     kind = _TYPE_OF.get(rtype)
     if kind is None:
         raise FramingError(f"unknown record type {rtype}", torn=False)
     flag = _FLAGS_OF.get(flags)
     if flag is None:
         flag = RecordFlags(flags)
-    return RecordHeader(kind, tag, epoch, region, flag, offset, length, aux, psum)
+    return RecordHeader(kind, tag, epoch, region, flag, offset, length, aux, psum, version)
 

@@ -50,6 +50,7 @@ __all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "Re
 
 Span = tuple[Any, int, int, list[Any]]  #: (path, file offset, bytes, records)
 _BLOCK = 256  # threads per block of cnc_payload_sums (its __launch_bounds__)
+_SUM_V1 = 1 << 63  # a table entry's word count with this bit: a record format version 1 checksum (verify.cu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +275,7 @@ class DeviceVerifiedRestore:
             table = tables.view(np.uint64)[2 * most * i:2 * most * (i + 1)]
             for r, loc in enumerate(group):
                 table[2 * r] = loc.file_offset - start + HEADER_SIZE
-                table[2 * r + 1] = loc.header.length // 8
+                table[2 * r + 1] = loc.header.length // 8 | (_SUM_V1 if loc.header.version == 1 else 0)
             rt.memsetAsync(dev_sums[i].data.ptr, 0, 8 * most, stream.ptr)
             rt.memcpyAsync(stage[i].data.ptr, pool[i].ptr, nbytes, rt.memcpyHostToDevice, stream.ptr)
             longest = max(loc.header.length // 8 for loc in group)
@@ -295,7 +296,7 @@ class DeviceVerifiedRestore:
                 n, at = loc.header.length, loc.file_offset - start + HEADER_SIZE
                 whole = n // 8
                 tail = pool[i].array[at + 8 * whole:at + n].tobytes()
-                if payload_sum_finish(int(sums[r]), tail, whole, n) != loc.header.payload_sum:
+                if payload_sum_finish(int(sums[r]), tail, whole, n, loc.header.version) != loc.header.payload_sum:
                     reader.raise_corrupt(loc)
             for loc in group:
                 src = stage[i].data.ptr + loc.file_offset - start + HEADER_SIZE

@@ -46,8 +46,19 @@ __device__ __forceinline__ u64 cnc_splitmix64(u64 z) {
     return z ^ (z >> 31);
 }
 
-// Payload checksum (gpu_runtime/checksum.py): sum_j x_j * (splitmix64(j) | 1).
 __device__ __forceinline__ u64 cnc_weight(u64 j) { return cnc_splitmix64(j) | 1ull; }
+
+// Payload checksum, record format version 2 (gpu_runtime/checksum.py): the
+// payload as u32 words y_i, s = sum_i y_i * W_i mod 2^64 with
+// W_i = (splitmix64(i mod 1024) | 1) * (splitmix64(1024 + i / 1024) | 1).
+// Device code sums u64 words; word k holds y_2k (low half) and y_2k+1, which
+// share a weight block. The term of word k:
+__device__ __forceinline__ u64 cnc_term(u64 x, u64 k) {
+    const u64 i = (2 * k) & 1023;
+    return ((x & 0xffffffffull) * cnc_weight(i) + (x >> 32) * cnc_weight(i + 1)) * cnc_weight(1024 + (k >> 9));
+}
+// Version 1 (records written before; read only): x_k * (splitmix64(k) | 1).
+__device__ __forceinline__ u64 cnc_term_v1(u64 x, u64 k) { return x * cnc_weight(k); }
 
 __device__ u64 cnc_block_sum(u64 v) {
     __shared__ u64 warp_sums[32];

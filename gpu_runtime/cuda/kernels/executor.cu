@@ -76,7 +76,7 @@ __device__ void cnc_commit_header(CncCtx& c, u8* data, u64 cap, u64 at, u64 len,
                                   u64 nrec) {
     u64 acc = 0;
     for (u64 k = threadIdx.x; k < (len + 7) / 8; k += blockDim.x) {
-        acc += *(volatile const u64*)(data + (at + CNC_REC_HEADER + 8 * k) % cap) * cnc_weight(k);
+        acc += cnc_term(*(volatile const u64*)(data + (at + CNC_REC_HEADER + 8 * k) % cap), k);
     }
     const u64 sum = cnc_block_sum(acc);
     if (threadIdx.x == 0) {

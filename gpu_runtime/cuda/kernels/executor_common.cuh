@@ -47,7 +47,7 @@ __device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 k0, u64 k1, 
     const u64 a = k0 + ((k0 + ((pos >> 3) & 1)) & 1);  // first word at a 16-byte ring position
     if (a > k0 && tid == 0) {  // one lone word brings the stores to 16-byte alignment
         const u64 x = src[k0];
-        acc += x * cnc_weight(k0);
+        acc += cnc_term(x, k0);
         cnc_store_at(data, cap, pos, 8 * k0, x);
     }
     if (a >= k1) return acc;
@@ -55,7 +55,7 @@ __device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 k0, u64 k1, 
     for (u64 j = tid; j < pairs; j += stride) {
         const u64 k = a + 2 * j;
         const u64 x0 = src[k], x1 = src[k + 1];
-        acc += x0 * cnc_weight(k) + x1 * cnc_weight(k + 1);
+        acc += cnc_term(x0, k) + cnc_term(x1, k + 1);
         u64 i = pos + 8 * k;
         if (i >= cap) i -= cap;  // cap is a multiple of 4096: a pair never straddles the end
         *(ulonglong2*)(data + i) = make_ulonglong2(x0, x1);  // ordered by the fence before publish
@@ -63,7 +63,7 @@ __device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 k0, u64 k1, 
     const u64 last = a + 2 * pairs;
     if (last < k1 && tid == (stride > 1 ? 1 : 0)) {
         const u64 x = src[last];
-        acc += x * cnc_weight(last);
+        acc += cnc_term(x, last);
         cnc_store_at(data, cap, pos, 8 * last, x);
     }
     return acc;

@@ -33,7 +33,7 @@ __device__ void cnc_kv(u32 kind, const CncTask& t, const CncRegion& r, CncCtx& c
             for (u64 k = cnc_gtid(); k < total; k += cnc_gthreads()) {
                 const u64 o = k / span_words, w = k - o * span_words;
                 const u64 x = ((const u64*)(r.base + (o * r.rows + r0) * RB))[w];
-                acc += x * cnc_weight(k);
+                acc += cnc_term(x, k);
                 cnc_store_at(data, cap, pos, 8 * k, x);
             }
             const u64 sum = cnc_block_sum(acc);

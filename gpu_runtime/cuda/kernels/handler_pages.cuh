@@ -218,7 +218,7 @@ __device__ void cnc_pages(u32 kind, const CncTask& t, const CncRegion& r, CncCtx
             u64 acc = 0;
             for (u64 k = threadIdx.x; k < (nbody + 7) / 8; k += blockDim.x) {
                 const u64 x = body[k];
-                acc += x * cnc_weight(k);
+                acc += cnc_term(x, k);
                 cnc_store_at(data, cap, (at + CNC_REC_HEADER) % cap, 8 * k, x);
             }
             const u64 sum = cnc_block_sum(acc);

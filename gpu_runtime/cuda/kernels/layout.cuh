@@ -11,12 +11,12 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-// ---- Log record header: gpu_runtime/records.py, RECORD_VERSION 1 ------------
+// ---- Log record header: gpu_runtime/records.py, RECORD_VERSION 2 ------------
 //  0 u32 magic "CNCR" | 4 u8 version | 5 u8 type | 6 u16 flags
 //  8 u64 session_tag  | 16 u64 epoch | 24 u32 region | 28 u32 header_crc
 // 32 u64 offset       | 40 u64 length | 48 u64 aux | 56 u64 payload_sum
 #define CNC_REC_MAGIC 0x52434E43u
-#define CNC_REC_VERSION 1u
+#define CNC_REC_VERSION 2u
 #define CNC_REC_HEADER 64ull
 #define CNC_REC_PAGES 2u
 #define CNC_REC_ROWS 3u

@@ -193,7 +193,7 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
             for (u64 k = tid; k < total; k += nthreads) {
                 const u64 o = k / span_words, w = k - o * span_words;
                 const u64 x = base[(o * P[P_KV_ROWS] + r0) * (rb / 8) + w];
-                acc += x * cnc_weight(k);
+                acc += cnc_term(x, k);
                 u64 i = pos + 8 * k;
                 if (i >= cap) i -= cap;
                 *(volatile u64*)(data + i) = x;
@@ -209,7 +209,7 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
             for (u64 k = tid; k < total; k += nthreads) {
                 const u64 o = k / cnt, row = r0 + (k - o * cnt);
                 const u64 x = cnc_token(P, ids, ids_stride, n_in, L, o, row);
-                acc += x * cnc_weight(k);
+                acc += cnc_term(x, k);
                 u64 i = pos + 8 * k;
                 if (i >= cap) i -= cap;
                 *(volatile u64*)(data + i) = x;
@@ -267,7 +267,7 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
         const u64 words = (p.body_len + 7) / 8;
         u64 acc = 0;
         for (u64 j = threadIdx.x; j < words; j += blockDim.x) {
-            acc += body_words[j] * cnc_weight(j);
+            acc += cnc_term(body_words[j], j);
             cnc_ring_store(data, cap, commit_at + CNC_REC_HEADER + 8 * j, body_words[j]);
         }
         const u64 sum = cnc_block_sum(acc);
