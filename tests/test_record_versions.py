@@ -78,15 +78,18 @@ def _check(s, step: int) -> None:  # type: ignore[no-untyped-def]
     assert np.array_equal(s.regions["a"].array, want_a)
 
 
-def _version_1_log(home: Path) -> None:
-    """A session of three epochs whose every record is then rewritten as version 1."""
-    with Runtime.open(home=home, backend="host", fsync="none", warm_ring_bytes=0) as rt:
+def _version_1_log(home: Path, xp=np, **opts) -> None:  # type: ignore[no-untyped-def]
+    """A session of three epochs (arrays of module ``xp``) whose every record is
+    then rewritten as version 1."""
+    with Runtime.open(home=home, **{"backend": "host", "fsync": "none", "warm_ring_bytes": 0, **opts}) as rt:
         s = rt.session("old")
-        kv, a = np.zeros((4, ROWS, 8), np.float32), np.zeros(3 << 17)
+        kv, a = xp.zeros((4, ROWS, 8), np.float32), xp.zeros(3 << 17)
         s.register("kv", kv, kind="kv", seq_axis=1)
         s.register("a", a)
         for step in (1, 2, 3):
-            _commit(s, kv, a, step)
+            want_kv, want_a = _state(step)
+            kv[...], a[...] = xp.asarray(want_kv), xp.asarray(want_a)
+            s.commit({"step": step}, rows={"kv": step})
         s.close()
         assert sum(_rewrite_as_version_1(seg) for seg in _segments(rt, "old")) > 6
 
@@ -129,3 +132,29 @@ def test_an_unknown_record_version_is_refused():
     with pytest.raises(FramingError, match="expected record format version 1 or 2, found 3") as e:
         decode_header(raw)
     assert not e.value.torn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("verify", ["host", "device"])
+def test_a_version_1_log_restores_on_the_gpu(tmp_path: Path, verify: str):
+    """On the CuPy backend a version 1 log restores exactly with either checksum
+    site (``verify.cu`` sums version 1 records by their own definition), and a
+    flipped payload byte is still named."""
+    import cupy
+
+    opts = {"backend": "cupy", "backend_options": {"restore_verify": verify, "restore_span": 256 << 10}}
+    _version_1_log(tmp_path, cupy, **opts)
+    with Runtime.open(home=tmp_path, fsync="none", **opts) as rt:
+        s = rt.resume("old")
+        assert s.epoch == 3
+        want_kv, want_a = _state(3)
+        assert np.array_equal(cupy.asnumpy(s.regions["kv"].array[:, :3]), want_kv[:, :3])
+        assert np.array_equal(cupy.asnumpy(s.regions["a"].array), want_a)
+        s.close()
+        seg = max(_segments(rt, "old"), key=lambda q: q.stat().st_size)
+        pos, h = max(((p, h) for p, h in _records(seg) if h.type is RecordType.PAGES), key=lambda r: r[1].length)
+        raw = bytearray(seg.read_bytes())
+        raw[pos + HEADER_SIZE + h.length // 2] ^= 0x10
+        seg.write_bytes(bytes(raw))
+        with pytest.raises(CorruptLogError, match=seg.name):
+            rt.resume("old")
