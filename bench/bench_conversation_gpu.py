@@ -92,7 +92,7 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
         with Runtime.open(home=home, **_OPTIONS) as rt:
             pool = ResidentConversations()
             out = torch.zeros(1, 0, dtype=torch.int64, device="cuda")
-            max_len = turns * (user_tokens + reply_tokens) + 16
+            max_len = (turns + 1) * (user_tokens + reply_tokens) + 16  # the turns and the one restored from the log
             # Warm-up, untimed: the process's first forwards and the executor's handlers (compiled into this
             # home's kernel cache) are not charged to turn 1; a throwaway conversation with its own pool.
             warm = _message(99, 64)
