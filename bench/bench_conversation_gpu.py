@@ -98,7 +98,8 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
             # Warm-up, untimed: the process's first forwards and the executor's handlers (compiled into this
             # home's kernel cache) are not charged to turn 1; a throwaway conversation with its own pool, of two
             # calls: the second prefills a suffix over kept KV, a path (attention with a past) the first call
-            # does not run, whose first use in a process cost turn 2 of the first run 0.6 s more than turn 3.
+            # does not run (turn 2 of the first run, its first use in the process, took 0.78 s to its first
+            # token against 0.11 s for turn 3: the suspect).
             warm, warm_pool = _message(99, 64), ResidentConversations()
             model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False)
             for call in ("w1", "w2"):
