@@ -90,8 +90,8 @@ def _weight_v2(i: int) -> int:
     return ((splitmix64(i % _BLOCK) | 1) * (splitmix64(_BLOCK + i // _BLOCK) | 1)) & _M
 
 
-_SMALL_WEIGHTS = [splitmix64(j) | 1 for j in range(32)]
-_SMALL_WEIGHTS_V2 = [_weight_v2(i) for i in range(64)]
+_SMALL_WEIGHTS = np.array([splitmix64(j) | 1 for j in range(32)], np.uint64)
+_SMALL_WEIGHTS_V2 = np.array([_weight_v2(i) for i in range(64)], np.uint64)
 # Measured on the CI machine: dot 1.5-2.2 us up to 1 000 words, einsum 6-7 us;
 # at 131 072 words einsum is faster (77 vs 108 us).
 _DOT_WORDS = 4096
@@ -157,16 +157,17 @@ def payload_sum(data: bytes | bytearray | memoryview | np.ndarray, version: int 
     if version not in SUM_VERSIONS:
         raise ValueError(f"expected a record format version in {SUM_VERSIONS}, found {version}")
     if not isinstance(data, np.ndarray) and len(data) <= 256:
-        # Commit bodies and descriptors: plain integers beat NumPy's call overhead.
+        # Commit bodies and descriptors (one per per-token epoch): one small dot
+        # product with the weights at hand, about 2 us on the CI machine at any
+        # length up to 256 bytes (a Python loop over the words took 4-16 us).
         raw = bytes(data)
         n = len(raw)
         raw += bytes(-n % 8)
         if version == 1:
-            s = sum(int.from_bytes(raw[8 * j:8 * j + 8], "little") * _SMALL_WEIGHTS[j] for j in range(len(raw) // 8))
+            s = int(np.frombuffer(raw, np.uint64).dot(_SMALL_WEIGHTS[:len(raw) // 8]))
         else:
-            s = sum(int.from_bytes(raw[4 * i:4 * i + 4], "little") * _SMALL_WEIGHTS_V2[i]
-                    for i in range(len(raw) // 4))
-        return splitmix64((s & _M) ^ n)
+            s = int(np.frombuffer(raw, np.uint32).astype(np.uint64).dot(_SMALL_WEIGHTS_V2[:len(raw) // 4]))
+        return splitmix64(s ^ n)
     buf = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
     n = buf.size
     whole = n // 8
