@@ -37,11 +37,12 @@ of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: n
 session, no hook — the cache class alone), ``durable_every_64`` (a commit
 every 64 steps: the kernel's commit work taken away) and
 ``durable_flusher_1s`` (a runtime whose flusher wakes once a second: the host
-threads taken away), ``durable_hook_on_model`` (the step hook on the model,
-a compiled frame and CUDA graph of its own, instead of on the decoder stack
-inside the forward's graph), ``durable_views`` and
-``plain_durable_cache_views`` (the layers' K/V as views of the one storage
-instead of tensors with storages of their own: ``_cache._unaliased``) and
+threads taken away), ``durable_hook_on_decoder`` (the step hook on the
+decoder stack, inside the forward's graph, instead of on the model, where it
+is a compiled frame and CUDA graph of its own), ``durable_split`` and
+``plain_durable_cache_split`` (the layers' K/V as tensors with storage
+objects of their own instead of views of the one storage:
+``_cache._unaliased``) and
 ``plain_static_cache_passed`` (transformers' ``StaticCache`` given to
 ``generate`` as ``past_key_values``, as ours is) under ``torch.profiler`` for the
 timed steps only: GPU kernel time and busy time (the union of kernel
@@ -189,12 +190,12 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
     from concordia_agents import Runtime
     from integrations.transformers import DurableStaticCache, _cache, _steps
 
-    def on_model(run: Any, w: Any) -> float:  # the step hook on the model, a compiled frame of its own (_steps.py)
-        with mock.patch.object(_steps, "_HOOK_ON_DECODER", False):
+    def on_decoder(run: Any, w: Any) -> float:  # the step hook on the decoder stack (_steps.py)
+        with mock.patch.object(_steps, "_HOOK_ON_DECODER", True):
             return float(run([w]))
 
-    def views(run: Any, w: Any) -> float:  # layers' K/V as views of one storage (_cache._unaliased)
-        with mock.patch.object(_cache, "_SPLIT_STORAGE", False):
+    def split(run: Any, w: Any) -> float:  # layers' K/V with storage objects of their own (_cache._unaliased)
+        with mock.patch.object(_cache, "_SPLIT_STORAGE", True):
             return float(run(w))
 
     def durable_cache() -> Any:
@@ -215,12 +216,12 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
                               **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0}))
     runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
             "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
-            "plain_durable_cache_views": lambda w: views(lambda v: plain([v], cache=durable_cache()), w),
+            "plain_durable_cache_split": lambda w: split(lambda v: plain([v], cache=durable_cache()), w),
             "plain_static_cache_passed": lambda w: plain([w], cache=static_cache()),
             "durable_every_64": lambda w: durable([w], every=64),
             "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
-            "durable_hook_on_model": lambda w: on_model(durable, w),
-            "durable_views": lambda w: views(lambda v: durable([v]), w)}
+            "durable_hook_on_decoder": lambda w: on_decoder(durable, w),
+            "durable_split": lambda w: split(lambda v: durable([v]), w)}
     out: dict[str, Any] = {}
     for name, run in runs.items():
         prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

@@ -28,19 +28,26 @@ def _plain_static(model_name: str, batch: int, new_tokens: int, **kw: object) ->
     return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens, **kw)
 
 
-def test_durable_static_cache_equals_static_cache_and_keeps_its_storage():
+@pytest.mark.parametrize("split", [False, True])
+def test_durable_static_cache_equals_static_cache_and_keeps_its_storage(monkeypatch, split):
     """model.generate with a DurableStaticCache returns StaticCache's tokens, writes into the one storage
-    tensor it was built with (same address), is compileable, and holds prompt + new - 1 positions."""
+    tensor it was built with (same address), is compileable, and holds prompt + new - 1 positions — also
+    with each layer's K and V given a storage object of its own (``_cache._SPLIT_STORAGE``: distinct
+    storage objects over the same memory)."""
     from transformers import StaticCache
 
-    from integrations.transformers import DurableStaticCache
+    from integrations.transformers import DurableStaticCache, _cache
 
+    monkeypatch.setattr(_cache, "_SPLIT_STORAGE", split)
     model = build("llama")
     ids, mask = prompt(2, True)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                          past_key_values=StaticCache(config=model.config, max_cache_len=ids.shape[1] + 12))
     cache = DurableStaticCache.for_model(model, batch_size=2, max_cache_len=ids.shape[1] + 12)
     ptr = cache.storage.data_ptr()
+    layer = cache.durable_layers[1]
+    same_storage = layer.values.untyped_storage().data_ptr() == cache.storage.untyped_storage().data_ptr()
+    assert same_storage is not split and layer.values.data_ptr() == cache.storage[3].data_ptr()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
     assert torch.equal(out, ref)
     assert cache.is_compileable and cache.storage.data_ptr() == ptr
@@ -131,10 +138,9 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
 
 
 def test_step_hook_module(monkeypatch) -> None:
-    """The step hook's module (``_steps._step_module``): by default
-    (``_HOOK_ON_DECODER``) the decoder stack (inlined into the forward's
-    compiled graph), or the model itself when it names no decoder; with the
-    switch off, the model."""
+    """The step hook's module (``_steps._step_module``): the model; with
+    ``_HOOK_ON_DECODER`` the decoder stack (inlined into the forward's
+    compiled graph), or the model itself when it names no decoder."""
     from integrations.transformers import _steps
 
     model = build("llama")
@@ -154,7 +160,7 @@ def test_step_hook_module(monkeypatch) -> None:
 
 @pytest.mark.parametrize("on_decoder", [True, False])
 def test_step_hook_commits_every_step(tmp_path, monkeypatch, on_decoder):
-    """With the hook on the decoder stack (the default) or on the model, durable_generate's static path (eager
+    """With the hook on the decoder stack or on the model (the default), durable_generate's static path (eager
     on the CPU: host commits) returns transformers' static-cache tokens and commits an epoch per model step,
     the prompt's included."""
     from concordia_agents import Runtime

@@ -23,13 +23,13 @@ compiles as a frame of their own (a second graph, guards and CUDA graph
 replay per step, with Python between them), while a submodule's call — its
 hooks included — is inlined into the forward's graph (checked on the CPU with
 inductor: the op in the one graph, after the last layer's cache write, no
-recompilation per call). So the hook goes on the decoder stack
-(``model.get_decoder()``) where the model names one (``_HOOK_ON_DECODER``,
-on by default): profiled on the H100 (1B shape, batch 1), a step then made
-one CUDA graph replay instead of two and took 3.73 ms instead of 4.49 ms
-under the profiler, plain ``generate`` 3.71 ms
-(``compiled_decode_gpu-20261206T171518Z.json``). The benchmark keeps the
-model hook as a variant.
+recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
+stack (``model.get_decoder()``) instead: profiled on the H100 (1B shape,
+batch 1), a step then made one CUDA graph replay instead of two and took
+3.73 ms instead of 4.49 ms under the profiler, plain ``generate`` 3.71 ms
+(``compiled_decode_gpu-20261206T171518Z.json``). It becomes the default once
+the GPU tests (``tests/test_step_commit_gpu.py``) have passed with it; the
+benchmark compares the two.
 
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
@@ -55,7 +55,7 @@ __all__ = ["StepCheckpointer"]
 # The producer the op's body launches: set while a StepCheckpointer is attached.
 _current: list[Any] = []
 #: hook the decoder stack instead of the model (module docs; the benchmark's comparison)
-_HOOK_ON_DECODER = True
+_HOOK_ON_DECODER = False
 
 
 def _step_module(model: Any) -> Any:
