@@ -115,7 +115,6 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
     if (P == 0 || S == 0) return;  // nothing armed: a stale replay, or a step outside durable_generate
     __shared__ u32 crc_table[256];
     __shared__ u64 body_words[CNC_STEP_MAX_BODY / 8];
-    __shared__ u64 template_words[CNC_STEP_MAX_BODY / 8];
     __shared__ int go, last;
     const u64 L = (u64)*length;
     const u64 c = S[S_COMMITTED];
@@ -248,18 +247,12 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
                              cnc_splitmix64(S[S_ACC + rec] ^ len));
         }
         // The COMMIT body: the template with the decimal of L at each 0 byte.
-        // The block stages the template in shared memory first: one thread
-        // reading it byte by byte from global memory would wait for every load
-        // in turn (a template of a few hundred bytes, each commit).
-        const u64 tlen = P[P_TEMPLATE_LEN];
-        for (u64 j = threadIdx.x; j < (tlen + 7) / 8; j += blockDim.x) template_words[j] = P[P_TEMPLATE + j];
-        __syncthreads();
         if (threadIdx.x == 0) {
             u8* b = (u8*)body_words;
-            const u8* t = (const u8*)template_words;
+            const u8* t = (const u8*)(P + P_TEMPLATE);
             const u64 nd = cnc_digits(L);
             u64 o = 0;
-            for (u64 i = 0; i < tlen; ++i) {
+            for (u64 i = 0; i < P[P_TEMPLATE_LEN]; ++i) {
                 if (t[i] == 0) {
                     u64 v = L;
                     for (u64 d = nd; d > 0; --d) { b[o + d - 1] = (u8)('0' + v % 10); v /= 10; }
