@@ -149,6 +149,8 @@ class ProfileWindow(StoppingCriteria):
 def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
     """Per step: kernel time, device busy time (union of kernel intervals) and
     the span from the first kernel's start to the last one's end, in us; the
+    in-step producer's launches (``cnc_step_commit``: 0 in a durable variant
+    means its steps committed nothing, a graph replayed without the hook); the
     15 kernels and the 10 CPU ops with the most time."""
     from torch.autograd import DeviceType
 
@@ -172,6 +174,7 @@ def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
         "busy_us_per_step": busy / steps,
         "span_us_per_step": (spans[-1][1] - spans[0][0]) / steps if spans else None,
         "kernels_per_step": len(kernels) / steps,
+        "producer_launches_per_step": by_name.get("cnc_step_commit", [0, 0.0])[0] / steps,
         "top_kernels": [{"name": k, "per_step": v[0] / steps, "us_per_step": v[1] / steps} for k, v in top],
         "top_cpu_ops": [{"name": e.key[:100], "calls_per_step": e.count / steps,
                          "self_us_per_step": e.self_cpu_time_total / steps} for e in cpu],
@@ -190,13 +193,24 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
     from concordia_agents import Runtime
     from integrations.transformers import DurableStaticCache, _cache, _steps
 
+    def fresh(fn: Any) -> float:
+        """``fn()`` with dynamo's caches emptied before and after: dynamo does not
+        guard on a submodule's hooks, so the decoder-hook variant would replay a
+        graph compiled without its hook (the first profile measured exactly that:
+        no producer kernel ran); the split storages must not reuse the views' graphs."""
+        torch._dynamo.reset()
+        try:
+            return float(fn())
+        finally:
+            torch._dynamo.reset()
+
     def on_decoder(run: Any, w: Any) -> float:  # the step hook on the decoder stack (_steps.py)
         with mock.patch.object(_steps, "_HOOK_ON_DECODER", True):
-            return float(run([w]))
+            return fresh(lambda: run([w]))
 
     def split(run: Any, w: Any) -> float:  # layers' K/V with storage objects of their own (_cache._unaliased)
         with mock.patch.object(_cache, "_SPLIT_STORAGE", True):
-            return float(run(w))
+            return fresh(lambda: run(w))
 
     def durable_cache() -> Any:
         return DurableStaticCache.for_model(model, batch_size=batch, max_cache_len=prompt_len + new_tokens + 1)

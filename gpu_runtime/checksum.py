@@ -22,8 +22,9 @@ version 1 on the CI machine (88 against 19 ms for 256 MiB).
 Why 32-bit words: a change ``d`` of one word has its lowest set bit at
 ``a <= 31``, so ``d * w_i`` keeps at least 33 significant bits mod 2**64, and
 two changes cancel only if the weights satisfy a congruence mod ``2**(64-a)``
-(about 2**-32 over the weights); two changes that are each a power of two
-never cancel. With 64-bit words (version 1) a change
+(about 2**-32 over the weights; two flips of one bit position ``a`` in words
+``i`` and ``j`` cancel when ``W_i = +-W_j mod 2**(64-a)``, which a payload
+of megabytes holds for a few of its many word pairs). With 64-bit words (version 1) a change
 confined to the top bits keeps only the top bits: two sign flips of bit 63 in
 two words of a payload always cancelled (``2**63 * (w_i + w_j) = 0`` for odd
 weights), +1 in byte 7 of two words about once in 128 pairs. The page hash
@@ -128,9 +129,11 @@ def partial_sum(words: np.ndarray, first: int, version: int = 2) -> int:
     first+1, ...``: a payload's sum is the sum (mod 2**64) of its pieces' partial
     sums, so a reader can verify a large payload piece by piece while each is
     in cache."""
+    if version not in SUM_VERSIONS:
+        raise ValueError(f"expected a record format version in {SUM_VERSIONS}, found {version}")
     if words.size == 0:
         return 0
-    if version != 1:
+    if version == 2:
         return _sum_v2(words.view(np.uint32), 2 * first)  # little-endian: word j is u32 words 2j, 2j+1
     weights = _weights_for(first + words.size)[first:]
     if words.size <= _DOT_WORDS:

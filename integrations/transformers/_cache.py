@@ -26,7 +26,8 @@ def _unaliased(view: torch.Tensor) -> torch.Tensor:
     Why: a compiled decode step takes every layer's K and V as graph inputs.
     Views of one storage are inputs that alias each other, and the compiled
     step of a ``DurableStaticCache`` ran slower than transformers'
-    ``StaticCache`` (separate tensors) with no other difference: on the H100,
+    ``StaticCache`` (separate tensors), aliasing being the one difference
+    found: on the H100,
     1B shape, batch 8, the kernel fusing RoPE and the grouped-query K/V
     expansion took 1.49 ms per step against 0.99 ms (profile of
     ``compiled_decode_gpu-20261206T171518Z.json``); whether the aliasing is the

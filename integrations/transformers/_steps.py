@@ -24,12 +24,15 @@ replay per step, with Python between them), while a submodule's call — its
 hooks included — is inlined into the forward's graph (checked on the CPU with
 inductor: the op in the one graph, after the last layer's cache write, no
 recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
-stack (``model.get_decoder()``) instead: profiled on the H100 (1B shape,
-batch 1), a step then made one CUDA graph replay instead of two and took
-3.73 ms instead of 4.49 ms under the profiler, plain ``generate`` 3.71 ms
-(``compiled_decode_gpu-20261206T171518Z.json``). It becomes the default once
-the GPU tests (``tests/test_step_commit_gpu.py``) have passed with it; the
-benchmark compares the two.
+stack (``model.get_decoder()``) instead. It is off and unsafe as built:
+dynamo does not guard on a submodule's hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled
+before the hook was added (any compiled plain ``generate`` earlier in the
+process) is replayed without it and the step commits stop silently (a hook
+added to the decoder after a compiled call ran 0 times of 3 on the CPU, on
+the model 3 of 3); the one profile of it measured such a step
+(docs/gpu.md). A model whose decoder takes ``inputs_embeds`` (multimodal
+wrappers) would also give the hook no ``input_ids``.
 
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink

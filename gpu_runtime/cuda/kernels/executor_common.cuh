@@ -39,7 +39,7 @@ __device__ __forceinline__ void cnc_store_at(u8* data, u64 cap, u64 pos, u64 byt
 // Copy words [k0, k1) of a record's payload from `src` (the payload's word 0)
 // into the ring, word 0 at ring position `pos` (8-aligned), with 16-byte stores
 // where the ring allows, returning this thread's share of the payload checksum
-// sum x_k * w(k). Threads [tid, tid + stride, ...]. A whole record is [0, n).
+// sum cnc_term(x_k, k). Threads [tid, tid + stride, ...]. A whole record is [0, n).
 __device__ __forceinline__ u64 cnc_copy_payload(const u64* src, u64 k0, u64 k1, u8* data, u64 cap, u64 pos,
                                                 u64 tid, u64 stride) {
     u64 acc = 0;
