@@ -99,29 +99,29 @@ _SMALL_WEIGHTS_V2 = np.array([_weight_v2(i) for i in range(64)], np.uint64)
 _DOT_WORDS = 4096
 
 
+def _within_block(y: np.ndarray, first: int) -> int:
+    """``sum_i y_i * W_(first + i)`` (unreduced) for u32 words ``y`` that all lie in
+    one weight block: the start or the end of a piece that is not block-aligned."""
+    o = first % _BLOCK
+    t = int(y.astype(np.uint64).dot(_weights_for(_BLOCK)[o:o + y.size]))
+    return t * int(_block_weights(first // _BLOCK + 1)[-1])
+
+
 def _sum_v2(y: np.ndarray, first: int) -> int:
     """``sum_i y_i * W_(first + i)`` mod 2**64 for u32 words ``y``: the words of
-    each weight block summed with the block's in-cache vector, then the block
-    sums with their block weights."""
-    w = _weights_for(_BLOCK)
-    total = 0
-    i = 0
-    while i < y.size and (first + i) % _BLOCK:  # the head, up to a block boundary
-        k = min(y.size - i, _BLOCK - (first + i) % _BLOCK)
-        o = (first + i) % _BLOCK
-        t = int(y[i:i + k].astype(np.uint64).dot(w[o:o + k]))
-        total += t * int(_block_weights((first + i) // _BLOCK + 1)[-1])
-        i += k
-    full = (y.size - i) // _BLOCK
+    each whole weight block summed with the block's in-cache vector, then the
+    block sums with their block weights; a partial block at either end apart."""
+    head = min(y.size, -first % _BLOCK)
+    total = _within_block(y[:head], first) if head else 0
+    full = (y.size - head) // _BLOCK
     if full:
-        b0 = (first + i) // _BLOCK
-        sums = np.einsum("ij,j->i", y[i:i + full * _BLOCK].reshape(full, _BLOCK), w, dtype=np.uint64,
-                         casting="unsafe")
+        b0 = (first + head) // _BLOCK
+        sums = np.einsum("ij,j->i", y[head:head + full * _BLOCK].reshape(full, _BLOCK), _weights_for(_BLOCK),
+                         dtype=np.uint64, casting="unsafe")
         total += int(sums.dot(_block_weights(b0 + full)[b0:]))
-        i += full * _BLOCK
-    if i < y.size:  # the tail, a block's first words
-        t = int(y[i:].astype(np.uint64).dot(w[:y.size - i]))
-        total += t * int(_block_weights((first + i) // _BLOCK + 1)[-1])
+    rest = head + full * _BLOCK
+    if rest < y.size:
+        total += _within_block(y[rest:], first + rest)
     return total & _M
 
 

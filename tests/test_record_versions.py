@@ -64,10 +64,10 @@ def _state(step: int) -> tuple[np.ndarray, np.ndarray]:
     return kv, a
 
 
-def _commit(s, kv: np.ndarray, a: np.ndarray, step: int) -> None:  # type: ignore[no-untyped-def]
+def _commit(s, kv, a, step: int, xp=np) -> None:  # type: ignore[no-untyped-def]
+    """Commit ``step``'s state, the regions being arrays of module ``xp``."""
     want_kv, want_a = _state(step)
-    kv[...] = want_kv
-    a[...] = want_a
+    kv[...], a[...] = xp.asarray(want_kv), xp.asarray(want_a)
     s.commit({"step": step}, rows={"kv": step})
 
 
@@ -87,9 +87,7 @@ def _version_1_log(home: Path, xp=np, **opts) -> None:  # type: ignore[no-untype
         s.register("kv", kv, kind="kv", seq_axis=1)
         s.register("a", a)
         for step in (1, 2, 3):
-            want_kv, want_a = _state(step)
-            kv[...], a[...] = xp.asarray(want_kv), xp.asarray(want_a)
-            s.commit({"step": step}, rows={"kv": step})
+            _commit(s, kv, a, step, xp)
         s.close()
         assert sum(_rewrite_as_version_1(seg) for seg in _segments(rt, "old")) > 6
 

@@ -27,15 +27,14 @@ def _unaliased(view: torch.Tensor) -> torch.Tensor:
     Views of one storage are inputs that alias each other, and the compiled
     step of a ``DurableStaticCache`` ran slower than transformers'
     ``StaticCache`` (separate tensors), aliasing being the one difference
-    found: on the H100,
-    1B shape, batch 8, the kernel fusing RoPE and the grouped-query K/V
-    expansion took 1.49 ms per step against 0.99 ms (profile of
-    ``compiled_decode_gpu-20261206T171518Z.json``); whether the aliasing is the
-    cause is what the benchmark's ``*_split`` variants measure. A DLPack round trip makes a
-    new storage object that holds the old one alive, so the memory is still
-    the one region the session registered and restores into; only the
-    aliasing is hidden from the compiler, which is sound here because no
-    compiled graph reads one layer's K or V through another's tensor."""
+    found: on the H100, 1B shape, batch 8, the kernel fusing RoPE and the
+    grouped-query K/V expansion took 1.49 ms per step against 0.99 ms (profile
+    of ``compiled_decode_gpu-20261206T171518Z.json``); whether the aliasing is
+    the cause is what the benchmark's ``*_split`` variants measure. A DLPack
+    round trip makes a new storage object that holds the old one alive, so the
+    memory is still the one region the session registered and restores into;
+    only the aliasing is hidden from the compiler, which is sound here because
+    no compiled graph reads one layer's K or V through another's tensor."""
     return torch.from_dlpack(view) if _SPLIT_STORAGE else view
 
 
