@@ -158,6 +158,87 @@ def test_step_hook_module(monkeypatch) -> None:
     assert _steps._step_module(broken) is broken
 
 
+def test_a_compiled_step_runs_the_step_hook_exactly_while_it_is_attached(monkeypatch):
+    """Dynamo does not guard on a submodule's hooks, so a decode step compiled before durable_generate's hook
+    was put on the decoder stack would be replayed without it (no commits), and one compiled with it replayed
+    after it was removed. The cache's ``stepping`` flag, read by every layer's update, keeps the two graphs
+    apart. A compiled step (dynamo with the ``aot_eager`` backend on the CPU): two steps compiled with no
+    hook, three with a counting hook on the decoder stack and the flag set, three after both are removed,
+    then a second cache and a second hook object: the hooks run in exactly their own steps."""
+    from integrations.transformers import DurableStaticCache, _steps
+
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", True)
+    torch._dynamo.reset()
+    model = build("llama")
+    step = torch.compile(model.__call__, backend="aot_eager")
+    ids, _ = prompt(1, False)
+    n = ids.shape[1]
+
+    class Counting:
+        def __init__(self) -> None:
+            self.count = torch.zeros((), dtype=torch.int64)
+
+        def __call__(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            self.count.add_(1)
+
+    def steps(cache: Any, first: int, k: int) -> None:
+        with torch.no_grad():
+            for t in range(first, first + k):
+                step(ids[:, :1], past_key_values=cache, cache_position=torch.tensor([t]), use_cache=True)
+
+    def attached(cache: Any, hook: Counting, first: int, k: int) -> None:
+        handle = _steps._step_module(model).register_forward_hook(hook, with_kwargs=True)
+        cache.set_stepping(True)
+        try:
+            steps(cache, first, k)
+        finally:
+            handle.remove()
+            cache.set_stepping(False)
+
+    try:
+        cache = DurableStaticCache.for_model(model, batch_size=1, max_cache_len=n + 16)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, cache_position=torch.arange(n), use_cache=True)
+        steps(cache, n, 2)  # compiled with no hook
+        first = Counting()
+        attached(cache, first, n + 2, 3)
+        assert int(first.count) == 3, f"the hook ran in {int(first.count)} of 3 steps"
+        steps(cache, n + 5, 3)
+        assert int(first.count) == 3, f"a removed hook ran {int(first.count) - 3} more times"
+        other, second = DurableStaticCache.for_model(model, batch_size=1, max_cache_len=n + 16), Counting()
+        with torch.no_grad():
+            model(ids, past_key_values=other, cache_position=torch.arange(n), use_cache=True)
+        attached(other, second, n, 4)
+        assert (int(first.count), int(second.count)) == (3, 4)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_durable_generate_sets_the_stepping_flag_only_while_it_runs(tmp_path, monkeypatch):
+    """durable_generate's static path sets the cache's ``stepping`` flag when it attaches its step hook and
+    clears it when the call ends (the flag is what the compiled step's guards hold, test above)."""
+    from concordia_agents import Runtime
+    from integrations.transformers import DurableStaticCache, durable_generate
+
+    seen: list[bool] = []
+    original = DurableStaticCache.set_stepping
+
+    def recording(self: Any, on: bool) -> None:
+        seen.append(on)
+        original(self, on)
+
+    monkeypatch.setattr(DurableStaticCache, "set_stepping", recording)
+    model = build("llama")
+    ids, mask = prompt(1, False)
+    during: list[bool] = []
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                         cache_implementation="static",
+                         on_event=lambda e: during.append(seen[-1]) if e.phase == "token_committed" else None)
+    assert seen == [True, False]
+    assert during and all(during), during
+
+
 @pytest.mark.parametrize("on_decoder", [True, False])
 def test_step_hook_commits_every_step(tmp_path, monkeypatch, on_decoder):
     """With the hook on the decoder stack or on the model (the default), durable_generate's static path (eager

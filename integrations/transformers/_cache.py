@@ -199,7 +199,19 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
     tensors allocated at the first update, so the addresses are fixed before
     any forward and registered as one region. The position lives in
     ``cumulative_length`` in both supported transformers versions (5.17, 5.24+),
-    so restoring a session sets it (``DurableStaticCache.set_length``)."""
+    so restoring a session sets it (``DurableStaticCache.set_length``).
+
+    ``stepping`` is True exactly while ``durable_generate``'s step hook
+    (``_steps.StepCheckpointer``) is attached to the model this cache runs
+    in. ``update`` reads it, and only so that a compiled step's guards
+    include it: dynamo does not guard on a submodule's hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so without this
+    read a step compiled before the hook was put on the decoder stack would
+    be replayed without it (no commits), and one compiled with it replayed
+    after it was removed. With it, each value gets a graph of its own."""
+
+    #: a durable_generate step hook is attached (class docs: read for dynamo's guards)
+    stepping: bool = False
 
     def __init__(self, storage: torch.Tensor, index: int) -> None:
         super().__init__(max_cache_len=int(storage.shape[-2]))
@@ -227,6 +239,8 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
             b, h, _, d = key_states.shape
             if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
                 raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
+        if self.stepping:  # nothing to do here: the read is the point (class docs)
+            pass
         return super().update(key_states, value_states, *args, **kwargs)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -265,6 +279,11 @@ class DurableStaticCache(Cache):
     def length(self) -> int:
         """Positions held (a device read: one sync per call on a GPU)."""
         return int(self.durable_layers[0].cumulative_length)
+
+    def set_stepping(self, on: bool) -> None:
+        """Mark a step hook attached (or not) on every layer (``DurableStaticLayer.stepping``)."""
+        for layer in self.durable_layers:
+            layer.stepping = on
 
     def set_length(self, n: int) -> None:
         for layer in self.durable_layers:

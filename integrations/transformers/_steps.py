@@ -24,15 +24,20 @@ replay per step, with Python between them), while a submodule's call — its
 hooks included — is inlined into the forward's graph (checked on the CPU with
 inductor: the op in the one graph, after the last layer's cache write, no
 recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
-stack (``model.get_decoder()``) instead. It is off and unsafe as built:
-dynamo does not guard on a submodule's hooks
-(``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled
-before the hook was added (any compiled plain ``generate`` earlier in the
-process) is replayed without it and the step commits stop silently (a hook
-added to the decoder after a compiled call ran 0 times of 3 on the CPU, on
-the model 3 of 3); the one profile of it measured such a step
-(docs/gpu.md). A model whose decoder takes ``inputs_embeds`` (multimodal
-wrappers) would also give the hook no ``input_ids``.
+stack (``model.get_decoder()``) instead; it is off until the GPU tests have
+passed with it. Dynamo does not guard on a submodule's hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), so on its own a graph
+compiled before the hook was added (any compiled plain ``generate`` earlier
+in the process) would be replayed without it and the step commits would stop
+silently (a hook added to the decoder after a compiled call ran 0 times of 3
+on the CPU). What makes the placement safe: ``attach`` sets the cache's
+``stepping`` flag and ``detach`` clears it, and every layer's ``update``
+reads it, so each compiled step's guards hold the flag's value and a graph
+compiled without the hook is never replayed with it attached, nor the
+reverse (``DurableStaticLayer``; tested on the CPU with a compiled step,
+``tests/test_transformers_static.py``). A model whose decoder takes
+``inputs_embeds`` (multimodal wrappers) would give the hook no
+``input_ids``.
 
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
@@ -116,11 +121,13 @@ class StepCheckpointer:
         if self.steps.device is not None:
             _current.append(self.steps.device)
         self._handle = _step_module(model).register_forward_hook(self, with_kwargs=True)
+        self.cache.set_stepping(True)  # in the compiled step's guards (module docs)
 
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            self.cache.set_stepping(False)
         if self.steps.device is not None and self.steps.device in _current:
             _current.remove(self.steps.device)
         state = self.steps.close()
