@@ -574,6 +574,10 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
         got = r.regions["kv"]
         assert got.length == 1000 and torch.equal(got.array[:, :, :1000], want_kv)
         assert bool((r.regions["pages"].array == want_pages).all())
+        stats = rt.backend.restore_stats  # the last region's run: many records in several spans, time accounted
+        assert stats is not None and stats.records >= 2 and stats.spans > 1 and stats.bytes > 0
+        parts = stats.as_dict()
+        assert parts["own_s"] >= 0 and parts["total_s"] >= parts["alloc_s"] + parts["read_wait_s"]
         r._abandon()
     expire_lease(f"sqlite:///{tmp_path / 'catalog.db'}", "pipe")
     seg = max((f.path for f in list_segments(rt.session_dir("pipe"))[1]), key=lambda q: q.stat().st_size)

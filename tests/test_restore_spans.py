@@ -1,6 +1,6 @@
 """Restore building blocks that need no GPU: grouping records into spans, and
 the payload reads the pipelines use (verified piecewise, unverified, and the
-error a failed device check raises)."""
+error a failed device check raises), and a run's account of its time."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from concordia_agents import CorruptLogError
 from concordia_agents._replay import PayloadReader, RecordLoc
 from gpu_runtime.checksum import payload_sum
-from gpu_runtime.cuda.restore import spans
+from gpu_runtime.cuda.restore import RestoreStats, _waited, spans
 from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
 
 
@@ -69,3 +69,20 @@ def test_payload_reads_verified_unverified_and_the_corruption_error(tmp_path: Pa
         short = _loc(seg, 64, data.size + 100)
         with pytest.raises(CorruptLogError, match="cut short"):
             r.read_unverified(short, np.empty(short.header.length, np.uint8))
+
+
+def test_restore_stats_account_for_a_run_and_its_own_share():
+    """A run's account: the time spent inside ``_waited`` goes to the named part (also when the call raises),
+    ``done`` fixes the total, and ``as_dict`` gives the calling thread's own share as the rest and the rate."""
+    import time
+
+    stats = RestoreStats(bytes=10**9, records=3, spans=2)
+    _waited(stats, "read_wait_s", time.sleep, 0.02)
+    with pytest.raises(ZeroDivisionError):
+        _waited(stats, "device_wait_s", lambda: (time.sleep(0.01), 1 / 0))
+    time.sleep(0.01)
+    d = stats.done().as_dict()
+    assert d["read_wait_s"] >= 0.02 and d["device_wait_s"] >= 0.01 and d["alloc_s"] == 0
+    assert d["own_s"] >= 0.01 and abs(d["total_s"] - d["read_wait_s"] - d["device_wait_s"] - d["own_s"]) < 1e-9
+    assert d["GBps"] == pytest.approx(1.0 / d["total_s"])
+    assert (d["records"], d["spans"], d["bytes"]) == (3, 2, 10**9)

@@ -36,7 +36,7 @@ from .commit import CommitPaths
 from .executor import Executor, Handler
 from .memory import PinnedBuffer, device_ptr
 from .region import CupyRegion
-from .restore import DeviceVerifiedRestore, HostVerifiedRestore, RestoreOptions, RestoreResources
+from .restore import DeviceVerifiedRestore, HostVerifiedRestore, RestoreOptions, RestoreResources, RestoreStats
 from .step_commit import StepCommitter
 from .tasks import LAYOUTS, TaskKind
 
@@ -178,6 +178,12 @@ class CupyBackend(Backend):
             super().apply_records(region, locs, reader)
             return
         self._restorer.run(region, locs, reader)
+
+    @property
+    def restore_stats(self) -> RestoreStats | None:
+        """Where the last pipelined restore's time went (``restore.py``); None
+        before the first."""
+        return self._restore.last
 
     def _staging_buffer(self, n: int) -> PinnedBuffer:
         """A pinned buffer of at least ``n`` bytes that no queued task still reads

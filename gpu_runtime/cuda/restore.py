@@ -28,14 +28,18 @@ checksum fails raises ``CorruptLogError`` before any byte of its span reaches
 the region; a pinned buffer is refilled only after the device finished
 reading it (and a staging buffer only after its scatter finished); when
 ``run`` returns or raises, no device operation still reads a buffer.
+
+Each run leaves where its time went in ``RestoreResources.last``
+(``RestoreStats``; the backend's ``restore_stats``), for benchmarks and logs.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,7 +50,8 @@ from ..records import HEADER_SIZE, RecordHeader, RecordType
 from .memory import PinnedBuffer, device_ptr
 from .tasks import LAYOUTS, TaskKind
 
-__all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "spans"]
+__all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "RestoreStats",
+           "spans"]
 
 Span = tuple[Any, int, int, list[Any]]  #: (path, file offset, bytes, records)
 _BLOCK = 256  # threads per block of cnc_payload_sums (its __launch_bounds__)
@@ -74,6 +79,43 @@ class RestoreOptions:
         return self.threads or max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+@dataclass(slots=True)
+class RestoreStats:
+    """Where one pipeline run's time went, in seconds of the calling thread's
+    wall clock: allocating buffers (pinned pool, staging, tables: first use or
+    growth), blocked on the reader threads, blocked on the device (copies,
+    sums, the final drain); the rest of ``total_s`` is the calling thread's
+    own work (record tables, checksum finishing, scatter calls)."""
+
+    bytes: int = 0  #: payload bytes restored
+    records: int = 0
+    spans: int = 0
+    alloc_s: float = 0.0
+    read_wait_s: float = 0.0
+    device_wait_s: float = 0.0
+    total_s: float = 0.0
+    _start: float = field(default_factory=time.perf_counter, repr=False)
+
+    def done(self) -> RestoreStats:
+        self.total_s = time.perf_counter() - self._start
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        own = self.total_s - self.alloc_s - self.read_wait_s - self.device_wait_s
+        return {"bytes": self.bytes, "records": self.records, "spans": self.spans, "alloc_s": self.alloc_s,
+                "read_wait_s": self.read_wait_s, "device_wait_s": self.device_wait_s, "own_s": own,
+                "total_s": self.total_s, "GBps": self.bytes / self.total_s / 1e9 if self.total_s else 0.0}
+
+
+def _waited(stats: RestoreStats, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, its seconds added to ``stats.<name>``."""
+    t = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        setattr(stats, name, getattr(stats, name) + time.perf_counter() - t)
+
+
 class RestoreResources:
     """What both pipelines (and the backend's one-record ``apply``) use: the
     executor, a pool of pinned buffers (allocated on first use and kept until
@@ -91,6 +133,7 @@ class RestoreResources:
         self.depth = max(2, options.depth)
         self._buffers: list[PinnedBuffer] = []
         self._stream: Any = None
+        self.last: RestoreStats | None = None  #: the last pipeline run's (module docs)
 
     def pool(self, need: int) -> list[PinnedBuffer]:
         """Pinned buffers of at least ``need`` bytes, ``depth`` of them."""
@@ -248,19 +291,28 @@ class DeviceVerifiedRestore:
 
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
+        stats = self.res.last = RestoreStats(bytes=sum(loc.header.length for loc in locs), records=len(locs))
         groups = spans(locs, self.res.options.span)
+        stats.spans = len(groups)
+        depth, most = self.res.depth, max(len(g) for _, _, _, g in groups)
+        t = time.perf_counter()
         pool = self.res.pool(max(n for _, _, n, _ in groups))
-        with ThreadPoolExecutor(self.res.options.reader_threads) as threads:
-            self._run(region, groups, pool, self._staging(pool), reader, threads)
+        stage = self._staging(pool)
+        tables, host_sums = self._tables(depth, most)
+        dev_sums = self._cupy.zeros((depth, most), dtype=self._cupy.uint64)
+        stats.alloc_s = time.perf_counter() - t
+        try:
+            with ThreadPoolExecutor(self.res.options.reader_threads) as threads:
+                self._run(region, groups, pool, stage, (tables, host_sums, dev_sums, most), reader, threads, stats)
+        finally:
+            stats.done()
 
-    def _run(self, region: Any, groups: list[Span], pool: list[Any], stage: list[Any], reader: Any,
-             threads: ThreadPoolExecutor) -> None:
+    def _run(self, region: Any, groups: list[Span], pool: list[Any], stage: list[Any], sums: tuple[Any, ...],
+             reader: Any, threads: ThreadPoolExecutor, stats: RestoreStats) -> None:
         cp, rt = self._cupy, self._cupy.cuda.runtime
         stream = self.res.stream()
         depth = len(pool)
-        most = max(len(g) for _, _, _, g in groups)
-        tables, host_sums = self._tables(depth, most)
-        dev_sums = cp.zeros((depth, most), dtype=cp.uint64)
+        tables, host_sums, dev_sums, most = sums
         summed: list[Any] = [None] * depth  # event: span's copy, sums and sums' copy back are done
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
 
@@ -290,7 +342,7 @@ class DeviceVerifiedRestore:
         def check_and_scatter(k: int) -> None:
             i = k % depth
             _, start, _, group = groups[k]
-            summed[i].synchronize()
+            _waited(stats, "device_wait_s", summed[i].synchronize)
             sums = host_sums.view(np.uint64)[most * i:most * i + len(group)]
             for r, loc in enumerate(group):
                 n, at = loc.header.length, loc.file_offset - start + HEADER_SIZE
@@ -308,7 +360,7 @@ class DeviceVerifiedRestore:
             for k in range(min(depth, len(groups))):
                 loads[k] = threads.submit(load, k, groups[k])
             for k in range(len(groups)):
-                loads.pop(k).result()
+                _waited(stats, "read_wait_s", loads.pop(k).result)
                 send(k)
                 if k:
                     check_and_scatter(k - 1)
@@ -319,7 +371,8 @@ class DeviceVerifiedRestore:
             check_and_scatter(len(groups) - 1)
         finally:
             _drain(self.res, loads, busy)
-            stream.synchronize()  # no sum, copy or scatter still reads the tables or the pool
+            # no sum, copy or scatter still reads the tables or the pool
+            _waited(stats, "device_wait_s", stream.synchronize)
 
 
 class HostVerifiedRestore:
@@ -342,8 +395,17 @@ class HostVerifiedRestore:
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
         res = self.res
+        stats = res.last = RestoreStats(bytes=sum(loc.header.length for loc in locs), records=len(locs))
         groups = spans(locs, res.options.span)
-        pool = res.pool(max(n for _, _, n, _ in groups))
+        stats.spans = len(groups)
+        pool = _waited(stats, "alloc_s", lambda: res.pool(max(n for _, _, n, _ in groups)))
+        try:
+            self._run(region, groups, pool, reader, stats)
+        finally:
+            stats.done()
+
+    def _run(self, region: Any, groups: list[Span], pool: list[Any], reader: Any, stats: RestoreStats) -> None:
+        res = self.res
         copy = res.options.engine == "copy"
         stream = res.stream() if copy else None
         busy: list[Any] = [None] * len(pool)  # per buffer: executor ticket or CUDA event still reading it
@@ -361,7 +423,8 @@ class HostVerifiedRestore:
                     loads[k] = threads.submit(load, k, groups[k])
                 for k, (_, start, _, group) in enumerate(groups):
                     i = k % depth
-                    loads.pop(k).result()  # raises CorruptLogError before the device sees the span
+                    # raises CorruptLogError before the device sees the span
+                    _waited(stats, "read_wait_s", loads.pop(k).result)
                     ticket = None
                     for loc in group:
                         at = loc.file_offset - start + HEADER_SIZE
@@ -374,7 +437,8 @@ class HostVerifiedRestore:
                     # device does not idle while we wait for it).
                     nxt = k + depth - 1
                     if nxt < len(groups):
-                        _settle(res, busy, nxt % depth)
+                        _waited(stats, "device_wait_s", _settle, res, busy, nxt % depth)
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             finally:
-                _drain(res, loads, busy)  # no device read of a pool buffer outlives this call
+                # no device read of a pool buffer outlives this call
+                _waited(stats, "device_wait_s", _drain, res, loads, busy)
