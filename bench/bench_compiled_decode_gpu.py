@@ -39,10 +39,10 @@ every 64 steps: the kernel's commit work taken away) and
 ``durable_flusher_1s`` (a runtime whose flusher wakes once a second: the host
 threads taken away), ``durable_hook_on_decoder`` (the step hook on the
 decoder stack, inside the forward's graph, instead of on the model, where it
-is a compiled frame and CUDA graph of its own), ``durable_split`` and
-``plain_durable_cache_split`` (the layers' K/V as tensors with storage
-objects of their own instead of views of the one storage:
-``_cache._unaliased``) and
+is a compiled frame and CUDA graph of its own: ``CONCORDIA_STEP_HOOK``),
+``durable_views`` and ``plain_durable_cache_views`` (the layers' K/V as views
+of the one storage instead of tensors with storage objects of their own, the
+default since 2026-12-06: ``_cache._unaliased``) and
 ``plain_static_cache_passed`` (transformers' ``StaticCache`` given to
 ``generate`` as ``past_key_values``, as ours is) under ``torch.profiler`` for the
 timed steps only: GPU kernel time and busy time (the union of kernel
@@ -191,13 +191,13 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
     from transformers import StaticCache
 
     from concordia_agents import Runtime
-    from integrations.transformers import DurableStaticCache, _cache, _steps
+    from integrations.transformers import DurableStaticCache, _cache
 
     def fresh(fn: Any) -> float:
         """``fn()`` with dynamo's caches emptied before and after: dynamo does not
         guard on a submodule's hooks, so the decoder-hook variant would replay a
         graph compiled without its hook (the first profile measured exactly that:
-        no producer kernel ran); the split storages must not reuse the views' graphs."""
+        no producer kernel ran); the views must not reuse the split storages' graphs."""
         torch._dynamo.reset()
         try:
             return float(fn())
@@ -205,11 +205,11 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
             torch._dynamo.reset()
 
     def on_decoder(run: Any, w: Any) -> float:  # the step hook on the decoder stack (_steps.py)
-        with mock.patch.object(_steps, "_HOOK_ON_DECODER", True):
+        with mock.patch.dict(os.environ, {"CONCORDIA_STEP_HOOK": "decoder"}):
             return fresh(lambda: run([w]))
 
-    def split(run: Any, w: Any) -> float:  # layers' K/V with storage objects of their own (_cache._unaliased)
-        with mock.patch.object(_cache, "_SPLIT_STORAGE", True):
+    def views(run: Any, w: Any) -> float:  # layers' K/V as views of one storage (_cache._unaliased)
+        with mock.patch.object(_cache, "_SPLIT_STORAGE", False):
             return fresh(lambda: run(w))
 
     def durable_cache() -> Any:
@@ -230,12 +230,12 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
                               **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0}))
     runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
             "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
-            "plain_durable_cache_split": lambda w: split(lambda v: plain([v], cache=durable_cache()), w),
+            "plain_durable_cache_views": lambda w: views(lambda v: plain([v], cache=durable_cache()), w),
             "plain_static_cache_passed": lambda w: plain([w], cache=static_cache()),
             "durable_every_64": lambda w: durable([w], every=64),
             "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
             "durable_hook_on_decoder": lambda w: on_decoder(durable, w),
-            "durable_split": lambda w: split(lambda v: durable([v]), w)}
+            "durable_views": lambda w: views(lambda v: durable([v]), w)}
     out: dict[str, Any] = {}
     for name, run in runs.items():
         prof = profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -506,6 +506,8 @@ def main() -> None:
     if args.resume_child:
         resume_child(args.resume_child[0], int(args.resume_child[1]), args.resume_child[2])
         return
+    from integrations.transformers import _cache, _steps
+
     torch.use_deterministic_algorithms(False)
     torch._dynamo.config.recompile_limit = 64  # plain/durable cache types x batches (module docs)
     bw = copy_bandwidth()
@@ -514,7 +516,9 @@ def main() -> None:
                               "new_tokens": args.new_tokens, "timed_from": args.start, "repeats": args.repeats,
                               "copy_bandwidth_GBps": bw / 1e9,
                               "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30},
-                              "profiled": args.profile, "eager_variants": args.eager}
+                              "profiled": args.profile, "eager_variants": args.eager,
+                              "step_hook": _steps.hook_placement(),
+                              "split_storage": _cache._SPLIT_STORAGE}
     with written("compiled_decode_gpu", result):
         for shape in args.shapes:
             model = build(shape)

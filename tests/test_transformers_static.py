@@ -139,8 +139,9 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
 
 def test_step_hook_module(monkeypatch) -> None:
     """The step hook's module (``_steps._step_module``): the model; with
-    ``_HOOK_ON_DECODER`` the decoder stack (inlined into the forward's
-    compiled graph), or the model itself when it names no decoder."""
+    ``_HOOK_ON_DECODER`` or ``CONCORDIA_STEP_HOOK=decoder`` the decoder stack
+    (inlined into the forward's compiled graph), or the model itself when it
+    names no decoder."""
     from integrations.transformers import _steps
 
     model = build("llama")
@@ -156,6 +157,18 @@ def test_step_hook_module(monkeypatch) -> None:
     assert _steps._step_module(model) is model.get_decoder() is model.model
     assert _steps._step_module(plain) is plain
     assert _steps._step_module(broken) is broken
+    # CONCORDIA_STEP_HOOK chooses over the module's default, either way; a value it does not know is refused.
+    monkeypatch.setenv("CONCORDIA_STEP_HOOK", "model")
+    assert _steps._step_module(model) is model
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", False)
+    monkeypatch.setenv("CONCORDIA_STEP_HOOK", "decoder")
+    assert _steps._step_module(model) is model.model and _steps.hook_placement() == "decoder"
+    monkeypatch.setenv("CONCORDIA_STEP_HOOK", "layers")
+    from concordia_agents import ConcordiaError
+
+    expected = r"CONCORDIA_STEP_HOOK: expected one of \['model', 'decoder'\], found 'layers'"
+    with pytest.raises(ConcordiaError, match=expected):
+        _steps._step_module(model)
 
 
 def test_a_compiled_step_runs_the_step_hook_exactly_while_it_is_attached(monkeypatch):

@@ -25,7 +25,8 @@ hooks included — is inlined into the forward's graph (checked on the CPU with
 inductor: the op in the one graph, after the last layer's cache write, no
 recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
 stack (``model.get_decoder()``) instead; it is off until the GPU tests have
-passed with it. Dynamo does not guard on a submodule's hooks
+passed with it, and ``CONCORDIA_STEP_HOOK=decoder`` (or ``model``) chooses
+for a process and its children (the GPU tests' crash children included). Dynamo does not guard on a submodule's hooks
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so on its own a graph
 compiled before the hook was added (any compiled plain ``generate`` earlier
 in the process) would be replayed without it and the step commits would stop
@@ -49,6 +50,7 @@ constant, so a new call does not recompile.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -64,12 +66,22 @@ __all__ = ["StepCheckpointer"]
 _current: list[Any] = []
 #: hook the decoder stack instead of the model (module docs; the benchmark's comparison)
 _HOOK_ON_DECODER = False
+_PLACEMENTS = ("model", "decoder")
+
+
+def hook_placement() -> str:
+    """Where the step hook goes: ``CONCORDIA_STEP_HOOK`` if set, else
+    ``_HOOK_ON_DECODER`` (module docs)."""
+    chosen = os.environ.get("CONCORDIA_STEP_HOOK", "")
+    if chosen and chosen not in _PLACEMENTS:
+        raise ConcordiaError(f"CONCORDIA_STEP_HOOK: expected one of {list(_PLACEMENTS)}, found {chosen!r}")
+    return chosen or ("decoder" if _HOOK_ON_DECODER else "model")
 
 
 def _step_module(model: Any) -> Any:
     """The module whose forward hook commits a step (module docs): the model,
-    or with ``_HOOK_ON_DECODER`` its decoder stack if it has one."""
-    if not _HOOK_ON_DECODER:
+    or (``hook_placement() == "decoder"``) its decoder stack if it has one."""
+    if hook_placement() != "decoder":
         return model
     try:
         decoder = model.get_decoder()
