@@ -227,11 +227,15 @@ def test_a_compiled_step_runs_the_step_hook_exactly_while_it_is_attached(monkeyp
         torch._dynamo.reset()
 
 
-def test_durable_generate_sets_the_stepping_flag_only_while_it_runs(tmp_path, monkeypatch):
-    """durable_generate's static path sets the cache's ``stepping`` flag when it attaches its step hook and
-    clears it when the call ends (the flag is what the compiled step's guards hold, test above)."""
+@pytest.mark.parametrize("on_decoder", [True, False])
+def test_durable_generate_sets_the_stepping_flag_only_while_it_runs(tmp_path, monkeypatch, on_decoder):
+    """durable_generate's static path with its step hook on the decoder stack sets the cache's ``stepping`` flag
+    when it attaches the hook and clears it when the call ends (the flag is what the compiled step's guards hold,
+    test above); with the hook on the model (its own compiled frame) it leaves the flag alone."""
     from concordia_agents import Runtime
-    from integrations.transformers import DurableStaticCache, durable_generate
+    from integrations.transformers import DurableStaticCache, _steps, durable_generate
+
+    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", on_decoder)
 
     seen: list[bool] = []
     original = DurableStaticCache.set_stepping
@@ -243,13 +247,19 @@ def test_durable_generate_sets_the_stepping_flag_only_while_it_runs(tmp_path, mo
     monkeypatch.setattr(DurableStaticCache, "set_stepping", recording)
     model = build("llama")
     ids, mask = prompt(1, False)
-    during: list[bool] = []
+    during: list[bool] = []  # the flag's last value set, at each committed token
+    def on_event(e: Any) -> None:
+        if e.phase == "token_committed":
+            during.append(bool(seen) and seen[-1])
+
     with Runtime.open(home=tmp_path, backend="host") as rt:
         durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                         cache_implementation="static",
-                         on_event=lambda e: during.append(seen[-1]) if e.phase == "token_committed" else None)
-    assert seen == [True, False]
-    assert during and all(during), during
+                         cache_implementation="static", on_event=on_event)
+    if on_decoder:
+        assert seen == [True, False]
+        assert during and all(during), during
+    else:
+        assert seen == [] and during and not any(during), (seen, during)
 
 
 @pytest.mark.parametrize("on_decoder", [True, False])

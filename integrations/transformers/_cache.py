@@ -202,8 +202,8 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
     so restoring a session sets it (``DurableStaticCache.set_length``).
 
     ``stepping`` is True exactly while ``durable_generate``'s step hook
-    (``_steps.StepCheckpointer``) is attached to the model this cache runs
-    in. ``update`` reads it, and only so that a compiled step's guards
+    (``_steps.StepCheckpointer``) is attached to a submodule (the decoder
+    stack) of the model this cache runs in. ``update`` reads it, and only so that a compiled step's guards
     include it: dynamo does not guard on a submodule's hooks
     (``torch._dynamo.config.skip_nnmodule_hook_guards``), so without this
     read a step compiled before the hook was put on the decoder stack would

@@ -32,8 +32,8 @@ compiled before the hook was added (any compiled plain ``generate`` earlier
 in the process) would be replayed without it and the step commits would stop
 silently (a hook added to the decoder after a compiled call ran 0 times of 3
 on the CPU). What makes the placement safe: ``attach`` sets the cache's
-``stepping`` flag and ``detach`` clears it, and every layer's ``update``
-reads it, so each compiled step's guards hold the flag's value and a graph
+``stepping`` flag when the hook goes on a submodule and ``detach`` clears
+it, and every layer's ``update`` reads it, so each compiled step's guards hold the flag's value and a graph
 compiled without the hook is never replayed with it attached, nor the
 reverse (``DurableStaticLayer``; tested on the CPU with a compiled step,
 ``tests/test_transformers_static.py``). A model whose decoder takes
@@ -123,6 +123,7 @@ class StepCheckpointer:
         self._kv = [t for layer in cache.durable_layers for t in (layer.keys, layer.values)]
         self._sink = None
         self._handle: Any = None
+        self._stepping = False  # this hook set the cache's stepping flag (attach)
         self.in_step_epochs = 0  #: epochs the device producer committed (known after detach)
         self.first = True  #: the next host step commits whatever is new (the prefill, a resume's first step)
         if steps.device is not None:
@@ -132,14 +133,21 @@ class StepCheckpointer:
     def attach(self, model: Any) -> None:
         if self.steps.device is not None:
             _current.append(self.steps.device)
-        self._handle = _step_module(model).register_forward_hook(self, with_kwargs=True)
-        self.cache.set_stepping(True)  # in the compiled step's guards (module docs)
+        module = _step_module(model)
+        self._handle = module.register_forward_hook(self, with_kwargs=True)
+        # A submodule's hook is inlined into the forward's graph, whose guards
+        # must then hold the flag (module docs); the model's own hook is a
+        # compiled frame of its own, which needs none.
+        self._stepping = module is not model
+        if self._stepping:
+            self.cache.set_stepping(True)
 
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-            self.cache.set_stepping(False)
+            if self._stepping:
+                self.cache.set_stepping(False)
         if self.steps.device is not None and self.steps.device in _current:
             _current.remove(self.steps.device)
         state = self.steps.close()
