@@ -76,7 +76,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, FirstToken, build
-from bench.common import versions, written
+from bench.common import ResumeParts, versions, written
 
 
 def copy_bandwidth() -> float:
@@ -410,7 +410,10 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     compiled ``generate`` of one token on the same prompt). One warm-up resume
     first (it compiles the step for this cache length, as a long-lived server
     process would have; a fresh process adds the compilation, reported apart),
-    then ``repeats`` of each on a fresh copy of the child's home."""
+    then ``repeats`` of each on a fresh copy of the child's home. Each timed
+    resume's ``parts`` (``bench.common.ResumeParts``): session open, restore
+    and its rate (and the pipeline's own account), and the new ring's
+    page-locking, which the resume's first commit waits for."""
     from concordia_agents import Runtime
     from integrations.transformers import durable_generate
 
@@ -429,6 +432,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     resumed: list[float] = []
     reprefill: list[float] = []
     first_forward: list[int] = []
+    parts: list[dict[str, Any]] = []  # per timed resume: open, restore, the ring's page-locking (ResumeParts)
 
     def resume_once() -> float:
         home = Path(tempfile.mkdtemp())
@@ -447,10 +451,13 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 try:
-                    durable_generate(model, ids, "resume", runtime=rt, max_new_tokens=16, do_sample=False,
-                                     cache_implementation="static", stopping_criteria=StoppingCriteriaList([first]))
+                    with ResumeParts() as measured:
+                        durable_generate(model, ids, "resume", runtime=rt, max_new_tokens=16, do_sample=False,
+                                         cache_implementation="static",
+                                         stopping_criteria=StoppingCriteriaList([first]))
                 finally:
                     hook.remove()
+                parts.append(measured.report())
                 first_forward.append(inputs[0] if inputs else -1)
                 assert first.at is not None
                 return first.at - t
@@ -470,6 +477,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
         warm_resume = resume_once()
         warm_prefill = reprefill_once()
         first_forward.clear()
+        parts.clear()
         for i in range(repeats):
             for fn, out in ((resume_once, resumed), (reprefill_once, reprefill))[:: 1 if i % 2 == 0 else -1]:
                 out.append(fn())
@@ -481,6 +489,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             "speedup": statistics.median(reprefill) / statistics.median(resumed),
             "runs": {"resume_s": resumed, "reprefill_s": reprefill},
             "first_forward_tokens": first_forward,
+            "parts": parts,
             "warm_up_s": {"resume (compiles this cache length)": warm_resume, "reprefill": warm_prefill}}
 
 

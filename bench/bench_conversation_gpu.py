@@ -55,7 +55,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, FirstToken, build
-from bench.common import versions, written
+from bench.common import ResumeParts, versions, written
 
 #: a 512 MiB ring holds a turn's suffix prefill (1500 tokens: 192 MB on the 8B shape) and is kept mapped and
 #: registered between a conversation's calls (warm_ring_bytes, default 1 GiB); the resume child, whose first
@@ -161,7 +161,7 @@ def turns_section(model: Any, turns: int, user_tokens: int, reply_tokens: int,
                 got: list[ConversationCall] = []
                 first = FirstToken()
                 torch.cuda.synchronize()
-                with _Parts() as measured:
+                with ResumeParts() as measured:
                     t = time.perf_counter()
                     conversation_generate(model, prompt, "bench", f"t{turns}", runtime=rt,
                                           resident=ResidentConversations(), max_cache_len=max_len,
@@ -274,71 +274,6 @@ def ring_registration(sizes: tuple[int, ...] = (64 << 20, 512 << 20, 3 << 30)) -
     return rows
 
 
-class _Parts:
-    """Times the parts of a resume inside ``conversation_generate`` (bench only:
-    wraps the runtime's session open, the session's region registration and
-    restore, and the CuPy backend's page-locking of a host ring): the fixed
-    costs are the open, the registrations less the restores they contain and
-    the ring's page-locking (at the first commit); the restore rate is the payload bytes read over the
-    restore time (device synchronized)."""
-
-    def __init__(self) -> None:
-        from concordia_agents import _runtime, _session
-        from gpu_runtime.cuda import commit
-
-        self.open_s = self.register_s = self.restore_s = self.ring_register_s = 0.0
-        self.restore_bytes = 0
-        self.pipeline: dict[str, float] = {}  # the largest region's pipeline run (RestoreStats), if one ran
-        self._targets = [(_runtime.Runtime, "session"), (_session.Session, "register"),
-                         (_session.Session, "_restore_into"), (commit, "register_host_memory")]
-        self._saved = [getattr(c, name) for c, name in self._targets]
-
-    def __enter__(self) -> _Parts:
-        open_, register, restore_into, pin = self._saved
-        parts = self
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-        def timed(fn: Any, field: str, *, synced: bool = False) -> Any:
-            """``fn`` adding its seconds to ``parts.<field>`` (device synchronized around it if ``synced``)."""
-            def wrapper(obj: Any, *a: Any, **kw: Any) -> Any:
-                if synced:
-                    sync()
-                t = time.perf_counter()
-                try:
-                    return fn(obj, *a, **kw)
-                finally:
-                    if synced:
-                        sync()
-                    setattr(parts, field, getattr(parts, field) + time.perf_counter() - t)
-            return wrapper
-
-        session, reg, timed_restore, timed_pin = (timed(open_, "open_s"), timed(register, "register_s"),
-                                                  timed(restore_into, "restore_s", synced=True),
-                                                  timed(pin, "ring_register_s"))
-
-        def restore(s: Any, region: Any) -> None:
-            timed_restore(s, region)
-            parts.restore_bytes += sum(loc.header.length for loc in s._index.records.get(region.spec.region_id, []))
-            stats = getattr(s._services.backend, "restore_stats", None)  # the pipeline's own account (restore.py)
-            if stats is not None and stats.bytes > parts.pipeline.get("bytes", 0):
-                parts.pipeline = stats.as_dict()
-
-        for (cls, name), fn in zip(self._targets, (session, reg, restore, timed_pin), strict=True):
-            setattr(cls, name, fn)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for (cls, name), fn in zip(self._targets, self._saved, strict=True):
-            setattr(cls, name, fn)
-
-    def report(self) -> dict[str, Any]:
-        return {"session_open_s": self.open_s, "register_less_restore_s": self.register_s - self.restore_s,
-                "restore_s": self.restore_s, "restore_bytes": self.restore_bytes,
-                "ring_register_s": self.ring_register_s,
-                "restore_GBps": self.restore_bytes / self.restore_s / 1e9 if self.restore_s else 0.0,
-                "pipeline": self.pipeline}
-
-
 def _read_rate(files: list[Path], threads: int, chunk: int = 16 << 20) -> float:
     """Bytes/s of ``pread`` of ``files`` (in the page cache) into page-locked
     memory with ``threads`` threads in ``chunk``-byte pieces: the restore
@@ -396,7 +331,7 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
                 shutil.copytree(src, home, dirs_exist_ok=True)
                 with Runtime.open(home=home, **{**_OPTIONS, "backend_options": options}) as rt:
                     for runs in (first, kept):
-                        with _Parts() as measured:
+                        with ResumeParts() as measured:
                             s = rt.resume(sid)
                             s.release()
                             del s
@@ -442,7 +377,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                 got: list[ConversationCall] = []
                 ft = FirstToken()
                 torch.cuda.synchronize()
-                with _Parts() as measured:
+                with ResumeParts() as measured:
                     t = time.perf_counter()
                     conversation_generate(model, prompts[0], "resume", "next", runtime=rt,
                                           resident=ResidentConversations(), max_cache_len=n + 64, max_new_tokens=8,
