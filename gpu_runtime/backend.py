@@ -124,6 +124,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
 
+    def prepare_restore(self) -> None:  # noqa: B027 - optional hook
+        """A restore may follow soon (an existing session is being opened):
+        start what it will need that takes long to make, without waiting for
+        it. Never required for correctness; nothing to do by default."""
+
     def resident(self, idle_ms: float, max_life_ms: float | None = None) -> contextlib.AbstractContextManager[None]:
         """A block during which the backend's device side stays ready between
         commits that come less than ``idle_ms`` apart (a decode loop), instead

@@ -547,7 +547,9 @@ def test_gpu_resume_is_bit_exact_for_torch_and_cupy(tmp_path):
 def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engine, verify):
     """Hundreds of ROWS and PAGES records restored through the pipeline (small
     spans, so buffers are refilled many times) come back bit-exact with either
-    engine; a flipped payload byte raises CorruptLogError naming the file."""
+    engine, with the pinned pool prepared while the log is opened or made at
+    the first restore; a flipped payload byte raises CorruptLogError naming the
+    file."""
     import cupy
     import torch
 
@@ -559,7 +561,8 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
     kv = torch.randn(16, 4, 1024, 64, device="cuda").to(torch.bfloat16)
     pages = cupy.random.default_rng(2).integers(0, 2**31, 1 << 18, dtype=cupy.int64)
     opts = dict(backend="cupy", max_record_bytes=64 << 10, backend_options=dict(
-        restore_engine=engine, restore_verify=verify, restore_span=256 << 10, restore_depth=3, restore_threads=4))
+        restore_engine=engine, restore_verify=verify, restore_span=256 << 10, restore_depth=3, restore_threads=4,
+        restore_prepare=verify == "device"))
     with Runtime.open(home=tmp_path, **opts) as rt:
         s = rt.session("pipe")
         s.register("kv", kv, kind="kv", seq_axis=2)
@@ -574,6 +577,8 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
         got = r.regions["kv"]
         assert got.length == 1000 and torch.equal(got.array[:, :, :1000], want_kv)
         assert bool((r.regions["pages"].array == want_pages).all())
+        res = rt.backend._restore  # the pool: prepared while the log was opened, or made by the first restore
+        assert res._preparing is None and len(res._buffers) == 3 and res._buffers[0].nbytes >= 256 << 10
         stats = rt.backend.restore_stats  # the last region's run: many records in several spans, time accounted
         assert stats is not None and stats.records >= 2 and stats.spans > 1 and stats.bytes > 0
         parts = stats.as_dict()

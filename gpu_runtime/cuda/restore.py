@@ -36,6 +36,7 @@ Each run leaves where its time went in ``RestoreResources.last``
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,7 @@ class RestoreOptions:
     span: int = 16 << 20  #: bytes per pinned buffer
     depth: int = 8  #: pinned buffers in flight (at least 2)
     threads: int | None = None  #: reader threads (default min(8, cores - 1))
+    prepare: bool = True  #: allocate the pinned pool while an existing session's log is opened (``prepare``)
 
     def __post_init__(self) -> None:
         if self.engine not in ("executor", "copy"):
@@ -118,9 +120,10 @@ def _waited(stats: RestoreStats, name: str, fn: Callable[..., Any], *args: Any) 
 
 class RestoreResources:
     """What both pipelines (and the backend's one-record ``apply``) use: the
-    executor, a pool of pinned buffers (allocated on first use and kept until
-    ``close``: pinning is slow, and freeing pinned memory synchronizes the
-    device), a non-blocking restore stream, and the two scatter routes."""
+    executor, a pool of pinned buffers (allocated on first use, or ahead of
+    it by ``prepare``, and kept until ``close``: pinning is slow, and freeing
+    pinned memory synchronizes the device), a non-blocking restore stream,
+    and the two scatter routes."""
 
     _RECOVER = LAYOUTS["RECOVER"]
 
@@ -134,9 +137,62 @@ class RestoreResources:
         self._buffers: list[PinnedBuffer] = []
         self._stream: Any = None
         self.last: RestoreStats | None = None  #: the last pipeline run's (module docs)
+        self._preparing: threading.Thread | None = None
+        self._prepared: list[PinnedBuffer] = []
+        self._prepare_lock = threading.Lock()  # prepare and pool may be called from different threads
+
+    def prepare(self) -> None:
+        """Start allocating the pool at its usual size (``span`` bytes a buffer)
+        on a thread of its own, unless it exists or is being made: the caller
+        goes on opening the session's log, and the restore after it finds the
+        pool ready (``pool`` waits for the thread). Why: the pool's page-locking
+        (8 x 16 MiB) falls inside a process's first restore; on the H100 (8B
+        conversation at 8k, docs/gpu.md) restores that were the first of their
+        runtime ran at 13.7 GB/s, and ones after an earlier restore in the same
+        runtime at 25 GB/s. A failure here (no page-locked memory) is left to
+        the restore, which allocates again and raises."""
+        with self._prepare_lock:
+            if not self.options.prepare or self._buffers or self._preparing is not None:
+                return
+            # The caller's device: page-locked memory is pinned for the context current where it is
+            # allocated, and a new thread starts on device 0.
+            device = self._cupy.cuda.runtime.getDevice()
+
+            def allocate() -> None:
+                self._cupy.cuda.runtime.setDevice(device)
+                self._allocate_prepared()
+
+            self._preparing = threading.Thread(target=allocate, name="concordia-restore-pool", daemon=True)
+            self._preparing.start()
+
+    def _allocate_prepared(self) -> None:
+        made: list[PinnedBuffer] = []
+        try:
+            for _ in range(self.depth):
+                made.append(PinnedBuffer(self.options.span))
+        except Exception:  # noqa: BLE001 - the restore allocates again and reports it
+            for buf in made:
+                buf.close()
+            made = []
+        self._prepared = made
+
+    def _adopt_prepared(self) -> None:
+        """Wait for ``prepare``'s thread, if any, and take its buffers as the pool."""
+        with self._prepare_lock:
+            thread, self._preparing = self._preparing, None
+            if thread is None:
+                return
+            thread.join()
+            made, self._prepared = self._prepared, []
+            if made and not self._buffers:
+                self._buffers = made
+            else:
+                for buf in made:
+                    buf.close()
 
     def pool(self, need: int) -> list[PinnedBuffer]:
         """Pinned buffers of at least ``need`` bytes, ``depth`` of them."""
+        self._adopt_prepared()
         if not self._buffers or self._buffers[0].nbytes < need:
             for buf in self._buffers:
                 buf.close()
@@ -169,6 +225,7 @@ class RestoreResources:
             rt.memcpyAsync(base + h.offset, src, h.length, kind, stream.ptr)
 
     def close(self) -> None:
+        self._adopt_prepared()
         for buf in self._buffers:
             buf.close()
         self._buffers = []
