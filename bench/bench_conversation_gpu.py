@@ -322,7 +322,7 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
                 "64 MiB spans": {"restore_span": 64 << 20},
                 "15 threads, 64 MiB spans": {"restore_threads": 15, "restore_span": 64 << 20},
                 "host sums": {"restore_verify": "host"},
-                "pool made at the restore": {"restore_prepare": False}}
+                "pool prepared while the log opens": {"restore_prepare": True}}
     for name, options in variants.items():
         first: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []

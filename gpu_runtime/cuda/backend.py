@@ -64,7 +64,7 @@ class CupyBackend(Backend):
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
                  fence_timeout_s: float = 10.0, fence_yield_ms: float = 2.0, restore_engine: str = "copy",
                  restore_span: int = 16 << 20, restore_depth: int = 8, restore_threads: int | None = None,
-                 restore_verify: str = "device", restore_prepare: bool = True, fused_pages: bool = False) -> None:
+                 restore_verify: str = "device", restore_prepare: bool = False, fused_pages: bool = False) -> None:
         import cupy
 
         restore = RestoreOptions(engine=restore_engine, verify=restore_verify, span=restore_span,
@@ -182,8 +182,8 @@ class CupyBackend(Backend):
 
     def prepare_restore(self) -> None:
         """Allocate the restore pipeline's pinned pool on a thread of its own
-        (``RestoreResources.prepare``; ``restore_prepare=False``: at the first
-        restore instead)."""
+        (``RestoreResources.prepare``) when ``restore_prepare`` is on (off by
+        default until measured on a GPU: the first restore allocates it)."""
         self._restore.prepare()
 
     @property

@@ -68,7 +68,9 @@ class RestoreOptions:
     span: int = 16 << 20  #: bytes per pinned buffer
     depth: int = 8  #: pinned buffers in flight (at least 2)
     threads: int | None = None  #: reader threads (default min(8, cores - 1))
-    prepare: bool = True  #: allocate the pinned pool while an existing session's log is opened (``prepare``)
+    #: allocate the pinned pool while an existing session's log is opened (``prepare``); off until its
+    #: GPU run has measured it
+    prepare: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ("executor", "copy"):
