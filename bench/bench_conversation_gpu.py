@@ -369,12 +369,16 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
         try:
             shutil.copytree(src, home, dirs_exist_ok=True)
             # The child's lease is taken over at once: its owner's PID on this machine is dead (_owner.py).
+            # The interrupted call's prompt is read in a runtime of its own, so that the timed call's restore is
+            # the first of its runtime, as a new process's after a crash is (the restore's pinned pool is made
+            # there; an earlier restore in the same runtime would have made it).
             with Runtime.open(home=home, **_OPTIONS) as rt:
                 s = rt.resume("conversation:resume")
                 held = int(s.meta["call"]["start"])
-                prompts[:] = [s.regions["tokens"].array[:, :held].clone()]  # the interrupted call's prompt
+                prompts[:] = [s.regions["tokens"].array[:, :held].clone()]
                 s.release()
                 del s  # its restored KV (4 GiB at 32k) is not held through the timed call
+            with Runtime.open(home=home, **_OPTIONS) as rt:
                 got: list[ConversationCall] = []
                 ft = FirstToken()
                 torch.cuda.synchronize()
