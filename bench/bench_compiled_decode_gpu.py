@@ -413,7 +413,10 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     then ``repeats`` of each on a fresh copy of the child's home. Each timed
     resume's ``parts`` (``bench.common.ResumeParts``): session open, restore
     and its rate (and the pipeline's own account), and the new ring's
-    page-locking, which the resume's first commit waits for."""
+    page-locking, which the resume's first commit waits for. A third kind of
+    run, interleaved with the two, resumes with ``ring_prepare`` and
+    ``restore_prepare`` on (the ring and the restore's pinned pool page-locked
+    on threads of their own while the log is opened)."""
     from concordia_agents import Runtime
     from integrations.transformers import durable_generate
 
@@ -430,18 +433,20 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
         raise RuntimeError(f"child ended with {r.returncode}: {r.stderr[-2000:]}")
     ids = _resume_ids(n)
     resumed: list[float] = []
+    prepared: list[float] = []  # resumes with ring_prepare and restore_prepare on (docs/gpu.md, Options)
     reprefill: list[float] = []
     first_forward: list[int] = []
     parts: list[dict[str, Any]] = []  # per timed resume: open, restore, the ring's page-locking (ResumeParts)
 
-    def resume_once() -> float:
+    def resume_once(prepare: bool = False) -> float:
         home = Path(tempfile.mkdtemp())
         shutil.copytree(src, home, dirs_exist_ok=True)
         try:
             # The child's lease is taken over at once: its owner's PID on this machine is dead (_owner.py).
             # RT_OPTIONS' 256 MiB ring, not the child's 3 GiB: the copy has no ring, so the resume creates one and
             # page-locks it (at the step producer's start) inside the timed call; a resumed step's epochs are a row.
-            with Runtime.open(home=home, **{**RT_OPTIONS, "lease_ttl": 0.5}) as rt:
+            options = {"ring_prepare": True, "restore_prepare": True} if prepare else {}
+            with Runtime.open(home=home, **{**RT_OPTIONS, "lease_ttl": 0.5, "backend_options": options}) as rt:
                 first = FirstToken()
                 inputs: list[int] = []
                 hook = model.register_forward_pre_hook(
@@ -457,7 +462,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                                          stopping_criteria=StoppingCriteriaList([first]))
                 finally:
                     hook.remove()
-                parts.append(measured.report())
+                parts.append({"prepared": prepare, **measured.report()})
                 first_forward.append(inputs[0] if inputs else -1)
                 assert first.at is not None
                 return first.at - t
@@ -479,7 +484,8 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
         first_forward.clear()
         parts.clear()
         for i in range(repeats):
-            for fn, out in ((resume_once, resumed), (reprefill_once, reprefill))[:: 1 if i % 2 == 0 else -1]:
+            runs = ((resume_once, resumed), (lambda: resume_once(prepare=True), prepared), (reprefill_once, reprefill))
+            for fn, out in runs[:: 1 if i % 2 == 0 else -1]:
                 out.append(fn())
     finally:
         shutil.rmtree(src, ignore_errors=True)
@@ -487,7 +493,8 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             "resume_first_token_s": statistics.median(resumed),
             "reprefill_first_token_s": statistics.median(reprefill),
             "speedup": statistics.median(reprefill) / statistics.median(resumed),
-            "runs": {"resume_s": resumed, "reprefill_s": reprefill},
+            "runs": {"resume_s": resumed, "resume_prepared_s": prepared, "reprefill_s": reprefill},
+            "resume_prepared_first_token_s": statistics.median(prepared),
             "first_forward_tokens": first_forward,
             "parts": parts,
             "warm_up_s": {"resume (compiles this cache length)": warm_resume, "reprefill": warm_prefill}}

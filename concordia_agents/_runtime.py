@@ -215,6 +215,7 @@ class Runtime:
                                           catalog=self.catalog, allow_rollback=allow_rollback, created=created,
                                           fetch=self._uploader.fetch if self._uploader else None,
                                           warm=self._warm)
+            self.backend.prepare_ring(slog.ring)  # its first commit page-locks it otherwise
             slog.level = level
             remote_epoch, remote_offset = (recorded.remote_epoch, recorded.remote_offset) if recorded else (0, 0)
             if slog.rollback is not None:

@@ -129,6 +129,12 @@ class Backend(abc.ABC):
         start what it will need that takes long to make, without waiting for
         it. Never required for correctness; nothing to do by default."""
 
+    def prepare_ring(self, ring: Any) -> None:  # noqa: B027 - optional hook
+        """A session's host ring (``LogRing``) was just opened: start what its
+        first commit will need that takes long to make (page-locking it),
+        without waiting for it. Never required for correctness; nothing to do
+        by default."""
+
     def resident(self, idle_ms: float, max_life_ms: float | None = None) -> contextlib.AbstractContextManager[None]:
         """A block during which the backend's device side stays ready between
         commits that come less than ``idle_ms`` apart (a decode loop), instead

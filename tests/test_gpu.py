@@ -594,6 +594,37 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
     assert e.value.path is not None and Path(e.value.path).name == seg.name
 
 
+def test_prepared_ring_and_pool_commit_and_resume_bit_exact(tmp_path):
+    """With ``ring_prepare`` and ``restore_prepare`` on (rings page-locked, and the restore's pinned pool made,
+    on threads of their own): a session opened and closed with no commit (its prepared registration is undone
+    at close), then one committed twice, resumed bit-exact; no preparing thread is left behind."""
+    import cupy
+
+    opts = dict(backend="cupy", backend_options=dict(ring_prepare=True, restore_prepare=True))
+    a = cupy.arange(1 << 20, dtype=cupy.int64)
+    with Runtime.open(home=tmp_path, **opts) as rt:
+        idle = rt.session("idle")
+        idle.close()
+        s = rt.session("p")
+        s.register("a", a)
+        s.commit()
+        a[5:9] = 7
+        s.commit()
+        s.close()
+    # Every ring is closed with its runtime (kept warm rings too): each prepared registration was taken by a
+    # commit or undone at close.
+    assert not rt.backend.commits._preparing and not rt.backend.commits._rings
+    with Runtime.open(home=tmp_path, **opts) as rt:
+        r = rt.resume("p")
+        assert bool((r.regions["a"].array == a).all())
+        assert rt.backend._restore._preparing is None and rt.backend._restore._buffers
+        r.regions["a"].array[0] = -1
+        r.commit()  # the resumed session's ring: its prepared registration taken by this first commit
+        assert id(r._log.ring) in rt.backend.commits._rings
+        r.close()
+    assert not rt.backend.commits._preparing and not rt.backend.commits._rings
+
+
 def test_sigkill_during_gpu_commit_stream_resumes_bit_exact(tmp_path):
     """A child on the CuPy backend is SIGKILLed mid commit stream (executor busy
     copying); resume on the GPU restores exactly an epoch >= the last reported."""

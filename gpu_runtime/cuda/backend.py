@@ -64,7 +64,8 @@ class CupyBackend(Backend):
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
                  fence_timeout_s: float = 10.0, fence_yield_ms: float = 2.0, restore_engine: str = "copy",
                  restore_span: int = 16 << 20, restore_depth: int = 8, restore_threads: int | None = None,
-                 restore_verify: str = "device", restore_prepare: bool = False, fused_pages: bool = False) -> None:
+                 restore_verify: str = "device", restore_prepare: bool = False, ring_prepare: bool = False,
+                 fused_pages: bool = False) -> None:
         import cupy
 
         restore = RestoreOptions(engine=restore_engine, verify=restore_verify, span=restore_span,
@@ -83,6 +84,7 @@ class CupyBackend(Backend):
         self.commits = CommitPaths(self.executor, fence_timeout_s=fence_timeout_s, fused_pages=fused_pages)
         self._staging: list[tuple[int, PinnedBuffer]] = [(-1, PinnedBuffer(_STAGING)) for _ in range(4)]
         self._lock = threading.Lock()
+        self._ring_prepare = ring_prepare
 
     @property
     def fused_pages(self) -> bool:
@@ -185,6 +187,13 @@ class CupyBackend(Backend):
         (``RestoreResources.prepare``) when ``restore_prepare`` is on (off by
         default until measured on a GPU: the first restore allocates it)."""
         self._restore.prepare()
+
+    def prepare_ring(self, ring: Any) -> None:
+        """Page-lock a newly opened ring on a thread of its own
+        (``CommitPaths.prepare_ring``) when ``ring_prepare`` is on (off by
+        default until measured on a GPU: the first commit page-locks it)."""
+        if self._ring_prepare:
+            self.commits.prepare_ring(ring)
 
     @property
     def restore_stats(self) -> RestoreStats | None:

@@ -38,6 +38,8 @@ unplanned reservations are given back.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -104,6 +106,9 @@ class CommitPaths:
         self.executor = executor
         self.fence = StreamFence(fence_timeout_s)
         self._rings: dict[int, tuple[int, int]] = {}
+        # prepare_ring's threads by ring: (thread, [device address or the error it met])
+        self._preparing: dict[int, tuple[threading.Thread, list[Any]]] = {}
+        self._prepare_lock = threading.Lock()
         self.arena = PinnedArena(_RUNS_ARENA, executor.wait)
         # fused_pages: one-region pages epochs as one SCAN_COMMIT task, compiled into
         # the executor only then. Setting the attribute False later takes the
@@ -118,24 +123,68 @@ class CommitPaths:
         self.path_counts = {"per_token": 0, "fused_pages": 0, "general": 0}
 
     def ring(self, ring: LogRing) -> tuple[int, int]:
-        """Device addresses of a ring's header and data (registering it once;
-        unregistered when the ring closes, with the executor parked)."""
+        """Device addresses of a ring's header and data (registering it once,
+        or taking ``prepare_ring``'s registration; unregistered when the ring
+        closes, with the executor parked)."""
         key = id(ring)
         if key not in self._rings:
-            base = register_host_memory(ring.address, DATA_START + ring.capacity)
+            base = self._prepared(key)
+            if base is None:
+                base = register_host_memory(ring.address, DATA_START + ring.capacity)
             self._rings[key] = (base, base + DATA_START)
-
-            def unregister(addr: int = ring.address, key: int = key) -> None:
-                ex = self.executor
-                ex.park()
-                self._cupy.cuda.runtime.hostUnregister(addr)
-                self._rings.pop(key, None)
-                ex.ctl[STOP] = 0
-                if ex.pending:
-                    ex.ensure_running()
-
-            ring.on_close.append(unregister)
+            ring.on_close.append(functools.partial(self._unregister, ring.address, key))
         return self._rings[key]
+
+    def prepare_ring(self, ring: LogRing) -> None:
+        """Start page-locking ``ring`` on a thread of its own, so that its first
+        commit (``ring``, which waits for the thread) finds it done: a new
+        ring's page-locking ran at about 3.4 GB/s on the H100 host (0.15 s for
+        512 MiB), inside a resume's first commit. If the ring closes before any
+        commit, its close waits for the thread and unregisters what it
+        registered. A failure here is left to ``ring``, which registers again
+        and raises."""
+        key = id(ring)
+        with self._prepare_lock:
+            if key in self._rings or key in self._preparing:
+                return
+            device = self._cupy.cuda.runtime.getDevice()  # a new thread starts on device 0
+            done: list[Any] = []
+
+            def register() -> None:
+                try:
+                    self._cupy.cuda.runtime.setDevice(device)
+                    done.append(register_host_memory(ring.address, DATA_START + ring.capacity))
+                except Exception as e:  # noqa: BLE001 - ring() registers again and raises it there
+                    done.append(e)
+
+            thread = threading.Thread(target=register, name="concordia-ring-register", daemon=True)
+            self._preparing[key] = (thread, done)
+            thread.start()
+
+        def settle(addr: int = ring.address) -> None:  # closed before any commit took the registration
+            if self._prepared(key) is not None:
+                self._unregister(addr, key)
+
+        ring.on_close.append(settle)
+
+    def _prepared(self, key: int) -> int | None:
+        """``prepare_ring``'s device address for ring ``key`` once its thread is
+        done, or None (none started, or it failed)."""
+        with self._prepare_lock:
+            job = self._preparing.pop(key, None)
+        if job is None:
+            return None
+        job[0].join()
+        return job[1][0] if job[1] and isinstance(job[1][0], int) else None
+
+    def _unregister(self, addr: int, key: int) -> None:
+        ex = self.executor
+        ex.park()
+        self._cupy.cuda.runtime.hostUnregister(addr)
+        self._rings.pop(key, None)
+        ex.ctl[STOP] = 0
+        if ex.pending:
+            ex.ensure_running()
 
     def _fence_for(self, tasks: Sequence[CheckpointTask]) -> tuple[int, int, int]:
         return self.fence.behind([t.region.current_stream() for t in tasks])  # type: ignore[attr-defined]
