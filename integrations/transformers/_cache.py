@@ -22,6 +22,9 @@ __all__ = ["DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticL
 _SPLIT_STORAGE = True
 
 
+_BOTH = (False, True)  # DurableStaticLayer.update indexes it with the stepping flag
+
+
 def _unaliased(view: torch.Tensor) -> torch.Tensor:
     """``view`` as a tensor with a storage object of its own over the same memory.
 
@@ -239,8 +242,9 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
             b, h, _, d = key_states.shape
             if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
                 raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
-        if self.stepping:  # nothing to do here: the read is the point (class docs)
-            pass
+        # Read so that a compiled step's guards hold the flag (class docs): an
+        # index, which no bytecode compiler drops, as it may an empty ``if``.
+        _ = _BOTH[self.stepping]
         return super().update(key_states, value_states, *args, **kwargs)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
