@@ -415,8 +415,10 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     and its rate (and the pipeline's own account), and the new ring's
     page-locking, which the resume's first commit waits for. A third kind of
     run, interleaved with the two, resumes with ``ring_prepare`` and
-    ``restore_prepare`` on (the ring and the restore's pinned pool page-locked
-    on threads of their own while the log is opened)."""
+    ``restore_prepare`` on (the restore's pinned pool page-locked on a thread
+    of its own from the runtime's open, the ring from the session's open).
+    Every resume waits 0.5 s between opening its runtime and the timed call,
+    as a process loads its model in between."""
     from concordia_agents import Runtime
     from integrations.transformers import durable_generate
 
@@ -447,6 +449,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             # page-locks it (at the step producer's start) inside the timed call; a resumed step's epochs are a row.
             options = {"ring_prepare": True, "restore_prepare": True} if prepare else {}
             with Runtime.open(home=home, **{**RT_OPTIONS, "lease_ttl": 0.5, "backend_options": options}) as rt:
+                time.sleep(0.5)  # as a process loads its model between opening its runtime and resuming
                 first = FirstToken()
                 inputs: list[int] = []
                 hook = model.register_forward_pre_hook(

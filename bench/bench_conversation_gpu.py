@@ -322,7 +322,7 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
                 "64 MiB spans": {"restore_span": 64 << 20},
                 "15 threads, 64 MiB spans": {"restore_threads": 15, "restore_span": 64 << 20},
                 "host sums": {"restore_verify": "host"},
-                "pool prepared while the log opens": {"restore_prepare": True}}
+                "pool prepared with the backend": {"restore_prepare": True}}
     for name, options in variants.items():
         first: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []
@@ -331,6 +331,7 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
             try:
                 shutil.copytree(src, home, dirs_exist_ok=True)
                 with Runtime.open(home=home, **{**_OPTIONS, "backend_options": options}) as rt:
+                    time.sleep(0.5)  # as a process loads its model between opening its runtime and resuming
                     for runs in (first, kept):
                         with ResumeParts() as measured:
                             s = rt.resume(sid)

@@ -111,25 +111,28 @@ class ResumeParts:
     session's region registration and restore, and the CuPy backend's
     page-locking of a host ring): the fixed costs are the open, the
     registrations less the restores they contain and the ring's page-locking
-    (at the first commit); the restore rate is the payload bytes read over the
-    restore time (device synchronized); ``pipeline`` is the restore
-    pipeline's own account of the largest region (``RestoreStats``)."""
+    (at the first commit, or on ``ring_prepare``'s thread: then
+    ``ring_wait_s`` is what the first commit waited for it); the restore rate
+    is the payload bytes read over the restore time (device synchronized);
+    ``pipeline`` is the restore pipeline's own account of the largest region
+    (``RestoreStats``)."""
 
     def __init__(self) -> None:
         from concordia_agents import _runtime, _session
         from gpu_runtime.cuda import commit
 
-        self.open_s = self.register_s = self.restore_s = self.ring_register_s = 0.0
+        self.open_s = self.register_s = self.restore_s = self.ring_register_s = self.ring_wait_s = 0.0
         self.restore_bytes = 0
         self.pipeline: dict[str, float] = {}  # the largest region's pipeline run (RestoreStats), if one ran
         self._targets = [(_runtime.Runtime, "session"), (_session.Session, "register"),
-                         (_session.Session, "_restore_into"), (commit, "register_host_memory")]
+                         (_session.Session, "_restore_into"), (commit, "register_host_memory"),
+                         (commit.CommitPaths, "_prepared")]
         self._saved = [getattr(c, name) for c, name in self._targets]
 
     def __enter__(self) -> ResumeParts:
         import torch
 
-        open_, register, restore_into, pin = self._saved
+        open_, register, restore_into, pin, prepared = self._saved
         parts = self
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -150,6 +153,7 @@ class ResumeParts:
         session, reg, timed_restore, timed_pin = (timed(open_, "open_s"), timed(register, "register_s"),
                                                   timed(restore_into, "restore_s", synced=True),
                                                   timed(pin, "ring_register_s"))
+        timed_wait = timed(prepared, "ring_wait_s")
 
         def restore(s: Any, region: Any) -> None:
             timed_restore(s, region)
@@ -158,7 +162,7 @@ class ResumeParts:
             if stats is not None and stats.bytes > parts.pipeline.get("bytes", 0):
                 parts.pipeline = stats.as_dict()
 
-        for (cls, name), fn in zip(self._targets, (session, reg, restore, timed_pin), strict=True):
+        for (cls, name), fn in zip(self._targets, (session, reg, restore, timed_pin, timed_wait), strict=True):
             setattr(cls, name, fn)
         return self
 
@@ -169,6 +173,6 @@ class ResumeParts:
     def report(self) -> dict[str, Any]:
         return {"session_open_s": self.open_s, "register_less_restore_s": self.register_s - self.restore_s,
                 "restore_s": self.restore_s, "restore_bytes": self.restore_bytes,
-                "ring_register_s": self.ring_register_s,
+                "ring_register_s": self.ring_register_s, "ring_wait_s": self.ring_wait_s,
                 "restore_GBps": self.restore_bytes / self.restore_s / 1e9 if self.restore_s else 0.0,
                 "pipeline": self.pipeline}

@@ -207,8 +207,6 @@ class Runtime:
                                                   backend=self.backend.name, create=create, log=True)
         tag = session_tag(session_id)
         slog: SessionLog | None = None
-        if not created:  # a restore may follow: the backend starts what it needs while the log is opened
-            self.backend.prepare_restore()
         try:
             slog, index = SessionLog.open(session_id=session_id, tag=tag, token=token,
                                           directory=self.session_dir(session_id), config=self.config,

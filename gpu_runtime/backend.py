@@ -124,11 +124,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
 
-    def prepare_restore(self) -> None:  # noqa: B027 - optional hook
-        """A restore may follow soon (an existing session is being opened):
-        start what it will need that takes long to make, without waiting for
-        it. Never required for correctness; nothing to do by default."""
-
     def prepare_ring(self, ring: Any) -> None:  # noqa: B027 - optional hook
         """A session's host ring (``LogRing``) was just opened: start what its
         first commit will need that takes long to make (page-locking it),

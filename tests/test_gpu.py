@@ -577,8 +577,8 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
         got = r.regions["kv"]
         assert got.length == 1000 and torch.equal(got.array[:, :, :1000], want_kv)
         assert bool((r.regions["pages"].array == want_pages).all())
-        res = rt.backend._restore  # the pool: prepared while the log was opened, or made by the first restore
-        assert res._preparing is None and len(res._buffers) == 3 and res._buffers[0].nbytes >= 256 << 10
+        res = rt.backend._restore  # the pool: prepared with the backend, or made by the first restore
+        assert res.prepared_pools == (verify == "device") and res._preparing is None and len(res._buffers) == 3
         stats = rt.backend.restore_stats  # the last region's run: many records in several spans, time accounted
         assert stats is not None and stats.records >= 2 and stats.spans > 1 and stats.bytes > 0
         parts = stats.as_dict()
@@ -597,11 +597,13 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
 def test_prepared_ring_and_pool_commit_and_resume_bit_exact(tmp_path):
     """With ``ring_prepare`` and ``restore_prepare`` on (rings page-locked, and the restore's pinned pool made,
     on threads of their own): a session opened and closed with no commit (its prepared registration is undone
-    at close), then one committed twice, resumed bit-exact; no preparing thread is left behind."""
+    at close), then one committed twice, resumed bit-exact; each commit took its ring's registration from the
+    thread, the restore its pool, every registration was undone and no thread is left behind."""
     import cupy
 
-    opts = dict(backend="cupy", backend_options=dict(ring_prepare=True, restore_prepare=True))
-    a = cupy.arange(1 << 20, dtype=cupy.int64)
+    opts = dict(backend="cupy", max_record_bytes=1 << 20,
+                backend_options=dict(ring_prepare=True, restore_prepare=True))
+    a = cupy.arange(1 << 22, dtype=cupy.int64)
     with Runtime.open(home=tmp_path, **opts) as rt:
         idle = rt.session("idle")
         idle.close()
@@ -611,18 +613,20 @@ def test_prepared_ring_and_pool_commit_and_resume_bit_exact(tmp_path):
         a[5:9] = 7
         s.commit()
         s.close()
-    # Every ring is closed with its runtime (kept warm rings too): each prepared registration was taken by a
-    # commit or undone at close.
-    assert not rt.backend.commits._preparing and not rt.backend.commits._rings
+    # Every ring is closed with its runtime (kept warm rings too): the committed session's prepared registration
+    # was taken by its first commit, the idle one's undone at close, and both unregistered.
+    paths = rt.backend.commits
+    assert (paths.prepared_rings, paths.unregistered) == (1, 2) and not paths._preparing and not paths._rings
     with Runtime.open(home=tmp_path, **opts) as rt:
         r = rt.resume("p")
         assert bool((r.regions["a"].array == a).all())
-        assert rt.backend._restore._preparing is None and rt.backend._restore._buffers
+        assert rt.backend._restore.prepared_pools == 1 and rt.backend._restore._preparing is None
         r.regions["a"].array[0] = -1
         r.commit()  # the resumed session's ring: its prepared registration taken by this first commit
-        assert id(r._log.ring) in rt.backend.commits._rings
+        assert rt.backend.commits.prepared_rings == 1 and id(r._log.ring) in rt.backend.commits._rings
         r.close()
-    assert not rt.backend.commits._preparing and not rt.backend.commits._rings
+    paths = rt.backend.commits
+    assert paths.unregistered == 1 and not paths._preparing and not paths._rings
 
 
 def test_sigkill_during_gpu_commit_stream_resumes_bit_exact(tmp_path):

@@ -18,6 +18,13 @@ STATIC = ("--extra", json.dumps({"cache_implementation": "static"}))
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
 
+@pytest.fixture(autouse=True)
+def _no_step_hook_override(monkeypatch):
+    """The tests here choose the step hook's placement themselves (``_steps._HOOK_ON_DECODER``): a
+    ``CONCORDIA_STEP_HOOK`` in the environment would override them."""
+    monkeypatch.delenv("CONCORDIA_STEP_HOOK", raising=False)
+
+
 def _plain_static(model_name: str, batch: int, new_tokens: int, **kw: object) -> torch.Tensor:
     """transformers' own StaticCache run of the child's model and prompt (the fastest path a user picks)."""
     from transformers import StaticCache

@@ -109,6 +109,8 @@ class CommitPaths:
         # prepare_ring's threads by ring: (thread, [device address or the error it met])
         self._preparing: dict[int, tuple[threading.Thread, list[Any]]] = {}
         self._prepare_lock = threading.Lock()
+        #: registrations a commit took from prepare_ring's threads, and rings unregistered (tests check both)
+        self.prepared_rings = self.unregistered = 0
         self.arena = PinnedArena(_RUNS_ARENA, executor.wait)
         # fused_pages: one-region pages epochs as one SCAN_COMMIT task, compiled into
         # the executor only then. Setting the attribute False later takes the
@@ -131,6 +133,8 @@ class CommitPaths:
             base = self._prepared(key)
             if base is None:
                 base = register_host_memory(ring.address, DATA_START + ring.capacity)
+            else:
+                self.prepared_rings += 1
             self._rings[key] = (base, base + DATA_START)
             ring.on_close.append(functools.partial(self._unregister, ring.address, key))
         return self._rings[key]
@@ -147,7 +151,7 @@ class CommitPaths:
         with self._prepare_lock:
             if key in self._rings or key in self._preparing:
                 return
-            device = self._cupy.cuda.runtime.getDevice()  # a new thread starts on device 0
+            device = self.executor.device_id  # a new thread starts on device 0
             done: list[Any] = []
 
             def register() -> None:
@@ -158,8 +162,8 @@ class CommitPaths:
                     done.append(e)
 
             thread = threading.Thread(target=register, name="concordia-ring-register", daemon=True)
+            thread.start()  # recorded only once started: a failed start leaves the registration to ring()
             self._preparing[key] = (thread, done)
-            thread.start()
 
         def settle(addr: int = ring.address) -> None:  # closed before any commit took the registration
             if self._prepared(key) is not None:
@@ -175,12 +179,13 @@ class CommitPaths:
         if job is None:
             return None
         job[0].join()
-        return job[1][0] if job[1] and isinstance(job[1][0], int) else None
+        return int(job[1][0]) if job[1] and isinstance(job[1][0], int) else None
 
     def _unregister(self, addr: int, key: int) -> None:
         ex = self.executor
         ex.park()
         self._cupy.cuda.runtime.hostUnregister(addr)
+        self.unregistered += 1
         self._rings.pop(key, None)
         ex.ctl[STOP] = 0
         if ex.pending:

@@ -89,6 +89,7 @@ class Executor:
 
         self._cupy = cupy
         dev = cupy.cuda.Device()
+        self.device_id = int(dev.id)  #: the device it runs on (threads that allocate for it select it)
         self.sm_count = dev.attributes["MultiProcessorCount"]
         self.arch = arch or f"sm_{dev.compute_capability}"
         # A few SMs by default: a resident executor block can keep a large GEMM

@@ -68,8 +68,8 @@ class RestoreOptions:
     span: int = 16 << 20  #: bytes per pinned buffer
     depth: int = 8  #: pinned buffers in flight (at least 2)
     threads: int | None = None  #: reader threads (default min(8, cores - 1))
-    #: allocate the pinned pool while an existing session's log is opened (``prepare``); off until its
-    #: GPU run has measured it
+    #: allocate the pinned pool on a thread of its own when the backend is made (``prepare``); off
+    #: until a GPU run has measured it
     prepare: bool = False
 
     def __post_init__(self) -> None:
@@ -141,35 +141,36 @@ class RestoreResources:
         self.last: RestoreStats | None = None  #: the last pipeline run's (module docs)
         self._preparing: threading.Thread | None = None
         self._prepared: list[PinnedBuffer] = []
-        self._prepare_lock = threading.Lock()  # prepare and pool may be called from different threads
+        self._pool_lock = threading.Lock()  # prepare, pool and close may be called from different threads
+        self.prepared_pools = 0  #: pools taken from prepare's thread (tests check that path ran)
 
     def prepare(self) -> None:
         """Start allocating the pool at its usual size (``span`` bytes a buffer)
-        on a thread of its own, unless it exists or is being made: the caller
-        goes on opening the session's log, and the restore after it finds the
-        pool ready (``pool`` waits for the thread). Why: the pool's page-locking
-        (8 x 16 MiB) falls inside a process's first restore; on the H100 (8B
-        conversation at 8k, docs/gpu.md) restores that were the first of their
-        runtime ran at 13.7 GB/s, and ones after an earlier restore in the same
-        runtime at 25 GB/s. A failure here (no page-locked memory) is left to
-        the restore, which allocates again and raises."""
-        with self._prepare_lock:
-            if not self.options.prepare or self._buffers or self._preparing is not None:
+        on a thread of its own, unless it exists or is being made; ``pool``
+        waits for the thread and takes its buffers. The backend calls this at
+        its construction when ``restore_prepare`` is on, so that a process's
+        first restore, which comes after the model's load, finds the pool made.
+        Why: the pool's page-locking (8 x 16 MiB) falls inside a process's first
+        restore; on the H100 (8B conversation at 8k, docs/gpu.md) restores that
+        were the first of their runtime ran at 13.7 GB/s, and ones after an
+        earlier restore in the same runtime at 25 GB/s. A failure here (no
+        page-locked memory, no thread) is left to the restore, which allocates
+        again and raises."""
+        with self._pool_lock:
+            if self._buffers or self._preparing is not None:
                 return
-            # The caller's device: page-locked memory is pinned for the context current where it is
-            # allocated, and a new thread starts on device 0.
-            device = self._cupy.cuda.runtime.getDevice()
+            thread = threading.Thread(target=self._allocate_prepared, args=(self.executor.device_id,),
+                                      name="concordia-restore-pool", daemon=True)
+            thread.start()  # recorded only once started: a failed start leaves the allocation to pool()
+            self._preparing = thread
 
-            def allocate() -> None:
-                self._cupy.cuda.runtime.setDevice(device)
-                self._allocate_prepared()
-
-            self._preparing = threading.Thread(target=allocate, name="concordia-restore-pool", daemon=True)
-            self._preparing.start()
-
-    def _allocate_prepared(self) -> None:
+    def _allocate_prepared(self, device: int) -> None:
+        """``prepare``'s thread: the pool on the executor's device (page-locked
+        memory is pinned for the context current where it is allocated, and a
+        new thread starts on device 0)."""
         made: list[PinnedBuffer] = []
         try:
+            self._cupy.cuda.runtime.setDevice(device)
             for _ in range(self.depth):
                 made.append(PinnedBuffer(self.options.span))
         except Exception:  # noqa: BLE001 - the restore allocates again and reports it
@@ -179,27 +180,32 @@ class RestoreResources:
         self._prepared = made
 
     def _adopt_prepared(self) -> None:
-        """Wait for ``prepare``'s thread, if any, and take its buffers as the pool."""
-        with self._prepare_lock:
-            thread, self._preparing = self._preparing, None
-            if thread is None:
-                return
-            thread.join()
-            made, self._prepared = self._prepared, []
-            if made and not self._buffers:
-                self._buffers = made
-            else:
-                for buf in made:
-                    buf.close()
+        """Wait for ``prepare``'s thread, if any, and take its buffers as the
+        pool (the caller holds ``_pool_lock``)."""
+        thread, self._preparing = self._preparing, None
+        if thread is None:
+            return
+        thread.join()
+        made, self._prepared = self._prepared, []
+        if made and not self._buffers:
+            self._buffers = made
+        else:
+            for buf in made:
+                buf.close()
 
     def pool(self, need: int) -> list[PinnedBuffer]:
-        """Pinned buffers of at least ``need`` bytes, ``depth`` of them."""
-        self._adopt_prepared()
-        if not self._buffers or self._buffers[0].nbytes < need:
-            for buf in self._buffers:
-                buf.close()
-            self._buffers = [PinnedBuffer(need) for _ in range(self.depth)]
-        return self._buffers
+        """Pinned buffers of at least ``need`` bytes, ``depth`` of them (a span
+        larger than ``span`` bytes replaces a prepared pool, paying its
+        page-locking again)."""
+        with self._pool_lock:
+            before = self._buffers
+            self._adopt_prepared()
+            self.prepared_pools += self._buffers is not before
+            if not self._buffers or self._buffers[0].nbytes < need:
+                for buf in self._buffers:
+                    buf.close()
+                self._buffers = [PinnedBuffer(need) for _ in range(self.depth)]
+            return self._buffers
 
     def stream(self) -> Any:
         if self._stream is None:
@@ -227,10 +233,11 @@ class RestoreResources:
             rt.memcpyAsync(base + h.offset, src, h.length, kind, stream.ptr)
 
     def close(self) -> None:
-        self._adopt_prepared()
-        for buf in self._buffers:
-            buf.close()
-        self._buffers = []
+        with self._pool_lock:
+            self._adopt_prepared()
+            for buf in self._buffers:
+                buf.close()
+            self._buffers = []
 
 
 def spans(locs: Sequence[Any], limit: int) -> list[Span]:
@@ -279,16 +286,17 @@ def _settle(res: RestoreResources, busy: list[Any], i: int) -> None:
         mark.synchronize()
 
 
-def _drain(res: RestoreResources, loads: dict[int, Future[None]], busy: list[Any]) -> None:
+def _drain(res: RestoreResources, loads: dict[int, Future[None]], busy: list[Any],
+           stats: RestoreStats) -> None:
     """On the way out (normal or not): cancel queued reads, let running ones
     finish, and wait for every device read of a buffer, so the pool can be reused."""
     for f in loads.values():
         f.cancel()
     for f in loads.values():
         if not f.cancelled():
-            f.exception()
+            _waited(stats, "read_wait_s", f.exception)
     for i in range(len(busy)):
-        _settle(res, busy, i)
+        _waited(stats, "device_wait_s", _settle, res, busy, i)
 
 
 class DeviceVerifiedRestore:
@@ -382,7 +390,8 @@ class DeviceVerifiedRestore:
             """Stage span k on the device and sum its records there."""
             i = k % depth
             _, start, nbytes, group = groups[k]
-            _settle(self.res, busy, i)  # the executor engine reads the staging buffer outside the stream's order
+            # the executor engine reads the staging buffer outside the stream's order
+            _waited(stats, "device_wait_s", _settle, self.res, busy, i)
             table = tables.view(np.uint64)[2 * most * i:2 * most * (i + 1)]
             for r, loc in enumerate(group):
                 table[2 * r] = loc.file_offset - start + HEADER_SIZE
@@ -429,7 +438,7 @@ class DeviceVerifiedRestore:
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             check_and_scatter(len(groups) - 1)
         finally:
-            _drain(self.res, loads, busy)
+            _drain(self.res, loads, busy, stats)
             # no sum, copy or scatter still reads the tables or the pool
             _waited(stats, "device_wait_s", stream.synchronize)
 
@@ -499,5 +508,4 @@ class HostVerifiedRestore:
                         _waited(stats, "device_wait_s", _settle, res, busy, nxt % depth)
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             finally:
-                # no device read of a pool buffer outlives this call
-                _waited(stats, "device_wait_s", _drain, res, loads, busy)
+                _drain(res, loads, busy, stats)  # no device read of a pool buffer outlives this call

@@ -131,9 +131,9 @@ class StepCheckpointer:
             torch._dynamo.mark_static_address(self._sink)
 
     def attach(self, model: Any) -> None:
+        module = _step_module(model)  # first: a bad CONCORDIA_STEP_HOOK raises before anything is changed
         if self.steps.device is not None:
             _current.append(self.steps.device)
-        module = _step_module(model)
         self._handle = module.register_forward_hook(self, with_kwargs=True)
         # A submodule's hook is inlined into the forward's graph, whose guards
         # must then hold the flag (module docs); the model's own hook is a
