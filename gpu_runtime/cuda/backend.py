@@ -75,8 +75,6 @@ class CupyBackend(Backend):
         self.executor = Executor(blocks=blocks, idle_ms=idle_ms, max_life_ms=max_life_ms,
                                  fence_yield_ms=fence_yield_ms, fused_pages=fused_pages)
         self._restore = RestoreResources(self.executor, restore)
-        if restore.prepare:
-            self._restore.prepare()  # on a thread of its own: a first restore finds the pool made
         # Measured on the H100 (4.3 GB at 32k tokens): 18 GB/s with the sums on the
         # device, 8-10 GB/s with the reader threads summing (docs/gpu.md).
         self._restorer: DeviceVerifiedRestore | HostVerifiedRestore = (
@@ -87,6 +85,8 @@ class CupyBackend(Backend):
         self._staging: list[tuple[int, PinnedBuffer]] = [(-1, PinnedBuffer(_STAGING)) for _ in range(4)]
         self._lock = threading.Lock()
         self._ring_prepare = ring_prepare
+        if restore.prepare:  # last: nothing after it can fail and leave its thread's buffers unowned
+            self._restore.prepare()  # on a thread of its own: a first restore finds the pool made
 
     @property
     def fused_pages(self) -> bool:
