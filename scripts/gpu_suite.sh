@@ -15,7 +15,8 @@
 #   --no-tests          run no tests
 #   --bench "NAME ARGS" run a GPU benchmark with ARGS, repeatable; NAME: gpu (bench/bench_gpu.py),
 #                       instrument (bench/bench_instrument_gpu.py), transformers (bench/bench_transformers_gpu.py),
-#                       compiled (bench/bench_compiled_decode_gpu.py), conversation (bench/bench_conversation_gpu.py)
+#                       compiled (bench/bench_compiled_decode_gpu.py), stepcommit (bench/bench_step_commit_gpu.py),
+#                       conversation (bench/bench_conversation_gpu.py)
 #   --agent             examples/durable_agent.py with a 1B-shaped model: SIGKILL inside the LLM
 #                       node, resume, compare with an uninterrupted run ($OUT/agent_*.json)
 #   --test-timeout S    pytest's per-test timeout (default 240)
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
     --agent) AGENT=1; shift ;;
     --test-timeout) TEST_TIMEOUT="$2"; shift 2 ;;
     --timeout) STEP_TIMEOUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -88,8 +89,9 @@ for spec in "${BENCHES[@]}"; do
     gpu) script=bench/bench_gpu.py ;;
     instrument|transformers) script="bench/bench_${name}_gpu.py" ;;
     compiled) script=bench/bench_compiled_decode_gpu.py ;;
+    stepcommit) script=bench/bench_step_commit_gpu.py ;;
     conversation) script=bench/bench_conversation_gpu.py ;;
-    *) echo "== bench $name: unknown (gpu, instrument, transformers, compiled, conversation)" | tee -a "$OUT/steps.txt"; FAILED=1; continue ;;
+    *) echo "== bench $name: unknown (gpu, instrument, transformers, compiled, stepcommit, conversation)" | tee -a "$OUT/steps.txt"; FAILED=1; continue ;;
   esac
   # shellcheck disable=SC2086  # args are the benchmark's own options
   step "bench $spec" "bench_$name.log" python3 "$script" $args
