@@ -26,19 +26,20 @@ inductor: the op in the one graph, after the last layer's cache write, no
 recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
 stack (``model.get_decoder()``) instead; it is off until the GPU tests have
 passed with it, and ``CONCORDIA_STEP_HOOK=decoder`` (or ``model``) chooses
-for a process and its children (the GPU tests' crash children included). Dynamo does not guard on a submodule's hooks
+for a process and its children (the GPU tests' crash children included).
+Dynamo does not guard on a submodule's hooks
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so on its own a graph
 compiled before the hook was added (any compiled plain ``generate`` earlier
 in the process) would be replayed without it and the step commits would stop
 silently (a hook added to the decoder after a compiled call ran 0 times of 3
 on the CPU). What makes the placement safe: ``attach`` sets the cache's
 ``stepping`` flag when the hook goes on a submodule and ``detach`` clears
-it, and every layer's ``update`` reads it, so each compiled step's guards hold the flag's value and a graph
-compiled without the hook is never replayed with it attached, nor the
-reverse (``DurableStaticLayer``; tested on the CPU with a compiled step,
-``tests/test_transformers_static.py``). A model whose decoder takes
-``inputs_embeds`` (multimodal wrappers) would give the hook no
-``input_ids``.
+it, and every layer's ``update`` reads it, so each compiled step's guards
+hold the flag's value and a graph compiled without the hook is never
+replayed with it attached, nor the reverse (``DurableStaticLayer``; tested
+on the CPU with a compiled step, ``tests/test_transformers_static.py``). A
+model whose decoder takes ``inputs_embeds`` (multimodal wrappers) would give
+the hook no ``input_ids``.
 
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
