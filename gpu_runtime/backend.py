@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import BackendUnavailableError, ConfigurationError
+from .logring import LogRing
 from .logwriter import LogWriter
 from .records import RecordHeader
 from .regions import RegionSpec
@@ -124,8 +125,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def after_restore(self, region: BackendRegion) -> None: ...
 
-    def prepare_ring(self, ring: Any) -> None:  # noqa: B027 - optional hook
-        """A session's host ring (``LogRing``) was just opened: start what its
+    def prepare_ring(self, ring: LogRing) -> None:  # noqa: B027 - optional hook
+        """A session's host ring was just opened: start what its
         first commit will need that takes long to make (page-locking it),
         without waiting for it. Never required for correctness; nothing to do
         by default."""

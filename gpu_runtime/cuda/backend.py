@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backend import Backend, BackendRegion, Capability, CheckpointTask
 from ..errors import RegionError
+from ..logring import LogRing
 from ..logwriter import LogWriter
 from ..records import RecordHeader
 from ..regions import RegionSpec, describe
@@ -184,7 +185,7 @@ class CupyBackend(Backend):
             return
         self._restorer.run(region, locs, reader)
 
-    def prepare_ring(self, ring: Any) -> None:
+    def prepare_ring(self, ring: LogRing) -> None:
         """Page-lock a newly opened ring on a thread of its own
         (``CommitPaths.prepare_ring``) when ``ring_prepare`` is on (off by
         default until measured on a GPU: the first commit page-locks it)."""

@@ -100,6 +100,11 @@ class RestoreStats:
     total_s: float = 0.0
     _start: float = field(default_factory=time.perf_counter, repr=False)
 
+    @classmethod
+    def of(cls, locs: Sequence[Any], groups: Sequence[Span]) -> RestoreStats:
+        """A run's account, started now, of ``locs`` read in ``groups`` (spans)."""
+        return cls(bytes=sum(loc.header.length for loc in locs), records=len(locs), spans=len(groups))
+
     def done(self) -> RestoreStats:
         self.total_s = time.perf_counter() - self._start
         return self
@@ -358,28 +363,24 @@ class DeviceVerifiedRestore:
 
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
-        stats = self.res.last = RestoreStats(bytes=sum(loc.header.length for loc in locs), records=len(locs))
         groups = spans(locs, self.res.options.span)
-        stats.spans = len(groups)
-        depth, most = self.res.depth, max(len(g) for _, _, _, g in groups)
-        t = time.perf_counter()
-        pool = self.res.pool(max(n for _, _, n, _ in groups))
-        stage = self._staging(pool)
-        tables, host_sums = self._tables(depth, most)
-        dev_sums = self._cupy.zeros((depth, most), dtype=self._cupy.uint64)
-        stats.alloc_s = time.perf_counter() - t
+        stats = self.res.last = RestoreStats.of(locs, groups)
+        pool = _waited(stats, "alloc_s", self.res.pool, max(n for _, _, n, _ in groups))
         try:
             with ThreadPoolExecutor(self.res.options.reader_threads) as threads:
-                self._run(region, groups, pool, stage, (tables, host_sums, dev_sums, most), reader, threads, stats)
+                self._run(region, groups, pool, _waited(stats, "alloc_s", self._staging, pool), reader, threads,
+                          stats)
         finally:
             stats.done()
 
-    def _run(self, region: Any, groups: list[Span], pool: list[Any], stage: list[Any], sums: tuple[Any, ...],
-             reader: Any, threads: ThreadPoolExecutor, stats: RestoreStats) -> None:
+    def _run(self, region: Any, groups: list[Span], pool: list[Any], stage: list[Any], reader: Any,
+             threads: ThreadPoolExecutor, stats: RestoreStats) -> None:
         cp, rt = self._cupy, self._cupy.cuda.runtime
         stream = self.res.stream()
         depth = len(pool)
-        tables, host_sums, dev_sums, most = sums
+        most = max(len(g) for _, _, _, g in groups)
+        tables, host_sums = _waited(stats, "alloc_s", self._tables, depth, most)
+        dev_sums = _waited(stats, "alloc_s", cp.zeros, (depth, most), cp.uint64)
         summed: list[Any] = [None] * depth  # event: span's copy, sums and sums' copy back are done
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
 
@@ -463,10 +464,9 @@ class HostVerifiedRestore:
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
         res = self.res
-        stats = res.last = RestoreStats(bytes=sum(loc.header.length for loc in locs), records=len(locs))
         groups = spans(locs, res.options.span)
-        stats.spans = len(groups)
-        pool = _waited(stats, "alloc_s", lambda: res.pool(max(n for _, _, n, _ in groups)))
+        stats = res.last = RestoreStats.of(locs, groups)
+        pool = _waited(stats, "alloc_s", res.pool, max(n for _, _, n, _ in groups))
         try:
             self._run(region, groups, pool, reader, stats)
         finally:
