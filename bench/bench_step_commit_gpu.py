@@ -17,6 +17,20 @@ Variants, interleaved per round:
 * ``commit_all_sms``: the same with one block per SM instead of the
   producer's default (enough blocks for a few words per thread).
 
+And, on a ring of its own that no flusher drains (the producer's ring
+parameters pointed at it, so nothing reads what a probe build leaves out):
+
+* ``bare_commit``: the full commit, every step (the flusher's share of
+  ``commit`` is ``commit`` minus this);
+* ``bare_no_ring_reads``, ``bare_no_sys_fences``, ``bare_no_body``,
+  ``bare_no_rows``, ``bare_no_headers``: diagnostic builds of the kernel
+  (``CNC_STEP_PROBE`` of ``kernels/step_commit.cu``), each leaving one part out
+  (the reads of the ring's owner and consumed words; the two system fences;
+  the COMMIT body's formatting; the rows' payloads; the data records' headers):
+  ``bare_commit`` minus each is what that part costs;
+* ``bare_floor``: all five left out (a launch, the arrival count, the COMMIT
+  header and the publishing stores).
+
 Reported per variant: µs per step over the baseline (median over rounds), and
 ``commit`` minus ``no_commit`` (what committing adds). In the profile of
 2026-12-06 (``compiled_decode_gpu-20261206T171518Z.json``) the kernel took 48
@@ -35,6 +49,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,6 +116,62 @@ def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -
         rt.delete(name)
 
 
+#: the bare variants: CNC_STEP_PROBE masks (kernels/step_commit.cu)
+PROBES = {"bare_commit": 0, "bare_no_ring_reads": 1, "bare_no_sys_fences": 2, "bare_no_body": 4, "bare_no_rows": 8,
+          "bare_no_headers": 16, "bare_floor": 31}
+
+
+def _bare_run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str, ring_dir: Path) -> float:
+    """Milliseconds of ``steps`` steps of a ``bare_*`` variant (module docs):
+    the session's producer, built with the variant's probe mask, its ring
+    parameters pointed at a fresh ring that nothing drains (1 GiB: every step's
+    epoch fits without wrapping); the session's own log is never handed over."""
+    import torch
+
+    from gpu_runtime.cuda import step_commit
+    from gpu_runtime.logring import LogRing
+
+    s, _, _ = _session(rt, name, shape, batch, PROMPT + steps + 1)
+    stream = torch.cuda.current_stream()
+    length = torch.full((), PROMPT, dtype=torch.int64, device="cuda")
+    ids = torch.randint(3, 30000, (batch, 1), device="cuda", dtype=torch.int64)
+    commits = s.step_commits(kv="kv", tokens="tokens", meta={"n_tokens": PROMPT}, length_key="n_tokens", every=1)
+    producer = commits.device
+    ring = LogRing.create(ring_dir / f"{name}.ring", capacity=1 << 30, session_tag=7, owner_token=11, base=0)
+    try:
+        header, _ = rt.backend.commits.ring(ring)  # page-locked and mapped, as a session's ring is
+        # P_HEADER, P_CAPACITY, P_TAG, P_OWNER (step_commit.py PARAM_WORDS)
+        producer._params[:4].set(np.array([header, ring.capacity, 7, 11], dtype=np.uint64))
+        producer._fn = step_commit._function(producer_arch(rt), PROBES[variant])
+        producer.arm(stream.cuda_stream, position=0, epoch=1, committed=PROMPT)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # ~30 ms of device time while the host queues the steps
+        start.record(stream)
+        for _ in range(steps):
+            length.add_(1)
+            producer.launch(stream.cuda_stream, length.data_ptr(), ids.data_ptr(), 1, ids.stride(0))
+        end.record(stream)
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        state = producer.state()
+        if state.commits != steps or state.error is not None:
+            raise RuntimeError(f"{variant}: expected {steps} epochs from the producer, found {state.commits} "
+                               f"(error {state.error})")
+        return ms
+    finally:
+        producer.disarm()
+        ring.close()
+        (ring_dir / f"{name}.ring").unlink(missing_ok=True)
+        commits.close()
+        s.close()
+        rt.delete(name)
+
+
+def producer_arch(rt: Any) -> str:
+    return str(rt.backend.executor.arch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -112,7 +184,7 @@ def main() -> None:
 
     from concordia_agents import Runtime
 
-    variants = ("length_only", "no_commit", "commit", "commit_all_sms")
+    variants = ("length_only", "no_commit", "commit", "commit_all_sms", *PROBES)
     result: dict[str, Any] = {"benchmark": "step_commit_gpu", "device": torch.cuda.get_device_name(0),
                               "versions": versions("cupy-cuda13x"), "steps": args.steps, "repeats": args.repeats,
                               "prompt_len": PROMPT, "queued_behind_sleep": True}
@@ -126,16 +198,22 @@ def main() -> None:
                 for r in range(args.repeats + 1):  # round 0 warms up (module load, first allocations)
                     for v in variants[:: 1 if r % 2 == 0 else -1]:
                         n += 1
-                        ms = _run(rt, v, shape, batch, args.steps, f"bench-{n}")
+                        ms = (_bare_run(rt, v, shape, batch, args.steps, f"bench-{n}", Path(home)) if v in PROBES
+                              else _run(rt, v, shape, batch, args.steps, f"bench-{n}"))
                         if r:
                             runs[v].append(ms)
                 base = statistics.median(runs["length_only"])
                 per_step = {v: (statistics.median(runs[v]) - base) * 1e3 / args.steps for v in variants[1:]}
+                parts = {v.removeprefix("bare_no_"): per_step["bare_commit"] - per_step[v]
+                         for v in PROBES if v.startswith("bare_no_")}
                 row = {"us_per_step_over_baseline": per_step,
                        "commit_minus_no_commit_us": per_step["commit"] - per_step["no_commit"],
+                       "flusher_share_us": per_step["commit"] - per_step["bare_commit"],
+                       "part_cost_us": parts,
                        "baseline_us_per_step": base * 1e3 / args.steps, "runs_ms": runs}
                 result[f"{shape}_b{batch}"] = row
-                print(f"{shape} b{batch}", {k: round(v, 1) for k, v in per_step.items()}, flush=True)
+                print(f"{shape} b{batch}", {k: round(v, 1) for k, v in per_step.items()},
+                      "parts", {k: round(v, 1) for k, v in parts.items()}, flush=True)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,31 @@ from pathlib import Path
 
 import pytest
 
-from gpu_runtime.cuda.compile_all import OTHER_KERNELS, VARIANTS, compile_everything, nvjitlink_assemble
+from gpu_runtime.cuda.compile_all import (
+    OTHER_KERNELS,
+    PROBE_BUILDS,
+    VARIANTS,
+    compile_everything,
+    nvjitlink_assemble,
+)
 from gpu_runtime.cuda.compiler import KernelCompileError, compile_cubin, kernel_source
 
 
 def test_every_specialization_compiles_for_sm90(tmp_path: Path):
     """The executor with each handler set (and, with pages handlers, with the SCAN_COMMIT task too)
-    compiles to a cubin and, via PTX, links with nvJitLink."""
+    compiles to a cubin and, via PTX, links with nvJitLink; so do the other kernels and the in-step
+    producer's diagnostic build."""
     report = compile_everything("sm_90", cache_dir=tmp_path)
-    assert len(report) == len(VARIANTS) + len(OTHER_KERNELS)
+    assert len(report) == len(VARIANTS) + len(OTHER_KERNELS) + len(PROBE_BUILDS)
     assert sum(r.get("fused_pages", False) for r in report) == 4  # the page-size sets and the all-handlers set
     for r in report:
         floor = 4_000 if r.get("kernel") else 10_000  # the checksum kernel is one small function
         assert r["cubin_bytes"] > floor and r["linked_bytes"] > floor, r
-    assert [r["kernel"] for r in report if r.get("kernel")] == list(OTHER_KERNELS)
+    assert [r["kernel"] for r in report if r.get("kernel")] == [
+        *OTHER_KERNELS, *(f"{name} {' '.join(opts)}" for name, opts in PROBE_BUILDS)]
+    probe = next(r for r in report if r.get("kernel", "").endswith("=31"))
+    plain = next(r for r in report if r.get("kernel") == "step_commit.cu")
+    assert probe["cubin_bytes"] != plain["cubin_bytes"]  # the probe macro reached the source
 
 
 def test_cache_hit_and_corruption_is_a_miss(tmp_path: Path):

@@ -26,6 +26,9 @@ KV_ROW_BYTES = (8, 24, 64, 128, 256, 512, 1024)
 PAGE_SIZES = (4096, 16384, 65536)
 #: kernels outside the executor, each one module without specializations
 OTHER_KERNELS = ("verify.cu", "step_commit.cu")
+#: diagnostic builds (kernel, options): the in-step producer with every part a probe can leave out
+#: left out (step_commit.cu's CNC_STEP_PROBE; bench/bench_step_commit_gpu.py builds each part alone)
+PROBE_BUILDS = (("step_commit.cu", ("-DCNC_STEP_PROBE=31",)),)
 SPECIALIZATIONS: list[list[Handler]] = (
     [[]]
     + [[Handler("kv", rb)] for rb in KV_ROW_BYTES]
@@ -73,6 +76,9 @@ def compile_everything(arch: str = "sm_90", *, cache_dir=None) -> list[dict]:  #
         report.append({"handlers": [h.macro(i) for i, h in enumerate(handlers)], "fused_pages": fused, **built})
     for name in OTHER_KERNELS:
         report.append({"handlers": [], "kernel": name, **_build(kernel_source(name), (), arch, name, cache_dir)})
+    for name, opts in PROBE_BUILDS:
+        report.append({"handlers": [], "kernel": f"{name} {' '.join(opts)}",
+                       **_build(kernel_source(name), opts, arch, name, cache_dir)})
     return report
 
 

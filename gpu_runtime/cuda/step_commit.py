@@ -74,14 +74,21 @@ class StepState:
     steps: int  #: launches
 
 
-def _function(arch: str) -> Any:
+def _function(arch: str, probe: int = 0) -> Any:
+    """The kernel for ``arch``; ``probe`` (a CNC_STEP_PROBE mask of
+    ``kernels/step_commit.cu``) builds a diagnostic variant that leaves parts
+    of a commit out: for ``bench/bench_step_commit_gpu.py`` on a ring no
+    flusher reads, never for a session's log."""
     import cupy
 
-    if arch not in _modules:
+    key = f"{arch}/{probe}"
+    if key not in _modules:
         module = cupy.cuda.function.Module()
-        module.load(compile_cubin(kernel_source("step_commit.cu"), arch=arch, name="step_commit.cu").cubin)
-        _modules[arch] = (module, module.get_function("cnc_step_commit"))
-    return _modules[arch][1]
+        options = (f"-DCNC_STEP_PROBE={probe}",) if probe else ()
+        module.load(compile_cubin(kernel_source("step_commit.cu"), options=options, arch=arch,
+                                  name="step_commit.cu").cubin)
+        _modules[key] = (module, module.get_function("cnc_step_commit"))
+    return _modules[key][1]
 
 
 class StepCommitter:

@@ -28,6 +28,20 @@
 #define CNC_STEP_MAX_RECORDS 64  // data records of one epoch (step_commit.py, MAX_RECORDS)
 #define CNC_STEP_MAX_BODY 4096   // bytes of a COMMIT body (step_commit.py, MAX_BODY)
 
+// Diagnostic builds only (bench/bench_step_commit_gpu.py, never the runtime's
+// build): CNC_STEP_PROBE names parts of a commit to leave out, so that the
+// rest can be timed. A probe build writes a log nobody may read; the benchmark
+// gives it a ring no flusher drains.
+#ifndef CNC_STEP_PROBE
+#define CNC_STEP_PROBE 0
+#endif
+#define PROBE_NO_RING_READS 1  // no reads of the ring header (owner, consumed): owner, room assumed
+#define PROBE_NO_SYS_FENCES 2  // no __threadfence_system before and after publishing
+#define PROBE_NO_BODY 4        // the COMMIT body not formatted (its words whatever shared memory held)
+#define PROBE_NO_ROWS 8        // the data records' payloads not copied
+#define PROBE_NO_HEADERS 16    // the data records' headers not written
+#define CNC_PROBE(bit) ((CNC_STEP_PROBE & (bit)) != 0)
+
 // State words (device memory; step_commit.py STATE_*).
 #define S_ARMED 0
 #define S_NEXT 1       // log offset of the next record (the writer's position)
@@ -159,8 +173,10 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
             if (blockIdx.x == 0) { S[S_ERROR_INFO] = end - start; S[S_ERROR] = ERR_TOO_BIG; }
             ok = 0;
         }
-        if (ok && ring[CNC_RING_OWNER_TOKEN] != P[P_OWNER]) ok = 0;  // fenced: the last block reports it
-        if (ok && end - ring[CNC_RING_CONSUMED] > cap) {
+        if (ok && !CNC_PROBE(PROBE_NO_RING_READS) && ring[CNC_RING_OWNER_TOKEN] != P[P_OWNER]) {
+            ok = 0;  // fenced: the last block reports it
+        }
+        if (ok && !CNC_PROBE(PROBE_NO_RING_READS) && end - ring[CNC_RING_CONSUMED] > cap) {
             const u64 t0 = cnc_now();
             while (end - ring[CNC_RING_CONSUMED] > cap) {
                 if (ring[CNC_RING_OWNER_TOKEN] != P[P_OWNER]) {  // taken over: its flusher no longer drains
@@ -182,7 +198,7 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
 
     // 4. The data records' payloads, spread over every thread of the grid;
     //    checksums summed per record across blocks.
-    if (go) {
+    if (go && !CNC_PROBE(PROBE_NO_ROWS)) {
         const u64 kper = P[P_KV_PER], rb = P[P_KV_ROW_BYTES], outer = P[P_KV_OUTER];
         for (u64 rec = 0; rec < p.nkv; ++rec) {
             const u64 r0 = c + rec * kper, cnt = min(kper, L - r0);
@@ -231,11 +247,13 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
     cnc_crc_table(crc_table);
     const u64 nrec = p.nkv + p.ntok;
     // One decision for the block (its threads then meet the same barriers).
-    if (threadIdx.x == 0) go = S[S_ERROR] == 0 && ring[CNC_RING_OWNER_TOKEN] == P[P_OWNER];
+    if (threadIdx.x == 0) {
+        go = S[S_ERROR] == 0 && (CNC_PROBE(PROBE_NO_RING_READS) || ring[CNC_RING_OWNER_TOKEN] == P[P_OWNER]);
+    }
     __syncthreads();
     const u64 epoch = S[S_EPOCH] + 1;
     if (go) {
-        for (u64 rec = threadIdx.x; rec < nrec; rec += blockDim.x) {
+        for (u64 rec = threadIdx.x; rec < nrec && !CNC_PROBE(PROBE_NO_HEADERS); rec += blockDim.x) {
             const bool kv = rec < p.nkv;
             const u64 k = kv ? rec : rec - p.nkv;
             const u64 per = kv ? P[P_KV_PER] : P[P_TOK_PER];
@@ -247,7 +265,7 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
                              cnc_splitmix64(S[S_ACC + rec] ^ len));
         }
         // The COMMIT body: the template with the decimal of L at each 0 byte.
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && !CNC_PROBE(PROBE_NO_BODY)) {
             u8* b = (u8*)body_words;
             const u8* t = (const u8*)(P + P_TEMPLATE);
             const u64 nd = cnc_digits(L);
@@ -276,12 +294,12 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
                              p.body_len, nrec, cnc_splitmix64(sum ^ p.body_len));
             // Every record's bytes before the counters that publish them
             // (logring.py: written, then committed_epoch, then committed).
-            __threadfence_system();
-            if (ring[CNC_RING_OWNER_TOKEN] == P[P_OWNER]) {
+            if (!CNC_PROBE(PROBE_NO_SYS_FENCES)) __threadfence_system();
+            if (CNC_PROBE(PROBE_NO_RING_READS) || ring[CNC_RING_OWNER_TOKEN] == P[P_OWNER]) {
                 ring[CNC_RING_WRITTEN] = end;
                 ring[CNC_RING_COMMITTED_EPOCH] = epoch;
                 ring[CNC_RING_COMMITTED] = end;
-                __threadfence_system();
+                if (!CNC_PROBE(PROBE_NO_SYS_FENCES)) __threadfence_system();
                 S[S_NEXT] = end;
                 S[S_EPOCH] = epoch;
                 S[S_COMMITTED] = L;
