@@ -121,25 +121,35 @@ PROBES = {"bare_commit": 0, "bare_no_ring_reads": 1, "bare_no_sys_fences": 2, "b
           "bare_no_headers": 16, "bare_floor": 31}
 
 
-def _bare_run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str, ring_dir: Path) -> float:
+def _bare_ring(rt: Any, home: Path) -> tuple[Any, int]:
+    """The ring the bare variants write (and nothing drains), page-locked and
+    mapped as a session's ring is, and its header's device address. 512 MiB:
+    a run of 200 steps at the 8B shape's batch 8 writes about 200 MiB, each
+    run from offset 0, so nothing wraps or waits for room."""
+    from gpu_runtime.logring import LogRing
+
+    ring = LogRing.create(home / "bare.ring", capacity=512 << 20, session_tag=7, owner_token=11, base=0)
+    header, _ = rt.backend.commits.ring(ring)
+    return ring, header
+
+
+def _bare_run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str, bare: tuple[Any, int]) -> float:
     """Milliseconds of ``steps`` steps of a ``bare_*`` variant (module docs):
     the session's producer, built with the variant's probe mask, its ring
-    parameters pointed at a fresh ring that nothing drains (1 GiB: every step's
-    epoch fits without wrapping); the session's own log is never handed over."""
+    parameters pointed at the bare ring; the session's own log is never
+    handed over."""
     import torch
 
     from gpu_runtime.cuda import step_commit
-    from gpu_runtime.logring import LogRing
 
+    ring, header = bare
     s, _, _ = _session(rt, name, shape, batch, PROMPT + steps + 1)
     stream = torch.cuda.current_stream()
     length = torch.full((), PROMPT, dtype=torch.int64, device="cuda")
     ids = torch.randint(3, 30000, (batch, 1), device="cuda", dtype=torch.int64)
     commits = s.step_commits(kv="kv", tokens="tokens", meta={"n_tokens": PROMPT}, length_key="n_tokens", every=1)
     producer = commits.device
-    ring = LogRing.create(ring_dir / f"{name}.ring", capacity=1 << 30, session_tag=7, owner_token=11, base=0)
     try:
-        header, _ = rt.backend.commits.ring(ring)  # page-locked and mapped, as a session's ring is
         # P_HEADER, P_CAPACITY, P_TAG, P_OWNER (step_commit.py PARAM_WORDS)
         producer._params[:4].set(np.array([header, ring.capacity, 7, 11], dtype=np.uint64))
         producer._fn = step_commit._function(producer_arch(rt), PROBES[variant])
@@ -161,8 +171,6 @@ def _bare_run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: s
         return ms
     finally:
         producer.disarm()
-        ring.close()
-        (ring_dir / f"{name}.ring").unlink(missing_ok=True)
         commits.close()
         s.close()
         rt.delete(name)
@@ -192,28 +200,32 @@ def main() -> None:
             Runtime.open(home=Path(home), backend="cupy", fsync="none", ring_bytes=1 << 30,
                          segment_bytes=1 << 30, max_record_bytes=4 << 20, compact_bytes=0) as rt:
         n = 0
-        for shape in args.shapes:
-            for batch in args.batches:
-                runs: dict[str, list[float]] = {v: [] for v in variants}
-                for r in range(args.repeats + 1):  # round 0 warms up (module load, first allocations)
-                    for v in variants[:: 1 if r % 2 == 0 else -1]:
-                        n += 1
-                        ms = (_bare_run(rt, v, shape, batch, args.steps, f"bench-{n}", Path(home)) if v in PROBES
-                              else _run(rt, v, shape, batch, args.steps, f"bench-{n}"))
-                        if r:
-                            runs[v].append(ms)
-                base = statistics.median(runs["length_only"])
-                per_step = {v: (statistics.median(runs[v]) - base) * 1e3 / args.steps for v in variants[1:]}
-                parts = {v.removeprefix("bare_no_"): per_step["bare_commit"] - per_step[v]
-                         for v in PROBES if v.startswith("bare_no_")}
-                row = {"us_per_step_over_baseline": per_step,
-                       "commit_minus_no_commit_us": per_step["commit"] - per_step["no_commit"],
-                       "flusher_share_us": per_step["commit"] - per_step["bare_commit"],
-                       "part_cost_us": parts,
-                       "baseline_us_per_step": base * 1e3 / args.steps, "runs_ms": runs}
-                result[f"{shape}_b{batch}"] = row
-                print(f"{shape} b{batch}", {k: round(v, 1) for k, v in per_step.items()},
-                      "parts", {k: round(v, 1) for k, v in parts.items()}, flush=True)
+        bare = _bare_ring(rt, Path(home))
+        try:
+            for shape in args.shapes:
+                for batch in args.batches:
+                    runs: dict[str, list[float]] = {v: [] for v in variants}
+                    for r in range(args.repeats + 1):  # round 0 warms up (module load, first allocations)
+                        for v in variants[:: 1 if r % 2 == 0 else -1]:
+                            n += 1
+                            ms = (_bare_run(rt, v, shape, batch, args.steps, f"bench-{n}", bare) if v in PROBES
+                                  else _run(rt, v, shape, batch, args.steps, f"bench-{n}"))
+                            if r:
+                                runs[v].append(ms)
+                    base = statistics.median(runs["length_only"])
+                    per_step = {v: (statistics.median(runs[v]) - base) * 1e3 / args.steps for v in variants[1:]}
+                    parts = {v.removeprefix("bare_no_"): per_step["bare_commit"] - per_step[v]
+                             for v in PROBES if v.startswith("bare_no_")}
+                    row = {"us_per_step_over_baseline": per_step,
+                           "commit_minus_no_commit_us": per_step["commit"] - per_step["no_commit"],
+                           "flusher_share_us": per_step["commit"] - per_step["bare_commit"],
+                           "part_cost_us": parts,
+                           "baseline_us_per_step": base * 1e3 / args.steps, "runs_ms": runs}
+                    result[f"{shape}_b{batch}"] = row
+                    print(f"{shape} b{batch}", {k: round(v, 1) for k, v in per_step.items()},
+                          "parts", {k: round(v, 1) for k, v in parts.items()}, flush=True)
+        finally:
+            bare[0].close()  # unregistered while the runtime's device is still open
 
 
 if __name__ == "__main__":
