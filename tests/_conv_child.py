@@ -5,7 +5,8 @@ Turn t's prompt is turn t-1's output plus 5 tokens of a fixed stream (turn 1:
 the seed ``100 + t`` set before it. ``--kill-turn T --kill-at N`` SIGKILLs the
 process at the token boundary where turn T has N new tokens. Prints one JSON
 line: every turn's output and its ``ConversationCall``. ``--plain`` runs
-``model.generate`` on the same prompts instead (the reference)."""
+``model.generate`` on the same prompts instead (the reference); ``--static``
+makes the conversation's calls use the static cache."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=10)
     p.add_argument("--kill-turn", type=int, default=0)
     p.add_argument("--kill-at", type=int, default=0)
+    p.add_argument("--static", action="store_true")
     args = p.parse_args()
     from concordia_agents import Runtime
     from integrations.transformers import ConversationCall, conversation_generate
@@ -68,6 +70,8 @@ def main() -> None:
                     return torch.zeros(1, dtype=torch.bool)
 
             extra["stopping_criteria"] = StoppingCriteriaList([KillAt(prompt.shape[1])])
+        if args.static:
+            extra["cache_implementation"] = "static"
         out = conversation_generate(model, prompt, "chat", f"turn-{turn}", runtime=rt, on_call=calls.append,
                                     **kwargs, **extra)
         turns.append({"tokens": out.tolist(), "call": dataclasses.asdict(calls[-1])})

@@ -41,22 +41,36 @@ def _plain(model, prompt: torch.Tensor, **kw) -> torch.Tensor:  # type: ignore[n
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
 
 
-def test_turns_reuse_the_held_prefix_and_equal_plain_generate(tmp_path, model):
+IMPLEMENTATIONS = pytest.mark.parametrize("implementation", [None, "static"], ids=["dynamic", "static"])
+
+
+@IMPLEMENTATIONS
+def test_turns_reuse_the_held_prefix_and_equal_plain_generate(tmp_path, model, implementation):
     """Four turns, each prompt the last output plus new tokens: every call equals plain generate;
-    from turn 2 on only the new suffix (and the last output token) is prefilled, from memory."""
+    from turn 2 on only the new suffix (and the last output token) is prefilled, from memory.
+    With the static cache every decode step's epoch is committed by the step commits (one epoch
+    per new token, as with the dynamic cache's token-boundary commits)."""
     calls: list[ConversationCall] = []
+    epochs = []
     out = torch.zeros(1, 0, dtype=torch.int64)
     with Runtime.open(home=tmp_path, backend="host") as rt:
         pool = ResidentConversations()
         for turn in range(4):
             prompt = torch.cat([out, _tokens(turn, 9)], dim=1)
             out = conversation_generate(model, prompt, "c", f"t{turn}", runtime=rt, resident=pool,
-                                        max_new_tokens=8, do_sample=False, on_call=calls.append)
+                                        max_new_tokens=8, do_sample=False, on_call=calls.append,
+                                        cache_implementation=implementation)
             assert torch.equal(out, _plain(model, prompt, max_new_tokens=8, do_sample=False)), turn
             assert calls[-1].new_tokens == 8 and calls[-1].prompt_tokens == prompt.shape[1]
+            s = rt.session("conversation:c")
+            epochs.append(s.epoch)
+            assert s.meta["n_tokens"] == out.shape[1] and s.meta["call"]["done"]
+            s.cancel()
     assert [c.source for c in calls] == ["none", "resident", "resident", "resident"]
     assert [c.prefilled for c in calls] == [9, 10, 10, 10]  # 9 new tokens + the previous output's last token
     assert [c.reused for c in calls] == [0, 16, 33, 50]
+    # the crop epoch, an epoch per step (the prefill and 7 decode steps), the final one
+    assert [b - a for a, b in zip([0, *epochs], epochs, strict=False)] == [10] * 4
 
 
 def test_a_diverging_prompt_keeps_the_common_prefix_durably(tmp_path, model):
@@ -80,16 +94,45 @@ def test_a_diverging_prompt_keeps_the_common_prefix_durably(tmp_path, model):
     assert [(c.reused, c.source) for c in calls] == [(0, "none"), (7, "log"), (out2.shape[1] - 1, "log")]
 
 
-def test_seeded_sampling_turns_equal_plain_generate(tmp_path, model):
+@IMPLEMENTATIONS
+def test_seeded_sampling_turns_equal_plain_generate(tmp_path, model, implementation):
     out = torch.zeros(1, 0, dtype=torch.int64)
     kw = {"max_new_tokens": 7, "do_sample": True, "top_k": 0, "temperature": 1.0}
     with Runtime.open(home=tmp_path, backend="host") as rt:
         for turn in range(3):
             prompt = torch.cat([out, _tokens(10 + turn, 5)], dim=1)
             torch.manual_seed(turn)
-            out = conversation_generate(model, prompt, "s", f"t{turn}", runtime=rt, **kw)
+            out = conversation_generate(model, prompt, "s", f"t{turn}", runtime=rt,
+                                        cache_implementation=implementation, **kw)
             torch.manual_seed(turn)
             assert torch.equal(out, _plain(model, prompt, **kw)), turn
+
+
+def test_calls_may_switch_cache_implementation_and_restore_from_the_log(tmp_path, model):
+    """One log serves both caches (the same storage layout): a call with the other
+    implementation than the resident copy's restores the conversation from the log and still
+    equals plain generate; an unknown implementation is refused before anything changes."""
+    calls: list[ConversationCall] = []
+    out = torch.zeros(1, 0, dtype=torch.int64)
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        pool = ResidentConversations()
+        for turn, implementation in enumerate(["static", "static", "dynamic", "static"]):
+            prompt = torch.cat([out, _tokens(30 + turn, 6)], dim=1)
+            out = conversation_generate(model, prompt, "sw", f"t{turn}", runtime=rt, resident=pool,
+                                        max_new_tokens=5, do_sample=False, cache_implementation=implementation,
+                                        on_call=calls.append)
+            assert torch.equal(out, _plain(model, prompt, max_new_tokens=5, do_sample=False)), turn
+        epoch = rt.session("conversation:sw")
+        before = epoch.epoch
+        epoch.cancel()
+        with pytest.raises(ConcordiaError, match="expected cache_implementation None, 'dynamic' or 'static', found "
+                                                 "'offloaded'"):
+            conversation_generate(model, torch.cat([out, _tokens(40, 3)], dim=1), "sw", "bad", runtime=rt,
+                                  resident=pool, max_new_tokens=2, cache_implementation="offloaded")
+        after = rt.session("conversation:sw")
+        assert after.epoch == before
+        after.cancel()
+    assert [c.source for c in calls] == ["none", "resident", "log", "log"]
 
 
 def _alternate(model, rt: Runtime, pool: ResidentConversations,  # type: ignore[no-untyped-def]
@@ -168,13 +211,15 @@ def _child(home: Path, *flags: str) -> list[dict] | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
-def test_sigkill_mid_turn_then_rerun_equals_plain_generate(tmp_path, sample):
+@pytest.mark.parametrize(("sample", "static"), [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["greedy", "sampled", "greedy-static", "sampled-static"])
+def test_sigkill_mid_turn_then_rerun_equals_plain_generate(tmp_path, sample, static):
     """A 3-turn conversation SIGKILLed at token 4 of turn 2; rerun with the same call IDs, turn 1
     returns its stored result, turn 2 continues (no re-prefill), turn 3 reuses the conversation:
-    every turn equals plain generate on its full prompt."""
-    flags = ("--sample",) if sample else ()
-    ref = _child(tmp_path / "plain", "--plain", *flags)
+    every turn equals plain generate on its full prompt. Also with the static cache, whose
+    epochs the step commits make."""
+    flags = (("--sample",) if sample else ()) + (("--static",) if static else ())
+    ref = _child(tmp_path / "plain", "--plain", *(f for f in flags if f != "--static"))
     assert _child(tmp_path / "conv", "--kill-turn", "2", "--kill-at", "4", *flags) is None
     got = _child(tmp_path / "conv", *flags)
     assert ref is not None and got is not None

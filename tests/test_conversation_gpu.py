@@ -59,3 +59,44 @@ def test_turns_on_the_gpu_reuse_memory_then_the_log_and_equal_transformers_cache
         print("turns equal to a full re-prefill too:", equal_to_full_reprefill)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_static_turns_on_the_gpu_equal_transformers_static_cache_reuse(tmp_path, monkeypatch):
+    """``cache_implementation="static"``: the decode steps compiled, their epochs committed inside
+    the step. Every call equals plain ``generate`` continuing transformers' own ``StaticCache`` of
+    the previous turn (the same computation: the suffix prefilled eager over the kept KV, compiled
+    decode steps); the last turn restores from the log, as in a new process."""
+    import torch
+    from transformers import StaticCache
+
+    from concordia_agents import Runtime
+    from integrations.testing import llama_1b
+    from integrations.transformers import ConversationCall, ResidentConversations, conversation_generate
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = llama_1b("cuda")
+        calls: list[ConversationCall] = []
+        out = torch.zeros(1, 0, dtype=torch.int64, device="cuda")
+        plain_cache = StaticCache(config=model.config, max_cache_len=2048)
+        with Runtime.open(home=tmp_path, backend="cupy") as rt:
+            pool = ResidentConversations()
+            for turn in range(4):
+                g = torch.Generator().manual_seed(turn)
+                prompt = torch.cat([out, torch.randint(3, 30000, (1, 300), generator=g).cuda()], dim=1)
+                if turn == 3:
+                    pool = ResidentConversations()  # as in a new process: the KV comes from the log
+                out = conversation_generate(model, prompt, "gpu-static", f"t{turn}", runtime=rt, resident=pool,
+                                            max_cache_len=2048, max_new_tokens=24, do_sample=False,
+                                            cache_implementation="static", on_call=calls.append)
+                ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                     do_sample=False, past_key_values=plain_cache)
+                assert torch.equal(out, ref), turn
+                s = rt.session("conversation:gpu-static")
+                assert s.meta["n_tokens"] == out.shape[1] and s.meta["call"]["done"]
+                s.cancel()
+        assert [c.source for c in calls] == ["none", "resident", "resident", "log"]
+        assert [c.prefilled for c in calls] == [300, 301, 301, 301]
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -39,13 +39,24 @@ Protocol of a call ``conversation_generate(model, ids, conversation_id, call_id)
 
 Returns the sequences (prompt and new tokens) like ``model.generate``; the
 call's :class:`ConversationCall` (reused and prefilled token counts, where the
-KV came from) is passed to ``on_call``. Greedy or sampled decoding, batch 1;
-the dynamic-style cache (eager ``generate``).
+KV came from) is passed to ``on_call``. Greedy or sampled decoding, batch 1.
+
+The cache: the dynamic-style ``DurableCache`` (eager ``generate``) by default;
+``cache_implementation="static"`` keeps a ``DurableStaticCache`` instead, with
+which ``generate`` compiles its decode step on a GPU and the epochs of step 4
+are committed inside the step (``durable_generate``'s static path,
+``_steps.py``): the suffix prefill runs eager over the kept prefix, the decode
+steps replay CUDA graphs, which a resident cache (same addresses) reuses from
+call to call. Both keep the same storage layout, so one log serves either: a
+call with the other implementation than the resident copy's restores from
+the log. A retry that continues an interrupted call runs its one-token first
+forward through the compiled step, as ``durable_generate``'s resume does.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
@@ -56,14 +67,17 @@ from transformers import StoppingCriteriaList
 from concordia_agents import ConcordiaError, Runtime
 from concordia_agents._logging import get_logger
 
-from ._cache import DurableCache
+from ._cache import DurableCache, DurableStaticCache
 from ._generate import (
     _DECODE_IDLE_MS,
     _DECODE_MAX_LIFE_MS,
     ResumeMismatchError,
     _cache_keyword_quiet,
     _Checkpointer,
+    _compiled_first_step,
+    _detach_quietly,
     _fingerprint,
+    _stepper,
 )
 from ._rng import restore_rng, rng_regions
 from ._tp import tensor_parallel
@@ -98,7 +112,7 @@ class ConversationCall:
 
 @dataclasses.dataclass
 class _Resident:
-    cache: DurableCache
+    cache: DurableCache | DurableStaticCache
     tokens: torch.Tensor
     epoch: int
     key: tuple[Any, ...]
@@ -119,6 +133,7 @@ class _Parked:
     epoch: int
     key: tuple[Any, ...]
     device: torch.device
+    cache_class: type[DurableCache] | type[DurableStaticCache]
 
     @classmethod
     def of(cls, item: _Resident) -> _Parked:
@@ -129,7 +144,8 @@ class _Parked:
             out.copy_(t)  # synchronous: the device copy is freed after this
             return out
 
-        return cls(host(item.cache.storage), host(item.tokens), item.epoch, item.key, item.cache.storage.device)
+        return cls(host(item.cache.storage), host(item.tokens), item.epoch, item.key, item.cache.storage.device,
+                   type(item.cache))
 
     @property
     def nbytes(self) -> int:
@@ -137,8 +153,8 @@ class _Parked:
 
     def unpark(self) -> _Resident:
         layers2, batch, kv_heads, max_len, head_dim = self.storage.shape
-        cache = DurableCache(num_layers=layers2 // 2, batch_size=batch, kv_heads=kv_heads, head_dim=head_dim,
-                             max_cache_len=max_len, dtype=self.storage.dtype, device=self.device)
+        cache = self.cache_class(num_layers=layers2 // 2, batch_size=batch, kv_heads=kv_heads, head_dim=head_dim,
+                                 max_cache_len=max_len, dtype=self.storage.dtype, device=self.device)
         cache.storage.copy_(self.storage, non_blocking=True)
         tokens = self.tokens.to(self.device, non_blocking=True)
         if cache.storage.is_cuda:  # the pinned buffers are freed when this returns
@@ -236,8 +252,13 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ConcordiaError(f"conversation_generate: expected input_ids of shape [1, prompt_len] (one "
                              f"conversation), found {list(input_ids.shape)}")
-    for name, allowed in (("attention_mask", ()), ("past_key_values", ()), ("cache_implementation", ()),
-                          ("num_beams", (1,)), ("num_return_sequences", (1,))):
+    implementation = generate_kwargs.get("cache_implementation")
+    if implementation not in (None, "dynamic", "static"):
+        raise ConcordiaError(f"conversation_generate: expected cache_implementation None, 'dynamic' or 'static', "
+                             f"found {implementation!r}")
+    cache_class = DurableStaticCache if implementation == "static" else DurableCache
+    for name, allowed in (("attention_mask", ()), ("past_key_values", ()), ("num_beams", (1,)),
+                          ("num_return_sequences", (1,))):
         value = generate_kwargs.get(name)
         if value is not None and not (isinstance(value, int) and value in allowed):
             raise ConcordiaError(f"conversation_generate: {name} is not supported (one unpadded sequence, the "
@@ -272,7 +293,7 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             raise ConcordiaError(f"conversation {conversation_id!r}: expected the prompt ({prompt_len}) and "
                                  f"max_new_tokens ({max_new}) to fit its cache of {max_len} positions, found "
                                  f"{prompt_len + max_new}")
-        key = (id(model), max_len, str(device), str(model.dtype))
+        key = (id(model), max_len, str(device), str(model.dtype), cache_class.__name__)
         item = pool.take(conversation_id, key)
         source: KvSource = "log"
         if item is not None and item.epoch == session.epoch and session.epoch > 0:
@@ -280,8 +301,8 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             session.register("kv", cache.storage, kind="kv", seq_axis=3, assume_restored=True)
             session.register("tokens", tokens, kind="kv", seq_axis=1, assume_restored=True)
         else:
-            cache = item.cache if item is not None else DurableCache.for_model(model, batch_size=1,
-                                                                              max_cache_len=max_len)
+            cache = item.cache if item is not None else cache_class.for_model(model, batch_size=1,
+                                                                             max_cache_len=max_len)
             tokens = item.tokens if item is not None else torch.zeros(1, max_len, dtype=torch.int64, device=device)
             session.register("kv", cache.storage, kind="kv", seq_axis=3)
             session.register("tokens", tokens, kind="kv", seq_axis=1)
@@ -329,12 +350,16 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
         hook = _Checkpointer(session, cache, tokens, meta, checkpoint_every, rng, cuda_rng)
         hook.committed = int(seq.shape[1])
         kwargs = dict(generate_kwargs)
+        kwargs.pop("cache_implementation", None)  # the cache is passed in: generate refuses both
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
-        criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", []) or []), hook])
-        if kwargs["max_new_tokens"] > 0:
+        user_criteria = list(kwargs.pop("stopping_criteria", []) or [])
+        if kwargs["max_new_tokens"] > 0 and isinstance(cache, DurableStaticCache):
+            out = _static_generate(model, rt, session, cache, tokens, hook, seq, checkpoint_every, rng,
+                                   resume=retried == "continued", criteria=user_criteria, **kwargs)
+        elif kwargs["max_new_tokens"] > 0:
             with _cache_keyword_quiet(), rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
                 out = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache,
-                                     stopping_criteria=criteria, **kwargs)
+                                     stopping_criteria=StoppingCriteriaList([*user_criteria, hook]), **kwargs)
         else:
             out = seq
         done_call = {**hook.meta["call"], "done": True, "end": int(out.shape[1])}
@@ -353,6 +378,37 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
     finally:
         if own_runtime:
             rt.close()
+
+
+def _static_generate(model: Any, rt: Runtime, session: Any, cache: DurableStaticCache, tokens: torch.Tensor,
+                     hook: _Checkpointer, seq: torch.Tensor, every: int, rng: torch.Tensor | None, *, resume: bool,
+                     criteria: list[Any], **kwargs: Any) -> torch.Tensor:
+    """``generate`` over the conversation's static cache, its epochs committed
+    at model steps (``_steps.py``): inside the compiled step on a GPU, on the
+    host for eager steps (the suffix prefill; every step on a CPU). Leaves
+    ``hook.committed`` at the tokens the steps committed, for the call's final
+    epoch."""
+    prompt_len = int(seq.shape[1])
+    stepper = _stepper(session, cache, tokens, hook.meta, every, rng, None, prompt_len, device=seq.is_cuda)
+    stepper.attach(model)
+    try:
+        first_step: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        regions = session.regions
+        if resume and seq.is_cuda and prompt_len - cache.length == 1 \
+                and regions["kv"].length == regions["tokens"].length:
+            # The one-token first forward of a continued call through the compiled
+            # step, as the interrupted run computed that position (durable_generate's resume).
+            first_step = _compiled_first_step(model)
+            stepper.arm_now()
+        with _cache_keyword_quiet(), first_step:
+            out = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache,
+                                 stopping_criteria=StoppingCriteriaList(criteria), **kwargs)
+    except BaseException:
+        _detach_quietly(stepper)
+        raise
+    stepper.detach()  # raises what stopped the in-step producer, if anything
+    hook.committed = session.regions["tokens"].length  # the final epoch adds the tokens after it
+    return out
 
 
 def _report(on_call: Callable[[ConversationCall], None] | None, conversation_id: str, call_id: str,
