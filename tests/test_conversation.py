@@ -135,6 +135,36 @@ def test_calls_may_switch_cache_implementation_and_restore_from_the_log(tmp_path
     assert [c.source for c in calls] == ["none", "resident", "log", "log"]
 
 
+def test_a_static_calls_meta_fits_the_in_step_producers_commit_body():
+    """The in-step producer formats each epoch's COMMIT body from a template of at most
+    MAX_BODY bytes; a conversation remembering 32 finished calls with UUID IDs would pass it,
+    so a static call forgets the oldest until its meta fits, and keeps them all when they do."""
+    import uuid
+
+    from concordia_agents import Session, StepCommits
+    from gpu_runtime.cuda.step_commit import MAX_BODY
+    from integrations.transformers._conversation import _fit_step_body
+
+    def call(i: int) -> dict:
+        return {"id": str(uuid.UUID(int=i)), "prompt": "a" * 24, "generation": "b" * 24, "start": 30000 + i,
+                "max_new": 512, "reused": 29999 + i, "end": 30512 + i}
+
+    def body(meta: dict) -> int:
+        template, _ = StepCommits.template(Session._commit_body, meta, "n_tokens",
+                                           {"kv": 1, "tokens": 1, "rng": 5056}, ("kv", "tokens"))
+        return len(template) + 20 * 3  # the producer writes up to 20 digits at each of its 3 places
+
+    meta = {"fingerprint": {"model": "m" * 24}, "n_tokens": 31000, "calls": [call(i) for i in range(32)],
+            "call": {**call(99), "done": False}, "cuda_rng": {"at": 31000, "step": 12}}
+    assert body(meta) > MAX_BODY  # the case: unfitted, the producer would refuse the call
+    _fit_step_body(meta)
+    assert body(meta) <= MAX_BODY and 10 <= len(meta["calls"]) < 32
+    assert meta["calls"][-1]["id"] == str(uuid.UUID(int=31))  # the newest kept
+    few = {**meta, "calls": [call(i) for i in range(3)]}
+    _fit_step_body(few)
+    assert len(few["calls"]) == 3
+
+
 def _alternate(model, rt: Runtime, pool: ResidentConversations,  # type: ignore[no-untyped-def]
                calls: list[ConversationCall]) -> dict[str, torch.Tensor]:
     """Two conversations, three turns each, alternating; every call equal to plain
@@ -211,22 +241,29 @@ def _child(home: Path, *flags: str) -> list[dict] | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("sample", "static"), [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["greedy", "sampled", "greedy-static", "sampled-static"])
-def test_sigkill_mid_turn_then_rerun_equals_plain_generate(tmp_path, sample, static):
+@pytest.mark.parametrize(("sample", "static", "kill_at"),
+                         [(False, False, 4), (True, False, 4), (False, True, 4), (True, True, 4), (True, False, 1),
+                          (True, True, 1)],
+                         ids=["greedy", "sampled", "greedy-static", "sampled-static", "sampled-first-token",
+                              "sampled-static-first-token"])
+def test_sigkill_mid_turn_then_rerun_equals_plain_generate(tmp_path, sample, static, kill_at):
     """A 3-turn conversation SIGKILLed at token 4 of turn 2; rerun with the same call IDs, turn 1
     returns its stored result, turn 2 continues (no re-prefill), turn 3 reuses the conversation:
     every turn equals plain generate on its full prompt. Also with the static cache, whose
-    epochs the step commits make."""
+    epochs the step commits make. Killed at turn 2's first token (before any epoch holds a new
+    token: the log ends at its crop, or with the static cache at its prefill's step), the rerun
+    prefills turn 2's suffix again from the crop (6 tokens) and samples from the generator
+    states the call started with, not the last call's."""
     flags = (("--sample",) if sample else ()) + (("--static",) if static else ())
     ref = _child(tmp_path / "plain", "--plain", *(f for f in flags if f != "--static"))
-    assert _child(tmp_path / "conv", "--kill-turn", "2", "--kill-at", "4", *flags) is None
+    assert _child(tmp_path / "conv", "--kill-turn", "2", "--kill-at", str(kill_at), *flags) is None
     got = _child(tmp_path / "conv", *flags)
     assert ref is not None and got is not None
     assert [t["tokens"] for t in got] == [t["tokens"] for t in ref]
     calls = [t["call"] for t in got]
     assert [c["retried"] for c in calls] == ["finished", "continued", "no"]
-    assert calls[1]["prefilled"] == 1 and calls[2]["source"] == "resident" and calls[2]["prefilled"] == 6
+    assert calls[1]["prefilled"] == (1 if kill_at > 1 else 6)
+    assert calls[2]["source"] == "resident" and calls[2]["prefilled"] == 6
 
 
 def test_a_conversation_full_for_a_call_says_so_and_keeps_its_log(tmp_path, model):

@@ -80,6 +80,7 @@ def test_static_turns_on_the_gpu_equal_transformers_static_cache_reuse(tmp_path,
         calls: list[ConversationCall] = []
         out = torch.zeros(1, 0, dtype=torch.int64, device="cuda")
         plain_cache = StaticCache(config=model.config, max_cache_len=2048)
+        epochs: list[int] = []
         with Runtime.open(home=tmp_path, backend="cupy") as rt:
             pool = ResidentConversations()
             for turn in range(4):
@@ -95,8 +96,12 @@ def test_static_turns_on_the_gpu_equal_transformers_static_cache_reuse(tmp_path,
                 assert torch.equal(out, ref), turn
                 s = rt.session("conversation:gpu-static")
                 assert s.meta["n_tokens"] == out.shape[1] and s.meta["call"]["done"]
+                epochs.append(s.epoch)
                 s.cancel()
         assert [c.source for c in calls] == ["none", "resident", "resident", "log"]
         assert [c.prefilled for c in calls] == [300, 301, 301, 301]
+        # per call: the crop, the prefill's step (host), 23 decode steps (inside the compiled
+        # step), the final epoch; without the in-step commits only the crop and the final
+        assert [b - a for a, b in zip([0, *epochs], epochs, strict=False)] == [26] * 4
     finally:
         torch.use_deterministic_algorithms(False)

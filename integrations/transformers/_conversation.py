@@ -58,6 +58,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -79,7 +80,7 @@ from ._generate import (
     _fingerprint,
     _stepper,
 )
-from ._rng import restore_rng, rng_regions
+from ._rng import cuda_rng_meta, output_vocab, philox_step, restore_rng, rng_regions
 from ._tp import tensor_parallel
 
 __all__ = ["DEFAULT_MAX_CACHE_LEN", "ConversationCall", "KvSource", "ResidentConversations", "conversation_generate"]
@@ -329,9 +330,16 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
                 pool.put(conversation_id, dataclasses.replace(item, epoch=session.epoch))
                 return out
             retried: Literal["no", "finished", "continued"] = "continued"
-            reuse = min(kv_held, held - 1)
+            if held <= int(call["start"]) and "reused" in call:
+                # Before the call's first new token (the log ends at its crop or, with the
+                # static cache, at its prefill's step): its suffix is prefilled again from the
+                # crop, as the interrupted call computed it (its last position run alone as a
+                # one-token forward would round otherwise).
+                reuse = min(int(call["reused"]), kv_held)
+            else:
+                reuse = min(kv_held, held - 1)
             seq = tokens[:, :held].clone()
-            restore_rng(rng, cuda_rng, device)  # the states as copied at the commit
+            restore_rng(rng, cuda_rng, device, meta)  # as copied at the commit, or advanced to `held` (_rng.py)
         else:
             retried = "no"
             common = _common_prefix(tokens[:, :held], input_ids)
@@ -341,7 +349,16 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             # Finished calls whose result the conversation still holds (a retry returns it).
             kept = [c for c in meta.get("calls", []) if c["end"] <= common][-_FINISHED_CALLS:]
             meta = {"fingerprint": {"model": fp["model"]}, "n_tokens": prompt_len, "calls": kept,
-                    "call": {"id": call_id, **call_fp, "done": False}}
+                    "call": {"id": call_id, **call_fp, "reused": reuse, "done": False}}
+            if cache_class is DurableStaticCache:
+                _fit_step_body(meta)
+            # The generators' live states, which this call samples from: in the crop's
+            # epoch, so that a retry from it restores them (and not the last call's).
+            if rng is not None:
+                rng.copy_(torch.get_rng_state())
+            if cuda_rng is not None:
+                cuda_rng.copy_(torch.cuda.get_rng_state(device))
+                meta["cuda_rng"] = cuda_rng_meta(prompt_len, philox_step(output_vocab(model), 1, device))
             # Crop to the reused prefix and take the prompt's new tokens: one epoch.
             session.commit(dict(meta), rows={"kv": (reuse, reuse), "tokens": (reuse, prompt_len)})
         if reuse == 0:
@@ -354,8 +371,9 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
         kwargs["max_new_tokens"] = max_new - (seq.shape[1] - prompt_len)
         user_criteria = list(kwargs.pop("stopping_criteria", []) or [])
         if kwargs["max_new_tokens"] > 0 and isinstance(cache, DurableStaticCache):
-            out = _static_generate(model, rt, session, cache, tokens, hook, seq, checkpoint_every, rng,
-                                   resume=retried == "continued", criteria=user_criteria, **kwargs)
+            out = _static_generate(model, session, cache, tokens, hook, seq, checkpoint_every, rng,
+                                   resume_from=prompt_len if retried == "continued" else None,
+                                   criteria=user_criteria, **kwargs)
         elif kwargs["max_new_tokens"] > 0:
             with _cache_keyword_quiet(), rt.backend.resident(_DECODE_IDLE_MS, _DECODE_MAX_LIFE_MS):
                 out = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache,
@@ -380,24 +398,25 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
             rt.close()
 
 
-def _static_generate(model: Any, rt: Runtime, session: Any, cache: DurableStaticCache, tokens: torch.Tensor,
-                     hook: _Checkpointer, seq: torch.Tensor, every: int, rng: torch.Tensor | None, *, resume: bool,
-                     criteria: list[Any], **kwargs: Any) -> torch.Tensor:
+def _static_generate(model: Any, session: Any, cache: DurableStaticCache, tokens: torch.Tensor,
+                     hook: _Checkpointer, seq: torch.Tensor, every: int, rng: torch.Tensor | None, *,
+                     resume_from: int | None, criteria: list[Any], **kwargs: Any) -> torch.Tensor:
     """``generate`` over the conversation's static cache, its epochs committed
     at model steps (``_steps.py``): inside the compiled step on a GPU, on the
-    host for eager steps (the suffix prefill; every step on a CPU). Leaves
+    host for eager steps (the suffix prefill; every step on a CPU). A
+    continued call passes its prompt's length as ``resume_from``. Leaves
     ``hook.committed`` at the tokens the steps committed, for the call's final
     epoch."""
-    prompt_len = int(seq.shape[1])
-    stepper = _stepper(session, cache, tokens, hook.meta, every, rng, None, prompt_len, device=seq.is_cuda)
+    n = int(seq.shape[1])
+    stepper = _stepper(session, cache, tokens, hook.meta, every, rng, None, n, device=seq.is_cuda)
     stepper.attach(model)
     try:
         first_step: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         regions = session.regions
-        if resume and seq.is_cuda and prompt_len - cache.length == 1 \
+        if resume_from is not None and seq.is_cuda and n - cache.length == 1 and cache.length >= resume_from \
                 and regions["kv"].length == regions["tokens"].length:
-            # The one-token first forward of a continued call through the compiled
-            # step, as the interrupted run computed that position (durable_generate's resume).
+            # The one-token first forward of a continued call, at a generated token, through
+            # the compiled step, as the interrupted run computed it (durable_generate's resume).
             first_step = _compiled_first_step(model)
             stepper.arm_now()
         with _cache_keyword_quiet(), first_step:
@@ -409,6 +428,20 @@ def _static_generate(model: Any, rt: Runtime, session: Any, cache: DurableStatic
     stepper.detach()  # raises what stopped the in-step producer, if anything
     hook.committed = session.regions["tokens"].length  # the final epoch adds the tokens after it
     return out
+
+
+#: bytes of JSON meta a static call's epochs may hold: the in-step producer's COMMIT body is
+#: at most 4096 bytes (gpu_runtime/cuda/step_commit.py MAX_BODY), with the region lengths
+_STEP_META_BYTES = 3072
+
+
+def _fit_step_body(meta: dict[str, Any]) -> None:
+    """Forget the oldest remembered finished calls until ``meta`` fits a static
+    call's epochs (``_STEP_META_BYTES``; ``json.dumps``' spacing is wider than
+    the body's): 32 calls of short IDs take about 4.5 KiB. A call whose own
+    entry does not fit (an ID of kilobytes) is refused by the producer, by name."""
+    while meta["calls"] and len(json.dumps(meta)) > _STEP_META_BYTES:
+        meta["calls"] = meta["calls"][1:]
 
 
 def _report(on_call: Callable[[ConversationCall], None] | None, conversation_id: str, call_id: str,
