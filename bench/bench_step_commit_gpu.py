@@ -121,14 +121,20 @@ PROBES = {"bare_commit": 0, "bare_no_ring_reads": 1, "bare_no_sys_fences": 2, "b
           "bare_no_headers": 16, "bare_floor": 31}
 
 
-def _bare_ring(rt: Any, home: Path) -> tuple[Any, int]:
+def _step_bytes(shape: str, batch: int) -> int:
+    """Log bytes of one step's epoch, with room for the headers and the COMMIT."""
+    layers, heads, dim = SHAPES[shape]
+    return 2 * layers * batch * heads * dim * 2 + 8 * batch + 8192
+
+
+def _bare_ring(rt: Any, home: Path, capacity: int) -> tuple[Any, int]:
     """The ring the bare variants write (and nothing drains), page-locked and
-    mapped as a session's ring is, and its header's device address. 512 MiB:
-    a run of 200 steps at the 8B shape's batch 8 writes about 200 MiB, each
-    run from offset 0, so nothing wraps or waits for room."""
+    mapped as a session's ring is, and its header's device address. Each run
+    writes from offset 0 and ``capacity`` holds a whole run's epochs, so
+    nothing wraps or waits for room."""
     from gpu_runtime.logring import LogRing
 
-    ring = LogRing.create(home / "bare.ring", capacity=512 << 20, session_tag=7, owner_token=11, base=0)
+    ring = LogRing.create(home / "bare.ring", capacity=capacity, session_tag=7, owner_token=11, base=0)
     header, _ = rt.backend.commits.ring(ring)
     return ring, header
 
@@ -197,10 +203,11 @@ def main() -> None:
                               "versions": versions("cupy-cuda13x"), "steps": args.steps, "repeats": args.repeats,
                               "prompt_len": PROMPT, "queued_behind_sleep": True}
     with written("step_commit_gpu", result), tempfile.TemporaryDirectory() as home, \
-            Runtime.open(home=Path(home), backend="cupy", fsync="none", ring_bytes=1 << 30,
+            Runtime.open(home=Path(home), backend="cupy", fsync="none", ring_bytes=256 << 20,
                          segment_bytes=1 << 30, max_record_bytes=4 << 20, compact_bytes=0) as rt:
         n = 0
-        bare = _bare_ring(rt, Path(home))
+        most = max(_step_bytes(shape, batch) for shape in args.shapes for batch in args.batches)
+        bare = _bare_ring(rt, Path(home), -(-(args.steps + 1) * most // 4096) * 4096)
         try:
             for shape in args.shapes:
                 for batch in args.batches:
