@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--user-tokens", type=int, default=700)
     p.add_argument("--reply-tokens", type=int, default=120)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                   help="the conversation's KV cache: static compiles the decode step on a GPU")
     p.add_argument("--home", default=None, help="Concordia home (default: $CONCORDIA_HOME or ~/.concordia)")
     args = p.parse_args()
     gpu = args.device != "cpu"
@@ -68,7 +70,8 @@ def main() -> None:
 
     app = make_chat_app(rt, model=build_chat_model(args.device, max_positions=max(max_len, 1024)), turns=args.turns,
                         user_tokens=args.user_tokens, reply_tokens=args.reply_tokens, max_cache_len=max_len,
-                        trace=trace, stopping=stopping if args.crash_in_turn else None)
+                        trace=trace, stopping=stopping if args.crash_in_turn else None,
+                        cache_implementation=args.cache)
     t = time.perf_counter()
     state = app.resume(args.session) if args.resume else app.invoke({}, session_id=args.session)
     took = time.perf_counter() - t

@@ -71,11 +71,13 @@ def _user_message(turn: int, length: int, vocab: int) -> list[int]:
 
 def make_chat_app(runtime: Runtime, *, model: Any, turns: int, user_tokens: int, reply_tokens: int,
                   max_cache_len: int, trace: Turns | None = None,
-                  stopping: Callable[[int], Any] | None = None) -> DurableGraph:
+                  stopping: Callable[[int], Any] | None = None,
+                  cache_implementation: str | None = None) -> DurableGraph:
     """The chat graph (``user`` → ``llm`` → back to ``user`` until ``turns``
     replies), wrapped for durable runs on ``runtime``. ``stopping(turn)`` may
     return a ``StoppingCriteriaList`` for that turn's generation (the example
-    SIGKILLs itself from one)."""
+    SIGKILLs itself from one); ``cache_implementation`` goes to
+    ``conversation_generate`` (``"static"``: compiled decode on a GPU)."""
     trace = trace if trace is not None else Turns()
     vocab = model.config.vocab_size
 
@@ -88,6 +90,8 @@ def make_chat_app(runtime: Runtime, *, model: Any, turns: int, user_tokens: int,
         conversation_id, call_id = conversation_ids(config)
         ids = torch.tensor([state["conversation"]], device=model.device)
         extra: dict[str, Any] = {}
+        if cache_implementation is not None:
+            extra["cache_implementation"] = cache_implementation
         if stopping is not None and (criteria := stopping(state["turn"])) is not None:
             extra["stopping_criteria"] = criteria
         out = conversation_generate(model, ids, conversation_id, call_id, runtime=runtime,

@@ -279,7 +279,10 @@ def conversation_generate(model: Any, input_ids: torch.Tensor, conversation_id: 
     max_new = int(generate_kwargs.get("max_new_tokens") or 20)
     sampling = bool(generate_kwargs.get("do_sample", False))
     device = input_ids.device
-    fp = _fingerprint(model, input_ids, torch.ones_like(input_ids), generate_kwargs)
+    # the default spelled out or not is one call (a retry compares the fingerprint)
+    fp = _fingerprint(model, input_ids, torch.ones_like(input_ids),
+                      {k: v for k, v in generate_kwargs.items()
+                       if k != "cache_implementation" or v not in (None, "dynamic")})
     session = rt.session(sid)
     try:
         meta = dict(session.meta or {})
