@@ -46,11 +46,14 @@ The cache: the dynamic-style ``DurableCache`` (eager ``generate``) by default;
 which ``generate`` compiles its decode step on a GPU and the epochs of step 4
 are committed inside the step (``durable_generate``'s static path,
 ``_steps.py``): the suffix prefill runs eager over the kept prefix, the decode
-steps replay CUDA graphs, which a resident cache (same addresses) reuses from
-call to call. Both keep the same storage layout, so one log serves either: a
-call with the other implementation than the resident copy's restores from
-the log. A retry that continues an interrupted call runs its one-token first
-forward through the compiled step, as ``durable_generate``'s resume does.
+steps replay CUDA graphs. Both keep the same storage layout, so one log
+serves either: a call with the other implementation than the resident copy's
+restores from the log. A retry that continues an interrupted call at a
+generated token runs its one-token first forward through the compiled step,
+as ``durable_generate``'s resume does; one interrupted before its first new
+token prefills its suffix again from the crop. A static call's epochs carry
+the meta in the in-step producer's COMMIT body (at most 4 KiB), so it keeps
+only the newest finished calls that fit (``_fit_step_body``).
 """
 
 from __future__ import annotations
