@@ -77,6 +77,24 @@ def _session(rt: Any, name: str, shape: str, batch: int, max_len: int) -> tuple[
     return s, kv, tokens
 
 
+def _timed_steps(stream: Any, length: Any, ids: Any, producer: Any, steps: int) -> float:
+    """Milliseconds of ``steps`` steps on ``stream``, each the length's ``add_``
+    and (with a producer) its launch, queued behind a sleep kernel."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # ~30 ms of device time while the host queues the steps
+    start.record(stream)
+    for _ in range(steps):
+        length.add_(1)
+        if producer is not None:
+            producer.launch(stream.cuda_stream, length.data_ptr(), ids.data_ptr(), 1, ids.stride(0))
+    end.record(stream)
+    end.synchronize()
+    return float(start.elapsed_time(end))
+
+
 def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -> float:
     """Milliseconds of ``steps`` steps of ``variant`` (module docs)."""
     import torch
@@ -94,17 +112,7 @@ def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -
         commits.arm(stream.cuda_stream)
         if variant == "commit_all_sms":
             producer.blocks = torch.cuda.get_device_properties(0).multi_processor_count
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(50_000_000)  # ~30 ms of device time while the host queues the steps
-        start.record(stream)
-        for _ in range(steps):
-            length.add_(1)
-            if producer is not None:
-                producer.launch(stream.cuda_stream, length.data_ptr(), ids.data_ptr(), 1, ids.stride(0))
-        end.record(stream)
-        end.synchronize()
-        ms = start.elapsed_time(end)
+        ms = _timed_steps(stream, length, ids, producer, steps)
         state = commits.close()
         if variant.startswith("commit") and (state is None or state.commits != steps):
             raise RuntimeError(f"{variant}: expected {steps} epochs from the producer, found "
@@ -160,16 +168,7 @@ def _bare_run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: s
         producer._params[:4].set(np.array([header, ring.capacity, 7, 11], dtype=np.uint64))
         producer._fn = step_commit._function(producer_arch(rt), PROBES[variant])
         producer.arm(stream.cuda_stream, position=0, epoch=1, committed=PROMPT)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(50_000_000)  # ~30 ms of device time while the host queues the steps
-        start.record(stream)
-        for _ in range(steps):
-            length.add_(1)
-            producer.launch(stream.cuda_stream, length.data_ptr(), ids.data_ptr(), 1, ids.stride(0))
-        end.record(stream)
-        end.synchronize()
-        ms = start.elapsed_time(end)
+        ms = _timed_steps(stream, length, ids, producer, steps)
         state = producer.state()
         if state.commits != steps or state.error is not None:
             raise RuntimeError(f"{variant}: expected {steps} epochs from the producer, found {state.commits} "
