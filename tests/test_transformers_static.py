@@ -62,6 +62,20 @@ def test_durable_static_cache_equals_static_cache_and_keeps_its_storage(monkeypa
     assert cache.storage.abs().sum() > 0  # the K/V went into the storage, not into tensors of the layers' own
 
 
+def test_the_step_sink_is_the_caches_one_zeroed_int64_on_its_device():
+    """A cache's step sink is one tensor for its life (a conversation's calls on one kept cache give the
+    compiled step the same input address), an int64 zero on the storage's device; another cache has its own."""
+    from integrations.transformers import DurableStaticCache
+
+    model = build("llama")
+    a = DurableStaticCache.for_model(model, batch_size=1, max_cache_len=16)
+    b = DurableStaticCache.for_model(model, batch_size=1, max_cache_len=16)
+    sink = a.step_sink()
+    assert a.step_sink() is sink and b.step_sink() is not sink
+    assert sink.dtype == torch.int64 and sink.shape == (1,) and int(sink) == 0
+    assert sink.device == a.storage.device
+
+
 def test_a_static_cache_of_another_batch_size_is_refused_by_name():
     """A DurableStaticCache built for batch 1 used with a batch of 2 raises ConcordiaError naming both sizes."""
     from concordia_agents import ConcordiaError

@@ -274,6 +274,7 @@ class DurableStaticCache(Cache):
                                    dtype=dtype, device=device)
         self.durable_layers = [DurableStaticLayer(self.storage, i) for i in range(num_layers)]
         super().__init__(layers=list[Any](self.durable_layers))
+        self._sink: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model: Any, *, batch_size: int, max_cache_len: int) -> DurableStaticCache:
@@ -283,6 +284,16 @@ class DurableStaticCache(Cache):
     def length(self) -> int:
         """Positions held (a device read: one sync per call on a GPU)."""
         return int(self.durable_layers[0].cumulative_length)
+
+    def step_sink(self) -> torch.Tensor:
+        """The in-step commit op's sink (``_steps``), one per cache: a cache kept
+        between calls (a conversation's) then gives every call's compiled step
+        the same static-address input, so a call need not record its CUDA
+        graphs again for a new sink address."""
+        if self._sink is None:
+            self._sink = torch.zeros(1, dtype=torch.int64, device=self.storage.device)
+            torch._dynamo.mark_static_address(self._sink)
+        return self._sink
 
     def set_stepping(self, on: bool) -> None:
         """Mark a step hook attached (or not) on every layer (``DurableStaticLayer.stepping``)."""

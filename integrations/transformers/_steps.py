@@ -44,7 +44,9 @@ the hook no ``input_ids``.
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
 marked as a static address keeps CUDA graphs on
-(``../shared/notes/compiled-decode.md``). The producer is looked up when the
+(``../shared/notes/compiled-decode.md``). The sink is the cache's
+(``DurableStaticCache.step_sink``), not the call's, so a conversation's calls
+on one kept cache give the compiled step the same input address. The producer is looked up when the
 op's body runs (compiling, recording, eager), not baked into the graph as a
 constant, so a new call does not recompile.
 """
@@ -128,8 +130,7 @@ class StepCheckpointer:
         self.in_step_epochs = 0  #: epochs the device producer committed (known after detach)
         self.first = True  #: the next host step commits whatever is new (the prefill, a resume's first step)
         if steps.device is not None:
-            self._sink = torch.zeros(1, dtype=torch.int64, device=tokens.device)
-            torch._dynamo.mark_static_address(self._sink)
+            self._sink = cache.step_sink()
 
     def attach(self, model: Any) -> None:
         module = _step_module(model)  # first: a bad CONCORDIA_STEP_HOOK raises before anything is changed
