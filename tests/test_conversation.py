@@ -165,6 +165,34 @@ def test_a_static_calls_meta_fits_the_in_step_producers_commit_body():
     assert len(few["calls"]) == 3
 
 
+def test_a_static_call_whose_own_meta_cannot_fit_is_refused_before_it_commits(tmp_path, model):
+    """A static call whose own entry (an ID of 4000 characters) would not fit the producer's COMMIT body
+    raises MetaError naming both sizes, before its crop epoch: the log is as it was, and the next call
+    (short ID) reuses the conversation and equals plain generate."""
+    from concordia_agents import MetaError
+
+    calls: list[ConversationCall] = []
+    with Runtime.open(home=tmp_path, backend="host") as rt:
+        out = conversation_generate(model, _tokens(60, 6), "big", "t0", runtime=rt, max_new_tokens=4,
+                                    do_sample=False, cache_implementation="static")
+        before = rt.session("conversation:big")
+        epoch, meta = before.epoch, before.meta
+        before.cancel()
+        prompt = torch.cat([out, _tokens(61, 5)], dim=1)
+        with pytest.raises(MetaError, match=r"call ID of 4000 characters.*expected at most 3072 bytes of JSON "
+                                            r"with no finished calls remembered, found \d{4}"):
+            conversation_generate(model, prompt, "big", "x" * 4000, runtime=rt, max_new_tokens=4,
+                                  do_sample=False, cache_implementation="static")
+        after = rt.session("conversation:big")
+        assert (after.epoch, after.meta) == (epoch, meta)
+        after.cancel()
+        got = conversation_generate(model, prompt, "big", "t1", runtime=rt, max_new_tokens=4, do_sample=False,
+                                    cache_implementation="static", on_call=calls.append)
+        assert torch.equal(got, _plain(model, prompt, max_new_tokens=4, do_sample=False))
+        # the refused call took the resident copy out of the pool and did not put it back
+        assert (calls[-1].reused, calls[-1].source) == (out.shape[1] - 1, "log")
+
+
 def _alternate(model, rt: Runtime, pool: ResidentConversations,  # type: ignore[no-untyped-def]
                calls: list[ConversationCall]) -> dict[str, torch.Tensor]:
     """Two conversations, three turns each, alternating; every call equal to plain

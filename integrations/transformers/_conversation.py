@@ -68,7 +68,7 @@ from typing import Any, Literal
 import torch
 from transformers import StoppingCriteriaList
 
-from concordia_agents import ConcordiaError, Runtime
+from concordia_agents import ConcordiaError, MetaError, Runtime
 from concordia_agents._logging import get_logger
 
 from ._cache import DurableCache, DurableStaticCache
@@ -445,9 +445,17 @@ def _fit_step_body(meta: dict[str, Any]) -> None:
     """Forget the oldest remembered finished calls until ``meta`` fits a static
     call's epochs (``_STEP_META_BYTES``; ``json.dumps``' spacing is wider than
     the body's): 32 calls of short IDs take about 4.5 KiB. A call whose own
-    entry does not fit (an ID of kilobytes) is refused by the producer, by name."""
+    entry does not fit (an ID of kilobytes) raises ``MetaError`` here, before
+    the call commits anything (the producer would refuse it only after the
+    call's crop epoch, and again at every retry)."""
     while meta["calls"] and len(json.dumps(meta)) > _STEP_META_BYTES:
         meta["calls"] = meta["calls"][1:]
+    found = len(json.dumps(meta))
+    if found > _STEP_META_BYTES:
+        raise MetaError(f"a static conversation call's epoch meta (call ID of {len(str(meta['call']['id']))} "
+                        f"characters) must fit the in-step producer's COMMIT body: expected at most "
+                        f"{_STEP_META_BYTES} bytes of JSON with no finished calls remembered, found {found} (use "
+                        "a shorter call ID, or cache_implementation='dynamic')")
 
 
 def _report(on_call: Callable[[ConversationCall], None] | None, conversation_id: str, call_id: str,
