@@ -112,3 +112,6 @@ def test_step_producer_words_match_the_python_side():
     assert (d["S_ACC"], d["P_TEMPLATE"]) == (step_commit._ACC, step_commit._P_TEMPLATE)
     assert d["P_TEMPLATE"] >= len(step_commit.PARAM_WORDS) and d["S_ACC"] >= len(step_commit.STATE_WORDS)
     assert (d["CNC_STEP_MAX_RECORDS"], d["CNC_STEP_MAX_BODY"]) == (step_commit.MAX_RECORDS, step_commit.MAX_BODY)
+    # the places of the length (from P_SLOT_AT, the last named word) end before the template
+    assert d["CNC_STEP_MAX_SLOTS"] == step_commit.MAX_SLOTS and step_commit.PARAM_WORDS[-1] == "SLOT_AT"
+    assert d["P_SLOT_AT"] + step_commit.MAX_SLOTS <= d["P_TEMPLATE"]

@@ -28,34 +28,39 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*past_key_val
 SID = "steps"
 
 
-def _drive(home: Path, backend: str, every: int) -> tuple[list[tuple[Any, ...]], Any]:
-    """Steps of a 2-layer cache: a host step to length 10, then one-token steps
-    to 40 (launched kernels on the GPU, host commits on the host backend)."""
+def _drive(home: Path, backend: str, every: int, *, start: int = 10, meta_bytes: int = 0,
+           ) -> tuple[list[tuple[Any, ...]], Any]:
+    """Steps of a 2-layer cache: a host step to length ``start``, then 30
+    one-token steps (launched kernels on the GPU, host commits on the host
+    backend). ``meta_bytes``: a meta of about that many bytes (a
+    conversation's: the body template the kernel formats)."""
     import torch
 
     from concordia_agents import Runtime
     from tests.conformance.test_log_bytes import _log_records
 
     device = "cuda" if backend == "cupy" else "cpu"
+    end, rows = start + 30, start + 38
     g = torch.Generator().manual_seed(3)
-    storage = torch.randn(4, 2, 2, 48, 16, generator=g).to(torch.bfloat16).to(device)  # [2L, B, H, T, D]
-    tokens = torch.zeros(2, 48, dtype=torch.int64, device=device)
-    ids_all = torch.randint(3, 30000, (2, 48), generator=g).to(device)
+    storage = torch.randn(4, 2, 2, rows, 16, generator=g).to(torch.bfloat16).to(device)  # [2L, B, H, T, D]
+    tokens = torch.zeros(2, rows, dtype=torch.int64, device=device)
+    ids_all = torch.randint(3, 30000, (2, rows), generator=g).to(device)
     try:
         with Runtime.open(home=home, backend=backend, fsync="none", compact_bytes=1 << 40, compact_epochs=0) as rt:
             s = rt.session(SID)
             s.register("kv", storage, kind="kv", seq_axis=3)
             s.register("tokens", tokens, kind="kv", seq_axis=1)
-            meta = {"fingerprint": {"model": "abc"}, "prompt_len": 10, "n_tokens": 10, "done": False}
-            tokens[:, :10] = ids_all[:, :10]
-            s.commit(dict(meta), rows={"tokens": 10})
+            meta = {"fingerprint": {"model": "abc"}, "prompt_len": start, "n_tokens": start, "done": False,
+                    "calls": [{"id": f"call-{i}-\u00e9\"q\"", "end": 100 * i} for i in range(meta_bytes // 40)]}
+            tokens[:, :start] = ids_all[:, :start]
+            s.commit(dict(meta), rows={"tokens": start})
             steps = s.step_commits(kv="kv", tokens="tokens", meta=meta, length_key="n_tokens", every=every,
                                    device=backend == "cupy")
-            steps.host_step(10, force=True)
+            steps.host_step(start, force=True)
             length = torch.zeros((), dtype=torch.int64, device=device)
             stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
             steps.arm(stream)
-            for n in range(11, 41):
+            for n in range(start + 1, end + 1):
                 ids = ids_all[:, n - 1:n]  # a view with row stride 48, as generate's input_ids slice
                 if steps.device is not None:
                     length.fill_(n)
@@ -65,20 +70,22 @@ def _drive(home: Path, backend: str, every: int) -> tuple[list[tuple[Any, ...]],
                     steps.host_step(n)
             state = steps.close()
             assert s.epoch == 2 + 30 // every, (s.epoch, state)
-            s.commit({**meta, "n_tokens": 40, "done": True}, rows={"kv": 40, "tokens": 40})
+            s.commit({**meta, "n_tokens": end, "done": True}, rows={"kv": end, "tokens": end})
             assert s.flush(timeout=60) == s.epoch
             records = _log_records(rt.session_dir(SID))
-            assert torch.equal(tokens[:, :40].cpu(), ids_all[:, :40].cpu())
+            assert torch.equal(tokens[:, :end].cpu(), ids_all[:, :end].cpu())
             s.close()
     finally:
         remove_rings(home)
     return records, state
 
 
-@pytest.mark.parametrize("every", [1, 4])
-def test_in_step_commits_write_the_host_backends_bytes(tmp_path, every):
-    want, _ = _drive(tmp_path / "host", "host", every)
-    got, state = _drive(tmp_path / "gpu", "cupy", every)
+@pytest.mark.parametrize(("every", "start", "meta_bytes"), [(1, 10, 0), (4, 10, 0), (1, 85, 3000)])
+def test_in_step_commits_write_the_host_backends_bytes(tmp_path, every, start, meta_bytes):
+    """Also with a body template of about 3 KB (the kernel's threads share its bytes) and lengths
+    passing 99 -> 100 (each place of the length takes one more digit)."""
+    want, _ = _drive(tmp_path / "host", "host", every, start=start, meta_bytes=meta_bytes)
+    got, state = _drive(tmp_path / "gpu", "cupy", every, start=start, meta_bytes=meta_bytes)
     assert state.commits == 30 // every and state.error is None and state.steps == 30
     assert len(got) == len(want) and [r[1] for r in got] == [r[1] for r in want]
     assert got == want

@@ -34,6 +34,7 @@ __all__ = ["MAX_BODY", "MAX_RECORDS", "PARAM_WORDS", "STATE_WORDS", "StepCommitt
 
 MAX_RECORDS = 64  #: data records of one epoch (CNC_STEP_MAX_RECORDS)
 MAX_BODY = 4096  #: bytes of a COMMIT body (CNC_STEP_MAX_BODY)
+MAX_SLOTS = 8  #: places of the length whose offsets the kernel is given (CNC_STEP_MAX_SLOTS; more: formatted serially)
 _BLOCK = 256
 # State and parameter words: kernels/step_commit.cu's S_* and P_* (test_kernels_compile checks them).
 STATE_WORDS = ("ARMED", "NEXT", "EPOCH", "COMMITTED", "ERROR", "ERROR_INFO", "ARRIVED", "COMMITS", "STEPS")
@@ -41,7 +42,7 @@ _ARMED, _NEXT, _EPOCH, _COMMITTED, _ERROR, _ERROR_INFO, _ARRIVED, _COMMITS, _STE
 _ACC = 16  #: S_ACC
 PARAM_WORDS = ("HEADER", "CAPACITY", "TAG", "OWNER", "EVERY", "TIMEOUT_NS", "KV_BASE", "KV_OUTER", "KV_ROWS",
                "KV_ROW_BYTES", "KV_PER", "KV_REGION", "TOK_BASE", "TOK_OUTER", "TOK_ROWS", "TOK_PER", "TOK_REGION",
-               "TEMPLATE_LEN", "SLOTS")
+               "TEMPLATE_LEN", "SLOTS", "SLOT_AT")
 _P_TEMPLATE = 32  #: P_TEMPLATE
 _ERRORS = {1: "unarmed", 2: "ring_full", 3: "fenced", 4: "rows", 5: "too_big"}
 _modules: dict[str, Any] = {}
@@ -133,8 +134,16 @@ class StepCommitter:
             "TOK_PER": self._pers[1], "TOK_REGION": tokens.spec.region_id,
             "TEMPLATE_LEN": len(template), "SLOTS": slots,
         }
+        # The places of the length, listed for the kernel's parallel formatting of
+        # the body (a wrong list would misplace its bytes: checked, not assumed).
+        at = [i for i, byte in enumerate(template) if byte == 0]
+        if len(at) != slots:
+            raise RegionError(f"the in-step producer's body template: expected {slots} places of the length, found "
+                              f"{len(at)} zero bytes")
         words = np.zeros(_P_TEMPLATE + MAX_BODY // 8, dtype=np.uint64)
-        words[:len(PARAM_WORDS)] = [fields[name] for name in PARAM_WORDS]
+        words[:len(PARAM_WORDS) - 1] = [fields[name] for name in PARAM_WORDS[:-1]]
+        if slots <= MAX_SLOTS:  # from P_SLOT_AT, the last named word, on
+            words[len(PARAM_WORDS) - 1:len(PARAM_WORDS) - 1 + slots] = at
         words.view(np.uint8)[8 * _P_TEMPLATE:8 * _P_TEMPLATE + len(template)] = np.frombuffer(template, np.uint8)
         self._params = cupy.asarray(words)
         self._state = cupy.zeros(_ACC + MAX_RECORDS, dtype=cupy.uint64)

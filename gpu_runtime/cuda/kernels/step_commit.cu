@@ -27,6 +27,7 @@
 #define CNC_STEP_BLOCK 256
 #define CNC_STEP_MAX_RECORDS 64  // data records of one epoch (step_commit.py, MAX_RECORDS)
 #define CNC_STEP_MAX_BODY 4096   // bytes of a COMMIT body (step_commit.py, MAX_BODY)
+#define CNC_STEP_MAX_SLOTS 8     // places of the length the host lists (step_commit.py, MAX_SLOTS)
 
 // Diagnostic builds only (bench/bench_step_commit_gpu.py, never the runtime's
 // build): CNC_STEP_PROBE names parts of a commit to leave out, so that the
@@ -80,6 +81,7 @@
 #define P_TOK_REGION 16
 #define P_TEMPLATE_LEN 17  // bytes of the body template (a 0 byte marks each place of the length)
 #define P_SLOTS 18         // places of the length in the template
+#define P_SLOT_AT 19       // their offsets in the template, ascending (CNC_STEP_MAX_SLOTS words; unset past that)
 #define P_TEMPLATE 32      // the template bytes from here
 
 __device__ __forceinline__ u64 cnc_digits(u64 v) {
@@ -265,21 +267,41 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
                              cnc_splitmix64(S[S_ACC + rec] ^ len));
         }
         // The COMMIT body: the template with the decimal of L at each 0 byte.
-        if (threadIdx.x == 0 && !CNC_PROBE(PROBE_NO_BODY)) {
+        // Every thread of the block takes a share of the template's bytes: a
+        // byte lands `nd - 1` places further on per 0 byte before it, whose
+        // offsets the host listed (P_SLOT_AT). One thread walking a template
+        // of kilobytes (a conversation's meta) would be on every step's path.
+        if (!CNC_PROBE(PROBE_NO_BODY)) {
             u8* b = (u8*)body_words;
             const u8* t = (const u8*)(P + P_TEMPLATE);
-            const u64 nd = cnc_digits(L);
-            u64 o = 0;
-            for (u64 i = 0; i < P[P_TEMPLATE_LEN]; ++i) {
-                if (t[i] == 0) {
-                    u64 v = L;
-                    for (u64 d = nd; d > 0; --d) { b[o + d - 1] = (u8)('0' + v % 10); v /= 10; }
-                    o += nd;
-                } else {
-                    b[o++] = t[i];
+            const u64 nd = cnc_digits(L), slots = P[P_SLOTS], len = P[P_TEMPLATE_LEN];
+            if (slots <= CNC_STEP_MAX_SLOTS) {
+                for (u64 i = threadIdx.x; i < len; i += blockDim.x) {
+                    u64 before = 0;
+                    for (u64 k = 0; k < slots; ++k) before += P[P_SLOT_AT + k] < i;
+                    const u64 o = i + before * (nd - 1);
+                    if (t[i] == 0) {
+                        u64 v = L;
+                        for (u64 d = nd; d > 0; --d) { b[o + d - 1] = (u8)('0' + v % 10); v /= 10; }
+                    } else {
+                        b[o] = t[i];
+                    }
                 }
+                // zero padding: the checksum and the ring take whole words
+                for (u64 o = p.body_len + threadIdx.x; o < ((p.body_len + 7) & ~7ull); o += blockDim.x) b[o] = 0;
+            } else if (threadIdx.x == 0) {  // more places than the host lists: one thread walks the template
+                u64 o = 0;
+                for (u64 i = 0; i < len; ++i) {
+                    if (t[i] == 0) {
+                        u64 v = L;
+                        for (u64 d = nd; d > 0; --d) { b[o + d - 1] = (u8)('0' + v % 10); v /= 10; }
+                        o += nd;
+                    } else {
+                        b[o++] = t[i];
+                    }
+                }
+                while (o & 7) b[o++] = 0;
             }
-            while (o & 7) b[o++] = 0;  // zero padding: the checksum and the ring take whole words
         }
         __syncthreads();
         const u64 words = (p.body_len + 7) / 8;
