@@ -44,6 +44,7 @@ the producer committed one epoch per step.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -139,10 +140,14 @@ def _bare_ring(rt: Any, home: Path, capacity: int) -> tuple[Any, int]:
     """The ring the bare variants write (and nothing drains), page-locked and
     mapped as a session's ring is, and its header's device address. Each run
     writes from offset 0 and ``capacity`` holds a whole run's epochs, so
-    nothing wraps or waits for room."""
-    from gpu_runtime.logring import LogRing
+    nothing wraps or waits for room. It lives where sessions' rings do
+    (``/dev/shm``): the CUDA driver refused to page-lock a ring file mapped
+    from the disk-backed temporary directory (``cudaErrorInvalidValue``, H100,
+    2026-12-07)."""
+    from gpu_runtime.logring import LogRing, default_ring_dir
 
-    ring = LogRing.create(home / "bare.ring", capacity=capacity, session_tag=7, owner_token=11, base=0)
+    path = default_ring_dir(home) / f"concordia-bench-bare-{os.getpid()}.ring"
+    ring = LogRing.create(path, capacity=capacity, session_tag=7, owner_token=11, base=0)
     header, _ = rt.backend.commits.ring(ring)
     return ring, header
 
@@ -231,7 +236,7 @@ def main() -> None:
                     print(f"{shape} b{batch}", {k: round(v, 1) for k, v in per_step.items()},
                           "parts", {k: round(v, 1) for k, v in parts.items()}, flush=True)
         finally:
-            bare[0].close()  # unregistered while the runtime's device is still open
+            bare[0].unlink()  # closed (unregistered) while the runtime's device is still open, then removed
 
 
 if __name__ == "__main__":

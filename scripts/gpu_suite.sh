@@ -55,7 +55,9 @@ mkdir -p "$OUT"
 FAILED=0
 step() {  # step NAME LOG CMD...: run CMD under the step timeout, tee into $OUT/LOG, record its status
   local name="$1" log="$2"; shift 2
-  timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT/$log" | tail -40
+  # SIGINT at the limit, not SIGTERM: pytest then prints its failures and summary so far (a
+  # step cut by its limit on 2026-12-07 lost why a test had failed), a benchmark writes its JSON
+  timeout -s INT -k 30 "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT/$log" | tail -40
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc" | tee -a "$OUT/steps.txt"
   [ "$rc" -eq 0 ] || FAILED=1
