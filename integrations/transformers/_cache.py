@@ -288,8 +288,9 @@ class DurableStaticCache(Cache):
     def step_sink(self) -> torch.Tensor:
         """The in-step commit op's sink (``_steps``), one per cache: a cache kept
         between calls (a conversation's) then gives every call's compiled step
-        the same static-address input, so a call need not record its CUDA
-        graphs again for a new sink address."""
+        the same static-address input, so the sink is no reason for a later
+        call to record its CUDA graphs again (whether it replays the earlier
+        call's graphs is not measured)."""
         if self._sink is None:
             self._sink = torch.zeros(1, dtype=torch.int64, device=self.storage.device)
             torch._dynamo.mark_static_address(self._sink)

@@ -46,9 +46,9 @@ no outputs and no mutated inputs may be dropped from the graph, and a sink
 marked as a static address keeps CUDA graphs on
 (``../shared/notes/compiled-decode.md``). The sink is the cache's
 (``DurableStaticCache.step_sink``), not the call's, so a conversation's calls
-on one kept cache give the compiled step the same input address. The producer is looked up when the
-op's body runs (compiling, recording, eager), not baked into the graph as a
-constant, so a new call does not recompile.
+on one kept cache give the compiled step the same input address. The
+producer is looked up when the op's body runs (compiling, recording, eager),
+not baked into the graph as a constant, so a new call does not recompile.
 """
 
 from __future__ import annotations
