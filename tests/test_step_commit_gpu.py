@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*past_key_val
 SID = "steps"
 
 
-def _drive(home: Path, backend: str, every: int, *, start: int = 10, meta_bytes: int = 0,
-           ) -> tuple[list[tuple[Any, ...]], Any]:
+def _drive(home: Path, backend: str, every: int, *, start: int = 10,
+           meta_bytes: int = 0) -> tuple[list[tuple[Any, ...]], Any]:
     """Steps of a 2-layer cache: a host step to length ``start``, then 30
     one-token steps (launched kernels on the GPU, host commits on the host
     backend). ``meta_bytes``: a meta of about that many bytes (a
@@ -61,7 +61,7 @@ def _drive(home: Path, backend: str, every: int, *, start: int = 10, meta_bytes:
             stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
             steps.arm(stream)
             for n in range(start + 1, end + 1):
-                ids = ids_all[:, n - 1:n]  # a view with row stride 48, as generate's input_ids slice
+                ids = ids_all[:, n - 1:n]  # a view with row stride `rows`, as generate's input_ids slice
                 if steps.device is not None:
                     length.fill_(n)
                     steps.device.launch(stream, length.data_ptr(), ids.data_ptr(), 1, ids.stride(0))

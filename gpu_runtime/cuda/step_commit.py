@@ -44,6 +44,7 @@ PARAM_WORDS = ("HEADER", "CAPACITY", "TAG", "OWNER", "EVERY", "TIMEOUT_NS", "KV_
                "KV_ROW_BYTES", "KV_PER", "KV_REGION", "TOK_BASE", "TOK_OUTER", "TOK_ROWS", "TOK_PER", "TOK_REGION",
                "TEMPLATE_LEN", "SLOTS", "SLOT_AT")
 _P_TEMPLATE = 32  #: P_TEMPLATE
+_P_SLOT_AT = PARAM_WORDS.index("SLOT_AT")  #: P_SLOT_AT: MAX_SLOTS words from here (the last named word)
 _ERRORS = {1: "unarmed", 2: "ring_full", 3: "fenced", 4: "rows", 5: "too_big"}
 _modules: dict[str, Any] = {}
 # The process's slot (kernels/step_commit.cu): two device words naming the armed
@@ -141,9 +142,9 @@ class StepCommitter:
             raise RegionError(f"the in-step producer's body template: expected {slots} places of the length, found "
                               f"{len(at)} zero bytes")
         words = np.zeros(_P_TEMPLATE + MAX_BODY // 8, dtype=np.uint64)
-        words[:len(PARAM_WORDS) - 1] = [fields[name] for name in PARAM_WORDS[:-1]]
-        if slots <= MAX_SLOTS:  # from P_SLOT_AT, the last named word, on
-            words[len(PARAM_WORDS) - 1:len(PARAM_WORDS) - 1 + slots] = at
+        words[:_P_SLOT_AT] = [fields[name] for name in PARAM_WORDS[:_P_SLOT_AT]]
+        if slots <= MAX_SLOTS:  # more: the kernel walks the template on one thread
+            words[_P_SLOT_AT:_P_SLOT_AT + slots] = at
         words.view(np.uint8)[8 * _P_TEMPLATE:8 * _P_TEMPLATE + len(template)] = np.frombuffer(template, np.uint8)
         self._params = cupy.asarray(words)
         self._state = cupy.zeros(_ACC + MAX_RECORDS, dtype=cupy.uint64)
