@@ -231,6 +231,11 @@ def test_bucket_unreachable_commits_go_on_and_status_says_remote_lag(tmp_path, c
             a[e] = e
             s.commit(meta={"e": e})
         assert s.flush(level="disk") == 5
+        # The first attempt's failure must be on record before the timed wait: under load (CI's two cores)
+        # spawning the upload worker alone can outlast a 2 s wait, and then there is no failure to name yet.
+        give_up = time.monotonic() + 60
+        while s.durability().remote_error is None and time.monotonic() < give_up:
+            time.sleep(0.05)
         with pytest.raises(RemoteStoreError, match=r"epoch 5 not remote after 2\.0 s \(remote epoch 0, 5 behind\); "
                                                    r"last failure: cannot upload"):
             s.flush(level="remote", timeout=2.0)
