@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask
+from gpu_runtime.cuda.step_commit import check_step_inputs
 from gpu_runtime.records import RecordType
 from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 
@@ -342,7 +343,9 @@ class Session:
         """Commits at model steps: rows of kv regions ``kv`` and ``tokens`` up
         to each step's length, with ``meta`` whose ``length_key`` is that
         length, every ``every`` rows; on the GPU by a kernel inside the step
-        (``device=True`` and a backend that has one). See
+        (``device=True`` and a backend that has one). With ``device=True``,
+        every backend refuses (RegionError) what that kernel could not commit:
+        tokens rows other than int64, a COMMIT body over 4096 bytes. See
         ``_step_commits.py`` for the protocol."""
         self._check_open()
         handles = []
@@ -355,6 +358,9 @@ class Session:
         if device:
             template, slots = StepCommits.template(self._commit_body, dict(meta), length_key, self._current_lengths(),
                                                    (kv, tokens))
+            # The in-step producer's limits, on every backend (one that has none runs the steps on the host)
+            check_step_inputs(template=template, slots=slots, tokens_name=tokens,
+                              token_row_bytes=self.regions[tokens]._handle.spec.row_bytes)
             producer = self._services.backend.step_committer(
                 self._log.writer, owner_token=self.token, kv=handles[0], tokens=handles[1], template=template,
                 slots=slots, every=every, space_timeout_s=self._log.config.space_timeout)

@@ -85,6 +85,34 @@ def test_step_commits_need_two_registered_kv_regions_and_every_of_at_least_one(m
         s.step_commits(kv="kv", tokens="tokens", meta=META, length_key="n_tokens", every=0, device=False)
 
 
+def test_every_backend_refuses_what_the_in_step_producer_could_not_commit(make_runtime):
+    """A meta whose COMMIT body cannot fit the producer's 4096 bytes, or tokens rows that are not
+    int64, are refused when device step commits are asked for, on the host backend too (a program
+    that runs here must not be refused later on the GPU), naming what was expected and found; the
+    session commits on unchanged. device=False (host steps only) has no such limit."""
+    from gpu_runtime.cuda.step_commit import MAX_BODY
+
+    rt = make_runtime()
+    s, _, _ = _session(rt)
+    epoch = s.epoch
+    big = {**META, "note": "x" * MAX_BODY}
+    with pytest.raises(RegionError, match=rf"must fit the in-step producer's {MAX_BODY} bytes, found 4[0-9]{{3}}"):
+        s.step_commits(kv="kv", tokens="tokens", meta=big, length_key="n_tokens")
+    # Just under the limit at the largest length (20 digits in each of 3 places) is accepted.
+    fits = {**META, "note": ""}
+    template, slots = StepCommits.template(s._commit_body, fits, "n_tokens", s._current_lengths(), ("kv", "tokens"))
+    fits["note"] = "x" * (MAX_BODY - (len(template) - slots + 20 * slots))
+    assert s.step_commits(kv="kv", tokens="tokens", meta=fits, length_key="n_tokens").every == 1
+    fits["note"] += "x"
+    with pytest.raises(RegionError, match=f"found {MAX_BODY + 1}: shorten the meta"):
+        s.step_commits(kv="kv", tokens="tokens", meta=fits, length_key="n_tokens")
+    assert s.step_commits(kv="kv", tokens="tokens", meta=big, length_key="n_tokens", device=False).device is None
+    s.register("tokens32", np.zeros((3, 64), np.int32), kind="kv", seq_axis=1)
+    with pytest.raises(RegionError, match="'tokens32': step commits store 64-bit tokens .* found rows of 4 bytes"):
+        s.step_commits(kv="kv", tokens="tokens32", meta=META, length_key="n_tokens")
+    assert s.epoch == epoch and s.commit({"after": 1}) == epoch + 1
+
+
 class _ReportingProducer:
     """Stands in for the GPU's in-step producer at the handover (arm / state / disarm), reporting a
     given final state: the host side of the protocol is what is tested here; the kernel is tested

@@ -30,7 +30,7 @@ from .compiler import compile_cubin, kernel_source
 from .memory import device_ptr
 from .region import CupyRegion
 
-__all__ = ["MAX_BODY", "MAX_RECORDS", "PARAM_WORDS", "STATE_WORDS", "StepCommitter", "StepState"]
+__all__ = ["MAX_BODY", "MAX_RECORDS", "PARAM_WORDS", "STATE_WORDS", "StepCommitter", "StepState", "check_step_inputs"]
 
 MAX_RECORDS = 64  #: data records of one epoch (CNC_STEP_MAX_RECORDS)
 MAX_BODY = 4096  #: bytes of a COMMIT body (CNC_STEP_MAX_BODY)
@@ -60,6 +60,24 @@ def _the_slot() -> Any:
     if not _slot:
         _slot.append(cupy.zeros(2, dtype=cupy.uint64))
     return _slot[0]
+
+
+def check_step_inputs(*, template: bytes, slots: int, tokens_name: str, token_row_bytes: int) -> int:
+    """The producer's limits on what it is given: rows of 64-bit tokens, and a
+    COMMIT body (``template`` with ``slots`` places of the length) of at most
+    ``MAX_BODY`` bytes at the largest length. Returns that largest body's size.
+
+    Every backend checks them when step commits are asked for
+    (``Session.step_commits``), not only this one: a program that runs on the
+    host backend must not be refused later on the GPU."""
+    if token_row_bytes != 8:
+        raise RegionError(f"region {tokens_name!r}: step commits store 64-bit tokens (one int64 per row), found rows "
+                          f"of {token_row_bytes} bytes")
+    most_body = len(template) - slots + slots * 20  # 20 digits: the largest u64
+    if most_body > MAX_BODY:
+        raise RegionError(f"step commits: the COMMIT body (lengths and meta as JSON, the length at its largest) "
+                          f"must fit the in-step producer's {MAX_BODY} bytes, found {most_body}: shorten the meta")
+    return most_body
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,13 +125,8 @@ class StepCommitter:
         import cupy
 
         self._cupy = cupy
-        if tokens.spec.row_bytes != 8:
-            raise RegionError(f"region {tokens.spec.name!r}: the in-step producer stores 64-bit tokens, found rows "
-                              f"of {tokens.spec.row_bytes} bytes")
-        most_body = len(template) - slots + slots * 20  # 20 digits: the largest u64
-        if most_body > MAX_BODY:
-            raise RegionError(f"the in-step producer's COMMIT body may be at most {MAX_BODY} bytes, found a "
-                              f"template of {len(template)} bytes")
+        most_body = check_step_inputs(template=template, slots=slots, tokens_name=tokens.spec.name,
+                                      token_row_bytes=tokens.spec.row_bytes)
         self.every = every
         self._units = (kv.unit, tokens.unit)
         self._pers = (rows_per_record(kv.unit, max_record_bytes), rows_per_record(tokens.unit, max_record_bytes))
