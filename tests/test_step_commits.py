@@ -108,7 +108,7 @@ def test_every_backend_refuses_what_the_in_step_producer_could_not_commit(make_r
         s.step_commits(kv="kv", tokens="tokens", meta=fits, length_key="n_tokens")
     assert s.step_commits(kv="kv", tokens="tokens", meta=big, length_key="n_tokens", device=False).device is None
     s.register("tokens32", np.zeros((3, 64), np.int32), kind="kv", seq_axis=1)
-    with pytest.raises(RegionError, match="'tokens32': step commits store 64-bit tokens .* found rows of 4 bytes"):
+    with pytest.raises(RegionError, match=r"'tokens32': step commits store 64-bit tokens .* found rows of 4 bytes"):
         s.step_commits(kv="kv", tokens="tokens32", meta=META, length_key="n_tokens")
     assert s.epoch == epoch and s.commit({"after": 1}) == epoch + 1
 
