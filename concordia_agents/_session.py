@@ -360,7 +360,7 @@ class Session:
                                                    (kv, tokens))
             # The in-step producer's limits, on every backend (one that has none runs the steps on the host)
             check_step_inputs(template=template, slots=slots, tokens_name=tokens,
-                              token_row_bytes=self.regions[tokens]._handle.spec.row_bytes)
+                              token_row_bytes=handles[1].spec.row_bytes)
             producer = self._services.backend.step_committer(
                 self._log.writer, owner_token=self.token, kv=handles[0], tokens=handles[1], template=template,
                 slots=slots, every=every, space_timeout_s=self._log.config.space_timeout)
