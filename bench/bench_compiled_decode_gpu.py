@@ -32,6 +32,13 @@ producer's launch (0 when every step is a graph replay).
 from the host), for the table of issue 17 (each durable variant against the
 fastest plain one, compiled).
 
+``--placements decoder overlap`` adds durable variants with the step hook
+at those placements (``CONCORDIA_STEP_HOOK`` set around the call; each
+placement's hooks set the cache's ``stepping`` value, so each compiles a
+graph of its own in the one process), paired against plain and against
+``durable`` (the process's own placement); their device epochs per call are
+recorded, so a placement that committed nothing shows.
+
 ``--profile`` adds, per shape and batch, one more call of each variant and
 of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
 session, no hook — the cache class alone), ``durable_every_64`` (a commit
@@ -51,7 +58,7 @@ CPU ops by self time. It says whether a durable step's extra time is device
 work (which kernels) or the device waiting for the host.
 
     python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--eager] [--profile]
-        [--resume-tokens [N ...]] [--only steps|resume]
+        [--placements [model|decoder|overlap ...]] [--resume-tokens [N ...]] [--only steps|resume]
 """
 
 from __future__ import annotations
@@ -245,7 +252,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
 
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
-            profile: bool = False, eager: bool = False) -> dict[str, Any]:
+            profile: bool = False, eager: bool = False, placements: tuple[str, ...] = ()) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import durable_generate
@@ -259,7 +266,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         launch(self, *a)
 
     step_commit.StepCommitter.launch = counted  # type: ignore[method-assign]
-    steps_seen = []
+    steps_seen: dict[str, list[int]] = {}  # device epochs per durable call, by variant
     whole: dict[str, list[float]] = {}
 
     def plain(extra: list[Any] | None = None, cache: Any = None, *, static: bool = True) -> float:
@@ -284,7 +291,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     phases: dict[str, list[dict[str, float]]] = {}  # a durable call's time by phase (durable())
 
     def durable(extra: list[Any] | None = None, *, static: bool = True, every: int = 1,
-                runtime: Any = None) -> float:
+                runtime: Any = None, placement: str | None = None) -> float:
         made[0] += 1
         sid = f"bench-{made[0]}"
         events: list[Any] = []
@@ -300,15 +307,17 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             events.append(e)
             stamps.append((e.phase, time.perf_counter()))
 
+        name = "durable_eager" if not static else f"durable_{placement}" if placement else "durable"
+        chosen = {"CONCORDIA_STEP_HOOK": placement} if placement else {}
         try:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            durable_generate(model, ids, sid, runtime=on, max_new_tokens=new_tokens, do_sample=False,
-                             on_event=noted, stopping_criteria=StoppingCriteriaList([clock, *(extra or []), last]),
-                             **how)
+            with mock.patch.dict(os.environ, chosen):
+                durable_generate(model, ids, sid, runtime=on, max_new_tokens=new_tokens, do_sample=False,
+                                 on_event=noted,
+                                 stopping_criteria=StoppingCriteriaList([clock, *(extra or []), last]), **how)
             torch.cuda.synchronize()
             end = time.perf_counter()
-            name = "durable" if static else "durable_eager"
             whole.setdefault(name, []).append(end - t)
             # Where a call's time goes: session open (lease, ring), then to the first commit (the prompt's
             # epoch on the host), then to the last token, then the final commit, flush and close.
@@ -319,16 +328,19 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         finally:
             on.delete(sid)  # no disk writeback of this call carried into the next
         if static:
-            steps_seen.append(events[-1].in_step_epochs)
+            steps_seen.setdefault(name, []).append(events[-1].in_step_epochs)
         return clock.ms_per_step()
 
     try:
         variants: dict[str, Any] = {"plain": plain, "durable": durable}
         if eager:
             variants.update(plain_eager=lambda: plain(static=False), durable_eager=lambda: durable(static=False))
+        for where in placements:  # the step hook's other placements (_steps.py), each a graph of its own
+            variants[f"durable_{where}"] = lambda where=where: durable(placement=where)
         for fn in variants.values():  # warm-up: compile, record
             fn()
-        calls["launch"], steps_seen[:] = 0, []
+        calls["launch"] = 0
+        steps_seen.clear()
         whole.clear()
         phases.clear()
         rounds: dict[str, list[float]] = {k: [] for k in variants}
@@ -345,7 +357,8 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
                 profiles = profile_variants(model, batch, ids, prompt_len, start, new_tokens, plain, durable, quiet)
             except Exception:  # noqa: BLE001 - the timed rounds above stand; say what failed
                 profiles = {"error": traceback.format_exc()[-3000:]}
-            del steps_seen[len(rounds["durable"]):]  # the profiled calls are not timed rounds
+            for name, seen in steps_seen.items():  # the profiled calls are not timed rounds
+                del seen[len(rounds.get(name, [])):]
     finally:
         step_commit.StepCommitter.launch = launch  # type: ignore[method-assign]
         rt.close()
@@ -366,9 +379,13 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         "paired_range": ratios["range"],
         "whole_call_s": {k: statistics.median(v) for k, v in timed_whole.items()},
         "durable_call_phases_s": timed_phases,
-        "host_launch_calls_per_call": launches / repeats,
-        "device_epochs_per_call": statistics.median(steps_seen) if steps_seen else None,
+        "host_launch_calls_per_call": launches / (repeats * (1 + len(placements))),  # every compiled durable call
+        "device_epochs_per_call": statistics.median(steps_seen["durable"]) if steps_seen.get("durable") else None,
+        "device_epochs_per_call_by_variant": {k: statistics.median(v) for k, v in steps_seen.items() if v},
     }
+    for where in placements:  # each placement against plain, and against the process's own
+        out[f"durable_{where}_over_plain_paired"] = paired(f"durable_{where}", "plain")
+        out[f"durable_{where}_over_durable_paired"] = paired(f"durable_{where}", "durable")
     if eager:
         # The issue's table: each durable variant against the fastest plain one (compiled).
         out["durable_eager_over_plain_eager_paired"] = paired("durable_eager", "plain_eager")
@@ -517,6 +534,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also profile one call of each variant (module docs)")
     p.add_argument("--eager", action="store_true",
                    help="also time plain generate and durable_generate with their default (eager, dynamic) caches")
+    p.add_argument("--placements", nargs="*", default=[], choices=["model", "decoder", "overlap"],
+                   help="also time durable calls with the step hook at these placements (integrations/transformers/"
+                        "_steps.py), as variants durable_<placement> of the same rounds")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
@@ -547,7 +567,7 @@ def main() -> None:
                 key = f"{shape}_b{batch}"
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
-                                args.profile, args.eager)
+                                args.profile, args.eager, tuple(args.placements))
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:Fu
 
 @pytest.fixture(autouse=True)
 def _no_step_hook_override(monkeypatch):
-    """The tests here choose the step hook's placement themselves (``_steps._HOOK_ON_DECODER``): a
+    """The tests here choose the step hook's placement themselves (``_steps._PLACEMENT``): a
     ``CONCORDIA_STEP_HOOK`` in the environment would override them."""
     monkeypatch.delenv("CONCORDIA_STEP_HOOK", raising=False)
 
@@ -160,34 +160,44 @@ def test_beam_search_on_a_durable_static_cache_equals_dynamic_cache_beams():
 
 def test_step_hook_module(monkeypatch) -> None:
     """The step hook's module (``_steps._step_module``): the model; with
-    ``_HOOK_ON_DECODER`` or ``CONCORDIA_STEP_HOOK=decoder`` the decoder stack
-    (inlined into the forward's compiled graph), or the model itself when it
-    names no decoder."""
+    ``_PLACEMENT`` or ``CONCORDIA_STEP_HOOK`` ``decoder`` or ``overlap`` the
+    decoder stack (inlined into the forward's compiled graph), or the model
+    itself when it names no decoder. The overlapped commit's join goes on the
+    output embeddings, only with ``overlap`` and only where they are not part
+    of the hooked module."""
     from integrations.transformers import _steps
 
     model = build("llama")
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", False)
+    monkeypatch.setattr(_steps, "_PLACEMENT", "model")
     assert _steps._step_module(model) is model
+    assert _steps._join_module(model, model) is None
 
     class Broken(torch.nn.Module):
         def get_decoder(self) -> Any:
             raise AttributeError("no decoder")
 
     broken, plain = Broken(), torch.nn.Linear(2, 2)
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", True)
-    assert _steps._step_module(model) is model.get_decoder() is model.model
-    assert _steps._step_module(plain) is plain
-    assert _steps._step_module(broken) is broken
+    for placement in ("decoder", "overlap"):
+        monkeypatch.setattr(_steps, "_PLACEMENT", placement)
+        assert _steps._step_module(model) is model.get_decoder() is model.model
+        assert _steps._step_module(plain) is plain
+        assert _steps._step_module(broken) is broken
+        assert _steps._join_module(broken, broken) is None
+    monkeypatch.setattr(_steps, "_PLACEMENT", "decoder")
+    assert _steps._join_module(model, model.model) is None
+    monkeypatch.setattr(_steps, "_PLACEMENT", "overlap")
+    assert _steps._join_module(model, model.model) is model.lm_head
+    assert _steps._join_module(model, model) is None  # the step hook on the model itself: joined at once
     # CONCORDIA_STEP_HOOK chooses over the module's default, either way; a value it does not know is refused.
     monkeypatch.setenv("CONCORDIA_STEP_HOOK", "model")
     assert _steps._step_module(model) is model
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", False)
-    monkeypatch.setenv("CONCORDIA_STEP_HOOK", "decoder")
-    assert _steps._step_module(model) is model.model and _steps.hook_placement() == "decoder"
+    monkeypatch.setattr(_steps, "_PLACEMENT", "model")
+    monkeypatch.setenv("CONCORDIA_STEP_HOOK", "overlap")
+    assert _steps._step_module(model) is model.model and _steps.hook_placement() == "overlap"
     monkeypatch.setenv("CONCORDIA_STEP_HOOK", "layers")
     from concordia_agents import ConcordiaError
 
-    expected = r"CONCORDIA_STEP_HOOK: expected one of \['model', 'decoder'\], found 'layers'"
+    expected = r"CONCORDIA_STEP_HOOK: expected one of \['model', 'decoder', 'overlap'\], found 'layers'"
     with pytest.raises(ConcordiaError, match=expected):
         _steps._step_module(model)
 
@@ -198,10 +208,11 @@ def test_a_compiled_step_runs_the_step_hook_exactly_while_it_is_attached(monkeyp
     after it was removed. The cache's ``stepping`` flag, read by every layer's update, keeps the two graphs
     apart. A compiled step (dynamo with the ``aot_eager`` backend on the CPU): two steps compiled with no
     hook, three with a counting hook on the decoder stack and the flag set, three after both are removed,
-    then a second cache and a second hook object: the hooks run in exactly their own steps."""
+    then a second cache and a second hook object, then the overlapped arrangement (a second hook on the LM
+    head, value 2) and the decoder's alone again: the hooks run in exactly their own steps."""
     from integrations.transformers import DurableStaticCache, _steps
 
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", True)
+    monkeypatch.setattr(_steps, "_PLACEMENT", "decoder")
     torch._dynamo.reset()
     model = build("llama")
     step = torch.compile(model.__call__, backend="aot_eager")
@@ -220,14 +231,17 @@ def test_a_compiled_step_runs_the_step_hook_exactly_while_it_is_attached(monkeyp
             for t in range(first, first + k):
                 step(ids[:, :1], past_key_values=cache, cache_position=torch.tensor([t]), use_cache=True)
 
-    def attached(cache: Any, hook: Counting, first: int, k: int) -> None:
-        handle = _steps._step_module(model).register_forward_hook(hook, with_kwargs=True)
-        cache.set_stepping(True)
+    def attached(cache: Any, hook: Counting, first: int, k: int, head: Counting | None = None) -> None:
+        handles = [_steps._step_module(model).register_forward_hook(hook, with_kwargs=True)]
+        if head is not None:  # the overlapped arrangement: a second hook, on the LM head
+            handles.append(model.lm_head.register_forward_hook(head, with_kwargs=True))
+        cache.set_stepping(1 if head is None else 2)
         try:
             steps(cache, first, k)
         finally:
-            handle.remove()
-            cache.set_stepping(False)
+            for handle in handles:
+                handle.remove()
+            cache.set_stepping(0)
 
     try:
         cache = DurableStaticCache.for_model(model, batch_size=1, max_cache_len=n + 16)
@@ -244,48 +258,63 @@ def test_a_compiled_step_runs_the_step_hook_exactly_while_it_is_attached(monkeyp
             model(ids, past_key_values=other, cache_position=torch.arange(n), use_cache=True)
         attached(other, second, n, 4)
         assert (int(first.count), int(second.count)) == (3, 4)
+        # The overlapped arrangement (2) after the decoder's alone (1), then 1 again: the LM head's hook runs in
+        # exactly its own steps, so neither arrangement's graph is replayed under the other.
+        third, head = Counting(), Counting()
+        attached(other, third, n + 4, 3, head=head)
+        assert (int(third.count), int(head.count)) == (3, 3)
+        attached(other, third, n + 7, 2)
+        assert (int(third.count), int(head.count)) == (5, 3), "the LM head's hook ran without its arrangement"
     finally:
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("on_decoder", [True, False])
-def test_durable_generate_sets_the_stepping_flag_only_while_it_runs(tmp_path, monkeypatch, on_decoder):
-    """durable_generate's static path with its step hook on the decoder stack sets the cache's ``stepping`` flag
-    when it attaches the hook and clears it when the call ends (the flag is what the compiled step's guards hold,
-    test above); with the hook on the model (its own compiled frame) it leaves the flag alone."""
+@pytest.mark.parametrize("placement", ["decoder", "overlap", "model"])
+def test_durable_generate_sets_the_stepping_flag_only_while_it_runs(tmp_path, monkeypatch, placement):
+    """durable_generate's static path with its step hook on the decoder stack sets the cache's ``stepping`` value
+    (1, or 2 with the overlapped commit's join on the LM head) when it attaches its hooks and sets it back to 0
+    when the call ends (the value is what the compiled step's guards hold, test above); with the hook on the
+    model (its own compiled frame) it leaves the value alone. The overlap's join hook is on the LM head exactly
+    while the call runs."""
     from concordia_agents import Runtime
     from integrations.transformers import DurableStaticCache, _steps, durable_generate
 
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", on_decoder)
+    monkeypatch.setattr(_steps, "_PLACEMENT", placement)
 
-    seen: list[bool] = []
+    seen: list[int] = []
     original = DurableStaticCache.set_stepping
 
-    def recording(self: Any, on: bool) -> None:
-        seen.append(on)
-        original(self, on)
+    def recording(self: Any, arrangement: int) -> None:
+        seen.append(arrangement)
+        original(self, arrangement)
 
     monkeypatch.setattr(DurableStaticCache, "set_stepping", recording)
     model = build("llama")
     ids, mask = prompt(1, False)
-    during: list[bool] = []  # the flag's last value set, at each committed token
+    during: list[int] = []  # the value last set, at each committed token
+    head_hooks: list[int] = []  # hooks on the LM head, at each committed token
+
     def on_event(e: Any) -> None:
         if e.phase == "token_committed":
-            during.append(bool(seen) and seen[-1])
+            during.append(seen[-1] if seen else 0)
+            head_hooks.append(len(model.lm_head._forward_hooks))
 
     with Runtime.open(home=tmp_path, backend="host") as rt:
         durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=4, do_sample=False,
                          cache_implementation="static", on_event=on_event)
-    if on_decoder:
-        assert seen == [True, False]
-        assert during and all(during), during
+    value = _steps._PLACEMENTS[placement]
+    assert len(during) == 4 and head_hooks == [1 if placement == "overlap" else 0] * 4, (during, head_hooks)
+    assert not model.lm_head._forward_hooks and not model.model._forward_hooks and not model._forward_hooks
+    if value:
+        assert seen == [value, 0] and during == [value] * 4, (seen, during)
     else:
-        assert seen == [] and during and not any(during), (seen, during)
+        assert seen == [] and during == [0] * 4, (seen, during)
 
 
-@pytest.mark.parametrize("on_decoder", [True, False])
-def test_step_hook_commits_every_step(tmp_path, monkeypatch, on_decoder):
-    """With the hook on the decoder stack or on the model (the default), durable_generate's static path (eager
+@pytest.mark.parametrize("placement", ["decoder", "overlap", "model"])
+def test_step_hook_commits_every_step(tmp_path, monkeypatch, placement):
+    """With the hook on the decoder stack (alone or with the overlap's join on the LM head) or on the model
+    (the default), durable_generate's static path (eager
     on the CPU: host commits) returns transformers' static-cache tokens and commits an epoch per model step,
     the prompt's included."""
     from concordia_agents import Runtime
@@ -295,7 +324,7 @@ def test_step_hook_commits_every_step(tmp_path, monkeypatch, on_decoder):
     ids, mask = prompt(1, False)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
     events: list[Any] = []
-    monkeypatch.setattr(_steps, "_HOOK_ON_DECODER", on_decoder)
+    monkeypatch.setattr(_steps, "_PLACEMENT", placement)
     with Runtime.open(home=tmp_path, backend="host") as rt:
         out = durable_generate(model, ids, "s", runtime=rt, attention_mask=mask, max_new_tokens=8,
                                do_sample=False, cache_implementation="static", on_event=events.append)

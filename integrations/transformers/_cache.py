@@ -22,7 +22,7 @@ __all__ = ["DurableCache", "DurableLayer", "DurableStaticCache", "DurableStaticL
 _SPLIT_STORAGE = True
 
 
-_BOTH = (False, True)  # DurableStaticLayer.update indexes it with the stepping flag
+_ARRANGEMENTS = (0, 1, 2)  # DurableStaticLayer.update indexes it with its stepping value
 
 
 def _unaliased(view: torch.Tensor) -> torch.Tensor:
@@ -204,17 +204,21 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
     ``cumulative_length`` in both supported transformers versions (5.17, 5.24+),
     so restoring a session sets it (``DurableStaticCache.set_length``).
 
-    ``stepping`` is True exactly while ``durable_generate``'s step hook
-    (``_steps.StepCheckpointer``) is attached to a submodule (the decoder
-    stack) of the model this cache runs in. ``update`` reads it, and only so that a compiled step's guards
-    include it: dynamo does not guard on a submodule's hooks
-    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so without this
-    read a step compiled before the hook was put on the decoder stack would
-    be replayed without it (no commits), and one compiled with it replayed
-    after it was removed. With it, each value gets a graph of its own."""
+    ``stepping`` is nonzero exactly while ``durable_generate``'s step hooks
+    (``_steps.StepCheckpointer``) are attached to submodules (the decoder
+    stack, and for the overlapped commit the output embeddings too) of the
+    model this cache runs in, and says which arrangement (``_steps``: 1 the
+    decoder hook, 2 the overlapped pair). ``update`` reads it, and only so
+    that a compiled step's guards include it: dynamo does not guard on a
+    submodule's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``),
+    so without this read a step compiled before the hook was put on the
+    decoder stack would be replayed without it (no commits), one compiled
+    with it replayed after it was removed, and one compiled with one
+    arrangement replayed under the other. With it, each value gets a graph
+    of its own."""
 
-    #: a durable_generate step hook is attached (class docs: read for dynamo's guards)
-    stepping: bool = False
+    #: which durable_generate step hooks are attached, 0 for none (class docs: read for dynamo's guards)
+    stepping: int = 0
 
     def __init__(self, storage: torch.Tensor, index: int) -> None:
         super().__init__(max_cache_len=int(storage.shape[-2]))
@@ -242,9 +246,9 @@ class DurableStaticLayer(_FixedBatch, StaticLayer):
             b, h, _, d = key_states.shape
             if b != self._k.shape[0] or h != self._k.shape[1] or d != self._k.shape[3]:
                 raise ConcordiaError(_shape_mismatch(self._k.shape, key_states.shape))
-        # Read so that a compiled step's guards hold the flag (class docs): an
+        # Read so that a compiled step's guards hold the value (class docs): an
         # index, which no bytecode compiler drops, as it may an empty ``if``.
-        _ = _BOTH[self.stepping]
+        _ = _ARRANGEMENTS[self.stepping]
         return super().update(key_states, value_states, *args, **kwargs)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -296,10 +300,13 @@ class DurableStaticCache(Cache):
             torch._dynamo.mark_static_address(self._sink)
         return self._sink
 
-    def set_stepping(self, on: bool) -> None:
-        """Mark a step hook attached (or not) on every layer (``DurableStaticLayer.stepping``)."""
+    def set_stepping(self, arrangement: int) -> None:
+        """Mark which step hooks are attached, 0 for none, on every layer
+        (``DurableStaticLayer.stepping``)."""
+        if arrangement not in _ARRANGEMENTS:
+            raise ConcordiaError(f"step hook arrangement: expected one of {list(_ARRANGEMENTS)}, found {arrangement}")
         for layer in self.durable_layers:
-            layer.stepping = on
+            layer.stepping = arrangement
 
     def set_length(self, n: int) -> None:
         for layer in self.durable_layers:

@@ -17,29 +17,36 @@ last committed token as its one-token first forward, which rewrites its KV
 row and yields the logits to sample from (the same values in deterministic
 mode) — that re-written row is committed again by the first eager step.
 
-Where the hook goes: on the model (the placement the GPU tests passed with).
-The compiled call is the model's ``__call__``, whose own hooks dynamo
-compiles as a frame of their own (a second graph, guards and CUDA graph
-replay per step, with Python between them), while a submodule's call — its
-hooks included — is inlined into the forward's graph (checked on the CPU with
-inductor: the op in the one graph, after the last layer's cache write, no
-recompilation per call). ``_HOOK_ON_DECODER`` puts the hook on the decoder
-stack (``model.get_decoder()``) instead; it is off until the GPU tests have
-passed with it, and ``CONCORDIA_STEP_HOOK=decoder`` (or ``model``) chooses
-for a process and its children (the GPU tests' crash children included).
+Where the hook goes (``hook_placement``): on the model (the placement the
+GPU tests passed with), on the decoder stack, or ``overlap``: on the decoder
+stack with the producer on a side stream. The compiled call is the model's
+``__call__``, whose own hooks dynamo compiles as a frame of their own (a
+second graph, guards and CUDA graph replay per step, with Python between
+them), while a submodule's call — its hooks included — is inlined into the
+forward's graph (checked on the CPU with inductor: the op in the one graph,
+after the last layer's cache write, no recompilation per call). With
+``overlap`` the decoder's hook forks (``concordia::step_commit_fork``: the
+side stream waits for the current one, the producer launches on it) and a
+hook on the output embeddings joins (``concordia::step_commit_join``), so
+the producer runs beside the LM head — a read of the whole vocabulary
+matrix, longer than a commit — instead of before it; a CUDA graph captures
+the fork and the join as two branches that meet. ``_PLACEMENT`` is the
+default, ``CONCORDIA_STEP_HOOK=model|decoder|overlap`` chooses for a process
+and its children (the GPU tests' crash children included).
 Dynamo does not guard on a submodule's hooks
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so on its own a graph
 compiled before the hook was added (any compiled plain ``generate`` earlier
 in the process) would be replayed without it and the step commits would stop
 silently (a hook added to the decoder after a compiled call ran 0 times of 3
-on the CPU). What makes the placement safe: ``attach`` sets the cache's
-``stepping`` flag when the hook goes on a submodule and ``detach`` clears
-it, and every layer's ``update`` reads it, so each compiled step's guards
-hold the flag's value and a graph compiled without the hook is never
-replayed with it attached, nor the reverse (``DurableStaticLayer``; tested
-on the CPU with a compiled step, ``tests/test_transformers_static.py``). A
-model whose decoder takes ``inputs_embeds`` (multimodal wrappers) would give
-the hook no ``input_ids``.
+on the CPU). What makes the submodule placements safe: ``attach`` sets the
+cache's ``stepping`` value (1 decoder, 2 overlap) when the hooks go on
+submodules and ``detach`` sets it back to 0, and every layer's ``update``
+reads it, so each compiled step's guards hold it and a graph compiled
+without the hooks (or with the other arrangement) is never replayed with
+them attached, nor the reverse (``DurableStaticLayer``; tested on the CPU
+with a compiled step, ``tests/test_transformers_static.py``). A model whose
+decoder takes ``inputs_embeds`` (multimodal wrappers) would give the hook no
+``input_ids``.
 
 The custom op declares a small device ``sink`` tensor as mutated: an op with
 no outputs and no mutated inputs may be dropped from the graph, and a sink
@@ -67,24 +74,29 @@ __all__ = ["StepCheckpointer"]
 
 # The producer the op's body launches: set while a StepCheckpointer is attached.
 _current: list[Any] = []
-#: hook the decoder stack instead of the model (module docs; the benchmark's comparison)
-_HOOK_ON_DECODER = False
-_PLACEMENTS = ("model", "decoder")
+#: where the step hook goes unless CONCORDIA_STEP_HOOK says (module docs; the benchmark compares them)
+_PLACEMENT = "model"
+#: each placement's number, the cache's ``stepping`` value while its hooks are on a submodule (0: the model's own)
+_PLACEMENTS = {"model": 0, "decoder": 1, "overlap": 2}
+# The overlapped commit's side stream per device, and the launches forked onto it that no join has
+# waited for yet (the fork's and the join's bodies run in this order when eager, warming up or recording).
+_side: dict[int, torch.cuda.Stream] = {}
+_forked: list[torch.cuda.Stream] = []
 
 
 def hook_placement() -> str:
     """Where the step hook goes: ``CONCORDIA_STEP_HOOK`` if set, else
-    ``_HOOK_ON_DECODER`` (module docs)."""
+    ``_PLACEMENT`` (module docs)."""
     chosen = os.environ.get("CONCORDIA_STEP_HOOK", "")
     if chosen and chosen not in _PLACEMENTS:
         raise ConcordiaError(f"CONCORDIA_STEP_HOOK: expected one of {list(_PLACEMENTS)}, found {chosen!r}")
-    return chosen or ("decoder" if _HOOK_ON_DECODER else "model")
+    return chosen or _PLACEMENT
 
 
 def _step_module(model: Any) -> Any:
     """The module whose forward hook commits a step (module docs): the model,
-    or (``hook_placement() == "decoder"``) its decoder stack if it has one."""
-    if hook_placement() != "decoder":
+    or (placement ``decoder`` or ``overlap``) its decoder stack if it has one."""
+    if hook_placement() == "model":
         return model
     try:
         decoder = model.get_decoder()
@@ -93,21 +105,80 @@ def _step_module(model: Any) -> Any:
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
+def _join_module(model: Any, step_module: Any) -> Any | None:
+    """The module after whose forward an overlapped commit is joined (placement
+    ``overlap``): the output embeddings (the LM head, the step's last large
+    read, which the producer then runs beside), or None where the model has
+    none apart from the step module (the commit is then joined at once)."""
+    if hook_placement() != "overlap" or step_module is model:
+        return None
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(head, torch.nn.Module) or any(head is m for m in step_module.modules()):
+        return None
+    return head
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side:
+        _side[index] = torch.cuda.Stream(device=index)
+    return _side[index]
+
+
+def _producer() -> Any:
+    if not _current:
+        raise ConcordiaError("concordia::step_commit ran with no durable_generate step producer attached")
+    return _current[-1]
+
+
 @torch.library.custom_op("concordia::step_commit", mutates_args=("sink",))
 def _step_commit(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor, sink: torch.Tensor) -> None:
     """Launch the in-step producer on the current stream. ``kv`` are the
     layers' key/value tensors (inputs so that the launch follows their
     writes), ``length`` the new length (device int64), ``ids`` the step's
     input tokens ``[batch, n]``."""
-    if not _current:
-        raise ConcordiaError("concordia::step_commit ran with no durable_generate step producer attached")
-    producer = _current[-1]
-    producer.launch(torch.cuda.current_stream(ids.device).cuda_stream, length.data_ptr(), ids.data_ptr(),
-                    int(ids.shape[1]), int(ids.stride(0)))
+    _producer().launch(torch.cuda.current_stream(ids.device).cuda_stream, length.data_ptr(), ids.data_ptr(),
+                       int(ids.shape[1]), int(ids.stride(0)))
 
 
 @_step_commit.register_fake
 def _(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor, sink: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("concordia::step_commit_fork", mutates_args=("sink",))
+def _step_commit_fork(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor, sink: torch.Tensor) -> None:
+    """``step_commit`` on the side stream, after everything queued on the
+    current one: the step goes on (the LM head) while the producer runs.
+    ``step_commit_join`` must follow in the same step (a CUDA graph's capture
+    fails with a stream left unjoined; eager, the next step's cache update
+    would move the length the producer reads)."""
+    current, side = torch.cuda.current_stream(ids.device), _side_stream(ids.device)
+    side.wait_stream(current)
+    _producer().launch(side.cuda_stream, length.data_ptr(), ids.data_ptr(), int(ids.shape[1]), int(ids.stride(0)))
+    _forked.append(side)
+
+
+@_step_commit_fork.register_fake
+def _(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor, sink: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("concordia::step_commit_join", mutates_args=("sink",))
+def _step_commit_join(sink: torch.Tensor) -> None:
+    """The current stream waits for the forked producer launches (if any:
+    a host step forks none). Both ops mutate ``sink``, so a compiled graph
+    keeps the join after the fork."""
+    current = torch.cuda.current_stream(sink.device)
+    while _forked:
+        current.wait_stream(_forked.pop())
+
+
+@_step_commit_join.register_fake
+def _(sink: torch.Tensor) -> None:
     return None
 
 
@@ -125,8 +196,9 @@ class StepCheckpointer:
         self._length = cache.durable_layers[-1].cumulative_length  # after the last layer's update: L
         self._kv = [t for layer in cache.durable_layers for t in (layer.keys, layer.values)]
         self._sink = None
-        self._handle: Any = None
-        self._stepping = False  # this hook set the cache's stepping flag (attach)
+        self._handles: list[Any] = []
+        self._stepping = False  # this hook set the cache's stepping value (attach)
+        self._overlap = False  # commits fork onto the side stream, joined after the LM head (attach)
         self.in_step_epochs = 0  #: epochs the device producer committed (known after detach)
         self.first = True  #: the next host step commits whatever is new (the prefill, a resume's first step)
         if steps.device is not None:
@@ -136,22 +208,28 @@ class StepCheckpointer:
         module = _step_module(model)  # first: a bad CONCORDIA_STEP_HOOK raises before anything is changed
         if self.steps.device is not None:
             _current.append(self.steps.device)
-        self._handle = module.register_forward_hook(self, with_kwargs=True)
-        # A submodule's hook is inlined into the forward's graph, whose guards
-        # must then hold the flag (module docs); the model's own hook is a
+        head = _join_module(model, module)
+        self._handles.append(module.register_forward_hook(self, with_kwargs=True))
+        if head is not None:
+            self._handles.append(head.register_forward_hook(self._join))
+        self._overlap = head is not None
+        # A submodule's hooks are inlined into the forward's graph, whose guards
+        # must then hold which are on (module docs); the model's own hook is a
         # compiled frame of its own, which needs none.
         self._stepping = module is not model
         if self._stepping:
-            self.cache.set_stepping(True)
+            self.cache.set_stepping(_PLACEMENTS["overlap" if self._overlap else "decoder"])
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
             if self._stepping:
-                self.cache.set_stepping(False)
+                self.cache.set_stepping(0)
         if self.steps.device is not None and self.steps.device in _current:
             _current.remove(self.steps.device)
+        _forked.clear()  # a fork whose join never ran (a failed forward): the device is synchronized below
         state = self.steps.close()
         if state is not None:
             self.in_step_epochs = state.commits
@@ -163,6 +241,15 @@ class StepCheckpointer:
             self.steps.arm(torch.cuda.current_stream(self.tokens.device).cuda_stream)
             self.first = False
 
+    def _on_device(self) -> bool:
+        """This step commits on the device: compiled, or eager after arming."""
+        return self.steps.device is not None and (torch.compiler.is_compiling() or self.steps.armed)
+
+    def _join(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
+        """The LM head's hook (placement ``overlap``): the step waits for its commit."""
+        if self._on_device():
+            torch.ops.concordia.step_commit_join(self._sink)
+
     def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         ids = kwargs.get("input_ids")
         if ids is None and args:
@@ -170,8 +257,11 @@ class StepCheckpointer:
         if ids is None:
             raise ConcordiaError("durable_generate with a static cache: expected the model's forward to receive "
                                  "input_ids, found none (inputs_embeds are not supported)")
-        if self.steps.device is not None and (torch.compiler.is_compiling() or self.steps.armed):
-            torch.ops.concordia.step_commit(self._kv, self._length, ids, self._sink)
+        if self._on_device():
+            if self._overlap:
+                torch.ops.concordia.step_commit_fork(self._kv, self._length, ids, self._sink)
+            else:
+                torch.ops.concordia.step_commit(self._kv, self._length, ids, self._sink)
             return
         # A host step: store the step's tokens, commit, then arm the device.
         length = int(self._length)
