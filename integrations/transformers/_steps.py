@@ -124,7 +124,10 @@ def _join_module(model: Any, step_module: Any) -> Any | None:
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _side:
-        _side[index] = torch.cuda.Stream(device=index)
+        # High priority: the producer's few blocks go ahead of the LM head's queued ones, so the commit ends
+        # inside the head's time rather than after it (a graph keeps a node's priority where its
+        # instantiation asks for node priorities; elsewhere it is a hint that costs nothing).
+        _side[index] = torch.cuda.Stream(device=index, priority=-1)
     return _side[index]
 
 
