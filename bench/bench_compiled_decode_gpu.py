@@ -37,7 +37,11 @@ at those placements (``CONCORDIA_STEP_HOOK`` set around the call; each
 placement's hooks set the cache's ``stepping`` value, so each compiles a
 graph of its own in the one process), paired against plain and against
 ``durable`` (the process's own placement); their device epochs per call are
-recorded, so a placement that committed nothing shows.
+recorded, so a placement that committed nothing shows. ``--quiet-flusher``
+adds ``durable_flusher_1s``: durable calls on a runtime whose flusher wakes
+once a second (its 3 GiB ring holds a call's epochs undrained), so the
+flusher thread's share of the host's time beside ``generate``'s loop shows
+in the timed rounds, not only in a profile.
 
 ``--profile`` adds, per shape and batch, one more call of each variant and
 of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
@@ -58,7 +62,8 @@ CPU ops by self time. It says whether a durable step's extra time is device
 work (which kernels) or the device waiting for the host.
 
     python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--eager] [--profile]
-        [--placements [model|decoder|overlap ...]] [--resume-tokens [N ...]] [--only steps|resume]
+        [--placements [model|decoder|overlap ...]] [--quiet-flusher] [--resume-tokens [N ...]]
+        [--only steps|resume]
 """
 
 from __future__ import annotations
@@ -252,7 +257,8 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
 
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
-            profile: bool = False, eager: bool = False, placements: tuple[str, ...] = ()) -> dict[str, Any]:
+            profile: bool = False, eager: bool = False, placements: tuple[str, ...] = (),
+            quiet_flusher: bool = False) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import durable_generate
@@ -291,7 +297,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     phases: dict[str, list[dict[str, float]]] = {}  # a durable call's time by phase (durable())
 
     def durable(extra: list[Any] | None = None, *, static: bool = True, every: int = 1,
-                runtime: Any = None, placement: str | None = None) -> float:
+                runtime: Any = None, placement: str | None = None, label: str | None = None) -> float:
         made[0] += 1
         sid = f"bench-{made[0]}"
         events: list[Any] = []
@@ -307,7 +313,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             events.append(e)
             stamps.append((e.phase, time.perf_counter()))
 
-        name = "durable_eager" if not static else f"durable_{placement}" if placement else "durable"
+        name = label or ("durable_eager" if not static else f"durable_{placement}" if placement else "durable")
         chosen = {"CONCORDIA_STEP_HOOK": placement} if placement else {}
         try:
             torch.cuda.synchronize()
@@ -337,6 +343,11 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             variants.update(plain_eager=lambda: plain(static=False), durable_eager=lambda: durable(static=False))
         for where in placements:  # the step hook's other placements (_steps.py), each a graph of its own
             variants[f"durable_{where}"] = lambda where=where: durable(placement=where)
+        if quiet_flusher:  # the host's flusher thread taken away from generate's loop (module docs)
+            slow = Runtime.open(home=Path(tempfile.mkdtemp()),
+                                **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0})
+            quiet.append(slow)  # closed with the profile's
+            variants["durable_flusher_1s"] = lambda: durable(runtime=slow, label="durable_flusher_1s")
         for fn in variants.values():  # warm-up: compile, record
             fn()
         calls["launch"] = 0
@@ -379,13 +390,14 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         "paired_range": ratios["range"],
         "whole_call_s": {k: statistics.median(v) for k, v in timed_whole.items()},
         "durable_call_phases_s": timed_phases,
-        "host_launch_calls_per_call": launches / (repeats * (1 + len(placements))),  # every compiled durable call
+        # every compiled durable call
+        "host_launch_calls_per_call": launches / (repeats * (1 + len(placements) + quiet_flusher)),
         "device_epochs_per_call": statistics.median(steps_seen["durable"]) if steps_seen.get("durable") else None,
         "device_epochs_per_call_by_variant": {k: statistics.median(v) for k, v in steps_seen.items() if v},
     }
-    for where in placements:  # each placement against plain, and against the process's own
-        out[f"durable_{where}_over_plain_paired"] = paired(f"durable_{where}", "plain")
-        out[f"durable_{where}_over_durable_paired"] = paired(f"durable_{where}", "durable")
+    for variant in [f"durable_{where}" for where in placements] + ["durable_flusher_1s"] * quiet_flusher:
+        out[f"{variant}_over_plain_paired"] = paired(variant, "plain")  # against plain, and the default durable
+        out[f"{variant}_over_durable_paired"] = paired(variant, "durable")
     if eager:
         # The issue's table: each durable variant against the fastest plain one (compiled).
         out["durable_eager_over_plain_eager_paired"] = paired("durable_eager", "plain_eager")
@@ -537,6 +549,8 @@ def main() -> None:
     p.add_argument("--placements", nargs="*", default=[], choices=["model", "decoder", "overlap"],
                    help="also time durable calls with the step hook at these placements (integrations/transformers/"
                         "_steps.py), as variants durable_<placement> of the same rounds")
+    p.add_argument("--quiet-flusher", action="store_true",
+                   help="also time durable calls on a runtime whose flusher wakes once a second (module docs)")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
@@ -567,7 +581,7 @@ def main() -> None:
                 key = f"{shape}_b{batch}"
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
-                                args.profile, args.eager, tuple(args.placements))
+                                args.profile, args.eager, tuple(args.placements), args.quiet_flusher)
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r
