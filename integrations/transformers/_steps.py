@@ -17,9 +17,11 @@ last committed token as its one-token first forward, which rewrites its KV
 row and yields the logits to sample from (the same values in deterministic
 mode) — that re-written row is committed again by the first eager step.
 
-Where the hook goes (``hook_placement``): on the model (the placement the
-GPU tests passed with), on the decoder stack, or ``overlap``: on the decoder
-stack with the producer on a side stream. The compiled call is the model's
+Where the hook goes (``hook_placement``): on the model (the default, with
+which every GPU test has passed), on the decoder stack, or ``overlap``: on
+the decoder stack with the producer on a side stream (six of the seven
+step-commit GPU tests passed with it on 2026-12-07, the seventh not run to
+its end; measured no faster than the default, docs/gpu.md). The compiled call is the model's
 ``__call__``, whose own hooks dynamo compiles as a frame of their own (a
 second graph, guards and CUDA graph replay per step, with Python between
 them), while a submodule's call — its hooks included — is inlined into the
@@ -124,9 +126,9 @@ def _join_module(model: Any, step_module: Any) -> Any | None:
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _side:
-        # High priority: the producer's few blocks go ahead of the LM head's queued ones, so the commit ends
-        # inside the head's time rather than after it (a graph keeps a node's priority where its
-        # instantiation asks for node priorities; elsewhere it is a hint that costs nothing).
+        # High priority, so that the producer's few blocks may go ahead of the LM head's queued ones and the
+        # commit end inside the head's time (whether a captured graph keeps a stream's priority depends on
+        # how the graph is instantiated: not checked; it costs nothing either way).
         _side[index] = torch.cuda.Stream(device=index, priority=-1)
     return _side[index]
 
