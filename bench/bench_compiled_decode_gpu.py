@@ -390,12 +390,12 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
         "paired_range": ratios["range"],
         "whole_call_s": {k: statistics.median(v) for k, v in timed_whole.items()},
         "durable_call_phases_s": timed_phases,
-        # every compiled durable call
-        "host_launch_calls_per_call": launches / (repeats * (1 + len(placements) + quiet_flusher)),
+        # per timed compiled durable call, of every durable variant
+        "host_launch_calls_per_call": launches / max(1, sum(len(v) for v in steps_seen.values())),
         "device_epochs_per_call": statistics.median(steps_seen["durable"]) if steps_seen.get("durable") else None,
         "device_epochs_per_call_by_variant": {k: statistics.median(v) for k, v in steps_seen.items() if v},
     }
-    for variant in [f"durable_{where}" for where in placements] + ["durable_flusher_1s"] * quiet_flusher:
+    for variant in (k for k in steps_seen if k != "durable"):  # the extra durable variants
         out[f"{variant}_over_plain_paired"] = paired(variant, "plain")  # against plain, and the default durable
         out[f"{variant}_over_durable_paired"] = paired(variant, "durable")
     if eager:

@@ -35,8 +35,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Self
 
-from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask
-from gpu_runtime.cuda.step_commit import check_step_inputs
+from gpu_runtime.backend import BackendRegion, Capability, CheckpointTask, check_step_inputs
 from gpu_runtime.records import RecordType
 from gpu_runtime.regions import RegionKind, RegionSpec, allocate, describe
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import BackendUnavailableError, ConfigurationError
+from .errors import BackendUnavailableError, ConfigurationError, RegionError
 from .logring import LogRing
 from .logwriter import LogWriter
 from .records import RecordHeader
@@ -40,13 +40,37 @@ from .regions import RegionSpec
 
 __all__ = [
     "BACKENDS",
+    "MAX_STEP_BODY",
     "Backend",
     "BackendRegion",
     "Capability",
     "CheckpointTask",
     "backend_class",
+    "check_step_inputs",
     "open_backend",
 ]
+
+MAX_STEP_BODY = 4096  #: bytes of a step commit's COMMIT body (the in-step producer's CNC_STEP_MAX_BODY)
+
+
+def check_step_inputs(*, template: bytes, slots: int, tokens_name: str, token_row_bytes: int) -> int:
+    """The limits of step commits (``Backend.step_committer``) on what they are
+    given: rows of 64-bit tokens, and a COMMIT body (``template`` with
+    ``slots`` places of the length) of at most ``MAX_STEP_BODY`` bytes at the
+    largest length. Returns that largest body's size.
+
+    They are the GPU's in-step producer's limits, and every backend checks
+    them when step commits are asked for (``Session.step_commits``), not only
+    that one: a program that runs on the host backend must not be refused
+    later on the GPU."""
+    if token_row_bytes != 8:
+        raise RegionError(f"region {tokens_name!r}: step commits store 64-bit tokens (one int64 per row), found rows "
+                          f"of {token_row_bytes} bytes")
+    most_body = len(template) - slots + slots * 20  # 20 digits: the largest u64
+    if most_body > MAX_STEP_BODY:
+        raise RegionError(f"step commits: the COMMIT body (lengths and meta as JSON, the length at its largest) "
+                          f"must fit the in-step producer's {MAX_STEP_BODY} bytes, found {most_body}: shorten the meta")
+    return most_body
 
 
 class Capability(enum.Enum):

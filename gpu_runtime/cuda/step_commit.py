@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import MAX_STEP_BODY, check_step_inputs
 from ..errors import LogFullError, RegionError
 from ..logring import LogRing
 from ..planner import rows_per_record
@@ -30,10 +31,10 @@ from .compiler import compile_cubin, kernel_source
 from .memory import device_ptr
 from .region import CupyRegion
 
-__all__ = ["MAX_BODY", "MAX_RECORDS", "PARAM_WORDS", "STATE_WORDS", "StepCommitter", "StepState", "check_step_inputs"]
+__all__ = ["MAX_BODY", "MAX_RECORDS", "PARAM_WORDS", "STATE_WORDS", "StepCommitter", "StepState"]
 
 MAX_RECORDS = 64  #: data records of one epoch (CNC_STEP_MAX_RECORDS)
-MAX_BODY = 4096  #: bytes of a COMMIT body (CNC_STEP_MAX_BODY)
+MAX_BODY = MAX_STEP_BODY  #: bytes of a COMMIT body (CNC_STEP_MAX_BODY; every backend's limit: backend.py)
 MAX_SLOTS = 8  #: places of the length whose offsets the kernel is given (CNC_STEP_MAX_SLOTS; more: formatted serially)
 _BLOCK = 256
 # State and parameter words: kernels/step_commit.cu's S_* and P_* (test_kernels_compile checks them).
@@ -60,24 +61,6 @@ def _the_slot() -> Any:
     if not _slot:
         _slot.append(cupy.zeros(2, dtype=cupy.uint64))
     return _slot[0]
-
-
-def check_step_inputs(*, template: bytes, slots: int, tokens_name: str, token_row_bytes: int) -> int:
-    """The producer's limits on what it is given: rows of 64-bit tokens, and a
-    COMMIT body (``template`` with ``slots`` places of the length) of at most
-    ``MAX_BODY`` bytes at the largest length. Returns that largest body's size.
-
-    Every backend checks them when step commits are asked for
-    (``Session.step_commits``), not only this one: a program that runs on the
-    host backend must not be refused later on the GPU."""
-    if token_row_bytes != 8:
-        raise RegionError(f"region {tokens_name!r}: step commits store 64-bit tokens (one int64 per row), found rows "
-                          f"of {token_row_bytes} bytes")
-    most_body = len(template) - slots + slots * 20  # 20 digits: the largest u64
-    if most_body > MAX_BODY:
-        raise RegionError(f"step commits: the COMMIT body (lengths and meta as JSON, the length at its largest) "
-                          f"must fit the in-step producer's {MAX_BODY} bytes, found {most_body}: shorten the meta")
-    return most_body
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

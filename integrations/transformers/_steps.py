@@ -133,10 +133,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side[index]
 
 
-def _producer() -> Any:
+def _launch(stream: int, length: torch.Tensor, ids: torch.Tensor) -> None:
+    """Launch the attached step producer on ``stream`` (both ops' body)."""
     if not _current:
         raise ConcordiaError("concordia::step_commit ran with no durable_generate step producer attached")
-    return _current[-1]
+    _current[-1].launch(stream, length.data_ptr(), ids.data_ptr(), int(ids.shape[1]), int(ids.stride(0)))
 
 
 @torch.library.custom_op("concordia::step_commit", mutates_args=("sink",))
@@ -145,8 +146,7 @@ def _step_commit(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.Tensor
     layers' key/value tensors (inputs so that the launch follows their
     writes), ``length`` the new length (device int64), ``ids`` the step's
     input tokens ``[batch, n]``."""
-    _producer().launch(torch.cuda.current_stream(ids.device).cuda_stream, length.data_ptr(), ids.data_ptr(),
-                       int(ids.shape[1]), int(ids.stride(0)))
+    _launch(torch.cuda.current_stream(ids.device).cuda_stream, length, ids)
 
 
 @_step_commit.register_fake
@@ -163,7 +163,7 @@ def _step_commit_fork(kv: list[torch.Tensor], length: torch.Tensor, ids: torch.T
     would move the length the producer reads)."""
     current, side = torch.cuda.current_stream(ids.device), _side_stream(ids.device)
     side.wait_stream(current)
-    _producer().launch(side.cuda_stream, length.data_ptr(), ids.data_ptr(), int(ids.shape[1]), int(ids.stride(0)))
+    _launch(side.cuda_stream, length, ids)
     _forked.append(side)
 
 
