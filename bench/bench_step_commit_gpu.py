@@ -104,7 +104,9 @@ def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -
     stream = torch.cuda.current_stream()
     length = torch.full((), PROMPT, dtype=torch.int64, device="cuda")
     ids = torch.randint(3, 30000, (batch, 1), device="cuda", dtype=torch.int64)
-    every = 1 if variant.startswith("commit") else 10 * steps
+    # no_commit: one step past the run's end, the shortest epoch the producer never reaches (it checks at
+    # arming that a whole epoch fits its record limit and half the ring)
+    every = 1 if variant.startswith("commit") else steps + 1
     commits = s.step_commits(kv="kv", tokens="tokens", meta={"n_tokens": PROMPT}, length_key="n_tokens",
                              every=every, device=variant != "length_only")
     producer = commits.device
@@ -206,11 +208,14 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "step_commit_gpu", "device": torch.cuda.get_device_name(0),
                               "versions": versions("cupy-cuda13x"), "steps": args.steps, "repeats": args.repeats,
                               "prompt_len": PROMPT, "queued_behind_sleep": True}
+    most = max(_step_bytes(shape, batch) for shape in args.shapes for batch in args.batches)
+    # no_commit's epoch (steps + 1 steps) must fit half the ring: 512 MiB for 8B batch 8 at 200 steps
+    ring = max(256 << 20, 1 << (2 * (args.steps + 2) * most - 1).bit_length())
+    result["ring_bytes"] = ring
     with written("step_commit_gpu", result), tempfile.TemporaryDirectory() as home, \
-            Runtime.open(home=Path(home), backend="cupy", fsync="none", ring_bytes=256 << 20,
+            Runtime.open(home=Path(home), backend="cupy", fsync="none", ring_bytes=ring,
                          segment_bytes=1 << 30, max_record_bytes=4 << 20, compact_bytes=0) as rt:
         n = 0
-        most = max(_step_bytes(shape, batch) for shape in args.shapes for batch in args.batches)
         bare = _bare_ring(rt, Path(home), -(-(args.steps + 1) * most // 4096) * 4096)
         try:
             for shape in args.shapes:
