@@ -445,7 +445,9 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
     page-locking, which the resume's first commit waits for. A third kind of
     run, interleaved with the two, resumes with ``ring_prepare`` and
     ``restore_prepare`` on (the restore's pinned pool page-locked on a thread
-    of its own from the runtime's open, the ring from the session's open).
+    of its own from the runtime's open, the ring from the session's open);
+    the plain resumes turn ``restore_prepare`` (the default since 2026-12-07)
+    off, so that they stay the comparison.
     Every resume waits 0.5 s between opening its runtime and the timed call,
     as a process loads its model in between."""
     from concordia_agents import Runtime
@@ -476,7 +478,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             # The child's lease is taken over at once: its owner's PID on this machine is dead (_owner.py).
             # RT_OPTIONS' 256 MiB ring, not the child's 3 GiB: the copy has no ring, so the resume creates one and
             # page-locks it (at the step producer's start) inside the timed call; a resumed step's epochs are a row.
-            options = {"ring_prepare": True, "restore_prepare": True} if prepare else {}
+            options = {"ring_prepare": True, "restore_prepare": True} if prepare else {"restore_prepare": False}
             with Runtime.open(home=home, **{**RT_OPTIONS, "lease_ttl": 0.5, "backend_options": options}) as rt:
                 time.sleep(0.5)  # as a process loads its model between opening its runtime and resuming
                 first = FirstToken()

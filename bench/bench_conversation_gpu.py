@@ -309,9 +309,10 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
     varied — reader threads, span size, spans in flight (each 16 MiB read
     takes one thread about 3 ms at the measured per-thread rate, and a buffer
     is also held while the device copies and sums it, so 8 buffers may keep
-    fewer than 8 reads going), checksum site — each on a fresh copy,
-    twice per runtime: the first pays for the pipeline's buffers (pinned pool,
-    staging), the second finds them kept. Each run's ``pipeline`` is the
+    fewer than 8 reads going), checksum site, the pinned pool made by the first
+    restore instead of ahead of it (``restore_prepare``, on by default since
+    2026-12-07) — each on a fresh copy, twice per runtime: the first pays for
+    what the pipeline makes on first use, the second finds it kept. Each run's ``pipeline`` is the
     pipeline's own account of the largest region (``RestoreStats``)."""
     from concordia_agents import Runtime
 
@@ -327,7 +328,7 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
                 "16 buffers": {"restore_depth": 16},
                 "15 threads, 16 buffers": {"restore_threads": 15, "restore_depth": 16},
                 "host sums": {"restore_verify": "host"},
-                "pool prepared with the backend": {"restore_prepare": True}}
+                "pool made by the first restore": {"restore_prepare": False}}
     for name, options in variants.items():
         first: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []

@@ -68,9 +68,10 @@ class RestoreOptions:
     span: int = 16 << 20  #: bytes per pinned buffer
     depth: int = 8  #: pinned buffers in flight (at least 2)
     threads: int | None = None  #: reader threads (default min(8, cores - 1))
-    #: allocate the pinned pool on a thread of its own when the backend is made (``prepare``); off
-    #: until a GPU run has measured it
-    prepare: bool = False
+    #: allocate the pinned pool on a thread of its own when the backend is made (``prepare``): on since
+    #: the H100 run of 2026-12-07, where a runtime's first 8k restore ran at 24.9 GB/s with it and 11.6
+    #: without (the pool's page-locking was half of the restore; docs/gpu.md)
+    prepare: bool = True
 
     def __post_init__(self) -> None:
         if self.engine not in ("executor", "copy"):
