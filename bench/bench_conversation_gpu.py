@@ -386,6 +386,10 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
                 s.release()
                 del s  # its restored KV (4 GiB at 32k) is not held through the timed call
             with Runtime.open(home=home, **_OPTIONS) as rt:
+                # As a process loads its model between opening its runtime and resuming: without the pause the
+                # backend's pool preparation (restore_prepare) ran beside the timed call and the first token was
+                # no sooner (0.137 s with it and without it on 2026-12-07, while the restore itself halved).
+                time.sleep(0.5)
                 got: list[ConversationCall] = []
                 ft = FirstToken()
                 torch.cuda.synchronize()
