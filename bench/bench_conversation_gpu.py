@@ -309,11 +309,12 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
     varied — reader threads, span size, spans in flight (each 16 MiB read
     takes one thread about 3 ms at the measured per-thread rate, and a buffer
     is also held while the device copies and sums it, so 8 buffers may keep
-    fewer than 8 reads going), checksum site, the pinned pool made by the first
-    restore instead of ahead of it (``restore_prepare``, on by default since
-    2026-12-07) — each on a fresh copy, twice per runtime: the first pays for
-    what the pipeline makes on first use, the second finds it kept. Each run's ``pipeline`` is the
-    pipeline's own account of the largest region (``RestoreStats``)."""
+    fewer than 8 reads going), checksum site, the pinned pool made by the
+    first restore instead of ahead of it (``restore_prepare``, on by default
+    since 2026-12-07) — each on a fresh copy, twice per runtime: the first
+    pays for what the pipeline makes on first use, the second finds it kept.
+    Each run's ``pipeline`` is the pipeline's own account of the largest
+    region (``RestoreStats``)."""
     from concordia_agents import Runtime
 
     files = [f for f in src.rglob("*") if f.is_file() and f.suffix in (".log", ".img")]  # segments, base images
