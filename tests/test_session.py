@@ -49,6 +49,21 @@ def test_runtime_defaults_come_from_environment(tmp_path, monkeypatch):
         Runtime.open()
 
 
+def test_flush_poll_comes_from_environment_and_must_be_positive(tmp_path, monkeypatch):
+    """CONCORDIA_FLUSH_POLL_MS sets the flusher's period (an argument wins); 0 or less, which would spin the
+    flusher, is a ConfigurationError naming the variable and the value found."""
+    monkeypatch.setenv("CONCORDIA_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("CONCORDIA_BACKEND", "host")
+    monkeypatch.setenv("CONCORDIA_FLUSH_POLL_MS", "250")
+    with Runtime.open() as rt:
+        assert rt.config.flush_poll == 0.25
+    with Runtime.open(flush_poll=0.05) as rt:
+        assert rt.config.flush_poll == 0.05
+    monkeypatch.setenv("CONCORDIA_FLUSH_POLL_MS", "0")
+    with pytest.raises(ConfigurationError, match=r"CONCORDIA_FLUSH_POLL_MS.*found 0\.0 s"):
+        Runtime.open()
+
+
 def test_processes_opening_a_new_home_at_the_same_moment_all_succeed(tmp_path):
     """Ranks of a torchrun job open one fresh home at once: each open succeeds and they share one catalog
     (creating the home directory or the SQLite file raced: FileExistsError)."""
