@@ -37,11 +37,14 @@ at those placements (``CONCORDIA_STEP_HOOK`` set around the call; each
 placement's hooks set the cache's ``stepping`` value, so each compiles a
 graph of its own in the one process), paired against plain and against
 ``durable`` (the process's own placement); their device epochs per call are
-recorded, so a placement that committed nothing shows. ``--quiet-flusher``
-adds ``durable_flusher_1s``: durable calls on a runtime whose flusher wakes
-once a second (its 3 GiB ring holds a call's epochs undrained), so the
-flusher thread's share of the host's time beside ``generate``'s loop shows
-in the timed rounds, not only in a profile.
+recorded, so a placement that committed nothing shows. ``--flush-polls MS
+...`` adds, per period, ``durable_flusher_<period>`` (``durable_flusher_1s``,
+``durable_flusher_100ms``): durable calls on a runtime whose flusher wakes
+every MS milliseconds (``flush_poll``; its 3 GiB ring holds a call's epochs
+undrained), so the flusher thread's share of the host's time beside
+``generate``'s loop shows in the timed rounds, and how much of it a period
+between the default 10 ms and a second gives back (a shorter period bounds
+what a host crash may lose). ``--quiet-flusher`` is ``--flush-polls 1000``.
 
 ``--profile`` adds, per shape and batch, one more call of each variant and
 of ``plain_durable_cache`` (plain ``generate`` given a ``DurableStaticCache``: no
@@ -62,7 +65,8 @@ CPU ops by self time. It says whether a durable step's extra time is device
 work (which kernels) or the device waiting for the host.
 
     python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--eager] [--profile]
-        [--placements [model|decoder|overlap ...]] [--quiet-flusher] [--resume-tokens [N ...]]
+        [--placements [model|decoder|overlap ...]] [--flush-polls MS ...] [--quiet-flusher]
+        [--resume-tokens [N ...]]
         [--only steps|resume]
 """
 
@@ -193,6 +197,12 @@ def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
     }
 
 
+def period_label(seconds: float) -> str:
+    """``1s``, ``100ms``: a flusher period as a variant's name ends."""
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int, start: int, new_tokens: int,
                      plain: Any, durable: Any, quiet: list[Any]) -> dict[str, Any]:
     """``--profile``: one call of each variant (module docs) under the profiler
@@ -245,7 +255,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
             "plain_durable_cache_views": lambda w: views(lambda v: plain([v], cache=durable_cache()), w),
             "plain_static_cache_passed": lambda w: plain([w], cache=static_cache()),
             "durable_every_64": lambda w: durable([w], every=64),
-            "durable_flusher_1s": lambda w: durable([w], runtime=quiet[0]),
+            "durable_flusher_1s": lambda w: durable([w], runtime=quiet[-1]),
             "durable_hook_on_decoder": lambda w: on_decoder(durable, w),
             "durable_views": lambda w: views(lambda v: durable([v]), w)}
     out: dict[str, Any] = {}
@@ -258,7 +268,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
             profile: bool = False, eager: bool = False, placements: tuple[str, ...] = (),
-            quiet_flusher: bool = False) -> dict[str, Any]:
+            flush_polls: tuple[float, ...] = ()) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import durable_generate
@@ -293,7 +303,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     home = Path(tempfile.mkdtemp())
     rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
     made = [0]
-    quiet: list[Any] = []  # the --profile variant's runtime with a slow flusher
+    quiet: list[Any] = []  # runtimes with a slower flusher (--flush-polls, --profile), closed with the section
     phases: dict[str, list[dict[str, float]]] = {}  # a durable call's time by phase (durable())
 
     def durable(extra: list[Any] | None = None, *, static: bool = True, every: int = 1,
@@ -343,11 +353,12 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             variants.update(plain_eager=lambda: plain(static=False), durable_eager=lambda: durable(static=False))
         for where in placements:  # the step hook's other placements (_steps.py), each a graph of its own
             variants[f"durable_{where}"] = lambda where=where: durable(placement=where)
-        if quiet_flusher:  # the host's flusher thread taken away from generate's loop (module docs)
+        for period in flush_polls:  # the host's flusher thread's passes spaced out (module docs)
             slow = Runtime.open(home=Path(tempfile.mkdtemp()),
-                                **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0})
-            quiet.append(slow)  # closed with the profile's
-            variants["durable_flusher_1s"] = lambda: durable(runtime=slow, label="durable_flusher_1s")
+                                **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": period})
+            quiet.append(slow)
+            label = f"durable_flusher_{period_label(period)}"
+            variants[label] = lambda slow=slow, label=label: durable(runtime=slow, label=label)
         for fn in variants.values():  # warm-up: compile, record
             fn()
         calls["launch"] = 0
@@ -551,10 +562,15 @@ def main() -> None:
     p.add_argument("--placements", nargs="*", default=[], choices=["model", "decoder", "overlap"],
                    help="also time durable calls with the step hook at these placements (integrations/transformers/"
                         "_steps.py), as variants durable_<placement> of the same rounds")
-    p.add_argument("--quiet-flusher", action="store_true",
-                   help="also time durable calls on a runtime whose flusher wakes once a second (module docs)")
+    p.add_argument("--flush-polls", type=float, nargs="*", default=[], metavar="MS",
+                   help="also time durable calls on runtimes whose flusher wakes every MS milliseconds, as variants "
+                        "durable_flusher_<period> (module docs)")
+    p.add_argument("--quiet-flusher", action="store_true", help="the same as --flush-polls 1000")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    polls = sorted({ms / 1000 for ms in [*args.flush_polls, *([1000.0] if args.quiet_flusher else [])]})
+    if any(not ms > 0 for ms in args.flush_polls):
+        p.error(f"expected --flush-polls periods above 0 ms, found {args.flush_polls}")
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
         p.error(f"expected --repeats >= 1 and 0 < --from < --new-tokens, found {args.repeats}, {args.start}, "
                 f"{args.new_tokens}")
@@ -571,7 +587,7 @@ def main() -> None:
                               "new_tokens": args.new_tokens, "timed_from": args.start, "repeats": args.repeats,
                               "copy_bandwidth_GBps": bw / 1e9,
                               "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30},
-                              "profiled": args.profile, "eager_variants": args.eager,
+                              "profiled": args.profile, "eager_variants": args.eager, "flush_polls_s": polls,
                               "step_hook": _steps.hook_placement(),
                               "split_storage": _cache._SPLIT_STORAGE}
     with written("compiled_decode_gpu", result):
@@ -583,7 +599,7 @@ def main() -> None:
                 key = f"{shape}_b{batch}"
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
-                                args.profile, args.eager, tuple(args.placements), args.quiet_flusher)
+                                args.profile, args.eager, tuple(args.placements), tuple(polls))
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r
