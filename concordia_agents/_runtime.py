@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,6 +84,9 @@ from .errors import (
 )
 
 __all__ = ["GcItem", "GcReport", "Runtime"]
+
+#: the flusher thread's longest sleep between backend polls (``_flush_loop``)
+_BACKEND_POLL_S = 0.01
 
 
 class _Open(NamedTuple):
@@ -405,8 +409,13 @@ class Runtime:
     def _flush_loop(self) -> None:
         warned: set[str] = set()
         poll_error = ""  # the last poll failure, logged once until it changes or clears
+        # The backend is polled at least every _BACKEND_POLL_S whatever flush_poll says: a CUDA executor that
+        # parked with a task pending is relaunched there, and a longer flush period must not delay that task.
+        # The logs are flushed every flush_poll, or at once when kicked (a forced flush, close).
+        tick = min(self.config.flush_poll, _BACKEND_POLL_S)
+        last_pass = time.monotonic()
         while not self._stop.is_set():
-            self._wake.wait(self.config.flush_poll)
+            kicked = self._wake.wait(tick)
             self._wake.clear()
             try:
                 self.backend.poll()  # e.g. relaunch an executor that parked with a task pending
@@ -415,6 +424,10 @@ class Runtime:
                 if repr(e) != poll_error:
                     self.log.exception("backend poll failed")
                 poll_error = repr(e)
+            now = time.monotonic()
+            if not kicked and now < last_pass + self.config.flush_poll - tick / 2:
+                continue  # half a tick early counts as due: a wait may end a little before its timeout
+            last_pass = now
             for slog in self._open_logs():
                 try:
                     slog.flush_step()

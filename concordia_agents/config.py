@@ -14,6 +14,7 @@
 | CONCORDIA_COMPACT_BYTES     | 268435456 (256 MiB)          | delta bytes that start compaction (0: never) |
 | CONCORDIA_COMPACT_EPOCHS    | 256                          | epochs since the newest base image that start it |
 | CONCORDIA_LEASE_TTL         | 30                           | seconds a lease lives without a heartbeat |
+| CONCORDIA_FLUSH_POLL_MS     | 10                           | the flusher's period (0 < ms <= 3600000) |
 | CONCORDIA_REMOTE            | unset                        | s3://bucket/prefix: sealed segments go there too |
 | CONCORDIA_REMOTE_ENDPOINT   | unset (AWS)                  | the S3-compatible server (MinIO, Ceph RGW, GCS) |
 | CONCORDIA_DURABILITY        | remote with a remote, else disk | level of new sessions: local, disk, remote |
@@ -37,6 +38,8 @@ __all__ = ["FsyncPolicy", "RuntimeConfig", "locate", "show_tracebacks"]
 
 FsyncPolicy = Literal["every_commit", "interval", "none"]
 _FSYNC = ("every_commit", "interval", "none")
+#: the longest flusher period accepted: an hour (tests use it to keep the flusher away)
+_MAX_FLUSH_POLL_S = 3600.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -83,9 +86,10 @@ class RuntimeConfig:
     lease_ttl: float = 30.0
     #: how long commit() waits for ring space before LogFullError
     space_timeout: float = 60.0
-    #: flusher poll period when nobody kicks it (seconds). Longer passes take less of the GIL while a
-    #: compiled decode commits from the device (1B batch 8 on an H100: 1.057x plain at 10 ms, 1.033x with a 1 s
-    #: poll); the ring must then hold a poll's worth of epochs, and a host crash may lose that much
+    #: the flusher's period when nobody kicks it (seconds): each pass verifies the rings' new records and appends
+    #: them to segments. Its passes share the GIL with a compiled decode that commits from the device (1B batch 8
+    #: on an H100: 1.057x plain at 10 ms, 1.033x at 1 s); a longer period needs a ring that holds a period's
+    #: epochs, and a host crash may lose up to a period more. The backend is polled every 10 ms regardless.
     flush_poll: float = 0.01
     #: ``s3://bucket/prefix``: the object store for sealed segments and base images (None: local only)
     remote: str | None = None
@@ -122,9 +126,9 @@ class RuntimeConfig:
         if self.compact_epochs < 0:
             raise ConfigurationError(f"compact_epochs (CONCORDIA_COMPACT_EPOCHS): expected 0 or more, found "
                                      f"{self.compact_epochs}")
-        if not self.flush_poll > 0:
-            raise ConfigurationError(f"flush_poll (CONCORDIA_FLUSH_POLL_MS): expected a positive period, found "
-                                     f"{self.flush_poll} s")
+        if not 0 < self.flush_poll <= _MAX_FLUSH_POLL_S:  # NaN fails too; inf would end the flusher's wait loop
+            raise ConfigurationError(f"flush_poll (CONCORDIA_FLUSH_POLL_MS): expected a period above 0 and at most "
+                                     f"{int(_MAX_FLUSH_POLL_S * 1000)} ms, found {self.flush_poll * 1000!r} ms")
         if self.lease_ttl <= 0:
             raise ConfigurationError(f"lease_ttl: expected a positive number of seconds, found {self.lease_ttl}")
         if self.remote is not None:

@@ -3,6 +3,9 @@ protocol; the protocol tests every backend runs are in tests/conformance/test_se
 
 from __future__ import annotations
 
+import re
+import time
+
 import numpy as np
 import pytest
 
@@ -50,8 +53,9 @@ def test_runtime_defaults_come_from_environment(tmp_path, monkeypatch):
 
 
 def test_flush_poll_comes_from_environment_and_must_be_positive(tmp_path, monkeypatch):
-    """CONCORDIA_FLUSH_POLL_MS sets the flusher's period (an argument wins); 0 or less, which would spin the
-    flusher, is a ConfigurationError naming the variable and the value found."""
+    """CONCORDIA_FLUSH_POLL_MS sets the flusher's period (an argument wins); 0 or less (a spinning flusher),
+    NaN, infinity (its wait raises) or over an hour is a ConfigurationError naming the variable, the bounds and
+    the value found."""
     monkeypatch.setenv("CONCORDIA_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("CONCORDIA_BACKEND", "host")
     monkeypatch.setenv("CONCORDIA_FLUSH_POLL_MS", "250")
@@ -59,9 +63,35 @@ def test_flush_poll_comes_from_environment_and_must_be_positive(tmp_path, monkey
         assert rt.config.flush_poll == 0.25
     with Runtime.open(flush_poll=0.05) as rt:
         assert rt.config.flush_poll == 0.05
-    monkeypatch.setenv("CONCORDIA_FLUSH_POLL_MS", "0")
-    with pytest.raises(ConfigurationError, match=r"CONCORDIA_FLUSH_POLL_MS.*found 0\.0 s"):
-        Runtime.open()
+    for bad in ("0", "-5", "inf", "nan", "3600001"):
+        monkeypatch.setenv("CONCORDIA_FLUSH_POLL_MS", bad)
+        found = re.escape(repr(float(bad)))  # 0.0, -5.0, inf, nan, 3600001.0
+        with pytest.raises(ConfigurationError, match=rf"CONCORDIA_FLUSH_POLL_MS.*at most 3600000 ms, found {found} ms"):
+            Runtime.open()
+    monkeypatch.delenv("CONCORDIA_FLUSH_POLL_MS")
+    with pytest.raises(ConfigurationError, match=r"found 0\.0 ms"):
+        Runtime.open(flush_poll=0.0)
+
+
+def test_a_long_flush_period_keeps_the_backend_polled_and_a_forced_flush_still_durable(tmp_path):
+    """With a flusher period of an hour, the backend is still polled every 10 ms or so (a CUDA executor parked
+    with a task pending is relaunched there), no pass runs unasked, and session.flush() (which flushes in the
+    caller's thread) still makes the epoch durable."""
+    from gpu_runtime.host import HostBackend
+
+    polls = []
+    with Runtime.open(home=tmp_path / "h", backend="host", flush_poll=3600.0) as rt:
+        assert isinstance(rt.backend, HostBackend)
+        rt.backend.poll = lambda: polls.append(time.monotonic())  # type: ignore[method-assign]
+        s = rt.session("s")
+        s.register("a", np.arange(1024, dtype=np.float32))
+        s.commit({"n": 1})
+        time.sleep(0.5)
+        assert len(polls) >= 10, f"expected the backend polled every ~10 ms for 0.5 s, found {len(polls)} polls"
+        slog = rt._sessions["s"].log
+        assert slog.state.copied_epoch == 0, "no pass should have run within the hour-long period"
+        s.flush()
+        assert slog.state.durable_epoch >= 1
 
 
 def test_processes_opening_a_new_home_at_the_same_moment_all_succeed(tmp_path):
