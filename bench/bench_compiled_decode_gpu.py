@@ -198,7 +198,7 @@ def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
 
 
 def period_label(seconds: float) -> str:
-    """``1s``, ``100ms``: a flusher period as a variant's name ends."""
+    """``1s``, ``100ms``: a flusher period (whole milliseconds, ``main`` checks) as a variant's name ends."""
     ms = round(seconds * 1000)
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
@@ -569,8 +569,8 @@ def main() -> None:
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     polls = sorted({ms / 1000 for ms in [*args.flush_polls, *([1000.0] if args.quiet_flusher else [])]})
-    if any(not ms > 0 for ms in args.flush_polls):
-        p.error(f"expected --flush-polls periods above 0 ms, found {args.flush_polls}")
+    if any(not 1 <= ms <= 3_600_000 or ms != round(ms) for ms in args.flush_polls):
+        p.error(f"expected --flush-polls periods of whole milliseconds from 1 to 3600000, found {args.flush_polls}")
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
         p.error(f"expected --repeats >= 1 and 0 < --from < --new-tokens, found {args.repeats}, {args.start}, "
                 f"{args.new_tokens}")

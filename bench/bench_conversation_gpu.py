@@ -389,7 +389,7 @@ def resume_section(model: Any, shape: str, n: int, repeats: int) -> dict[str, An
             with Runtime.open(home=home, **_OPTIONS) as rt:
                 # As a process loads its model between opening its runtime and resuming: without the pause the
                 # backend's pool preparation (restore_prepare) ran beside the timed call and the first token was
-                # no sooner (0.137 s with it and without it on 2026-12-07, while the restore itself halved).
+                # no sooner (0.136 s without it and 0.137 s with it on 2026-12-07, while the restore itself halved).
                 time.sleep(0.5)
                 got: list[ConversationCall] = []
                 ft = FirstToken()

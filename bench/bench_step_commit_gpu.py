@@ -61,6 +61,7 @@ from bench.common import versions, written
 #: KV geometry (layers, kv heads, head dim) of the shapes bench_transformers_gpu.py builds
 SHAPES = {"llama-3.2-1b": (16, 8, 64), "llama-3-8b": (32, 8, 128)}
 PROMPT = 16
+MAX_RECORD_BYTES = 4 << 20  #: the runtime's record size: rows of one record
 
 
 def _session(rt: Any, name: str, shape: str, batch: int, max_len: int) -> tuple[Any, Any, Any]:
@@ -199,6 +200,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    for shape in args.shapes:  # no_commit arms an epoch of steps + 1 rows, which the producer must accept
+        for batch in args.batches:
+            row = _step_bytes(shape, batch) - 8 * batch - 8192
+            records = -(-(args.steps + 1) // max(1, MAX_RECORD_BYTES // row)) + 1
+            if records > 64:
+                p.error(f"--steps {args.steps}: {shape} batch {batch}'s no_commit epoch would be {records} records, "
+                        "over the producer's 64 (CNC_STEP_MAX_RECORDS); give fewer steps")
 
     import torch
 
@@ -214,7 +222,7 @@ def main() -> None:
     result["ring_bytes"] = ring
     with written("step_commit_gpu", result), tempfile.TemporaryDirectory() as home, \
             Runtime.open(home=Path(home), backend="cupy", fsync="none", ring_bytes=ring,
-                         segment_bytes=1 << 30, max_record_bytes=4 << 20, compact_bytes=0) as rt:
+                         segment_bytes=1 << 30, max_record_bytes=MAX_RECORD_BYTES, compact_bytes=0) as rt:
         n = 0
         bare = _bare_ring(rt, Path(home), -(-(args.steps + 1) * most // 4096) * 4096)
         try:
