@@ -42,10 +42,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_step_commit_gpu import SHAPES, kv_row_bytes
 from bench.common import cpu_device, versions, write
-
-#: KV geometry (layers, kv heads, head dim) of the shapes the GPU benchmarks build
-SHAPES = {"llama-3.2-1b": (16, 8, 64), "llama-3-8b": (32, 8, 128)}
 
 
 def _timed_parts() -> tuple[dict[str, float], Callable[[], None]]:
@@ -88,10 +86,10 @@ def flush_run(shape: str, batch: int, epochs: int, per_pass: int) -> dict[str, f
 
     layers, heads, dim = SHAPES[shape]
     length = 16 + epochs + 1
+    ring = max(64 << 20, 1 << (2 * epochs * kv_row_bytes(shape, batch)).bit_length())  # holds the run unflushed
     with tempfile.TemporaryDirectory() as home, \
             Runtime.open(home=Path(home), backend="host", fsync="none", flush_poll=3600.0, compact_bytes=0,
-                         ring_bytes=max(64 << 20, 1 << (4 * epochs * 2 * layers * batch * heads * dim).bit_length()),
-                         segment_bytes=1 << 30, max_record_bytes=4 << 20) as rt:
+                         ring_bytes=ring, segment_bytes=1 << 30, max_record_bytes=4 << 20) as rt:
         s = rt.session("bench")
         s.register("kv", np.random.default_rng(0).random((2 * layers, batch, heads, length, dim), np.float32)
                    .astype(np.float16), kind="kv", seq_axis=3)
@@ -161,8 +159,7 @@ def main() -> None:
 
     from gpu_runtime.checksum import payload_sum
 
-    layers, heads, dim = SHAPES[args.shape]
-    row = 2 * layers * args.batch * heads * dim * 2
+    row = kv_row_bytes(args.shape, args.batch)
     result: dict[str, Any] = {"benchmark": "flusher_cpu", "device": cpu_device(), "versions": versions(),
                               "shape": args.shape, "batch": args.batch, "kv_row_bytes": row, "epochs": args.epochs,
                               "repeats": args.repeats, "warmup": 1, "fsync": "none"}

@@ -133,10 +133,15 @@ PROBES = {"bare_commit": 0, "bare_no_ring_reads": 1, "bare_no_sys_fences": 2, "b
           "bare_no_headers": 16, "bare_floor": 31}
 
 
+def kv_row_bytes(shape: str, batch: int) -> int:
+    """Bytes of one token's KV rows: bf16 keys and values of every layer."""
+    layers, heads, dim = SHAPES[shape]
+    return 2 * layers * batch * heads * dim * 2
+
+
 def _step_bytes(shape: str, batch: int) -> int:
     """Log bytes of one step's epoch, with room for the headers and the COMMIT."""
-    layers, heads, dim = SHAPES[shape]
-    return 2 * layers * batch * heads * dim * 2 + 8 * batch + 8192
+    return kv_row_bytes(shape, batch) + 8 * batch + 8192
 
 
 def _bare_ring(rt: Any, home: Path, capacity: int) -> tuple[Any, int]:
@@ -202,8 +207,7 @@ def main() -> None:
     args = p.parse_args()
     for shape in args.shapes:  # no_commit arms an epoch of steps + 1 rows, which the producer must accept
         for batch in args.batches:
-            row = _step_bytes(shape, batch) - 8 * batch - 8192
-            records = -(-(args.steps + 1) // max(1, MAX_RECORD_BYTES // row)) + 1
+            records = -(-(args.steps + 1) // max(1, MAX_RECORD_BYTES // kv_row_bytes(shape, batch))) + 1
             if records > 64:
                 p.error(f"--steps {args.steps}: {shape} batch {batch}'s no_commit epoch would be {records} records, "
                         "over the producer's 64 (CNC_STEP_MAX_RECORDS); give fewer steps")
