@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from gpu_runtime.logring import LogRing
-from gpu_runtime.records import HEADER_SIZE, FramingError, RecordHeader, RecordType, decode_header, payload_sum
+from gpu_runtime.records import (
+    HEADER_SIZE,
+    FramingError,
+    RecordHeader,
+    RecordType,
+    decode_header,
+    header_fields,
+    payload_sum,
+    record_size,
+)
 
 from ._replay import valid_size
 from ._segments import SEGMENT_HEADER_SIZE, SegmentWriter, list_segments, new_header
@@ -61,11 +70,15 @@ def checked_header(ring: LogRing, tag: int, pos: int, limit: int) -> RecordHeade
 
 
 def check_payload(ring: LogRing, pos: int, header: RecordHeader) -> None:
-    views = ring.views(pos + HEADER_SIZE, header.length)
-    body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
-    if payload_sum(body, header.version) != header.payload_sum:
+    if not _payload_intact(ring, pos, header.length, header.version, header.payload_sum):
         raise CorruptLogError(f"host ring record at log offset {pos} ({header.type.name}, epoch {header.epoch}) "
                               "fails its payload checksum", path=str(ring.path), offset=pos)
+
+
+def _payload_intact(ring: LogRing, pos: int, length: int, version: int, expected: int) -> bool:
+    views = ring.views(pos + HEADER_SIZE, length)
+    body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
+    return payload_sum(body, version) == expected
 
 
 def intact_end(ring: LogRing, tag: int, start: int, end: int) -> tuple[int, CorruptLogError | None]:
@@ -89,22 +102,47 @@ def verified_span(ring: LogRing, tag: int, start: int, limit: int,
     that fit in ``chunk`` bytes (at least one) and stop before ``limit`` or the
     first damaged record, and ``(epoch, end)`` of the last COMMIT among them
     (None if none). Raises CorruptLogError only if the first record is damaged.
-    Each header is decoded once."""
+
+    The flusher runs this on every epoch beside the decode loop, so its
+    per-record Python is time a compiled ``durable_generate`` waits for the
+    GIL: a header is checked in place (``header_fields``: no copy, no
+    ``RecordHeader``). A header the fast checks do not pass (one that wraps
+    around the ring's end, a failed check, an unknown flag) takes the
+    record-by-record path, whose error is the one raised."""
+    data, cap = ring.data_view, ring.capacity
     pos, commit = start, None
     while pos < limit:
-        try:
-            header = checked_header(ring, tag, pos, limit)
-            if pos > start and pos + header.size - start > chunk:
-                break  # verified as the first record of the next span
-            check_payload(ring, pos, header)
-        except CorruptLogError:
-            if pos == start:
-                raise
-            break  # copy the intact records before it; the next span starts at the damage and raises
-        pos += header.size
-        if header.type is RecordType.COMMIT:
-            commit = (header.epoch, pos)
+        at = pos % cap
+        fields = header_fields(data, at) if at + HEADER_SIZE <= cap else None
+        if fields is None or fields[2] != tag or pos + record_size(fields[4]) > limit:
+            try:  # the same checks, with the error that names what failed
+                header = checked_header(ring, tag, pos, limit)
+                if pos > start and pos + header.size - start > chunk:
+                    break  # verified as the first record of the next span
+                check_payload(ring, pos, header)
+            except CorruptLogError:
+                if pos == start:
+                    raise
+                break  # copy the intact records before it; the next span starts at the damage and raises
+            rtype, epoch, size = int(header.type), header.epoch, header.size
+        else:
+            rtype, version, _, epoch, length, expected = fields
+            size = record_size(length)
+            if pos > start and pos + size - start > chunk:
+                break
+            body = (at + HEADER_SIZE) % cap
+            if not (payload_sum(data[body:body + length], version) == expected if body + length <= cap
+                    else _payload_intact(ring, pos, length, version, expected)):
+                if pos == start:
+                    check_payload(ring, pos, decode_header(ring.read(pos, HEADER_SIZE)))  # raises its error
+                break
+        pos += size
+        if rtype == _COMMIT:
+            commit = (epoch, pos)
     return pos, commit
+
+
+_COMMIT = int(RecordType.COMMIT)
 
 
 def drain_ring(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool = False) -> int:

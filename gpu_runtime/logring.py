@@ -236,6 +236,13 @@ class LogRing:
             return self._data[pos:pos + n].tobytes()
         return self._data[pos:].tobytes() + self._data[: n - first].tobytes()
 
+    @property
+    def data_view(self) -> memoryview:
+        """The data area (byte ``i`` holds logical offsets ``x`` with ``x %
+        capacity == i``), zero-copy, for readers that walk it in place; valid
+        until ``close``."""
+        return self._bytes
+
     def views(self, logical: int, n: int) -> list[memoryview]:
         """Zero-copy views of ``n`` bytes from a logical offset (two if they wrap)."""
         pos = logical % self.capacity

@@ -66,6 +66,7 @@ __all__ = [
     "decode_header",
     "encode_header",
     "encode_record",
+    "header_fields",
     "payload_sum",
     "record_size",
     "session_tag",
@@ -193,6 +194,22 @@ def encode_record(
     )
     pad = record_size(n) - HEADER_SIZE - n
     return b"".join((header, bytes(payload), b"\0" * pad))
+
+
+def header_fields(buf: memoryview, off: int) -> tuple[int, int, int, int, int, int] | None:
+    """``(type, version, session_tag, epoch, length, payload_sum)`` of the header
+    at ``buf[off:off + HEADER_SIZE]`` if it passes ``decode_header``'s checks
+    (magic, version, type, header checksum; flags the known ones), else None:
+    ``decode_header`` then says which failed. The flusher's walk over a ring:
+    no copy of the header's bytes and no ``RecordHeader`` per record (a
+    per-token epoch is three records, each walked while ``generate``'s loop
+    waits for the GIL)."""
+    (magic, version, rtype, flags, tag, epoch, _region, hcrc, _offset, length, _aux,
+     psum) = _HEADER.unpack_from(buf, off)
+    if (magic != RECORD_MAGIC or version not in READ_VERSIONS or rtype not in _TYPES or flags not in _FLAGS_OF
+            or zlib.crc32(buf[off + 32:off + 64], zlib.crc32(buf[off:off + 28])) != hcrc):
+        return None
+    return rtype, version, tag, epoch, length, psum
 
 
 def checked_record_size(buf: bytes) -> int:
