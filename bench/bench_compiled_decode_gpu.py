@@ -17,7 +17,11 @@ caches are different types, batches different shapes: a first version of
 this benchmark hit the default limit of 8 and fell back to eager). A
 durable call's whole time is also split by phase (medians): session open,
 to the first commit (the prefill and the prompt's epoch), to the last token,
-and the rest (final commit, flush, close).
+and the rest (``finish``), itself split into the final commit with its flush
+to disk and the session's close. ``--ring-mib`` sets the durable calls'
+host ring (default 3072, which holds the largest prompt epoch here; 64 is
+the runtime's default, through which a larger epoch streams as the flusher
+drains it): a new session's ring is created and page-locked inside its call.
 Protocol: one warm-up call of each variant (compilation), then
 ``--repeats`` rounds, variants interleaved in alternating order; median
 over rounds, and the paired ratio (durable over plain of the same round),
@@ -65,7 +69,7 @@ CPU ops by self time. It says whether a durable step's extra time is device
 work (which kernels) or the device waiting for the host.
 
     python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--eager] [--profile]
-        [--placements [model|decoder|overlap ...]] [--flush-polls MS ...] [--quiet-flusher]
+        [--placements [model|decoder|overlap ...]] [--flush-polls MS ...] [--quiet-flusher] [--ring-mib 3072]
         [--resume-tokens [N ...]]
         [--only steps|resume]
 """
@@ -268,7 +272,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
             profile: bool = False, eager: bool = False, placements: tuple[str, ...] = (),
-            flush_polls: tuple[float, ...] = ()) -> dict[str, Any]:
+            flush_polls: tuple[float, ...] = (), ring_bytes: int = 3 << 30) -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import durable_generate
@@ -299,9 +303,10 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
 
     # One runtime (one home: its kernel cache compiles the executor's handlers once) for the section; each
     # call is a new session, deleted after it. A call's whole time includes creating and page-locking its
-    # session's 3 GiB ring (a new session's ring; the batch-8 8B prompt epoch fits it).
+    # session's ring (--ring-mib; the default 3 GiB holds the batch-8 8B prompt epoch, a smaller one streams
+    # it through, the flusher draining as the commit waits for room).
     home = Path(tempfile.mkdtemp())
-    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
+    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": ring_bytes})
     made = [0]
     quiet: list[Any] = []  # runtimes with a slower flusher (--flush-polls, --profile), closed with the section
     phases: dict[str, list[dict[str, float]]] = {}  # a durable call's time by phase (durable())
@@ -336,11 +341,14 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             end = time.perf_counter()
             whole.setdefault(name, []).append(end - t)
             # Where a call's time goes: session open (lease, ring), then to the first commit (the prompt's
-            # epoch on the host), then to the last token, then the final commit, flush and close.
+            # epoch on the host), then to the last token, then the finish: the final commit and its flush to
+            # disk (to the "done" event), then the session's close.
             opened = next(at for phase, at in stamps if phase == "opened")
             first = next((at for phase, at in stamps if phase == "token_committed"), opened)
+            done = next((at for phase, at in stamps if phase == "done"), end)
             phases.setdefault(name, []).append({"open": opened - t, "to_first_commit": first - opened,
-                                                "to_last_token": last.at - first, "finish": end - last.at})
+                                                "to_last_token": last.at - first, "finish": end - last.at,
+                                                "final_commit_flush": done - last.at, "close": end - done})
         finally:
             on.delete(sid)  # no disk writeback of this call carried into the next
         if static:
@@ -566,11 +574,16 @@ def main() -> None:
                    help="also time durable calls on runtimes whose flusher wakes every MS milliseconds, as variants "
                         "durable_flusher_<period> (module docs)")
     p.add_argument("--quiet-flusher", action="store_true", help="the same as --flush-polls 1000")
+    p.add_argument("--ring-mib", type=int, default=3072,
+                   help="the host ring of the durable calls' sessions (the --flush-polls variants keep 3 GiB: "
+                        "they hold a call's epochs undrained); 64 is the runtime's default")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     polls = sorted({ms / 1000 for ms in [*args.flush_polls, *([1000.0] if args.quiet_flusher else [])]})
     if any(not 1 <= ms <= 3_600_000 or ms != round(ms) for ms in args.flush_polls):
         p.error(f"expected --flush-polls periods of whole milliseconds from 1 to 3600000, found {args.flush_polls}")
+    if not 1 <= args.ring_mib <= 65536:
+        p.error(f"expected --ring-mib from 1 to 65536, found {args.ring_mib}")
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
         p.error(f"expected --repeats >= 1 and 0 < --from < --new-tokens, found {args.repeats}, {args.start}, "
                 f"{args.new_tokens}")
@@ -586,7 +599,7 @@ def main() -> None:
                               "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": args.prompt_len,
                               "new_tokens": args.new_tokens, "timed_from": args.start, "repeats": args.repeats,
                               "copy_bandwidth_GBps": bw / 1e9,
-                              "runtime_options": {**RT_OPTIONS, "ring_bytes": 3 << 30},
+                              "runtime_options": {**RT_OPTIONS, "ring_bytes": args.ring_mib << 20},
                               "profiled": args.profile, "eager_variants": args.eager, "flush_polls_s": polls,
                               "step_hook": _steps.hook_placement(),
                               "split_storage": _cache._SPLIT_STORAGE}
@@ -599,7 +612,8 @@ def main() -> None:
                 key = f"{shape}_b{batch}"
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
-                                args.profile, args.eager, tuple(args.placements), tuple(polls))
+                                args.profile, args.eager, tuple(args.placements), tuple(polls),
+                                args.ring_mib << 20)
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r
