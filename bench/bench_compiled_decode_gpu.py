@@ -22,6 +22,9 @@ to disk and the session's close. ``--ring-mib`` sets the durable calls'
 host ring (default 3072, which holds the largest prompt epoch here; 64 is
 the runtime's default, through which a larger epoch streams as the flusher
 drains it): a new session's ring is created and page-locked inside its call.
+``--fsync`` sets their fsync policy (default ``none``; the runtime's default
+is ``every_commit``): ``durable_generate``'s final flush fsyncs under every
+policy, so under ``none`` the finish fsyncs all the call wrote.
 Protocol: one warm-up call of each variant (compilation), then
 ``--repeats`` rounds, variants interleaved in alternating order; median
 over rounds, and the paired ratio (durable over plain of the same round),
@@ -70,6 +73,7 @@ work (which kernels) or the device waiting for the host.
 
     python bench/bench_compiled_decode_gpu.py [--shapes ...] [--batches 1 8] [--repeats 3] [--eager] [--profile]
         [--placements [model|decoder|overlap ...]] [--flush-polls MS ...] [--quiet-flusher] [--ring-mib 3072]
+        [--fsync none|interval|every_commit]
         [--resume-tokens [N ...]]
         [--only steps|resume]
 """
@@ -272,7 +276,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
             profile: bool = False, eager: bool = False, placements: tuple[str, ...] = (),
-            flush_polls: tuple[float, ...] = (), ring_bytes: int = 3 << 30) -> dict[str, Any]:
+            flush_polls: tuple[float, ...] = (), ring_bytes: int = 3 << 30, fsync: str = "none") -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import durable_generate
@@ -306,7 +310,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
     # session's ring (--ring-mib; the default 3 GiB holds the batch-8 8B prompt epoch, a smaller one streams
     # it through, the flusher draining as the commit waits for room).
     home = Path(tempfile.mkdtemp())
-    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": ring_bytes})
+    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": ring_bytes, "fsync": fsync})
     made = [0]
     quiet: list[Any] = []  # runtimes with a slower flusher (--flush-polls, --profile), closed with the section
     phases: dict[str, list[dict[str, float]]] = {}  # a durable call's time by phase (durable())
@@ -577,6 +581,10 @@ def main() -> None:
     p.add_argument("--ring-mib", type=int, default=3072,
                    help="the host ring of the durable calls' sessions (the --flush-polls variants keep 3 GiB: "
                         "they hold a call's epochs undrained); 64 is the runtime's default")
+    p.add_argument("--fsync", choices=["none", "interval", "every_commit"], default="none",
+                   help="the durable calls' fsync policy (the --flush-polls variants keep none; every_commit is "
+                        "the runtime's default; a call's final flush fsyncs under every policy, so under none the "
+                        "finish fsyncs the whole call)")
     p.add_argument("--resume-child", nargs=3, metavar=("SHAPE", "N", "HOME"), help=argparse.SUPPRESS)
     args = p.parse_args()
     polls = sorted({ms / 1000 for ms in [*args.flush_polls, *([1000.0] if args.quiet_flusher else [])]})
@@ -599,7 +607,8 @@ def main() -> None:
                               "versions": versions("transformers", "cupy-cuda13x"), "prompt_len": args.prompt_len,
                               "new_tokens": args.new_tokens, "timed_from": args.start, "repeats": args.repeats,
                               "copy_bandwidth_GBps": bw / 1e9,
-                              "runtime_options": {**RT_OPTIONS, "ring_bytes": args.ring_mib << 20},
+                              "runtime_options": {**RT_OPTIONS, "ring_bytes": args.ring_mib << 20,
+                                                  "fsync": args.fsync},
                               "profiled": args.profile, "eager_variants": args.eager, "flush_polls_s": polls,
                               "step_hook": _steps.hook_placement(),
                               "split_storage": _cache._SPLIT_STORAGE}
@@ -613,7 +622,7 @@ def main() -> None:
                 try:
                     r = section(model, batch, args.prompt_len, args.start, args.new_tokens, args.repeats,
                                 args.profile, args.eager, tuple(args.placements), tuple(polls),
-                                args.ring_mib << 20)
+                                args.ring_mib << 20, args.fsync)
                     r["roofline_ms"] = roofline_ms
                     r["over_roofline"] = {k: v / roofline_ms for k, v in r["ms_per_step"].items()}
                     result[key] = r
