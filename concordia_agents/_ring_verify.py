@@ -133,8 +133,9 @@ def verified_span(ring: LogRing, tag: int, start: int, limit: int,
             body = (at + HEADER_SIZE) % cap
             if not (payload_sum(data[body:body + length], version) == expected if body + length <= cap
                     else _payload_intact(ring, pos, length, version, expected)):
-                if pos == start:
-                    check_payload(ring, pos, decode_header(ring.read(pos, HEADER_SIZE)))  # raises its error
+                if pos == start:  # check_payload's error, from what was read (not a second read of the bytes)
+                    raise CorruptLogError(f"host ring record at log offset {pos} ({RecordType(rtype).name}, epoch "
+                                          f"{epoch}) fails its payload checksum", path=str(ring.path), offset=pos)
                 break
         pos += size
         if rtype == _COMMIT:

@@ -240,8 +240,8 @@ class LogRing:
     def data_view(self) -> memoryview:
         """The data area (byte ``i`` holds logical offsets ``x`` with ``x %
         capacity == i``), zero-copy, for readers that walk it in place; valid
-        until ``close``."""
-        return self._bytes
+        until ``close`` (a view of its own: releasing it leaves the ring's)."""
+        return self._bytes[:]
 
     def views(self, logical: int, n: int) -> list[memoryview]:
         """Zero-copy views of ``n`` bytes from a logical offset (two if they wrap)."""

@@ -5,6 +5,7 @@ its wrap point), any damage, any chunk and any published end."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from concordia_agents._ring_verify import check_payload, checked_header, verified_span
 from gpu_runtime.errors import CorruptLogError
 from gpu_runtime.logring import LogRing
-from gpu_runtime.records import HEADER_SIZE, RecordType, encode_record, record_size
+from gpu_runtime.records import _HEADER, HEADER_SIZE, RecordFlags, RecordType, _header_crc, encode_record, record_size
 
 TAG = 0x5EED
 
@@ -56,19 +57,48 @@ records = st.lists(
 damage = st.one_of(
     st.none(),
     st.tuples(st.just("header"), st.integers(0, 9), st.integers(0, HEADER_SIZE - 1), st.integers(1, 255)),
-    st.tuples(st.just("payload"), st.integers(0, 9), st.integers(0, 3000), st.integers(1, 255)))
+    st.tuples(st.just("payload"), st.integers(0, 9), st.integers(0, 3000), st.integers(1, 255)),
+    # A header whose checksum is right but whose fields are not: a bad magic, a version or type no
+    # reader knows, an unknown flag (which decode_header accepts), the BASE flag, a REGION record.
+    st.tuples(st.just("forged"), st.integers(0, 9),
+              st.sampled_from(["magic", "version", "type", "flags", "base_flag", "region_type"]), st.just(0)))
+CAP = 32768
 
 
-@settings(max_examples=300, deadline=None)
-@given(records, damage, st.integers(0, 3 * 32768), st.integers(1, 20000), st.integers(0, 40), st.data())
-def test_walk_equals_the_record_by_record_definition(tmp_path_factory, recs, harm, base, chunk, cut, data):
-    """Records of both payload sizes and both versions, laid from a random base
-    (so that headers and payloads straddle the wrap point), one optional byte
-    flipped in a header or a payload, spans cut by ``chunk`` and the published
-    end moved back ``cut`` bytes (inside the last record): ``verified_span``
-    returns what the definition returns, or raises its error."""
+def forge(header: bytes, what: str) -> bytes:
+    """``header`` with one field changed and its header checksum made right again."""
+    fields = list(_HEADER.unpack(header))
+    if what == "magic":
+        fields[0] = b"XNCR"
+    elif what == "version":
+        fields[1] = 3
+    elif what == "type":
+        fields[2] = 9
+    elif what == "flags":
+        fields[3] = 2
+    elif what == "base_flag":
+        fields[3] = int(RecordFlags.BASE)
+    else:
+        fields[2] = int(RecordType.REGION)
+    raw = _HEADER.pack(*fields[:7], 0, *fields[8:])
+    return raw[:28] + struct.pack("<I", _header_crc(raw)) + raw[32:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(records, damage, st.integers(1, 3), st.integers(0, 6000), st.one_of(st.just(1 << 30), st.integers(1, 20000)),
+       st.one_of(st.just(0), st.integers(0, 40), st.integers(0, 6000)), st.data())
+def test_walk_equals_the_record_by_record_definition(tmp_path_factory, recs, harm, laps, before_wrap, chunk, cut,
+                                                     data):
+    """Records of both payload sizes and both versions, laid so that the
+    ring's end falls among them (headers and payloads straddle it, or start
+    or end exactly on it), one optional byte flipped in a header or a payload
+    or one header field forged with a valid checksum, spans cut by ``chunk``
+    (now and then exactly at a record's end) and the published end moved
+    back ``cut`` bytes: ``verified_span`` returns what the definition
+    returns, or raises its error."""
+    base = laps * CAP - before_wrap
     path = tmp_path_factory.mktemp("walk") / "r.ring"
-    ring = LogRing.create(path, capacity=32768, session_tag=TAG, owner_token=1, base=base)
+    ring = LogRing.create(path, capacity=CAP, session_tag=TAG, owner_token=1, base=base)
     try:
         laid: list[tuple[int, int]] = []  # (log offset, payload length) of each record
         pos = base
@@ -79,19 +109,23 @@ def test_walk_equals_the_record_by_record_definition(tmp_path_factory, recs, har
             ring.write_at(pos, rec)
             laid.append((pos, length))
             pos += len(rec)
-        if harm is not None:
+        first = data.draw(st.integers(0, len(laid) - 1), label="start")
+        if harm is not None:  # a record from the walk's start on (one before it is never read)
             where, j, at, xor = harm
-            rpos, length = laid[j % len(laid)]
-            if where == "payload" and length:
-                at = rpos + HEADER_SIZE + at % length
+            rpos, length = laid[first + j % (len(laid) - first)]
+            if where == "forged":
+                ring.write_at(rpos, forge(ring.read(rpos, HEADER_SIZE), at))
             else:
-                at = rpos + at
-            b = ring.read(at, 1)[0]
-            ring.write_at(at, bytes([b ^ xor]))
+                at = rpos + HEADER_SIZE + at % length if where == "payload" and length else rpos + at % HEADER_SIZE
+                b = ring.read(at, 1)[0]
+                ring.write_at(at, bytes([b ^ xor]))
         limit = max(base + 1, pos - cut)
-        start = laid[data.draw(st.integers(0, len(laid) - 1), label="start")][0]
+        start = laid[first][0]
         if start >= limit:
-            start = base
+            start, first = base, 0
+        ends = [p + record_size(n) for p, n in laid[first:]]
+        if data.draw(st.booleans(), label="chunk at a record's end"):
+            chunk = data.draw(st.sampled_from(ends), label="end") - start
         want = outcome(reference_span, ring, TAG, start, limit, chunk)
         got = outcome(verified_span, ring, TAG, start, limit, chunk)
         assert got == want
