@@ -106,9 +106,12 @@ def verified_span(ring: LogRing, tag: int, start: int, limit: int,
     The flusher runs this on every epoch beside the decode loop, so its
     per-record Python is time a compiled ``durable_generate`` waits for the
     GIL: a header is checked in place (``header_fields``: no copy, no
-    ``RecordHeader``). A header the fast checks do not pass (one that wraps
-    around the ring's end, a failed check, an unknown flag) takes the
-    record-by-record path, whose error is the one raised."""
+    ``RecordHeader``) and a payload that does not wrap is summed from a view
+    of the mapping. A record the fast checks do not pass (its header wraps
+    around the ring's end, fails a check, holds an unknown flag or another
+    session's tag, or the record runs past ``limit``) takes the
+    record-by-record path, whose error is the one raised; a first record
+    whose payload fails raises the same error as that path."""
     data, cap = ring.data_view, ring.capacity
     pos, commit = start, None
     while pos < limit:

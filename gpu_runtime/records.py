@@ -61,7 +61,6 @@ __all__ = [
     "RecordFlags",
     "RecordHeader",
     "RecordType",
-    "checked_record_size",
     "checksum",
     "decode_header",
     "encode_header",
@@ -210,16 +209,6 @@ def header_fields(buf: memoryview, off: int) -> tuple[int, int, int, int, int, i
             or zlib.crc32(buf[off + 32:off + 64], zlib.crc32(buf[off:off + 28])) != hcrc):
         return None
     return rtype, version, tag, epoch, length, psum
-
-
-def checked_record_size(buf: bytes) -> int:
-    """``decode_header(buf).size`` without building the header: the flusher's
-    walk over the ring checks every header this way (the checks are the same;
-    a header that fails one is decoded again to raise its FramingError)."""
-    if (len(buf) >= HEADER_SIZE and buf[:4] == RECORD_MAGIC and buf[4] in READ_VERSIONS and buf[5] in _TYPES
-            and _header_crc(buf) == int.from_bytes(buf[28:32], "little")):
-        return record_size(int.from_bytes(buf[40:48], "little"))
-    return decode_header(buf).size
 
 
 def decode_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
