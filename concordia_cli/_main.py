@@ -9,8 +9,9 @@
     concordia doctor
     concordia demo [--synthetic]
 
-Global options (before the command): ``--home``, ``--catalog``, ``--backend``;
-they default to the environment (see README). Errors print one line and exit
+Global options (before or after the command): ``--home``, ``--catalog``,
+``--backend``; they default to the environment (see README). Given on both
+sides, the one after the command wins. Errors print one line and exit
 with status 1; no tracebacks unless ``CONCORDIA_DEBUG`` is set
 (``concordia_agents.config.show_tracebacks``).
 
@@ -406,42 +407,54 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_agent_demo(home=cfg.home, catalog=args.catalog, crash_at=args.crash_at or 100, say=_out)
 
 
+def _global_options(p: argparse.ArgumentParser, *, default: Any) -> None:
+    p.add_argument("--home", default=default, help="Concordia home (default: $CONCORDIA_HOME or ~/.concordia)")
+    p.add_argument("--catalog", default=default,
+                   help="catalog URL (default: $CONCORDIA_CATALOG_URL or sqlite in home)")
+    p.add_argument("--backend", default=default, help="auto, host or cupy (default: $CONCORDIA_BACKEND or auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="concordia", description="Durable GPU-resident state for LLM agents.")
-    p.add_argument("--home", help="Concordia home (default: $CONCORDIA_HOME or ~/.concordia)")
-    p.add_argument("--catalog", help="catalog URL (default: $CONCORDIA_CATALOG_URL or sqlite in home)")
-    p.add_argument("--backend", help="auto, host or cupy (default: $CONCORDIA_BACKEND or auto)")
+    _global_options(p, default=None)
+    # Each command takes them too (`concordia demo --home X` as well as `concordia --home X demo`): a
+    # command's own copy leaves the value alone unless given there (SUPPRESS), so either place works.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     sessions = sub.add_parser("sessions", help="list, show, recover or remove sessions")
     ssub = sessions.add_subparsers(dest="action", required=True)
-    ls = ssub.add_parser("list", help="all sessions with status, durable epoch and log size")
+    ls = ssub.add_parser("list", parents=[common], help="all sessions with status, durable epoch and log size")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_sessions_list)
-    show = ssub.add_parser("show", help="one session in full")
+    show = ssub.add_parser("show", parents=[common], help="one session in full")
     show.add_argument("id")
     show.set_defaults(func=cmd_sessions_show)
-    rec = ssub.add_parser("recover", help="check a session's log against the catalog; roll a damaged one back "
-                                          "only with --allow-rollback")
+    rec = ssub.add_parser("recover", parents=[common],
+                          help="check a session's log against the catalog; roll a damaged one back only with "
+                               "--allow-rollback")
     rec.add_argument("id")
     rec.add_argument("--allow-rollback", action="store_true",
                      help="open a damaged log at its newest intact epoch, giving up the epochs after it, and say which")
     rec.set_defaults(func=cmd_sessions_recover)
-    rm = ssub.add_parser("rm", help="delete a session and its log")
+    rm = ssub.add_parser("rm", parents=[common], help="delete a session and its log")
     rm.add_argument("id")
     rm.set_defaults(func=cmd_sessions_rm)
-    res = sub.add_parser("resume", help="resume a crashed LangGraph thread by its session ID")
+    res = sub.add_parser("resume", parents=[common], help="resume a crashed LangGraph thread by its session ID")
     res.add_argument("id")
     res.add_argument("--app", required=True,
                      help="module:attr of the graph (wrapped, builder, compiled, or a factory taking runtime= "
                           "or no arguments)")
     res.set_defaults(func=cmd_resume)
-    gc = sub.add_parser("gc", help="remove files provably orphaned; list what is kept and why")
+    gc = sub.add_parser("gc", parents=[common], help="remove files provably orphaned; list what is kept and why")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed and kept; remove nothing")
     gc.add_argument("--upload-age", type=float, default=3600.0, metavar="SECONDS",
                     help="with a remote: abort unfinished multipart uploads older than this (default 3600)")
     gc.set_defaults(func=cmd_gc)
-    sub.add_parser("doctor", help="backend, GPU, NVRTC, shm, home and catalog").set_defaults(func=cmd_doctor)
-    demo = sub.add_parser("demo", help="kill an agent inside its LLM node with SIGKILL and resume it by ID")
+    doctor = sub.add_parser("doctor", parents=[common], help="backend, GPU, NVRTC, shm, home and catalog")
+    doctor.set_defaults(func=cmd_doctor)
+    demo = sub.add_parser("demo", parents=[common],
+                          help="kill an agent inside its LLM node with SIGKILL and resume it by ID")
     demo.add_argument("--crash-at", type=int, default=0,
                       help="tokens (agent demo, default 100) or steps (--synthetic, default 300) before the kill")
     demo.add_argument("--synthetic", action="store_true",

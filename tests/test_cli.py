@@ -83,6 +83,23 @@ def test_sessions_show_and_rm(home: Path):
     assert cli(home, "sessions", "list").stdout.strip() == "no sessions"
 
 
+def test_global_options_go_before_or_after_the_command(home: Path, tmp_path: Path):
+    """`--home` works on either side of the command (a new user typed `concordia demo --home X`, which was
+    refused), the one after the command winning; the environment's home (another, empty one) is not used."""
+    other = tmp_path / "other-home"
+    with Runtime.open(home=other, backend="host") as rt:
+        s = rt.session("placed")
+        s.register("kv", np.zeros((2, 8), np.float32), kind="kv")
+        s.commit(rows={"kv": 1})
+        s.close()
+    Runtime.open(home=home, backend="host").close()  # the environment's home: no sessions
+    before = cli(home, "--home", str(other), "sessions", "list").stdout
+    after = cli(home, "sessions", "list", "--home", str(other)).stdout
+    assert "placed" in before and before == after
+    assert "placed" in cli(home, "--home", str(home), "sessions", "list", "--home", str(other)).stdout
+    assert cli(home, "sessions", "list").stdout.strip() == "no sessions"
+
+
 def test_errors_are_one_line_without_traceback(home: Path):
     """An unknown session ID prints one clear line on stderr and exits 1."""
     Runtime.open(home=home, backend="host").close()
