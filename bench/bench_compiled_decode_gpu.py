@@ -21,7 +21,12 @@ and the rest (``finish``), itself split into the final commit with its flush
 to disk and the session's close. ``--ring-mib`` sets the durable calls'
 host ring (default 3072, which holds the largest prompt epoch here; 64 is
 the runtime's default, through which a larger epoch streams as the flusher
-drains it): a new session's ring is created and page-locked inside its call.
+drains it): a new session's ring is created and page-locked inside its call,
+and at its close a ring up to ``warm_ring_bytes`` (1 GiB) is kept warm (unmapped
+after the call, untimed) while a larger one is unregistered and unmapped inside
+it, so close and whole-call times compare only at one ring size. The
+``--flush-polls`` variants keep a 3 GiB ring and ``fsync="none"`` whatever
+these say (recorded as ``flush_poll_variants_runtime``).
 ``--fsync`` sets their fsync policy (default ``none``; the runtime's default
 is ``every_commit``): ``durable_generate``'s final flush fsyncs under every
 policy, so under ``none`` the finish fsyncs all the call wrote.
@@ -346,7 +351,8 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             whole.setdefault(name, []).append(end - t)
             # Where a call's time goes: session open (lease, ring), then to the first commit (the prompt's
             # epoch on the host), then to the last token, then the finish: the final commit and its flush to
-            # disk (to the "done" event), then the session's close.
+            # disk (to the "done" event: also generate's own tail and the step hook's detach),
+            # then the session's close.
             opened = next(at for phase, at in stamps if phase == "opened")
             first = next((at for phase, at in stamps if phase == "token_committed"), opened)
             done = next((at for phase, at in stamps if phase == "done"), end)
@@ -590,8 +596,8 @@ def main() -> None:
     polls = sorted({ms / 1000 for ms in [*args.flush_polls, *([1000.0] if args.quiet_flusher else [])]})
     if any(not 1 <= ms <= 3_600_000 or ms != round(ms) for ms in args.flush_polls):
         p.error(f"expected --flush-polls periods of whole milliseconds from 1 to 3600000, found {args.flush_polls}")
-    if not 1 <= args.ring_mib <= 65536:
-        p.error(f"expected --ring-mib from 1 to 65536, found {args.ring_mib}")
+    if not 16 <= args.ring_mib <= 65536:  # a ring holds at least four of the largest records (4 MiB here)
+        p.error(f"expected --ring-mib from 16 to 65536, found {args.ring_mib}")
     if args.repeats < 1 or not 0 < args.start < args.new_tokens:
         p.error(f"expected --repeats >= 1 and 0 < --from < --new-tokens, found {args.repeats}, {args.start}, "
                 f"{args.new_tokens}")
@@ -610,6 +616,7 @@ def main() -> None:
                               "runtime_options": {**RT_OPTIONS, "ring_bytes": args.ring_mib << 20,
                                                   "fsync": args.fsync},
                               "profiled": args.profile, "eager_variants": args.eager, "flush_polls_s": polls,
+                              "flush_poll_variants_runtime": {"ring_bytes": 3 << 30, "fsync": RT_OPTIONS["fsync"]},
                               "step_hook": _steps.hook_placement(),
                               "split_storage": _cache._SPLIT_STORAGE}
     with written("compiled_decode_gpu", result):

@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    sessions = sub.add_parser("sessions", help="list, show, recover or remove sessions")
+    sessions = sub.add_parser("sessions", parents=[common], help="list, show, recover or remove sessions")
     ssub = sessions.add_subparsers(dest="action", required=True)
     ls = ssub.add_parser("list", parents=[common], help="all sessions with status, durable epoch and log size")
     ls.add_argument("--json", action="store_true")

@@ -97,6 +97,7 @@ def test_global_options_go_before_or_after_the_command(home: Path, tmp_path: Pat
     after = cli(home, "sessions", "list", "--home", str(other)).stdout
     assert "placed" in before and before == after
     assert "placed" in cli(home, "--home", str(home), "sessions", "list", "--home", str(other)).stdout
+    assert "placed" in cli(home, "sessions", "--home", str(other), "list").stdout  # between group and command
     assert cli(home, "sessions", "list").stdout.strip() == "no sessions"
 
 
