@@ -24,12 +24,13 @@ the runtime's default, through which a larger epoch streams as the flusher
 drains it): a new session's ring is created and page-locked inside its call,
 and at its close a ring up to ``warm_ring_bytes`` (1 GiB) is kept warm (unmapped
 after the call, untimed) while a larger one is unregistered and unmapped inside
-it, so close and whole-call times compare only at one ring size. The
-``--flush-polls`` variants keep a 3 GiB ring and ``fsync="none"`` whatever
-these say (recorded as ``flush_poll_variants_runtime``).
-``--fsync`` sets their fsync policy (default ``none``; the runtime's default
-is ``every_commit``): ``durable_generate``'s final flush fsyncs under every
-policy, so under ``none`` the finish fsyncs all the call wrote.
+it, so close and whole-call times compare only at one ring size.
+``--fsync`` sets the durable calls' fsync policy (default ``none``; the
+runtime's default is ``every_commit``): ``durable_generate``'s final flush
+fsyncs under every policy, so under ``none`` the finish fsyncs all the call
+wrote. The ``--flush-polls`` variants keep a 3 GiB ring and
+``fsync="none"`` whatever these two say (recorded as
+``flush_poll_variants_runtime``).
 Protocol: one warm-up call of each variant (compilation), then
 ``--repeats`` rounds, variants interleaved in alternating order; median
 over rounds, and the paired ratio (durable over plain of the same round),
@@ -106,6 +107,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_transformers_gpu import RT_OPTIONS, SHAPES, FirstToken, build
 from bench.common import ResumeParts, versions, written
+
+#: the host ring of the durable calls (``--ring-mib``'s default), of the slower-flusher variants and of the resume
+#: child: it holds a call's epochs undrained, the batch-8 8B prompt epoch (2 GiB) included
+BIG_RING = 3 << 30
 
 
 def copy_bandwidth() -> float:
@@ -262,7 +267,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
     # (host threads beside generate's loop, which syncs every step); and one that may remove a cost: the hook on
     # the decoder stack, inside the forward's graph.
     quiet.append(Runtime.open(home=Path(tempfile.mkdtemp()),
-                              **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": 1.0}))
+                              **{**RT_OPTIONS, "ring_bytes": BIG_RING, "flush_poll": 1.0}))
     runs = {"plain": lambda w: plain([w]), "durable": lambda w: durable([w]),
             "plain_durable_cache": lambda w: plain([w], cache=durable_cache()),
             "plain_durable_cache_views": lambda w: views(lambda v: plain([v], cache=durable_cache()), w),
@@ -281,7 +286,7 @@ def profile_variants(model: Any, batch: int, ids: torch.Tensor, prompt_len: int,
 
 def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int, repeats: int,
             profile: bool = False, eager: bool = False, placements: tuple[str, ...] = (),
-            flush_polls: tuple[float, ...] = (), ring_bytes: int = 3 << 30, fsync: str = "none") -> dict[str, Any]:
+            flush_polls: tuple[float, ...] = (), ring_bytes: int = BIG_RING, fsync: str = "none") -> dict[str, Any]:
     from concordia_agents import Runtime
     from gpu_runtime.cuda import step_commit
     from integrations.transformers import durable_generate
@@ -373,7 +378,7 @@ def section(model: Any, batch: int, prompt_len: int, start: int, new_tokens: int
             variants[f"durable_{where}"] = lambda where=where: durable(placement=where)
         for period in flush_polls:  # the host's flusher thread's passes spaced out (module docs)
             slow = Runtime.open(home=Path(tempfile.mkdtemp()),
-                                **{**RT_OPTIONS, "ring_bytes": 3 << 30, "flush_poll": period})
+                                **{**RT_OPTIONS, "ring_bytes": BIG_RING, "flush_poll": period})
             quiet.append(slow)
             label = f"durable_flusher_{period_label(period)}"
             variants[label] = lambda slow=slow, label=label: durable(runtime=slow, label=label)
@@ -447,7 +452,7 @@ def resume_child(shape: str, n: int, home: str) -> None:
     from integrations.transformers import durable_generate
 
     model = build(shape)
-    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": 3 << 30})
+    rt = Runtime.open(home=home, **{**RT_OPTIONS, "ring_bytes": BIG_RING})
 
     class Kill(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
@@ -584,7 +589,7 @@ def main() -> None:
                    help="also time durable calls on runtimes whose flusher wakes every MS milliseconds, as variants "
                         "durable_flusher_<period> (module docs)")
     p.add_argument("--quiet-flusher", action="store_true", help="the same as --flush-polls 1000")
-    p.add_argument("--ring-mib", type=int, default=3072,
+    p.add_argument("--ring-mib", type=int, default=BIG_RING >> 20,
                    help="the host ring of the durable calls' sessions (the --flush-polls variants keep 3 GiB: "
                         "they hold a call's epochs undrained); 64 is the runtime's default")
     p.add_argument("--fsync", choices=["none", "interval", "every_commit"], default="none",
@@ -616,7 +621,7 @@ def main() -> None:
                               "runtime_options": {**RT_OPTIONS, "ring_bytes": args.ring_mib << 20,
                                                   "fsync": args.fsync},
                               "profiled": args.profile, "eager_variants": args.eager, "flush_polls_s": polls,
-                              "flush_poll_variants_runtime": {"ring_bytes": 3 << 30, "fsync": RT_OPTIONS["fsync"]},
+                              "flush_poll_variants_runtime": {"ring_bytes": BIG_RING, "fsync": RT_OPTIONS["fsync"]},
                               "step_hook": _steps.hook_placement(),
                               "split_storage": _cache._SPLIT_STORAGE}
     with written("compiled_decode_gpu", result):

@@ -71,14 +71,25 @@ def checked_header(ring: LogRing, tag: int, pos: int, limit: int) -> RecordHeade
 
 def check_payload(ring: LogRing, pos: int, header: RecordHeader) -> None:
     if not _payload_intact(ring, pos, header.length, header.version, header.payload_sum):
-        raise CorruptLogError(f"host ring record at log offset {pos} ({header.type.name}, epoch {header.epoch}) "
-                              "fails its payload checksum", path=str(ring.path), offset=pos)
+        raise _payload_error(ring, pos, header.type, header.epoch)
 
 
-def _payload_intact(ring: LogRing, pos: int, length: int, version: int, expected: int) -> bool:
+def _payload_error(ring: LogRing, pos: int, rtype: RecordType, epoch: int) -> CorruptLogError:
+    return CorruptLogError(f"host ring record at log offset {pos} ({rtype.name}, epoch {epoch}) fails its payload "
+                           "checksum", path=str(ring.path), offset=pos)
+
+
+def _payload_intact(ring: LogRing, pos: int, length: int, version: int, expected: int,
+                    data: memoryview | None = None) -> bool:
+    """Whether the payload of the record at log offset ``pos`` sums to
+    ``expected``: from a slice of ``data`` (the ring's ``data_view``, which the
+    walk holds) where it does not wrap, else from the joined pieces."""
+    body = (pos + HEADER_SIZE) % ring.capacity
+    if data is not None and body + length <= ring.capacity:
+        return payload_sum(data[body:body + length], version) == expected
     views = ring.views(pos + HEADER_SIZE, length)
-    body: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
-    return payload_sum(body, version) == expected
+    whole: Any = views[0] if len(views) == 1 else b"".join(bytes(v) for v in views)
+    return payload_sum(whole, version) == expected
 
 
 def intact_end(ring: LogRing, tag: int, start: int, end: int) -> tuple[int, CorruptLogError | None]:
@@ -94,6 +105,9 @@ def intact_end(ring: LogRing, tag: int, start: int, end: int) -> tuple[int, Corr
             return pos, e
         pos += header.size
     return pos, None
+
+
+_COMMIT = int(RecordType.COMMIT)
 
 
 def verified_span(ring: LogRing, tag: int, start: int, limit: int,
@@ -133,20 +147,14 @@ def verified_span(ring: LogRing, tag: int, start: int, limit: int,
             size = record_size(length)
             if pos > start and pos + size - start > chunk:
                 break
-            body = (at + HEADER_SIZE) % cap
-            if not (payload_sum(data[body:body + length], version) == expected if body + length <= cap
-                    else _payload_intact(ring, pos, length, version, expected)):
+            if not _payload_intact(ring, pos, length, version, expected, data):
                 if pos == start:  # check_payload's error, from what was read (not a second read of the bytes)
-                    raise CorruptLogError(f"host ring record at log offset {pos} ({RecordType(rtype).name}, epoch "
-                                          f"{epoch}) fails its payload checksum", path=str(ring.path), offset=pos)
+                    raise _payload_error(ring, pos, RecordType(rtype), epoch)
                 break
         pos += size
         if rtype == _COMMIT:
             commit = (epoch, pos)
     return pos, commit
-
-
-_COMMIT = int(RecordType.COMMIT)
 
 
 def drain_ring(ring: LogRing, directory: Path, tag: int, log: Any, *, salvage: bool = False) -> int:

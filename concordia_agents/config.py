@@ -87,9 +87,10 @@ class RuntimeConfig:
     #: how long commit() waits for ring space before LogFullError
     space_timeout: float = 60.0
     #: the flusher's period when nobody kicks it (seconds): each pass verifies the rings' new records and appends
-    #: them to segments. Its passes share the GIL with a compiled decode that commits from the device (1B batch 8
-    #: on an H100: 1.057x plain at 10 ms, 1.033x at 1 s); a longer period needs a ring that holds a period's
-    #: epochs, and a host crash may lose up to a period more. The backend is polled every 10 ms regardless.
+    #: them to segments. Its passes share the GIL with a compiled decode that commits from the device (about a
+    #: point of a 1B step on an H100: docs/gpu.md, "The flusher, timed"); a longer period needs a ring that holds
+    #: a period's epochs, and a host crash may lose up to a period more. The backend is polled every 10 ms
+    #: regardless.
     flush_poll: float = 0.01
     #: ``s3://bucket/prefix``: the object store for sealed segments and base images (None: local only)
     remote: str | None = None
