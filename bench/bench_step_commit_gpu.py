@@ -15,7 +15,10 @@ Variants, interleaved per round:
   launch stores the step's tokens and returns (its launch and fixed reads);
 * ``commit``: a commit every step (``every=1``), as ``durable_generate`` does;
 * ``commit_all_sms``: the same with one block per SM instead of the
-  producer's default (enough blocks for a few words per thread).
+  producer's default (enough blocks for a few words per thread);
+* ``commit_block_reads``: the same with no ``cnc_step_check`` launch, so
+  that every block reads the ring's owner and consumed words itself (the
+  producer before 2026-12-07 15:30; ``StepCommitter.ring_check``).
 
 And, on a ring of its own that no flusher drains (the producer's ring
 parameters pointed at it, so nothing reads what a probe build leaves out):
@@ -116,6 +119,8 @@ def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -
         commits.arm(stream.cuda_stream)
         if variant == "commit_all_sms":
             producer.blocks = torch.cuda.get_device_properties(0).multi_processor_count
+        if producer is not None:
+            producer.ring_check = variant != "commit_block_reads"
         ms = _timed_steps(stream, length, ids, producer, steps)
         state = commits.close()
         if variant.startswith("commit") and (state is None or state.commits != steps):
@@ -179,7 +184,7 @@ def _bare_run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: s
     try:
         # P_HEADER, P_CAPACITY, P_TAG, P_OWNER (step_commit.py PARAM_WORDS)
         producer._params[:4].set(np.array([header, ring.capacity, 7, 11], dtype=np.uint64))
-        producer._fn = step_commit._function(producer_arch(rt), PROBES[variant])
+        producer._fn, producer._check = step_commit._function(producer_arch(rt), PROBES[variant])
         producer.arm(stream.cuda_stream, position=0, epoch=1, committed=PROMPT)
         ms = _timed_steps(stream, length, ids, producer, steps)
         state = producer.state()
@@ -216,7 +221,7 @@ def main() -> None:
 
     from concordia_agents import Runtime
 
-    variants = ("length_only", "no_commit", "commit", "commit_all_sms", *PROBES)
+    variants = ("length_only", "no_commit", "commit", "commit_all_sms", "commit_block_reads", *PROBES)
     result: dict[str, Any] = {"benchmark": "step_commit_gpu", "device": torch.cuda.get_device_name(0),
                               "versions": versions("cupy-cuda13x"), "steps": args.steps, "repeats": args.repeats,
                               "prompt_len": PROMPT, "queued_behind_sleep": True}
@@ -247,6 +252,7 @@ def main() -> None:
                     row = {"us_per_step_over_baseline": per_step,
                            "commit_minus_no_commit_us": per_step["commit"] - per_step["no_commit"],
                            "flusher_share_us": per_step["commit"] - per_step["bare_commit"],
+                           "block_reads_minus_check_us": per_step["commit_block_reads"] - per_step["commit"],
                            "part_cost_us": parts,
                            "baseline_us_per_step": base * 1e3 / args.steps, "runs_ms": runs}
                     result[f"{shape}_b{batch}"] = row

@@ -9,7 +9,7 @@
 #                        [--test-timeout S] [--timeout S]
 #
 #   --tests FILES       test files to run, their GPU-marked tests only (default: tests/test_gpu.py
-#                       tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/test_step_commit_gpu.py
+#                       tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/test_step_commit_gpu.py tests/test_step_commit_ring_gpu.py
 #                       tests/test_conversation_gpu.py tests/test_record_versions.py tests/conformance, the last being the backend
 #                       conformance suite's CuPy variants)
 #   --no-tests          run no tests
@@ -31,7 +31,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 
-TESTS="tests/test_gpu.py tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/test_step_commit_gpu.py tests/test_conversation_gpu.py tests/test_record_versions.py tests/conformance"
+TESTS="tests/test_gpu.py tests/test_instrument_gpu.py tests/test_transformers_gpu.py tests/test_step_commit_gpu.py tests/test_step_commit_ring_gpu.py tests/test_conversation_gpu.py tests/test_record_versions.py tests/conformance"
 BENCHES=()
 AGENT=""
 TEST_TIMEOUT=240

@@ -38,8 +38,9 @@ MAX_BODY = MAX_STEP_BODY  #: bytes of a COMMIT body (CNC_STEP_MAX_BODY; every ba
 MAX_SLOTS = 8  #: places of the length whose offsets the kernel is given (CNC_STEP_MAX_SLOTS; more: formatted serially)
 _BLOCK = 256
 # State and parameter words: kernels/step_commit.cu's S_* and P_* (test_kernels_compile checks them).
-STATE_WORDS = ("ARMED", "NEXT", "EPOCH", "COMMITTED", "ERROR", "ERROR_INFO", "ARRIVED", "COMMITS", "STEPS")
-_ARMED, _NEXT, _EPOCH, _COMMITTED, _ERROR, _ERROR_INFO, _ARRIVED, _COMMITS, _STEPS = range(len(STATE_WORDS))
+STATE_WORDS = ("ARMED", "NEXT", "EPOCH", "COMMITTED", "ERROR", "ERROR_INFO", "ARRIVED", "COMMITS", "STEPS",
+               "SEEN_VALID", "SEEN_OWNER", "SEEN_CONSUMED")
+_ARMED, _NEXT, _EPOCH, _COMMITTED, _ERROR, _ERROR_INFO, _ARRIVED, _COMMITS, _STEPS, _SEEN_VALID = range(10)
 _ACC = 16  #: S_ACC
 PARAM_WORDS = ("HEADER", "CAPACITY", "TAG", "OWNER", "EVERY", "TIMEOUT_NS", "KV_BASE", "KV_OUTER", "KV_ROWS",
                "KV_ROW_BYTES", "KV_PER", "KV_REGION", "TOK_BASE", "TOK_OUTER", "TOK_ROWS", "TOK_PER", "TOK_REGION",
@@ -77,8 +78,9 @@ class StepState:
     steps: int  #: launches
 
 
-def _function(arch: str, probe: int = 0) -> Any:
-    """The kernel for ``arch``; ``probe`` (a CNC_STEP_PROBE mask of
+def _function(arch: str, probe: int = 0) -> tuple[Any, Any]:
+    """The kernels for ``arch``: the producer and its ring check
+    (``cnc_step_check``, launched before it); ``probe`` (a CNC_STEP_PROBE mask of
     ``kernels/step_commit.cu``) builds a diagnostic variant that leaves parts
     of a commit out: for ``bench/bench_step_commit_gpu.py`` on a ring no
     flusher reads, never for a session's log."""
@@ -90,7 +92,7 @@ def _function(arch: str, probe: int = 0) -> Any:
         options = (f"-DCNC_STEP_PROBE={probe}",) if probe else ()
         module.load(compile_cubin(kernel_source("step_commit.cu"), options=options, arch=arch,
                                   name="step_commit.cu").cubin)
-        _modules[key] = (module, module.get_function("cnc_step_commit"))
+        _modules[key] = (module, (module.get_function("cnc_step_commit"), module.get_function("cnc_step_check")))
     return _modules[key][1]
 
 
@@ -144,7 +146,10 @@ class StepCommitter:
         words.view(np.uint8)[8 * _P_TEMPLATE:8 * _P_TEMPLATE + len(template)] = np.frombuffer(template, np.uint8)
         self._params = cupy.asarray(words)
         self._state = cupy.zeros(_ACC + MAX_RECORDS, dtype=cupy.uint64)
-        self._fn = _function(arch)
+        self._fn, self._check = _function(arch)
+        #: launch cnc_step_check before each producer launch (kernels/step_commit.cu: the ring's words read
+        #: once a launch); False has every block read them (bench/bench_step_commit_gpu.py compares the two)
+        self.ring_check = True
         # Enough blocks that each thread stores a few words of an epoch's rows.
         step_words = (kv.unit + tokens.unit) * every // 8
         self.blocks = max(1, min(sms, -(-step_words // (_BLOCK * 8))))
@@ -178,6 +183,8 @@ class StepCommitter:
         words[:] = (1, position, epoch, committed)
         s = self._stream(stream)
         self._state[:4].set(words, stream=s)  # from the pinned words
+        with s:  # a ring check of an earlier arming (whose launch then failed) is not this one's
+            self._state[_SEEN_VALID:_SEEN_VALID + 1].fill(0)
         _the_slot().set(np.array([self._params.data.ptr, self._state.data.ptr], np.uint64), stream=s)
         self._stream(stream).synchronize()  # the pinned words may be rewritten by the next arm
         _armed[:] = [self]
@@ -201,9 +208,18 @@ class StepCommitter:
         """One step's launch on ``stream``: ``length_ptr`` the device int64 new
         length, ``ids_ptr`` the step's int64 input tokens ``[outer, n_in]``
         with row stride ``ids_stride`` (elements)."""
+        if self.ring_check:
+            self.check_ring(stream, length_ptr)
         u = np.uint64
         self._fn((self.blocks,), (_BLOCK,), (_the_slot(), u(length_ptr), u(ids_ptr), u(n_in), u(ids_stride)),
                  stream=self._stream(stream))
+
+    def check_ring(self, stream: int, length_ptr: int) -> None:
+        """Launch ``cnc_step_check`` on ``stream``: the ring's owner and
+        consumed words read once, by one thread, for the producer launch
+        queued next, if that launch commits (``launch`` does this itself
+        while ``ring_check``; kernels/step_commit.cu says why)."""
+        self._check((1,), (32,), (_the_slot(), np.uint64(length_ptr)), stream=self._stream(stream))
 
     def state(self) -> StepState:
         """The state words (synchronizes the device first)."""

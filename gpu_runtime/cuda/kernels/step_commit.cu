@@ -22,6 +22,19 @@
 //   unarmed) sets S_ERROR and commits nothing from then on; the host reads the
 //   state after the step's stream has run and raises. Epochs published before
 //   the failure stand.
+// * The ring header's owner and consumed words live in host memory, across
+//   PCIe. cnc_step_check, launched just before each cnc_step_commit on the
+//   same stream, reads them once (one thread, before any of the launch's
+//   stores, so no posted write is ahead of the reads) into S_SEEN_* and sets
+//   S_SEEN_VALID; the producer's blocks then read device memory. Read by every
+//   block instead, each read waits behind the rows other blocks of the launch
+//   already stream to host memory (PCIe: a read does not pass posted writes):
+//   24 and 67 us a step at 1B and 8B batch 8 on the H100 (2026-12-07). The
+//   seen values are as fresh as the old per-block reads were: same launch,
+//   microseconds before the stores. A stale consumed only under-states the
+//   room, and a ring that looks full is polled fresh; the last block still
+//   re-reads the owner before it publishes. Without a valid S_SEEN (the check
+//   not launched), every block reads the ring itself, as before.
 #include "concordia.cuh"
 
 #define CNC_STEP_BLOCK 256
@@ -53,6 +66,9 @@
 #define S_ARRIVED 6    // blocks of the current launch that finished their share
 #define S_COMMITS 7    // epochs this producer committed
 #define S_STEPS 8      // launches
+#define S_SEEN_VALID 9 // 1: S_SEEN_OWNER/CONSUMED were read for this launch (cnc_step_check); the launch clears it
+#define S_SEEN_OWNER 10
+#define S_SEEN_CONSUMED 11
 #define S_ACC 16       // per data record checksum partial sums, zero between launches
 
 #define ERR_UNARMED 1ull
@@ -111,6 +127,17 @@ __device__ CncStepPlan cnc_step_plan(const u64* P, u64 c, u64 L) {
     return p;
 }
 
+// Whether a launch that saw new length L commits an epoch (every block and
+// cnc_step_check decide it alike, from values no block changes before the
+// launch's last block runs): armed, no failure, and L reached the committed
+// length plus `every`. Lengths out of range count as committing (the producer
+// then reports them).
+__device__ __forceinline__ bool cnc_step_commits(const u64* P, const u64* S, u64 L) {
+    if (S[S_ERROR] != 0) return false;
+    const u64 c = S[S_COMMITTED];
+    return !(S[S_ARMED] != 0 && L <= c + P[P_EVERY] - 1 && L >= c);
+}
+
 // Token of row `row` of sequence `o`: this step's input for its rows, the
 // tokens region for older ones (stored by an earlier launch).
 __device__ __forceinline__ u64 cnc_token(const u64* P, const long long* ids, u64 ids_stride, u64 n_in, u64 L,
@@ -150,9 +177,8 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
     // longer moves, so the rows it would plan grow without bound). A block of
     // this launch seeing a failure another one just set returns too; the
     // arrival count then never completes, which only this dead producer used.
-    if (S[S_ERROR] != 0) return;
+    if (!cnc_step_commits(P, S, L)) return;
     const bool armed = S[S_ARMED] != 0;
-    if (armed && L <= c + P[P_EVERY] - 1 && L >= c) return;
     if (!armed || L < c || L > P[P_KV_ROWS] || L > P[P_TOK_ROWS]) {
         if (tid == 0 && S[S_ERROR] == 0) {
             S[S_ERROR_INFO] = L;
@@ -175,10 +201,14 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
             if (blockIdx.x == 0) { S[S_ERROR_INFO] = end - start; S[S_ERROR] = ERR_TOO_BIG; }
             ok = 0;
         }
-        if (ok && !CNC_PROBE(PROBE_NO_RING_READS) && ring[CNC_RING_OWNER_TOKEN] != P[P_OWNER]) {
+        // The words cnc_step_check read for this launch, else the ring's own.
+        const bool seen = S[S_SEEN_VALID] != 0;
+        if (ok && !CNC_PROBE(PROBE_NO_RING_READS) &&
+            (seen ? S[S_SEEN_OWNER] : ring[CNC_RING_OWNER_TOKEN]) != P[P_OWNER]) {
             ok = 0;  // fenced: the last block reports it
         }
-        if (ok && !CNC_PROBE(PROBE_NO_RING_READS) && end - ring[CNC_RING_CONSUMED] > cap) {
+        if (ok && !CNC_PROBE(PROBE_NO_RING_READS) &&
+            end - (seen ? S[S_SEEN_CONSUMED] : ring[CNC_RING_CONSUMED]) > cap) {
             const u64 t0 = cnc_now();
             while (end - ring[CNC_RING_CONSUMED] > cap) {
                 if (ring[CNC_RING_OWNER_TOKEN] != P[P_OWNER]) {  // taken over: its flusher no longer drains
@@ -337,6 +367,21 @@ cnc_step_commit(const u64* slot, const long long* length, const long long* ids, 
             S[S_ERROR] = ERR_FENCED;
         }
         S[S_ARRIVED] = 0;
+        S[S_SEEN_VALID] = 0;  // read again for the next launch
     }
     for (u64 rec = threadIdx.x; rec < nrec && rec < CNC_STEP_MAX_RECORDS; rec += blockDim.x) S[S_ACC + rec] = 0;
+}
+
+// Reads the ring header's owner and consumed words for the cnc_step_commit
+// launched next on the same stream, when that launch commits (protocol at the
+// top). One thread; captured into the step's graph with the producer.
+extern "C" __global__ void cnc_step_check(const u64* slot, const long long* length) {
+    const u64* P = (const u64*)slot[0];
+    u64* S = (u64*)slot[1];
+    if (P == 0 || S == 0 || threadIdx.x != 0) return;
+    if (CNC_PROBE(PROBE_NO_RING_READS) || !cnc_step_commits(P, S, (u64)*length)) return;
+    volatile const u64* ring = (volatile const u64*)P[P_HEADER];
+    S[S_SEEN_OWNER] = ring[CNC_RING_OWNER_TOKEN];
+    S[S_SEEN_CONSUMED] = ring[CNC_RING_CONSUMED];
+    S[S_SEEN_VALID] = 1;
 }
