@@ -16,9 +16,11 @@ Variants, interleaved per round:
 * ``commit``: a commit every step (``every=1``), as ``durable_generate`` does;
 * ``commit_all_sms``: the same with one block per SM instead of the
   producer's default (enough blocks for a few words per thread);
-* ``commit_block_reads``: the same with no ``cnc_step_check`` launch, so
-  that every block reads the ring's owner and consumed words itself (the
-  producer before 2026-12-07 15:30; ``StepCommitter.ring_check``).
+* ``commit_block_reads`` and ``commit_ring_check``: the same with every
+  block reading the ring's owner and consumed words itself (the producer
+  before 2026-12-07), and with ``cnc_step_check`` reading them once a launch
+  (``StepCommitter.ring_check``, which ``commit`` leaves at its default:
+  checked from 5 blocks on; recorded as ``ring_check_default``).
 
 And, on a ring of its own that no flusher drains (the producer's ring
 parameters pointed at it, so nothing reads what a probe build leaves out):
@@ -100,6 +102,10 @@ def _timed_steps(stream: Any, length: Any, ids: Any, producer: Any, steps: int) 
     return float(start.elapsed_time(end))
 
 
+#: StepCommitter.ring_check as the producer chose it, by (shape, batch)
+ring_check_default: dict[tuple[str, int], bool] = {}
+
+
 def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -> float:
     """Milliseconds of ``steps`` steps of ``variant`` (module docs)."""
     import torch
@@ -120,7 +126,9 @@ def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -
         if variant == "commit_all_sms":
             producer.blocks = torch.cuda.get_device_properties(0).multi_processor_count
         if producer is not None:
-            producer.ring_check = variant != "commit_block_reads"
+            ring_check_default[(shape, batch)] = producer.ring_check
+            producer.ring_check = {"commit_block_reads": False, "commit_ring_check": True}.get(variant,
+                                                                                           producer.ring_check)
         ms = _timed_steps(stream, length, ids, producer, steps)
         state = commits.close()
         if variant.startswith("commit") and (state is None or state.commits != steps):
@@ -221,7 +229,8 @@ def main() -> None:
 
     from concordia_agents import Runtime
 
-    variants = ("length_only", "no_commit", "commit", "commit_all_sms", "commit_block_reads", *PROBES)
+    variants = ("length_only", "no_commit", "commit", "commit_all_sms", "commit_block_reads", "commit_ring_check",
+                *PROBES)
     result: dict[str, Any] = {"benchmark": "step_commit_gpu", "device": torch.cuda.get_device_name(0),
                               "versions": versions("cupy-cuda13x"), "steps": args.steps, "repeats": args.repeats,
                               "prompt_len": PROMPT, "queued_behind_sleep": True}
@@ -252,7 +261,8 @@ def main() -> None:
                     row = {"us_per_step_over_baseline": per_step,
                            "commit_minus_no_commit_us": per_step["commit"] - per_step["no_commit"],
                            "flusher_share_us": per_step["commit"] - per_step["bare_commit"],
-                           "block_reads_minus_check_us": per_step["commit_block_reads"] - per_step["commit"],
+                           "block_reads_minus_check_us": per_step["commit_block_reads"] - per_step["commit_ring_check"],
+                           "ring_check_default": ring_check_default.get((shape, batch)),
                            "part_cost_us": parts,
                            "baseline_us_per_step": base * 1e3 / args.steps, "runs_ms": runs}
                     result[f"{shape}_b{batch}"] = row

@@ -147,12 +147,15 @@ class StepCommitter:
         self._params = cupy.asarray(words)
         self._state = cupy.zeros(_ACC + MAX_RECORDS, dtype=cupy.uint64)
         self._fn, self._check = _function(arch)
-        #: launch cnc_step_check before each producer launch (kernels/step_commit.cu: the ring's words read
-        #: once a launch); False has every block read them (bench/bench_step_commit_gpu.py compares the two)
-        self.ring_check = True
         # Enough blocks that each thread stores a few words of an epoch's rows.
         step_words = (kv.unit + tokens.unit) * every // 8
         self.blocks = max(1, min(sms, -(-step_words // (_BLOCK * 8))))
+        #: launch cnc_step_check before each producer launch (kernels/step_commit.cu: the ring's words read
+        #: once a launch), or have every block read them. The check is a launch of its own; it pays from a
+        #: few blocks on (H100, 2026-12-07, bench/bench_step_commit_gpu.py, us a step: 2 blocks, 1B batch 1,
+        #: 24.9 checked against 21.9 read per block; 9 blocks, 8B batch 1, 25.4 against 32.3; 17, 1B batch 8,
+        #: 26.7 against 41.9; 65, 8B batch 8, 52.2 against 107.1)
+        self.ring_check = self.blocks > 4
         self._streams: dict[int, Any] = {}
         self._arm = cupy.cuda.alloc_pinned_memory(8 * 4)
         cupy.cuda.runtime.deviceSynchronize()  # the parameters are in place before any capture

@@ -23,14 +23,16 @@
 //   state after the step's stream has run and raises. Epochs published before
 //   the failure stand.
 // * The ring header's owner and consumed words live in host memory, across
-//   PCIe. cnc_step_check, launched just before each cnc_step_commit on the
-//   same stream, reads them once (one thread, before any of the launch's
-//   stores, so no posted write is ahead of the reads) into S_SEEN_* and sets
-//   S_SEEN_VALID; the producer's blocks then read device memory. Read by every
-//   block instead, each read waits behind the rows other blocks of the launch
-//   already stream to host memory (PCIe: a read does not pass posted writes):
-//   24 and 67 us a step at 1B and 8B batch 8 on the H100 (2026-12-07). The
-//   seen values are as fresh as the old per-block reads were: same launch,
+//   PCIe. cnc_step_check, launched just before cnc_step_commit on the same
+//   stream where the launch has more than a few blocks (step_commit.py,
+//   ring_check), reads them once (one thread, before any of the launch's
+//   stores) into S_SEEN_* and sets S_SEEN_VALID; the producer's blocks then
+//   read device memory. Read by every block instead, the reads cost 24 and
+//   67 us a step at 1B and 8B batch 8 (H100, 2026-12-07), growing with the
+//   bytes written; likely because a read does not pass the posted writes
+//   ahead of it, so a block that starts after others began streaming rows to
+//   host memory waits for them. With the check the whole launch took 26.7
+//   and 52.2 us against 41.9 and 107.1. The seen values are as fresh as the old per-block reads were: same launch,
 //   microseconds before the stores. A stale consumed only under-states the
 //   room, and a ring that looks full is polled fresh; the last block still
 //   re-reads the owner before it publishes. Without a valid S_SEEN (the check
