@@ -19,8 +19,10 @@ Variants, interleaved per round:
 * ``commit_block_reads`` and ``commit_ring_check``: the same with every
   block reading the ring's owner and consumed words itself (the producer
   before 2026-12-07), and with ``cnc_step_check`` reading them once a launch
-  (``StepCommitter.ring_check``, which ``commit`` leaves at its default:
-  checked from 5 blocks on; recorded as ``ring_check_default``).
+  (``StepCommitter.ring_check``, which the other variants leave at its
+  default: checked from 5 blocks on; ``ring_check_default`` records
+  ``commit``'s). ``no_commit``'s epoch is a whole run long, so it has many
+  blocks and launches the check; ``commit_all_sms`` too.
 
 And, on a ring of its own that no flusher drains (the producer's ring
 parameters pointed at it, so nothing reads what a probe build leaves out):
@@ -30,7 +32,9 @@ parameters pointed at it, so nothing reads what a probe build leaves out):
 * ``bare_no_ring_reads``, ``bare_no_sys_fences``, ``bare_no_body``,
   ``bare_no_rows``, ``bare_no_headers``: diagnostic builds of the kernel
   (``CNC_STEP_PROBE`` of ``kernels/step_commit.cu``), each leaving one part out
-  (the reads of the ring's owner and consumed words; the two system fences;
+  (the reads of the ring's owner and consumed words: the check's where the
+  producer launches it, else each block's, and the last block's owner reads
+  before it publishes; the two system fences;
   the COMMIT body's formatting; the rows' payloads; the data records' headers):
   ``bare_commit`` minus each is what that part costs;
 * ``bare_floor``: all five left out (a launch, the arrival count, the COMMIT
@@ -126,9 +130,9 @@ def _run(rt: Any, variant: str, shape: str, batch: int, steps: int, name: str) -
         if variant == "commit_all_sms":
             producer.blocks = torch.cuda.get_device_properties(0).multi_processor_count
         if producer is not None:
-            ring_check_default[(shape, batch)] = producer.ring_check
-            producer.ring_check = {"commit_block_reads": False, "commit_ring_check": True}.get(variant,
-                                                                                           producer.ring_check)
+            producer.ring_check = {"commit_block_reads": False, "commit_ring_check": True}.get(variant)
+            if variant == "commit":
+                ring_check_default[(shape, batch)] = producer.checks_ring
         ms = _timed_steps(stream, length, ids, producer, steps)
         state = commits.close()
         if variant.startswith("commit") and (state is None or state.commits != steps):

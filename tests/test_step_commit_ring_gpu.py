@@ -12,8 +12,13 @@ must hold either way:
 * a takeover (another owner's token in the header) stops the producer before
   it stores anything of the next epoch;
 * a takeover after the check and before the stores is caught before
-  anything is published (the window the check leaves open: the stores may
-  land, nothing makes them committed).
+  anything is published (the window the check leaves open: the stores land,
+  nothing makes them committed);
+* what the check read serves one launch only: the launch clears it, and so
+  does arming.
+
+Each runs on a one-block producer and on a five-block one (the producer
+checks from five blocks on).
 
 The producer writes a ring of its own here, which no flusher drains: the test
 plays the flusher by publishing ``consumed``, so fullness and takeovers
@@ -22,6 +27,7 @@ with CuPy is present."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -37,25 +43,31 @@ pytestmark = pytest.mark.gpu
 TAG, OWNER = 7, 11
 START = 4  #: rows committed before the producer is armed
 TEMPLATE = b'{"n_tokens":\x00}'  #: a COMMIT body with one place of the length
+#: kv storage shapes [2L, B, H, T, D]: 256 bytes a row (one block), 64 KiB a row (five blocks)
+GEOMETRIES = {"one-block": (4, 1, 2, 64, 16), "five-blocks": (4, 8, 8, 64, 128)}
 
 
 class Bench:
     """A session's kv and tokens regions on the GPU, and a producer of them
-    armed on a 4 KiB ring nobody drains."""
+    armed on a ring of about four epochs that nobody drains."""
 
-    def __init__(self, rt: Any, home: Path, *, timeout_s: float) -> None:
+    def __init__(self, rt: Any, home: Path, shape: tuple[int, ...], *, timeout_s: float) -> None:
         import torch
 
         from gpu_runtime.cuda.step_commit import StepCommitter
         from gpu_runtime.logring import LogRing, default_ring_dir
 
-        self.kv = torch.randn(4, 1, 2, 64, 16, device="cuda").to(torch.bfloat16)  # [2L, B, H, T, D]
-        self.tokens = torch.zeros(1, 64, dtype=torch.int64, device="cuda")
+        batch, row = shape[1], shape[0] * shape[1] * shape[2] * shape[4] * 2
+        self.kv = torch.randn(*shape, device="cuda").to(torch.bfloat16)
+        self.tokens = torch.zeros(batch, shape[3], dtype=torch.int64, device="cuda")
         self.session = rt.session("ring")
         self.session.register("kv", self.kv, kind="kv", seq_axis=3)
         self.session.register("tokens", self.tokens, kind="kv", seq_axis=1)
-        self.ring = LogRing.create(default_ring_dir(home) / "concordia-test-producer.ring", capacity=4096,
-                                   session_tag=TAG, owner_token=OWNER, base=0)
+        # named as the home's rings are, so that remove_rings finds it whatever happens
+        tag = hashlib.blake2b(str(home.resolve()).encode(), digest_size=4).hexdigest()
+        self.ring = LogRing.create(default_ring_dir(home) / f"concordia-{tag}-producer-test.ring",
+                                   capacity=-(-9 * (row + 512) // 2 // 4096) * 4096, session_tag=TAG,
+                                   owner_token=OWNER, base=0)
         header, _ = rt.backend.commits.ring(self.ring)
         self.producer = StepCommitter(
             arch=rt.backend.executor.arch, sms=torch.cuda.get_device_properties(0).multi_processor_count,
@@ -64,7 +76,7 @@ class Bench:
             template=TEMPLATE, slots=1, every=1, space_timeout_s=timeout_s)
         self.stream = torch.cuda.current_stream()
         self.length = torch.full((), START, dtype=torch.int64, device="cuda")
-        self.ids = torch.randint(3, 30000, (1, 64), device="cuda", dtype=torch.int64)
+        self.ids = torch.randint(3, 30000, (batch, shape[3]), device="cuda", dtype=torch.int64)
         self.producer.arm(self.stream.cuda_stream, position=0, epoch=0, committed=START)
 
     def epoch_bytes(self, length: int) -> int:
@@ -88,20 +100,32 @@ class Bench:
             k += 1
         return k
 
+    def pattern(self, length: int) -> tuple[int, bytes]:
+        """Lay a byte pattern where the epoch reaching ``length`` would go
+        (from the last commit on); returns its offset and bytes."""
+        at, size = self.ring.written, self.epoch_bytes(length)
+        self.ring.write_at(at, b"\xab" * size)
+        return at, b"\xab" * size
+
     def close(self) -> None:
-        self.producer.disarm()
-        self.ring.unlink()  # unregistered while the runtime's device is still open
-        self.session.close()
+        try:
+            self.producer.disarm()
+        finally:
+            try:
+                self.ring.unlink()  # unregistered while the runtime's device is still open
+            finally:
+                self.session.close()
 
 
-@pytest.fixture
-def bench(home: Path) -> Iterator[Any]:
+@pytest.fixture(params=list(GEOMETRIES))
+def bench(request: pytest.FixtureRequest, home: Path) -> Iterator[Any]:
     from concordia_agents import Runtime
 
     made: list[Bench] = []
 
     def make(timeout_s: float = 5.0) -> Bench:
-        made.append(Bench(rt, home, timeout_s=timeout_s))
+        made.append(Bench(rt, home, GEOMETRIES[request.param], timeout_s=timeout_s))
+        assert made[-1].producer.blocks == (1 if request.param == "one-block" else 5)
         return made[-1]
 
     try:
@@ -124,14 +148,27 @@ def test_a_full_ring_is_waited_on_until_the_flusher_frees_room(bench):
     b.stream.synchronize()
     written = b.ring.written
     assert b.producer.state().commits == k and b.ring.committed == written and b.ring.committed_epoch == k
+    at, laid = b.pattern(START + k + 1)
+    seen: list[bytes] = []
+
+    def flusher() -> None:  # what the waiting producer left where its epoch goes, then room
+        seen.append(b.ring.read(at, len(laid)))
+        b.ring.publish_consumed(written)
+
+    timer = threading.Timer(0.3, flusher)
     t0 = time.monotonic()
-    threading.Timer(0.3, b.ring.publish_consumed, args=(written,)).start()
-    b.step()
-    b.stream.synchronize()
+    timer.start()
+    try:
+        b.step()
+        b.stream.synchronize()
+    finally:
+        timer.join()
     waited = time.monotonic() - t0
     state = b.producer.state()
     assert state.error is None and state.commits == k + 1, state
     assert waited >= 0.29, waited
+    assert seen == [laid]  # nothing stored before the room was there
+    assert b.ring.read(at, len(laid)) != laid
     assert b.ring.committed_epoch == k + 1 and b.ring.committed == written + b.epoch_bytes(START + k + 1)
 
 
@@ -139,12 +176,16 @@ def test_a_ring_that_stays_full_stops_the_producer_with_ring_full(bench):
     """Past the space timeout: ring_full, the consumed offset it saw, the epochs before it standing."""
     b = bench(timeout_s=0.2)
     k = b.fits()
-    for _ in range(k + 1):
+    for _ in range(k):
         b.step()
+    b.stream.synchronize()
+    at, laid = b.pattern(START + k + 1)
+    b.step()
     b.stream.synchronize()
     state = b.producer.state()
     assert (state.error, state.error_info, state.commits) == ("ring_full", 0, k), state
     assert b.ring.committed_epoch == k and b.ring.committed == b.ring.written == state.position
+    assert b.ring.read(at, len(laid)) == laid
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["ring-checked", "blocks-read"])
@@ -156,25 +197,25 @@ def test_a_takeover_stops_the_producer_before_it_stores_the_next_epoch(bench, ch
         b.step(check=check)
     b.stream.synchronize()
     written = b.ring.written
-    size = b.epoch_bytes(START + 3)
-    b.ring.write_at(written, b"\xab" * size)
+    at, laid = b.pattern(START + 3)
     b.ring.set_owner(99)
     b.step(check=check)
     b.stream.synchronize()
     state = b.producer.state()
     assert (state.error, state.error_info, state.commits) == ("fenced", 99, 2), state
     assert b.ring.written == b.ring.committed == written and b.ring.committed_epoch == 2
-    assert b.ring.read(written, size) == b"\xab" * size
+    assert b.ring.read(at, len(laid)) == laid
 
 
 def test_a_takeover_after_the_check_is_caught_before_anything_is_published(bench):
     """The check read the old owner; the takeover lands before the producer runs (the window the
-    check leaves): its stores may land past the last commit, but the last block's read of the owner
+    check leaves): its rows land past the last commit, but the last block's read of the owner
     before publishing stops it, so written, committed and the epoch do not move."""
     b = bench()
     b.step()
     b.stream.synchronize()
     written = b.ring.written
+    at, laid = b.pattern(START + 2)
     b.length.add_(1)
     b.producer.check_ring(b.stream.cuda_stream, b.length.data_ptr())
     b.stream.synchronize()
@@ -185,3 +226,37 @@ def test_a_takeover_after_the_check_is_caught_before_anything_is_published(bench
     state = b.producer.state()
     assert (state.error, state.error_info, state.commits) == ("fenced", 99, 1), state
     assert b.ring.written == b.ring.committed == written and b.ring.committed_epoch == 1
+    assert b.ring.read(at, len(laid)) != laid  # the window is real: the rows were stored
+
+
+def test_a_launch_clears_what_its_check_read(bench):
+    """After a checked launch (its last block clears the check's words), a launch with no check of
+    its own reads the ring itself: a takeover stops it before it stores anything."""
+    b = bench()
+    b.step(check=True)
+    b.stream.synchronize()
+    at, laid = b.pattern(START + 2)
+    b.ring.set_owner(99)
+    b.step(check=False)
+    b.stream.synchronize()
+    assert b.producer.state().error == "fenced"
+    assert b.ring.read(at, len(laid)) == laid
+
+
+def test_arming_clears_a_check_whose_launch_never_ran(bench):
+    """A check read the old owner and its launch never came; after arming again, a launch with no
+    check of its own reads the ring itself: a takeover stops it before it stores anything."""
+    b = bench()
+    b.step()
+    b.stream.synchronize()
+    b.length.add_(1)
+    b.producer.check_ring(b.stream.cuda_stream, b.length.data_ptr())
+    b.length.sub_(1)
+    state = b.producer.state()
+    b.producer.arm(b.stream.cuda_stream, position=state.position, epoch=state.epoch, committed=state.committed)
+    at, laid = b.pattern(START + 2)
+    b.ring.set_owner(99)
+    b.step(check=False)
+    b.stream.synchronize()
+    assert b.producer.state().error == "fenced"
+    assert b.ring.read(at, len(laid)) == laid

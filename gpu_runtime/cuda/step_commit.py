@@ -40,7 +40,8 @@ _BLOCK = 256
 # State and parameter words: kernels/step_commit.cu's S_* and P_* (test_kernels_compile checks them).
 STATE_WORDS = ("ARMED", "NEXT", "EPOCH", "COMMITTED", "ERROR", "ERROR_INFO", "ARRIVED", "COMMITS", "STEPS",
                "SEEN_VALID", "SEEN_OWNER", "SEEN_CONSUMED")
-_ARMED, _NEXT, _EPOCH, _COMMITTED, _ERROR, _ERROR_INFO, _ARRIVED, _COMMITS, _STEPS, _SEEN_VALID = range(10)
+_ARMED, _NEXT, _EPOCH, _COMMITTED, _ERROR, _ERROR_INFO, _ARRIVED, _COMMITS, _STEPS, _SEEN_VALID, _, _ = range(
+    len(STATE_WORDS))
 _ACC = 16  #: S_ACC
 PARAM_WORDS = ("HEADER", "CAPACITY", "TAG", "OWNER", "EVERY", "TIMEOUT_NS", "KV_BASE", "KV_OUTER", "KV_ROWS",
                "KV_ROW_BYTES", "KV_PER", "KV_REGION", "TOK_BASE", "TOK_OUTER", "TOK_ROWS", "TOK_PER", "TOK_REGION",
@@ -150,12 +151,13 @@ class StepCommitter:
         # Enough blocks that each thread stores a few words of an epoch's rows.
         step_words = (kv.unit + tokens.unit) * every // 8
         self.blocks = max(1, min(sms, -(-step_words // (_BLOCK * 8))))
-        #: launch cnc_step_check before each producer launch (kernels/step_commit.cu: the ring's words read
-        #: once a launch), or have every block read them. The check is a launch of its own; it pays from a
-        #: few blocks on (H100, 2026-12-07, bench/bench_step_commit_gpu.py, us a step: 2 blocks, 1B batch 1,
-        #: 24.9 checked against 21.9 read per block; 9 blocks, 8B batch 1, 25.4 against 32.3; 17, 1B batch 8,
-        #: 26.7 against 41.9; 65, 8B batch 8, 52.2 against 107.1)
-        self.ring_check = self.blocks > 4
+        #: True: launch cnc_step_check before each producer launch (kernels/step_commit.cu: the ring's words
+        #: read once a launch); False: every block reads them; None (the default): checked from 5 blocks on.
+        #: The check is a launch of its own and pays from a few blocks on (H100, 2026-12-07,
+        #: bench/bench_step_commit_gpu.py, us a step checked against read per block: 3 blocks, 1B batch 1,
+        #: 24.9 against 21.9; 9 blocks, 8B batch 1, 25.4 against 32.3; 17, 1B batch 8, 26.7 against 41.9;
+        #: 65, 8B batch 8, 52.2 against 107.1)
+        self.ring_check: bool | None = None
         self._streams: dict[int, Any] = {}
         self._arm = cupy.cuda.alloc_pinned_memory(8 * 4)
         cupy.cuda.runtime.deviceSynchronize()  # the parameters are in place before any capture
@@ -211,18 +213,24 @@ class StepCommitter:
         """One step's launch on ``stream``: ``length_ptr`` the device int64 new
         length, ``ids_ptr`` the step's int64 input tokens ``[outer, n_in]``
         with row stride ``ids_stride`` (elements)."""
-        if self.ring_check:
+        if self.checks_ring:
             self.check_ring(stream, length_ptr)
         u = np.uint64
         self._fn((self.blocks,), (_BLOCK,), (_the_slot(), u(length_ptr), u(ids_ptr), u(n_in), u(ids_stride)),
                  stream=self._stream(stream))
+
+    @property
+    def checks_ring(self) -> bool:
+        """Whether ``launch`` launches the ring check (``ring_check``, or
+        its default for this producer's blocks)."""
+        return self.ring_check if self.ring_check is not None else self.blocks > 4
 
     def check_ring(self, stream: int, length_ptr: int) -> None:
         """Launch ``cnc_step_check`` on ``stream``: the ring's owner and
         consumed words read once, by one thread, for the producer launch
         queued next, if that launch commits (``launch`` does this itself
         while ``ring_check``; kernels/step_commit.cu says why)."""
-        self._check((1,), (32,), (_the_slot(), np.uint64(length_ptr)), stream=self._stream(stream))
+        self._check((1,), (1,), (_the_slot(), np.uint64(length_ptr)), stream=self._stream(stream))
 
     def state(self) -> StepState:
         """The state words (synchronizes the device first)."""

@@ -14,7 +14,7 @@
 //   stream order before the first launch, and owns none of the ring's
 //   reservation while it is armed; disarming clears the slot.
 // * Launches run in stream order. Every block decides the same thing from
-//   values fixed for the launch (the new length L, S_COMMITTED, S_EVERY); the
+//   values fixed for the launch (the new length L, S_COMMITTED, P_EVERY); the
 //   last block to finish (an arrival counter) writes the headers and the
 //   COMMIT, publishes and advances the state, so no block of a launch reads
 //   state another block of it changed.
@@ -32,11 +32,26 @@
 //   bytes written; likely because a read does not pass the posted writes
 //   ahead of it, so a block that starts after others began streaming rows to
 //   host memory waits for them. With the check the whole launch took 26.7
-//   and 52.2 us against 41.9 and 107.1. The seen values are as fresh as the old per-block reads were: same launch,
-//   microseconds before the stores. A stale consumed only under-states the
-//   room, and a ring that looks full is polled fresh; the last block still
-//   re-reads the owner before it publishes. Without a valid S_SEEN (the check
-//   not launched), every block reads the ring itself, as before.
+//   and 52.2 us against 41.9 and 107.1. The seen values are as fresh as the
+//   per-block reads: same launch, microseconds before the stores. A stale
+//   consumed only under-states the room, and a ring that looks full is
+//   polled fresh; the last block still re-reads the owner before it
+//   publishes. Without a valid S_SEEN (the check not launched), every block
+//   reads the ring itself. Both kernels find the armed producer through the
+//   slot, so a graph captured with or without the check replays correctly
+//   for any producer.
+// * A takeover: each block used to read the owner just before its own
+//   stores; with the check, every block trusts the owner read at the launch's
+//   start, so a block of a launch that began before a takeover may still
+//   store its rows after it, for up to the rest of the launch (tens of us).
+//   Nothing of such a launch is published: the last block reads the owner
+//   again before it writes any header or the COMMIT. The stray bytes can
+//   only land in payload places past the stale producer's last commit; the
+//   new owner (logring.py reset, then its own records from the same offset)
+//   writes there only after its open's catalog and segment work, which takes
+//   milliseconds, not microseconds (an argument from timing, as the old
+//   per-block window was); and a payload overwritten anyway fails its
+//   checksum in the flusher's walk: an error, never a wrong commit.
 #include "concordia.cuh"
 
 #define CNC_STEP_BLOCK 256
