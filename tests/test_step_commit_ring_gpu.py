@@ -107,6 +107,24 @@ class Bench:
         self.ring.write_at(at, b"\xab" * size)
         return at, b"\xab" * size
 
+    def check_ahead(self) -> None:
+        """Launch the ring check of the next step, not the step (done by the
+        time this returns)."""
+        self.length.add_(1)
+        self.producer.check_ring(self.stream.cuda_stream, self.length.data_ptr())
+        self.length.sub_(1)
+        self.stream.synchronize()
+
+    def taken_over_step(self, *, check: bool) -> tuple[Any, int, bytes]:
+        """Lay a pattern where the next epoch goes, give the ring to another
+        owner (token 99), run the next step: the producer's state after it,
+        and the pattern's offset and bytes."""
+        at, laid = self.pattern(int(self.length.item()) + 1)
+        self.ring.set_owner(99)
+        self.step(check=check)
+        self.stream.synchronize()
+        return self.producer.state(), at, laid
+
     def close(self) -> None:
         try:
             self.producer.disarm()
@@ -197,11 +215,7 @@ def test_a_takeover_stops_the_producer_before_it_stores_the_next_epoch(bench, ch
         b.step(check=check)
     b.stream.synchronize()
     written = b.ring.written
-    at, laid = b.pattern(START + 3)
-    b.ring.set_owner(99)
-    b.step(check=check)
-    b.stream.synchronize()
-    state = b.producer.state()
+    state, at, laid = b.taken_over_step(check=check)
     assert (state.error, state.error_info, state.commits) == ("fenced", 99, 2), state
     assert b.ring.written == b.ring.committed == written and b.ring.committed_epoch == 2
     assert b.ring.read(at, len(laid)) == laid
@@ -215,15 +229,8 @@ def test_a_takeover_after_the_check_is_caught_before_anything_is_published(bench
     b.step()
     b.stream.synchronize()
     written = b.ring.written
-    at, laid = b.pattern(START + 2)
-    b.length.add_(1)
-    b.producer.check_ring(b.stream.cuda_stream, b.length.data_ptr())
-    b.stream.synchronize()
-    b.ring.set_owner(99)
-    b.length.sub_(1)
-    b.step(check=False)  # the check above is this launch's
-    b.stream.synchronize()
-    state = b.producer.state()
+    b.check_ahead()
+    state, at, laid = b.taken_over_step(check=False)  # the check above is this launch's
     assert (state.error, state.error_info, state.commits) == ("fenced", 99, 1), state
     assert b.ring.written == b.ring.committed == written and b.ring.committed_epoch == 1
     assert b.ring.read(at, len(laid)) != laid  # the window is real: the rows were stored
@@ -235,11 +242,8 @@ def test_a_launch_clears_what_its_check_read(bench):
     b = bench()
     b.step(check=True)
     b.stream.synchronize()
-    at, laid = b.pattern(START + 2)
-    b.ring.set_owner(99)
-    b.step(check=False)
-    b.stream.synchronize()
-    assert b.producer.state().error == "fenced"
+    state, at, laid = b.taken_over_step(check=False)
+    assert state.error == "fenced"
     assert b.ring.read(at, len(laid)) == laid
 
 
@@ -249,14 +253,9 @@ def test_arming_clears_a_check_whose_launch_never_ran(bench):
     b = bench()
     b.step()
     b.stream.synchronize()
-    b.length.add_(1)
-    b.producer.check_ring(b.stream.cuda_stream, b.length.data_ptr())
-    b.length.sub_(1)
+    b.check_ahead()
     state = b.producer.state()
     b.producer.arm(b.stream.cuda_stream, position=state.position, epoch=state.epoch, committed=state.committed)
-    at, laid = b.pattern(START + 2)
-    b.ring.set_owner(99)
-    b.step(check=False)
-    b.stream.synchronize()
-    assert b.producer.state().error == "fenced"
+    state, at, laid = b.taken_over_step(check=False)
+    assert state.error == "fenced"
     assert b.ring.read(at, len(laid)) == laid
