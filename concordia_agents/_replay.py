@@ -147,18 +147,22 @@ class PayloadReader:
         self.verify(loc, data)
         return data
 
-    def _pieces(self, loc: RecordLoc, out: np.ndarray, piece: int) -> Iterator[tuple[int, int]]:
-        """``pread`` ``loc``'s payload into ``out`` (u8, its length) at most
-        ``piece`` bytes a call, yielding each ``(start, end)`` as it lands."""
-        n = loc.header.length
-        if out.size != n:
-            raise ValueError(f"expected an output of {n} bytes, found {out.size}")
-        fd, pos, base = self._fd(loc.path), 0, loc.file_offset + HEADER_SIZE
+    def _pieces(self, loc: RecordLoc, out: np.ndarray, piece: int, start: int = 0) -> Iterator[tuple[int, int]]:
+        """``pread`` bytes ``[start, start + out.size)`` of ``loc``'s payload
+        into ``out`` (u8; by default the whole payload) at most ``piece`` bytes
+        a call, yielding each ``(begin, end)`` of ``out`` as it lands."""
+        n, length = out.size, loc.header.length
+        if start == 0 and n != length:
+            raise ValueError(f"expected an output of {length} bytes, found {n}")
+        if start < 0 or start + n > length:
+            raise ValueError(f"expected a part within the payload's {length} bytes, found [{start}, {start + n})")
+        fd, pos, base = self._fd(loc.path), 0, loc.file_offset + HEADER_SIZE + start
         while pos < n:
             got = os.preadv(fd, [out[pos:pos + min(piece, n - pos)].data], base + pos)
             if got <= 0:
                 raise CorruptLogError(f"payload of a {loc.header.type.name} record of epoch {loc.header.epoch} is cut "
-                                      f"short ({pos} of {n} bytes)", path=str(loc.path), offset=loc.file_offset)
+                                      f"short ({start + pos} of {length} bytes)", path=str(loc.path),
+                                      offset=loc.file_offset)
             yield pos, pos + got
             pos += got
 
@@ -178,10 +182,12 @@ class PayloadReader:
         if not ok:
             self.raise_corrupt(loc)
 
-    def read_unverified(self, loc: RecordLoc, out: np.ndarray) -> None:
-        """Read ``loc``'s payload into ``out`` without checking it: for a caller
-        that verifies it elsewhere (on the GPU) before using it."""
-        for _ in self._pieces(loc, out, loc.header.length):
+    def read_unverified(self, loc: RecordLoc, out: np.ndarray, start: int = 0) -> None:
+        """Read ``loc``'s payload (or, from ``start``, the part of it ``out``
+        holds: a restore reads a large record on several threads) into ``out``
+        without checking it: for a caller that verifies it elsewhere (on the
+        GPU) before using it."""
+        for _ in self._pieces(loc, out, out.size, start):
             pass
 
     @staticmethod

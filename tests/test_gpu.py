@@ -542,14 +542,16 @@ def test_gpu_resume_is_bit_exact_for_torch_and_cupy(tmp_path):
         r.close()
 
 
-@pytest.mark.parametrize(("engine", "verify"), [("executor", "host"), ("copy", "host"), ("executor", "device"),
-                                               ("copy", "device")])
-def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engine, verify):
+@pytest.mark.parametrize(("engine", "verify", "piece"), [("executor", "host", 0), ("copy", "host", 0),
+                                                        ("executor", "device", 0), ("copy", "device", 0),
+                                                        ("copy", "device", 40 << 10)])
+def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engine, verify, piece):
     """Hundreds of ROWS and PAGES records restored through the pipeline (small
     spans, so buffers are refilled many times) come back bit-exact with either
     engine, with the pinned pool prepared while the log is opened or made at
-    the first restore; a flipped payload byte raises CorruptLogError naming the
-    file."""
+    the first restore, and with spans read as 40 KiB reader tasks (records of
+    up to 64 KiB cut across tasks); a flipped payload byte raises
+    CorruptLogError naming the file."""
     import cupy
     import torch
 
@@ -562,7 +564,7 @@ def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engin
     pages = cupy.random.default_rng(2).integers(0, 2**31, 1 << 18, dtype=cupy.int64)
     opts = dict(backend="cupy", max_record_bytes=64 << 10, backend_options=dict(
         restore_engine=engine, restore_verify=verify, restore_span=256 << 10, restore_depth=3, restore_threads=4,
-        restore_prepare=verify == "device"))
+        restore_prepare=verify == "device", restore_piece=piece))
     with Runtime.open(home=tmp_path, **opts) as rt:
         s = rt.session("pipe")
         s.register("kv", kv, kind="kv", seq_axis=2)

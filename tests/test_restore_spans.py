@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from concordia_agents import CorruptLogError
 from concordia_agents._replay import PayloadReader, RecordLoc
 from gpu_runtime.checksum import payload_sum
-from gpu_runtime.cuda.restore import RestoreStats, _waited, spans
+from gpu_runtime.cuda.restore import RestoreStats, _waited, pieces, spans
 from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
 
 
@@ -44,6 +44,35 @@ def test_spans_keep_order_group_only_adjacent_records_and_respect_the_limit(recs
         assert nbytes <= limit or len(group) == 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=12), st.integers(0, 3000))
+def test_pieces_cover_every_payload_byte_once_in_tasks_of_the_limit(sizes, limit):
+    """A span's reader tasks: every payload byte of every record once, at its place in the span's buffer (after
+    its header), never a header byte; tasks of exactly ``limit`` bytes but the last; limit 0: one task."""
+    locs, at = [], 64
+    for n in sizes:
+        locs.append(_loc(Path("seg"), at, n))
+        at += record_size(n)
+    (span,) = spans(locs, 1 << 40)
+    tasks = pieces(span, limit)
+    assert all(tasks) and bool(tasks) == (sum(sizes) > 0)
+    covered = np.zeros(span[2], np.int64)
+    for loc, buf_at, begin, n in (p for task in tasks for p in task):
+        assert begin >= 0 and begin + n <= loc.header.length and n > 0
+        assert buf_at == loc.file_offset - 64 + HEADER_SIZE + begin
+        covered[buf_at:buf_at + n] += 1
+    want = np.zeros(span[2], np.int64)
+    for loc in locs:
+        start = loc.file_offset - 64 + HEADER_SIZE
+        want[start:start + loc.header.length] = 1
+    assert np.array_equal(covered, want)
+    sums = [sum(n for _, _, _, n in task) for task in tasks]
+    if limit == 0 or not tasks:
+        assert len(tasks) == (sum(sizes) > 0)
+    else:
+        assert all(s == limit for s in sums[:-1]) and 0 < sums[-1] <= limit
+
+
 def test_payload_reads_verified_unverified_and_the_corruption_error(tmp_path: Path):
     """read_verified checks a multi-piece payload (with a tail); read_unverified
     returns the bytes as stored, damaged or not; raise_corrupt names file and offset."""
@@ -66,6 +95,11 @@ def test_payload_reads_verified_unverified_and_the_corruption_error(tmp_path: Pa
         with pytest.raises(CorruptLogError, match="fails its checksum") as e:
             r.raise_corrupt(good)
         assert e.value.offset == 64
+        part = np.empty(1000, np.uint8)
+        r.read_unverified(good, part, 12000)  # a part, as a restore's reader task reads one
+        assert np.array_equal(part, out[12000:13000])
+        with pytest.raises(ValueError, match="within the payload"):
+            r.read_unverified(good, np.empty(10, np.uint8), data.size - 5)
         short = _loc(seg, 64, data.size + 100)
         with pytest.raises(CorruptLogError, match="cut short"):
             r.read_unverified(short, np.empty(short.header.length, np.uint8))

@@ -65,13 +65,13 @@ class CupyBackend(Backend):
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
                  fence_timeout_s: float = 10.0, fence_yield_ms: float = 2.0, restore_engine: str = "copy",
                  restore_span: int = 16 << 20, restore_depth: int = 8, restore_threads: int | None = None,
-                 restore_verify: str = "device", restore_prepare: bool = True, ring_prepare: bool = False,
-                 fused_pages: bool = False) -> None:
+                 restore_verify: str = "device", restore_prepare: bool = True, restore_piece: int = 0,
+                 ring_prepare: bool = False, fused_pages: bool = False) -> None:
         import cupy
 
         restore = RestoreOptions(engine=restore_engine, verify=restore_verify, span=restore_span,
                                  depth=restore_depth, threads=restore_threads,
-                                 prepare=restore_prepare)  # checked before any allocation
+                                 prepare=restore_prepare, piece=restore_piece)  # checked before any allocation
         self._cupy = cupy
         self.executor = Executor(blocks=blocks, idle_ms=idle_ms, max_life_ms=max_life_ms,
                                  fence_yield_ms=fence_yield_ms, fused_pages=fused_pages)

@@ -5,7 +5,9 @@ record reaches a region (a copy-engine copy or a RECOVER task).
 Both read a region's records in spans of back-to-back records (at most
 ``restore_span`` bytes) with reader threads that ``pread`` straight into the
 backend's pinned buffers, ``restore_depth`` spans in flight, and hand them to
-the device in log order; they differ in where the checksums are summed.
+the device in log order; they differ in where the checksums are summed. With
+device sums a span may be read as several tasks of ``restore_piece`` bytes
+(``pieces``), so that a large span is read by several threads at once.
 
 * ``DeviceVerifiedRestore`` (``restore_verify="device"``, the default). Per
   span, on the restore stream: copy the pinned span (unverified) to a device
@@ -52,7 +54,7 @@ from .memory import PinnedBuffer, device_ptr
 from .tasks import LAYOUTS, TaskKind
 
 __all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "RestoreStats",
-           "spans"]
+           "pieces", "spans"]
 
 Span = tuple[Any, int, int, list[Any]]  #: (path, file offset, bytes, records)
 _BLOCK = 256  # threads per block of cnc_payload_sums (its __launch_bounds__)
@@ -67,6 +69,9 @@ class RestoreOptions:
     verify: str = "device"  #: where payloads are summed: "device" (kernels/verify.cu) or "host" (reader threads)
     span: int = 16 << 20  #: bytes per pinned buffer
     depth: int = 8  #: pinned buffers in flight (at least 2)
+    #: bytes per reader task with device sums (0: one task per span): a span read in pieces on several threads
+    #: lands sooner, so larger spans (fewer of the calling thread's per-span steps) need not wait longer
+    piece: int = 0
     threads: int | None = None  #: reader threads (default min(8, cores - 1))
     #: allocate the pinned pool on a thread of its own when the backend is made (``prepare``): on since
     #: the H100 run of 2026-12-07, where a runtime's first 8k restore ran at 24.9 GB/s with it and 11.6
@@ -78,6 +83,8 @@ class RestoreOptions:
             raise RegionError(f"restore_engine: expected 'executor' or 'copy', found {self.engine!r}")
         if self.verify not in ("host", "device"):
             raise RegionError(f"restore_verify: expected 'host' or 'device', found {self.verify!r}")
+        if self.piece < 0:
+            raise RegionError(f"restore_piece: expected 0 (a task per span) or a byte count, found {self.piece}")
 
     @property
     def reader_threads(self) -> int:
@@ -271,6 +278,41 @@ def _read_span(read: Callable[[Any, np.ndarray], None], buf: Any, span: Span) ->
         read(loc, buf.array[at:at + loc.header.length])
 
 
+Piece = tuple[Any, int, int, int]  #: (record location, offset in the span's buffer, offset in its payload, bytes)
+
+
+def pieces(span: Span, limit: int) -> list[list[Piece]]:
+    """The reader tasks of ``span``'s payloads: the whole span as one task
+    (``limit`` 0), else tasks of ``limit`` bytes (the last one less), each a
+    list of record parts in span order; a record larger than the rest of a
+    task is cut, and small records share one. Together they cover every
+    payload byte once, headers never (no task for a span of empty payloads)."""
+    _, start, _, group = span
+    every = [(loc, loc.file_offset - start + HEADER_SIZE, 0, loc.header.length) for loc in group
+             if loc.header.length]
+    if limit <= 0:
+        return [every] if every else []
+    tasks: list[list[Piece]] = [[]]
+    room = limit
+    for loc, at, _, n in every:
+        done = 0
+        while done < n:
+            if room == 0:
+                tasks.append([])
+                room = limit
+            take = min(room, n - done)
+            tasks[-1].append((loc, at + done, done, take))
+            done += take
+            room -= take
+    return [task for task in tasks if task]
+
+
+def _read_pieces(reader: Any, buf: Any, task: list[Piece]) -> None:
+    """One reader task: each part of ``task`` read, unverified, to its place in ``buf``."""
+    for loc, at, begin, n in task:
+        reader.read_unverified(loc, buf.array[at:at + n], begin)
+
+
 def _mark(ticket: int | None, stream: Any) -> Any:
     """What to wait for before a buffer is reused: the executor ticket that last
     reads it, or an event recorded now on ``stream`` (copy engine)."""
@@ -292,13 +334,12 @@ def _settle(res: RestoreResources, busy: list[Any], i: int) -> None:
         mark.synchronize()
 
 
-def _drain(res: RestoreResources, loads: dict[int, Future[None]], busy: list[Any],
-           stats: RestoreStats) -> None:
+def _drain(res: RestoreResources, loads: Sequence[Future[None]], busy: list[Any], stats: RestoreStats) -> None:
     """On the way out (normal or not): cancel queued reads, let running ones
     finish, and wait for every device read of a buffer, so the pool can be reused."""
-    for f in loads.values():
+    for f in loads:
         f.cancel()
-    for f in loads.values():
+    for f in loads:
         if not f.cancelled():
             _waited(stats, "read_wait_s", f.exception)
     for i in range(len(busy)):
@@ -385,8 +426,14 @@ class DeviceVerifiedRestore:
         summed: list[Any] = [None] * depth  # event: span's copy, sums and sums' copy back are done
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
 
-        def load(i: int, span: Span) -> None:
-            _read_span(reader.read_unverified, pool[i], span)
+        def load(i: int, span: Span) -> list[Future[None]]:
+            return [threads.submit(_read_pieces, reader, pool[i], task)
+                    for task in pieces(span, self.res.options.piece)]
+
+        def landed(k: int) -> None:
+            for f in loads[k]:
+                f.result()
+            del loads[k]  # only now: on a failed piece, _drain still waits for the span's other pieces
 
         def send(k: int) -> None:
             """Stage span k on the device and sum its records there."""
@@ -425,22 +472,22 @@ class DeviceVerifiedRestore:
                 busy[i] = self._scatter(region, loc.header, src)
             busy[i] = _mark(busy[i], stream)
 
-        loads: dict[int, Future[None]] = {}
+        loads: dict[int, list[Future[None]]] = {}
         try:
             for k in range(min(depth, len(groups))):
-                loads[k] = threads.submit(load, k, groups[k])
+                loads[k] = load(k, groups[k])
             for k in range(len(groups)):
-                _waited(stats, "read_wait_s", loads.pop(k).result)
+                _waited(stats, "read_wait_s", landed, k)
                 send(k)
                 if k:
                     check_and_scatter(k - 1)
                     # Span k - 1's pinned buffer was copied (its event was waited for): refill it.
                     nxt = k - 1 + depth
                     if nxt < len(groups):
-                        loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
+                        loads[nxt] = load(nxt % depth, groups[nxt])
             check_and_scatter(len(groups) - 1)
         finally:
-            _drain(self.res, loads, busy, stats)
+            _drain(self.res, [f for fs in loads.values() for f in fs], busy, stats)
             # no sum, copy or scatter still reads the tables or the pool
             _waited(stats, "device_wait_s", stream.synchronize)
 
@@ -509,4 +556,4 @@ class HostVerifiedRestore:
                         _waited(stats, "device_wait_s", _settle, res, busy, nxt % depth)
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             finally:
-                _drain(res, loads, busy, stats)  # no device read of a pool buffer outlives this call
+                _drain(res, list(loads.values()), busy, stats)  # no device read of a pool buffer outlives this call
