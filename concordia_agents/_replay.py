@@ -152,8 +152,6 @@ class PayloadReader:
         into ``out`` (u8; by default the whole payload) at most ``piece`` bytes
         a call, yielding each ``(begin, end)`` of ``out`` as it lands."""
         n, length = out.size, loc.header.length
-        if start == 0 and n != length:
-            raise ValueError(f"expected an output of {length} bytes, found {n}")
         if start < 0 or start + n > length:
             raise ValueError(f"expected a part within the payload's {length} bytes, found [{start}, {start + n})")
         fd, pos, base = self._fd(loc.path), 0, loc.file_offset + HEADER_SIZE + start
@@ -170,6 +168,8 @@ class PayloadReader:
         """Read ``loc``'s payload into ``out`` and verify it piece by piece, each
         piece summed while it is still in the CPU cache."""
         n, version = loc.header.length, loc.header.version
+        if out.size != n:
+            raise ValueError(f"expected an output of {n} bytes, found {out.size}")
         whole, s, aligned = n // 8, 0, True
         for a, b in self._pieces(loc, out, _PIECE):
             aligned = aligned and a % 8 == 0 and (b % 8 == 0 or b == n)
