@@ -326,16 +326,14 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
     # Spans read in 4 MiB pieces (restore_piece): a span's read no longer waits for one thread, so larger spans
     # (fewer of the calling thread's per-span steps, 0.25-0.35 ms each in the 2026-12-07 runs) can keep up.
     variants = {"default (8 threads, 16 MiB spans, device sums)": {},
-                "15 threads": {"restore_threads": 15},
-                "64 MiB spans": {"restore_span": 64 << 20},
                 "15 threads, 16 buffers": {"restore_threads": 15, "restore_depth": 16},
-                "4 MiB pieces": {"restore_piece": 4 << 20},
-                "15 threads, 4 MiB pieces": {"restore_threads": 15, "restore_piece": 4 << 20},
-                "64 MiB spans, 4 MiB pieces": {"restore_span": 64 << 20, "restore_piece": 4 << 20},
                 "15 threads, 64 MiB spans, 4 MiB pieces": {"restore_threads": 15, "restore_span": 64 << 20,
                                                            "restore_piece": 4 << 20},
-                "15 threads, 32 MiB spans, 2 MiB pieces": {"restore_threads": 15, "restore_span": 32 << 20,
-                                                           "restore_piece": 2 << 20}}
+                "15 threads, 4 x 64 MiB spans, 4 MiB pieces": {"restore_threads": 15, "restore_span": 64 << 20,
+                                                               "restore_depth": 4, "restore_piece": 4 << 20},
+                "15 threads, 32 MiB spans, 4 MiB pieces": {"restore_threads": 15, "restore_span": 32 << 20,
+                                                           "restore_piece": 4 << 20},
+                "8 threads, 64 MiB spans, 8 MiB pieces": {"restore_span": 64 << 20, "restore_piece": 8 << 20}}
     for name, options in variants.items():
         first: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []
