@@ -323,17 +323,15 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
         _read_rate(files, threads)  # warm: the files in the page cache, the buffers' first touch
         out[f"pread_GBps_{threads}_threads"] = statistics.median(_read_rate(files, threads) for _ in range(3)) / 1e9
     out["pread_GBps_15_threads_4MiB"] = statistics.median(_read_rate(files, 15, 4 << 20) for _ in range(3)) / 1e9
-    # Spans read in 4 MiB pieces (restore_piece): a span's read no longer waits for one thread, so larger spans
-    # (fewer of the calling thread's per-span steps, 0.25-0.35 ms each in the 2026-12-07 runs) can keep up.
-    variants = {"default (8 threads, 16 MiB spans, device sums)": {},
-                "15 threads, 16 buffers": {"restore_threads": 15, "restore_depth": 16},
-                "15 threads, 64 MiB spans, 4 MiB pieces": {"restore_threads": 15, "restore_span": 64 << 20,
-                                                           "restore_piece": 4 << 20},
-                "15 threads, 4 x 64 MiB spans, 4 MiB pieces": {"restore_threads": 15, "restore_span": 64 << 20,
-                                                               "restore_depth": 4, "restore_piece": 4 << 20},
-                "15 threads, 32 MiB spans, 4 MiB pieces": {"restore_threads": 15, "restore_span": 32 << 20,
-                                                           "restore_piece": 4 << 20},
-                "8 threads, 64 MiB spans, 8 MiB pieces": {"restore_span": 64 << 20, "restore_piece": 8 << 20}}
+    # Spans read in 4 MiB pieces (restore_piece, the default since 2026-12-07 19:40): a span's read no longer
+    # waits for one thread, so larger spans (fewer of the calling thread's per-span steps) can keep up.
+    variants = {"default (15 threads, 4 x 64 MiB spans read in 4 MiB pieces, device sums)": {},
+                "the defaults before 2026-12-07 19:40 (8 threads, 8 x 16 MiB spans read whole)": {
+                    "restore_threads": 8, "restore_span": 16 << 20, "restore_depth": 8, "restore_piece": 0},
+                "8 x 32 MiB spans": {"restore_span": 32 << 20, "restore_depth": 8},
+                "8 x 64 MiB spans": {"restore_depth": 8},
+                "8 threads": {"restore_threads": 8},
+                "spans read whole": {"restore_piece": 0}}
     for name, options in variants.items():
         first: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []

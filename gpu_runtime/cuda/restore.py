@@ -67,12 +67,15 @@ class RestoreOptions:
 
     engine: str = "copy"  #: who scatters verified records: "copy" (copy engine) or "executor" (RECOVER tasks)
     verify: str = "device"  #: where payloads are summed: "device" (kernels/verify.cu) or "host" (reader threads)
-    span: int = 16 << 20  #: bytes per pinned buffer
-    depth: int = 8  #: pinned buffers in flight (at least 2)
+    # The defaults since the H100 runs of 2026-12-07 19:25 and 19:33 (8B at 8k, 1.08 GB; docs/gpu.md
+    # "Recovery"): 64 MiB spans read in 4 MiB pieces by 15 threads restored at 23-25 GB/s where 16 MiB
+    # spans read whole by 8 threads (the earlier defaults) ran at 16-19 in the same runs.
+    span: int = 64 << 20  #: bytes per pinned buffer
+    depth: int = 4  #: pinned buffers in flight (at least 2)
     #: bytes per reader task with device sums (0: one task per span): a span read in pieces on several threads
     #: lands sooner, so larger spans (fewer of the calling thread's per-span steps) need not wait longer
-    piece: int = 0
-    threads: int | None = None  #: reader threads (default min(8, cores - 1))
+    piece: int = 4 << 20
+    threads: int | None = None  #: reader threads (default min(15, cores - 1))
     #: allocate the pinned pool on a thread of its own when the backend is made (``prepare``): on since
     #: the H100 run of 2026-12-07, where a runtime's first 8k restore ran at 24.9 GB/s with it and 11.6
     #: without (the pool's page-locking was half of the restore; docs/gpu.md)
@@ -88,7 +91,7 @@ class RestoreOptions:
 
     @property
     def reader_threads(self) -> int:
-        return self.threads or max(1, min(8, (os.cpu_count() or 2) - 1))
+        return self.threads or max(1, min(15, (os.cpu_count() or 2) - 1))
 
 
 @dataclass(slots=True)
@@ -163,7 +166,7 @@ class RestoreResources:
         waits for the thread and takes its buffers. The backend calls this at
         its construction when ``restore_prepare`` is on, so that a process's
         first restore, which comes after the model's load, finds the pool made.
-        Why: the pool's page-locking (8 x 16 MiB) falls inside a process's first
+        Why: the pool's page-locking (then 8 x 16 MiB) falls inside a process's first
         restore; on the H100 (8B conversation at 8k, docs/gpu.md) restores that
         were the first of their runtime ran at 13.7 GB/s, and ones after an
         earlier restore in the same runtime at 25 GB/s. A failure here (no
