@@ -306,12 +306,11 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
     """Where the restore rate goes (issue 18 asks for 80 % of pinned H2D): the
     child's log read by ``pread`` alone into pinned memory with 4/8/15 threads,
     then whole restores (``rt.resume``) with the backend's restore options
-    varied — reader threads, span size, spans in flight (each 16 MiB read
-    takes one thread about 3 ms at the measured per-thread rate, and a buffer
-    is also held while the device copies and sums it, so 8 buffers may keep
-    fewer than 8 reads going), spans read in pieces on several threads
-    (``restore_piece``; the checksum site and ``restore_prepare`` were swept
-    until 2026-12-07) — each on a fresh copy, twice per runtime: the first
+    varied — reader threads, span size, spans in flight (a buffer is held
+    while its span is read and while the device copies and sums it), spans
+    read whole or in pieces on several threads (``restore_piece``; the
+    checksum site and ``restore_prepare`` were swept until 2026-12-07) — each
+    on a fresh copy, twice per runtime: the first
     pays for what the pipeline makes on first use, the second finds it kept.
     Each run's ``pipeline`` is the pipeline's own account of the largest
     region (``RestoreStats``)."""

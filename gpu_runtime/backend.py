@@ -139,8 +139,9 @@ class Backend(abc.ABC):
         ``header``; ``reader(loc)`` returns a verified payload and
         ``reader.read_verified(loc, out)`` reads one into a u8 array; both
         raise ``CorruptLogError`` on a bad checksum
-        (``reader.read_unverified`` and ``reader.raise_corrupt`` serve a
-        backend that checks payloads on its device). No payload may reach the
+        (``reader.read_unverified``, ``reader.read_part`` and
+        ``reader.raise_corrupt`` serve a backend that checks payloads on its
+        device). No payload may reach the
         region unverified. This default applies one record at a time; backends
         override it to pipeline."""
         for loc in locs:

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from concordia_agents import CorruptLogError
-from concordia_agents._replay import PayloadReader, RecordLoc
+from concordia_agents._payloads import PayloadReader, RecordLoc
 from gpu_runtime.checksum import payload_sum
-from gpu_runtime.cuda.restore import RestoreStats, _waited, pieces, spans
+from gpu_runtime.cuda.restore import RestoreOptions, RestoreStats, _waited
+from gpu_runtime.cuda.spans import pieces, spans
 from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
 
 
@@ -95,14 +96,27 @@ def test_payload_reads_verified_unverified_and_the_corruption_error(tmp_path: Pa
         with pytest.raises(CorruptLogError, match="fails its checksum") as e:
             r.raise_corrupt(good)
         assert e.value.offset == 64
-        part = np.empty(1000, np.uint8)
-        r.read_unverified(good, part, 12000)  # a part, as a restore's reader task reads one
-        assert np.array_equal(part, out[12000:13000])
-        with pytest.raises(ValueError, match="within the payload"):
-            r.read_unverified(good, np.empty(10, np.uint8), data.size - 5)
         short = _loc(seg, 64, data.size + 100)
         with pytest.raises(CorruptLogError, match="cut short"):
             r.read_unverified(short, np.empty(short.header.length, np.uint8))
+
+
+def test_a_part_of_a_payload_is_read_where_asked_and_nothing_outside_it(tmp_path: Path):
+    """read_part reads bytes [start, start + size) of a payload (a restore's reader task), from its first byte
+    too; a part reaching past the payload, and a whole read into an output of the wrong size, raise ValueError."""
+    data = np.random.default_rng(4).integers(0, 256, 20000, dtype=np.uint8)
+    seg = tmp_path / "seg"
+    seg.write_bytes(bytes(64) + bytes(HEADER_SIZE) + data.tobytes() + b"after")
+    loc = _loc(seg, 64, data.size, payload_sum(data))
+    with PayloadReader() as r:
+        for start, n in ((0, 1000), (12000, 8000), (19999, 1)):
+            part = np.empty(n, np.uint8)
+            r.read_part(loc, part, start)
+            assert np.array_equal(part, data[start:start + n])
+        with pytest.raises(ValueError, match="within the payload"):
+            r.read_part(loc, np.empty(10, np.uint8), data.size - 5)
+        with pytest.raises(ValueError, match="expected an output of 20000 bytes"):
+            r.read_unverified(loc, np.empty(1000, np.uint8))
 
 
 def test_restore_stats_account_for_a_run_and_its_own_share():
@@ -120,3 +134,17 @@ def test_restore_stats_account_for_a_run_and_its_own_share():
     assert d["own_s"] >= 0.01 and abs(d["total_s"] - d["read_wait_s"] - d["device_wait_s"] - d["own_s"]) < 1e-9
     assert d["GBps"] == pytest.approx(1.0 / d["total_s"])
     assert (d["records"], d["spans"], d["bytes"]) == (3, 2, 10**9)
+
+
+def test_restore_defaults_follow_the_checksum_site():
+    """Device sums: 4 x 64 MiB spans read in 4 MiB pieces; host sums (a span is one task): 8 x 16 MiB; what is
+    given wins, at least 2 buffers; a negative piece size is refused by name."""
+    from concordia_agents import ConcordiaError
+
+    device, host = RestoreOptions(), RestoreOptions(verify="host")
+    assert (device.span_bytes, device.buffers, device.piece) == (64 << 20, 4, 4 << 20)
+    assert (host.span_bytes, host.buffers) == (16 << 20, 8)
+    assert (RestoreOptions(span=1 << 20, depth=1).span_bytes, RestoreOptions(depth=1).buffers) == (1 << 20, 2)
+    with pytest.raises(ConcordiaError, match="restore_piece: expected 0"):
+        RestoreOptions(piece=-1)
+

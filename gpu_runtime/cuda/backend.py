@@ -64,7 +64,7 @@ class CupyBackend(Backend):
 
     def __init__(self, *, blocks: int | None = None, idle_ms: float = 10.0, max_life_ms: float = 500.0,
                  fence_timeout_s: float = 10.0, fence_yield_ms: float = 2.0, restore_engine: str = "copy",
-                 restore_span: int = 64 << 20, restore_depth: int = 4, restore_threads: int | None = None,
+                 restore_span: int | None = None, restore_depth: int | None = None, restore_threads: int | None = None,
                  restore_verify: str = "device", restore_prepare: bool = True, restore_piece: int = 4 << 20,
                  ring_prepare: bool = False, fused_pages: bool = False) -> None:
         import cupy

@@ -6,8 +6,10 @@ Both read a region's records in spans of back-to-back records (at most
 ``restore_span`` bytes) with reader threads that ``pread`` straight into the
 backend's pinned buffers, ``restore_depth`` spans in flight, and hand them to
 the device in log order; they differ in where the checksums are summed. With
-device sums a span may be read as several tasks of ``restore_piece`` bytes
-(``pieces``), so that a large span is read by several threads at once.
+device sums a span is read as tasks of ``restore_piece`` bytes
+(``spans.pieces``), so that a large span is read by several threads at once;
+with host sums each span is one task (its sum runs along its read), so that
+path keeps smaller spans and more of them in flight by default.
 
 * ``DeviceVerifiedRestore`` (``restore_verify="device"``, the default). Per
   span, on the restore stream: copy the pinned span (unverified) to a device
@@ -21,15 +23,17 @@ device sums a span may be read as several tasks of ``restore_piece`` bytes
   piece by piece as they read it; the verified span goes from the pinned
   buffer to the region. The host's share per byte is a copy and a sum.
 
-Measured on the H100 machine (4.3 GB restored, 32k tokens of an 8B-shaped
-model): about 18 GB/s with device sums against 8-10 GB/s with host sums
-(docs/gpu.md).
+Measured on the H100 machine (2026-12-06, 4.3 GB restored, 32k tokens of an
+8B-shaped model, the defaults of then): about 18 GB/s with device sums
+against 8-10 GB/s with host sums (docs/gpu.md).
 
 Invariants (both): records reach a region in log order; a record whose
 checksum fails raises ``CorruptLogError`` before any byte of its span reaches
 the region; a pinned buffer is refilled only after the device finished
-reading it (and a staging buffer only after its scatter finished); when
-``run`` returns or raises, no device operation still reads a buffer.
+reading it (and a staging buffer only after its scatter finished); a span
+goes to the device only after every one of its reader tasks has landed, and
+those tasks cover each payload byte once; when ``run`` returns or raises, no
+read and no device operation still uses a buffer.
 
 Each run leaves where its time went in ``RestoreResources.last``
 (``RestoreStats``; the backend's ``restore_stats``), for benchmarks and logs.
@@ -51,12 +55,11 @@ from ..checksum import payload_sum_finish
 from ..errors import RegionError
 from ..records import HEADER_SIZE, RecordHeader, RecordType
 from .memory import PinnedBuffer, device_ptr
+from .spans import Span, pieces, read_pieces, read_span, spans
 from .tasks import LAYOUTS, TaskKind
 
-__all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "RestoreStats",
-           "pieces", "spans"]
+__all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "RestoreStats"]
 
-Span = tuple[Any, int, int, list[Any]]  #: (path, file offset, bytes, records)
 _BLOCK = 256  # threads per block of cnc_payload_sums (its __launch_bounds__)
 _SUM_V1 = 1 << 63  # a table entry's word count with this bit: a record format version 1 checksum (verify.cu)
 
@@ -67,11 +70,12 @@ class RestoreOptions:
 
     engine: str = "copy"  #: who scatters verified records: "copy" (copy engine) or "executor" (RECOVER tasks)
     verify: str = "device"  #: where payloads are summed: "device" (kernels/verify.cu) or "host" (reader threads)
-    # The defaults since the H100 runs of 2026-12-07 19:25 and 19:33 (8B at 8k, 1.08 GB; docs/gpu.md
-    # "Recovery"): 64 MiB spans read in 4 MiB pieces by 15 threads restored at 23-25 GB/s where 16 MiB
-    # spans read whole by 8 threads (the earlier defaults) ran at 16-19 in the same runs.
-    span: int = 64 << 20  #: bytes per pinned buffer
-    depth: int = 4  #: pinned buffers in flight (at least 2)
+    # The device path's defaults since the H100 runs of 2026-12-07 19:25 and 19:33 (8B at 8k, 1.08 GB;
+    # docs/gpu.md "Recovery"): 64 MiB spans read in 4 MiB pieces by 15 threads restored at 23-25 GB/s
+    # where 16 MiB spans read whole by 8 threads (the earlier defaults) ran at 16-19 in the same runs. The
+    # host path reads a span as one task, so it keeps the earlier 8 x 16 MiB (its last measured setting).
+    span: int | None = None  #: bytes per pinned buffer (None: 64 MiB with device sums, 16 MiB with host sums)
+    depth: int | None = None  #: pinned buffers in flight, at least 2 (None: 4 with device sums, 8 with host)
     #: bytes per reader task with device sums (0: one task per span): a span read in pieces on several threads
     #: lands sooner, so larger spans (fewer of the calling thread's per-span steps) need not wait longer
     piece: int = 4 << 20
@@ -88,6 +92,14 @@ class RestoreOptions:
             raise RegionError(f"restore_verify: expected 'host' or 'device', found {self.verify!r}")
         if self.piece < 0:
             raise RegionError(f"restore_piece: expected 0 (a task per span) or a byte count, found {self.piece}")
+
+    @property
+    def span_bytes(self) -> int:
+        return self.span or (64 << 20 if self.verify == "device" else 16 << 20)
+
+    @property
+    def buffers(self) -> int:
+        return max(2, self.depth or (4 if self.verify == "device" else 8))
 
     @property
     def reader_threads(self) -> int:
@@ -151,7 +163,7 @@ class RestoreResources:
         self._cupy = cupy
         self.executor = executor
         self.options = options
-        self.depth = max(2, options.depth)
+        self.depth = options.buffers
         self._buffers: list[PinnedBuffer] = []
         self._stream: Any = None
         self.last: RestoreStats | None = None  #: the last pipeline run's (module docs)
@@ -188,7 +200,7 @@ class RestoreResources:
         try:
             self._cupy.cuda.runtime.setDevice(device)
             for _ in range(self.depth):
-                made.append(PinnedBuffer(self.options.span))
+                made.append(PinnedBuffer(self.options.span_bytes))
         except Exception:  # noqa: BLE001 - the restore allocates again and reports it
             for buf in made:
                 buf.close()
@@ -254,66 +266,6 @@ class RestoreResources:
             for buf in self._buffers:
                 buf.close()
             self._buffers = []
-
-
-def spans(locs: Sequence[Any], limit: int) -> list[Span]:
-    """Group records that lie back to back in one file into spans of at most
-    ``limit`` bytes (a larger record is a span of its own), in log order."""
-    out: list[Span] = []
-    for loc in locs:
-        size = loc.header.size
-        if out:
-            path, start, nbytes, group = out[-1]
-            if path == loc.path and start + nbytes == loc.file_offset and nbytes + size <= limit:
-                group.append(loc)
-                out[-1] = (path, start, nbytes + size, group)
-                continue
-        out.append((loc.path, loc.file_offset, size, [loc]))
-    return out
-
-
-def _read_span(read: Callable[[Any, np.ndarray], None], buf: Any, span: Span) -> None:
-    """``read`` each record payload of ``span`` into pinned ``buf`` at its place
-    in the span (headers are not copied: the locations carry them)."""
-    _, start, _, group = span
-    for loc in group:
-        at = loc.file_offset - start + HEADER_SIZE
-        read(loc, buf.array[at:at + loc.header.length])
-
-
-Piece = tuple[Any, int, int, int]  #: (record location, offset in the span's buffer, offset in its payload, bytes)
-
-
-def pieces(span: Span, limit: int) -> list[list[Piece]]:
-    """The reader tasks of ``span``'s payloads: the whole span as one task
-    (``limit`` 0), else tasks of ``limit`` bytes (the last one less), each a
-    list of record parts in span order; a record larger than the rest of a
-    task is cut, and small records share one. Together they cover every
-    payload byte once, headers never (no task for a span of empty payloads)."""
-    _, start, _, group = span
-    every = [(loc, loc.file_offset - start + HEADER_SIZE, 0, loc.header.length) for loc in group
-             if loc.header.length]
-    if limit <= 0:
-        return [every] if every else []
-    tasks: list[list[Piece]] = [[]]
-    room = limit
-    for loc, at, _, n in every:
-        done = 0
-        while done < n:
-            if room == 0:
-                tasks.append([])
-                room = limit
-            take = min(room, n - done)
-            tasks[-1].append((loc, at + done, done, take))
-            done += take
-            room -= take
-    return [task for task in tasks if task]
-
-
-def _read_pieces(reader: Any, buf: Any, task: list[Piece]) -> None:
-    """One reader task: each part of ``task`` read, unverified, to its place in ``buf``."""
-    for loc, at, begin, n in task:
-        reader.read_unverified(loc, buf.array[at:at + n], begin)
 
 
 def _mark(ticket: int | None, stream: Any) -> Any:
@@ -408,7 +360,7 @@ class DeviceVerifiedRestore:
 
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
-        groups = spans(locs, self.res.options.span)
+        groups = spans(locs, self.res.options.span_bytes)
         stats = self.res.last = RestoreStats.of(locs, groups)
         pool = _waited(stats, "alloc_s", self.res.pool, max(n for _, _, n, _ in groups))
         try:
@@ -430,7 +382,7 @@ class DeviceVerifiedRestore:
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
 
         def load(i: int, span: Span) -> list[Future[None]]:
-            return [threads.submit(_read_pieces, reader, pool[i], task)
+            return [threads.submit(read_pieces, reader, pool[i], task)
                     for task in pieces(span, self.res.options.piece)]
 
         def landed(k: int) -> None:
@@ -515,7 +467,7 @@ class HostVerifiedRestore:
     def run(self, region: Any, locs: Sequence[Any], reader: Any) -> None:
         """Restore ``locs`` (in log order) into ``region``."""
         res = self.res
-        groups = spans(locs, res.options.span)
+        groups = spans(locs, res.options.span_bytes)
         stats = res.last = RestoreStats.of(locs, groups)
         pool = _waited(stats, "alloc_s", res.pool, max(n for _, _, n, _ in groups))
         try:
@@ -532,7 +484,7 @@ class HostVerifiedRestore:
         def load(i: int, span: Span) -> None:
             # One reader task per span: measured on the H100 host, one task per
             # record (15 threads busy instead of 7) restored 4 GiB slower.
-            _read_span(reader.read_verified, pool[i], span)
+            read_span(reader.read_verified, pool[i], span)
 
         depth = len(pool)
         loads: dict[int, Future[None]] = {}
