@@ -39,7 +39,6 @@ class RecordLoc:
     spec: RegionSpec | None = None  #: parsed payload of a REGION record
 
 
-
 class PayloadReader:
     """Reads and verifies payloads, keeping the files it has opened (restore
     reads thousands of records from a handful of segments). Thread-safe:

@@ -111,7 +111,6 @@ class LogIndex:
         return dict(self.body.get("lengths", {}))
 
 
-
 #: record types whose payload the scan parses (and therefore verifies)
 _PARSED = frozenset({RecordType.REGION, RecordType.COMMIT})
 
