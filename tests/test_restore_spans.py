@@ -147,4 +147,3 @@ def test_restore_defaults_follow_the_checksum_site():
     assert (RestoreOptions(span=1 << 20, depth=1).span_bytes, RestoreOptions(depth=1).buffers) == (1 << 20, 2)
     with pytest.raises(ConcordiaError, match="restore_piece: expected 0"):
         RestoreOptions(piece=-1)
-

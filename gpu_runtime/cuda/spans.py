@@ -59,8 +59,8 @@ def pieces(span: Span, limit: int) -> list[list[Piece]]:
              if loc.header.length]
     if limit <= 0:
         return [every] if every else []
-    tasks: list[list[Piece]] = [[]]
-    room = limit
+    tasks: list[list[Piece]] = []
+    room = 0  # bytes the last task can still take: none yet, so the first part opens one
     for loc, at, _, n in every:
         done = 0
         while done < n:
@@ -71,7 +71,7 @@ def pieces(span: Span, limit: int) -> list[list[Piece]]:
             tasks[-1].append((loc, at + done, done, take))
             done += take
             room -= take
-    return [task for task in tasks if task]
+    return tasks
 
 
 def read_pieces(reader: Any, buf: Any, task: list[Piece]) -> None:
