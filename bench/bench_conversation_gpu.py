@@ -309,7 +309,9 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
     varied — reader threads, span size, spans in flight (a buffer is held
     while its span is read and while the device copies and sums it), spans
     read whole or in pieces on several threads (``restore_piece``; the
-    checksum site and ``restore_prepare`` were swept until 2026-12-07) — each
+    checksum site and ``restore_prepare`` were swept until 2026-12-07, spans
+    read whole and 8 x 32 MiB spans until 22:30 that day), and the scatter by
+    copy calls or by one kernel launch a span (``restore_engine``) — each
     on a fresh copy, twice per runtime: the first
     pays for what the pipeline makes on first use, the second finds it kept.
     Each run's ``pipeline`` is the pipeline's own account of the largest
@@ -327,10 +329,13 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
     variants = {"default (15 threads, 4 x 64 MiB spans read in 4 MiB pieces, device sums)": {},
                 "the defaults before 2026-12-07 19:40 (8 threads, 8 x 16 MiB spans read whole)": {
                     "restore_threads": 8, "restore_span": 16 << 20, "restore_depth": 8, "restore_piece": 0},
-                "8 x 32 MiB spans": {"restore_span": 32 << 20, "restore_depth": 8},
                 "8 x 64 MiB spans": {"restore_depth": 8},
                 "8 threads": {"restore_threads": 8},
-                "spans read whole": {"restore_piece": 0}}
+                # One cnc_scatter_rows launch a span instead of a copy call per record (2026-12-07 22:50):
+                # fewer of the calling thread's CUDA calls, each of which gives up the interpreter lock.
+                "scatter kernel": {"restore_engine": "kernel"},
+                "scatter kernel, 8 x 64 MiB spans": {"restore_engine": "kernel", "restore_depth": 8},
+                "scatter kernel, 8 threads": {"restore_engine": "kernel", "restore_threads": 8}}
     for name, options in variants.items():
         first: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SUM_VERSIONS", "partial_sum", "payload_sum", "payload_sum_finish", "splitmix64"]
+__all__ = ["SUM_VERSIONS", "partial_sum", "payload_sum", "payload_sum_finish", "splitmix64", "splitmix64_array"]
 
 #: record format versions whose checksum this module computes (records.py: the header names one)
 SUM_VERSIONS = (1, 2)
@@ -58,7 +58,8 @@ def splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _splitmix64_array(j: np.ndarray) -> np.ndarray:
+def splitmix64_array(j: np.ndarray) -> np.ndarray:
+    """``splitmix64`` of each element of a u64 array (wrapping, as the scalar one masks)."""
     with np.errstate(over="ignore"):
         z = j + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -70,7 +71,7 @@ def _weights_for(words: int) -> np.ndarray:
     global _weights
     if _weights.size < words:
         size = max(words, 2 * _weights.size, 1 << 17)
-        _weights = _splitmix64_array(np.arange(size, dtype=np.uint64)) | np.uint64(1)
+        _weights = splitmix64_array(np.arange(size, dtype=np.uint64)) | np.uint64(1)
     return _weights[:words]
 
 
@@ -83,7 +84,7 @@ def _block_weights(count: int) -> np.ndarray:
     global _blocks
     if _blocks.size < count:
         size = max(count, 2 * _blocks.size, 1 << 12)
-        _blocks = _splitmix64_array(np.arange(_BLOCK, _BLOCK + size, dtype=np.uint64)) | np.uint64(1)
+        _blocks = splitmix64_array(np.arange(_BLOCK, _BLOCK + size, dtype=np.uint64)) | np.uint64(1)
     return _blocks[:count]
 
 

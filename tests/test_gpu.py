@@ -544,14 +544,15 @@ def test_gpu_resume_is_bit_exact_for_torch_and_cupy(tmp_path):
 
 @pytest.mark.parametrize(("engine", "verify", "piece"), [("executor", "host", 0), ("copy", "host", 0),
                                                         ("executor", "device", 0), ("copy", "device", 0),
-                                                        ("copy", "device", 40 << 10)])
+                                                        ("copy", "device", 40 << 10), ("kernel", "device", 40 << 10)])
 def test_pipelined_restore_is_bit_exact_and_checks_every_payload(tmp_path, engine, verify, piece):
     """Hundreds of ROWS and PAGES records restored through the pipeline (small
-    spans, so buffers are refilled many times) come back bit-exact with either
-    engine, with the pinned pool prepared while the log is opened or made at
-    the first restore, and with spans read as 40 KiB reader tasks (records of
-    up to 64 KiB cut across tasks); a flipped payload byte raises
-    CorruptLogError naming the file."""
+    spans, so buffers are refilled many times) come back bit-exact with each
+    engine (copy calls, RECOVER tasks, the scatter kernel), with the pinned
+    pool prepared while the log is opened or made at the first restore, and
+    with spans read as 40 KiB reader tasks (records of up to 64 KiB cut
+    across tasks); a flipped payload byte raises CorruptLogError naming the
+    file."""
     import cupy
     import torch
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from concordia_agents import CorruptLogError
 from concordia_agents._payloads import PayloadReader, RecordLoc
 from gpu_runtime.checksum import payload_sum
-from gpu_runtime.cuda.restore import RestoreOptions, RestoreStats, _waited
+from gpu_runtime.cuda.restore import RestoreOptions
+from gpu_runtime.cuda.restore_stats import RestoreStats, _waited
 from gpu_runtime.cuda.spans import pieces, spans
 from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
 

@@ -15,10 +15,12 @@ path keeps smaller spans and more of them in flight by default.
   span, on the restore stream: copy the pinned span (unverified) to a device
   staging buffer; sum each record's whole payload words there
   (``kernels/verify.cu``); copy the sums back. The host adds the tail bytes,
-  finalizes, compares with the headers and only then scatters the span from
-  the staging buffer into the region, by the copy engine
-  (``cudaMemcpy2DAsync`` device to device per ROWS record) or the executor
-  (RECOVER tasks). The host's share per byte is one memory copy.
+  finalizes, compares with the headers (a span at a time, from the arrays
+  ``span_tables`` made before the loop) and only then scatters the span from
+  the staging buffer into the region: by the copy engine
+  (``cudaMemcpy2DAsync`` device to device per ROWS record), the executor
+  (RECOVER tasks) or one ``cnc_scatter_rows`` launch (``restore_engine=
+  "kernel"``). The host's share per byte is one memory copy.
 * ``HostVerifiedRestore`` (``"host"``): the reader threads sum each payload
   piece by piece as they read it; the verified span goes from the pinned
   buffer to the region. The host's share per byte is a copy and a sum.
@@ -43,32 +45,35 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..checksum import payload_sum_finish
 from ..errors import RegionError
-from ..records import HEADER_SIZE, RecordHeader, RecordType
+from ..records import HEADER_SIZE, RecordHeader
 from .memory import PinnedBuffer, device_ptr
+from .restore_stats import RestoreStats, _waited
+from .span_tables import SCATTER_WORDS, SpanTables, first_bad, placement, span_tables
 from .spans import Span, pieces, read_pieces, read_span, spans
 from .tasks import LAYOUTS, TaskKind
 
 __all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "RestoreStats"]
 
-_BLOCK = 256  # threads per block of cnc_payload_sums (its __launch_bounds__)
-_SUM_V1 = 1 << 63  # a table entry's word count with this bit: a record format version 1 checksum (verify.cu)
+_BLOCK = 256  # threads per block of cnc_payload_sums and cnc_scatter_rows (their __launch_bounds__)
+_ROW_BLOCKS = 1024  # most blocks of cnc_scatter_rows a record (each copies every 1024th row)
+_GRID_Y = 65535  # CUDA's limit on a grid's y dimension: records a launch
 
 
 @dataclass(frozen=True, slots=True)
 class RestoreOptions:
     """The backend's restore options (docs/gpu.md, "Options")."""
 
-    engine: str = "copy"  #: who scatters verified records: "copy" (copy engine) or "executor" (RECOVER tasks)
+    #: who scatters verified records: "copy" (the copy engine, a call per record), "executor" (RECOVER tasks)
+    #: or "kernel" (device sums only: one cnc_scatter_rows launch a span; not the default until measured)
+    engine: str = "copy"
     verify: str = "device"  #: where payloads are summed: "device" (kernels/verify.cu) or "host" (reader threads)
     # The device path's defaults since the H100 runs of 2026-12-07 19:25 and 19:33 (8B at 8k, 1.08 GB;
     # docs/gpu.md "Recovery"): 64 MiB spans read in 4 MiB pieces by 15 threads restored at 23-25 GB/s
@@ -86,8 +91,11 @@ class RestoreOptions:
     prepare: bool = True
 
     def __post_init__(self) -> None:
-        if self.engine not in ("executor", "copy"):
-            raise RegionError(f"restore_engine: expected 'executor' or 'copy', found {self.engine!r}")
+        if self.engine not in ("executor", "copy", "kernel"):
+            raise RegionError(f"restore_engine: expected 'executor', 'copy' or 'kernel', found {self.engine!r}")
+        if self.engine == "kernel" and self.verify != "device":
+            raise RegionError("restore_engine 'kernel' scatters from the device staging buffer, which only "
+                              f"restore_verify 'device' fills: expected restore_verify 'device', found {self.verify!r}")
         if self.verify not in ("host", "device"):
             raise RegionError(f"restore_verify: expected 'host' or 'device', found {self.verify!r}")
         if self.piece < 0:
@@ -104,48 +112,6 @@ class RestoreOptions:
     @property
     def reader_threads(self) -> int:
         return self.threads or max(1, min(15, (os.cpu_count() or 2) - 1))
-
-
-@dataclass(slots=True)
-class RestoreStats:
-    """Where one pipeline run's time went, in seconds of the calling thread's
-    wall clock: allocating buffers (pinned pool, staging, tables: first use or
-    growth), blocked on the reader threads, blocked on the device (copies,
-    sums, the final drain); the rest of ``total_s`` is the calling thread's
-    own work (record tables, checksum finishing, scatter calls)."""
-
-    bytes: int = 0  #: payload bytes restored
-    records: int = 0
-    spans: int = 0
-    alloc_s: float = 0.0
-    read_wait_s: float = 0.0
-    device_wait_s: float = 0.0
-    total_s: float = 0.0
-    _start: float = field(default_factory=time.perf_counter, repr=False)
-
-    @classmethod
-    def of(cls, locs: Sequence[Any], groups: Sequence[Span]) -> RestoreStats:
-        """A run's account, started now, of ``locs`` read in ``groups`` (spans)."""
-        return cls(bytes=sum(loc.header.length for loc in locs), records=len(locs), spans=len(groups))
-
-    def done(self) -> RestoreStats:
-        self.total_s = time.perf_counter() - self._start
-        return self
-
-    def as_dict(self) -> dict[str, float]:
-        own = self.total_s - self.alloc_s - self.read_wait_s - self.device_wait_s
-        return {"bytes": self.bytes, "records": self.records, "spans": self.spans, "alloc_s": self.alloc_s,
-                "read_wait_s": self.read_wait_s, "device_wait_s": self.device_wait_s, "own_s": own,
-                "total_s": self.total_s, "GBps": self.bytes / self.total_s / 1e9 if self.total_s else 0.0}
-
-
-def _waited(stats: RestoreStats, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, its seconds added to ``stats.<name>``."""
-    t = time.perf_counter()
-    try:
-        return fn(*args)
-    finally:
-        setattr(stats, name, getattr(stats, name) + time.perf_counter() - t)
 
 
 class RestoreResources:
@@ -250,15 +216,13 @@ class RestoreResources:
     def copy_record(self, region: Any, h: RecordHeader, src: int, stream: Any, *, from_device: bool = False) -> None:
         """One record to the device on the copy engine, from pinned host memory
         or (``from_device``) a device staging buffer."""
-        spec, rt = region.spec, self._cupy.cuda.runtime
-        base = device_ptr(region.array)
+        rt = self._cupy.cuda.runtime
+        at, width, pitch, rows = placement(region.spec, h)
         kind = rt.memcpyDeviceToDevice if from_device else rt.memcpyHostToDevice
-        if h.type is RecordType.ROWS:
-            width = h.aux * spec.row_bytes
-            rt.memcpy2DAsync(base + h.offset * spec.row_bytes, spec.rows * spec.row_bytes, src, width, width,
-                             spec.outer, kind, stream.ptr)
+        if rows > 1:
+            rt.memcpy2DAsync(device_ptr(region.array) + at, pitch, src, width, width, rows, kind, stream.ptr)
         else:
-            rt.memcpyAsync(base + h.offset, src, h.length, kind, stream.ptr)
+            rt.memcpyAsync(device_ptr(region.array) + at, src, width, kind, stream.ptr)
 
     def close(self) -> None:
         with self._pool_lock:
@@ -321,6 +285,7 @@ class DeviceVerifiedRestore:
         module.load(compile_cubin(kernel_source("verify.cu"), arch=res.executor.arch, name="verify.cu").cubin)
         self._module = module
         self._sums_fn = module.get_function("cnc_payload_sums")
+        self._scatter_fn = module.get_function("cnc_scatter_rows")
 
     # -- buffers --------------------------------------------------------------------
 
@@ -331,30 +296,47 @@ class DeviceVerifiedRestore:
             self._stage = [self._cupy.empty(buf.nbytes, dtype=self._cupy.uint8) for buf in pool]
         return self._stage
 
-    def _tables(self, depth: int, most: int) -> tuple[Any, Any]:
-        """Pinned record tables ((payload offset, whole words) per record, read
-        by the kernel through the mapping) and sums, for at least ``most``
-        records a span in each of ``depth`` slots (a run indexes them with its
-        own ``most``); kept and grown (a pinned free synchronizes the device)."""
+    def _tables(self, depth: int, most: int) -> tuple[Any, Any, Any]:
+        """Pinned tables, read by the kernels through the mapping, for at least
+        ``most`` records a span in each of ``depth`` slots (a run indexes them
+        with its own ``most``): the sums kernel's (payload offset, whole words),
+        the sums it returns, the scatter kernel's entries; kept and grown (a
+        pinned free synchronizes the device)."""
         if self._most < most:
             for buf in self._sum_buffers:
                 buf.close()
-            self._sum_buffers = [PinnedBuffer(depth * most * 16), PinnedBuffer(depth * most * 8)]
+            self._sum_buffers = [PinnedBuffer(depth * most * 16), PinnedBuffer(depth * most * 8),
+                                 PinnedBuffer(depth * most * 8 * SCATTER_WORDS)]
             self._most = most
-        return self._sum_buffers[0], self._sum_buffers[1]
+        return self._sum_buffers[0], self._sum_buffers[1], self._sum_buffers[2]
 
     def close(self) -> None:
         for buf in self._sum_buffers:
             buf.close()
         self._stage, self._sum_buffers, self._most = [], [], 0
 
-    def _scatter(self, region: Any, h: RecordHeader, src: int) -> int | None:
-        """One verified record from a staging buffer into the region; returns the
-        executor ticket (executor engine) or None (copy engine, restore stream)."""
-        if self.res.options.engine == "executor":
-            return int(self.res.recover(region, h, src))
-        self.res.copy_record(region, h, src, self.res.stream(), from_device=True)
-        return None
+    def _scatter(self, region: Any, group: list[Any], t: SpanTables, src: int, table: np.ndarray,
+                 table_ptr: int) -> int | None:
+        """A verified span's records from its staging buffer (at device address
+        ``src``) into the region: one RECOVER task each (executor engine; returns
+        the last ticket), one copy call each (copy engine), or one scatter kernel
+        launch a span reading its entries from pinned ``table`` (mapped at
+        ``table_ptr``; kernel engine); the last two on the restore stream (None)."""
+        engine, stream = self.res.options.engine, self.res.stream()
+        if engine == "kernel":
+            table[:SCATTER_WORDS * len(group)] = t.scatter(src, device_ptr(region.array)).reshape(-1)
+            rows = min(_ROW_BLOCKS, int(t.places[:, 3].max()))
+            for first in range(0, len(group), _GRID_Y):
+                self._scatter_fn((rows, min(_GRID_Y, len(group) - first)), (_BLOCK,),
+                                 (self._cupy.uint64(table_ptr + 8 * SCATTER_WORDS * first),), stream=stream)
+            return None
+        ticket = None
+        for loc, at in zip(group, t.offsets.tolist(), strict=True):
+            if engine == "executor":
+                ticket = int(self.res.recover(region, loc.header, src + at))
+            else:
+                self.res.copy_record(region, loc.header, src + at, stream, from_device=True)
+        return ticket
 
     # -- run ----------------------------------------------------------------------------
 
@@ -376,10 +358,11 @@ class DeviceVerifiedRestore:
         stream = self.res.stream()
         depth = len(pool)
         most = max(len(g) for _, _, _, g in groups)
-        tables, host_sums = _waited(stats, "alloc_s", self._tables, depth, most)
+        tables, host_sums, scatters = _waited(stats, "alloc_s", self._tables, depth, most)
         dev_sums = _waited(stats, "alloc_s", cp.zeros, (depth, most), cp.uint64)
         summed: list[Any] = [None] * depth  # event: span's copy, sums and sums' copy back are done
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
+        span_t: list[SpanTables] = []
 
         def load(i: int, span: Span) -> list[Future[None]]:
             return [threads.submit(read_pieces, reader, pool[i], task)
@@ -392,18 +375,13 @@ class DeviceVerifiedRestore:
 
         def send(k: int) -> None:
             """Stage span k on the device and sum its records there."""
-            i = k % depth
-            _, start, nbytes, group = groups[k]
+            i, t, (_, _, nbytes, group) = k % depth, span_t[k], groups[k]
             # the executor engine reads the staging buffer outside the stream's order
             _waited(stats, "device_wait_s", _settle, self.res, busy, i)
-            table = tables.view(np.uint64)[2 * most * i:2 * most * (i + 1)]
-            for r, loc in enumerate(group):
-                table[2 * r] = loc.file_offset - start + HEADER_SIZE
-                table[2 * r + 1] = loc.header.length // 8 | (_SUM_V1 if loc.header.version == 1 else 0)
+            tables.view(np.uint64)[2 * most * i:2 * most * i + t.sums.size] = t.sums.reshape(-1)
             rt.memsetAsync(dev_sums[i].data.ptr, 0, 8 * most, stream.ptr)
             rt.memcpyAsync(stage[i].data.ptr, pool[i].ptr, nbytes, rt.memcpyHostToDevice, stream.ptr)
-            longest = max(loc.header.length // 8 for loc in group)
-            per = max(1, min(64, -(-longest // (_BLOCK * 8))))
+            per = max(1, min(64, -(-t.longest_words // (_BLOCK * 8))))
             self._sums_fn((per, len(group)), (_BLOCK,),
                           (stage[i], cp.uint64(tables.device_ptr + 16 * most * i), dev_sums[i]),
                           stream=stream)
@@ -412,25 +390,22 @@ class DeviceVerifiedRestore:
             summed[i] = _mark(None, stream)
 
         def check_and_scatter(k: int) -> None:
-            i = k % depth
-            _, start, _, group = groups[k]
+            i, t, group = k % depth, span_t[k], groups[k][3]
             _waited(stats, "device_wait_s", summed[i].synchronize)
-            sums = host_sums.view(np.uint64)[most * i:most * i + len(group)]
-            for r, loc in enumerate(group):
-                n, at = loc.header.length, loc.file_offset - start + HEADER_SIZE
-                whole = n // 8
-                tail = pool[i].array[at + 8 * whole:at + n].tobytes()
-                if payload_sum_finish(int(sums[r]), tail, whole, n, loc.header.version) != loc.header.payload_sum:
-                    reader.raise_corrupt(loc)
-            for loc in group:
-                src = stage[i].data.ptr + loc.file_offset - start + HEADER_SIZE
-                busy[i] = self._scatter(region, loc.header, src)
-            busy[i] = _mark(busy[i], stream)
+            bad = first_bad(t, host_sums.view(np.uint64)[most * i:most * i + len(group)], pool[i].array)
+            if bad >= 0:
+                reader.raise_corrupt(group[bad])
+            at = SCATTER_WORDS * most * i  # span k's slot of the scatter table (kernel engine)
+            busy[i] = _mark(self._scatter(region, group, t, stage[i].data.ptr,
+                                          scatters.view(np.uint64)[at:at + SCATTER_WORDS * most],
+                                          scatters.device_ptr + 8 * at), stream)
 
         loads: dict[int, list[Future[None]]] = {}
         try:
             for k in range(min(depth, len(groups))):
                 loads[k] = load(k, groups[k])
+            # made while the first spans are read: the loop below has no step per record
+            span_t.extend(span_tables(g, region.spec) for g in groups)
             for k in range(len(groups)):
                 _waited(stats, "read_wait_s", landed, k)
                 send(k)

@@ -1,11 +1,12 @@
-// Payload checksums of restore spans on the device (gpu_runtime/cuda/restore.py,
+// Restore spans on the device (gpu_runtime/cuda/restore.py,
 // restore_verify="device"). The host reads log records into pinned memory
-// without summing them and copies each span to a device staging buffer; this
-// kernel sums every record's whole payload words there (the definition of
-// gpu_runtime/checksum.py for the record's format version, before its
-// finalizer); the host adds the tail bytes,
-// finalizes and compares, and only then lets the span be scattered into its
-// region. A sum mod 2^64 is associative, so blocks add partial sums atomically.
+// without summing them and copies each span to a device staging buffer;
+// cnc_payload_sums sums every record's whole payload words there (the
+// definition of gpu_runtime/checksum.py for the record's format version,
+// before its finalizer); the host adds the tail bytes, finalizes and compares,
+// and only then lets the span be scattered into its region: by the copy
+// engine, RECOVER tasks, or cnc_scatter_rows (below). A sum mod 2^64 is
+// associative, so blocks add partial sums atomically.
 #include "concordia.cuh"
 
 // stage: the span's bytes as in the segment file; recs: per record u64
@@ -24,4 +25,34 @@ extern "C" __global__ void __launch_bounds__(256) cnc_payload_sums(const u8* sta
     }
     const u64 total = cnc_block_sum(acc);
     if (threadIdx.x == 0) atomicAdd(&sums[blockIdx.y], total);
+}
+
+// Rows [0, rows) of one record, each `width` bytes from `src` (back to back)
+// to `dst` (`pitch` apart), by the block's threads in words of type W.
+template <typename W>
+__device__ __forceinline__ void cnc_copy_rows(u64 src, u64 dst, u64 width, u64 pitch, u64 rows) {
+    const u64 words = width / sizeof(W);
+    for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const W* s = (const W*)(src + r * width);
+        W* d = (W*)(dst + r * pitch);
+        for (u64 j = threadIdx.x; j < words; j += blockDim.x) d[j] = s[j];
+    }
+}
+
+// The scatter of a verified span from its staging buffer into its region
+// (restore_engine="kernel"): one launch a span where the copy engine takes a
+// copy call per record. recs: per record 5 u64 {source address, destination
+// address, bytes per row, destination pitch, rows} (span_tables.py), read from
+// mapped pinned memory. Launched on the restore stream after the host found
+// every checksum of the span right, so no byte of a span that fails reaches
+// the region. Grid: (row blocks, records); the widest words that the
+// addresses, width and pitch all allow.
+extern "C" __global__ void __launch_bounds__(256) cnc_scatter_rows(const u64* recs) {
+    const u64* e = recs + 5 * blockIdx.y;
+    const u64 src = e[0], dst = e[1], width = e[2], pitch = e[3], rows = e[4];
+    const u64 align = src | dst | width | pitch;
+    if ((align & 15) == 0) cnc_copy_rows<uint4>(src, dst, width, pitch, rows);
+    else if ((align & 7) == 0) cnc_copy_rows<u64>(src, dst, width, pitch, rows);
+    else if ((align & 3) == 0) cnc_copy_rows<unsigned int>(src, dst, width, pitch, rows);
+    else cnc_copy_rows<u8>(src, dst, width, pitch, rows);
 }
