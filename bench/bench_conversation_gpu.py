@@ -331,7 +331,7 @@ def restore_sweep(src: Path, sid: str = "conversation:resume") -> dict[str, Any]
                     "restore_threads": 8, "restore_span": 16 << 20, "restore_depth": 8, "restore_piece": 0},
                 "8 x 64 MiB spans": {"restore_depth": 8},
                 "8 threads": {"restore_threads": 8},
-                # One cnc_scatter_rows launch a span instead of a copy call per record (2026-12-07 22:50):
+                # One cnc_scatter_rows launch a span instead of a copy call per record (2026-12-07 22:35):
                 # fewer of the calling thread's CUDA calls, each of which gives up the interpreter lock.
                 "scatter kernel": {"restore_engine": "kernel"},
                 "scatter kernel, 8 x 64 MiB spans": {"restore_engine": "kernel", "restore_depth": 8},

@@ -16,7 +16,7 @@ from concordia_agents import CorruptLogError
 from concordia_agents._payloads import PayloadReader, RecordLoc
 from gpu_runtime.checksum import payload_sum
 from gpu_runtime.cuda.restore import RestoreOptions
-from gpu_runtime.cuda.restore_stats import RestoreStats, _waited
+from gpu_runtime.cuda.restore_stats import RestoreStats, waited
 from gpu_runtime.cuda.spans import pieces, spans
 from gpu_runtime.records import HEADER_SIZE, RecordFlags, RecordHeader, RecordType, record_size
 
@@ -121,14 +121,14 @@ def test_a_part_of_a_payload_is_read_where_asked_and_nothing_outside_it(tmp_path
 
 
 def test_restore_stats_account_for_a_run_and_its_own_share():
-    """A run's account: the time spent inside ``_waited`` goes to the named part (also when the call raises),
+    """A run's account: the time spent inside ``waited`` goes to the named part (also when the call raises),
     ``done`` fixes the total, and ``as_dict`` gives the calling thread's own share as the rest and the rate."""
     import time
 
     stats = RestoreStats(bytes=10**9, records=3, spans=2)
-    _waited(stats, "read_wait_s", time.sleep, 0.02)
+    waited(stats, "read_wait_s", time.sleep, 0.02)
     with pytest.raises(ZeroDivisionError):
-        _waited(stats, "device_wait_s", lambda: (time.sleep(0.01), 1 / 0))
+        waited(stats, "device_wait_s", lambda: (time.sleep(0.01), 1 / 0))
     time.sleep(0.01)
     d = stats.done().as_dict()
     assert d["read_wait_s"] >= 0.02 and d["device_wait_s"] >= 0.01 and d["alloc_s"] == 0
@@ -148,3 +148,15 @@ def test_restore_defaults_follow_the_checksum_site():
     assert (RestoreOptions(span=1 << 20, depth=1).span_bytes, RestoreOptions(depth=1).buffers) == (1 << 20, 2)
     with pytest.raises(ConcordiaError, match="restore_piece: expected 0"):
         RestoreOptions(piece=-1)
+
+
+def test_the_scatter_kernel_is_refused_with_host_sums():
+    """``restore_engine="kernel"`` scatters from the device staging buffer, which host sums never fill: a
+    RegionError saying what was expected and found, not a restore that reads an unfilled buffer."""
+    from gpu_runtime.errors import RegionError
+
+    assert RestoreOptions(engine="kernel").engine == "kernel"
+    with pytest.raises(RegionError, match="expected restore_verify 'device', found 'host'"):
+        RestoreOptions(engine="kernel", verify="host")
+    with pytest.raises(RegionError, match="expected 'executor', 'copy' or 'kernel', found 'dma'"):
+        RestoreOptions(engine="dma")

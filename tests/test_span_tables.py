@@ -102,15 +102,34 @@ def test_the_scatter_table_puts_rows_records_where_the_copy_engine_does():
     span, _, buf = _span(payloads, [2] * 4, headers=headers)
     tables = span_tables(span, spec)
     assert [placement(spec, h) for h in headers][1] == (7 * 8, 8, 50 * 8, 6)
-    # One flat memory: the staging buffer at 0, the region after it (the kernel gets device addresses).
-    region_at = buf.size
-    memory = np.zeros(buf.size + kv.nbytes, np.uint8)
-    memory[:buf.size] = buf
-    table = tables.scatter(0, region_at)
+    # One flat memory: the staging buffer at 24, the region after it (the kernel gets device addresses).
+    region_at = 24 + buf.size
+    memory = np.zeros(region_at + kv.nbytes, np.uint8)
+    memory[24:region_at] = buf
+    table = tables.scatter(24, region_at)
     assert table.shape == (4, SCATTER_WORDS) and table.dtype == np.uint64
     _scatter_like_the_kernel(table, memory)
     got = memory[region_at:].view(np.uint16).reshape(kv.shape)
     assert np.array_equal(got[:, :, :40], kv[:, :, :40]) and not got[:, :, 40:].any()
+    assert tables.disjoint
+
+
+def test_overlapping_records_are_told_apart_from_disjoint_ones():
+    """The scatter kernel copies a span's records at once, so a span whose records write the same bytes (rows
+    [5, 9) then [8, 12), or pages overlapping by one byte) is marked for copies in log order instead."""
+    spec = RegionSpec("kv", 2, "kv", "float16", (2, 50, 4), "torch", "cuda:0", seq_axis=1)
+
+    def rows(cuts):  # type: ignore[no-untyped-def]
+        payloads = [bytes(2 * (b - a) * 8) for a, b in cuts]
+        heads = [RecordHeader(RecordType.ROWS, 1, 1, 2, RecordFlags(0), a, len(p), b - a, payload_sum(p), 2)
+                 for (a, b), p in zip(cuts, payloads, strict=True)]
+        return span_tables(_span(payloads, [2] * len(cuts), headers=heads)[0], spec).disjoint
+
+    assert rows([(8, 12), (0, 5), (5, 8)]) and not rows([(5, 9), (8, 12)]) and not rows([(0, 4), (9, 10), (3, 5)])
+    pages = [bytes(10), bytes(10)]
+    heads = [RecordHeader(RecordType.PAGES, 1, 1, 1, RecordFlags(0), at, 10, 0, payload_sum(bytes(10)), 2)
+             for at in (0, 9)]
+    assert not span_tables(_span(pages, [2, 2], headers=heads)[0], _PAGES).disjoint
 
 
 def test_pages_records_are_one_row_of_their_bytes():
@@ -120,7 +139,7 @@ def test_pages_records_are_one_row_of_their_bytes():
     tables = span_tables(span, _PAGES)
     assert tables.places.tolist() == [[0, 24, 24, 1], [24, 31, 31, 1]]
     assert tables.longest_words == 3 and tables.tailed == (1,)
-    memory = np.zeros(buf.size + 64, np.uint8)
-    memory[:buf.size] = buf
-    _scatter_like_the_kernel(tables.scatter(0, buf.size), memory)
-    assert memory[buf.size:buf.size + 55].tobytes() == payloads[0] + payloads[1]
+    memory = np.zeros(8 + buf.size + 64, np.uint8)
+    memory[8:8 + buf.size] = buf
+    _scatter_like_the_kernel(tables.scatter(8, 8 + buf.size), memory)
+    assert memory[8 + buf.size:8 + buf.size + 55].tobytes() == payloads[0] + payloads[1] and tables.disjoint

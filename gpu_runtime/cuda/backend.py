@@ -178,7 +178,8 @@ class CupyBackend(Backend):
         runs of adjacent records into pinned buffers; their checksums are summed
         on the GPU (``restore_verify="device"``, the default) or by the reader
         threads (``"host"``); verified records reach the region in log order by
-        the copy engine (``restore_engine="copy"``) or as RECOVER tasks."""
+        the copy engine (``restore_engine="copy"``), as RECOVER tasks
+        (``"executor"``) or by one scatter kernel launch a span (``"kernel"``)."""
         assert isinstance(region, CupyRegion)
         if len(locs) < 2:
             super().apply_records(region, locs, reader)

@@ -29,9 +29,10 @@ Measured on the H100 machine (2026-12-06, 4.3 GB restored, 32k tokens of an
 8B-shaped model, the defaults of then): about 18 GB/s with device sums
 against 8-10 GB/s with host sums (docs/gpu.md).
 
-Invariants (both): records reach a region in log order; a record whose
-checksum fails raises ``CorruptLogError`` before any byte of its span reaches
-the region; a pinned buffer is refilled only after the device finished
+Invariants (both): records reach a region in log order (the scatter kernel
+copies a span's records at once only when none overlap: ``span_tables``); a
+record whose checksum fails raises ``CorruptLogError`` before any byte of its
+span reaches the region; a pinned buffer is refilled only after the device finished
 reading it (and a staging buffer only after its scatter finished); a span
 goes to the device only after every one of its reader tasks has landed, and
 those tasks cover each payload byte once; when ``run`` returns or raises, no
@@ -55,7 +56,7 @@ import numpy as np
 from ..errors import RegionError
 from ..records import HEADER_SIZE, RecordHeader
 from .memory import PinnedBuffer, device_ptr
-from .restore_stats import RestoreStats, _waited
+from .restore_stats import RestoreStats, waited
 from .span_tables import SCATTER_WORDS, SpanTables, first_bad, placement, span_tables
 from .spans import Span, pieces, read_pieces, read_span, spans
 from .tasks import LAYOUTS, TaskKind
@@ -93,11 +94,11 @@ class RestoreOptions:
     def __post_init__(self) -> None:
         if self.engine not in ("executor", "copy", "kernel"):
             raise RegionError(f"restore_engine: expected 'executor', 'copy' or 'kernel', found {self.engine!r}")
+        if self.verify not in ("host", "device"):
+            raise RegionError(f"restore_verify: expected 'host' or 'device', found {self.verify!r}")
         if self.engine == "kernel" and self.verify != "device":
             raise RegionError("restore_engine 'kernel' scatters from the device staging buffer, which only "
                               f"restore_verify 'device' fills: expected restore_verify 'device', found {self.verify!r}")
-        if self.verify not in ("host", "device"):
-            raise RegionError(f"restore_verify: expected 'host' or 'device', found {self.verify!r}")
         if self.piece < 0:
             raise RegionError(f"restore_piece: expected 0 (a task per span) or a byte count, found {self.piece}")
 
@@ -219,7 +220,7 @@ class RestoreResources:
         rt = self._cupy.cuda.runtime
         at, width, pitch, rows = placement(region.spec, h)
         kind = rt.memcpyDeviceToDevice if from_device else rt.memcpyHostToDevice
-        if rows > 1:
+        if rows != 1:  # a ROWS record: ``outer`` rows (0 in a region with an empty leading dimension: no copy)
             rt.memcpy2DAsync(device_ptr(region.array) + at, pitch, src, width, width, rows, kind, stream.ptr)
         else:
             rt.memcpyAsync(device_ptr(region.array) + at, src, width, kind, stream.ptr)
@@ -260,9 +261,9 @@ def _drain(res: RestoreResources, loads: Sequence[Future[None]], busy: list[Any]
         f.cancel()
     for f in loads:
         if not f.cancelled():
-            _waited(stats, "read_wait_s", f.exception)
+            waited(stats, "read_wait_s", f.exception)
     for i in range(len(busy)):
-        _waited(stats, "device_wait_s", _settle, res, busy, i)
+        waited(stats, "device_wait_s", _settle, res, busy, i)
 
 
 class DeviceVerifiedRestore:
@@ -316,27 +317,28 @@ class DeviceVerifiedRestore:
         self._stage, self._sum_buffers, self._most = [], [], 0
 
     def _scatter(self, region: Any, group: list[Any], t: SpanTables, src: int, table: np.ndarray,
-                 table_ptr: int) -> int | None:
+                 table_ptr: int, busy: list[Any], i: int) -> None:
         """A verified span's records from its staging buffer (at device address
-        ``src``) into the region: one RECOVER task each (executor engine; returns
-        the last ticket), one copy call each (copy engine), or one scatter kernel
-        launch a span reading its entries from pinned ``table`` (mapped at
-        ``table_ptr``; kernel engine); the last two on the restore stream (None)."""
+        ``src``) into the region: one RECOVER task each (executor engine; each
+        ticket goes to ``busy[i]`` as it is queued, so that a failed enqueue
+        still leaves the queued ones to be waited for), one copy call each
+        (copy engine), or one scatter kernel launch a span reading its entries
+        from pinned ``table`` (mapped at ``table_ptr``; kernel engine, for a
+        span whose records do not overlap, as one epoch's never do); the last
+        two on the restore stream."""
         engine, stream = self.res.options.engine, self.res.stream()
-        if engine == "kernel":
+        if engine == "kernel" and t.disjoint:
             table[:SCATTER_WORDS * len(group)] = t.scatter(src, device_ptr(region.array)).reshape(-1)
-            rows = min(_ROW_BLOCKS, int(t.places[:, 3].max()))
+            rows = max(1, min(_ROW_BLOCKS, int(t.places[:, 3].max())))
             for first in range(0, len(group), _GRID_Y):
                 self._scatter_fn((rows, min(_GRID_Y, len(group) - first)), (_BLOCK,),
                                  (self._cupy.uint64(table_ptr + 8 * SCATTER_WORDS * first),), stream=stream)
-            return None
-        ticket = None
+            return
         for loc, at in zip(group, t.offsets.tolist(), strict=True):
             if engine == "executor":
-                ticket = int(self.res.recover(region, loc.header, src + at))
-            else:
+                busy[i] = int(self.res.recover(region, loc.header, src + at))
+            else:  # the copy engine, or overlapping records in log order on one stream
                 self.res.copy_record(region, loc.header, src + at, stream, from_device=True)
-        return ticket
 
     # -- run ----------------------------------------------------------------------------
 
@@ -344,10 +346,10 @@ class DeviceVerifiedRestore:
         """Restore ``locs`` (in log order) into ``region``."""
         groups = spans(locs, self.res.options.span_bytes)
         stats = self.res.last = RestoreStats.of(locs, groups)
-        pool = _waited(stats, "alloc_s", self.res.pool, max(n for _, _, n, _ in groups))
+        pool = waited(stats, "alloc_s", self.res.pool, max(n for _, _, n, _ in groups))
         try:
             with ThreadPoolExecutor(self.res.options.reader_threads) as threads:
-                self._run(region, groups, pool, _waited(stats, "alloc_s", self._staging, pool), reader, threads,
+                self._run(region, groups, pool, waited(stats, "alloc_s", self._staging, pool), reader, threads,
                           stats)
         finally:
             stats.done()
@@ -358,8 +360,8 @@ class DeviceVerifiedRestore:
         stream = self.res.stream()
         depth = len(pool)
         most = max(len(g) for _, _, _, g in groups)
-        tables, host_sums, scatters = _waited(stats, "alloc_s", self._tables, depth, most)
-        dev_sums = _waited(stats, "alloc_s", cp.zeros, (depth, most), cp.uint64)
+        tables, host_sums, scatters = waited(stats, "alloc_s", self._tables, depth, most)
+        dev_sums = waited(stats, "alloc_s", cp.zeros, (depth, most), cp.uint64)
         summed: list[Any] = [None] * depth  # event: span's copy, sums and sums' copy back are done
         busy: list[Any] = [None] * depth  # executor ticket / event: the staging buffer is still read
         span_t: list[SpanTables] = []
@@ -377,28 +379,29 @@ class DeviceVerifiedRestore:
             """Stage span k on the device and sum its records there."""
             i, t, (_, _, nbytes, group) = k % depth, span_t[k], groups[k]
             # the executor engine reads the staging buffer outside the stream's order
-            _waited(stats, "device_wait_s", _settle, self.res, busy, i)
+            waited(stats, "device_wait_s", _settle, self.res, busy, i)
             tables.view(np.uint64)[2 * most * i:2 * most * i + t.sums.size] = t.sums.reshape(-1)
             rt.memsetAsync(dev_sums[i].data.ptr, 0, 8 * most, stream.ptr)
             rt.memcpyAsync(stage[i].data.ptr, pool[i].ptr, nbytes, rt.memcpyHostToDevice, stream.ptr)
             per = max(1, min(64, -(-t.longest_words // (_BLOCK * 8))))
-            self._sums_fn((per, len(group)), (_BLOCK,),
-                          (stage[i], cp.uint64(tables.device_ptr + 16 * most * i), dev_sums[i]),
-                          stream=stream)
+            for first in range(0, len(group), _GRID_Y):  # a span of many small records: launches of 65535
+                self._sums_fn((per, min(_GRID_Y, len(group) - first)), (_BLOCK,),
+                              (stage[i], cp.uint64(tables.device_ptr + 16 * (most * i + first)), dev_sums[i][first:]),
+                              stream=stream)
             rt.memcpyAsync(host_sums.ptr + 8 * most * i, dev_sums[i].data.ptr, 8 * len(group),
                            rt.memcpyDeviceToHost, stream.ptr)
             summed[i] = _mark(None, stream)
 
         def check_and_scatter(k: int) -> None:
             i, t, group = k % depth, span_t[k], groups[k][3]
-            _waited(stats, "device_wait_s", summed[i].synchronize)
+            waited(stats, "device_wait_s", summed[i].synchronize)
             bad = first_bad(t, host_sums.view(np.uint64)[most * i:most * i + len(group)], pool[i].array)
             if bad >= 0:
                 reader.raise_corrupt(group[bad])
             at = SCATTER_WORDS * most * i  # span k's slot of the scatter table (kernel engine)
-            busy[i] = _mark(self._scatter(region, group, t, stage[i].data.ptr,
-                                          scatters.view(np.uint64)[at:at + SCATTER_WORDS * most],
-                                          scatters.device_ptr + 8 * at), stream)
+            self._scatter(region, group, t, stage[i].data.ptr,
+                          scatters.view(np.uint64)[at:at + SCATTER_WORDS * most], scatters.device_ptr + 8 * at, busy, i)
+            busy[i] = _mark(busy[i], stream)
 
         loads: dict[int, list[Future[None]]] = {}
         try:
@@ -407,7 +410,7 @@ class DeviceVerifiedRestore:
             # made while the first spans are read: the loop below has no step per record
             span_t.extend(span_tables(g, region.spec) for g in groups)
             for k in range(len(groups)):
-                _waited(stats, "read_wait_s", landed, k)
+                waited(stats, "read_wait_s", landed, k)
                 send(k)
                 if k:
                     check_and_scatter(k - 1)
@@ -419,7 +422,7 @@ class DeviceVerifiedRestore:
         finally:
             _drain(self.res, [f for fs in loads.values() for f in fs], busy, stats)
             # no sum, copy or scatter still reads the tables or the pool
-            _waited(stats, "device_wait_s", stream.synchronize)
+            waited(stats, "device_wait_s", stream.synchronize)
 
 
 class HostVerifiedRestore:
@@ -444,7 +447,7 @@ class HostVerifiedRestore:
         res = self.res
         groups = spans(locs, res.options.span_bytes)
         stats = res.last = RestoreStats.of(locs, groups)
-        pool = _waited(stats, "alloc_s", res.pool, max(n for _, _, n, _ in groups))
+        pool = waited(stats, "alloc_s", res.pool, max(n for _, _, n, _ in groups))
         try:
             self._run(region, groups, pool, reader, stats)
         finally:
@@ -470,20 +473,19 @@ class HostVerifiedRestore:
                 for k, (_, start, _, group) in enumerate(groups):
                     i = k % depth
                     # raises CorruptLogError before the device sees the span
-                    _waited(stats, "read_wait_s", loads.pop(k).result)
-                    ticket = None
-                    for loc in group:
+                    waited(stats, "read_wait_s", loads.pop(k).result)
+                    for loc in group:  # busy[i] is None here: its buffer was settled before this span's read
                         at = loc.file_offset - start + HEADER_SIZE
                         if copy:
                             res.copy_record(region, loc.header, pool[i].ptr + at, stream)
-                        else:
-                            ticket = res.recover(region, loc.header, pool[i].device_ptr + at)
-                    busy[i] = _mark(ticket, stream)
+                        else:  # each ticket kept as queued: after a failed enqueue _drain waits for the rest
+                            busy[i] = res.recover(region, loc.header, pool[i].device_ptr + at)
+                    busy[i] = _mark(busy[i], stream)
                     # Refill the buffer of span k - 1 (span k stays queued, so the
                     # device does not idle while we wait for it).
                     nxt = k + depth - 1
                     if nxt < len(groups):
-                        _waited(stats, "device_wait_s", _settle, res, busy, nxt % depth)
+                        waited(stats, "device_wait_s", _settle, res, busy, nxt % depth)
                         loads[nxt] = threads.submit(load, nxt % depth, groups[nxt])
             finally:
                 _drain(res, list(loads.values()), busy, stats)  # no device read of a pool buffer outlives this call

@@ -13,7 +13,7 @@ from typing import Any
 
 from .spans import Span
 
-__all__ = ["RestoreStats"]
+__all__ = ["RestoreStats", "waited"]
 
 
 @dataclass(slots=True)
@@ -49,7 +49,7 @@ class RestoreStats:
                 "total_s": self.total_s, "GBps": self.bytes / self.total_s / 1e9 if self.total_s else 0.0}
 
 
-def _waited(stats: RestoreStats, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+def waited(stats: RestoreStats, name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, its seconds added to ``stats.<name>``."""
     t = time.perf_counter()
     try:

@@ -4,8 +4,8 @@ record goes in its region. They are made for every span before the pipeline's
 loop (while the first spans are read), so that the calling thread's work per
 span is a few array copies and CUDA calls rather than a Python step per record.
 
-Why: on the H100 (2026-12-07 22:28, 8B at 8k, 1.08 GB in 18 spans of 257
-records) the restore's calling thread spent 21.5 ms of its own with 15 reader
+Why: on the H100 (2026-12-07 22:28, 8B at 8k, 1.08 GB: 257 records in 18
+spans) the restore's calling thread spent 21.5 ms of its own with 15 reader
 threads and 9.0 ms with 8 at equal spans; its steps wait for the interpreter
 lock the readers take, so fewer steps shorten it (an inference from those two
 figures; docs/gpu.md "Recovery").
@@ -14,7 +14,11 @@ Invariants: ``first_bad`` finishes every record's device sum exactly as
 ``checksum.payload_sum_finish`` does (tail bytes included) and names the first
 record, in log order, whose checksum differs from its header's; ``placement``
 is the one geometry of a record in its region, used by the copy engine's
-per-record copies and by the scatter kernel's table alike.
+per-record copies and by the scatter kernel's table alike; ``disjoint`` is
+true only when no two of a span's records write the same region byte (the
+scatter kernel copies a span's records at once, so log order among them holds
+only then; one epoch's records never overlap, and records of two epochs are
+never back to back in a file, a COMMIT lying between them).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from ..checksum import payload_sum_finish, splitmix64_array
 from ..records import HEADER_SIZE, RecordHeader, RecordType
+from .spans import Span
 
 __all__ = ["SCATTER_WORDS", "SUM_V1", "SpanTables", "first_bad", "placement", "span_tables"]
 
@@ -56,6 +61,7 @@ class SpanTables:
     versions: tuple[int, ...]  #: per record: its format version
     places: np.ndarray  #: u64 (records, 4): ``placement`` of each record
     longest_words: int  #: whole words of the span's longest payload
+    disjoint: bool  #: no two records write the same region byte (module docs)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -73,23 +79,24 @@ class SpanTables:
         return out
 
 
-def span_tables(span: Any, spec: Any) -> SpanTables:
-    """The tables of ``span`` (``spans.Span``) for a region of ``spec``."""
+def span_tables(span: Span, spec: Any) -> SpanTables:
+    """The tables of ``span`` for a region of ``spec``."""
     _, start, _, group = span
-    n = len(group)
-    sums = np.empty((n, 2), np.uint64)
-    places = np.empty((n, 4), np.uint64)
-    expected = np.empty(n, np.uint64)
-    lengths = np.empty(n, np.uint64)
-    for r, loc in enumerate(group):
-        h = loc.header
-        sums[r] = (loc.file_offset - start + HEADER_SIZE, h.length // 8 | (SUM_V1 if h.version == 1 else 0))
-        places[r] = placement(spec, h)
-        expected[r], lengths[r] = h.payload_sum, h.length
-    return SpanTables(sums=sums, expected=expected, lengths=lengths,
-                      tailed=tuple(r for r, loc in enumerate(group) if loc.header.length % 8),
-                      versions=tuple(loc.header.version for loc in group), places=places,
-                      longest_words=max(loc.header.length // 8 for loc in group))
+    heads = [loc.header for loc in group]
+    places = np.array([placement(spec, h) for h in heads], np.uint64).reshape(-1, 4)
+    # Two records overlap where their first rows' byte ranges do: a ROWS record's
+    # rows sit at the same offsets in every outer slice, with one pitch.
+    first, end = places[:, 0], places[:, 0] + places[:, 1]
+    order = np.argsort(first, kind="stable")
+    return SpanTables(
+        sums=np.array([(loc.file_offset - start + HEADER_SIZE, h.length // 8 | (SUM_V1 if h.version == 1 else 0))
+                       for loc, h in zip(group, heads, strict=True)], np.uint64).reshape(-1, 2),
+        expected=np.array([h.payload_sum for h in heads], np.uint64),
+        lengths=np.array([h.length for h in heads], np.uint64),
+        tailed=tuple(r for r, h in enumerate(heads) if h.length % 8),
+        versions=tuple(h.version for h in heads), places=places,
+        longest_words=max(h.length // 8 for h in heads),
+        disjoint=bool((first[order][1:] >= end[order][:-1]).all()))
 
 
 def first_bad(tables: SpanTables, sums: np.ndarray, buf: np.ndarray) -> int:

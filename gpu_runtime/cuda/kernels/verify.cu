@@ -11,7 +11,7 @@
 
 // stage: the span's bytes as in the segment file; recs: per record u64
 // {byte offset of its payload in stage, whole payload words, with bit 63 set
-// for a record of format version 1 (restore.py's _SUM_V1)}, read from mapped
+// for a record of format version 1 (span_tables.py's SUM_V1)}, read from mapped
 // pinned memory; sums: one u64 per record, zeroed by the caller.
 // Grid: (blocks per record, records); each block sums a strided share of its record.
 extern "C" __global__ void __launch_bounds__(256) cnc_payload_sums(const u8* stage, const u64* recs, u64* sums) {
