@@ -54,11 +54,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import RegionError
-from ..records import HEADER_SIZE, RecordHeader
+from ..records import RecordHeader
 from .memory import PinnedBuffer, device_ptr
 from .restore_stats import RestoreStats, waited
 from .span_tables import SCATTER_WORDS, SpanTables, first_bad, placement, span_tables
-from .spans import Span, pieces, read_pieces, read_span, spans
+from .spans import Span, payload_at, pieces, read_pieces, read_span, spans
 from .tasks import LAYOUTS, TaskKind
 
 __all__ = ["DeviceVerifiedRestore", "HostVerifiedRestore", "RestoreOptions", "RestoreResources", "RestoreStats"]
@@ -301,33 +301,37 @@ class DeviceVerifiedRestore:
         """Pinned tables, read by the kernels through the mapping, for at least
         ``most`` records a span in each of ``depth`` slots (a run indexes them
         with its own ``most``): the sums kernel's (payload offset, whole words),
-        the sums it returns, the scatter kernel's entries; kept and grown (a
-        pinned free synchronizes the device)."""
+        the sums it returns, and the scatter kernel's entries (kernel engine
+        only, else None: page-locking synchronizes the device); kept and grown
+        (a pinned free synchronizes the device too)."""
         if self._most < most:
             for buf in self._sum_buffers:
                 buf.close()
-            self._sum_buffers = [PinnedBuffer(depth * most * 16), PinnedBuffer(depth * most * 8),
-                                 PinnedBuffer(depth * most * 8 * SCATTER_WORDS)]
+            self._sum_buffers = [PinnedBuffer(depth * most * 16), PinnedBuffer(depth * most * 8)]
+            if self.res.options.engine == "kernel":
+                self._sum_buffers.append(PinnedBuffer(depth * most * 8 * SCATTER_WORDS))
             self._most = most
-        return self._sum_buffers[0], self._sum_buffers[1], self._sum_buffers[2]
+        scatters = self._sum_buffers[2] if len(self._sum_buffers) > 2 else None
+        return self._sum_buffers[0], self._sum_buffers[1], scatters
 
     def close(self) -> None:
         for buf in self._sum_buffers:
             buf.close()
         self._stage, self._sum_buffers, self._most = [], [], 0
 
-    def _scatter(self, region: Any, group: list[Any], t: SpanTables, src: int, table: np.ndarray,
-                 table_ptr: int, busy: list[Any], i: int) -> None:
+    def _scatter(self, region: Any, group: list[Any], t: SpanTables, src: int,
+                 slot: tuple[np.ndarray, int] | None, busy: list[Any], i: int) -> None:
         """A verified span's records from its staging buffer (at device address
         ``src``) into the region: one RECOVER task each (executor engine; each
         ticket goes to ``busy[i]`` as it is queued, so that a failed enqueue
         still leaves the queued ones to be waited for), one copy call each
         (copy engine), or one scatter kernel launch a span reading its entries
-        from pinned ``table`` (mapped at ``table_ptr``; kernel engine, for a
-        span whose records do not overlap, as one epoch's never do); the last
-        two on the restore stream."""
+        from its ``slot`` of the pinned scatter table (the slot's array and its
+        mapped address; kernel engine, for a span whose records do not overlap,
+        as one epoch's never do); the last two on the restore stream."""
         engine, stream = self.res.options.engine, self.res.stream()
-        if engine == "kernel" and t.disjoint:
+        if slot is not None and t.disjoint:
+            table, table_ptr = slot
             table[:SCATTER_WORDS * len(group)] = t.scatter(src, device_ptr(region.array)).reshape(-1)
             rows = max(1, min(_ROW_BLOCKS, int(t.places[:, 3].max())))
             for first in range(0, len(group), _GRID_Y):
@@ -398,9 +402,11 @@ class DeviceVerifiedRestore:
             bad = first_bad(t, host_sums.view(np.uint64)[most * i:most * i + len(group)], pool[i].array)
             if bad >= 0:
                 reader.raise_corrupt(group[bad])
-            at = SCATTER_WORDS * most * i  # span k's slot of the scatter table (kernel engine)
-            self._scatter(region, group, t, stage[i].data.ptr,
-                          scatters.view(np.uint64)[at:at + SCATTER_WORDS * most], scatters.device_ptr + 8 * at, busy, i)
+            slot = None
+            if scatters is not None:  # the kernel engine: span k's slot of the scatter table
+                at = SCATTER_WORDS * most * i
+                slot = (scatters.view(np.uint64)[at:at + SCATTER_WORDS * most], scatters.device_ptr + 8 * at)
+            self._scatter(region, group, t, stage[i].data.ptr, slot, busy, i)
             busy[i] = _mark(busy[i], stream)
 
         loads: dict[int, list[Future[None]]] = {}
@@ -475,7 +481,7 @@ class HostVerifiedRestore:
                     # raises CorruptLogError before the device sees the span
                     waited(stats, "read_wait_s", loads.pop(k).result)
                     for loc in group:  # busy[i] is None here: its buffer was settled before this span's read
-                        at = loc.file_offset - start + HEADER_SIZE
+                        at = payload_at(loc, start)
                         if copy:
                             res.copy_record(region, loc.header, pool[i].ptr + at, stream)
                         else:  # each ticket kept as queued: after a failed enqueue _drain waits for the rest

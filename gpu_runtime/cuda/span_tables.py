@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..checksum import payload_sum_finish, splitmix64_array
-from ..records import HEADER_SIZE, RecordHeader, RecordType
-from .spans import Span
+from ..records import RecordHeader, RecordType
+from .spans import Span, payload_at
 
 __all__ = ["SCATTER_WORDS", "SUM_V1", "SpanTables", "first_bad", "placement", "span_tables"]
 
@@ -89,7 +89,7 @@ def span_tables(span: Span, spec: Any) -> SpanTables:
     first, end = places[:, 0], places[:, 0] + places[:, 1]
     order = np.argsort(first, kind="stable")
     return SpanTables(
-        sums=np.array([(loc.file_offset - start + HEADER_SIZE, h.length // 8 | (SUM_V1 if h.version == 1 else 0))
+        sums=np.array([(payload_at(loc, start), h.length // 8 | (SUM_V1 if h.version == 1 else 0))
                        for loc, h in zip(group, heads, strict=True)], np.uint64).reshape(-1, 2),
         expected=np.array([h.payload_sum for h in heads], np.uint64),
         lengths=np.array([h.length for h in heads], np.uint64),

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..records import HEADER_SIZE
 
-__all__ = ["Piece", "Span", "pieces", "read_pieces", "read_span", "spans"]
+__all__ = ["Piece", "Span", "payload_at", "pieces", "read_pieces", "read_span", "spans"]
 
 Span = tuple[Any, int, int, list[Any]]  #: (path, file offset, bytes, records)
 Piece = tuple[Any, int, int, int]  #: (record location, offset in the span's buffer, offset in its payload, bytes)
@@ -39,12 +39,18 @@ def spans(locs: Sequence[Any], limit: int) -> list[Span]:
     return out
 
 
+def payload_at(loc: Any, start: int) -> int:
+    """Where ``loc``'s payload lies in the buffer of a span that starts at file
+    offset ``start`` (after the record's header, whose place is left unread)."""
+    return loc.file_offset - start + HEADER_SIZE
+
+
 def read_span(read: Callable[[Any, np.ndarray], None], buf: Any, span: Span) -> None:
     """``read`` each record payload of ``span`` into pinned ``buf`` at its place
     in the span (headers are not copied: the locations carry them)."""
     _, start, _, group = span
     for loc in group:
-        at = loc.file_offset - start + HEADER_SIZE
+        at = payload_at(loc, start)
         read(loc, buf.array[at:at + loc.header.length])
 
 
@@ -55,7 +61,7 @@ def pieces(span: Span, limit: int) -> list[list[Piece]]:
     task is cut, and small records share one. Together they cover every
     payload byte once, headers never (no task for a span of empty payloads)."""
     _, start, _, group = span
-    every = [(loc, loc.file_offset - start + HEADER_SIZE, 0, loc.header.length) for loc in group
+    every = [(loc, payload_at(loc, start), 0, loc.header.length) for loc in group
              if loc.header.length]
     if limit <= 0:
         return [every] if every else []
